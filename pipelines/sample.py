@@ -1,0 +1,64 @@
+"""The bundled sample: real photos from scikit-image / scikit-learn and real English text.
+
+Images come from the installed packages (no download); the text is the project's own scene
+descriptions (`sample/scenes.txt`) plus gensim's bundled Lee news corpus, so the retrieval has
+both relevant sentences and distractors.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")
+# (file name, loader) of the photos; grey ones are converted to RGB.
+_SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "horse", "camera", "clock", "coins",
+                   "hubble_deep_field")
+
+
+def _photos():
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    for name in _SKIMAGE_PHOTOS:
+        yield f"{name}.png", getattr(skimage.data, name)()
+    left, right, _ = skimage.data.stereo_motorcycle()
+    yield "motorcycle_left.png", left
+    yield "motorcycle_right.png", right
+    sklearn_images = load_sample_images()
+    for path, image in zip(sklearn_images.filenames, sklearn_images.images):
+        yield os.path.basename(path), image
+
+
+def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.dtype != np.uint8:
+        image = np.clip(image * (255 if image.max() <= 1 else 1), 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return image[..., :3]
+
+
+def prepare_sample(directory: str) -> tuple[str, str]:
+    """Write the sample images and text under `directory`; returns (images glob, text paths)."""
+    from gensim.test.utils import datapath
+    from PIL import Image
+
+    images_dir = os.path.join(directory, "images")
+    text_dir = os.path.join(directory, "text")
+    os.makedirs(images_dir, exist_ok=True)
+    os.makedirs(text_dir, exist_ok=True)
+    for name, image in _photos():
+        path = os.path.join(images_dir, name)
+        if not os.path.exists(path):
+            Image.fromarray(_to_rgb_uint8(image)).save(path)
+    shutil.copyfile(os.path.join(SAMPLE_DIR, "scenes.txt"), os.path.join(text_dir, "scenes.txt"))
+    # The Lee corpus has one news article per line: a blank line after each makes it a paragraph
+    # for --split-sentences.
+    with open(datapath("lee_background.cor"), encoding="utf-8") as src, \
+            open(os.path.join(text_dir, "lee_background.txt"), "w", encoding="utf-8") as dst:
+        for line in src:
+            dst.write(line.strip() + "\n\n")
+    return os.path.join(images_dir, "*"), os.path.join(text_dir, "*.txt")

@@ -1,0 +1,183 @@
+"""Deterministic outputs: WebDataset shards, Parquet side tables, JSON files, dead letters.
+
+Every file is written whole to a temporary name and renamed into place, and its content depends
+only on the inputs (rows sorted, fixed tar metadata, shard assignment by key order), so a retried
+bundle or a run with more workers produces the same bytes and cannot leave duplicates.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+import time
+import uuid
+from bisect import bisect_left
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+import schemas
+from pipelines.options import ShardOptions
+
+SHARD_PATTERN = "corpus-%06d.tar"
+_TAR_MTIME = 0  # fixed member metadata: identical inputs give identical bytes
+
+
+def sample_key(image_id: str) -> str:
+    """WebDataset keys may not contain dots; image ids may. Also spreads images over shards."""
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:16]
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file under a temporary name, then rename it into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(schemas.table_from_rows(rows, schema), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, sort_keys=True, indent=1) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet tables
+
+
+def _stable_bucket(key: str, buckets: int) -> int:
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % buckets
+
+
+class WriteTable(beam.PTransform):
+    """Rows (dicts) -> DIR/name/name-00000-of-0000N.parquet, rows sorted by `sort_key` in each
+    file; every one of the N files is written, even when empty. Outputs the written paths."""
+
+    def __init__(self, directory: str, name: str, schema: pa.Schema, sort_key, num_files: int = 1):
+        super().__init__()
+        self._directory, self._name, self._schema = directory, name, schema
+        self._sort_key, self._num_files = sort_key, max(1, num_files)
+
+    def expand(self, rows):
+        n, sort_key = self._num_files, self._sort_key
+        every_file = rows.pipeline | f"Files{self._name}" >> beam.Create([(i, None) for i in range(n)])
+        keyed = rows | f"Bucket{self._name}" >> beam.Map(lambda r: (_stable_bucket(str(sort_key(r)), n), r))
+        return ((keyed, every_file) | f"AllFiles{self._name}" >> beam.Flatten()
+                | f"Group{self._name}" >> beam.GroupByKey()
+                | f"Write{self._name}" >> beam.MapTuple(self._write))
+
+    def _write(self, index, rows):
+        rows = sorted((r for r in rows if r is not None), key=self._sort_key)
+        path = posixpath.join(self._directory, self._name,
+                              f"{self._name}-{index:05d}-of-{self._num_files:05d}.parquet")
+        write_bytes(path, parquet_bytes(rows, self._schema))
+        return path
+
+
+class WriteSingleFile(beam.PTransform):
+    """All elements -> one file at `path`, made by `render(sorted elements) -> bytes`."""
+
+    def __init__(self, path: str, render, sort_key=None):
+        super().__init__()
+        self._path, self._render, self._sort_key = path, render, sort_key
+
+    def expand(self, elements):
+        path, render, sort_key = self._path, self._render, self._sort_key
+
+        def write(all_elements):
+            write_bytes(path, render(sorted(all_elements, key=sort_key) if sort_key else list(all_elements)))
+            return path
+
+        return (elements | "Gather" >> beam.combiners.ToList()
+                | "WriteFile" >> beam.Map(write))
+
+
+def rejected_jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode("utf-8")
+
+
+def rejected_sort_key(record: dict):
+    return (record["stage"], record["source"], record["reason"], record.get("record") or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def encode_sample(sample: dict, feats: np.ndarray) -> tuple[bytes, bytes]:
+    """The two members of one sample: canonical JSON and a float16 .npy (no pickle)."""
+    meta = json.dumps(sample, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(feats, dtype=np.float16), allow_pickle=False)
+    return meta, buffer.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, directory: str):
+        self._directory = directory
+
+    def process(self, element):
+        shard_index, keyed_samples = element
+        start = time.perf_counter()
+        members = []
+        for key, (sample, feats) in sorted(keyed_samples, key=lambda kv: kv[0]):
+            meta, npy = encode_sample(sample, feats)
+            members += [(f"{key}.json", meta), (f"{key}.feats.npy", npy)]
+        data = tar_bytes(members)
+        name = SHARD_PATTERN % shard_index
+        write_bytes(posixpath.join(self._directory, "shards", name), data)
+        beam.metrics.Metrics.counter("stage_ms", "shards").inc(int(1000 * (time.perf_counter() - start)))
+        beam.metrics.Metrics.counter("shards", "bytes").inc(len(data))
+        yield {"shard": f"shards/{name}", "samples": len(members) // 2, "bytes": len(data),
+               "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class WriteShards(beam.PTransform):
+    """(sample dict, float16 features) -> DIR/shards/corpus-%06d.tar; outputs manifest rows.
+
+    Samples are ordered by key (sha1 of image_id) over the whole corpus and cut into shards of
+    `samples_per_shard`, so the shard contents depend on the data alone, not on the workers."""
+
+    def __init__(self, directory: str, options: ShardOptions = ShardOptions()):
+        super().__init__()
+        self._directory, self._options = directory, options
+
+    def expand(self, samples):
+        per_shard = self._options.samples_per_shard
+        keyed = samples | "Key" >> beam.Map(lambda sf: (sample_key(sf[0]["image_id"]), sf))
+        all_keys = (keyed | "Keys" >> beam.Keys()
+                    | "AllKeys" >> beam.combiners.ToList()
+                    | "SortKeys" >> beam.Map(sorted))
+
+        def assign(element, keys):
+            key, _ = element
+            return bisect_left(keys, key) // per_shard, element
+
+        return (keyed
+                | "AssignShard" >> beam.Map(assign, keys=beam.pvalue.AsSingleton(all_keys))
+                | "GroupShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.ParDo(_WriteShard(self._directory)))

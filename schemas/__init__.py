@@ -1,0 +1,157 @@
+"""Arrow schemas of every table and shard sample, versioned.
+
+The one source of truth: writers build their tables with these schemas, readers check them.
+Every Parquet file carries ``schema_version`` in its key-value metadata (`read_table` checks it).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"schema_version"
+
+
+def _versioned(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), b"table": name.encode()})
+
+
+BOX = pa.list_(pa.float32(), 4)
+
+# Object detections of one image (input table, and the output of `vlp-data detect`).
+DETECTIONS = _versioned("detections", [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("boxes", pa.list_(BOX), nullable=False),
+    pa.field("labels", pa.list_(pa.string()), nullable=False),
+    pa.field("scores", pa.list_(pa.float32()), nullable=False),
+    # [regions][dim]; null when the detections carry no region features.
+    pa.field("features", pa.list_(pa.list_(pa.float32())), nullable=True),
+])
+
+# The cleaned, de-duplicated text corpus. sentence_id = first 16 hex digits of sha1(text).
+SENTENCES = _versioned("sentences", [
+    pa.field("sentence_id", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+])
+
+# Top-K sentences per image; rank 0 is the best; score is the cosine similarity.
+RETRIEVALS = _versioned("retrievals", [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("sentence_id", pa.string(), nullable=False),
+    pa.field("sentence", pa.string(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+])
+
+# One row per noun phrase of a retrieved sentence of an image; region is null when unlinked.
+LINKS = _versioned("links", [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("sentence_id", pa.string(), nullable=False),
+    pa.field("phrase", pa.string(), nullable=False),
+    pa.field("start", pa.int32(), nullable=False),
+    pa.field("end", pa.int32(), nullable=False),
+    pa.field("region", pa.int32(), nullable=True),
+    pa.field("tag", pa.string(), nullable=True),
+    pa.field("similarity", pa.float32(), nullable=False),
+])
+
+# One row per WebDataset shard.
+MANIFEST = _versioned("manifest", [
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("samples", pa.int64(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),
+])
+
+# The `{key}.json` of a shard sample, as an Arrow struct (docs/corpus-format.md).
+PHRASE = pa.struct([
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("start", pa.int32(), nullable=False),
+    pa.field("end", pa.int32(), nullable=False),
+    pa.field("words", pa.list_(pa.string())),
+    pa.field("region", pa.int32(), nullable=True),
+    pa.field("tag", pa.string(), nullable=True),
+    pa.field("similarity", pa.float32()),
+])
+SAMPLE_SENTENCE = pa.struct([
+    pa.field("sentence_id", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+    pa.field("phrases", pa.list_(PHRASE)),
+])
+SAMPLE = _versioned("sample", [
+    pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("boxes", pa.list_(BOX), nullable=False),
+    pa.field("tags", pa.list_(pa.string()), nullable=False),
+    pa.field("scores", pa.list_(pa.float32()), nullable=False),
+    pa.field("sentences", pa.list_(SAMPLE_SENTENCE), nullable=False),
+])
+
+TABLES = {s.metadata[b"table"].decode(): s for s in (DETECTIONS, SENTENCES, RETRIEVALS, LINKS, MANIFEST, SAMPLE)}
+
+
+class SchemaError(ValueError):
+    """A table or sample does not match its schema; the message names the file and the problem."""
+
+
+def check_version(schema: pa.Schema, where: str) -> None:
+    found = (schema.metadata or {}).get(VERSION_KEY)
+    if found is None:
+        raise SchemaError(f"{where}: no schema_version in the file metadata (not written by vlp-data?)")
+    if int(found) != SCHEMA_VERSION:
+        raise SchemaError(f"{where}: schema_version {found.decode()} but this code reads version {SCHEMA_VERSION}")
+
+
+def check_fields(actual: pa.Schema, expected: pa.Schema, where: str) -> None:
+    want = {f.name: f.type for f in expected}
+    have = {f.name: f.type for f in actual}
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise SchemaError(f"{where}: missing column(s) {missing}")
+    wrong = [f"{n}: {have[n]} (expected {t})" for n, t in want.items() if not have[n].equals(t)]
+    if wrong:
+        raise SchemaError(f"{where}: wrong column type(s) " + "; ".join(wrong))
+
+
+def read_table(path: str, expected: pa.Schema) -> pa.Table:
+    """Read one Parquet file written by vlp-data, checking its version and columns."""
+    schema = pq.read_schema(path)
+    check_version(schema, path)
+    check_fields(schema, expected, path)
+    return pq.read_table(path, schema=expected)
+
+
+def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def validate_sample(sample: dict, feats=None, where: str = "sample") -> None:
+    """Check a shard sample dict (and its feature array) against SAMPLE and its invariants."""
+    try:
+        pa.Table.from_pylist([sample], schema=SAMPLE)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError) as err:
+        raise SchemaError(f"{where}: does not match the sample schema: {err}") from err
+    extra = set(sample) - set(SAMPLE.names)
+    if extra:
+        raise SchemaError(f"{where}: unknown field(s) {sorted(extra)}")
+    n = len(sample["boxes"])
+    if not (len(sample["tags"]) == len(sample["scores"]) == n):
+        raise SchemaError(f"{where}: boxes/tags/scores lengths differ ({n}, {len(sample['tags'])}, {len(sample['scores'])})")
+    if feats is not None:
+        if feats.ndim != 2 or feats.shape[0] != n:
+            raise SchemaError(f"{where}: feats shape {feats.shape} does not match {n} regions")
+        if str(feats.dtype) != "float16":
+            raise SchemaError(f"{where}: feats dtype {feats.dtype}, expected float16")
+    for s in sample["sentences"]:
+        for p in s["phrases"]:
+            if s["text"][p["start"]:p["end"]] != p["text"]:
+                raise SchemaError(f"{where}: phrase {p['text']!r} does not match its span in {s['sentence_id']}")
+            if p["region"] is not None and not 0 <= p["region"] < n:
+                raise SchemaError(f"{where}: phrase {p['text']!r} links to region {p['region']} of {n}")

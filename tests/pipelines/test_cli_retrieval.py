@@ -1,0 +1,130 @@
+"""`vlp-data build-retrieval` end to end (retrievals only): outputs against schemas/, determinism,
+reruns, bad input, and the Dataflow dry run."""
+import glob
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+import schemas
+from pipelines.cli import main
+
+from .conftest import SOFA_SENTENCES, write_jsonl
+
+DETECTIONS = [
+    {"image_id": "living-room.jpg", "width": 640, "height": 480,
+     "boxes": [[0, 0, 300, 400], [200, 100, 600, 450]], "labels": ["woman", "sofa"], "scores": [0.8, 0.9]},
+    {"image_id": "road.jpg", "width": 800, "height": 600,
+     "boxes": [[10, 10, 400, 500], [50, 50, 300, 300]], "labels": ["motorcycle", "person"], "scores": [0.95, 0.7]},
+    {"image_id": "kitchen.jpg", "width": 500, "height": 500, "boxes": [[0, 0, 100, 100]], "labels": ["cat"], "scores": [0.9]},
+]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    dets = write_jsonl(tmp_path / "detections.jsonl", DETECTIONS + ['{"image_id": "bad.jpg", "width": 1'])
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(SOFA_SENTENCES + ["", SOFA_SENTENCES[0]]) + "\n", encoding="utf-8")
+    return dets, str(text)
+
+
+def build(dets, text, out, *extra):
+    result = CliRunner().invoke(main, ["build-retrieval", "--detections", dets, "--text", text, "--output", str(out),
+                                       "--k", "3", "--no-shards", *extra])
+    return result
+
+
+def rows(out, name, schema):
+    files = sorted(glob.glob(f"{out}/{name}/*.parquet"))
+    assert files, f"no {name} files"
+    return [r for f in files for r in schemas.read_table(f, schema).to_pylist()]
+
+
+def file_bytes(out):
+    return {os.path.relpath(p, out): open(p, "rb").read()
+            for p in sorted(glob.glob(f"{out}/**/*", recursive=True)) if os.path.isfile(p)}
+
+
+def test_build_retrieval_end_to_end(inputs, tmp_path):
+    dets, text = inputs
+    out = tmp_path / "out"
+    result = build(dets, text, out)
+    assert result.exit_code == 0, result.output
+    assert "images: 4 in, 3 out" in result.output and "rejected: 1" in result.output
+
+    retrievals = rows(out, "retrievals", schemas.RETRIEVALS)
+    by_image = {}
+    for r in retrievals:
+        by_image.setdefault(r["image_id"], []).append(r)
+    assert sorted(by_image) == ["kitchen.jpg", "living-room.jpg", "road.jpg"]
+    for hits in by_image.values():
+        assert [h["rank"] for h in sorted(hits, key=lambda h: h["rank"])] == [0, 1, 2]
+        scores = [h["score"] for h in sorted(hits, key=lambda h: h["rank"])]
+        assert scores == sorted(scores, reverse=True)
+    best = {img: min(hits, key=lambda h: h["rank"])["sentence"] for img, hits in by_image.items()}
+    assert best["living-room.jpg"] == SOFA_SENTENCES[0]
+    assert best["road.jpg"] == SOFA_SENTENCES[4]
+    assert best["kitchen.jpg"] == SOFA_SENTENCES[3]
+
+    sentences = rows(out, "sentences", schemas.SENTENCES)
+    assert sorted(s["text"] for s in sentences) == sorted(SOFA_SENTENCES)  # duplicate and empty line dropped
+    assert {r["sentence_id"]: r["sentence"] for r in retrievals}.items() <= {s["sentence_id"]: s["text"] for s in sentences}.items()
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["images_valid"] == 3 and stats["sentences"] == 6 and stats["retrievals"] == 9
+    assert stats["text"] == {"lines": 8, "dropped_empty": 1, "dropped_duplicate": 1}
+    (rejected,) = [json.loads(line) for line in open(out / "rejected" / "rejected.jsonl")]
+    assert rejected["source"] == f"{dets}:4" and rejected["reason"].startswith("malformed JSON")
+
+
+def test_same_output_with_two_workers_and_on_rerun(inputs, tmp_path):
+    dets, text = inputs
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert build(dets, text, one).exit_code == 0
+    first = file_bytes(one)
+    stale = one / "retrievals" / "retrievals-00007-of-00009.parquet"
+    stale.write_bytes(b"left over from an older run")
+    assert build(dets, text, one).exit_code == 0
+    assert file_bytes(one) == first  # identical rows and files; the stale file is gone
+    result = build(dets, text, two, "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    assert result.exit_code == 0, result.output
+    assert file_bytes(two) == first
+
+
+def test_empty_corpus_fails_clearly_and_keeps_the_previous_output(inputs, tmp_path):
+    dets, text = inputs
+    out = tmp_path / "out"
+    assert build(dets, text, out).exit_code == 0
+    before = file_bytes(out)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    result = build(dets, str(empty), out)
+    assert result.exit_code == 1
+    assert "zero valid sentences" in result.output
+    assert file_bytes(out) == before
+
+
+def test_zero_valid_images_fails_clearly(tmp_path, inputs):
+    _, text = inputs
+    dets = write_jsonl(tmp_path / "bad.jsonl", ['{"image_id": "x.jpg"}', "not json"])
+    result = build(dets, text, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "zero valid images" in result.output
+
+
+def test_shards_need_features(inputs, tmp_path):
+    dets, text = inputs
+    result = CliRunner().invoke(main, ["build-retrieval", "--detections", dets, "--text", text,
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "have no region features" in result.output and "--no-shards" in result.output
+
+
+def test_dataflow_dry_run_builds_offline(inputs, tmp_path):
+    dets, text = inputs
+    result = build(dets, text, "gs://example-bucket/vlp-out", "--runner", "DataflowRunner", "--dry_run=True",
+                   "--project", "example-project", "--region", "us-central1",
+                   "--temp_location", "gs://example-bucket/tmp")
+    assert result.exit_code == 0, result.output
+    assert "dry run" in result.output

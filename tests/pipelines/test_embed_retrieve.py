@@ -1,0 +1,108 @@
+"""EmbedSentences (real all-MiniLM-L6-v2) and RetrieveTopK (FAISS, and the torch exact searcher)."""
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.embed import EmbedSentences, encode, load_sentence_model
+from pipelines.options import EmbedOptions, RetrieveOptions
+from pipelines.retrieve import (CollectCorpus, Corpus, FaissSearcher, RetrieveTopK, TorchExactSearcher,
+                                candidate_count, rank_candidates)
+
+from .conftest import SOFA_SENTENCES
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_sentence_model(None)
+
+
+def test_embed_transform_matches_the_model_and_is_normalised(pipeline, model):
+    texts = SOFA_SENTENCES + ["sofa woman"]
+    expected = encode(model, texts, 32)
+    out = (pipeline | beam.Create(list(enumerate(texts)))
+           | EmbedSentences(EmbedOptions(batch_size=2), group_batches=1)  # several groups
+           | beam.combiners.ToList())
+
+    def check(results):
+        (pairs,) = results
+        assert sorted(k for k, _ in pairs) == list(range(len(texts)))
+        for key, vector in pairs:
+            assert vector.dtype == np.float32 and vector.shape == (384,)
+            assert abs(np.linalg.norm(vector) - 1) < 1e-5
+            np.testing.assert_allclose(vector, expected[key], atol=1e-5)
+
+    assert_that(out, check)
+    pipeline.run()
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder with a sentence-transformers model"):
+        load_sentence_model(str(tmp_path / "nope"))
+
+
+def _corpus(model, texts):
+    ids = [f"s{i:02d}" for i in range(len(texts))]
+    return Corpus(ids, list(texts), encode(model, texts, 32), fingerprint="test")
+
+
+def test_sofa_woman_ranks_the_sofa_sentence_first(pipeline, model):
+    corpus_elements = [((f"s{i:02d}", t), v) for i, (t, v) in enumerate(zip(SOFA_SENTENCES, encode(model, SOFA_SENTENCES, 32)))]
+    corpus = pipeline | "Corpus" >> beam.Create(corpus_elements) | beam.CombineGlobally(CollectCorpus())
+    queries = pipeline | "Queries" >> beam.Create([("sofa woman", encode(model, ["sofa woman"], 1)[0]),
+                                                   ("stock market", encode(model, ["stock market"], 1)[0])])
+    hits = queries | RetrieveTopK(corpus, RetrieveOptions(k=3))
+
+    def check(results):
+        by_query = dict(results)
+        sofa, market = by_query["sofa woman"], by_query["stock market"]
+        assert [h["rank"] for h in sofa] == [0, 1, 2]
+        assert sofa[0]["sentence"] == SOFA_SENTENCES[0]
+        assert sofa[0]["score"] > sofa[1]["score"] >= sofa[2]["score"]
+        stock_ids = {"s01", "s02", "s05"}
+        assert all(sofa[0]["score"] > h["score"] + 0.2 for h in sofa[1:] if h["sentence_id"] in stock_ids)
+        assert market[0]["sentence_id"] in stock_ids
+        assert all(h["sentence_id"] != "s00" for h in market[:2])
+
+    assert_that(hits, check)
+    pipeline.run()
+
+
+def test_results_do_not_depend_on_batch_and_ties_break_by_id(model):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors[7] = vectors[3]  # an exact tie: s003 must come before s007
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    corpus = Corpus([f"s{i:03d}" for i in range(300)], [f"t{i}" for i in range(300)], vectors, "x")
+    searcher = FaissSearcher(vectors, RetrieveOptions(k=5))
+    queries = vectors[[3, 10, 20]] + 0.01 * rng.standard_normal((3, 16)).astype(np.float32)
+    m = candidate_count(5, 300)
+    together = [rank_candidates(q, c, corpus, 5) for q, c in zip(queries, searcher.search(queries, m))]
+    alone = [rank_candidates(q, searcher.search(q[None], m)[0], corpus, 5) for q in queries]
+    assert together == alone
+    ids = [h["sentence_id"] for h in together[0]]
+    assert ids.index("s003") + 1 == ids.index("s007")
+
+
+def test_ivf_and_torch_exact_search_agree_with_flat():
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((5000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:200] + 0.3 * rng.standard_normal((200, 32)).astype(np.float32)
+    corpus = Corpus([f"s{i:05d}" for i in range(5000)], [""] * 5000, vectors, "y")
+    flat = FaissSearcher(vectors, RetrieveOptions(index="flat"))
+    # chunks smaller than the corpus so the chunk merge is exercised
+    torch_exact = TorchExactSearcher(vectors, device="cpu", chunk_rows=1024, query_batch=64)
+    ivf = FaissSearcher(vectors, RetrieveOptions(index="ivf", nlist=16, nprobe=16))  # all lists: exact
+    m = candidate_count(5, 5000)
+    top = lambda searcher: [[h["sentence_id"] for h in rank_candidates(q, c, corpus, 5)]
+                            for q, c in zip(queries, searcher.search(queries, m))]
+    assert top(torch_exact) == top(flat)
+    assert top(ivf) == top(flat)
+
+
+def test_empty_corpus_yields_no_hits(pipeline):
+    corpus = pipeline | "Corpus" >> beam.Create([]) | beam.CombineGlobally(CollectCorpus())
+    hits = pipeline | "Q" >> beam.Create([("q", np.ones(4, np.float32) / 2)]) | RetrieveTopK(corpus)
+    assert_that(hits, equal_to([]))
+    pipeline.run()

@@ -1,0 +1,120 @@
+"""Readers: detections (JSONL / Parquet / VinVL), the text corpus, and their dead letters."""
+import base64
+import gzip
+import json
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.io import ReadCorpus, ReadDetections, stable_id, tags_of, validate_detection
+from pipelines.options import TextOptions
+
+from .conftest import write_jsonl
+
+GOOD = {"image_id": "a.jpg", "width": 640, "height": 480,
+        "boxes": [[0, 0, 10, 10], [5, 5, 50, 50], [1, 1, 2, 2]],
+        "labels": ["sofa", "woman", "sofa"], "scores": [0.5, 0.9, 0.7]}
+
+
+def _essentials(d):
+    return (d["image_id"], tuple(d["labels"]), d["features"] is None)
+
+
+def test_tags_deduplicated_by_best_score_then_label():
+    assert tags_of(["sofa", "woman", "sofa", "lamp", "cup"], [0.5, 0.9, 0.7, 0.7, 0.9]) == ["cup", "woman", "lamp", "sofa"]
+    assert tags_of([], []) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_id": None}, "missing field 'image_id'"),
+    ({"labels": ["sofa"]}, "lengths differ: 3/1/3"),
+    ({"width": 0}, "must be positive"),
+    ({"boxes": [[0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]]}, "boxes[0] must be [x1, y1, x2, y2]"),
+    ({"scores": [0.1, "high", 0.2]}, "field 'scores[1]' must be a finite number"),
+    ({"features": [[1.0, 2.0]]}, "features must be [regions, dim] with 3 regions"),
+])
+def test_validate_detection_names_the_bad_field(change, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_detection({**GOOD, **change})
+
+
+def test_read_detections_jsonl_and_parquet_with_dead_letters(pipeline, tmp_path):
+    jsonl = write_jsonl(tmp_path / "dets.jsonl", [
+        GOOD,
+        '{"image_id": "broken.jpg", "width": ',                        # malformed JSON
+        {k: v for k, v in GOOD.items() if k != "labels"} | {"image_id": "nolabels.jpg"},  # missing field
+        {**GOOD, "image_id": "mismatch.jpg", "scores": [0.1]},         # length mismatch
+        {**GOOD, "image_id": "a.jpg", "width": 999},                   # duplicate image id
+    ])
+    features = np.arange(6, dtype=np.float32).reshape(3, 2)
+    pq.write_table(pa.Table.from_pylist([{**GOOD, "image_id": "b.jpg", "features": features.tolist()}]),
+                   tmp_path / "more.parquet")
+    out = pipeline | ReadDetections(f"{jsonl},{tmp_path}/*.parquet")
+    assert_that(out["detections"] | beam.Map(_essentials),
+                equal_to([("a.jpg", ("sofa", "woman", "sofa"), True), ("b.jpg", ("sofa", "woman", "sofa"), False)]),
+                label="valid")
+    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+                equal_to([(f"{jsonl}:2", "malformed JSON"), (f"{jsonl}:3", "missing field 'labels'"),
+                          (f"{jsonl}:4", "boxes/labels/scores lengths differ"), ("a.jpg", "duplicate image_id")]),
+                label="rejected")
+    pipeline.run()
+
+
+def test_read_detections_vinvl_tsv_pairs_features(pipeline, tmp_path):
+    objects = [{"rect": [0, 0, 20, 30], "class": "man", "conf": 0.9}, {"rect": [5, 5, 40, 40], "class": "shirt", "conf": 0.6}]
+    (tmp_path / "predictions.tsv").write_text(
+        "img1\t" + json.dumps({"objects": objects, "image_h": 100, "image_w": 200}) + "\n"
+        + "img2\tnot-json\n")
+    feats = np.random.default_rng(0).random((2, 2054), dtype=np.float32)
+    (tmp_path / "features.tsv").write_text("img1\t2\t" + base64.b64encode(feats.tobytes()).decode() + "\n")
+    out = pipeline | ReadDetections(str(tmp_path / "predictions.tsv"))
+
+    def check(dets):
+        (det,) = dets
+        assert det["image_id"] == "img1" and det["width"] == 200 and det["height"] == 100
+        assert det["labels"] == ["man", "shirt"]
+        np.testing.assert_array_equal(det["features"], feats[:, :2048])  # 6 geometry dims dropped
+
+    assert_that(out["detections"] | beam.combiners.ToList(), lambda got: check(got[0]), label="vinvl")
+    assert_that(out["rejected"] | beam.Map(lambda r: r["source"]), equal_to([f"{tmp_path}/predictions.tsv:2"]),
+                label="bad line")
+    pipeline.run()
+
+
+def test_missing_detections_file_fails_clearly(pipeline, tmp_path):
+    _ = pipeline | ReadDetections(str(tmp_path / "nothing-*.jsonl"))
+    with pytest.raises(Exception, match="nothing-"):
+        pipeline.run()
+
+
+def test_read_corpus_cleans_dedupes_and_dead_letters(pipeline, tmp_path):
+    (tmp_path / "a.txt").write_bytes(
+        b"A  woman   sits on a sofa.\n\n   \nA woman sits on a sofa.\n" + b"\xff\xfe broken\n" + b"x" * 40 + b"\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("A cat sleeps.\n")
+    pq.write_table(pa.Table.from_pylist([{"text": "A dog runs."}, {"text": None}]), tmp_path / "c.parquet")
+    out = pipeline | ReadCorpus(f"{tmp_path}/*.txt*,{tmp_path}/c.parquet", TextOptions(max_chars=30))
+    texts = ["A woman sits on a sofa.", "A cat sleeps.", "A dog runs."]
+    assert_that(out["sentences"], equal_to([(stable_id(t), t) for t in texts]), label="sentences")
+    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"].split(":")[0])),
+                equal_to([("a.txt:5", "not valid UTF-8"), ("a.txt:6", "over-long"), ("c.parquet:row 1", "'text' is not a string")]),
+                label="rejected")
+    assert_that(out["counts"] | beam.CombinePerKey(sum),
+                equal_to([("text_lines", 9), ("text_dropped_empty", 2), ("text_dropped_duplicate", 1),
+                          ("text_dropped_overlong", 1)]), label="counts")
+    pipeline.run()
+
+
+def test_split_sentences_on_book_like_paragraphs(pipeline, tmp_path):
+    (tmp_path / "book.txt").write_text(
+        "It was a hot evening. The young man walked\nslowly towards the bridge.\n\n"
+        "He was not afraid. He was thinking.\n")
+    out = pipeline | ReadCorpus(str(tmp_path / "book.txt"), TextOptions(split_sentences=True))
+    assert_that(out["sentences"] | beam.Values(),
+                equal_to(["It was a hot evening.", "The young man walked slowly towards the bridge.",
+                          "He was not afraid.", "He was thinking."]))
+    pipeline.run()
