@@ -134,10 +134,15 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 def validate_sample(sample: dict, feats=None, where: str = "sample") -> None:
     """Check a shard sample dict (and its feature array) against SAMPLE and its invariants."""
+    if not isinstance(sample, dict):
+        raise SchemaError(f"{where}: expected a JSON object, got {type(sample).__name__}")
     try:
         pa.Table.from_pylist([sample], schema=SAMPLE)
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError) as err:
         raise SchemaError(f"{where}: does not match the sample schema: {err}") from err
+    missing = [f.name for f in SAMPLE if not f.nullable and sample.get(f.name) is None]
+    if missing:
+        raise SchemaError(f"{where}: missing field(s) {missing}")
     extra = set(sample) - set(SAMPLE.names)
     if extra:
         raise SchemaError(f"{where}: unknown field(s) {sorted(extra)}")

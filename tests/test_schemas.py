@@ -1,0 +1,58 @@
+"""schemas/: version stamping and checks, and the sample validator."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import schemas
+
+
+def test_every_table_carries_its_version(tmp_path):
+    path = tmp_path / "r.parquet"
+    rows = [{"image_id": "a", "rank": 0, "sentence_id": "s", "sentence": "t", "score": 0.5}]
+    pq.write_table(schemas.table_from_rows(rows, schemas.RETRIEVALS), path)
+    assert pq.read_schema(path).metadata[schemas.VERSION_KEY] == str(schemas.SCHEMA_VERSION).encode()
+    assert schemas.read_table(str(path), schemas.RETRIEVALS).to_pylist() == rows
+
+
+def test_read_table_rejects_unversioned_old_and_wrong_files(tmp_path):
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"sentence_id": ["a"], "text": ["b"]}), plain)
+    with pytest.raises(schemas.SchemaError, match="plain.parquet: no schema_version"):
+        schemas.read_table(str(plain), schemas.SENTENCES)
+    old = tmp_path / "old.parquet"
+    pq.write_table(pa.table({"sentence_id": ["a"]}).replace_schema_metadata({"schema_version": "0"}), old)
+    with pytest.raises(schemas.SchemaError, match="schema_version 0"):
+        schemas.read_table(str(old), schemas.SENTENCES)
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"sentence_id": ["a"]}).replace_schema_metadata({"schema_version": "1"}), wrong)
+    with pytest.raises(schemas.SchemaError, match=r"missing column\(s\) \['text'\]"):
+        schemas.read_table(str(wrong), schemas.SENTENCES)
+
+
+def _sample():
+    return {"schema_version": 1, "image_id": "x", "width": 10, "height": 10,
+            "boxes": [[0.0, 0.0, 5.0, 5.0]], "tags": ["sofa"], "scores": [0.9],
+            "sentences": [{"sentence_id": "s", "text": "a red sofa", "rank": 0, "score": 0.5,
+                           "phrases": [{"text": "a red sofa", "start": 0, "end": 10, "words": ["red", "sofa"],
+                                        "region": 0, "tag": "sofa", "similarity": 0.9}]}]}
+
+
+def test_validate_sample_accepts_a_good_sample_and_names_problems():
+    schemas.validate_sample(_sample(), np.zeros((1, 4), np.float16))
+    bad_span = _sample()
+    bad_span["sentences"][0]["phrases"][0]["end"] = 5
+    with pytest.raises(schemas.SchemaError, match="does not match its span"):
+        schemas.validate_sample(bad_span)
+    with pytest.raises(schemas.SchemaError, match="feats shape"):
+        schemas.validate_sample(_sample(), np.zeros((2, 4), np.float16))
+    with pytest.raises(schemas.SchemaError, match="dtype float32"):
+        schemas.validate_sample(_sample(), np.zeros((1, 4), np.float32))
+    bad_region = _sample()
+    bad_region["sentences"][0]["phrases"][0]["region"] = 3
+    with pytest.raises(schemas.SchemaError, match="links to region 3 of 1"):
+        schemas.validate_sample(bad_region)
+    missing = _sample()
+    del missing["tags"]
+    with pytest.raises(schemas.SchemaError):
+        schemas.validate_sample(missing)
