@@ -106,3 +106,11 @@ def test_empty_corpus_yields_no_hits(pipeline):
     hits = pipeline | "Q" >> beam.Create([("q", np.ones(4, np.float32) / 2)]) | RetrieveTopK(corpus)
     assert_that(hits, equal_to([]))
     pipeline.run()
+
+
+def test_direct_mean_pooling_path_equals_sentence_transformers_encode(model):
+    from pipelines.embed import MeanPoolingEncoder
+    texts = SOFA_SENTENCES + ["sofa", "a " * 300, "woman lamp sofa cup"]  # incl. one truncated at 256 tokens
+    reference = model.encode(texts, batch_size=3, normalize_embeddings=True, convert_to_numpy=True)
+    direct = MeanPoolingEncoder(model).encode(texts, batch_size=3)
+    np.testing.assert_allclose(direct, reference, atol=1e-5)
