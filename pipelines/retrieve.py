@@ -152,15 +152,26 @@ def candidate_count(k: int, corpus_size: int) -> int:
     return min(corpus_size, k + max(8, k))
 
 
-def rank_candidates(query: np.ndarray, candidates: np.ndarray, corpus: Corpus, k: int) -> list[dict]:
-    """Exact float64 cosine of the candidates, ordered by (score desc, sentence_id): top k."""
-    candidates = np.unique(candidates[candidates >= 0])
-    scores = corpus.vectors[candidates].astype(np.float64) @ query.astype(np.float64)
-    order = sorted(range(len(candidates)),
-                   key=lambda i: (-round(float(scores[i]), SCORE_DECIMALS), corpus.ids[candidates[i]]))
-    return [{"rank": rank, "sentence_id": corpus.ids[candidates[i]], "sentence": corpus.texts[candidates[i]],
-             "score": float(np.float32(scores[i]))}
-            for rank, i in enumerate(order[:k])]
+def rank_candidates(queries: np.ndarray, candidates: np.ndarray, corpus: Corpus, k: int):
+    """Exact float64 cosine of each query's candidates, ordered by (score desc, sentence_id).
+
+    Vectorised over the batch. The corpus is sorted by sentence_id, so index order is id order:
+    candidates are put in index order, then stably sorted by score rounded to SCORE_DECIMALS.
+    Returns (indices [q, k], scores [q, k] float64); missing candidates (-1) sort last."""
+    n = len(corpus)
+    candidates = np.where(candidates < 0, n, candidates)
+    candidates.sort(axis=1)
+    padded = np.concatenate([corpus.vectors, np.zeros((1, corpus.vectors.shape[1]), np.float32)])
+    scores = np.einsum("qmd,qd->qm", padded[candidates].astype(np.float64), queries.astype(np.float64))
+    scores[candidates == n] = -np.inf
+    order = np.argsort(-np.round(scores, SCORE_DECIMALS), axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def hits_of(indices: np.ndarray, scores: np.ndarray, corpus: Corpus) -> list[dict]:
+    """One query's ranked rows."""
+    return [{"rank": rank, "sentence_id": corpus.ids[i], "sentence": corpus.texts[i], "score": float(np.float32(score))}
+            for rank, (i, score) in enumerate(zip(indices, scores)) if i < len(corpus)]
 
 
 class _SearchBatch(beam.DoFn):
@@ -198,8 +209,9 @@ class _SearchBatch(beam.DoFn):
         searcher = self._searcher_of(corpus)
         queries = np.stack([np.asarray(vec, dtype=np.float32) for _, vec in batch])
         candidates = searcher.search(queries, candidate_count(self._options.k, len(corpus)))
-        for (key, _), query, cands in zip(batch, queries, candidates):
-            yield key, rank_candidates(query, cands, corpus, self._options.k)
+        indices, scores = rank_candidates(queries, candidates, corpus, self._options.k)
+        for (key, _), query_indices, query_scores in zip(batch, indices, scores):
+            yield key, hits_of(query_indices, query_scores, corpus)
         beam.metrics.Metrics.counter("stage_ms", "retrieve").inc(int(1000 * (time.perf_counter() - start)))
         beam.metrics.Metrics.counter("retrieve", "queries").inc(len(batch))
 

@@ -7,7 +7,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipelines.embed import EmbedSentences, encode, load_sentence_model
 from pipelines.options import EmbedOptions, RetrieveOptions
 from pipelines.retrieve import (CollectCorpus, Corpus, FaissSearcher, RetrieveTopK, TorchExactSearcher,
-                                candidate_count, rank_candidates)
+                                candidate_count, hits_of, rank_candidates)
 
 from .conftest import SOFA_SENTENCES
 
@@ -77,11 +77,15 @@ def test_results_do_not_depend_on_batch_and_ties_break_by_id(model):
     searcher = FaissSearcher(vectors, RetrieveOptions(k=5))
     queries = vectors[[3, 10, 20]] + 0.01 * rng.standard_normal((3, 16)).astype(np.float32)
     m = candidate_count(5, 300)
-    together = [rank_candidates(q, c, corpus, 5) for q, c in zip(queries, searcher.search(queries, m))]
-    alone = [rank_candidates(q, searcher.search(q[None], m)[0], corpus, 5) for q in queries]
+    ranked = lambda qs: [hits_of(i, s, corpus) for i, s in zip(*rank_candidates(qs, searcher.search(qs, m), corpus, 5))]
+    together = ranked(queries)
+    alone = [ranked(q[None])[0] for q in queries]
     assert together == alone
     ids = [h["sentence_id"] for h in together[0]]
     assert ids.index("s003") + 1 == ids.index("s007")
+    # brute force agrees
+    exact = vectors.astype(np.float64) @ queries[1].astype(np.float64)
+    assert [h["sentence_id"] for h in together[1]] == [f"s{i:03d}" for i in np.argsort(-exact, kind="stable")[:5]]
 
 
 def test_ivf_and_torch_exact_search_agree_with_flat():
@@ -95,8 +99,7 @@ def test_ivf_and_torch_exact_search_agree_with_flat():
     torch_exact = TorchExactSearcher(vectors, device="cpu", chunk_rows=1024, query_batch=64)
     ivf = FaissSearcher(vectors, RetrieveOptions(index="ivf", nlist=16, nprobe=16))  # all lists: exact
     m = candidate_count(5, 5000)
-    top = lambda searcher: [[h["sentence_id"] for h in rank_candidates(q, c, corpus, 5)]
-                            for q, c in zip(queries, searcher.search(queries, m))]
+    top = lambda searcher: rank_candidates(queries, searcher.search(queries, m), corpus, 5)[0].tolist()
     assert top(torch_exact) == top(flat)
     assert top(ivf) == top(flat)
 
