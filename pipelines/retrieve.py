@@ -111,32 +111,60 @@ class TorchExactSearcher:
         dtype = torch.float16 if self._device.type == "cuda" else torch.float32
         self._chunks = [torch.from_numpy(vectors[i:i + chunk_rows]).to(self._device, dtype)
                         for i in range(0, len(vectors), chunk_rows)]
+        # fp32 copy (plus a zero row for "no candidate") for exact re-scoring on the device
+        self._exact = torch.cat([torch.from_numpy(vectors), torch.zeros(1, vectors.shape[1])]).to(self._device)
+        self._size = len(vectors)
         self._chunk_rows = chunk_rows
         self._query_batch = query_batch
         self._dtype = dtype
 
     def search(self, queries: np.ndarray, m: int) -> np.ndarray:
         torch = self._torch
-        out = []
         with torch.inference_mode():
-            for start in range(0, len(queries), self._query_batch):
-                q = torch.from_numpy(queries[start:start + self._query_batch]).to(self._device, self._dtype)
-                best_scores, best_idx = None, None
-                for c, chunk in enumerate(self._chunks):
-                    scores = q @ chunk.T
-                    top = min(m, chunk.shape[0])
-                    vals, idx = torch.topk(scores, top, dim=1)
-                    idx = idx + c * self._chunk_rows
-                    if best_scores is None:
-                        best_scores, best_idx = vals, idx
-                    else:
-                        vals = torch.cat([best_scores, vals], dim=1)
-                        idx = torch.cat([best_idx, idx], dim=1)
-                        keep = min(m, vals.shape[1])
-                        best_scores, pos = torch.topk(vals, keep, dim=1)
-                        best_idx = torch.gather(idx, 1, pos)
-                out.append(best_idx.cpu().numpy())
+            out = [self._candidates(q, m).cpu().numpy() for q in self._query_batches(queries)]
         return np.concatenate(out) if out else np.zeros((0, m), np.int64)
+
+    def search_ranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates, exact fp32 re-scoring and the (score, id) order, all on the device:
+        the same contract as `rank_candidates`, without moving candidate vectors to the host."""
+        torch = self._torch
+        m = candidate_count(k, self._size)
+        indices, scores = [], []
+        with torch.inference_mode():
+            for q in self._query_batches(queries):
+                cand, _ = self._candidates(q, m).sort(dim=1)  # index order == sentence_id order
+                exact = torch.einsum("bmd,bd->bm", self._exact[cand], q.float())
+                order = torch.sort(-torch.round(exact, decimals=SCORE_DECIMALS), dim=1, stable=True).indices[:, :k]
+                indices.append(torch.gather(cand, 1, order))
+                scores.append(torch.gather(exact, 1, order))
+            if not indices:
+                return np.zeros((0, k), np.int64), np.zeros((0, k))
+            # one copy back at the end: no host-device sync inside the loop
+            return torch.cat(indices).cpu().numpy(), torch.cat(scores).double().cpu().numpy()
+
+    def _query_batches(self, queries: np.ndarray):
+        for start in range(0, len(queries), self._query_batch):
+            yield self._torch.from_numpy(np.ascontiguousarray(queries[start:start + self._query_batch])).to(self._device)
+
+    def _candidates(self, q, m: int):
+        """Top-m corpus rows per query by the fast (fp16 on CUDA) product, merged over chunks."""
+        torch = self._torch
+        q = q.to(self._dtype)
+        best_scores, best_idx = None, None
+        for c, chunk in enumerate(self._chunks):
+            scores = q @ chunk.T
+            top = min(m, chunk.shape[0])
+            vals, idx = torch.topk(scores, top, dim=1)
+            idx = idx + c * self._chunk_rows
+            if best_scores is None:
+                best_scores, best_idx = vals, idx
+            else:
+                vals = torch.cat([best_scores, vals], dim=1)
+                idx = torch.cat([best_idx, idx], dim=1)
+                keep = min(m, vals.shape[1])
+                best_scores, pos = torch.topk(vals, keep, dim=1)
+                best_idx = torch.gather(idx, 1, pos)
+        return best_idx
 
 
 def make_searcher(corpus: Corpus, options: RetrieveOptions):
@@ -208,8 +236,11 @@ class _SearchBatch(beam.DoFn):
         start = time.perf_counter()
         searcher = self._searcher_of(corpus)
         queries = np.stack([np.asarray(vec, dtype=np.float32) for _, vec in batch])
-        candidates = searcher.search(queries, candidate_count(self._options.k, len(corpus)))
-        indices, scores = rank_candidates(queries, candidates, corpus, self._options.k)
+        if hasattr(searcher, "search_ranked"):
+            indices, scores = searcher.search_ranked(queries, self._options.k)
+        else:
+            candidates = searcher.search(queries, candidate_count(self._options.k, len(corpus)))
+            indices, scores = rank_candidates(queries, candidates, corpus, self._options.k)
         for (key, _), query_indices, query_scores in zip(batch, indices, scores):
             yield key, hits_of(query_indices, query_scores, corpus)
         beam.metrics.Metrics.counter("stage_ms", "retrieve").inc(int(1000 * (time.perf_counter() - start)))

@@ -117,3 +117,18 @@ def test_direct_mean_pooling_path_equals_sentence_transformers_encode(model):
     reference = model.encode(texts, batch_size=3, normalize_embeddings=True, convert_to_numpy=True)
     direct = MeanPoolingEncoder(model).encode(texts, batch_size=3)
     np.testing.assert_allclose(direct, reference, atol=1e-5)
+
+
+def test_torch_search_ranked_on_device_equals_host_ranking():
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((3000, 24)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[11] = vectors[5]  # an exact tie
+    corpus = Corpus([f"s{i:05d}" for i in range(3000)], [""] * 3000, vectors, "z")
+    queries = np.concatenate([vectors[[5]], vectors[100:150] + 0.2 * rng.standard_normal((50, 24)).astype(np.float32)])
+    searcher = TorchExactSearcher(vectors, device="cpu", chunk_rows=700, query_batch=16)
+    indices, scores = searcher.search_ranked(queries, 5)
+    host_indices, host_scores = rank_candidates(queries, FaissSearcher(vectors, RetrieveOptions()).search(queries, 13), corpus, 5)
+    np.testing.assert_array_equal(indices, host_indices)
+    np.testing.assert_allclose(scores, host_scores, atol=1e-5)
+    assert indices[0][:2].tolist() == [5, 11]
