@@ -5,7 +5,6 @@ space. Embeddings are L2-normalised float32, so inner product = cosine in the FA
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -15,6 +14,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
+from pipelines.batching import StableBatches
 from pipelines.options import EmbedOptions
 
 log = logging.getLogger(__name__)
@@ -118,12 +118,6 @@ def encode(model, texts: Sequence[str], batch_size: int) -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def group_of(key, count: int, group_size: int) -> int:
-    """A deterministic group for a text: content hash modulo the number of groups."""
-    groups = max(1, -(-count // group_size))
-    return int(hashlib.sha1(repr(key).encode("utf-8")).hexdigest()[:8], 16) % groups
-
-
 class SentenceTransformerHandler(ModelHandler[list, PredictionResult, object]):
     """RunInference handler: one model per worker process. Each example is a whole group of
     (key, text) pairs, encoded in one call, so an embedding depends only on its group, never on
@@ -163,9 +157,8 @@ class SentenceTransformerHandler(ModelHandler[list, PredictionResult, object]):
 class EmbedSentences(beam.PTransform):
     """(key, text) -> (key, normalised float32 embedding). The key passes through untouched.
 
-    Texts are grouped by content hash into groups of about `group_batches * batch_size`
-    (the number of groups follows the input count), sorted, and each group is encoded whole:
-    the same text gets bit-identical embeddings with any number of workers."""
+    Texts go in StableBatches of about `group_batches * batch_size`, each encoded whole: the
+    same text gets bit-identical embeddings with any number of workers."""
 
     def __init__(self, options: EmbedOptions = EmbedOptions(), group_batches: int = 4):
         super().__init__()
@@ -173,13 +166,8 @@ class EmbedSentences(beam.PTransform):
         self._group_size = max(1, options.batch_size * group_batches)
 
     def expand(self, keyed_texts):
-        group_size = self._group_size
-        count = keyed_texts | "Count" >> beam.combiners.Count.Globally()
         return (keyed_texts
-                | "AssignGroup" >> beam.Map(lambda kt, n: (group_of(kt[0], n, group_size), kt),
-                                            n=beam.pvalue.AsSingleton(count))
-                | "Group" >> beam.GroupByKey()
-                | "SortGroup" >> beam.MapTuple(lambda _, items: sorted(items, key=lambda kt: repr(kt[0])))
+                | "StableBatches" >> StableBatches(self._group_size)
                 | "RunInference" >> RunInference(SentenceTransformerHandler(self._options))
                 | "Unwrap" >> beam.FlatMap(lambda result: [(key, vector) for (key, _), vector
                                                            in zip(result.example, result.inference)]))
