@@ -288,8 +288,9 @@ def _build_samples(options, detections, image_hits, sentences, stats):
     from pipelines.link import LinkPhrasesToRegions, TrainWordVectors
     from pipelines.phrases import ExtractNounPhrases
 
-    uses = image_hits | "UsesBySentence" >> beam.MapTuple(lambda image_id, hit: (hit["sentence_id"], (image_id, hit)))
-    unique_sentences = (image_hits | "RetrievedSentences" >> beam.MapTuple(lambda _, hit: (hit["sentence_id"], hit["sentence"]))
+    uses = image_hits | "UsesBySentence" >> beam.FlatMapTuple(
+        lambda image_id, hits: [(hit["sentence_id"], (image_id, hit)) for hit in hits])
+    unique_sentences = (uses | "RetrievedSentences" >> beam.MapTuple(lambda sid, use: (sid, use[1]["sentence"]))
                         | "DistinctRetrieved" >> beam.Distinct())
     stats.append(unique_sentences | "StatUnique" >> beam.Map(lambda _: ("unique_retrieved_sentences", 1)))
     phrases = unique_sentences | "ExtractNounPhrases" >> ExtractNounPhrases(options.phrases)
