@@ -1,0 +1,53 @@
+"""`vlp-train run`: the multi-granular trainer over vlp-data shards."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@click.group(help=__doc__)
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command("run")
+@click.option("--shards", default=None, help="Shards: glob, comma list or brace pattern [default: vlp-out/shards/*.tar].")
+@click.option("--output", default="vlp-run", show_default=True, help="Run folder: logs, checkpoints, hf/ export.")
+@click.option("--config", "preset", default="debug", show_default=True, type=click.Choice(["debug", "base"]))
+@click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set optim.lr=6e-5 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
+def run(shards, output, preset, overrides, resume):
+    """Train; with --resume, continue exactly where the last checkpoint stopped."""
+    from vlp_train.config import load_config
+    from vlp_train.train import train
+
+    try:
+        cfg = load_config(preset, list(overrides))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    cfg.run.output = output
+    if shards:
+        cfg.data.shards = shards
+    try:
+        summary = train(cfg, resume=resume)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{summary['steps']} steps -> {output}")
+    if summary.get("eval"):
+        click.echo("eval: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary["eval"].items()}))
+    if not summary.get("stopped"):
+        click.echo(f"Hugging Face export: {os.path.join(output, 'hf')} (BertModel.from_pretrained)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

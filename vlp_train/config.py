@@ -1,0 +1,161 @@
+"""Trainer configuration: small dataclasses, presets (debug, base), dotted overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    init: str | None = None          # a HF BERT folder; None = the bundled MiniLM (6 x 384)
+    layers: int = 0                  # >0 with hidden/heads: random init of that shape (tokenizer from `init` or bundled)
+    hidden: int = 0
+    heads: int = 0
+    feature_dim: int = 0             # region feature size; 0 = read from the first sample
+    max_regions: int = 36
+    max_text_len: int = 40
+    dropout: float = 0.1
+    compile: str = "auto"            # auto = on CUDA only; on | off
+
+
+@dataclass
+class DataConfig:
+    shards: str = "vlp-out/shards/*.tar"   # glob, comma list, or brace pattern
+    eval_shards: str | None = None         # None: the last shard is held out when there are several
+    tag_vocab: str | None = None           # None: tag_vocab.json beside the shards folder, else a scan
+    batch_size: int = 32
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False                # False: exact epochs; True: shards drawn with replacement
+    steps_per_epoch: int = 0               # resampled only; 0 = corpus size / batch size
+
+
+@dataclass
+class ObjectiveConfig:
+    region_tag: bool = True
+    region_phrase: bool = True
+    image_sentence: bool = True
+    itm_weighting: bool = True       # from epoch `itm_weight_from_epoch` on
+    itm_weight_from_epoch: int = 1   # the paper's m
+    schedule: str = "round_robin"    # round_robin: one granularity per step; mixed: all three each step
+    mlm_prob: float = 0.15
+    region_mask_prob: float = 0.15
+    phrase_mask_scale: float = 1.0   # masking probability of a linked item = scale x link similarity
+    itm_negative_prob: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    epochs: int = 2
+    max_steps: int = 0               # >0 caps the run
+
+
+@dataclass
+class RunConfig:
+    output: str = "vlp-run"
+    seed: int = 42
+    device: str = "auto"             # auto | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 0              # 0 = at the end only
+    save_every: int = 0              # 0 = at the end only
+    eval_batches: int = 20
+    stop_after: int = 0              # stop (as if killed) after this many steps; for tests and preemption drills
+    log_keys: bool = False           # also log the sample keys of every batch (to audit what was seen)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**{f.name: _section(f.name)(**d[f.name]) for f in dataclasses.fields(cls)})
+
+
+def _section(name: str):
+    return {"model": ModelConfig, "data": DataConfig, "objectives": ObjectiveConfig,
+            "optim": OptimConfig, "run": RunConfig}[name]
+
+
+def debug() -> TrainConfig:
+    """Bundled MiniLM, small batches, a few steps: minutes on 2 CPU cores."""
+    cfg = TrainConfig()
+    cfg.data.batch_size = 8
+    cfg.data.shuffle_buffer = 64
+    cfg.optim.epochs = 6
+    cfg.optim.max_steps = 24
+    cfg.optim.lr = 1e-4
+    cfg.run.log_every = 2
+    cfg.run.eval_batches = 4
+    return cfg
+
+
+def base() -> TrainConfig:
+    """The paper's shape: 12 x 768 BERT, 36 regions, 2048-d features, text up to 40 tokens, batch 480."""
+    cfg = TrainConfig()
+    cfg.model.layers, cfg.model.hidden, cfg.model.heads = 12, 768, 12
+    cfg.model.feature_dim = 2048
+    cfg.data.batch_size = 480
+    cfg.data.num_workers = 8
+    cfg.data.shuffle_buffer = 5000
+    cfg.optim.epochs = 10
+    cfg.run.log_every = 50
+    cfg.run.eval_every = 2000
+    cfg.run.save_every = 2000
+    return cfg
+
+
+PRESETS = {"debug": debug, "base": base}
+
+
+def _convert(value: str, current, key: str):
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={value}: expected true/false")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if current is None and value.lower() in ("none", "null", ""):
+        return None
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """`optim.lr=6e-5` style overrides, type-checked against the current value."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not hasattr(cfg, parts[0]) or not hasattr(getattr(cfg, parts[0]), parts[1]):
+            raise ValueError(f"--set {key!r}: unknown key (sections: model, data, objectives, optim, run)")
+        section = getattr(cfg, parts[0])
+        setattr(section, parts[1], _convert(value, getattr(section, parts[1]), key))
+    return cfg
+
+
+def load_config(preset: str = "debug", overrides: list[str] | None = None) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config {preset!r} (choose from {sorted(PRESETS)})")
+    return apply_overrides(PRESETS[preset](), overrides or [])
+
+
+def dumps(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=1, sort_keys=True)

@@ -1,0 +1,185 @@
+"""The streaming loader: shard list -> shuffle shards (per epoch) -> split by node -> split by
+worker -> read tars (webdataset) -> sample shuffle buffer -> batches -> decode -> pick one of the
+K sentences -> tokenize -> masks -> padded tensors.
+
+Exact epochs: each rank reads its shards once per epoch; resampled: shards drawn with
+replacement. Everything random is seeded from (seed, epoch, rank, batch index), so the loader
+position (epoch, batches consumed) is enough to resume exactly: workers fast-forward through the
+consumed batches without decoding them. Bad samples are logged, counted and skipped.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from schemas import SchemaError, validate_sample
+from vlp_train.masking import TASKS, BatchBuilder
+
+log = logging.getLogger(__name__)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Comma list of globs / brace patterns ('corpus-{000000..000009}.tar') / URLs."""
+    urls = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if "://" in part or "{" in part:
+            urls += wds.shardlists.expand_urls(part)
+        else:
+            matched = sorted(glob.glob(os.path.expanduser(part)))
+            if not matched and os.path.isdir(part):
+                matched = sorted(glob.glob(os.path.join(part, "*.tar")))
+            urls += matched
+    if not urls:
+        raise FileNotFoundError(f"no shards match {spec!r}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in local shards, from the tar member names (nothing decoded)."""
+    import tarfile
+    total = 0
+    for url in urls:
+        with tarfile.open(url) as tar:
+            total += sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
+    return total
+
+
+def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:
+    """tags from tag_vocab.json (given, or beside the shards folder), else one scan of the shards."""
+    candidates = [path] if path else [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(urls[0]))), "tag_vocab.json")]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as f:
+                return list(json.load(f)["tags"])
+    if path:
+        raise FileNotFoundError(f"data.tag_vocab {path} does not exist")
+    log.warning("no tag_vocab.json beside the shards: building the tag vocabulary by scanning %d shard(s)", len(urls))
+    tags = set()
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        tags.update(sample["json"]["tags"])
+    return sorted(tags)
+
+
+def decode(raw: dict) -> dict:
+    """A raw webdataset sample -> {key, meta, feats}; SchemaError / ValueError when bad."""
+    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    if "json" not in raw or "feats.npy" not in raw:
+        raise ValueError(f"{where}: sample lacks json or feats.npy (has {sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        meta = json.loads(raw["json"])
+        feats = np.load(io.BytesIO(raw["feats.npy"]), allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{where}: undecodable: {err}") from err
+    validate_sample(meta, feats, where=where)
+    if not meta["sentences"]:
+        raise ValueError(f"{where}: no sentences")
+    return {"key": raw["__key__"], "meta": meta, "feats": feats.astype(np.float32)}
+
+
+def batch_rng(seed: int, epoch: int, rank: int, index: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{rank}/{index}")
+
+
+class CorpusStream(IterableDataset):
+    """Yields ready batches ({task: view}, plus keys and the batch index) for one epoch."""
+
+    def __init__(self, urls, builder: BatchBuilder, batch_size: int, tasks: list[str], schedule: str,
+                 shuffle_buffer: int, seed: int, resampled: bool = False, rank: int = 0, world: int = 1):
+        self.urls, self.builder, self.batch_size = list(urls), builder, batch_size
+        self.tasks, self.schedule = tasks, schedule
+        self.shuffle_buffer, self.seed, self.resampled = shuffle_buffer, seed, resampled
+        self.rank, self.world = rank, world
+        self.epoch, self.start_batch, self.max_batches, self.task_offset = 0, 0, None, 0
+
+    def set_position(self, epoch: int, start_batch: int = 0, max_batches: int | None = None, task_offset: int = 0):
+        """`task_offset`: batches of earlier epochs, so round-robin continues across epochs."""
+        self.epoch, self.start_batch, self.max_batches, self.task_offset = epoch, start_batch, max_batches, task_offset
+
+    def tasks_of(self, index: int) -> list[str]:
+        if self.schedule == "mixed":
+            return self.tasks
+        if self.schedule != "round_robin":
+            raise ValueError(f"objectives.schedule {self.schedule!r}: round_robin or mixed")
+        return [self.tasks[(self.task_offset + index) % len(self.tasks)]]
+
+    def _shards(self, worker: int, workers: int):
+        rng = random.Random(f"{self.seed}/shards/{self.epoch}")
+        if self.resampled:  # with replacement, forever; each (rank, worker) its own stream
+            own = random.Random(f"{self.seed}/resample/{self.epoch}/{self.rank}/{worker}")
+            while True:
+                yield {"url": own.choice(self.urls)}
+        shards = self.urls[:]
+        rng.shuffle(shards)
+        # split_by_node, then split_by_worker (explicit, so the split is part of the position)
+        for url in shards[self.rank::self.world][worker::workers]:
+            yield {"url": url}
+
+    def _samples(self, worker: int, workers: int):
+        stream = wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=wds.warn_and_continue)
+        rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{worker}")
+        buffer = []
+        for sample in stream:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        while buffer:
+            yield buffer.pop(rng.randrange(len(buffer)))
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, loader_id = (info.num_workers, info.id) if info else (1, 0)
+        # The DataLoader takes batches round-robin from its workers, starting at worker 0; after
+        # resuming at batch b, worker i plays logical worker (i + b) % W so the order continues.
+        worker = (loader_id + self.start_batch) % workers
+        index = worker  # global batch index of this worker's k-th batch: k * W + worker
+        pending, bad = [], 0
+        samples = self._samples(worker, workers)
+        while True:
+            raw = next(samples, None)
+            if raw is not None:
+                pending.append(raw)
+                if len(pending) < self.batch_size:
+                    continue
+            if not pending:
+                return
+            batch_raw, pending = pending, []  # a full batch, or the epoch's last partial one
+            if self.max_batches is not None and index >= self.max_batches:
+                return
+            if index >= self.start_batch:
+                decoded = []
+                for item in batch_raw:
+                    try:
+                        decoded.append(decode(item))
+                    except (ValueError, SchemaError, KeyError, TypeError) as err:
+                        bad += 1
+                        log.warning("skipping bad sample: %s", err)
+                if decoded:
+                    rng = batch_rng(self.seed, self.epoch, self.rank, index)
+                    views = self.builder.build(decoded, self.tasks_of(index), rng)
+                    yield {"index": index, "keys": [d["key"] for d in decoded], "bad_samples": bad, "views": views}
+                    bad = 0
+            index += workers
+            if raw is None:
+                return
+
+
+def make_loader(dataset: CorpusStream, num_workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def enabled_tasks(objectives) -> list[str]:
+    flags = {"rt": objectives.region_tag, "rp": objectives.region_phrase, "is": objectives.image_sentence}
+    tasks = [t for t in TASKS if flags[t]]
+    if not tasks:
+        raise ValueError("every objective is switched off")
+    return tasks

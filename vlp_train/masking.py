@@ -1,0 +1,188 @@
+"""Turning decoded samples into model inputs for each granularity, with their masks (in the loader).
+
+All randomness comes from the `random.Random` passed in, which the loader seeds per batch from
+(seed, epoch, batch index): a batch is the same whether the run was resumed or not.
+
+- region-tag (rt): text = the image's tags; one modality masked per sample (UNITER-style
+  conditional masking): 15% of tag tokens (MLM, 80/10/10), or 15% of regions (MRC on the region's
+  tag, MRFR to the original features; masked region features are zeroed).
+- region-phrase (rp): text = a retrieved sentence; only linked items are masked, phrase tokens OR
+  linked regions (one modality per sample); a linked item is masked with probability
+  min(1, scale x link similarity), at least one per sample. Text: MLM on the phrase's tokens.
+  Regions: p-MRTC, the masked region predicts its phrase's head sub-word (the first sub-token of
+  the phrase's last word).
+- image-sentence (is): the retrieved sentence (ITM label 1) or, with probability 0.5, the
+  sentence of another image in the batch (label 0); 15% MLM (80/10/10) on the matched pairs.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+IGNORE = -100
+TASKS = ("rt", "rp", "is")
+
+
+def tag_query(tags: list[str], scores: list[float]) -> str:
+    """Tags de-duplicated by best score, ties by name: the same order the retrieval used."""
+    best: dict[str, float] = {}
+    for tag, score in zip(tags, scores):
+        best[tag] = max(score, best.get(tag, -1.0))
+    return " ".join(sorted(best, key=lambda t: (-best[t], t)))
+
+
+def locations(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[x1/W, y1/H, x2/W, y2/H, area/(W*H)] per box."""
+    w, h = float(width), float(height)
+    x1, y1, x2, y2 = boxes[:, 0] / w, boxes[:, 1] / h, boxes[:, 2] / w, boxes[:, 3] / h
+    return np.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)], axis=1).astype(np.float32)
+
+
+class BatchBuilder:
+    def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives):
+        self.tok = tokenizer
+        self.tag_index = tag_index
+        self.max_text_len, self.max_regions = max_text_len, max_regions
+        self.obj = objectives
+        self.special = set(tokenizer.all_special_ids)
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+
+    # -- shared pieces ---------------------------------------------------------------------
+
+    def _tokenize(self, texts: list[str]):
+        enc = self.tok(texts, truncation=True, max_length=self.max_text_len, padding="longest",
+                       return_offsets_mapping=True, return_tensors="np")
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(bool), enc["offset_mapping"]
+
+    def _regions(self, samples):
+        n = max(1, max(min(len(s["meta"]["boxes"]), self.max_regions) for s in samples))
+        dim = samples[0]["feats"].shape[1]
+        feats = np.zeros((len(samples), n, dim), np.float32)
+        locs = np.zeros((len(samples), n, 5), np.float32)
+        mask = np.zeros((len(samples), n), bool)
+        tags = np.full((len(samples), n), IGNORE, np.int64)
+        for i, s in enumerate(samples):
+            r = min(len(s["meta"]["boxes"]), self.max_regions)
+            feats[i, :r] = s["feats"][:r]
+            locs[i, :r] = locations(np.asarray(s["meta"]["boxes"][:r], np.float32), s["meta"]["width"], s["meta"]["height"])
+            mask[i, :r] = True
+            tags[i, :r] = [self.tag_index.get(t, IGNORE) for t in s["meta"]["tags"][:r]]
+        return feats, locs, mask, tags
+
+    def _mask_tokens(self, ids, labels, i, positions, rng):
+        """80% [MASK], 10% random token, 10% unchanged; labels keep the originals."""
+        for p in positions:
+            labels[i, p] = ids[i, p]
+            roll = rng.random()
+            if roll < 0.8:
+                ids[i, p] = self.mask_id
+            elif roll < 0.9:
+                ids[i, p] = rng.randrange(self.vocab_size)
+
+    def _random_positions(self, candidates: list[int], prob: float, rng) -> list[int]:
+        chosen = [p for p in candidates if rng.random() < prob]
+        return chosen or ([rng.choice(candidates)] if candidates else [])
+
+    def _text_candidates(self, ids_row, mask_row):
+        return [p for p in range(len(ids_row)) if mask_row[p] and int(ids_row[p]) not in self.special]
+
+    @staticmethod
+    def _tensors(**arrays):
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+    # -- the three views -------------------------------------------------------------------
+
+    def region_tag(self, samples, rng: random.Random) -> dict:
+        feats, locs, rmask, tags = self._regions(samples)
+        texts = [tag_query(s["meta"]["tags"], s["meta"]["scores"]) for s in samples]
+        ids, tmask, _ = self._tokenize(texts)
+        mlm = np.full(ids.shape, IGNORE, np.int64)
+        mrc = np.full(tags.shape, IGNORE, np.int64)
+        masked_regions = np.zeros(rmask.shape, bool)
+        original = feats.copy()  # the MRFR target: the true features, never the zeroed input
+        for i in range(len(samples)):
+            if rng.random() < 0.5:
+                self._mask_tokens(ids, mlm, i, self._random_positions(
+                    self._text_candidates(ids[i], tmask[i]), self.obj.mlm_prob, rng), rng)
+            else:
+                for r in self._random_positions(list(np.flatnonzero(rmask[i])), self.obj.region_mask_prob, rng):
+                    masked_regions[i, r] = True
+                    mrc[i, r] = tags[i, r]
+                    feats[i, r] = 0.0
+        return {"task": "rt", **self._tensors(
+            input_ids=ids, text_mask=tmask, mlm_labels=mlm, features=feats, target_features=original,
+            locations=locs, region_mask=rmask, mrc_labels=mrc, mrfr_mask=masked_regions,
+            active=np.ones(len(samples), bool))}
+
+    def region_phrase(self, samples, sentences, rng: random.Random) -> dict:
+        feats, locs, rmask, _ = self._regions(samples)
+        ids, tmask, offsets = self._tokenize([s["text"] for s in sentences])
+        clean_ids = ids.copy()
+        mlm = np.full(ids.shape, IGNORE, np.int64)
+        mrtc = np.full(rmask.shape, IGNORE, np.int64)
+        masked_text = np.zeros(len(samples), bool)
+        active = np.zeros(len(samples), bool)
+        for i, sentence in enumerate(sentences):
+            linked = [p for p in sentence["phrases"] if p.get("region") is not None and p["region"] < rmask.shape[1]]
+            spans = {id(p): [t for t in range(ids.shape[1]) if tmask[i, t] and int(clean_ids[i, t]) not in self.special
+                             and offsets[i, t, 0] < p["end"] and offsets[i, t, 1] > p["start"]] for p in linked}
+            linked = [p for p in linked if spans[id(p)]]  # phrases cut off by truncation cannot be masked
+            if not linked:
+                continue
+            chosen = [p for p in linked if rng.random() < min(1.0, self.obj.phrase_mask_scale * p["similarity"])]
+            chosen = chosen or [max(linked, key=lambda p: (p["similarity"], -p["start"]))]
+            active[i] = True
+            if rng.random() < 0.5:  # mask the phrases' tokens
+                masked_text[i] = True
+                self._mask_tokens(ids, mlm, i, sorted({t for p in chosen for t in spans[id(p)]}), rng)
+            else:  # mask the linked regions; each predicts its best phrase's head sub-word
+                for p in sorted(chosen, key=lambda p: p["similarity"]):  # the most similar phrase wins
+                    r = p["region"]
+                    word_starts = [t for t in spans[id(p)] if not self.tok.convert_ids_to_tokens(int(clean_ids[i, t])).startswith("##")]
+                    mrtc[i, r] = int(clean_ids[i, (word_starts or spans[id(p)])[-1]])
+                    feats[i, r] = 0.0
+        return {"task": "rp", **self._tensors(
+            input_ids=ids, text_mask=tmask, mlm_labels=mlm, features=feats, locations=locs, region_mask=rmask,
+            mrtc_labels=mrtc, masked_text=masked_text, active=active, clean_ids=clean_ids,
+            clean_features=self._regions(samples)[0])}
+
+    def image_sentence(self, samples, sentences, rng: random.Random) -> dict:
+        feats, locs, rmask, _ = self._regions(samples)
+        n = len(samples)
+        labels = np.ones(n, np.int64)
+        texts = []
+        for i in range(n):
+            if n > 1 and rng.random() < self.obj.itm_negative_prob:
+                j = (i + 1 + rng.randrange(n - 1)) % n  # any other image of the batch
+                if sentences[j]["text"] != sentences[i]["text"]:
+                    labels[i] = 0
+                    texts.append(sentences[j]["text"])
+                    continue
+            texts.append(sentences[i]["text"])
+        ids, tmask, _ = self._tokenize(texts)
+        clean_ids, clean_mask, _ = self._tokenize([s["text"] for s in sentences])
+        mlm = np.full(ids.shape, IGNORE, np.int64)
+        for i in range(n):
+            if labels[i] == 1:  # MLM on matched pairs only: a mismatched sentence gives no signal
+                self._mask_tokens(ids, mlm, i, self._random_positions(
+                    self._text_candidates(ids[i], tmask[i]), self.obj.mlm_prob, rng), rng)
+        return {"task": "is", **self._tensors(
+            input_ids=ids, text_mask=tmask, mlm_labels=mlm, features=feats, locations=locs, region_mask=rmask,
+            itm_labels=labels, active=np.ones(n, bool), clean_ids=clean_ids, clean_text_mask=clean_mask,
+            clean_features=feats)}
+
+    def build(self, samples, tasks, rng: random.Random) -> dict:
+        """The views of `tasks` for one batch of decoded samples; one sentence picked per sample."""
+        sentences = [rng.choice(s["meta"]["sentences"]) for s in samples]
+        views = {}
+        for task in tasks:
+            if task == "rt":
+                views["rt"] = self.region_tag(samples, rng)
+            elif task == "rp":
+                views["rp"] = self.region_phrase(samples, sentences, rng)
+            else:
+                views["is"] = self.image_sentence(samples, sentences, rng)
+        return views

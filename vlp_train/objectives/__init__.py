@@ -1,0 +1,20 @@
+"""One module per granularity. Each takes the model and a view (see masking.py) and returns
+named per-sample losses, shape [B] (0 where a sample has nothing of that kind), plus counts."""
+from vlp_train.objectives.image_sentence import image_sentence_losses
+from vlp_train.objectives.region_phrase import region_phrase_losses
+from vlp_train.objectives.region_tag import region_tag_losses
+
+OBJECTIVES = {"rt": region_tag_losses, "rp": region_phrase_losses, "is": image_sentence_losses}
+
+
+def per_sample_mean(values, mask):
+    """Mean of values over the masked positions of each sample: [B, N] -> [B]."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def token_ce(logits, labels):
+    """Cross-entropy per position [B, N] (0 where the label is ignored)."""
+    import torch.nn.functional as F
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           reduction="none").view(labels.shape)

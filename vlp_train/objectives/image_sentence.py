@@ -1,0 +1,14 @@
+"""Image-sentence alignment: ITM (retrieved sentence = match, another image's sentence =
+mismatch) on [CLS], plus MLM on the matched pairs."""
+import torch.nn.functional as F
+
+import vlp_train.objectives as obj
+
+
+def image_sentence_losses(model, view):
+    text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
+    itm_logits = model.itm_logits(text)
+    losses = {"itm": F.cross_entropy(itm_logits.float(), view["itm_labels"], reduction="none"),
+              "mlm": obj.per_sample_mean(obj.token_ce(model.mlm_logits(text), view["mlm_labels"]),
+                                         view["mlm_labels"] != -100)}
+    return losses, {"text": text, "regions": regions, "itm_logits": itm_logits}

@@ -1,0 +1,378 @@
+"""The trainer: build the components, then the loop: resume -> step -> log -> eval -> save."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from vlp_train import checkpoint
+from vlp_train.config import TrainConfig, dumps
+from vlp_train.curriculum import combine, itm_weighting_on, sample_loss
+from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, expand_shards, load_tag_vocab,
+                            make_loader)
+from vlp_train.masking import BatchBuilder
+from vlp_train.model import bert_config_for, build_model, bundled_bert_path, export_hf
+from vlp_train.objectives import OBJECTIVES
+
+log = logging.getLogger(__name__)
+
+
+class Pretraining(nn.Module):
+    """The model with its objectives, so one module (DDP / torch.compile) sees every use."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, task: str, view: dict):
+        named, outputs = OBJECTIVES[task](self.model, view)
+        return named, outputs.get("itm_logits")
+
+    @torch.no_grad()
+    def match_probability(self, ids, text_mask, features, locations, region_mask):
+        text, _ = self.model(ids, text_mask, features, locations, region_mask)
+        return F.softmax(self.model.itm_logits(text).float(), dim=-1)[:, 1]
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_type: str) -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device=cuda but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(views: dict, device: torch.device) -> dict:
+    return {task: {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in view.items()}
+            for task, view in views.items()}
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(round(warmup_ratio * total_steps)))
+
+    def factor(step: int) -> float:  # linear warm-up, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    return factor
+
+
+def make_optimizer(model: nn.Module, cfg, device: torch.device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=device.type == "cuda")
+
+
+def first_feature_dim(urls: list[str]) -> int:
+    import webdataset as wds
+    for raw in wds.WebDataset(urls[:1], shardshuffle=False):
+        return decode(raw)["feats"].shape[1]
+    raise ValueError(f"{urls[0]} holds no sample")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_loss(step_module, views: dict, weighting: bool, autocast):
+    """One batch: named per-sample losses per task, ITM weights, the scalar loss."""
+    per_task, actives, weights, named_means = {}, {}, {}, {}
+    module = getattr(step_module, "module", step_module)  # under DDP, helpers live on .module
+    for task, view in views.items():
+        with autocast:
+            named, _ = step_module(task, view)
+            if weighting and task in ("rp", "is"):
+                features = view["clean_features"]
+                text_mask = view.get("clean_text_mask", view["text_mask"])
+                weights[task] = module.match_probability(view["clean_ids"], text_mask, features,
+                                                         view["locations"], view["region_mask"]).detach()
+        per_task[task] = sample_loss(named)
+        actives[task] = view["active"]
+        for name, value in named.items():
+            count = (value != 0).float().sum().clamp(min=1)
+            named_means[f"{task}/{name}"] = value.detach().sum() / count
+    loss = combine(per_task, actives, weights)
+    return loss, named_means, weights
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or resume) training into cfg.run.output. Returns a summary."""
+    out = cfg.run.output
+    ckpt_dir = os.path.join(out, "checkpoints")
+    state = None
+    if resume:
+        path = checkpoint.latest(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
+        state = checkpoint.load(path)
+        cfg = TrainConfig.from_dict(state["config"])  # the run continues with its own config
+        log.info("resuming from %s (step %d)", path, state["step"])
+
+    # -- components ------------------------------------------------------------------------
+    device = pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = setup_distributed(device.type)
+    seed_everything(cfg.run.seed + dist_info.rank)
+    urls = expand_shards(cfg.data.shards)
+    if cfg.data.eval_shards:
+        eval_urls = expand_shards(cfg.data.eval_shards)
+    elif len(urls) > 1:
+        urls, eval_urls = urls[:-1], urls[-1:]
+    else:
+        eval_urls = urls
+        log.warning("only one shard: evaluating on the training shard (give data.eval_shards for a held-out one)")
+    from transformers import BertTokenizerFast
+    _, init_folder, _ = bert_config_for(cfg.model)
+    tokenizer = BertTokenizerFast.from_pretrained(init_folder if os.path.isfile(os.path.join(init_folder, "vocab.txt"))
+                                                  else bundled_bert_path())
+    tags = load_tag_vocab(cfg.data.tag_vocab, urls)
+    feature_dim = cfg.model.feature_dim or first_feature_dim(urls)
+    model = build_model(cfg.model, feature_dim, len(tags)).to(device)
+    tasks = enabled_tasks(cfg.objectives)
+    builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
+                           cfg.model.max_regions, cfg.objectives)
+    dataset = CorpusStream(urls, builder, cfg.data.batch_size, tasks, cfg.objectives.schedule,
+                           cfg.data.shuffle_buffer, cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
+    samples = count_samples(urls) if all("://" not in u for u in urls) else 0
+    if cfg.data.resampled or not samples:
+        batches_per_epoch = cfg.data.steps_per_epoch or max(1, samples // (cfg.data.batch_size * dist_info.world))
+    else:
+        batches_per_epoch = math.ceil(samples / dist_info.world / cfg.data.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.optim.grad_accum)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps) if cfg.optim.epochs else cfg.optim.max_steps
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio))
+
+    step, epoch, start_batch = 0, 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, start_batch = state["step"], state["position"]["epoch"], state["position"]["batch"]
+        checkpoint.set_rng_state(state["rng"])
+
+    step_module: nn.Module = Pretraining(model)
+    if cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda"):
+        step_module = torch.compile(step_module)
+    if dist_info.world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    os.makedirs(out, exist_ok=True)
+    logger = RunLogger(out, cfg) if dist_info.main else None
+    if logger and state is None:
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            f.write(dumps(cfg))
+    log.info("training %s: %d shard(s), %d samples, %d tags, features %d-d, tasks %s, %d steps",
+             out, len(urls), samples, len(tags), feature_dim, tasks, total_steps)
+
+    # -- the loop ----------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not dist_info.main, dynamic_ncols=True)
+    last_eval, stopped = None, False
+    window = {"loss": [], "named": {}, "samples": 0, "bad": 0, "start": time.perf_counter()}
+    model.train()
+    while step < total_steps and not stopped:
+        weighting = itm_weighting_on(epoch, cfg.objectives)
+        dataset.set_position(epoch, start_batch, batches_per_epoch if cfg.data.resampled else None,
+                             task_offset=epoch * batches_per_epoch)
+        loader = make_loader(dataset, cfg.data.num_workers, pin_memory=device.type == "cuda")
+        batch_in_epoch, micro = start_batch, 0
+        for batch in _synchronised(loader, dist_info):
+            loss, named, _ = compute_loss(step_module, to_device(batch["views"], device), weighting, autocast)
+            (loss / cfg.optim.grad_accum).backward()
+            batch_in_epoch, micro = batch["index"] + 1, micro + 1
+            window["loss"].append(loss.detach())
+            for k, v in named.items():
+                window["named"].setdefault(k, []).append(v)
+            window["samples"] += len(batch["keys"]) * dist_info.world
+            window["bad"] += batch["bad_samples"]
+            if logger and cfg.run.log_keys:
+                logger.keys(step, batch["keys"])
+            if micro % cfg.optim.grad_accum:
+                continue
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                row = logger.flush(window, step, epoch, scheduler.get_last_lr()[0], weighting) if logger else None
+                if row:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                window = {"loss": [], "named": {}, "samples": 0, "bad": 0, "start": time.perf_counter()}
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and dist_info.main:
+                last_eval = evaluate(model, builder, eval_urls, cfg, device, autocast)
+                logger.eval(step, last_eval)
+            if cfg.run.save_every and step % cfg.run.save_every == 0 and dist_info.main:
+                checkpoint.save(ckpt_dir, step, model, optimizer, scheduler,
+                                {"epoch": epoch, "batch": batch_in_epoch}, cfg.to_dict())
+            if cfg.run.stop_after and step >= cfg.run.stop_after:
+                stopped = True  # as if the process were killed here
+                break
+            if step >= total_steps:
+                break
+        else:
+            epoch, start_batch = epoch + 1, 0
+            continue
+        start_batch = batch_in_epoch
+    bar.close()
+    summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval}
+    if stopped or not dist_info.main:
+        return summary
+    checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, {"epoch": epoch, "batch": start_batch}, cfg.to_dict())
+    summary["eval"] = evaluate(model, builder, eval_urls, cfg, device, autocast)
+    logger.eval(step, summary["eval"])
+    export_hf(model, tokenizer, os.path.join(out, "hf"))
+    logger.close()
+    summary["bad_samples"] = logger.bad_samples
+    return summary
+
+
+def _synchronised(loader, dist_info: Distributed):
+    """Batches; under DDP every rank stops the epoch when any rank runs out (no hang)."""
+    if dist_info.world == 1:
+        yield from loader
+        return
+    import torch.distributed as dist
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        flag = torch.tensor([0 if batch is None else 1], device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 0:
+            return
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, builder: BatchBuilder, urls: list[str], cfg: TrainConfig, device, autocast) -> dict:
+    """MLM and MRC accuracy (region-tag and image-sentence views), ITM accuracy and ROC-AUC on
+    true vs shuffled pairs, over up to run.eval_batches batches of the held-out shards."""
+    from sklearn.metrics import roc_auc_score
+
+    tasks = [t for t in ("rt", "is") if t in enabled_tasks(cfg.objectives) or t == "rt"]
+    stream = CorpusStream(urls, builder, cfg.data.batch_size, tasks, "mixed", 1, seed=12345)
+    stream.set_position(0, 0, None)
+    was_training = model.training
+    model.eval()
+    hits = {"mlm": [0, 0], "mrc": [0, 0]}
+    itm_scores, itm_labels = [], []
+    for n, batch in enumerate(stream):
+        if n >= cfg.run.eval_batches:
+            break
+        views = to_device(batch["views"], device)
+        for task, view in views.items():
+            with autocast:
+                text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"],
+                                      view["region_mask"])
+            labels = view["mlm_labels"]
+            keep = labels != -100
+            hits["mlm"][0] += (model.mlm_logits(text).argmax(-1)[keep] == labels[keep]).sum().item()
+            hits["mlm"][1] += keep.sum().item()
+            if task == "rt":
+                keep = view["mrc_labels"] != -100
+                hits["mrc"][0] += (model.mrc(regions).argmax(-1)[keep] == view["mrc_labels"][keep]).sum().item()
+                hits["mrc"][1] += keep.sum().item()
+            if task == "is":
+                itm_scores += F.softmax(model.itm_logits(text).float(), -1)[:, 1].tolist()
+                itm_labels += view["itm_labels"].tolist()
+    model.train(was_training)
+    result = {f"{k}_acc": (h / n if n else float("nan")) for k, (h, n) in hits.items()}
+    if itm_labels:
+        predictions = [int(s >= 0.5) for s in itm_scores]
+        result["itm_acc"] = float(np.mean([p == y for p, y in zip(predictions, itm_labels)]))
+        result["itm_auc"] = float(roc_auc_score(itm_labels, itm_scores)) if len(set(itm_labels)) == 2 else float("nan")
+    result["pairs"] = len(itm_labels)
+    return result
+
+
+class RunLogger:
+    """JSON Lines (log.jsonl) and TensorBoard events in the run folder."""
+
+    def __init__(self, out: str, cfg: TrainConfig):
+        from torch.utils.tensorboard import SummaryWriter
+        self._jsonl = open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8")
+        self._tb = SummaryWriter(os.path.join(out, "tensorboard"))
+        self.bad_samples = 0
+
+    def _write(self, row: dict):
+        self._jsonl.write(json.dumps(row, sort_keys=True) + "\n")
+        self._jsonl.flush()
+
+    def flush(self, window: dict, step: int, epoch: int, lr: float, weighting: bool) -> dict | None:
+        if not window["loss"]:
+            return None
+        elapsed = time.perf_counter() - window["start"]
+        # the only host-device syncs: once per log interval
+        row = {"step": step, "epoch": epoch, "lr": lr, "itm_weighting": weighting,
+               "loss": torch.stack(window["loss"]).float().mean().item(),
+               "samples_per_s": window["samples"] / max(elapsed, 1e-9), "bad_samples": window["bad"]}
+        for name, values in sorted(window["named"].items()):
+            row[name] = torch.stack(values).float().mean().item()
+        self.bad_samples += window["bad"]
+        self._write(row)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("step",):
+                self._tb.add_scalar(f"train/{k}", v, step)
+        return row
+
+    def keys(self, step: int, keys: list[str]):
+        self._write({"step": step, "keys": keys})
+
+    def eval(self, step: int, result: dict):
+        self._write({"step": step, "eval": result})
+        for k, v in result.items():
+            self._tb.add_scalar(f"eval/{k}", v, step)
+
+    def close(self):
+        self._jsonl.close()
+        self._tb.close()
