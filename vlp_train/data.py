@@ -173,8 +173,11 @@ class CorpusStream(IterableDataset):
 
 
 def make_loader(dataset: CorpusStream, num_workers: int, pin_memory: bool):
+    # Its own generator: a DataLoader draws a base seed whenever it is iterated, and drawing it
+    # from the global RNG would shift dropout after a resume (batches are seeded by position anyway).
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                                       generator=torch.Generator().manual_seed(dataset.seed))
 
 
 def enabled_tasks(objectives) -> list[str]:

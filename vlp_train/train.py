@@ -107,10 +107,14 @@ def make_optimizer(model: nn.Module, cfg, device: torch.device):
 
 
 def first_feature_dim(urls: list[str]) -> int:
+    """The region feature size of the first decodable sample (bad ones are skipped, as in training)."""
     import webdataset as wds
-    for raw in wds.WebDataset(urls[:1], shardshuffle=False):
-        return decode(raw)["feats"].shape[1]
-    raise ValueError(f"{urls[0]} holds no sample")
+    for raw in wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue):
+        try:
+            return decode(raw)["feats"].shape[1]
+        except ValueError as err:
+            log.warning("skipping bad sample: %s", err)
+    raise ValueError(f"no decodable sample in {urls[0]} ... {urls[-1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +151,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
         state = checkpoint.load(path)
-        cfg = TrainConfig.from_dict(state["config"])  # the run continues with its own config
+        cfg = TrainConfig.from_dict(state["config"])  # the run continues with its own config...
+        cfg.run.stop_after = 0  # ...but a simulated kill belongs to the process that was stopped
         log.info("resuming from %s (step %d)", path, state["step"])
 
     # -- components ------------------------------------------------------------------------

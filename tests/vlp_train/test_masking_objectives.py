@@ -1,0 +1,158 @@
+"""Masking invariants, named per-sample losses, and the curriculum weighting."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertTokenizerFast
+
+from vlp_train.config import ObjectiveConfig
+from vlp_train.curriculum import combine, itm_weighting_on, sample_loss
+from vlp_train.masking import IGNORE, BatchBuilder, locations, tag_query
+from vlp_train.model import VLPModel, bundled_bert_path
+from vlp_train.objectives import OBJECTIVES, per_sample_mean, token_ce
+
+from .conftest import DIM, TAGS, make_sample
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return BertTokenizerFast.from_pretrained(bundled_bert_path())
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rng = random.Random(0)
+    protos = np.random.default_rng(0).standard_normal((len(TAGS), DIM))
+    out = []
+    for i in range(12):
+        meta, feats = make_sample(i, rng, protos)
+        out.append({"key": f"k{i}", "meta": meta, "feats": feats.astype(np.float32)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def builder(tokenizer):
+    return BatchBuilder(tokenizer, {t: i for i, t in enumerate(sorted(TAGS))}, 40, 36, ObjectiveConfig())
+
+
+def test_tag_query_and_locations():
+    assert tag_query(["sofa", "woman", "sofa", "cup"], [0.5, 0.9, 0.7, 0.9]) == "cup woman sofa"
+    np.testing.assert_allclose(locations(np.array([[0, 0, 50, 20]], np.float32), 100, 40), [[0, 0, 0.5, 0.5, 0.25]])
+
+
+def test_region_phrase_masks_only_linked_items_one_modality_per_sample(builder, samples):
+    sentences = [s["meta"]["sentences"][0] for s in samples]
+    view = builder.region_phrase(samples, sentences, random.Random(1))
+    clean_feats = builder._regions(samples)[0]
+    assert view["masked_text"].any() and (~view["masked_text"]).any()  # both modalities occur
+    for i, sentence in enumerate(sentences):
+        text_masked = (view["mlm_labels"][i] != IGNORE).any().item()
+        region_masked = (view["mrtc_labels"][i] != IGNORE).any().item()
+        assert text_masked != region_masked  # exactly one modality
+        linked_regions = {p["region"] for p in sentence["phrases"]}
+        zeroed = {r for r in range(clean_feats.shape[1]) if np.abs(clean_feats[i, r]).sum() > 0
+                  and view["features"][i, r].abs().sum() == 0}
+        if text_masked:
+            assert not zeroed
+            enc = builder.tok(sentence["text"], return_offsets_mapping=True)
+            for t in torch.nonzero(view["mlm_labels"][i] != IGNORE).flatten().tolist():
+                start, end = enc["offset_mapping"][t]
+                assert any(start < p["end"] and end > p["start"] for p in sentence["phrases"])  # inside a linked phrase
+        else:
+            masked = set(torch.nonzero(view["mrtc_labels"][i] != IGNORE).flatten().tolist())
+            assert masked == zeroed and masked <= linked_regions
+            for r in masked:  # the target is the phrase's head word (here: the tag itself)
+                assert builder.tok.convert_ids_to_tokens(int(view["mrtc_labels"][i, r])) == samples[i]["meta"]["tags"][r]
+
+
+def test_region_tag_keeps_the_true_features_as_the_mrfr_target(builder, samples):
+    view = builder.region_tag(samples, random.Random(2))
+    clean = builder._regions(samples)[0]
+    np.testing.assert_array_equal(view["target_features"].numpy(), clean)
+    masked = view["mrfr_mask"]
+    assert masked.any()
+    assert (view["features"][masked] == 0).all() and (view["target_features"][masked] != 0).any()
+    assert ((view["mrc_labels"] != IGNORE) == masked).all()
+    for i in range(len(samples)):  # one modality per sample
+        assert not ((view["mlm_labels"][i] != IGNORE).any() and masked[i].any())
+
+
+def test_image_sentence_negatives_come_from_other_images(builder, samples):
+    sentences = [s["meta"]["sentences"][0] for s in samples]
+    view = builder.image_sentence(samples, sentences, random.Random(3))
+    labels = view["itm_labels"]
+    assert 0 < labels.sum() < len(samples)
+    for i in range(len(samples)):
+        text = builder.tok.decode(view["clean_ids"][i], skip_special_tokens=True)
+        assert text == sentences[i]["text"].lower()
+        if labels[i] == 0:
+            assert (view["mlm_labels"][i] == IGNORE).all()  # no MLM on mismatched pairs
+            assert not torch.equal(view["input_ids"][i][: view["text_mask"][i].sum()],
+                                   view["clean_ids"][i][: view["clean_text_mask"][i].sum()])
+
+
+def test_batches_are_reproducible_from_their_seed(builder, samples):
+    a = builder.build(samples, ["rt", "rp", "is"], random.Random(7))
+    b = builder.build(samples, ["rt", "rp", "is"], random.Random(7))
+    for task in a:
+        for k, v in a[task].items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, b[task][k]), (task, k)
+
+
+def test_per_sample_losses_on_hand_made_values():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    assert per_sample_mean(values, mask).tolist() == [2.0, 0.0]
+    logits = torch.zeros(1, 2, 5)
+    labels = torch.tensor([[3, IGNORE]])
+    assert token_ce(logits, labels)[0].tolist() == pytest.approx([math.log(5), 0.0])
+
+
+def _tiny_model():
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    return VLPModel(config, DIM, len(TAGS)).eval()
+
+
+def test_each_objective_returns_named_per_sample_losses(builder, samples):
+    model = _tiny_model()
+    views = builder.build(samples[:5], ["rt", "rp", "is"], random.Random(4))
+    expected = {"rt": {"mlm", "mrc", "mrfr"}, "rp": {"mlm", "mrtc"}, "is": {"itm", "mlm"}}
+    for task, view in views.items():
+        named, _ = OBJECTIVES[task](model, view)
+        assert set(named) == expected[task]
+        assert all(v.shape == (5,) and torch.isfinite(v).all() for v in named.values())
+    # the ITM loss is the cross-entropy of the ITM head on [CLS]
+    view = views["is"]
+    named, out = OBJECTIVES["is"](model, view)
+    manual = torch.nn.functional.cross_entropy(out["itm_logits"], view["itm_labels"], reduction="none")
+    assert torch.allclose(named["itm"], manual)
+    # MRFR: squared error to the original features at the masked regions only
+    named, out = OBJECTIVES["rt"](model, views["rt"])
+    rt = views["rt"]
+    i = int(torch.nonzero(rt["mrfr_mask"].any(1))[0])
+    sq = (model.mrfr(out["regions"][i]) - rt["target_features"][i]).pow(2).mean(-1)
+    assert torch.allclose(named["mrfr"][i], sq[rt["mrfr_mask"][i]].mean())
+
+
+def test_curriculum_weights_each_sample_and_only_from_epoch_m():
+    objectives = ObjectiveConfig(itm_weight_from_epoch=1)
+    assert not itm_weighting_on(0, objectives) and itm_weighting_on(1, objectives) and itm_weighting_on(3, objectives)
+    assert not itm_weighting_on(5, ObjectiveConfig(itm_weighting=False))
+    rp = torch.tensor([2.0, 4.0])
+    rt = torch.tensor([1.0, 3.0])
+    active = torch.tensor([True, True])
+    weights = {"rp": torch.tensor([0.9, 0.1])}
+    loss = combine({"rt": rt, "rp": rp}, {"rt": active, "rp": active}, weights)
+    # rt unweighted mean (2.0) + per-sample weighted rp mean ((0.9*2 + 0.1*4) / 2 = 1.1)
+    assert loss.item() == pytest.approx(2.0 + 1.1)
+    unweighted = combine({"rt": rt, "rp": rp}, {"rt": active, "rp": active}, {})
+    assert unweighted.item() == pytest.approx(2.0 + 3.0)
+    # a batch-mean weight would give (0.5 * 3.0): the per-sample result differs
+    assert loss.item() != pytest.approx(2.0 + 0.5 * 3.0)
+    assert sample_loss({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 0.5])}).tolist() == [1.5, 2.5]
+    inactive = combine({"rp": rp}, {"rp": torch.tensor([True, False])}, {})
+    assert inactive.item() == pytest.approx(2.0)
