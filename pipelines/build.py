@@ -21,16 +21,22 @@ from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
 from pipelines.io import ReadCorpus, ReadDetections, tags_of
 from pipelines.options import BuildOptions
-from pipelines.retrieve import CollectCorpus, Corpus, RetrieveTopK
+from pipelines.retrieve import CollectCorpus, RetrieveTopK
 from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key)
 
 log = logging.getLogger(__name__)
 
 STAGING = ".staging"
-# Everything a run may publish; a rerun removes the ones it did not produce.
-OUTPUT_ENTRIES = ("sentences", "retrievals", "links", "shards", "rejected", "detections",
-                  "manifest.parquet", "tag_vocab.json", "stats.json")
+PREVIOUS = ".previous"  # where a local publish parks the replaced entries until the swap is done
+PUBLISHING = "_PUBLISHING.json"  # in the staging folder: the run succeeded, this swap is under way
+# What each command publishes; a rerun replaces exactly these (removing the ones it did not
+# produce this time) and leaves the other command's entries alone, so `detect` and
+# `build-retrieval` can share an output folder (even read from it).
+BUILD_REJECTED, DETECT_REJECTED = "rejected/rejected.jsonl", "rejected/detect.jsonl"
+BUILD_ENTRIES = ("sentences", "retrievals", "links", "shards", BUILD_REJECTED,
+                 "manifest.parquet", "tag_vocab.json", "stats.json")
+DETECT_ENTRIES = ("detections", DETECT_REJECTED)
 FEATS = "_feats"  # the region features travel with a sample dict under this key until written
 
 
@@ -83,9 +89,13 @@ def _check_features(detection: dict):
 
 
 def _make_sample(element):
-    """Join of one image's detection and its retrieved sentences (with phrases) -> sample dict."""
+    """Join of one image's detection and its retrieved sentences (with phrases) -> sample dict.
+    An image whose retrieval came back empty (e.g. IVF probing only empty lists) is dead-lettered."""
     image_id, grouped = element
-    if not grouped["detection"] or not grouped["sentences"]:
+    if not grouped["detection"]:  # sentences of an image rejected earlier; it is dead-lettered there
+        return
+    if not grouped["sentences"]:
+        yield rejection("shards", image_id, "no retrieved sentences: the index returned nothing for its tags")
         return
     detection = grouped["detection"][0]
     sentences = sorted(grouped["sentences"], key=lambda s: s["rank"])
@@ -138,6 +148,9 @@ def _reject_stats(record: dict):
     yield f"rejected/{record['stage']}: {reason}", 1
 
 
+SCORE_UNITS = 10**6  # scores are summed as integer micro-units: exact, so in any order of bundles
+
+
 def render_stats(totals: dict, options: BuildOptions) -> dict:
     def ratio(a, b):
         return round(totals.get(a, 0) / totals[b], 6) if totals.get(b) else 0.0
@@ -157,7 +170,7 @@ def render_stats(totals: dict, options: BuildOptions) -> dict:
         "text": {k[len("text_"):]: v for k, v in sorted(totals.items()) if k.startswith("text_")},
         "k": options.retrieve.k,
         "retrievals": totals.get("retrievals", 0),
-        "mean_retrieval_score": ratio("retrieval_score_sum", "retrievals"),
+        "mean_retrieval_score": round(ratio("retrieval_score_micros", "retrievals") / SCORE_UNITS, 6),
         "unique_retrieved_sentences": totals.get("unique_retrieved_sentences", 0),
         "phrases_per_sentence": ratio("phrases", "sentence_slots"),
         "link_rate": ratio("phrases_linked", "phrases"),
@@ -228,10 +241,10 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         out, "retrievals", schemas.RETRIEVALS, lambda r: (r["image_id"], r["rank"]), options.shard.parquet_shards)
     stats.append(image_hits | "StatRetrieved" >> beam.Map(lambda _: ("images_retrieved", 1)))
     stats.append(retrieval_rows | "StatRetrievals" >> beam.FlatMap(
-        lambda r: [("retrievals", 1), ("retrieval_score_sum", r["score"])]))
+        lambda r: [("retrievals", 1), ("retrieval_score_micros", round(float(r["score"]) * SCORE_UNITS))]))
 
     if options.shards:
-        samples = _build_samples(options, detections, image_hits, sentences, stats)
+        samples = _build_samples(options, detections, image_hits, sentences, stats, rejected)
         manifest = (samples | "SplitFeatures" >> beam.Map(_split_features)
                     | "WriteShards" >> WriteShards(out, options.shard))
         _ = manifest | "WriteManifest" >> WriteSingleFile(
@@ -251,7 +264,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
     # Dead letters and the run's statistics
     all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
     _ = all_rejected | "WriteRejected" >> WriteSingleFile(
-        posixpath.join(out, "rejected", "rejected.jsonl"), rejected_jsonl, sort_key=rejected_sort_key)
+        posixpath.join(out, BUILD_REJECTED), rejected_jsonl, sort_key=rejected_sort_key)
     stats.append(all_rejected | "StatRejected" >> beam.FlatMap(_reject_stats))
     _ = (tuple(stats) | "AllStats" >> beam.Flatten()
          | "SumStats" >> beam.CombinePerKey(sum)
@@ -277,12 +290,12 @@ def build_detect_pipeline(images: str, output: str, options, beam_args: list[str
     _ = (detected.detections | "DetectionRows" >> beam.Map(_detection_row)
          | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"]))
     _ = ((read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
-         | "WriteRejected" >> WriteSingleFile(posixpath.join(out, "rejected", "rejected.jsonl"), rejected_jsonl,
+         | "WriteRejected" >> WriteSingleFile(posixpath.join(out, DETECT_REJECTED), rejected_jsonl,
                                               sort_key=rejected_sort_key))
     return p
 
 
-def _build_samples(options, detections, image_hits, sentences, stats):
+def _build_samples(options, detections, image_hits, sentences, stats, rejected):
     """Noun phrases of each retrieved sentence (once per sentence), joined back per image,
     plus the detection: one sample per image, then phrase -> region links."""
     from pipelines.link import LinkPhrasesToRegions, TrainWordVectors
@@ -297,10 +310,12 @@ def _build_samples(options, detections, image_hits, sentences, stats):
     image_sentences = ({"uses": uses, "phrases": phrases}
                        | "JoinPhrases" >> beam.CoGroupByKey()
                        | "SentencePerImage" >> beam.FlatMap(_sentence_with_phrases))
-    samples = ({"detection": detections | "DetByImage" >> beam.Map(lambda d: (d["image_id"], d)),
-                "sentences": image_sentences}
-               | "JoinImage" >> beam.CoGroupByKey()
-               | "MakeSample" >> beam.FlatMap(_make_sample))
+    made = ({"detection": detections | "DetByImage" >> beam.Map(lambda d: (d["image_id"], d)),
+             "sentences": image_sentences}
+            | "JoinImage" >> beam.CoGroupByKey()
+            | "MakeSample" >> beam.FlatMap(_make_sample).with_outputs(REJECTED, main="ok"))
+    rejected.append(made[REJECTED])
+    samples = made.ok
     trained = None
     if options.link.word_vectors == "train":
         texts = sentences | "CorpusTexts" >> beam.Values()
@@ -319,35 +334,59 @@ def _write_stats(out: str, stats: dict) -> None:
 
 
 def clear_staging(output: str) -> None:
+    """Before a run: finish a publish that a crash interrupted, then drop any half-written staging."""
+    finish_publish(output)
     path = staging_dir(output)
     if FileSystems.exists(path):
         FileSystems.delete([path])
 
 
-def publish(output: str) -> None:
-    """Replace OUTPUT's entries by the staged ones. Locally each entry is swapped by a rename;
-    entries of an earlier run that this run did not produce are removed."""
+def publish(output: str, entries: tuple[str, ...]) -> None:
+    """Replace OUTPUT's `entries` by the staged ones; entries of an earlier run that this run did
+    not produce are removed, other entries are left alone.
+
+    Locally a marker in the staging folder records the swap before it starts, so a crash part way
+    is finished by the next run (`clear_staging`): the output never stays a mix of two runs."""
     staged = staging_dir(output)
     if _is_local(output):
-        trash = os.path.join(output, ".previous")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.makedirs(trash)
-        for entry in OUTPUT_ENTRIES:
-            if os.path.exists(os.path.join(output, entry)):
-                os.replace(os.path.join(output, entry), os.path.join(trash, entry))
-        for entry in OUTPUT_ENTRIES:
-            if os.path.exists(os.path.join(staged, entry)):
-                os.replace(os.path.join(staged, entry), os.path.join(output, entry))
-        shutil.rmtree(trash, ignore_errors=True)
-        shutil.rmtree(staged, ignore_errors=True)
+        produced = [e for e in entries if os.path.lexists(os.path.join(staged, e))]
+        with open(os.path.join(staged, PUBLISHING), "w", encoding="utf-8") as f:
+            json.dump({"entries": list(entries), "produced": produced}, f)
+        finish_publish(output)
         return
     # Object stores have no directory rename: delete the old entries, then move file by file.
-    old = [m.path for entry in OUTPUT_ENTRIES
+    old = [m.path for entry in entries
            for m in _match(posixpath.join(output, entry)) + _match(posixpath.join(output, entry, "*"))]
     if old:
         FileSystems.delete(old)
     staged_files = [m.path for m in _match(posixpath.join(staged, "**"))]
     FileSystems.rename(staged_files, [output.rstrip("/") + "/" + f[len(staged):].lstrip("/") for f in staged_files])
+
+
+def finish_publish(output: str) -> bool:
+    """Carry out (or redo, idempotently) the swap a PUBLISHING marker records. False if none."""
+    staged = staging_dir(output)
+    marker = os.path.join(staged, PUBLISHING)
+    if not _is_local(output) or not os.path.exists(marker):
+        return False
+    with open(marker, encoding="utf-8") as f:
+        plan = json.load(f)
+    trash = os.path.join(output, PREVIOUS)
+    for entry in plan["entries"]:
+        source, target = os.path.join(staged, entry), os.path.join(output, entry)
+        if entry in plan["produced"] and not os.path.lexists(source):
+            continue  # moved in before the interruption
+        if os.path.lexists(target):
+            parked = os.path.join(trash, entry)
+            os.makedirs(os.path.dirname(parked), exist_ok=True)
+            shutil.rmtree(parked, ignore_errors=True)
+            os.replace(target, parked)
+        if entry in plan["produced"]:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
+    return True
 
 
 def _match(pattern: str):

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.options import (BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
                                PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
 
@@ -62,11 +63,11 @@ def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch
                     spacy_model, word_vectors, link_threshold, samples_per_shard, no_shards):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
     regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
-    from pipelines import build
-
     if detections and images:
         raise click.UsageError("give --detections or --images, not both")
     if not (detections or images or text):
+        if "://" in output:
+            raise click.UsageError("the bundled sample runs locally: give a local --output, or your own inputs")
         from pipelines.sample import prepare_sample
         images, text = prepare_sample(os.path.join(output, ".sample-input"))
         split_sentences = True
@@ -108,7 +109,7 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
     elapsed = time.perf_counter() - start
     stats = build.read_stats(build.staging_dir(options.output))
     _check_run(stats, options)
-    build.publish(options.output)
+    build.publish(options.output, build.BUILD_ENTRIES)
     _print_summary(stats, result, elapsed, options.output)
     return stats
 
@@ -132,31 +133,37 @@ def _check_run(stats: dict, options: BuildOptions) -> None:
     if no_features:
         raise RunError(f"{no_features} image(s) have no region features, which shards need: give detections with "
                        f"features, use --images to run the detector, or pass --no-shards for retrievals only")
+    if stats["images_retrieved"] == 0:
+        raise RunError(f"none of the {stats['images_valid']} valid image(s) got a retrieval (no tags to query "
+                       f"with, or an empty index); {where}")
 
 
 def _print_summary(stats: dict, result, elapsed: float, output: str) -> None:
     click.echo(f"done in {elapsed:.1f}s -> {output}")
     click.echo(f"  images: {stats['images_in']} in, {stats['images_out']} out; sentences: {stats['sentences']}; "
                f"retrievals: {stats['retrievals']} (mean score {stats['mean_retrieval_score']:.3f})")
+    text = stats.get("text", {})
+    drops = ", ".join(f"{k[len('dropped_'):]} {v}" for k, v in text.items() if k.startswith("dropped_") and v)
+    click.echo(f"  text: {text.get('lines', 0)} lines read" + (f", dropped: {drops}" if drops else ""))
     if stats.get("shards"):
         click.echo(f"  shards: {stats['shards']}; phrases per sentence: {stats['phrases_per_sentence']:.2f}; "
                    f"link rate: {stats['link_rate']:.2f}")
     click.echo(f"  rejected: {stats['rejected_total']}" + "".join(f"\n    {k}: {v}" for k, v in stats["rejected"].items()))
-    stage_ms = stage_times(result)
-    if stage_ms:
-        click.echo("  time per stage (summed over workers): " + ", ".join(f"{k} {v / 1000:.1f}s" for k, v in stage_ms.items()))
+    stage_s = stage_times(result)
+    if stage_s:
+        click.echo("  time per stage (summed over workers): " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()))
 
 
-def stage_times(result) -> dict[str, int]:
-    """The `stage_ms` counters every stage increments, by stage name."""
+def stage_times(result) -> dict[str, float]:
+    """Each stage's busy time in seconds (its `stage_us` counter), by stage name."""
     try:
         from apache_beam.metrics.metric import MetricsFilter
-        counters = result.metrics().query(MetricsFilter().with_namespace("stage_ms"))["counters"]
+        counters = result.metrics().query(MetricsFilter().with_namespace(STAGE_TIME))["counters"]
     except Exception:  # some runners report no metrics
         return {}
-    totals: dict[str, int] = {}
+    totals: dict[str, float] = {}
     for c in counters:
-        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0) / 1e6
     return dict(sorted(totals.items()))
 
 
@@ -193,7 +200,7 @@ def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold):
     build.clear_staging(output)
     start = time.perf_counter()
     _run(pipeline)
-    build.publish(output)
+    build.publish(output, build.DETECT_ENTRIES)
     click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
 
 

@@ -6,8 +6,11 @@ pooled over each box, RoIAlign-style (bilinear samples on a 4x4 grid inside the 
 from two depths, concatenated:
   leaky_9  (after conv 8:  256 channels, 26x26, stride 16)  -> 256
   leaky_13 (after conv 12: 1024 channels, 13x13, stride 32) -> 1024
-giving 1280-d float16 vectors. Darknet class names written as one word ("diningtable") are
-spaced ("dining table") so word vectors know them.
+giving 1280-d float16 vectors (saturated at +-65504, the float16 finite range). A custom cfg
+without those two layers, or with other widths, is refused when the detector loads. An image
+that cannot be decoded (whatever Pillow raises) or that OpenCV rejects is dead-lettered, never
+fatal. Darknet class names written as one word ("diningtable") are spaced ("dining table") so
+word vectors know them.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.deadletter import REJECTED, rejection
+from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
 
 log = logging.getLogger(__name__)
@@ -44,14 +48,21 @@ def bundled_model_files() -> tuple[str, str, str]:
             os.path.join(root, "coco.names"))
 
 
+def exception_name(err: BaseException) -> str:
+    """'KeyError' for builtins, 'struct.error' / 'cv2.error' otherwise: the bare name can be 'error'."""
+    kind = type(err)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """RGB uint8 [h, w, 3] with EXIF orientation applied; ValueError says what is wrong."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ValueError("empty file (0 bytes)")
+    stream = io.BytesIO(data)  # outside the try: a wrong argument type is our bug, not the file's
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(stream) as image:
             image = ImageOps.exif_transpose(image)
             image = image.convert("RGB")
             array = np.asarray(image)
@@ -59,6 +70,9 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError("not an image (Pillow cannot identify it)") from err
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot decode image: {err}") from err
+    except Exception as err:  # noqa: BLE001 - Pillow's parsers raise anything on malformed bytes
+        # (struct.error, KeyError, IndexError, TypeError from EXIF or fuzzed headers): the file is bad.
+        raise ValueError(f"undecodable image: {exception_name(err)}: {err}") from err
     if array.size == 0:
         raise ValueError("empty image (0 pixels)")
     return array
@@ -104,6 +118,28 @@ def roi_align(feature_map: np.ndarray, boxes: np.ndarray, grid: int = POOL_GRID)
     return sample.mean(axis=(2, 3)).T.astype(np.float32)
 
 
+def check_feature_layers(net, cfg: str, input_size: int) -> None:
+    """Fail at load, not with [n, 0] or [n, d != FEATURE_DIM] features in every shard, when a
+    custom cfg lacks the layers the region features pool from or gives them other widths."""
+    names = set(net.getLayerNames())
+    missing = [name for name, _ in FEATURE_LAYERS if name not in names]
+    if missing:
+        raise ValueError(f"detector cfg {cfg} has no layer {', '.join(missing)}: region features pool from "
+                         f"{', '.join(name for name, _ in FEATURE_LAYERS)} (YOLOv3-tiny layout)")
+    layer_ids, _, out_shapes = net.getLayersShapes([1, 3, input_size, input_size])
+    shape_of = dict(zip(np.asarray(layer_ids).reshape(-1).tolist(), out_shapes))
+    channels = {name: int(shape_of[net.getLayerId(name)][0][1]) for name, _ in FEATURE_LAYERS}
+    if sum(channels.values()) != FEATURE_DIM:
+        raise ValueError(f"detector cfg {cfg}: feature layers have {channels} channels, {sum(channels.values())} "
+                         f"in all; region features must be {FEATURE_DIM}-d")
+
+
+def to_float16(features: np.ndarray) -> np.ndarray:
+    """Cast, saturating at the float16 finite range: a plain cast turns |x| > 65504 into inf."""
+    limit = np.finfo(np.float16).max
+    return np.clip(features, -limit, limit).astype(np.float16)
+
+
 class YoloDetector:
     """A Darknet YOLO model through cv2.dnn: images -> detections with region features."""
 
@@ -121,10 +157,10 @@ class YoloDetector:
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         with open(names, encoding="utf-8") as f:
             self.labels = [DARKNET_NAMES.get(n.strip(), n.strip()) for n in f if n.strip()]
-        layers = set(self.net.getLayerNames())
-        self._features = [(name, stride) for name, stride in FEATURE_LAYERS if name in layers]
-        self._outputs = list(self.net.getUnconnectedOutLayersNames())
         self.options = options
+        check_feature_layers(self.net, cfg, options.input_size)
+        self._features = list(FEATURE_LAYERS)
+        self._outputs = list(self.net.getUnconnectedOutLayersNames())
 
     def detect(self, image: np.ndarray) -> dict:
         """An RGB uint8 image -> {width, height, boxes, labels, scores, features}.
@@ -178,7 +214,7 @@ class YoloDetector:
                 "boxes": [[round(float(v), 2) for v in b] for b in boxes],
                 "labels": [self.labels[classes[j]] for j in order],
                 "scores": [round(float(scores[j]), 6) for j in order],
-                "features": (np.concatenate(features, axis=1) if features else np.zeros((len(order), 0))).astype(np.float16)}
+                "features": to_float16(np.concatenate(features, axis=1))}
 
 
 class _DetectImage(beam.DoFn):
@@ -191,6 +227,8 @@ class _DetectImage(beam.DoFn):
         log.info("detector loaded in %.1fs", time.perf_counter() - start)
 
     def process(self, element):
+        import cv2
+
         image_id, data, source = element
         start = time.perf_counter()
         try:
@@ -199,8 +237,17 @@ class _DetectImage(beam.DoFn):
             beam.metrics.Metrics.counter("detect", "undecodable").inc()
             yield rejection("detect", source, str(err))
             return
-        found = self._detector.detect(image)
-        beam.metrics.Metrics.counter("stage_ms", "detect").inc(int(1000 * (time.perf_counter() - start)))
+        try:
+            found = self._detector.detect(image)
+        except cv2.error as err:  # OpenCV rejects this one image (size, layout): the job goes on
+            beam.metrics.Metrics.counter("detect", "detector_failed").inc()
+            yield rejection("detect", source, f"detector failed: {exception_name(err)}: {err}")
+            return
+        add_stage_time("detect", start)
+        if not np.isfinite(found["features"]).all():  # NaN activations: never write them to a shard
+            beam.metrics.Metrics.counter("detect", "non_finite_features").inc()
+            yield rejection("detect", source, "non-finite region features (NaN) from the detector")
+            return
         if not found["boxes"]:
             beam.metrics.Metrics.counter("detect", "no_regions").inc()
             yield rejection("detect", source, f"no region above the confidence threshold {self._options.conf_threshold}")

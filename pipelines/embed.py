@@ -15,6 +15,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines.batching import StableBatches
+from pipelines.metrics import add_stage_time
 from pipelines.options import EmbedOptions
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class SentenceTransformerHandler(ModelHandler[list, PredictionResult, object]):
         for group in batch:
             start = time.perf_counter()
             vectors = encode(model, [text for _, text in group], self._options.batch_size)
-            beam.metrics.Metrics.counter("stage_ms", "embed").inc(int(1000 * (time.perf_counter() - start)))
+            add_stage_time("embed", start)
             beam.metrics.Metrics.counter("embed", "texts").inc(len(group))
             results.append(PredictionResult(group, vectors))
         return results

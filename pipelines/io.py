@@ -1,12 +1,14 @@
 """Readers: detections (JSONL / Parquet / VinVL TSV), the text corpus, and images (see images.py).
 
 Every reader names the file and line/row of a bad record and sends it to the dead-letter output
-(`deadletter.REJECTED`) with the reason; valid records go on. Globs and comma-separated lists of
-paths are accepted, local or on any Beam filesystem (gs://...).
+(`deadletter.REJECTED`) with the reason; valid records go on. A corrupt or truncated file, or a
+Parquet file with the wrong schema, is dead-lettered under its own name. Globs and comma-separated
+lists of paths are accepted, local or on any Beam filesystem (gs://...).
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import io
@@ -15,14 +17,17 @@ import logging
 import math
 import posixpath
 import re
+import zlib
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.options import TextOptions
 
@@ -55,10 +60,58 @@ class MatchAll(beam.PTransform):
                 | "DistinctFiles" >> beam.Distinct())
 
 
+class UnreadableFile(ValueError):
+    """A file that cannot be read (corrupt, truncated, not the format its name says)."""
+
+
+@contextlib.contextmanager
 def open_file(path: str):
-    """A binary stream; .gz is decompressed."""
-    compression = CompressionTypes.GZIP if path.endswith(".gz") else CompressionTypes.UNCOMPRESSED
-    return FileSystems.open(path, compression_type=compression)
+    """A binary stream; .gz is decompressed by Python's gzip, which (unlike Beam's reader) notices a
+    truncated file and checks the CRC instead of silently returning what it got."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        if not path.endswith(".gz"):
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            yield f
+
+
+def read_lines(path: str):
+    """(line number from 1, raw bytes) per line. A corrupt or truncated file raises UnreadableFile
+    after the lines read so far; readers keep those and dead-letter the file."""
+    line_no = 0
+    try:
+        with open_file(path) as f:
+            for line_no, line in enumerate(iter(f.readline, b""), start=1):
+                yield line_no, line
+    except (OSError, EOFError, zlib.error) as err:
+        raise UnreadableFile(f"unreadable file: stopped after line {line_no}: {err}") from err
+
+
+def decode_line(raw: bytes, line_no: int) -> str:
+    """UTF-8 text of a line. A byte-order mark opening the file is dropped (utf-8-sig): it is not
+    whitespace, so it would otherwise stick to the first record."""
+    return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+
+
+_PARQUET_ERRORS = (pa.ArrowException, OSError)
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A Parquet file from any Beam filesystem; UnreadableFile when it is not valid Parquet."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        data = f.read()
+    try:
+        return pq.ParquetFile(io.BytesIO(data))
+    except _PARQUET_ERRORS as err:
+        raise UnreadableFile(f"unreadable Parquet file: {err}") from err
+
+
+def read_parquet_columns(parquet: pq.ParquetFile, columns: list[str]) -> list[dict]:
+    try:
+        return parquet.read(columns=columns).to_pylist()
+    except _PARQUET_ERRORS as err:  # a valid footer does not mean valid pages
+        raise UnreadableFile(f"unreadable Parquet file: {err}") from err
 
 
 def stable_id(text: str, digits: int = 16) -> str:
@@ -80,11 +133,33 @@ def tags_of(labels: list[str], scores: list[float]) -> list[str]:
 
 
 def _number(value, field: str, integer: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # numpy scalars count: a box given as an np.ndarray holds np.float32, not float.
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
         raise ValueError(f"field '{field}' must be a finite number, got {value!r}")
     if integer and int(value) != value:
         raise ValueError(f"field '{field}' must be an integer, got {value!r}")
     return int(value) if integer else float(value)
+
+
+def _sequence(value, field: str) -> list:
+    """A list from a list, tuple or array. A string is rejected: list("cat") would pass as three labels."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
+        return list(value)
+    raise ValueError(f"field '{field}' must be a list, got {type(value).__name__} {value!r:.60}")
+
+
+def _features_array(features, regions: int) -> np.ndarray:
+    _sequence(features, "features")
+    try:
+        features = np.asarray(features, dtype=np.float32)
+    except (ValueError, TypeError) as err:  # ragged rows, strings
+        raise ValueError(f"field 'features' must be a [regions, dim] array of numbers: {err}") from err
+    if features.ndim != 2 or features.shape[0] != regions:
+        raise ValueError(f"features must be [regions, dim] with {regions} regions, got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or infinity")
+    return features
 
 
 def validate_detection(record) -> dict:
@@ -101,12 +176,13 @@ def validate_detection(record) -> dict:
     height = _number(record["height"], "height", integer=True)
     if width <= 0 or height <= 0:
         raise ValueError(f"width/height must be positive, got {width}x{height}")
-    boxes, labels, scores = (list(record[f]) for f in ("boxes", "labels", "scores"))
+    boxes, labels, scores = (_sequence(record[f], f) for f in ("boxes", "labels", "scores"))
     if not (len(boxes) == len(labels) == len(scores)):
         raise ValueError(f"boxes/labels/scores lengths differ: {len(boxes)}/{len(labels)}/{len(scores)}")
     clean_boxes = []
     for i, box in enumerate(boxes):
-        if not isinstance(box, (list, tuple, np.ndarray)) or len(box) != 4:
+        box = _sequence(box, f"boxes[{i}]")
+        if len(box) != 4:
             raise ValueError(f"boxes[{i}] must be [x1, y1, x2, y2], got {box!r}")
         clean_boxes.append([_number(v, f"boxes[{i}]") for v in box])
     for i, label in enumerate(labels):
@@ -115,11 +191,7 @@ def validate_detection(record) -> dict:
     clean_scores = [_number(s, f"scores[{i}]") for i, s in enumerate(scores)]
     features = record.get("features")
     if features is not None:
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[0] != len(boxes):
-            raise ValueError(f"features must be [regions, dim] with {len(boxes)} regions, got shape {features.shape}")
-        if not np.isfinite(features).all():
-            raise ValueError("features contain NaN or infinity")
+        features = _features_array(features, len(boxes))
     return {"image_id": image_id, "width": width, "height": height, "boxes": clean_boxes,
             "labels": [label.strip() for label in labels], "scores": clean_scores, "features": features}
 
@@ -140,13 +212,13 @@ class _ParseDetectionsFile(beam.DoFn):
             yield rejection("read_detections", where, str(err), raw)
 
     def _jsonl(self, path):
-        with open_file(path) as f:
-            for line_no, line in enumerate(iter(f.readline, b""), start=1):
+        try:
+            for line_no, line in read_lines(path):
                 where = f"{path}:{line_no}"
                 if not line.strip():
                     continue
                 try:
-                    raw = json.loads(line)
+                    raw = json.loads(decode_line(line, line_no))
                 except UnicodeDecodeError:
                     yield rejection("read_detections", where, "not valid UTF-8", line[:200].decode("latin-1"))
                     continue
@@ -154,12 +226,37 @@ class _ParseDetectionsFile(beam.DoFn):
                     yield rejection("read_detections", where, f"malformed JSON: {err}", line.decode("utf-8", "replace"))
                     continue
                 yield from self._emit(raw, where)
+        except UnreadableFile as err:
+            yield rejection("read_detections", path, str(err))
 
     def _parquet(self, path):
-        with FileSystems.open(path) as f:
-            table = pq.read_table(io.BytesIO(f.read()))
-        for row_no, raw in enumerate(table.to_pylist()):
+        try:
+            parquet = open_parquet(path)
+            columns = detections_columns(parquet.schema_arrow)
+            rows = read_parquet_columns(parquet, columns)
+        except (UnreadableFile, schemas.SchemaError) as err:
+            yield rejection("read_detections", path, str(err))  # the whole file; other files go on
+            return
+        for row_no, raw in enumerate(rows):
             yield from self._emit(raw, f"{path}:row {row_no}")
+
+
+REQUIRED_DETECTION_COLUMNS = ("image_id", "width", "height", "boxes", "labels", "scores")
+
+
+def detections_columns(schema: pa.Schema) -> list[str]:
+    """The columns to read from a detections Parquet file, or SchemaError. A file stamped with our
+    schema_version was written by vlp-data: it must be this version with schemas.DETECTIONS' columns.
+    A user's own file needs only the required columns; its rows are checked one by one."""
+    if schemas.VERSION_KEY in (schema.metadata or {}):
+        schemas.check_version(schema, "wrong schema")
+        schemas.check_fields(schema, schemas.DETECTIONS, "wrong schema")
+        return schemas.DETECTIONS.names
+    missing = [c for c in REQUIRED_DETECTION_COLUMNS if c not in schema.names]
+    if missing:
+        raise schemas.SchemaError(f"wrong schema: missing column(s) {missing}; detections need "
+                                  f"{list(REQUIRED_DETECTION_COLUMNS)} and optionally 'features'")
+    return [c for c in (*REQUIRED_DETECTION_COLUMNS, "features") if c in schema.names]
 
 
 # VinVL: predictions.tsv is `image_id \t {"objects": [{"rect", "class", "conf"}], "image_h", "image_w"}`;
@@ -172,30 +269,55 @@ def _is_vinvl_features(path: str) -> bool:
     return "feature" in posixpath.basename(path)
 
 
+def _sibling_features(path: str) -> str | None:
+    """The features.tsv beside a predictions.tsv, if there is one."""
+    base = posixpath.basename(path)
+    sibling = posixpath.join(posixpath.dirname(path), base.replace("predictions", "features"))
+    return sibling if sibling != path and FileSystems.exists(sibling) else None
+
+
+def _where(line: tuple[str, int]) -> str:
+    return f"{line[0]}:{line[1]}"
+
+
 class _ParseVinvlFile(beam.DoFn):
+    """A VinVL TSV file -> per line (image_id, ((path, line_no), ...)) for the join: predictions
+    (record, has_features_file) on the main output, features (float32 array) on FEATURES.
+    The (path, line_no) lets the join pick among duplicates the same way in every run."""
     FEATURES = "vinvl_features"
 
     def process(self, path):
-        with open_file(path) as f:
-            for line_no, line in enumerate(iter(f.readline, b""), start=1):
-                where = f"{path}:{line_no}"
+        is_features = _is_vinvl_features(path)
+        # A predictions file with a features file beside it promises features for each of its images.
+        has_features_file = not is_features and _sibling_features(path) is not None
+        try:
+            for line_no, line in read_lines(path):
                 if not line.strip():
                     continue
                 try:
-                    cols = line.decode("utf-8").rstrip("\r\n").split("\t")
-                    if _is_vinvl_features(path):
-                        yield beam.pvalue.TaggedOutput(self.FEATURES, self._features(cols))
+                    cols = decode_line(line, line_no).rstrip("\r\n").split("\t")
+                    if is_features:
+                        image_id, feats = self._features(cols)
+                        yield beam.pvalue.TaggedOutput(self.FEATURES, (image_id, ((path, line_no), feats)))
                     else:
-                        yield self._prediction(cols)
+                        record = self._prediction(cols)
+                        yield record["image_id"], ((path, line_no), record, has_features_file)
                 except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
-                    yield rejection("read_detections", where, f"bad VinVL line: {err}", line[:300].decode("utf-8", "replace"))
+                    yield rejection("read_detections", f"{path}:{line_no}", f"bad VinVL line: {err}",
+                                    line[:300].decode("utf-8", "replace"))
+        except UnreadableFile as err:
+            yield rejection("read_detections", path, str(err))
 
     @staticmethod
     def _prediction(cols):
         if len(cols) != 2:
             raise ValueError(f"expected 2 tab-separated columns, got {len(cols)}")
         image_id, payload = cols[0], json.loads(cols[1])
+        if not isinstance(payload, dict):
+            raise ValueError(f"the prediction must be a JSON object, got {type(payload).__name__}")
         objects = payload.get("objects", [])
+        if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
+            raise ValueError("'objects' must be a list of JSON objects")
         return {"image_id": image_id, "width": payload.get("image_w"), "height": payload.get("image_h"),
                 "boxes": [o["rect"] for o in objects], "labels": [o["class"] for o in objects],
                 "scores": [o.get("conf", 1.0) for o in objects]}
@@ -213,24 +335,48 @@ class _ParseVinvlFile(beam.DoFn):
 
 
 def _join_vinvl(element):
+    """One image's VinVL lines -> one detection. Among duplicates the first by (file, line) wins,
+    so every run keeps the same one; each other line is dead-lettered, as is an unpaired line."""
     image_id, grouped = element
-    predictions, features = grouped["predictions"], grouped["features"]
+    predictions = sorted(grouped["predictions"], key=lambda p: p[0])
+    features = sorted(grouped["features"], key=lambda f: f[0])
+    for kind, lines in (("predictions", predictions), ("features", features)):
+        for line in lines[1:]:
+            yield rejection("read_detections", _where(line[0]),
+                            f"duplicate image_id {image_id!r} in VinVL {kind} (kept {_where(lines[0][0])})",
+                            line[1] if kind == "predictions" else None)
     if not predictions:
-        yield rejection("read_detections", image_id, "VinVL features without a prediction line")
+        yield rejection("read_detections", _where(features[0][0]),
+                        f"VinVL features without a prediction line for image_id {image_id!r}")
         return
-    for raw in predictions[1:]:
-        yield rejection("read_detections", image_id, "duplicate image_id in VinVL predictions", raw)
-    raw = dict(predictions[0], features=features[0] if features else None)
+    line, record, has_features_file = predictions[0]
+    if has_features_file and not features:
+        yield rejection("read_detections", _where(line),
+                        f"VinVL prediction without a features line for image_id {image_id!r}", record)
+        return
     try:
-        yield validate_detection(raw)
+        yield validate_detection(dict(record, features=features[0][1] if features else None))
     except (ValueError, TypeError) as err:
-        yield rejection("read_detections", image_id, str(err), {k: v for k, v in raw.items() if k != "features"})
+        yield rejection("read_detections", _where(line), str(err), record)
+
+
+def _features_digest(features) -> str:
+    if features is None:
+        return ""
+    array = np.ascontiguousarray(features, dtype=np.float32)
+    return hashlib.sha1(repr(array.shape).encode() + array.tobytes()).hexdigest()
+
+
+def _dedupe_key(record) -> tuple[str, str]:
+    """Records that differ only in features must still sort the same way in every run."""
+    without_features = {k: v for k, v in record.items() if k != "features"}
+    return json.dumps(without_features, sort_keys=True), _features_digest(record["features"])
 
 
 def _first_per_image(element):
     """Duplicate image ids: keep one deterministically (the smallest record), dead-letter the rest."""
     image_id, records = element
-    records = sorted(records, key=lambda r: json.dumps({k: v for k, v in r.items() if k != "features"}, sort_keys=True))
+    records = sorted(records, key=_dedupe_key)
     yield records[0]
     for dup in records[1:]:
         yield rejection("read_detections", image_id, "duplicate image_id", {k: v for k, v in dup.items() if k != "features"})
@@ -261,8 +407,7 @@ class ReadDetections(beam.PTransform):
                        | "DistinctTsv" >> beam.Distinct())
         vinvl = vinvl_files | "ParseVinvl" >> beam.ParDo(_ParseVinvlFile()).with_outputs(
             _ParseVinvlFile.FEATURES, REJECTED, main="predictions")
-        joined = ({"predictions": vinvl.predictions | "KeyPred" >> beam.Map(lambda d: (d["image_id"], d)),
-                   "features": vinvl[_ParseVinvlFile.FEATURES]}
+        joined = ({"predictions": vinvl.predictions, "features": vinvl[_ParseVinvlFile.FEATURES]}
                   | "JoinVinvl" >> beam.CoGroupByKey()
                   | "MergeVinvl" >> beam.FlatMap(_join_vinvl).with_outputs(REJECTED, main="ok"))
 
@@ -278,11 +423,8 @@ class ReadDetections(beam.PTransform):
 
 def _with_sibling_features(path: str):
     yield path
-    if _is_vinvl_features(path):
-        return
-    base = posixpath.basename(path)
-    sibling = posixpath.join(posixpath.dirname(path), base.replace("predictions", "features"))
-    if sibling != path and FileSystems.exists(sibling):
+    sibling = None if _is_vinvl_features(path) else _sibling_features(path)
+    if sibling:
         yield sibling
 
 
@@ -321,10 +463,10 @@ class _ReadTextFile(beam.DoFn):
             yield from self._parquet(path)
             return
         block, block_start, line_no = [], 0, 0
-        with open_file(path) as f:
-            for line_no, raw in enumerate(iter(f.readline, b""), start=1):
+        try:
+            for line_no, raw in read_lines(path):
                 try:
-                    line = raw.decode("utf-8")
+                    line = decode_line(raw, line_no)
                 except UnicodeDecodeError as err:
                     yield rejection("read_text", f"{path}:{line_no}", f"not valid UTF-8: {err.reason} at byte {err.start}",
                                     raw[:200].decode("utf-8", "replace"))
@@ -337,18 +479,23 @@ class _ReadTextFile(beam.DoFn):
                 elif block:
                     yield " ".join(block), f"{path}:{block_start}"
                     block, block_start = [], 0
+        except UnreadableFile as err:  # the lines before the damage are kept
+            yield rejection("read_text", path, str(err))
         if block:
             yield " ".join(block), f"{path}:{block_start}"
         yield _counted("lines", line_no)
 
     def _parquet(self, path):
-        with FileSystems.open(path) as f:
-            data = io.BytesIO(f.read())
-        names = pq.read_schema(data).names
-        if "text" not in names:
-            yield rejection("read_text", path, f"Parquet file has no 'text' column (columns: {names})")
+        try:
+            parquet = open_parquet(path)
+            names = parquet.schema_arrow.names
+            if "text" not in names:
+                yield rejection("read_text", path, f"Parquet file has no 'text' column (columns: {names})")
+                return
+            texts = [row["text"] for row in read_parquet_columns(parquet, ["text"])]
+        except UnreadableFile as err:
+            yield rejection("read_text", path, str(err))
             return
-        texts = pq.read_table(data, columns=["text"]).column("text").to_pylist()
         yield _counted("lines", len(texts))
         for row_no, text in enumerate(texts):
             if text is None or not isinstance(text, str):

@@ -21,6 +21,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.utils.shared import Shared
 
+from pipelines.metrics import add_stage_time
 from pipelines.options import LinkOptions
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class _LinkSample(beam.DoFn):
         total = sum(len(s["phrases"]) for s in sentences)
         beam.metrics.Metrics.counter("link", "phrases_linked").inc(linked)
         beam.metrics.Metrics.counter("link", "phrases_unlinked").inc(total - linked)
-        beam.metrics.Metrics.counter("stage_ms", "link").inc(int(1000 * (time.perf_counter() - start)))
+        add_stage_time("link", start)
         yield {**sample, "sentences": sentences}
 
 

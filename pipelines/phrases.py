@@ -14,6 +14,7 @@ import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 from pipelines.batching import StableBatches
+from pipelines.metrics import add_stage_time
 from pipelines.options import PhraseOptions
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,11 @@ class _ExtractBatch(beam.DoFn):
     def process(self, batch):
         start = time.perf_counter()
         phrases = self._extractor.extract([text for _, text in batch])
-        for (sentence_id, _), found in zip(batch, phrases):
-            yield sentence_id, found
-        beam.metrics.Metrics.counter("stage_ms", "phrases").inc(int(1000 * (time.perf_counter() - start)))
+        add_stage_time("phrases", start)  # before yielding: downstream work is not this stage's
         beam.metrics.Metrics.counter("phrases", "sentences").inc(len(batch))
         beam.metrics.Metrics.counter("phrases", "phrases").inc(sum(map(len, phrases)))
+        for (sentence_id, _), found in zip(batch, phrases):
+            yield sentence_id, found
 
 
 class ExtractNounPhrases(beam.PTransform):

@@ -18,6 +18,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.utils.shared import Shared
 
+from pipelines.metrics import add_stage_time
 from pipelines.options import RetrieveOptions
 
 log = logging.getLogger(__name__)
@@ -241,10 +242,11 @@ class _SearchBatch(beam.DoFn):
         else:
             candidates = searcher.search(queries, candidate_count(self._options.k, len(corpus)))
             indices, scores = rank_candidates(queries, candidates, corpus, self._options.k)
-        for (key, _), query_indices, query_scores in zip(batch, indices, scores):
-            yield key, hits_of(query_indices, query_scores, corpus)
-        beam.metrics.Metrics.counter("stage_ms", "retrieve").inc(int(1000 * (time.perf_counter() - start)))
+        results = [(key, hits_of(query_indices, query_scores, corpus))
+                   for (key, _), query_indices, query_scores in zip(batch, indices, scores)]
+        add_stage_time("retrieve", start)  # before yielding: downstream work is not this stage's
         beam.metrics.Metrics.counter("retrieve", "queries").inc(len(batch))
+        yield from results
 
 
 class RetrieveTopK(beam.PTransform):

@@ -7,7 +7,6 @@ both relevant sentences and distractors.
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 
@@ -41,10 +40,24 @@ def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return image[..., :3]
 
 
+def _save_atomically(image: np.ndarray, path: str, scratch_dir: str) -> None:
+    """Write to a temp file in scratch_dir, then rename: an interrupted run leaves no truncated
+    image at `path` for the next run to skip over and reuse. scratch_dir is outside the images
+    glob and on the same filesystem (os.replace cannot cross filesystems)."""
+    from PIL import Image
+
+    temp = os.path.join(scratch_dir, f".partial-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        Image.fromarray(_to_rgb_uint8(image)).save(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
 def prepare_sample(directory: str) -> tuple[str, str]:
     """Write the sample images and text under `directory`; returns (images glob, text paths)."""
     from gensim.test.utils import datapath
-    from PIL import Image
 
     images_dir = os.path.join(directory, "images")
     text_dir = os.path.join(directory, "text")
@@ -52,9 +65,14 @@ def prepare_sample(directory: str) -> tuple[str, str]:
     os.makedirs(text_dir, exist_ok=True)
     for name, image in _photos():
         path = os.path.join(images_dir, name)
-        if not os.path.exists(path):
-            Image.fromarray(_to_rgb_uint8(image)).save(path)
-    shutil.copyfile(os.path.join(SAMPLE_DIR, "scenes.txt"), os.path.join(text_dir, "scenes.txt"))
+        if not os.path.exists(path):  # complete: files only ever appear by rename
+            _save_atomically(image, path, directory)
+    # One sentence a line; a blank line after each makes it its own paragraph for
+    # --split-sentences, so every sentence keeps its own line number as its source.
+    with open(os.path.join(SAMPLE_DIR, "scenes.txt"), encoding="utf-8") as src, \
+            open(os.path.join(text_dir, "scenes.txt"), "w", encoding="utf-8") as dst:
+        for line in src:
+            dst.write(line.strip() + "\n\n")
     # The Lee corpus has one news article per line: a blank line after each makes it a paragraph
     # for --split-sentences.
     with open(datapath("lee_background.cor"), encoding="utf-8") as src, \

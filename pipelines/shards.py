@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
+from pipelines.metrics import add_stage_time
 from pipelines.options import ShardOptions
 
 SHARD_PATTERN = "corpus-%06d.tar"
@@ -150,7 +151,7 @@ class _WriteShard(beam.DoFn):
         data = tar_bytes(members)
         name = SHARD_PATTERN % shard_index
         write_bytes(posixpath.join(self._directory, "shards", name), data)
-        beam.metrics.Metrics.counter("stage_ms", "shards").inc(int(1000 * (time.perf_counter() - start)))
+        add_stage_time("shards", start)
         beam.metrics.Metrics.counter("shards", "bytes").inc(len(data))
         yield {"shard": f"shards/{name}", "samples": len(members) // 2, "bytes": len(data),
                "sha256": hashlib.sha256(data).hexdigest()}

@@ -5,6 +5,7 @@ Every Parquet file carries ``schema_version`` in its key-value metadata (`read_t
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -146,6 +147,15 @@ def validate_sample(sample: dict, feats=None, where: str = "sample") -> None:
     extra = set(sample) - set(SAMPLE.names)
     if extra:
         raise SchemaError(f"{where}: unknown field(s) {sorted(extra)}")
+    if sample["schema_version"] != SCHEMA_VERSION:
+        raise SchemaError(f"{where}: schema_version {sample['schema_version']} but this code reads version {SCHEMA_VERSION}")
+    # Arrow ignores unknown keys inside nested structs: check those by hand.
+    sentence_fields = {f.name for f in SAMPLE_SENTENCE}
+    phrase_fields = {f.name for f in PHRASE}
+    for s in sample["sentences"]:
+        extra = set(s) - sentence_fields or {k for p in s["phrases"] for k in p} - phrase_fields
+        if extra:
+            raise SchemaError(f"{where}: unknown field(s) {sorted(extra)} in sentence {s.get('sentence_id')}")
     n = len(sample["boxes"])
     if not (len(sample["tags"]) == len(sample["scores"]) == n):
         raise SchemaError(f"{where}: boxes/tags/scores lengths differ ({n}, {len(sample['tags'])}, {len(sample['scores'])})")
@@ -154,6 +164,8 @@ def validate_sample(sample: dict, feats=None, where: str = "sample") -> None:
             raise SchemaError(f"{where}: feats shape {feats.shape} does not match {n} regions")
         if str(feats.dtype) != "float16":
             raise SchemaError(f"{where}: feats dtype {feats.dtype}, expected float16")
+        if not np.isfinite(feats).all():
+            raise SchemaError(f"{where}: feats hold inf or nan")
     for s in sample["sentences"]:
         for p in s["phrases"]:
             if s["text"][p["start"]:p["end"]] != p["text"]:

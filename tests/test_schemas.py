@@ -56,3 +56,20 @@ def test_validate_sample_accepts_a_good_sample_and_names_problems():
     del missing["tags"]
     with pytest.raises(schemas.SchemaError):
         schemas.validate_sample(missing)
+
+
+def test_validate_sample_checks_version_nested_fields_and_finite_features():
+    old = _sample()
+    old["schema_version"] = 0
+    with pytest.raises(schemas.SchemaError, match="schema_version 0"):
+        schemas.validate_sample(old)
+    nested = _sample()
+    nested["sentences"][0]["phrases"][0]["colour"] = "red"
+    with pytest.raises(schemas.SchemaError, match=r"unknown field\(s\) \['colour'\] in sentence s"):
+        schemas.validate_sample(nested)
+    nested = _sample()
+    nested["sentences"][0]["lang"] = "en"
+    with pytest.raises(schemas.SchemaError, match=r"\['lang'\]"):
+        schemas.validate_sample(nested)
+    with pytest.raises(schemas.SchemaError, match="inf or nan"):
+        schemas.validate_sample(_sample(), np.full((1, 4), np.inf, np.float16))

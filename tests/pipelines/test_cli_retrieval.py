@@ -52,6 +52,8 @@ def test_build_retrieval_end_to_end(inputs, tmp_path):
     result = build(dets, text, out)
     assert result.exit_code == 0, result.output
     assert "images: 4 in, 3 out" in result.output and "rejected: 1" in result.output
+    assert "text: 8 lines read, dropped: duplicate 1, empty 1" in result.output
+    assert "time per stage" in result.output and "embed" in result.output
 
     retrievals = rows(out, "retrievals", schemas.RETRIEVALS)
     by_image = {}
@@ -79,15 +81,27 @@ def test_build_retrieval_end_to_end(inputs, tmp_path):
 
 
 def test_same_output_with_two_workers_and_on_rerun(inputs, tmp_path):
-    dets, text = inputs
+    dets, _ = inputs
+    # Enough text for several embedding groups and batches (--batch-size 4: groups of 16), so
+    # the two workers really split the work differently from one.
+    from gensim.test.utils import datapath
+    with open(datapath("lee_background.cor"), encoding="utf-8") as f:
+        pieces = (p.strip() + "." for line in f for p in line.split(". ") if 20 < len(p) < 300)
+        lee = sorted(set(p for _, p in zip(range(60), pieces)))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(SOFA_SENTENCES + lee) + "\n", encoding="utf-8")
+    text = str(text)
     one, two = tmp_path / "one", tmp_path / "two"
-    assert build(dets, text, one).exit_code == 0
+    assert build(dets, text, one, "--batch-size", "4").exit_code == 0
     first = file_bytes(one)
+    assert json.loads((one / "stats.json").read_text())["sentences"] == len(SOFA_SENTENCES) + len(lee)
+    assert len(lee) > 50
     stale = one / "retrievals" / "retrievals-00007-of-00009.parquet"
     stale.write_bytes(b"left over from an older run")
-    assert build(dets, text, one).exit_code == 0
+    assert build(dets, text, one, "--batch-size", "4").exit_code == 0
     assert file_bytes(one) == first  # identical rows and files; the stale file is gone
-    result = build(dets, text, two, "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    result = build(dets, text, two, "--batch-size", "4", "--direct_num_workers=2",
+                   "--direct_running_mode=multi_processing")
     assert result.exit_code == 0, result.output
     assert file_bytes(two) == first
 

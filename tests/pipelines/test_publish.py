@@ -1,0 +1,104 @@
+"""Publishing a staged run: whole-entry replacement per command, and a crash part way through
+the swap finished by the next run (never a mix of two runs)."""
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines import build
+from pipelines.cli import main
+
+from .conftest import SOFA_SENTENCES, write_jsonl
+
+
+def tree(root):
+    """{relative path: content} of every file under root."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = open(path).read()
+    return out
+
+
+def write(root, files):
+    for rel, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, rel)) or root, exist_ok=True)
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(content)
+
+
+OLD = {"shards/corpus-000000.tar": "old0", "shards/corpus-000001.tar": "old1", "links/links.parquet": "old",
+       "stats.json": "old", "rejected/rejected.jsonl": "old", "detections/d.parquet": "det",
+       "rejected/detect.jsonl": "det-rejected", "notes.txt": "the user's own file"}
+NEW = {"shards/corpus-000000.tar": "new0", "stats.json": "new", "rejected/rejected.jsonl": "new"}
+# The new run wrote no links (e.g. --no-shards into a folder that had them): the old links go.
+EXPECTED = {"shards/corpus-000000.tar": "new0", "stats.json": "new", "rejected/rejected.jsonl": "new",
+            "detections/d.parquet": "det", "rejected/detect.jsonl": "det-rejected", "notes.txt": "the user's own file"}
+
+
+def staged_run(tmp_path):
+    out = str(tmp_path / "out")
+    write(out, OLD)
+    write(build.staging_dir(out), NEW)
+    return out
+
+
+def test_publish_replaces_only_this_commands_entries(tmp_path):
+    out = staged_run(tmp_path)
+    build.publish(out, build.BUILD_ENTRIES)
+    assert tree(out) == EXPECTED
+
+
+@pytest.mark.parametrize("crash_after", range(0, 7))
+def test_a_crash_during_the_swap_is_finished_by_the_next_run(tmp_path, monkeypatch, crash_after):
+    out = staged_run(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        if len(calls) == crash_after:
+            raise KeyboardInterrupt("killed")
+        calls.append(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(build.os, "replace", flaky_replace)
+    with pytest.raises(KeyboardInterrupt):
+        build.publish(out, build.BUILD_ENTRIES)
+    monkeypatch.setattr(build.os, "replace", real_replace)
+    assert tree(out) != EXPECTED  # interrupted part way
+    build.clear_staging(out)  # what the next run does first
+    assert tree(out) == EXPECTED
+
+
+def test_a_run_that_never_finished_leaves_the_output_alone(tmp_path):
+    out = staged_run(tmp_path)  # staged files but no publish marker: the run itself died
+    build.clear_staging(out)
+    assert tree(out) == OLD
+
+
+def test_detect_and_build_share_an_output_folder(tmp_path):
+    """`build-retrieval --detections OUT/detections/...` into OUT keeps the detections it read."""
+    out = tmp_path / "out"
+    dets = write_jsonl(tmp_path / "d.jsonl", [
+        {"image_id": "a.jpg", "width": 10, "height": 10, "boxes": [[0, 0, 5, 5]], "labels": ["sofa"], "scores": [0.9]}])
+    os.makedirs(out / "detections")
+    os.replace(dets, out / "detections" / "d.jsonl")
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(SOFA_SENTENCES) + "\n")
+    result = CliRunner().invoke(main, ["build-retrieval", "--detections", str(out / "detections" / "*.jsonl"),
+                                       "--text", str(text), "--output", str(out), "--no-shards", "--k", "2"])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == ["detections", "rejected", "retrievals", "sentences", "stats.json"]
+    assert os.listdir(out / "detections") == ["d.jsonl"]
+
+
+def test_images_without_tags_fail_the_run_clearly(tmp_path):
+    dets = write_jsonl(tmp_path / "d.jsonl", [
+        {"image_id": "empty.jpg", "width": 10, "height": 10, "boxes": [], "labels": [], "scores": []}])
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(SOFA_SENTENCES) + "\n")
+    result = CliRunner().invoke(main, ["build-retrieval", "--detections", dets, "--text", str(text),
+                                       "--output", str(tmp_path / "out"), "--no-shards"])
+    assert result.exit_code == 1
+    assert "got a retrieval" in result.output and "Traceback" not in result.output
+    assert not os.path.exists(tmp_path / "out" / "retrievals")
