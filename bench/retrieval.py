@@ -1,0 +1,126 @@
+"""Embedding and exact retrieval throughput, ours vs the straightforward call, on one device.
+
+    python bench/retrieval.py --device cuda --sentences 200000 --queries 1000000 --corpus 1000000
+    python bench/retrieval.py --device cpu  --sentences 5000 --queries 2000 --corpus 200000
+
+- embed: `pipelines.embed.encode` (direct mean-pooling path) vs `SentenceTransformer.encode`
+  (fp16 on CUDA, same batch size), on template sentences; sentences/s.
+- retrieve: top-5 exact cosine of `queries` random unit vectors against `corpus` (384-d):
+  ours (`TorchExactSearcher.search_ranked` on CUDA, FAISS flat + exact re-rank on CPU) vs the
+  naive call (chunked fp16 `Q @ C.T` + `torch.topk` on CUDA, one `IndexFlatIP.search` on CPU); s.
+Median of --repeats runs after one warm-up. Writes bench/results/retrieval_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # one process: let the Rust tokenizer use all cores
+
+from bench.data import template_sentences  # noqa: E402
+from bench.env import device_name, write_result  # noqa: E402
+
+
+def timed(fn, repeats: int, sync=lambda: None) -> float:
+    fn()  # warm-up (CUDA kernels, compilation, caches)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_embed(args, sync) -> dict:
+    from pipelines.embed import encode, load_sentence_model
+
+    texts = template_sentences(args.sentences)
+    model = load_sentence_model(None, args.device, fp16=True)
+    ours = timed(lambda: encode(model, texts, args.batch_size), args.repeats, sync)
+    plain = timed(lambda: model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True,
+                                       convert_to_numpy=True, show_progress_bar=False), args.repeats, sync)
+    return {"sentences": len(texts), "batch_size": args.batch_size,
+            "sentences_per_s": len(texts) / ours, "baseline_sentences_per_s": len(texts) / plain,
+            "baseline": "SentenceTransformer.encode" + (" (fp16)" if args.device == "cuda" else ""),
+            "baseline_ratio": ours / plain}
+
+
+def bench_retrieve(args, sync) -> dict:
+    import torch
+
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import Corpus, FaissSearcher, TorchExactSearcher, candidate_count, rank_candidates
+
+    rng = np.random.default_rng(0)
+    corpus_vectors = rng.standard_normal((args.corpus, 384), dtype=np.float32)
+    corpus_vectors /= np.linalg.norm(corpus_vectors, axis=1, keepdims=True)
+    queries = rng.standard_normal((args.queries, 384), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    k = 5
+    if args.device == "cuda":
+        searcher = TorchExactSearcher(corpus_vectors, "cuda")
+        ours = timed(lambda: searcher.search_ranked(queries, k), args.repeats, sync)
+        corpus_half = torch.from_numpy(corpus_vectors).cuda().half()
+
+        def naive():  # what a researcher writes: chunked fp16 product + topk, merged on the host
+            out = []
+            for start in range(0, len(queries), 8192):
+                q = torch.from_numpy(queries[start:start + 8192]).cuda().half()
+                out.append(torch.topk(q @ corpus_half.T, k, dim=1).indices.cpu())
+            return torch.cat(out)
+        baseline_name = "chunked fp16 Q @ C.T + torch.topk"
+    else:
+        corpus = Corpus([f"{i:09d}" for i in range(args.corpus)], [""] * args.corpus, corpus_vectors, "bench")
+        searcher = FaissSearcher(corpus_vectors, RetrieveOptions(k=k))
+
+        def ours_cpu():
+            for start in range(0, len(queries), 1024):
+                q = queries[start:start + 1024]
+                rank_candidates(q, searcher.search(q, candidate_count(k, args.corpus)), corpus, k)
+        ours = timed(ours_cpu, args.repeats, sync)
+        import faiss
+        index = faiss.IndexFlatIP(384)
+        index.add(corpus_vectors)
+        naive = lambda: index.search(queries, k)  # noqa: E731
+        baseline_name = "faiss IndexFlatIP.search(k=5), one call"
+    plain = timed(naive, args.repeats, sync)
+    return {"queries": args.queries, "corpus": args.corpus, "k": k, "seconds": ours, "baseline_seconds": plain,
+            "queries_per_s": args.queries / ours, "baseline": baseline_name, "baseline_ratio": ours / plain}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sentences", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--corpus", type=int, default=200000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["embed", "retrieve"])
+    args = parser.parse_args(argv)
+    sync = lambda: None  # noqa: E731
+    if args.device == "cuda":
+        import torch
+        sync = torch.cuda.synchronize
+    result = {"device": device_name(args.device), "command": "python " + " ".join(sys.argv), "repeats": args.repeats}
+    if args.only in (None, "embed"):
+        result["embed"] = bench_embed(args, sync)
+        print("embed", json.dumps(result["embed"]))
+    if args.only in (None, "retrieve"):
+        result["retrieve"] = bench_retrieve(args, sync)
+        print("retrieve", json.dumps(result["retrieve"]))
+    write_result(f"retrieval_{args.device}", result)
+
+
+if __name__ == "__main__":
+    main()

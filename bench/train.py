@@ -1,0 +1,458 @@
+"""Trainer throughput: the loader alone, the model step alone, and the two together.
+
+    python bench/train.py --device cuda    # one H100: the `base` config, 12 x 768, batch 480, 8 workers
+    python bench/train.py --device cpu     # 2 CPU cores: the same data shape, a 2 x 256 model, batch 32, 2 workers
+    python bench/train.py --device cpu --only loader --batch-size 480 --num-workers 2   # the base loader here
+
+The base data shape (36 regions x 2048-d, text up to 40 tokens) is kept everywhere; on CPU the
+defaults shrink the model, batch and workers (each flag overrides). The shape measured is printed
+and written with the figures.
+
+Input: synthetic shards in the real corpus format (`{key}.json` + `{key}.feats.npy`, valid
+against `schemas.validate_sample`): `--images` images, 36 regions of `--feature-dim` float16
+features tagged with COCO names, K=5 retrieved sentences of about 12-20 words, each with 2-4 noun
+phrases linked to regions (similarity 0.5-0.95) and one unlinked one, and `tag_vocab.json`.
+They are written once under bench/data/ (or $VLP_BENCH_DATA), keyed by the shape, and reused.
+The loader reads them with `data.resampled=true` (shards drawn with replacement), so a small
+corpus feeds any number of steps; everything else is what `vlp_train/train.py` builds from the preset.
+
+- loader: `make_loader(CorpusStream(...))` as train.py builds it (read tars, shuffle buffer,
+  decode + validate, tokenize with the real BERT tokenizer, masks, padded tensors, `--num-workers`
+  processes, pinned memory on CUDA); batches are consumed and dropped.
+- step: the model, AdamW and `compute_loss` of train.py, backward, gradient clipping, optimizer and
+  scheduler step, on a few batches built beforehand and already on the device (no loader cost);
+  bf16 autocast and torch.compile on CUDA as train.py does (`--compile`).
+- e2e: the loader feeding the step, with train.py's non-blocking copies to the device.
+
+A sample is one (regions, text) sequence through the model with its objectives. With
+`--schedule round_robin` (default, the paper's MMF setup) a batch of B images is one granularity
+(region-tag, region-phrase, image-sentence in turn): B samples. With `mixed` every batch carries
+all three views of its B images: 3B samples. With ITM weighting on (`--itm-weighting`, default
+on: every epoch after the first) region-phrase and image-sentence steps also run the extra
+no-grad forward pass that gives the per-sample ITM weights; it is not counted as samples.
+
+Each figure is the median over `--repeats` windows of `--steps` batches, after `--warmup`
+batches (worker start-up, shuffle buffer, compilation). Writes bench/results/train_<device>.json
+(`--results-name` or $VLP_BENCH_RESULTS, a folder, to put it elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as vlp-train: the loader forks workers
+
+import bench.env  # noqa: E402
+from bench.data import ADJECTIVES, PLACES, VERBS  # noqa: E402
+from bench.env import device_name, peak_rss_mb, write_result  # noqa: E402
+from vlp_train.masking import TASKS  # noqa: E402
+
+DATA = os.environ.get("VLP_BENCH_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TARGET_SAMPLES_PER_S = 8000  # base config, one H100 (the issue's goal)
+SENTENCES_PER_IMAGE = 5
+CORPUS_VERSION = 1  # bump when the synthetic samples change, so cached corpora are rebuilt
+
+COCO = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+        "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+        "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+        "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+        "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+        "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+        "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+        "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+        "teddy bear", "hair drier", "toothbrush"]
+FILLERS = ["on a sunny afternoon", "early in the morning", "as people walk by", "for a little while",
+           "without any hurry", "next to each other"]
+
+
+# -- synthetic corpus -----------------------------------------------------------------------------
+
+
+def synthetic_sentence(rng: random.Random, regions_of: dict[str, list[int]], sentence_id: str, rank: int) -> dict:
+    """About 12-20 words: 2-4 noun phrases about the image's tags, each linked to one of its
+    regions, joined by a verb and connectives, then a place (an unlinked noun phrase)."""
+    tags = rng.sample(sorted(regions_of), min(rng.randint(2, 4), len(regions_of)))
+    pieces = []  # (text, phrase or None); the text is joined with spaces
+    for n, tag in enumerate(tags):
+        if n == 1:
+            pieces.append((rng.choice(VERBS), None))
+        elif n > 1:
+            pieces.append((rng.choice(["with", "and", "beside", "near"]), None))
+        adjective = rng.choice(ADJECTIVES)
+        pieces.append((f"{rng.choice(['a', 'the', 'one'])} {adjective} {tag}",
+                       {"words": [adjective, *tag.split()], "region": rng.choice(regions_of[tag]), "tag": tag,
+                        "similarity": round(rng.uniform(0.5, 0.95), 4)}))
+    place = rng.choice(PLACES)
+    preposition, rest = place.split(" ", 1)
+    pieces += [(preposition, None), (rest, {"words": [w for w in rest.split() if w not in ("a", "the")],
+                                            "region": None, "tag": None,
+                                            "similarity": round(rng.uniform(0.1, 0.45), 4)})]
+    while sum(len(text.split()) for text, _ in pieces) < 12:
+        pieces.append((rng.choice(FILLERS), None))
+    text, phrases = "", []
+    for piece, phrase in pieces:
+        start = len(text) + (1 if text else 0)
+        text = f"{text} {piece}" if text else piece
+        if phrase:
+            phrases.append({"start": start, "end": start + len(piece), **phrase})
+    text = text[0].upper() + text[1:] + "."
+    for p in phrases:  # the span's text as it stands in the final sentence (capitalised first word)
+        p["text"] = text[p["start"]:p["end"]]
+    return {"sentence_id": sentence_id, "text": text, "rank": rank, "score": round(0.75 - 0.05 * rank, 4),
+            "phrases": phrases}
+
+
+def synthetic_sample(i: int, rng: random.Random, nprng: np.random.Generator, regions: int,
+                     prototypes: np.ndarray) -> tuple[dict, np.ndarray]:
+    """One image: `regions` detections over 6-16 COCO classes, best score first; features near
+    their class prototype (non-negative, like pooled CNN features)."""
+    width, height = rng.choice([(640, 480), (480, 640), (640, 427), (500, 375), (800, 600)])
+    classes = rng.sample(range(len(COCO)), rng.randint(6, 16))
+    labels = classes + [rng.choice(classes) for _ in range(regions - len(classes))]
+    rng.shuffle(labels)
+    labels = labels[:regions]
+    boxes = []
+    for _ in labels:
+        x1, y1 = rng.uniform(0, 0.8 * width), rng.uniform(0, 0.8 * height)
+        boxes.append([round(x1, 1), round(y1, 1), round(min(width, x1 + rng.uniform(0.05, 0.6) * width), 1),
+                      round(min(height, y1 + rng.uniform(0.05, 0.6) * height), 1)])
+    feats = np.abs(prototypes[labels] + nprng.standard_normal((len(labels), prototypes.shape[1]), dtype=np.float32))
+    tags = [COCO[c] for c in labels]
+    regions_of: dict[str, list[int]] = {}
+    for r, tag in enumerate(tags):
+        regions_of.setdefault(tag, []).append(r)
+    sentences = [synthetic_sentence(rng, regions_of, hashlib.sha1(f"{i}/{k}".encode()).hexdigest()[:16], k)
+                 for k in range(SENTENCES_PER_IMAGE)]
+    meta = {"schema_version": 1, "image_id": f"bench/{i:08d}.jpg", "width": width, "height": height,
+            "boxes": boxes, "tags": tags, "scores": sorted((round(rng.uniform(0.2, 0.99), 4) for _ in labels), reverse=True),
+            "sentences": sentences}
+    return meta, feats.astype(np.float16)
+
+
+def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int = 1000) -> str:
+    """bench/data/train-<shape>/{shards/corpus-*.tar, tag_vocab.json}, written once; the shards glob."""
+    from pipelines.shards import encode_sample, sample_key, tar_bytes
+    from schemas import validate_sample
+
+    folder = os.path.join(DATA, f"train-v{CORPUS_VERSION}-n{images}-r{regions}-d{feature_dim}-k{SENTENCES_PER_IMAGE}")
+    shards = os.path.join(folder, "shards")
+    if os.path.exists(os.path.join(folder, "done")):
+        return os.path.join(shards, "*.tar")
+    start = time.perf_counter()
+    os.makedirs(shards, exist_ok=True)
+    rng, nprng = random.Random(0), np.random.default_rng(0)
+    prototypes = nprng.standard_normal((len(COCO), feature_dim), dtype=np.float32) * 2
+    for s in range(0, images, per_shard):
+        samples = [synthetic_sample(i, rng, nprng, regions, prototypes) for i in range(s, min(images, s + per_shard))]
+        members = []
+        for meta, feats in sorted(samples, key=lambda mf: sample_key(mf[0]["image_id"])):
+            validate_sample(meta, feats, where=meta["image_id"])
+            key = sample_key(meta["image_id"])
+            js, npy = encode_sample(meta, feats)
+            members += [(f"{key}.json", js), (f"{key}.feats.npy", npy)]
+        path = os.path.join(shards, "corpus-%06d.tar" % (s // per_shard))
+        with open(path + ".tmp", "wb") as f:
+            f.write(tar_bytes(members))
+        os.replace(path + ".tmp", path)
+    with open(os.path.join(folder, "tag_vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({"schema_version": 1, "tags": sorted(COCO)}, f)
+    open(os.path.join(folder, "done"), "w").close()
+    print(f"wrote {images} synthetic samples to {folder} in {time.perf_counter() - start:.1f} s")
+    return os.path.join(shards, "*.tar")
+
+
+# -- the trainer's components, as vlp_train/train.py builds them ----------------------------------
+
+
+def build_config(args):
+    from vlp_train.config import load_config
+
+    cfg = load_config(args.preset)
+    cfg.model.layers = args.layers if args.layers is not None else cfg.model.layers
+    cfg.model.hidden = args.hidden if args.hidden is not None else cfg.model.hidden
+    cfg.model.heads = args.heads if args.heads is not None else cfg.model.heads
+    cfg.model.feature_dim = args.feature_dim
+    cfg.model.compile = args.compile
+    cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer = args.batch_size, args.num_workers, args.shuffle_buffer
+    cfg.data.resampled = True
+    cfg.model.max_regions = args.regions
+    cfg.objectives.schedule = args.schedule
+    cfg.run.device = args.device
+    return cfg
+
+
+class Trainer:
+    """The model, optimizer and step of vlp_train/train.py, and its loader, on synthetic shards."""
+
+    def __init__(self, cfg, shards: str):
+        import torch
+        from transformers import BertTokenizerFast
+
+        from vlp_train.data import CorpusStream, enabled_tasks, expand_shards, load_tag_vocab
+        from vlp_train.masking import BatchBuilder
+        from vlp_train.model import bert_config_for, build_model, bundled_bert_path
+        from vlp_train.train import Pretraining, lr_lambda, make_optimizer, pick_device, seed_everything
+
+        self.cfg, self.torch = cfg, torch
+        self.device = pick_device(cfg.run.device, 0)
+        seed_everything(cfg.run.seed)
+        self.urls = expand_shards(shards)
+        _, init_folder, _ = bert_config_for(cfg.model)
+        tokenizer = BertTokenizerFast.from_pretrained(
+            init_folder if os.path.isfile(os.path.join(init_folder, "vocab.txt")) else bundled_bert_path())
+        tags = load_tag_vocab(cfg.data.tag_vocab, self.urls)
+        self.tasks = enabled_tasks(cfg.objectives)
+        self.builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
+                                    cfg.model.max_regions, cfg.objectives)
+        self._stream = lambda shuffle_buffer: CorpusStream(
+            self.urls, self.builder, cfg.data.batch_size, self.tasks, cfg.objectives.schedule, shuffle_buffer,
+            cfg.run.seed, resampled=True)
+        self.model = build_model(cfg.model, cfg.model.feature_dim, len(tags)).to(self.device)
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(10**6, cfg.optim.warmup_ratio))
+        self.step_module = Pretraining(self.model)
+        self.compiled = cfg.model.compile == "on" or (cfg.model.compile == "auto" and self.device.type == "cuda")
+        if self.compiled:
+            self.step_module = torch.compile(self.step_module)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self.model.train()
+
+    def loader(self, batches: int):
+        """train.py's DataLoader over the resampled stream, ending after `batches` batches."""
+        from vlp_train.data import make_loader
+        dataset = self._stream(self.cfg.data.shuffle_buffer)
+        dataset.set_position(0, 0, max_batches=batches)
+        return make_loader(dataset, self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+
+    def prebuilt(self, batches: int) -> list[dict]:
+        """`batches` batches built in this process (small shuffle buffer) and moved to the device."""
+        from vlp_train.train import to_device
+        dataset = self._stream(self.cfg.data.batch_size)
+        dataset.set_position(0, 0, max_batches=batches)
+        return [{**batch, "views": to_device(batch["views"], self.device)} for batch in dataset]
+
+    def step(self, views: dict, weighting: bool) -> None:
+        """One optimizer step as in train.py's loop (grad_accum 1): loss, backward, clip, step."""
+        from vlp_train.train import compute_loss
+        loss, _, _ = compute_loss(self.step_module, views, weighting, self.autocast)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+
+def samples_in(batch: dict) -> int:
+    """(regions, text) sequences in a batch: images x views (1 view round-robin, 3 mixed)."""
+    return sum(int(view["input_ids"].shape[0]) for view in batch["views"].values())
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def measure(next_samples, warmup: int, steps: int, repeats: int, sync) -> dict:
+    """Run `warmup` units, then `repeats` windows of `steps` units; samples/s of each window."""
+    for _ in range(warmup):
+        next_samples()
+    sync()
+    rates = []
+    for _ in range(repeats):
+        start, samples = time.perf_counter(), 0
+        for _ in range(steps):
+            samples += next_samples()
+        sync()
+        rates.append(samples / (time.perf_counter() - start))
+    return {"samples_per_s": statistics.median(rates), "windows_samples_per_s": rates}
+
+
+def bench_loader(trainer: Trainer, args) -> dict:
+    total = args.warmup + args.steps * args.repeats
+    batches = iter(trainer.loader(total))
+    start = time.perf_counter()
+    first = next(batches)  # worker start-up and shuffle buffer fill
+    first_batch_s = time.perf_counter() - start
+    pending = [first]
+
+    def next_samples():
+        batch = pending.pop() if pending else next(batches)
+        return samples_in(batch)
+    result = measure(next_samples, args.warmup, args.steps, args.repeats, lambda: None)
+    for _ in batches:  # the stream ends exactly here; the workers exit
+        pass
+    result["first_batch_s"] = first_batch_s
+    result["worker_peak_rss_mb"] = peak_rss_mb(children=True)
+    return result
+
+
+def bench_step(trainer: Trainer, args) -> dict:
+    torch = trainer.torch
+    prebuilt = trainer.prebuilt(len(trainer.tasks) if args.schedule == "round_robin" else 1)  # one of each view
+    cycle = itertools.cycle(prebuilt)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def next_samples():
+        batch = next(cycle)
+        trainer.step(batch["views"], args.itm_weighting == "on")
+        return samples_in(batch)
+    # every prebuilt batch once at least before timing (torch.compile: one graph per task and text length)
+    result = measure(next_samples, max(args.warmup, len(prebuilt)), args.steps, args.repeats, trainer.sync)
+    result["text_tokens"] = sorted({int(v["input_ids"].shape[1]) for b in prebuilt for v in b["views"].values()})
+    if trainer.device.type == "cuda":  # includes the prebuilt batches, resident on the device
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+        result["prebuilt_batches_mb"] = sum(t.nbytes for b in prebuilt for v in b["views"].values()
+                                            for t in v.values() if torch.is_tensor(t)) / 2**20
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def bench_e2e(trainer: Trainer, args) -> dict:
+    from vlp_train.train import to_device
+
+    torch = trainer.torch
+    batches = iter(trainer.loader(args.warmup + args.steps * args.repeats))
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def next_samples():
+        batch = next(batches)
+        trainer.step(to_device(batch["views"], trainer.device), args.itm_weighting == "on")
+        return samples_in(batch)
+    result = measure(next_samples, args.warmup, args.steps, args.repeats, trainer.sync)
+    for _ in batches:
+        pass
+    if trainer.device.type == "cuda":
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser.add_argument("--preset", choices=["base", "debug"], default="base")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default: the preset's; 32 on CPU)")
+    parser.add_argument("--num-workers", type=int, help="loader processes (default: the preset's; 2 on CPU)")
+    parser.add_argument("--shuffle-buffer", type=int, help="samples per worker (default: the preset's; 256 on CPU)")
+    parser.add_argument("--layers", type=int, help="model override (default: the preset's; 2 on CPU)")
+    parser.add_argument("--hidden", type=int, help="model override (default: the preset's; 256 on CPU)")
+    parser.add_argument("--heads", type=int, help="model override (default: the preset's; 4 on CPU)")
+    parser.add_argument("--feature-dim", type=int, default=2048, help="region feature size")
+    parser.add_argument("--regions", type=int, default=36, help="regions per image")
+    parser.add_argument("--images", type=int, help="synthetic corpus size (default 10000; 1000 on CPU)")
+    parser.add_argument("--schedule", choices=["round_robin", "mixed"], default="round_robin")
+    parser.add_argument("--itm-weighting", choices=["on", "off"], default="on",
+                        help="the curriculum's ITM weighting (on from the second epoch)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: CUDA only)")
+    parser.add_argument("--steps", type=int, help="batches per timed window (default 30; 3 on CPU); "
+                                                    "round_robin rounds it up to whole rounds of the three tasks")
+    parser.add_argument("--warmup", type=int, help="batches before timing (default 30; 3 on CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+    parser.add_argument("--only", choices=["loader", "step", "e2e"])
+    parser.add_argument("--results-name", default=None,
+                        help="results file name without .json (default train_<device>), in $VLP_BENCH_RESULTS "
+                             "or bench/results/")
+    args = parser.parse_args(argv)
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from vlp_train.config import load_config
+    preset = load_config(args.preset)
+    reduced = args.device == "cpu"  # a 2-core CPU cannot train the base shape in a benchmark's time
+    defaults = {"batch_size": 32 if reduced else preset.data.batch_size,
+                "num_workers": 2 if reduced else preset.data.num_workers,
+                "shuffle_buffer": 256 if reduced else preset.data.shuffle_buffer,
+                "layers": 2 if reduced else None, "hidden": 256 if reduced else None, "heads": 4 if reduced else None,
+                "images": 1000 if reduced else 10000, "steps": 3 if reduced else 30, "warmup": 3 if reduced else 30}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.schedule == "round_robin":  # every window holds the same mix of granularities
+        args.steps = -(-args.steps // len(TASKS)) * len(TASKS)
+    return args
+
+
+def differs_from_preset(preset_name: str, shape: dict) -> dict:
+    """What this run changed from the preset (the CPU defaults shrink the model, batch and workers)."""
+    from vlp_train.config import load_config
+    preset = load_config(preset_name)
+    wanted = {"layers": preset.model.layers, "hidden": preset.model.hidden, "heads": preset.model.heads,
+              "batch": preset.data.batch_size, "num_workers": preset.data.num_workers,
+              "shuffle_buffer": preset.data.shuffle_buffer, "feature_dim": preset.model.feature_dim,
+              "regions": preset.model.max_regions}
+    return {k: {"preset": v, "measured": shape[k]} for k, v in wanted.items() if v and v != shape[k]}
+
+
+def main(argv=None) -> dict:
+    load_average = os.getloadavg()[0]  # others' work on a shared machine skews CPU figures
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # build_model warns that a fresh shape is randomly initialised
+    cfg = build_config(args)
+    shards = synthetic_corpus(args.images, args.regions, args.feature_dim)
+    trainer = Trainer(cfg, shards)
+    shape = {"layers": trainer.model.bert.config.num_hidden_layers, "hidden": trainer.model.bert.config.hidden_size,
+             "heads": trainer.model.bert.config.num_attention_heads, "parameters": trainer.parameters,
+             "regions": args.regions, "feature_dim": args.feature_dim, "text_len": cfg.model.max_text_len,
+             "batch": cfg.data.batch_size, "num_workers": cfg.data.num_workers, "shuffle_buffer": cfg.data.shuffle_buffer,
+             "images": args.images}
+    print(f"measuring {args.preset} on {args.device}: " + ", ".join(f"{k} {v}" for k, v in shape.items())
+          + f"; schedule {args.schedule}, ITM weighting {args.itm_weighting}, compile {trainer.compiled}")
+    result = {"device": device_name(args.device), "command": "python " + " ".join(sys.argv if argv is None else
+                                                                                 ["bench/train.py", *argv]),
+              "preset": args.preset, "shape": shape, "schedule": args.schedule,
+              "tasks": trainer.tasks, "itm_weighting": args.itm_weighting == "on", "compile": trainer.compiled,
+              "autocast": "bf16" if args.device == "cuda" else None,
+              "sample": "one (regions, text) sequence through the model with its objectives; "
+                        + ("a batch holds one granularity (rt, rp, is in turn), so a batch of B images is B samples"
+                           if args.schedule == "round_robin" else
+                           "a batch holds all three granularities of its B images, so 3B samples"),
+              "differs_from_preset": differs_from_preset(args.preset, shape),
+              "torch_threads": trainer.torch.get_num_threads(), "load_average_at_start": load_average,
+              "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+              "target_samples_per_s": TARGET_SAMPLES_PER_S,
+              "target": "base config (12 x 768, batch 480, 36 x 2048-d regions) on one H100"}
+    for part, fn in (("loader", bench_loader), ("step", bench_step), ("e2e", bench_e2e)):
+        if args.only in (None, part):
+            result[part] = fn(trainer, args)
+            result[f"{part}_samples_per_s"] = result[part]["samples_per_s"]
+            print(f"{part}: {result[part]['samples_per_s']:.1f} samples/s", json.dumps(result[part]))
+    for part in ("e2e", "step"):  # training's figure: e2e holds only the batches in flight
+        if "peak_gpu_memory_mb" in result.get(part, {}):
+            result["peak_gpu_memory_mb"] = result[part]["peak_gpu_memory_mb"]
+            break
+    result["peak_rss_mb"] = peak_rss_mb()
+    default_folder = bench.env.RESULTS
+    bench.env.RESULTS = os.environ.get("VLP_BENCH_RESULTS") or default_folder
+    try:
+        write_result(args.results_name or f"train_{args.device}", result)
+    finally:
+        bench.env.RESULTS = default_folder
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""bench/train.py end to end on a tiny shape: valid synthetic shards, positive figures, the JSON keys."""
+import json
+import os
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from bench import train as bench_train
+from schemas import validate_sample
+from vlp_train.data import decode, expand_shards
+
+TINY = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "2", "--feature-dim", "64",
+        "--images", "32", "--batch-size", "8", "--num-workers", "1", "--shuffle-buffer", "8",
+        "--steps", "3", "--warmup", "1", "--repeats", "1"]
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_train, "DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("VLP_BENCH_RESULTS", str(tmp_path / "results"))
+    return tmp_path / "results"
+
+
+def read(folder, name):
+    with open(folder / f"{name}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_synthetic_shards_are_valid_corpus_samples(results):
+    shards = bench_train.synthetic_corpus(images=12, regions=36, feature_dim=64, per_shard=5)
+    urls = expand_shards(shards)
+    assert len(urls) == 3
+    samples = [decode(raw) for raw in wds.WebDataset(urls, shardshuffle=False)]
+    assert len(samples) == 12
+    for s in samples:
+        meta = s["meta"]
+        validate_sample(meta, s["feats"].astype(np.float16))
+        assert s["feats"].shape == (36, 64) and len(meta["sentences"]) == bench_train.SENTENCES_PER_IMAGE
+        for sentence in meta["sentences"]:
+            assert 10 <= len(sentence["text"].split()) <= 24
+            linked = [p for p in sentence["phrases"] if p["region"] is not None]
+            assert 2 <= len(linked) <= 4
+            assert all(meta["tags"][p["region"]] == p["tag"] and 0.5 <= p["similarity"] <= 0.95 for p in linked)
+    assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(urls[0])), "tag_vocab.json"))
+
+
+def test_all_three_measurements(results):
+    result = bench_train.main(TINY + ["--results-name", "tiny"])
+    assert read(results, "tiny") == json.loads(json.dumps(result))
+    for key in ("device", "command", "shape", "schedule", "sample", "target_samples_per_s", "peak_rss_mb"):
+        assert key in result
+    assert result["schedule"] == "round_robin" and result["steps"] == 3
+    assert result["shape"] == {"layers": 1, "hidden": 32, "heads": 2, "parameters": result["shape"]["parameters"],
+                               "regions": 36, "feature_dim": 64, "text_len": 40, "batch": 8, "num_workers": 1,
+                               "shuffle_buffer": 8, "images": 32}
+    for part in ("loader", "step", "e2e"):
+        assert result[f"{part}_samples_per_s"] > 0
+        assert all(rate > 0 for rate in result[part]["windows_samples_per_s"])
+    assert "peak_gpu_memory_mb" not in result  # CPU: peak RSS instead
+
+
+@pytest.mark.parametrize("part", ["loader", "step", "e2e"])
+def test_one_measurement_mixed(results, part):
+    result = bench_train.main(TINY + ["--only", part, "--schedule", "mixed", "--itm-weighting", "off",
+                                      "--steps", "2"])
+    assert read(results, "train_cpu")[f"{part}_samples_per_s"] > 0
+    assert {"loader", "step", "e2e"} & set(result) == {part}
+    assert result["steps"] == 2  # mixed: no rounding to whole rounds of the three tasks
+    assert result["schedule"] == "mixed" and "3B samples" in result["sample"] and not result["itm_weighting"]
