@@ -1,6 +1,6 @@
 """Trainer throughput: the loader alone, the model step alone, and the two together.
 
-    python bench/train.py --device cuda    # one H100: the `base` config, 12 x 768, batch 480, 8 workers
+    python bench/train.py --device cuda    # one H100: the `base` config, 12 x 768, batch 480, 12 workers
     python bench/train.py --device cpu     # 2 CPU cores: the same data shape, a 2 x 256 model, batch 32, 2 workers
     python bench/train.py --device cpu --only loader --batch-size 480 --num-workers 2   # the base loader here
 

@@ -40,7 +40,7 @@ def main(verbose: bool):
 @click.option("--text", help="Text corpus: .txt/.txt.gz (a sentence per line) or Parquet with a `text` column; globs allowed.")
 @click.option("--output", default="vlp-out", show_default=True, help="Output directory (local or gs://).")
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Sentences retrieved per image.")
-@click.option("--sbert-model", type=click.Path(), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
+@click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Sentences per embedding batch.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where to embed and search.")
 @click.option("--index", "index_type", default="flat", show_default=True, type=click.Choice(["flat", "ivf"]),

@@ -23,6 +23,7 @@ from apache_beam.utils.shared import Shared
 
 from pipelines.metrics import add_stage_time
 from pipelines.options import LinkOptions
+from pipelines.sharing import acquire_shared
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,6 @@ class PhraseRegionLinker:
         return out
 
 
-class _Holder:  # Shared needs a weak-referenceable object
-    def __init__(self, value):
-        self.value = value
-
-
 class _LinkSample(beam.DoFn):
     def __init__(self, options: LinkOptions):
         self._options = options
@@ -145,7 +141,7 @@ class _LinkSample(beam.DoFn):
         if self._options.word_vectors != "train":
             spec = self._options.word_vectors
             start = time.perf_counter()
-            vectors = self._shared.acquire(lambda: _Holder(load_word_vectors(spec)), tag=str(spec)).value
+            vectors = acquire_shared(self._shared, lambda: load_word_vectors(spec), tag=str(spec))
             log.info("word vectors %s ready in %.1fs", spec or "GloVe 6B 50-d", time.perf_counter() - start)
             self._linker = PhraseRegionLinker(vectors, self._options.threshold)
 

@@ -16,6 +16,7 @@ from apache_beam.utils.shared import Shared
 from pipelines.batching import StableBatches
 from pipelines.metrics import add_stage_time
 from pipelines.options import PhraseOptions
+from pipelines.sharing import acquire_shared
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ class NounPhraseExtractor:
                 for doc in self.nlp.pipe(texts, batch_size=self._batch_size)]
 
 
-class _Holder:  # Shared needs a weak-referenceable object
-    def __init__(self, value):
-        self.value = value
-
-
 class _ExtractBatch(beam.DoFn):
     def __init__(self, options: PhraseOptions):
         self._options = options
@@ -68,8 +64,8 @@ class _ExtractBatch(beam.DoFn):
 
     def setup(self):
         options = self._options
-        self._extractor = self._shared.acquire(
-            lambda: _Holder(NounPhraseExtractor(options.spacy_model, options.batch_size)), tag=options.spacy_model).value
+        self._extractor = acquire_shared(
+            self._shared, lambda: NounPhraseExtractor(options.spacy_model, options.batch_size), tag=options.spacy_model)
 
     def process(self, batch):
         start = time.perf_counter()

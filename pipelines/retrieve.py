@@ -9,6 +9,7 @@ ordered by (score, sentence_id).
 from __future__ import annotations
 
 import hashlib
+import pickle
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from apache_beam.utils.shared import Shared
 
 from pipelines.metrics import add_stage_time
 from pipelines.options import RetrieveOptions
+from pipelines.sharing import acquire_shared
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,24 @@ class Corpus:
         return len(self.ids)
 
 
+class CorpusCoder(beam.coders.Coder):
+    """The corpus side input as one pickle (protocol 5: the vector array as a single buffer),
+    rather than Beam's element-wise encoding of its fields: it reaches every worker."""
+
+    def encode(self, value: Corpus) -> bytes:
+        return pickle.dumps(value, protocol=5)
+
+    def decode(self, encoded: bytes) -> Corpus:
+        return pickle.loads(encoded)
+
+    def is_deterministic(self) -> bool:
+        return False
+
+
+beam.coders.registry.register_coder(Corpus, CorpusCoder)
+
+
+@beam.typehints.with_output_types(Corpus)  # so the side input travels with CorpusCoder
 class CollectCorpus(beam.CombineFn):
     """((sentence_id, text), vector) elements -> one Corpus sorted by sentence_id."""
 
@@ -190,9 +210,12 @@ def rank_candidates(queries: np.ndarray, candidates: np.ndarray, corpus: Corpus,
     n = len(corpus)
     candidates = np.where(candidates < 0, n, candidates)
     candidates.sort(axis=1)
-    padded = np.concatenate([corpus.vectors, np.zeros((1, corpus.vectors.shape[1]), np.float32)])
-    scores = np.einsum("qmd,qd->qm", padded[candidates].astype(np.float64), queries.astype(np.float64))
-    scores[candidates == n] = -np.inf
+    missing = candidates == n
+    # gather the candidates' rows (a missing one reads row 0, then scores -inf): never a copy of
+    # the whole corpus per batch
+    rows = corpus.vectors[np.where(missing, 0, candidates)].astype(np.float64)
+    scores = np.einsum("qmd,qd->qm", rows, queries.astype(np.float64))
+    scores[missing] = -np.inf
     order = np.argsort(-np.round(scores, SCORE_DECIMALS), axis=1, kind="stable")[:, :k]
     return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
 
@@ -219,14 +242,9 @@ class _SearchBatch(beam.DoFn):
                     searcher = make_searcher(corpus, self._options)
                     log.info("built %s index over %d sentences in %.1fs", self._options.index, len(corpus),
                              time.perf_counter() - start)
+                    return searcher
 
-                    class _Holder:  # Shared needs a weak-referenceable object
-                        pass
-                    holder = _Holder()
-                    holder.searcher = searcher
-                    return holder
-
-                self._searcher = self._shared.acquire(build, tag=f"{corpus.fingerprint}:{self._options}").searcher
+                self._searcher = acquire_shared(self._shared, build, tag=f"{corpus.fingerprint}:{self._options}")
                 self._searcher_for = corpus.fingerprint
             return self._searcher
 

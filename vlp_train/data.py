@@ -82,7 +82,7 @@ def decode(raw: dict) -> dict:
     validate_sample(meta, feats, where=where)
     if not meta["sentences"]:
         raise ValueError(f"{where}: no sentences")
-    return {"key": raw["__key__"], "meta": meta, "feats": feats.astype(np.float32)}
+    return {"key": raw["__key__"], "meta": meta, "feats": feats}  # float16, as stored
 
 
 def batch_rng(seed: int, epoch: int, rank: int, index: int) -> random.Random:

@@ -33,6 +33,22 @@ def tag_query(tags: list[str], scores: list[float]) -> str:
     return " ".join(sorted(best, key=lambda t: (-best[t], t)))
 
 
+def label_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[B, N] labels (IGNORE where unlabelled) -> (positions [B, P], targets [B, P]), P = the most
+    labelled positions of any sample (at least 1), padding targets IGNORE. The vocabulary heads
+    then run on P positions instead of all N (about 15% of them), and P comes from the loader,
+    so the step needs no device-to-host sync to find them."""
+    labelled = labels != IGNORE
+    width = max(1, int(labelled.sum(1).max(initial=0)))
+    positions = np.zeros((labels.shape[0], width), np.int64)
+    targets = np.full((labels.shape[0], width), IGNORE, np.int64)
+    for i, row in enumerate(labelled):
+        found = np.flatnonzero(row)
+        positions[i, :len(found)] = found
+        targets[i, :len(found)] = labels[i, found]
+    return positions, targets
+
+
 def locations(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """[x1/W, y1/H, x2/W, y2/H, area/(W*H)] per box."""
     w, h = float(width), float(height)
@@ -60,7 +76,9 @@ class BatchBuilder:
     def _regions(self, samples):
         n = max(1, max(min(len(s["meta"]["boxes"]), self.max_regions) for s in samples))
         dim = samples[0]["feats"].shape[1]
-        feats = np.zeros((len(samples), n, dim), np.float32)
+        # float16 as stored: half the bytes through the loader's shared memory and the host-to-
+        # device copy; the trainer widens them on the device (`to_device`).
+        feats = np.zeros((len(samples), n, dim), np.float16)
         locs = np.zeros((len(samples), n, 5), np.float32)
         mask = np.zeros((len(samples), n), bool)
         tags = np.full((len(samples), n), IGNORE, np.int64)
@@ -112,13 +130,16 @@ class BatchBuilder:
                     masked_regions[i, r] = True
                     mrc[i, r] = tags[i, r]
                     feats[i, r] = 0.0
+        mlm_positions, mlm_targets = label_positions(mlm)
         return {"task": "rt", **self._tensors(
-            input_ids=ids, text_mask=tmask, mlm_labels=mlm, features=feats, target_features=original,
+            input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
+            features=feats, target_features=original,
             locations=locs, region_mask=rmask, mrc_labels=mrc, mrfr_mask=masked_regions,
             active=np.ones(len(samples), bool))}
 
     def region_phrase(self, samples, sentences, rng: random.Random) -> dict:
         feats, locs, rmask, _ = self._regions(samples)
+        clean_feats = feats.copy()
         ids, tmask, offsets = self._tokenize([s["text"] for s in sentences])
         clean_ids = ids.copy()
         mlm = np.full(ids.shape, IGNORE, np.int64)
@@ -144,10 +165,13 @@ class BatchBuilder:
                     word_starts = [t for t in spans[id(p)] if not self.tok.convert_ids_to_tokens(int(clean_ids[i, t])).startswith("##")]
                     mrtc[i, r] = int(clean_ids[i, (word_starts or spans[id(p)])[-1]])
                     feats[i, r] = 0.0
+        mlm_positions, mlm_targets = label_positions(mlm)
+        mrtc_positions, mrtc_targets = label_positions(mrtc)
         return {"task": "rp", **self._tensors(
-            input_ids=ids, text_mask=tmask, mlm_labels=mlm, features=feats, locations=locs, region_mask=rmask,
-            mrtc_labels=mrtc, masked_text=masked_text, active=active, clean_ids=clean_ids,
-            clean_features=self._regions(samples)[0])}
+            input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
+            features=feats, locations=locs, region_mask=rmask, mrtc_labels=mrtc, mrtc_positions=mrtc_positions,
+            mrtc_targets=mrtc_targets, masked_text=masked_text, active=active, clean_ids=clean_ids,
+            clean_features=clean_feats)}
 
     def image_sentence(self, samples, sentences, rng: random.Random) -> dict:
         feats, locs, rmask, _ = self._regions(samples)
@@ -169,8 +193,10 @@ class BatchBuilder:
             if labels[i] == 1:  # MLM on matched pairs only: a mismatched sentence gives no signal
                 self._mask_tokens(ids, mlm, i, self._random_positions(
                     self._text_candidates(ids[i], tmask[i]), self.obj.mlm_prob, rng), rng)
+        mlm_positions, mlm_targets = label_positions(mlm)
         return {"task": "is", **self._tensors(
-            input_ids=ids, text_mask=tmask, mlm_labels=mlm, features=feats, locations=locs, region_mask=rmask,
+            input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
+            features=feats, locations=locs, region_mask=rmask,
             itm_labels=labels, active=np.ones(n, bool), clean_ids=clean_ids, clean_text_mask=clean_mask,
             clean_features=feats)}
 

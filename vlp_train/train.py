@@ -84,8 +84,13 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(views: dict, device: torch.device) -> dict:
-    return {task: {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in view.items()}
-            for task, view in views.items()}
+    """Views to the device; region features travel as float16 and are widened there."""
+    def move(value):
+        if not torch.is_tensor(value):
+            return value
+        value = value.to(device, non_blocking=True)
+        return value.float() if value.dtype == torch.float16 else value
+    return {task: {k: move(v) for k, v in view.items()} for task, view in views.items()}
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -319,9 +324,10 @@ def evaluate(model, builder: BatchBuilder, urls: list[str], cfg: TrainConfig, de
             with autocast:
                 text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"],
                                       view["region_mask"])
-            labels = view["mlm_labels"]
+            positions, labels = view["mlm_positions"], view["mlm_targets"]
             keep = labels != -100
-            hits["mlm"][0] += (model.mlm_logits(text).argmax(-1)[keep] == labels[keep]).sum().item()
+            picked = torch.gather(text, 1, positions.unsqueeze(-1).expand(-1, -1, text.shape[-1]))
+            hits["mlm"][0] += (model.mlm_logits(picked).argmax(-1)[keep] == labels[keep]).sum().item()
             hits["mlm"][1] += keep.sum().item()
             if task == "rt":
                 keep = view["mrc_labels"] != -100

@@ -142,3 +142,17 @@ def test_dataflow_dry_run_builds_offline(inputs, tmp_path):
                    "--temp_location", "gs://example-bucket/tmp")
     assert result.exit_code == 0, result.output
     assert "dry run" in result.output
+
+
+def test_ivf_index_and_a_given_sbert_folder(inputs, tmp_path):
+    """--index ivf probing every list is exact; --sbert-model takes a sentence-transformers folder."""
+    from pipelines.embed import default_sbert_path
+    dets, text = inputs
+    out = tmp_path / "ivf"
+    result = build(dets, text, out, "--index", "ivf", "--nlist", "2", "--nprobe", "2",
+                   "--sbert-model", default_sbert_path(), "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    best = {r["image_id"]: r["sentence"] for r in rows(out, "retrievals", schemas.RETRIEVALS) if r["rank"] == 0}
+    assert best["living-room.jpg"] == SOFA_SENTENCES[0] and best["road.jpg"] == SOFA_SENTENCES[4]
+    missing = build(dets, text, tmp_path / "x", "--sbert-model", str(tmp_path / "no-such-model"))
+    assert missing.exit_code != 0 and "no-such-model" in missing.output

@@ -9,9 +9,10 @@ from transformers import BertConfig, BertTokenizerFast
 
 from vlp_train.config import ObjectiveConfig
 from vlp_train.curriculum import combine, itm_weighting_on, sample_loss
-from vlp_train.masking import IGNORE, BatchBuilder, locations, tag_query
+from vlp_train.masking import IGNORE, BatchBuilder, label_positions, locations, tag_query
 from vlp_train.model import VLPModel, bundled_bert_path
 from vlp_train.objectives import OBJECTIVES, per_sample_mean, token_ce
+from vlp_train.train import to_device
 
 from .conftest import DIM, TAGS, make_sample
 
@@ -28,7 +29,7 @@ def samples():
     out = []
     for i in range(12):
         meta, feats = make_sample(i, rng, protos)
-        out.append({"key": f"k{i}", "meta": meta, "feats": feats.astype(np.float32)})
+        out.append({"key": f"k{i}", "meta": meta, "feats": feats})
     return out
 
 
@@ -117,9 +118,26 @@ def _tiny_model():
     return VLPModel(config, DIM, len(TAGS)).eval()
 
 
+def test_label_positions_and_losses_at_them_equal_the_full_computation(builder, samples):
+    labels = np.array([[IGNORE, 5, IGNORE, 7], [IGNORE] * 4, [1, IGNORE, IGNORE, IGNORE]])
+    positions, targets = label_positions(labels)
+    assert positions.tolist() == [[1, 3], [0, 0], [0, 0]]
+    assert targets.tolist() == [[5, 7], [IGNORE, IGNORE], [1, IGNORE]]
+    model = _tiny_model()
+    views = to_device(builder.build(samples[:6], ["rt", "rp", "is"], random.Random(5)), torch.device("cpu"))
+    for task, (states_of, name) in {"rt": (0, "mlm"), "rp": (1, "mrtc"), "is": (0, "mlm")}.items():
+        view = views[task]
+        named, out = OBJECTIVES[task](model, view)
+        states = out["text"] if states_of == 0 else out["regions"]
+        full = view["mlm_labels"] if name == "mlm" else view["mrtc_labels"]
+        expected = per_sample_mean(token_ce(model.mlm_logits(states), full), full != IGNORE)
+        assert torch.allclose(named[name], expected, atol=1e-6), task
+        assert (named[name] > 0).any()
+
+
 def test_each_objective_returns_named_per_sample_losses(builder, samples):
     model = _tiny_model()
-    views = builder.build(samples[:5], ["rt", "rp", "is"], random.Random(4))
+    views = to_device(builder.build(samples[:5], ["rt", "rp", "is"], random.Random(4)), torch.device("cpu"))
     expected = {"rt": {"mlm", "mrc", "mrfr"}, "rp": {"mlm", "mrtc"}, "is": {"itm", "mlm"}}
     for task, view in views.items():
         named, _ = OBJECTIVES[task](model, view)

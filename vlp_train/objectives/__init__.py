@@ -13,6 +13,14 @@ def per_sample_mean(values, mask):
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def masked_token_losses(model, states, positions, targets):
+    """Per-sample mean cross-entropy of the tied vocabulary head at the labelled positions only
+    (`masking.label_positions`): the [*, vocab] logits are built for those positions, not all."""
+    import torch
+    picked = torch.gather(states, 1, positions.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+    return per_sample_mean(token_ce(model.mlm_logits(picked), targets), targets != -100)
+
+
 def token_ce(logits, labels):
     """Cross-entropy per position [B, N] (0 where the label is ignored)."""
     import torch.nn.functional as F

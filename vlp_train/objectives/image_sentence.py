@@ -9,6 +9,5 @@ def image_sentence_losses(model, view):
     text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
     itm_logits = model.itm_logits(text)
     losses = {"itm": F.cross_entropy(itm_logits.float(), view["itm_labels"], reduction="none"),
-              "mlm": obj.per_sample_mean(obj.token_ce(model.mlm_logits(text), view["mlm_labels"]),
-                                         view["mlm_labels"] != -100)}
+              "mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"])}
     return losses, {"text": text, "regions": regions, "itm_logits": itm_logits}

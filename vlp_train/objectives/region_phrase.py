@@ -7,8 +7,6 @@ import vlp_train.objectives as obj
 
 def region_phrase_losses(model, view):
     text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
-    losses = {"mlm": obj.per_sample_mean(obj.token_ce(model.mlm_logits(text), view["mlm_labels"]),
-                                         view["mlm_labels"] != -100),
-              "mrtc": obj.per_sample_mean(obj.token_ce(model.mlm_logits(regions), view["mrtc_labels"]),
-                                          view["mrtc_labels"] != -100)}
+    losses = {"mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"]),
+              "mrtc": obj.masked_token_losses(model, regions, view["mrtc_positions"], view["mrtc_targets"])}
     return losses, {"text": text, "regions": regions}

@@ -5,9 +5,8 @@ import vlp_train.objectives as obj
 
 def region_tag_losses(model, view):
     text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
-    mlm_mask = view["mlm_labels"] != -100
     mrc_mask = view["mrc_labels"] != -100
-    losses = {"mlm": obj.per_sample_mean(obj.token_ce(model.mlm_logits(text), view["mlm_labels"]), mlm_mask),
+    losses = {"mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"]),
               "mrc": obj.per_sample_mean(obj.token_ce(model.mrc(regions), view["mrc_labels"]), mrc_mask)}
     squared = (model.mrfr(regions).float() - view["target_features"].float()).pow(2).mean(-1)
     losses["mrfr"] = obj.per_sample_mean(squared, view["mrfr_mask"])
