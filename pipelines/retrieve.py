@@ -9,8 +9,8 @@ ordered by (score, sentence_id).
 from __future__ import annotations
 
 import hashlib
-import pickle
 import logging
+import pickle
 import threading
 import time
 from dataclasses import dataclass

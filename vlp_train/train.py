@@ -23,7 +23,7 @@ from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, 
                             make_loader)
 from vlp_train.masking import BatchBuilder
 from vlp_train.model import bert_config_for, build_model, bundled_bert_path, export_hf
-from vlp_train.objectives import OBJECTIVES
+from vlp_train.objectives import OBJECTIVES, gather_positions
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,8 @@ def evaluate(model, builder: BatchBuilder, urls: list[str], cfg: TrainConfig, de
                                       view["region_mask"])
             positions, labels = view["mlm_positions"], view["mlm_targets"]
             keep = labels != -100
-            picked = torch.gather(text, 1, positions.unsqueeze(-1).expand(-1, -1, text.shape[-1]))
-            hits["mlm"][0] += (model.mlm_logits(picked).argmax(-1)[keep] == labels[keep]).sum().item()
+            predicted = model.mlm_logits(gather_positions(text, positions)).argmax(-1)
+            hits["mlm"][0] += (predicted[keep] == labels[keep]).sum().item()
             hits["mlm"][1] += keep.sum().item()
             if task == "rt":
                 keep = view["mrc_labels"] != -100

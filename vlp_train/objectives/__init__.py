@@ -13,12 +13,17 @@ def per_sample_mean(values, mask):
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def gather_positions(states, positions):
+    """states [B, N, D] at positions [B, P] (from `masking.label_positions`) -> [B, P, D]."""
+    import torch
+    return torch.gather(states, 1, positions.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+
+
 def masked_token_losses(model, states, positions, targets):
     """Per-sample mean cross-entropy of the tied vocabulary head at the labelled positions only
     (`masking.label_positions`): the [*, vocab] logits are built for those positions, not all."""
-    import torch
-    picked = torch.gather(states, 1, positions.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
-    return per_sample_mean(token_ce(model.mlm_logits(picked), targets), targets != -100)
+    return per_sample_mean(token_ce(model.mlm_logits(gather_positions(states, positions)), targets),
+                           targets != -100)
 
 
 def token_ce(logits, labels):
