@@ -111,7 +111,7 @@ def run_baseline(args) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from pipelines.detect import YoloDetector
-    from pipelines.embed import default_sbert_path
+    from pipelines.encoding import default_sbert_path
     from pipelines.link import load_word_vectors
 
     images, text = inputs(args)
@@ -252,10 +252,11 @@ def run_overhead(args) -> dict:
 
     from pipelines.build import beam_options
     from pipelines.detect import DetectRegions, YoloDetector
-    from pipelines.embed import EmbedSentences, encode, load_sentence_model
+    from pipelines.embed import EmbedSentences
+    from pipelines.encoding import encode, load_sentence_model
     from pipelines.phrases import ExtractNounPhrases, NounPhraseExtractor
     from pipelines.options import RetrieveOptions
-    from pipelines.retrieve import Corpus, FaissSearcher, candidate_count, rank_candidates
+    from pipelines.search import Corpus, FaissSearcher, candidate_count, rank_candidates
 
     SyntheticRetrieval = _synthetic_retrieval()
     images, text = inputs(args)

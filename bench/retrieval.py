@@ -42,7 +42,7 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def bench_embed(args, sync) -> dict:
-    from pipelines.embed import encode, load_sentence_model
+    from pipelines.encoding import encode, load_sentence_model
 
     texts = template_sentences(args.sentences)
     model = load_sentence_model(None, args.device, fp16=True)
@@ -59,7 +59,7 @@ def bench_retrieve(args, sync) -> dict:
     import torch
 
     from pipelines.options import RetrieveOptions
-    from pipelines.retrieve import Corpus, FaissSearcher, TorchExactSearcher, candidate_count, rank_candidates
+    from pipelines.search import Corpus, FaissSearcher, TorchExactSearcher, candidate_count, rank_candidates
 
     rng = np.random.default_rng(0)
     corpus_vectors = rng.standard_normal((args.corpus, 384), dtype=np.float32)

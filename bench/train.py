@@ -145,7 +145,7 @@ def synthetic_sample(i: int, rng: random.Random, nprng: np.random.Generator, reg
 
 def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int = 1000) -> str:
     """bench/data/train-<shape>/{shards/corpus-*.tar, tag_vocab.json}, written once; the shards glob."""
-    from pipelines.shards import encode_sample, sample_key, tar_bytes
+    from pipelines.wds import encode_sample, sample_key, tar_bytes
     from schemas import validate_sample
 
     folder = os.path.join(DATA, f"train-v{CORPUS_VERSION}-n{images}-r{regions}-d{feature_dim}-k{SENTENCES_PER_IMAGE}")

@@ -28,6 +28,7 @@ from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, json_byt
 log = logging.getLogger(__name__)
 
 STAGING = ".staging"
+CORPUS_SPILL = "_corpus"  # in the staging folder: the corpus vectors the retrieval workers read; never published
 PREVIOUS = ".previous"  # where a local publish parks the replaced entries until the swap is done
 PUBLISHING = "_PUBLISHING.json"  # in the staging folder: the run succeeded, this swap is under way
 # What each command publishes; a rerun replaces exactly these (removing the ones it did not
@@ -219,7 +220,8 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
     corpus = (sentences
               | "KeyByIdText" >> beam.Map(lambda st: (st, st[1]))
               | "EmbedCorpus" >> EmbedSentences(options.embed)
-              | "CollectCorpus" >> beam.CombineGlobally(CollectCorpus()))
+              # written once under the staging folder; only the file names travel to the workers
+              | "CollectCorpus" >> beam.CombineGlobally(CollectCorpus(spill_dir=posixpath.join(out, CORPUS_SPILL))))
     _ = (sentences | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})
          | "WriteSentences" >> WriteTable(out, "sentences", schemas.SENTENCES, lambda r: r["sentence_id"],
                                           options.shard.parquet_shards))
@@ -360,7 +362,12 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     if old:
         FileSystems.delete(old)
     staged_files = [m.path for m in _match(posixpath.join(staged, "**"))]
-    FileSystems.rename(staged_files, [output.rstrip("/") + "/" + f[len(staged):].lstrip("/") for f in staged_files])
+    relative = {f: f[len(staged):].lstrip("/") for f in staged_files}
+    moving = [f for f in staged_files if relative[f].split("/")[0] in entries]  # not the corpus spill
+    FileSystems.rename(moving, [output.rstrip("/") + "/" + relative[f] for f in moving])
+    leftovers = [f for f in staged_files if f not in set(moving)]
+    if leftovers:
+        FileSystems.delete(leftovers)
 
 
 def finish_publish(output: str) -> bool:

