@@ -28,9 +28,14 @@ def peak_rss_mb(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
+def results_folder() -> str:
+    """bench/results/, or $VLP_BENCH_RESULTS (tests write there, not over the committed figures)."""
+    return os.environ.get("VLP_BENCH_RESULTS") or RESULTS
+
+
 def write_result(name: str, result: dict) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    os.makedirs(results_folder(), exist_ok=True)
+    path = os.path.join(results_folder(), f"{name}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -3,11 +3,13 @@
     python bench/retrieval.py --device cuda --sentences 200000 --queries 1000000 --corpus 1000000
     python bench/retrieval.py --device cpu  --sentences 5000 --queries 2000 --corpus 200000
 
-- embed: `pipelines.embed.encode` (direct mean-pooling path) vs `SentenceTransformer.encode`
-  (fp16 on CUDA, same batch size), on template sentences; sentences/s.
+- embed: `pipelines.encoding.encode` (direct mean-pooling path) vs `SentenceTransformer.encode`
+  (fp16 on CUDA, same batch size), on template sentences; sentences/s. Also the host's own
+  ceiling: the tokenizer alone over the same sentences (`host_tokenize_sentences_per_s`).
 - retrieve: top-5 exact cosine of `queries` random unit vectors against `corpus` (384-d):
-  ours (`TorchExactSearcher.search_ranked` on CUDA, FAISS flat + exact re-rank on CPU) vs the
-  naive call (chunked fp16 `Q @ C.T` + `torch.topk` on CUDA, one `IndexFlatIP.search` on CPU); s.
+  ours (`TorchExactSearcher.search_ranked` on CUDA: two-level top-m, exact re-rank, queries from
+  and results to the host included; FAISS flat + exact re-rank on CPU) vs the naive call
+  (chunked fp16 `Q @ C.T` + `torch.topk` on CUDA, one `IndexFlatIP.search` on CPU); s.
 Median of --repeats runs after one warm-up. Writes bench/results/retrieval_<device>.json.
 """
 from __future__ import annotations
@@ -42,15 +44,20 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def bench_embed(args, sync) -> dict:
-    from pipelines.encoding import encode, load_sentence_model
+    from pipelines.encoding import MeanPoolingEncoder, encode, load_sentence_model
 
     texts = template_sentences(args.sentences)
     model = load_sentence_model(None, args.device, fp16=True)
+    tokenizer_only = MeanPoolingEncoder(model)._tokenize
+    chunk = max(args.batch_size * 32, 8192)  # as MeanPoolingEncoder.encode cuts them
+    host = timed(lambda: [tokenizer_only(texts[s:s + chunk]) for s in range(0, len(texts), chunk)], args.repeats)
     ours = timed(lambda: encode(model, texts, args.batch_size), args.repeats, sync)
     plain = timed(lambda: model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True,
                                        convert_to_numpy=True, show_progress_bar=False), args.repeats, sync)
     return {"sentences": len(texts), "batch_size": args.batch_size,
             "sentences_per_s": len(texts) / ours, "baseline_sentences_per_s": len(texts) / plain,
+            "host_tokenize_sentences_per_s": len(texts) / host,
+            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
             "baseline": "SentenceTransformer.encode" + (" (fp16)" if args.device == "cuda" else ""),
             "baseline_ratio": ours / plain}
 
@@ -67,9 +74,15 @@ def bench_retrieve(args, sync) -> dict:
     queries = rng.standard_normal((args.queries, 384), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     k = 5
+    extra = {}
     if args.device == "cuda":
+        start = time.perf_counter()
         searcher = TorchExactSearcher(corpus_vectors, "cuda")
+        sync()
+        extra["index_build_s"] = time.perf_counter() - start
+        torch.cuda.reset_peak_memory_stats()
         ours = timed(lambda: searcher.search_ranked(queries, k), args.repeats, sync)
+        extra["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         corpus_half = torch.from_numpy(corpus_vectors).cuda().half()
 
         def naive():  # what a researcher writes: chunked fp16 product + topk, merged on the host
@@ -95,19 +108,20 @@ def bench_retrieve(args, sync) -> dict:
         baseline_name = "faiss IndexFlatIP.search(k=5), one call"
     plain = timed(naive, args.repeats, sync)
     return {"queries": args.queries, "corpus": args.corpus, "k": k, "seconds": ours, "baseline_seconds": plain,
-            "queries_per_s": args.queries / ours, "baseline": baseline_name, "baseline_ratio": ours / plain}
+            "queries_per_s": args.queries / ours, "baseline": baseline_name, "baseline_ratio": ours / plain, **extra}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sentences", type=int, default=5000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, help="embedding batch (default 1024 on cuda, 256 on cpu)")
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--corpus", type=int, default=200000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["embed", "retrieve"])
     args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (1024 if args.device == "cuda" else 256)
     sync = lambda: None  # noqa: E731
     if args.device == "cuda":
         import torch

@@ -56,9 +56,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as vlp-train: the loader forks workers
 
-import bench.env  # noqa: E402
 from bench.data import ADJECTIVES, PLACES, VERBS  # noqa: E402
-from bench.env import device_name, peak_rss_mb, write_result  # noqa: E402
+from bench.env import device_name, peak_rss_mb, results_folder, write_result  # noqa: E402
 from vlp_train.masking import TASKS  # noqa: E402
 
 DATA = os.environ.get("VLP_BENCH_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -318,6 +317,8 @@ def bench_step(trainer: Trainer, args) -> dict:
     # every prebuilt batch once at least before timing (torch.compile: one graph per task and text length)
     result = measure(next_samples, max(args.warmup, len(prebuilt)), args.steps, args.repeats, trainer.sync)
     result["text_tokens"] = sorted({int(v["input_ids"].shape[1]) for b in prebuilt for v in b["views"].values()})
+    if args.profile:
+        result["profile"] = profile_steps(trainer, next_samples, args)
     if trainer.device.type == "cuda":  # includes the prebuilt batches, resident on the device
         result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
@@ -325,6 +326,32 @@ def bench_step(trainer: Trainer, args) -> dict:
                                             for t in v.values() if torch.is_tensor(t)) / 2**20
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def profile_steps(trainer: Trainer, next_samples, args) -> dict:
+    """torch.profiler over `--profile` more steps: where a step's time goes (the ops with the most
+    self time on the device, or on the CPU without one). The full table goes to
+    train_<device>_profile.txt beside the JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile):
+            next_samples()
+        trainer.sync()
+    sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = prof.key_averages()
+    table = events.table(sort_by=sort_key, row_limit=40)
+    path = os.path.join(results_folder(), f"{args.results_name or 'train_' + args.device}_profile.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(table)
+    total = sum(getattr(e, sort_key) for e in events) or 1
+    top = sorted(events, key=lambda e: getattr(e, sort_key), reverse=True)[:12]
+    return {"steps": args.profile, "sorted_by": sort_key, "table": os.path.basename(path),
+            "top": [{"op": e.key, "ms_per_step": getattr(e, sort_key) / 1000 / args.profile,
+                     "share": getattr(e, sort_key) / total, "calls_per_step": e.count / args.profile} for e in top]}
 
 
 def bench_e2e(trainer: Trainer, args) -> dict:
@@ -373,6 +400,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, help="batches before timing (default 30; 3 on CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     parser.add_argument("--only", choices=["loader", "step", "e2e"])
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the step measurement, profile this many steps with torch.profiler")
     parser.add_argument("--results-name", default=None,
                         help="results file name without .json (default train_<device>), in $VLP_BENCH_RESULTS "
                              "or bench/results/")
@@ -445,12 +474,7 @@ def main(argv=None) -> dict:
             result["peak_gpu_memory_mb"] = result[part]["peak_gpu_memory_mb"]
             break
     result["peak_rss_mb"] = peak_rss_mb()
-    default_folder = bench.env.RESULTS
-    bench.env.RESULTS = os.environ.get("VLP_BENCH_RESULTS") or default_folder
-    try:
-        write_result(args.results_name or f"train_{args.device}", result)
-    finally:
-        bench.env.RESULTS = default_folder
+    write_result(args.results_name or f"train_{args.device}", result)
     return result
 
 

@@ -144,12 +144,12 @@ class CollectCorpus(beam.CombineFn):
         return ids, texts, [np.concatenate(vectors)] if len(vectors) > 1 else vectors
 
     def extract_output(self, acc):
-        ids, texts, vectors = acc
+        ids, texts, vectors = self.compact(acc)
         order = sorted(range(len(ids)), key=ids.__getitem__)
-        stacked = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
-        corpus = Corpus([ids[i] for i in order], [texts[i] for i in order],
-                        np.ascontiguousarray(stacked[order], dtype=np.float32),
-                        hashlib.sha1("\n".join(ids[i] for i in order).encode()).hexdigest())
+        ids, texts = [ids[i] for i in order], [texts[i] for i in order]
+        # one copy of the vectors: the gather into id order
+        vectors = np.take(vectors[0], order, axis=0) if vectors else np.zeros((0, 0), np.float32)
+        corpus = Corpus(ids, texts, vectors, hashlib.sha1("\n".join(ids).encode()).hexdigest())
         if self._spill_dir and len(corpus):
             return spill_corpus(corpus, self._spill_dir)
         return corpus

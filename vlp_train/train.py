@@ -50,6 +50,7 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    control_group: object = None  # a gloo group: host-side agreement without a device sync
 
     @property
     def main(self) -> bool:
@@ -63,7 +64,8 @@ def setup_distributed(device_type: str) -> Distributed:
         return Distributed()
     import torch.distributed as dist
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    control = dist.new_group(backend="gloo") if device_type == "cuda" else None  # None: the default (gloo) group
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control)
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -285,7 +287,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def _synchronised(loader, dist_info: Distributed):
-    """Batches; under DDP every rank stops the epoch when any rank runs out (no hang)."""
+    """Batches; under DDP every rank stops the epoch when any rank runs out (no hang). The flag
+    goes through a CPU (gloo) group: a CUDA tensor and `.item()` here would sync every step."""
     if dist_info.world == 1:
         yield from loader
         return
@@ -293,8 +296,8 @@ def _synchronised(loader, dist_info: Distributed):
     iterator = iter(loader)
     while True:
         batch = next(iterator, None)
-        flag = torch.tensor([0 if batch is None else 1], device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag = torch.tensor([0 if batch is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dist_info.control_group)
         if flag.item() == 0:
             return
         yield batch
