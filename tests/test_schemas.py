@@ -71,5 +71,8 @@ def test_validate_sample_checks_version_nested_fields_and_finite_features():
     nested["sentences"][0]["lang"] = "en"
     with pytest.raises(schemas.SchemaError, match=r"\['lang'\]"):
         schemas.validate_sample(nested)
-    with pytest.raises(schemas.SchemaError, match="inf or nan"):
-        schemas.validate_sample(_sample(), np.full((1, 4), np.inf, np.float16))
+    for bad in (np.inf, -np.inf, np.nan):  # one bad value among finite ones, the extremes included
+        feats = np.array([[65504, -65504, 6e-8, bad]], np.float16)
+        with pytest.raises(schemas.SchemaError, match="inf or nan"):
+            schemas.validate_sample(_sample(), feats)
+    schemas.validate_sample(_sample(), np.array([[65504, -65504, 6e-8, -0.0]], np.float16))

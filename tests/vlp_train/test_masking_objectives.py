@@ -174,3 +174,19 @@ def test_curriculum_weights_each_sample_and_only_from_epoch_m():
     assert sample_loss({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 0.5])}).tolist() == [1.5, 2.5]
     inactive = combine({"rp": rp}, {"rp": torch.tensor([True, False])}, {})
     assert inactive.item() == pytest.approx(2.0)
+
+
+def test_direct_tokenizing_equals_the_hf_call(builder, tokenizer):
+    """The loader calls the Rust tokenizer directly; same ids, mask and offsets as the HF call,
+    for truncated, accented, empty and whitespace-only texts."""
+    texts = ["A woman sits on a red sofa.", "word " * 60, "Café crème, naïve façade — 東京", "", "   ",
+             "unbelievably tokenizable supercalifragilistic words"]
+    ids, mask, offsets = builder._tokenize(texts)
+    hf = tokenizer(texts, truncation=True, max_length=40, padding="longest", return_offsets_mapping=True,
+                   return_tensors="np")
+    assert ids.shape == (len(texts), 40) and ids.dtype == np.int64 and mask.dtype == bool
+    np.testing.assert_array_equal(ids, hf["input_ids"])
+    np.testing.assert_array_equal(mask, hf["attention_mask"].astype(bool))
+    np.testing.assert_array_equal(offsets, hf["offset_mapping"])
+    short_ids, _, short_offsets = builder._tokenize(["a cat"])
+    assert short_ids.shape == (1, 4) and short_offsets.shape == (1, 4, 2)  # padded to the longest only
