@@ -34,6 +34,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/retrieval.py
 
 clean:
 	rm -rf vlp-out vlp-run .pytest_cache
