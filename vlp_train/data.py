@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from schemas import SchemaError, validate_sample
+from schemas import SchemaError, check_sample_types, validate_sample
 from vlp_train.masking import TASKS, BatchBuilder
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,10 @@ def load_npy(data: bytes) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran_order else "C")
 
 
-def decode(raw: dict) -> dict:
-    """A raw webdataset sample -> {key, meta, feats}; SchemaError / ValueError when bad."""
+BAD_SAMPLE = (ValueError, SchemaError, KeyError, TypeError)
+
+
+def _parse(raw: dict) -> dict:
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     if "json" not in raw or "feats.npy" not in raw:
         raise ValueError(f"{where}: sample lacks json or feats.npy (has {sorted(k for k in raw if not k.startswith('__'))})")
@@ -108,10 +110,45 @@ def decode(raw: dict) -> dict:
         feats = load_npy(raw["feats.npy"])
     except (ValueError, OSError) as err:
         raise ValueError(f"{where}: undecodable: {err}") from err
-    validate_sample(meta, feats, where=where)
-    if not meta["sentences"]:
-        raise ValueError(f"{where}: no sentences")
-    return {"key": raw["__key__"], "meta": meta, "feats": feats}  # float16, as stored
+    return {"key": raw["__key__"], "meta": meta, "feats": feats, "where": where}  # feats float16, as stored
+
+
+def _checked(parsed: dict, types_checked: bool) -> dict:
+    validate_sample(parsed["meta"], parsed["feats"], where=parsed["where"], types_checked=types_checked)
+    if not parsed["meta"]["sentences"]:
+        raise ValueError(f"{parsed['where']}: no sentences")
+    return {k: parsed[k] for k in ("key", "meta", "feats")}
+
+
+def decode(raw: dict) -> dict:
+    """A raw webdataset sample -> {key, meta, feats}; SchemaError / ValueError when bad."""
+    return _checked(_parse(raw), types_checked=False)
+
+
+def decode_batch(raws: list[dict]) -> tuple[list[dict], list[str]]:
+    """What `decode` gives for each good raw sample (in order), and the errors of the bad ones. The
+    schema's type check runs once over the batch; only a batch that fails it is checked again
+    sample by sample, to keep the good samples and name the bad ones."""
+    parsed, errors = [], []
+    for raw in raws:
+        try:
+            parsed.append(_parse(raw))
+        except BAD_SAMPLE as err:
+            errors.append(str(err))
+    metas = [p["meta"] for p in parsed]
+    try:
+        types_checked = all(isinstance(m, dict) for m in metas)
+        if types_checked:
+            check_sample_types(metas)
+    except SchemaError:
+        types_checked = False
+    decoded = []
+    for p in parsed:
+        try:
+            decoded.append(_checked(p, types_checked))
+        except BAD_SAMPLE as err:
+            errors.append(str(err))
+    return decoded, errors
 
 
 def batch_rng(seed: int, epoch: int, rank: int, index: int) -> random.Random:
@@ -184,13 +221,10 @@ class CorpusStream(IterableDataset):
             if self.max_batches is not None and index >= self.max_batches:
                 return
             if index >= self.start_batch:
-                decoded = []
-                for item in batch_raw:
-                    try:
-                        decoded.append(decode(item))
-                    except (ValueError, SchemaError, KeyError, TypeError) as err:
-                        bad += 1
-                        log.warning("skipping bad sample: %s", err)
+                decoded, errors = decode_batch(batch_raw)
+                for error in errors:
+                    log.warning("skipping bad sample: %s", error)
+                bad += len(errors)
                 if decoded:
                     rng = batch_rng(self.seed, self.epoch, self.rank, index)
                     views = self.builder.build(decoded, self.tasks_of(index), rng)
