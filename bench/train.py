@@ -31,7 +31,8 @@ all three views of its B images: 3B samples. With ITM weighting on (`--itm-weigh
 on: every epoch after the first) region-phrase and image-sentence steps also run the extra
 no-grad forward pass that gives the per-sample ITM weights; it is not counted as samples.
 
-Each figure is the median over `--repeats` windows of `--steps` batches, after `--warmup`
+Each figure is the median over `--repeats` windows of `--steps` batches (the loader: at least 4,000
+samples a window), after `--warmup`
 batches (worker start-up, shuffle buffer, compilation). Writes bench/results/train_<device>.json
 (`--results-name` or $VLP_BENCH_RESULTS, a folder, to put it elsewhere).
 """
@@ -284,8 +285,12 @@ def measure(next_samples, warmup: int, steps: int, repeats: int, sync) -> dict:
     return {"samples_per_s": statistics.median(rates), "windows_samples_per_s": rates}
 
 
+LOADER_WINDOW_SAMPLES = 4000  # a loader window of 3 small batches lasts ~50 ms: too noisy to compare
+
+
 def bench_loader(trainer: Trainer, args) -> dict:
-    total = args.warmup + args.steps * args.repeats
+    steps = max(args.steps, -(-LOADER_WINDOW_SAMPLES // trainer.cfg.data.batch_size))
+    total = args.warmup + steps * args.repeats
     batches = iter(trainer.loader(total))
     start = time.perf_counter()
     first = next(batches)  # worker start-up and shuffle buffer fill
@@ -295,9 +300,10 @@ def bench_loader(trainer: Trainer, args) -> dict:
     def next_samples():
         batch = pending.pop() if pending else next(batches)
         return samples_in(batch)
-    result = measure(next_samples, args.warmup, args.steps, args.repeats, lambda: None)
+    result = measure(next_samples, args.warmup, steps, args.repeats, lambda: None)
     for _ in batches:  # the stream ends exactly here; the workers exit
         pass
+    result["batches_per_window"] = steps
     result["first_batch_s"] = first_batch_s
     result["worker_peak_rss_mb"] = peak_rss_mb(children=True)
     return result
