@@ -73,14 +73,35 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
-def spill_corpus(corpus: Corpus, directory: str) -> CorpusFiles:
+SPILL_CHUNK_ROWS = 4096
+
+
+def _write_rows(f, vectors: np.ndarray, order) -> None:
+    """vectors[order] as a float32 .npy, gathered a chunk at a time: the file is the only full-size
+    copy (a fresh 300 MB array costs more in page faults than the copy itself)."""
+    rows = len(vectors) if order is None else len(order)
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                             "fortran_order": False, "shape": (rows, vectors.shape[1])})
+    buffer = np.empty((min(rows, SPILL_CHUNK_ROWS), vectors.shape[1]), np.float32)  # reused: no new pages
+    for start in range(0, rows, SPILL_CHUNK_ROWS):
+        part = buffer[:min(SPILL_CHUNK_ROWS, rows - start)]
+        if order is None:
+            part[...] = vectors[start:start + len(part)]
+        else:
+            np.take(vectors, order[start:start + len(part)], axis=0, out=part)
+        f.write(memoryview(part).cast("B"))
+
+
+def spill_corpus(corpus: Corpus, directory: str, order=None) -> CorpusFiles:
+    """Write the corpus under `directory`; with `order`, its vectors are rows `order` of
+    corpus.vectors (ids and texts are already in that order)."""
     files = CorpusFiles(directory, corpus.fingerprint, len(corpus))
     rows = pa.table({"sentence_id": pa.array(corpus.ids, pa.string()), "text": pa.array(corpus.texts, pa.string())})
     arrow = io.BytesIO()
     with pa.ipc.new_file(arrow, rows.schema) as writer:
         writer.write_table(rows)
     start = time.perf_counter()
-    write_whole(files.vectors_path, lambda f: np.save(f, corpus.vectors, allow_pickle=False))
+    write_whole(files.vectors_path, lambda f: _write_rows(f, corpus.vectors, order))
     write_bytes(files.rows_path, arrow.getvalue())
     log.info("corpus of %d sentences written to %s in %.1fs", len(corpus), directory, time.perf_counter() - start)
     return files
@@ -147,12 +168,11 @@ class CollectCorpus(beam.CombineFn):
         ids, texts, vectors = self.compact(acc)
         order = sorted(range(len(ids)), key=ids.__getitem__)
         ids, texts = [ids[i] for i in order], [texts[i] for i in order]
-        # one copy of the vectors: the gather into id order
-        vectors = np.take(vectors[0], order, axis=0) if vectors else np.zeros((0, 0), np.float32)
-        corpus = Corpus(ids, texts, vectors, hashlib.sha1("\n".join(ids).encode()).hexdigest())
-        if self._spill_dir and len(corpus):
-            return spill_corpus(corpus, self._spill_dir)
-        return corpus
+        arrived = vectors[0] if vectors else np.zeros((0, 0), np.float32)
+        fingerprint = hashlib.sha1("\n".join(ids).encode()).hexdigest()
+        if self._spill_dir and ids:  # gathered into id order as they are written
+            return spill_corpus(Corpus(ids, texts, arrived, fingerprint), self._spill_dir, order=np.asarray(order))
+        return Corpus(ids, texts, np.take(arrived, order, axis=0), fingerprint)  # one copy, in id order
 
 
 class _SearchBatch(beam.DoFn):

@@ -197,3 +197,18 @@ def test_spilled_corpus_of_another_size_is_refused(tmp_path):
     np.testing.assert_array_equal(loaded.vectors, vectors)
     with pytest.raises(ValueError, match="hold 10 vectors and 10 rows, expected 11"):
         load_corpus(CorpusFiles(files.directory, "f", 11))
+
+
+def test_spill_writes_rows_in_id_order_across_chunks(tmp_path, monkeypatch):
+    import pipelines.retrieve as retrieve
+    monkeypatch.setattr(retrieve, "SPILL_CHUNK_ROWS", 7)  # 50 rows: 7 full chunks and a partial one
+    rng = np.random.default_rng(6)
+    vectors = _unit(rng, 50, 8)
+    ids = [f"s{i:03d}" for i in rng.permutation(50)]  # arrival order is not id order
+    acc = (list(ids), [f"t-{i}" for i in ids], [vectors])
+    files = CollectCorpus(spill_dir=str(tmp_path)).extract_output(acc)
+    in_memory = CollectCorpus().extract_output((list(ids), [f"t-{i}" for i in ids], [vectors]))
+    loaded = load_corpus(files)
+    assert loaded.ids == in_memory.ids == sorted(ids) and loaded.texts == [f"t-{i}" for i in sorted(ids)]
+    np.testing.assert_array_equal(loaded.vectors, in_memory.vectors)
+    assert loaded.fingerprint == in_memory.fingerprint == files.fingerprint
