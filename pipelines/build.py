@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
-from pipelines.io import ReadCorpus, ReadDetections, tags_of
+from pipelines.io import ReadCorpus, ReadDetections, is_local, tags_of
 from pipelines.options import BuildOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
 from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, json_bytes, parquet_bytes,
@@ -350,7 +350,7 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     Locally a marker in the staging folder records the swap before it starts, so a crash part way
     is finished by the next run (`clear_staging`): the output never stays a mix of two runs."""
     staged = staging_dir(output)
-    if _is_local(output):
+    if is_local(output):
         produced = [e for e in entries if os.path.lexists(os.path.join(staged, e))]
         with open(os.path.join(staged, PUBLISHING), "w", encoding="utf-8") as f:
             json.dump({"entries": list(entries), "produced": produced}, f)
@@ -365,7 +365,7 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     relative = {f: f[len(staged):].lstrip("/") for f in staged_files}
     moving = [f for f in staged_files if relative[f].split("/")[0] in entries]  # not the corpus spill
     FileSystems.rename(moving, [output.rstrip("/") + "/" + relative[f] for f in moving])
-    leftovers = [f for f in staged_files if f not in set(moving)]
+    leftovers = sorted(set(staged_files) - set(moving))
     if leftovers:
         FileSystems.delete(leftovers)
 
@@ -374,7 +374,7 @@ def finish_publish(output: str) -> bool:
     """Carry out (or redo, idempotently) the swap a PUBLISHING marker records. False if none."""
     staged = staging_dir(output)
     marker = os.path.join(staged, PUBLISHING)
-    if not _is_local(output) or not os.path.exists(marker):
+    if not is_local(output) or not os.path.exists(marker):
         return False
     with open(marker, encoding="utf-8") as f:
         plan = json.load(f)
@@ -399,10 +399,6 @@ def finish_publish(output: str) -> bool:
 def _match(pattern: str):
     result = FileSystems.match([pattern])[0]
     return list(result.metadata_list)
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path
 
 
 def read_stats(output: str) -> dict:

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pipelines.io import is_local  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.options import (BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
                                PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
@@ -66,7 +67,7 @@ def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch
     if detections and images:
         raise click.UsageError("give --detections or --images, not both")
     if not (detections or images or text):
-        if "://" in output:
+        if not is_local(output):
             raise click.UsageError("the bundled sample runs locally: give a local --output, or your own inputs")
         from pipelines.sample import prepare_sample
         images, text = prepare_sample(os.path.join(output, ".sample-input"))

@@ -60,6 +60,11 @@ class MatchAll(beam.PTransform):
                 | "DistinctFiles" >> beam.Distinct())
 
 
+def is_local(path: str) -> bool:
+    """A path on this machine's filesystem, not an object store URL (gs://, s3://, ...)."""
+    return "://" not in path
+
+
 class UnreadableFile(ValueError):
     """A file that cannot be read (corrupt, truncated, not the format its name says)."""
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils.shared import Shared
 
+from pipelines.io import is_local
 from pipelines.metrics import add_stage_time
 from pipelines.options import RetrieveOptions
 from pipelines.search import Corpus, candidate_count, hits_of, make_searcher, rank_candidates
@@ -60,6 +61,9 @@ class CorpusFiles:
     fingerprint: str
     size: int
 
+    def __len__(self) -> int:
+        return self.size
+
     @property
     def vectors_path(self) -> str:
         return posixpath.join(self.directory, f"corpus-{self.fingerprint}.npy")
@@ -67,10 +71,6 @@ class CorpusFiles:
     @property
     def rows_path(self) -> str:
         return posixpath.join(self.directory, f"corpus-{self.fingerprint}.arrow")
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path
 
 
 SPILL_CHUNK_ROWS = 4096
@@ -109,7 +109,7 @@ def spill_corpus(corpus: Corpus, directory: str, order=None) -> CorpusFiles:
 
 def load_corpus(files: CorpusFiles) -> Corpus:
     """The spilled corpus; its vectors memory-mapped (read-only) when the folder is local."""
-    if _is_local(files.vectors_path):
+    if is_local(files.vectors_path):
         vectors = np.load(files.vectors_path, mmap_mode="r", allow_pickle=False)
         rows = pa.ipc.open_file(pa.memory_map(files.rows_path)).read_all()
     else:
@@ -199,7 +199,7 @@ class _SearchBatch(beam.DoFn):
             return self._loaded
 
     def process(self, batch, corpus: Corpus | CorpusFiles):
-        if (corpus.size if isinstance(corpus, CorpusFiles) else len(corpus)) == 0:
+        if len(corpus) == 0:
             beam.metrics.Metrics.counter("retrieve", "queries_without_corpus").inc(len(batch))
             return
         start = time.perf_counter()
