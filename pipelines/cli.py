@@ -14,7 +14,7 @@ import click
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# TOKENIZERS_PARALLELISM is left to encoding.load_sentence_model, which knows the device (on for cuda)
 
 from pipelines.io import is_local  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402

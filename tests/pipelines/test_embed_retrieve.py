@@ -212,3 +212,20 @@ def test_spill_writes_rows_in_id_order_across_chunks(tmp_path, monkeypatch):
     assert loaded.ids == in_memory.ids == sorted(ids) and loaded.texts == [f"t-{i}" for i in sorted(ids)]
     np.testing.assert_array_equal(loaded.vectors, in_memory.vectors)
     assert loaded.fingerprint == in_memory.fingerprint == files.fingerprint
+
+
+def test_vlp_data_leaves_tokenizer_parallelism_to_the_device():
+    """Through the `vlp-data` CLI module, a CUDA model load turns the Rust tokenizer's threads on
+    (the host's tokenising limits a GPU) and a CPU load keeps them off; a user's setting wins."""
+    import subprocess
+    import sys
+    code = ("import os, pipelines.cli\nfrom pipelines.encoding import load_sentence_model\n"
+            "try:\n    load_sentence_model(None, os.environ['WANT_DEVICE'])\nexcept RuntimeError:\n    pass\n"
+            "print(os.environ.get('TOKENIZERS_PARALLELISM'))")
+    base = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    run = lambda **env: subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,  # noqa: E731
+                                       text=True, check=True).stdout.split()[-1]
+    if not __import__("torch").cuda.is_available():  # here a CUDA load stops at "no CUDA device", after the choice
+        assert run(WANT_DEVICE="cuda") == "true"
+    assert run(WANT_DEVICE="cpu") == "false"
+    assert run(WANT_DEVICE="cuda", TOKENIZERS_PARALLELISM="false") == "false"
