@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/retrieval.py
+	$(BIN)/python bench/loader_parts.py
 
 clean:
 	rm -rf vlp-out vlp-run .pytest_cache
