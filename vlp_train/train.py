@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from vlp_train import checkpoint
 from vlp_train.config import TrainConfig, dumps
-from vlp_train.curriculum import combine, itm_weighting_on, sample_loss
+from vlp_train.curriculum import WEIGHTED_TASKS, combine, itm_weighting_on, sample_loss
 from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, expand_shards, load_tag_vocab,
                             make_loader)
 from vlp_train.masking import BatchBuilder
@@ -35,9 +35,16 @@ class Pretraining(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, task: str, view: dict):
+    def forward(self, task: str, view: dict, weigh: bool = False):
+        """Named per-sample losses, the ITM logits (or None) and, with `weigh`, each sample's
+        detached ITM match probability of its clean (unmasked) pair. That extra forward is made
+        here, so torch.compile takes it into the step's graph instead of running it eagerly."""
         named, outputs = OBJECTIVES[task](self.model, view)
-        return named, outputs.get("itm_logits")
+        weight = None
+        if weigh:
+            weight = self.match_probability(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]),
+                                            view["clean_features"], view["locations"], view["region_mask"])
+        return named, outputs.get("itm_logits"), weight
 
     @torch.no_grad()
     def match_probability(self, ids, text_mask, features, locations, region_mask):
@@ -130,15 +137,11 @@ def first_feature_dim(urls: list[str]) -> int:
 def compute_loss(step_module, views: dict, weighting: bool, autocast):
     """One batch: named per-sample losses per task, ITM weights, the scalar loss."""
     per_task, actives, weights, named_means = {}, {}, {}, {}
-    module = getattr(step_module, "module", step_module)  # under DDP, helpers live on .module
     for task, view in views.items():
         with autocast:
-            named, _ = step_module(task, view)
-            if weighting and task in ("rp", "is"):
-                features = view["clean_features"]
-                text_mask = view.get("clean_text_mask", view["text_mask"])
-                weights[task] = module.match_probability(view["clean_ids"], text_mask, features,
-                                                         view["locations"], view["region_mask"]).detach()
+            named, _, weight = step_module(task, view, weighting and task in WEIGHTED_TASKS)
+        if weight is not None:
+            weights[task] = weight
         per_task[task] = sample_loss(named)
         actives[task] = view["active"]
         for name, value in named.items():

@@ -109,6 +109,23 @@ def test_ivf_and_torch_exact_search_agree_with_flat():
     assert top(ivf) == top(flat)
 
 
+def test_flat_search_runs_in_place_on_a_memory_map_with_index_flat_ip_results(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((4000, 48)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.save(tmp_path / "v.npy", vectors)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")  # read-only, as load_corpus gives it
+    searcher = FaissSearcher(mapped, RetrieveOptions(index="flat"))
+    assert np.shares_memory(searcher._vectors, mapped)  # no private copy of the corpus
+    index = faiss.IndexFlatIP(48)
+    index.add(vectors)
+    for queries in (vectors[:3] + 0.1, vectors[100:164] + 0.2 * rng.standard_normal((64, 48)).astype(np.float32)):
+        # 3 queries: FAISS's own loop; 64: its BLAS path
+        np.testing.assert_array_equal(searcher.search(queries, 13), index.search(np.ascontiguousarray(queries), 13)[1])
+
+
 def test_empty_corpus_yields_no_hits(pipeline):
     corpus = pipeline | "Corpus" >> beam.Create([]) | beam.CombineGlobally(CollectCorpus())
     hits = pipeline | "Q" >> beam.Create([("q", np.ones(4, np.float32) / 2)]) | RetrieveTopK(corpus)

@@ -1,0 +1,55 @@
+"""torch.compile of the training step (the CUDA default): no graph breaks (a break is where a
+host sync such as `.item()` would sit), few enough graphs for batches of varying text length and
+labelled-position count, and the same losses and ITM weights as the eager step."""
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+from transformers import BertTokenizerFast
+
+from vlp_train.config import load_config
+from vlp_train.data import CorpusStream, enabled_tasks, expand_shards
+from vlp_train.masking import BatchBuilder
+from vlp_train.model import build_model, bundled_bert_path
+from vlp_train.train import Pretraining, compute_loss, to_device
+from contextlib import nullcontext
+
+from .conftest import DIM, TAGS, TINY_MODEL, write_shards
+
+
+def test_compiled_step_has_no_graph_breaks_few_graphs_and_eager_losses(tmp_path):
+    cfg = load_config("debug", TINY_MODEL + ["model.dropout=0.0", "objectives.schedule=round_robin"])
+    urls = expand_shards(write_shards(str(tmp_path / "c"), n_images=96, per_shard=48))
+    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_bert_path()),
+                           {t: i for i, t in enumerate(sorted(TAGS))}, cfg.model.max_text_len,
+                           cfg.model.max_regions, cfg.objectives)
+    tasks = enabled_tasks(cfg.objectives)
+    stream = CorpusStream(urls, builder, 6, tasks, "round_robin", 16, seed=0, resampled=True)
+    stream.set_position(0, 0, max_batches=18)
+    batches = [to_device(batch["views"], torch.device("cpu")) for batch in stream]  # float16 features widened
+    shapes = {(task, tuple(v["input_ids"].shape), tuple(v["mlm_positions"].shape))
+              for views in batches for task, v in views.items()}
+    assert len(shapes) > len(tasks) + 2  # the shapes vary: dynamo must cope without piling up graphs
+
+    torch.manual_seed(0)
+    eager = Pretraining(build_model(cfg.model, DIM, len(TAGS))).train()
+    torch._dynamo.reset()
+    counters.clear()
+    # aot_eager: dynamo's capture and AOTAutograd as inductor would see them, without its codegen
+    compiled = torch.compile(eager, backend="aot_eager")
+    weighted = set()
+    for views in batches:
+        loss_c, named_c, weights_c = compute_loss(compiled, views, True, nullcontext())
+        loss_e, named_e, weights_e = compute_loss(eager, views, True, nullcontext())
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+        assert named_c.keys() == named_e.keys() and weights_c.keys() == weights_e.keys()
+        for task in weights_e:
+            torch.testing.assert_close(weights_c[task], weights_e[task], rtol=1e-5, atol=1e-5)
+        weighted |= set(weights_e)
+        loss_c.backward()  # the backward graph is compiled too
+    assert weighted == {"rp", "is"} & set(tasks)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["frames"]["ok"] == counters["frames"]["total"]
+    # one static graph per task, then one with dynamic sizes: well under dynamo's recompile limit
+    # (8), past which it would silently run the step eagerly
+    graphs = counters["stats"]["unique_graphs"]
+    assert len(tasks) <= graphs <= 2 * len(tasks) < torch._dynamo.config.recompile_limit, graphs
