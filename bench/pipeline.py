@@ -344,7 +344,9 @@ def run_overhead(args) -> dict:
         empty, in_beam, alone = (statistics.median(column) for column in zip(*runs))
         out[name] = {"elements": len(elements), "beam_s": in_beam, "empty_pipeline_s": empty, "bare_s": alone,
                      "setup_s": setup[name], "overhead": (in_beam - empty) / alone - 1,
-                     "overhead_after_setup": (in_beam - empty - setup[name]) / alone - 1}
+                     "overhead_after_setup": (in_beam - empty - setup[name]) / alone - 1,
+                     "runs": [{"empty_pipeline_s": e, "beam_s": b, "bare_s": a, "overhead": (b - e) / a - 1}
+                              for e, b, a in runs]}
         print(name, json.dumps(out[name]), flush=True)
     shutil.rmtree(spill_dir, ignore_errors=True)
     return out

@@ -7,6 +7,7 @@ model code itself is in encoding.py (no Beam there, so it runs on a bare GPU nod
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
 
@@ -21,8 +22,25 @@ from pipelines.options import EmbedOptions
 log = logging.getLogger(__name__)
 
 
+_MODELS: dict = {}  # (model, device, fp16) -> the loaded model of this process
+_MODELS_LOCK = threading.Lock()
+
+
+def process_model(options: EmbedOptions):
+    """One sentence model per worker process for every EmbedSentences of the pipeline (the corpus
+    and the images' tag strings): RunInference shares a model only within one transform."""
+    key = (options.model, options.device, options.fp16)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            start = time.perf_counter()
+            _MODELS[key] = load_sentence_model(options.model, options.device, options.fp16)
+            log.info("loaded sentence model %s on %s in %.1fs", options.model or "all-MiniLM-L6-v2",
+                     options.device, time.perf_counter() - start)
+        return _MODELS[key]
+
+
 class SentenceTransformerHandler(ModelHandler[list, PredictionResult, object]):
-    """RunInference handler: one model per worker process. Each example is a whole group of
+    """RunInference handler: one model per worker process (`process_model`). Each example is a whole group of
     (key, text) pairs, encoded in one call, so an embedding depends only on its group, never on
     how Beam happened to batch elements (padding and matrix shapes change the last bits)."""
 
@@ -31,11 +49,7 @@ class SentenceTransformerHandler(ModelHandler[list, PredictionResult, object]):
         self._options = options
 
     def load_model(self):
-        start = time.perf_counter()
-        model = load_sentence_model(self._options.model, self._options.device, self._options.fp16)
-        log.info("loaded sentence model %s on %s in %.1fs", self._options.model or "all-MiniLM-L6-v2",
-                 self._options.device, time.perf_counter() - start)
-        return model
+        return process_model(self._options)
 
     def run_inference(self, batch: Sequence[list], model, inference_args=None) -> Iterable[PredictionResult]:
         results = []

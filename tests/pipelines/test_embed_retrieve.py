@@ -39,6 +39,21 @@ def test_embed_transform_matches_the_model_and_is_normalised(pipeline, model):
     pipeline.run()
 
 
+def test_the_corpus_and_tag_string_embeddings_share_one_model_per_process(pipeline, monkeypatch):
+    import pipelines.embed as embed
+
+    loads = []
+    monkeypatch.setattr(embed, "_MODELS", {})
+    monkeypatch.setattr(embed, "load_sentence_model", lambda *a: loads.append(a) or load_sentence_model(*a))
+    corpus = pipeline | "Corpus" >> beam.Create(list(enumerate(SOFA_SENTENCES))) | "EmbedCorpus" >> EmbedSentences()
+    tags = pipeline | "Tags" >> beam.Create([("img", "sofa woman")]) | "EmbedQueries" >> EmbedSentences()
+    assert_that(corpus | "CountCorpus" >> beam.combiners.Count.Globally(), equal_to([len(SOFA_SENTENCES)]),
+                label="corpus")
+    assert_that(tags | beam.Keys(), equal_to(["img"]), label="tags")
+    pipeline.run()
+    assert len(loads) == 1  # two RunInference transforms, one model in this (the only) worker process
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder with a sentence-transformers model"):
         load_sentence_model(str(tmp_path / "nope"))
