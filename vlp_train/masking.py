@@ -13,6 +13,12 @@ All randomness comes from the `random.Random` passed in, which the loader seeds 
   the phrase's last word).
 - image-sentence (is): the retrieved sentence (ITM label 1) or, with probability 0.5, the
   sentence of another image in the batch (label 0); 15% MLM (80/10/10) on the matched pairs.
+
+Every view carries the clean region features once (`features`, float16) and, where regions are
+masked, `zeroed_regions` [B, R]: the zeroed copy the model sees is made on the device
+(`objectives.input_features`). The clean features are also the MRFR target and the ITM-weight
+forward's input, so the loader builds, and the trainer copies to the device, one feature tensor
+per view instead of two.
 """
 from __future__ import annotations
 
@@ -141,7 +147,6 @@ class BatchBuilder:
         mlm = np.full(ids.shape, IGNORE, np.int64)
         mrc = np.full(tags.shape, IGNORE, np.int64)
         masked_regions = np.zeros(rmask.shape, bool)
-        original = feats.copy()  # the MRFR target: the true features, never the zeroed input
         for i in range(len(samples)):
             if rng.random() < 0.5:
                 self._mask_tokens(ids, mlm, i, self._random_positions(
@@ -150,17 +155,16 @@ class BatchBuilder:
                 for r in self._random_positions(list(np.flatnonzero(rmask[i])), self.obj.region_mask_prob, rng):
                     masked_regions[i, r] = True
                     mrc[i, r] = tags[i, r]
-                    feats[i, r] = 0.0
         mlm_positions, mlm_targets = label_positions(mlm)
         return {"task": "rt", **self._tensors(
             input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
-            features=feats, target_features=original,
-            locations=locs, region_mask=rmask, mrc_labels=mrc, mrfr_mask=masked_regions,
+            features=feats, zeroed_regions=masked_regions,  # clean features: also the MRFR target
+            locations=locs, region_mask=rmask, mrc_labels=mrc,
             active=np.ones(len(samples), bool))}
 
     def region_phrase(self, samples, sentences, rng: random.Random) -> dict:
         feats, locs, rmask, _ = self._regions(samples)
-        clean_feats = feats.copy()
+        zeroed = np.zeros(rmask.shape, bool)
         ids, tmask, offsets = self._tokenize([s["text"] for s in sentences])
         clean_ids = ids.copy()
         mlm = np.full(ids.shape, IGNORE, np.int64)
@@ -185,14 +189,14 @@ class BatchBuilder:
                     r = p["region"]
                     word_starts = [t for t in spans[id(p)] if not self.tok.convert_ids_to_tokens(int(clean_ids[i, t])).startswith("##")]
                     mrtc[i, r] = int(clean_ids[i, (word_starts or spans[id(p)])[-1]])
-                    feats[i, r] = 0.0
+                    zeroed[i, r] = True
         mlm_positions, mlm_targets = label_positions(mlm)
         mrtc_positions, mrtc_targets = label_positions(mrtc)
         return {"task": "rp", **self._tensors(
             input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
-            features=feats, locations=locs, region_mask=rmask, mrtc_labels=mrtc, mrtc_positions=mrtc_positions,
-            mrtc_targets=mrtc_targets, masked_text=masked_text, active=active, clean_ids=clean_ids,
-            clean_features=clean_feats)}
+            features=feats, zeroed_regions=zeroed, locations=locs, region_mask=rmask, mrtc_labels=mrtc,
+            mrtc_positions=mrtc_positions, mrtc_targets=mrtc_targets, masked_text=masked_text, active=active,
+            clean_ids=clean_ids)}
 
     def image_sentence(self, samples, sentences, rng: random.Random) -> dict:
         feats, locs, rmask, _ = self._regions(samples)
@@ -218,8 +222,7 @@ class BatchBuilder:
         return {"task": "is", **self._tensors(
             input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
             features=feats, locations=locs, region_mask=rmask,
-            itm_labels=labels, active=np.ones(n, bool), clean_ids=clean_ids, clean_text_mask=clean_mask,
-            clean_features=feats)}
+            itm_labels=labels, active=np.ones(n, bool), clean_ids=clean_ids, clean_text_mask=clean_mask)}
 
     def build(self, samples, tasks, rng: random.Random) -> dict:
         """The views of `tasks` for one batch of decoded samples; one sentence picked per sample."""

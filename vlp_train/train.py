@@ -23,7 +23,7 @@ from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, 
                             make_loader)
 from vlp_train.masking import BatchBuilder
 from vlp_train.model import bert_config_for, build_model, bundled_bert_path, export_hf
-from vlp_train.objectives import OBJECTIVES, gather_positions
+from vlp_train.objectives import OBJECTIVES, encode_view, gather_positions
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Pretraining(nn.Module):
         weight = None
         if weigh:
             weight = self.match_probability(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]),
-                                            view["clean_features"], view["locations"], view["region_mask"])
+                                            view["features"], view["locations"], view["region_mask"])
         return named, outputs.get("itm_logits"), weight
 
     @torch.no_grad()
@@ -328,8 +328,7 @@ def evaluate(model, builder: BatchBuilder, urls: list[str], cfg: TrainConfig, de
         views = to_device(batch["views"], device)
         for task, view in views.items():
             with autocast:
-                text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"],
-                                      view["region_mask"])
+                text, regions = encode_view(model, view)
             positions, labels = view["mlm_positions"], view["mlm_targets"]
             keep = labels != -100
             predicted = model.mlm_logits(gather_positions(text, positions)).argmax(-1)

@@ -11,7 +11,7 @@ from vlp_train.config import ObjectiveConfig
 from vlp_train.curriculum import combine, itm_weighting_on, sample_loss
 from vlp_train.masking import IGNORE, BatchBuilder, label_positions, locations, tag_query
 from vlp_train.model import VLPModel, bundled_bert_path
-from vlp_train.objectives import OBJECTIVES, per_sample_mean, token_ce
+from vlp_train.objectives import OBJECTIVES, input_features, per_sample_mean, token_ce
 from vlp_train.train import to_device
 
 from .conftest import DIM, TAGS, make_sample
@@ -47,6 +47,8 @@ def test_region_phrase_masks_only_linked_items_one_modality_per_sample(builder, 
     sentences = [s["meta"]["sentences"][0] for s in samples]
     view = builder.region_phrase(samples, sentences, random.Random(1))
     clean_feats = builder._regions(samples)[0]
+    np.testing.assert_array_equal(view["features"].numpy(), clean_feats)  # one feature tensor: the clean one
+    seen = input_features(view)  # what the model gets
     assert view["masked_text"].any() and (~view["masked_text"]).any()  # both modalities occur
     for i, sentence in enumerate(sentences):
         text_masked = (view["mlm_labels"][i] != IGNORE).any().item()
@@ -54,7 +56,8 @@ def test_region_phrase_masks_only_linked_items_one_modality_per_sample(builder, 
         assert text_masked != region_masked  # exactly one modality
         linked_regions = {p["region"] for p in sentence["phrases"]}
         zeroed = {r for r in range(clean_feats.shape[1]) if np.abs(clean_feats[i, r]).sum() > 0
-                  and view["features"][i, r].abs().sum() == 0}
+                  and seen[i, r].abs().sum() == 0}
+        assert zeroed == set(torch.nonzero(view["zeroed_regions"][i]).flatten().tolist())
         if text_masked:
             assert not zeroed
             enc = builder.tok(sentence["text"], return_offsets_mapping=True)
@@ -71,10 +74,12 @@ def test_region_phrase_masks_only_linked_items_one_modality_per_sample(builder, 
 def test_region_tag_keeps_the_true_features_as_the_mrfr_target(builder, samples):
     view = builder.region_tag(samples, random.Random(2))
     clean = builder._regions(samples)[0]
-    np.testing.assert_array_equal(view["target_features"].numpy(), clean)
-    masked = view["mrfr_mask"]
+    np.testing.assert_array_equal(view["features"].numpy(), clean)  # the target, shipped once
+    masked = view["zeroed_regions"]
     assert masked.any()
-    assert (view["features"][masked] == 0).all() and (view["target_features"][masked] != 0).any()
+    seen = input_features(view)
+    assert (seen[masked] == 0).all() and (view["features"][masked] != 0).any()
+    assert torch.equal(seen[~masked], view["features"][~masked])
     assert ((view["mrc_labels"] != IGNORE) == masked).all()
     for i in range(len(samples)):  # one modality per sample
         assert not ((view["mlm_labels"][i] != IGNORE).any() and masked[i].any())
@@ -151,9 +156,19 @@ def test_each_objective_returns_named_per_sample_losses(builder, samples):
     # MRFR: squared error to the original features at the masked regions only
     named, out = OBJECTIVES["rt"](model, views["rt"])
     rt = views["rt"]
-    i = int(torch.nonzero(rt["mrfr_mask"].any(1))[0])
-    sq = (model.mrfr(out["regions"][i]) - rt["target_features"][i]).pow(2).mean(-1)
-    assert torch.allclose(named["mrfr"][i], sq[rt["mrfr_mask"][i]].mean())
+    i = int(torch.nonzero(rt["zeroed_regions"].any(1))[0])
+    sq = (model.mrfr(out["regions"][i]) - rt["features"][i]).pow(2).mean(-1)
+    assert torch.allclose(named["mrfr"][i], sq[rt["zeroed_regions"][i]].mean())
+    # ...and the model saw those regions zeroed, never the target (rt and rp)
+    for task in ("rt", "rp"):
+        view = views[task]
+        zeroed_by_hand = view["features"].clone()
+        zeroed_by_hand[view["zeroed_regions"]] = 0
+        _, out = OBJECTIVES[task](model, view)
+        _, regions = model(view["input_ids"], view["text_mask"], zeroed_by_hand, view["locations"], view["region_mask"])
+        torch.testing.assert_close(out["regions"], regions)
+        _, unmasked = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
+        assert not torch.allclose(out["regions"], unmasked)
 
 
 def test_curriculum_weights_each_sample_and_only_from_epoch_m():

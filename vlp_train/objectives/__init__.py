@@ -7,6 +7,19 @@ from vlp_train.objectives.region_tag import region_tag_losses
 OBJECTIVES = {"rt": region_tag_losses, "rp": region_phrase_losses, "is": image_sentence_losses}
 
 
+def input_features(view):
+    """The region features the model sees: the view's (clean) features with its
+    `zeroed_regions` set to 0. Views carry one feature tensor, the clean one, and the mask: the
+    masked copy is made here, on the device, instead of being built and shipped by the loader."""
+    zeroed = view.get("zeroed_regions")
+    return view["features"] if zeroed is None else view["features"].masked_fill(zeroed.unsqueeze(-1), 0.0)
+
+
+def encode_view(model, view):
+    """(text states, region states) of a view's masked input."""
+    return model(view["input_ids"], view["text_mask"], input_features(view), view["locations"], view["region_mask"])
+
+
 def per_sample_mean(values, mask):
     """Mean of values over the masked positions of each sample: [B, N] -> [B]."""
     mask = mask.to(values.dtype)

@@ -6,7 +6,7 @@ import vlp_train.objectives as obj
 
 
 def image_sentence_losses(model, view):
-    text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
+    text, regions = obj.encode_view(model, view)
     itm_logits = model.itm_logits(text)
     losses = {"itm": F.cross_entropy(itm_logits.float(), view["itm_labels"], reduction="none"),
               "mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"])}

@@ -6,7 +6,7 @@ import vlp_train.objectives as obj
 
 
 def region_phrase_losses(model, view):
-    text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
+    text, regions = obj.encode_view(model, view)
     losses = {"mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"]),
               "mrtc": obj.masked_token_losses(model, regions, view["mrtc_positions"], view["mrtc_targets"])}
     return losses, {"text": text, "regions": regions}

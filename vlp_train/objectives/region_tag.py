@@ -4,10 +4,11 @@ import vlp_train.objectives as obj
 
 
 def region_tag_losses(model, view):
-    text, regions = model(view["input_ids"], view["text_mask"], view["features"], view["locations"], view["region_mask"])
+    text, regions = obj.encode_view(model, view)
     mrc_mask = view["mrc_labels"] != -100
     losses = {"mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"]),
               "mrc": obj.per_sample_mean(obj.token_ce(model.mrc(regions), view["mrc_labels"]), mrc_mask)}
-    squared = (model.mrfr(regions).float() - view["target_features"].float()).pow(2).mean(-1)
-    losses["mrfr"] = obj.per_sample_mean(squared, view["mrfr_mask"])
+    # the target is the view's clean features; the model saw them zeroed at `zeroed_regions`
+    squared = (model.mrfr(regions).float() - view["features"].float()).pow(2).mean(-1)
+    losses["mrfr"] = obj.per_sample_mean(squared, view["zeroed_regions"])
     return losses, {"text": text, "regions": regions}
