@@ -205,7 +205,8 @@ class Trainer:
         from vlp_train.data import CorpusStream, enabled_tasks, expand_shards, load_tag_vocab
         from vlp_train.masking import BatchBuilder
         from vlp_train.model import bert_config_for, build_model, bundled_bert_path
-        from vlp_train.train import Pretraining, lr_lambda, make_optimizer, pick_device, seed_everything
+        from vlp_train.train import (Pretraining, compile_step, compiles, lr_lambda, make_optimizer, pick_device,
+                                     seed_everything)
 
         self.cfg, self.torch = cfg, torch
         self.device = pick_device(cfg.run.device, 0)
@@ -226,9 +227,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(10**6, cfg.optim.warmup_ratio))
         self.step_module = Pretraining(self.model)
-        self.compiled = cfg.model.compile == "on" or (cfg.model.compile == "auto" and self.device.type == "cuda")
+        self.compiled = compiles(cfg, self.device)
         if self.compiled:
-            self.step_module = torch.compile(self.step_module)
+            self.step_module = compile_step(self.step_module)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.model.train()
 

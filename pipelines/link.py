@@ -80,12 +80,16 @@ def train_word_vectors(texts, tags, options: LinkOptions = LinkOptions()):
 
 
 class PhraseRegionLinker:
-    """Plain Python: phrases x region tags -> links, with memoised, normalised vectors."""
+    """Plain Python: phrases x region tags -> links, with memoised, normalised vectors.
 
-    def __init__(self, vectors, threshold: float = 0.5):
+    The memo keeps the `cache_size` most recently added phrases (first in, first out): a
+    worker linking a large corpus sees millions of distinct phrases, and a vector is 2.4 KB."""
+
+    def __init__(self, vectors, threshold: float = 0.5, cache_size: int = 100_000):
         self._kv = vectors
         self._threshold = threshold
         self._cache: dict[tuple, np.ndarray | None] = {}
+        self._cache_size = max(1, cache_size)
 
     def vector(self, words) -> np.ndarray | None:
         """Unit mean vector of the known words (parts of unknown compound words), or None."""
@@ -103,7 +107,10 @@ class PhraseRegionLinker:
                 mean = np.mean(found, axis=0, dtype=np.float64)
                 norm = np.linalg.norm(mean)
                 vec = mean / norm if norm > 0 else None
+            if len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]  # the oldest: vectors are pure, only speed is lost
             self._cache[words] = vec
+            return vec
         return self._cache[words]
 
     def tag_matrix(self, tags: list[str]) -> np.ndarray:

@@ -102,6 +102,22 @@ def to_device(views: dict, device: torch.device) -> dict:
     return {task: {k: move(v) for k, v in view.items()} for task, view in views.items()}
 
 
+def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda")
+
+
+STEP_GRAPHS = 16  # the step's graphs: task x ITM weighting x static/dynamic text sizes, 12 at most
+
+
+def compile_step(step_module: nn.Module) -> nn.Module:
+    """torch.compile of the step module. Dynamo keeps a graph per task, per weighting (off before
+    epoch m, on after) and per static or dynamic sizes; past its default limit of 8 graphs per
+    function it would run the rest eagerly, with a log warning as the only sign."""
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
+    return torch.compile(step_module)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     warmup = max(1, int(round(warmup_ratio * total_steps)))
 
@@ -210,8 +226,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         checkpoint.set_rng_state(state["rng"])
 
     step_module: nn.Module = Pretraining(model)
-    if cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda"):
-        step_module = torch.compile(step_module)
+    if compiles(cfg, device):
+        step_module = compile_step(step_module)
     if dist_info.world > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)

@@ -81,6 +81,16 @@ def test_multi_word_tags_ties_and_oov(glove):
     assert nothing["region"] is None
 
 
+def test_the_phrase_vector_memo_is_bounded_and_eviction_changes_no_link(glove):
+    phrases = [_phrase([w]) for w in ("couch", "woman", "lamp", "table", "dog", "couch", "woman")]
+    tags = ["sofa", "woman", "lamp"]
+    unbounded = PhraseRegionLinker(glove, threshold=0.5).link(phrases, tags)
+    small = PhraseRegionLinker(glove, threshold=0.5, cache_size=3)
+    assert small.link(phrases, tags) == unbounded
+    # the tags' vectors go in first (sofa, woman, lamp), then each missing phrase evicts the oldest
+    assert set(small._cache) == {("table",), ("dog",), ("woman",)}
+
+
 def test_link_transform_fills_every_phrase(pipeline):
     sample = {"image_id": "x", "tags": ["sofa", "woman", "lamp"], "_feats": "passes through",
               "sentences": [{"sentence_id": "s", "text": "A woman on a red couch.", "rank": 0, "score": 0.5,
