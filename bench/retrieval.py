@@ -173,7 +173,8 @@ def main(argv=None):
     if args.only in (None, "retrieve"):
         result["retrieve"] = bench_retrieve(args, sync)
         print("retrieve", json.dumps(result["retrieve"]))
-    write_result(f"retrieval_{args.device}", result)
+    # a partial run (--only) gets its own file: it does not replace the full run's figures
+    write_result(f"retrieval_{args.device}" + (f"_{args.only}" if args.only else ""), result)
 
 
 if __name__ == "__main__":

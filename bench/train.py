@@ -350,7 +350,7 @@ def profile_steps(trainer: Trainer, next_samples, args) -> dict:
     sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     events = prof.key_averages()
     table = events.table(sort_by=sort_key, row_limit=40)
-    path = os.path.join(results_folder(), f"{args.results_name or 'train_' + args.device}_profile.txt")
+    path = os.path.join(results_folder(), f"{args.results_name}_profile.txt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(table)
@@ -410,12 +410,14 @@ def parse_args(argv=None):
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the step measurement, profile this many steps with torch.profiler")
     parser.add_argument("--results-name", default=None,
-                        help="results file name without .json (default train_<device>), in $VLP_BENCH_RESULTS "
+                        help="results file name without .json (default train_<device>, train_<device>_<only> "
+                             "with --only: a partial run does not replace the full one), in $VLP_BENCH_RESULTS "
                              "or bench/results/")
     args = parser.parse_args(argv)
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.results_name = args.results_name or f"train_{args.device}" + (f"_{args.only}" if args.only else "")
     from vlp_train.config import load_config
     preset = load_config(args.preset)
     reduced = args.device == "cpu"  # a 2-core CPU cannot train the base shape in a benchmark's time
@@ -481,7 +483,7 @@ def main(argv=None) -> dict:
             result["peak_gpu_memory_mb"] = result[part]["peak_gpu_memory_mb"]
             break
     result["peak_rss_mb"] = peak_rss_mb()
-    write_result(args.results_name or f"train_{args.device}", result)
+    write_result(args.results_name, result)
     return result
 
 

@@ -56,6 +56,6 @@ def test_gpu_benchmarks_run_from_the_kit_alone(tmp_path):
                             "--warmup", "1", "--repeats", "1", "--only", "step", "--profile", "2"],
                            cwd=root, env=env, capture_output=True, text=True)
     assert train.returncode == 0, train.stderr[-3000:]
-    with open(tmp_path / "results" / "train_cpu.json", encoding="utf-8") as f:
+    with open(tmp_path / "results" / "train_cpu_step.json", encoding="utf-8") as f:
         profile = json.load(f)["step"]["profile"]
     assert profile["steps"] == 2 and profile["top"] and (tmp_path / "results" / profile["table"]).is_file()
