@@ -175,6 +175,11 @@ class CollectCorpus(beam.CombineFn):
         return Corpus(ids, texts, np.take(arrived, order, axis=0), fingerprint)  # one copy, in id order
 
 
+def _stack_queries(batch) -> tuple[list, np.ndarray]:
+    """[(key, vector)] -> (keys, float32 [n, dim])."""
+    return [key for key, _ in batch], np.stack([np.asarray(vector, dtype=np.float32) for _, vector in batch])
+
+
 class _SearchBatch(beam.DoFn):
     def __init__(self, options: RetrieveOptions):
         self._options = options
@@ -199,21 +204,21 @@ class _SearchBatch(beam.DoFn):
             return self._loaded
 
     def process(self, batch, corpus: Corpus | CorpusFiles):
+        keys, queries = batch
         if len(corpus) == 0:
-            beam.metrics.Metrics.counter("retrieve", "queries_without_corpus").inc(len(batch))
+            beam.metrics.Metrics.counter("retrieve", "queries_without_corpus").inc(len(keys))
             return
         start = time.perf_counter()
         corpus, searcher = self._corpus_and_searcher(corpus)
-        queries = np.stack([np.asarray(vec, dtype=np.float32) for _, vec in batch])
         if hasattr(searcher, "search_ranked"):
             indices, scores = searcher.search_ranked(queries, self._options.k)
         else:
             candidates = searcher.search(queries, candidate_count(self._options.k, len(corpus)))
             indices, scores = rank_candidates(queries, candidates, corpus, self._options.k)
         results = [(key, hits_of(query_indices, query_scores, corpus))
-                   for (key, _), query_indices, query_scores in zip(batch, indices, scores)]
+                   for key, query_indices, query_scores in zip(keys, indices, scores)]
         add_stage_time("retrieve", start)  # before yielding: downstream work is not this stage's
-        beam.metrics.Metrics.counter("retrieve", "queries").inc(len(batch))
+        beam.metrics.Metrics.counter("retrieve", "queries").inc(len(keys))
         yield from results
 
 
@@ -233,4 +238,7 @@ class RetrieveTopK(beam.PTransform):
                 # BatchElements' adaptive sizes start at 1 (several times slower per query).
                 | "BatchQueries" >> beam.BatchElements(min_batch_size=self._options.batch_size,
                                                        max_batch_size=self._options.batch_size)
+                # Search waits for the corpus, so its input is materialised: one array per batch
+                # crosses that boundary, not a pickled array per query.
+                | "StackQueries" >> beam.Map(_stack_queries)
                 | "Search" >> beam.ParDo(_SearchBatch(self._options), corpus=beam.pvalue.AsSingleton(self._corpus)))
