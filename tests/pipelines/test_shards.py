@@ -7,7 +7,7 @@ import webdataset as wds
 
 import schemas
 from pipelines.options import ShardOptions
-from pipelines.shards import WriteShards, WriteTable, sample_key
+from pipelines.shards import WriteShards, WriteTable, sample_key, shard_boundaries, shard_of
 
 from .conftest import RUNNER
 
@@ -50,6 +50,15 @@ def test_shards_are_deterministic_sized_and_readable(tmp_path):
         assert s["json"] == original
         np.testing.assert_array_equal(s["feats.npy"], feats)
         schemas.validate_sample(s["json"], s["feats.npy"])
+
+
+def test_shard_of_a_key_from_the_boundaries_is_its_sorted_position_over_the_shard_size():
+    keys = [sample_key(f"img{i}.jpg") for i in range(1000)]
+    ranked = sorted(keys)
+    for per_shard in (1, 7, 10, 999, 1000, 5000):
+        boundaries = shard_boundaries(keys, per_shard)
+        assert len(boundaries) == -(-len(keys) // per_shard)  # what every worker holds: one key a shard
+        assert [shard_of(k, boundaries) for k in ranked] == [i // per_shard for i in range(len(ranked))]
 
 
 def test_write_table_writes_every_file_sorted(tmp_path):
