@@ -11,7 +11,6 @@ import base64
 import contextlib
 import gzip
 import hashlib
-import io
 import json
 import logging
 import math
@@ -102,20 +101,28 @@ def decode_line(raw: bytes, line_no: int) -> str:
 _PARQUET_ERRORS = (pa.ArrowException, OSError)
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
-    """A Parquet file from any Beam filesystem; UnreadableFile when it is not valid Parquet."""
+PARQUET_BATCH_ROWS = 512  # rows decoded at a time: a detections file with features can be many GB
+
+
+@contextlib.contextmanager
+def open_parquet(path: str):
+    """A Parquet file from any Beam filesystem, read on demand (its footer now, pages as rows are
+    asked for) rather than loaded whole; UnreadableFile when it is not valid Parquet."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        data = f.read()
+        try:
+            parquet = pq.ParquetFile(f)
+        except _PARQUET_ERRORS as err:
+            raise UnreadableFile(f"unreadable Parquet file: {err}") from err
+        yield parquet
+
+
+def iter_parquet_rows(parquet: pq.ParquetFile, columns: list[str]):
+    """The rows as dicts, PARQUET_BATCH_ROWS at a time; UnreadableFile at the first damaged page
+    (a valid footer does not mean valid pages), after the rows before it."""
     try:
-        return pq.ParquetFile(io.BytesIO(data))
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            yield from batch.to_pylist()
     except _PARQUET_ERRORS as err:
-        raise UnreadableFile(f"unreadable Parquet file: {err}") from err
-
-
-def read_parquet_columns(parquet: pq.ParquetFile, columns: list[str]) -> list[dict]:
-    try:
-        return parquet.read(columns=columns).to_pylist()
-    except _PARQUET_ERRORS as err:  # a valid footer does not mean valid pages
         raise UnreadableFile(f"unreadable Parquet file: {err}") from err
 
 
@@ -236,14 +243,13 @@ class _ParseDetectionsFile(beam.DoFn):
 
     def _parquet(self, path):
         try:
-            parquet = open_parquet(path)
-            columns = detections_columns(parquet.schema_arrow)
-            rows = read_parquet_columns(parquet, columns)
+            with open_parquet(path) as parquet:
+                columns = detections_columns(parquet.schema_arrow)
+                for row_no, raw in enumerate(iter_parquet_rows(parquet, columns)):
+                    yield from self._emit(raw, f"{path}:row {row_no}")
         except (UnreadableFile, schemas.SchemaError) as err:
-            yield rejection("read_detections", path, str(err))  # the whole file; other files go on
-            return
-        for row_no, raw in enumerate(rows):
-            yield from self._emit(raw, f"{path}:row {row_no}")
+            # the whole file, or the rest of it after a damaged page; other files go on
+            yield rejection("read_detections", path, str(err))
 
 
 REQUIRED_DETECTION_COLUMNS = ("image_id", "width", "height", "boxes", "labels", "scores")
@@ -491,22 +497,22 @@ class _ReadTextFile(beam.DoFn):
         yield _counted("lines", line_no)
 
     def _parquet(self, path):
+        rows = 0
         try:
-            parquet = open_parquet(path)
-            names = parquet.schema_arrow.names
-            if "text" not in names:
-                yield rejection("read_text", path, f"Parquet file has no 'text' column (columns: {names})")
-                return
-            texts = [row["text"] for row in read_parquet_columns(parquet, ["text"])]
-        except UnreadableFile as err:
+            with open_parquet(path) as parquet:
+                names = parquet.schema_arrow.names
+                if "text" not in names:
+                    yield rejection("read_text", path, f"Parquet file has no 'text' column (columns: {names})")
+                    return
+                for row_no, row in enumerate(iter_parquet_rows(parquet, ["text"])):
+                    rows, text = row_no + 1, row["text"]
+                    if text is None or not isinstance(text, str):
+                        yield rejection("read_text", f"{path}:row {row_no}", f"'text' is not a string: {text!r}")
+                    else:
+                        yield text, f"{path}:row {row_no}"
+        except UnreadableFile as err:  # the rows before the damage are kept
             yield rejection("read_text", path, str(err))
-            return
-        yield _counted("lines", len(texts))
-        for row_no, text in enumerate(texts):
-            if text is None or not isinstance(text, str):
-                yield rejection("read_text", f"{path}:row {row_no}", f"'text' is not a string: {text!r}")
-            else:
-                yield text, f"{path}:row {row_no}"
+        yield _counted("lines", rows)
 
 
 class _SplitSentences(beam.DoFn):

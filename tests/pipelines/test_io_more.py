@@ -228,6 +228,29 @@ def test_corrupt_gzip_and_parquet_text_files_are_dead_lettered(pipeline, tmp_pat
     pipeline.run()
 
 
+def test_parquet_damaged_mid_file_keeps_the_rows_before_and_names_the_file(pipeline, tmp_path):
+    # Parquet is read a batch of rows at a time, not loaded whole: a damaged page in the third
+    # row group costs the rows from the batch it falls in, not the file
+    texts = [f"Caption number {i} shows a cat." for i in range(1800)]
+    path = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=600, compression="zstd")
+    start = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 40:start + 240] = b"\xab" * 200
+    path.write_bytes(bytes(data))
+    out = pipeline | ReadCorpus(str(path))
+
+    def the_first_row_groups(got):
+        got = sorted(got, key=lambda t: int(t.split()[2]))
+        assert 600 <= len(got) < len(texts) and got == texts[:len(got)], (len(got), got[:2])
+
+    assert_that(out["sentences"] | beam.Values() | beam.combiners.ToList(),
+                lambda lists: the_first_row_groups(lists[0]), label="kept")
+    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+                equal_to([(str(path), "unreadable Parquet file")]), label="rejected")
+    pipeline.run()
+
+
 def test_truncated_gzip_keeps_the_lines_before_and_names_the_file(pipeline, tmp_path):
     ids = [f"img{i:04d}-{stable_id(str(i))}.jpg" for i in range(300)]
     data = gzip.compress("".join(json.dumps({**GOOD, "image_id": i}) + "\n" for i in ids).encode())
