@@ -33,6 +33,12 @@ def results_folder() -> str:
     return os.environ.get("VLP_BENCH_RESULTS") or RESULTS
 
 
+def results_name(stem: str, only: str | None) -> str:
+    """A benchmark's results file name: a partial run (`--only X`) gets its own, `<stem>_X`, so it
+    does not replace the full run's figures."""
+    return f"{stem}_{only}" if only else stem
+
+
 def write_result(name: str, result: dict) -> str:
     os.makedirs(results_folder(), exist_ok=True)
     path = os.path.join(results_folder(), f"{name}.json")

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # one process: let the Rust tokenizer use all cores
 
 from bench.data import template_sentences  # noqa: E402
-from bench.env import device_name, write_result  # noqa: E402
+from bench.env import device_name, results_name, write_result  # noqa: E402
 
 
 def timed(fn, repeats: int, sync=lambda: None) -> float:
@@ -68,9 +68,9 @@ def bench_embed(args, sync) -> dict:
 
     texts = template_sentences(args.sentences)
     model = load_sentence_model(None, args.device, fp16=True)
-    tokenizer_only = MeanPoolingEncoder(model)._tokenize
-    chunk = max(args.batch_size * 32, 8192)  # as MeanPoolingEncoder.encode cuts them
-    host = timed(lambda: [tokenizer_only(texts[s:s + chunk]) for s in range(0, len(texts), chunk)], args.repeats)
+    encoder = MeanPoolingEncoder(model)
+    chunk = encoder.chunk_size(args.batch_size)  # the tokenizer alone, on the chunks encode() cuts
+    host = timed(lambda: [encoder._tokenize(texts[s:s + chunk]) for s in range(0, len(texts), chunk)], args.repeats)
     ours, plain = timed_pair(lambda: encode(model, texts, args.batch_size),
                              lambda: model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True,
                                                   convert_to_numpy=True, show_progress_bar=False), args.repeats, sync)
@@ -173,8 +173,7 @@ def main(argv=None):
     if args.only in (None, "retrieve"):
         result["retrieve"] = bench_retrieve(args, sync)
         print("retrieve", json.dumps(result["retrieve"]))
-    # a partial run (--only) gets its own file: it does not replace the full run's figures
-    write_result(f"retrieval_{args.device}" + (f"_{args.only}" if args.only else ""), result)
+    write_result(results_name(f"retrieval_{args.device}", args.only), result)
 
 
 if __name__ == "__main__":

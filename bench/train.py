@@ -58,7 +58,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as vlp-train: the loader forks workers
 
 from bench.data import ADJECTIVES, PLACES, VERBS  # noqa: E402
-from bench.env import device_name, peak_rss_mb, results_folder, write_result  # noqa: E402
+from bench.env import device_name, peak_rss_mb, results_folder, results_name, write_result  # noqa: E402
 from vlp_train.masking import TASKS  # noqa: E402
 
 DATA = os.environ.get("VLP_BENCH_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -417,7 +417,7 @@ def parse_args(argv=None):
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.results_name = args.results_name or f"train_{args.device}" + (f"_{args.only}" if args.only else "")
+    args.results_name = args.results_name or results_name(f"train_{args.device}", args.only)
     from vlp_train.config import load_config
     preset = load_config(args.preset)
     reduced = args.device == "cpu"  # a 2-core CPU cannot train the base shape in a benchmark's time

@@ -88,11 +88,15 @@ class MeanPoolingEncoder:
                                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         return ids, np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
 
+    def chunk_size(self, batch_size: int) -> int:
+        """Texts tokenised at a time (and sorted by length within)."""
+        return max(batch_size * self._chunk_batches, 8192)
+
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         import torch
 
         texts = list(texts)
-        chunk = max(batch_size * self._chunk_batches, 8192)
+        chunk = self.chunk_size(batch_size)
         starts = range(0, len(texts), chunk)
         pieces = (texts[s:s + chunk] for s in starts)
         on_gpu = self._device.type == "cuda"

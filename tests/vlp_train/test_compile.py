@@ -1,6 +1,8 @@
 """torch.compile of the training step (the CUDA default): no graph breaks (a break is where a
 host sync such as `.item()` would sit), few enough graphs for batches of varying text length and
 labelled-position count, and the same losses and ITM weights as the eager step."""
+from contextlib import nullcontext
+
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
@@ -11,7 +13,6 @@ from vlp_train.data import CorpusStream, enabled_tasks, expand_shards
 from vlp_train.masking import BatchBuilder
 from vlp_train.model import build_model, bundled_bert_path
 from vlp_train.train import STEP_GRAPHS, Pretraining, compile_step, compute_loss, to_device
-from contextlib import nullcontext
 
 from .conftest import DIM, TAGS, TINY_MODEL, write_shards
 
