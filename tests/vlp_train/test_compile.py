@@ -55,5 +55,6 @@ def test_compiled_step_has_no_graph_breaks_few_graphs_and_eager_losses(tmp_path)
     # at most a static and a dynamic graph per task and weighting, within the limit compile_step
     # sets: past it dynamo would run the step eagerly, with only a log warning
     graphs = counters["stats"]["unique_graphs"]
+    print(f"compiled graphs: {graphs}")  # docs/benchmarks.md cites it (pytest -s)
     most = 2 * (len(tasks) + len(weighted))
     assert len(tasks) + len(weighted) <= graphs <= most <= STEP_GRAPHS <= torch._dynamo.config.recompile_limit, graphs
