@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/loader_parts.py
+	$(BIN)/python bench/compile.py
 
 clean:
 	rm -rf vlp-out vlp-run .pytest_cache

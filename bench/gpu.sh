@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md, on the device machine (no Beam, FAISS or spaCy there).
-#   here, once:  python bench/gpu_kit.py                      (-> .carry/gpu-kit)
-#   device tool: run(command="bash bench/gpu.sh retrieval", carry=[".carry/gpu-kit"])   # ~3 min
-#                run(command="bash bench/gpu.sh train",     carry=[".carry/gpu-kit"])   # ~8 min
-#   (no argument: both, which may not fit one 10-minute call). JSON results and the trainer's
-#   profile table are copied to $OUT (bench/results/ when $OUT is unset).
-set -euo pipefail
+# Every GPU figure of docs/benchmarks.md in one device call (no Beam, FAISS or spaCy there).
+#   here, once:  python bench/gpu_kit.py                                  (-> .carry/gpu-kit)
+#   device tool: run(command="bash bench/gpu.sh", carry=[".carry/gpu-kit"], timeout_s=600)
+# The parts run in turn (embedding, retrieval, trainer), each under what is left of
+# GPU_BUDGET_S (default 540 s), so the call ends inside the device's 10-minute limit even when a
+# part runs long; a part cut short keeps what it had written. Every part writes its JSON as it
+# finishes, straight into $OUT (bench/results/ where $OUT is unset), beside gpu.log (this output)
+# and gpu-util.csv (GPU utilisation and memory, once a second). `bash bench/gpu.sh train` (or
+# embed, retrieve) runs one part. Exit status 1 when a part failed or was cut short.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-KIT=.carry/gpu-kit
+KIT=${GPU_KIT:-.carry/gpu-kit}
 [ -d "$KIT/site" ] || { echo "no $KIT: run 'python bench/gpu_kit.py' here and carry it" >&2; exit 2; }
 export PYTHONPATH="$PWD/$KIT/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export VLP_BENCH_RESULTS="${OUT:-$PWD/bench/results}"
+mkdir -p "$VLP_BENCH_RESULTS"
 PY=${PYTHON:-python3}
-DEST=${OUT:-bench/results}
-PART=${1:-all}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
-if [ "$PART" = all ] || [ "$PART" = retrieval ]; then
-  "$PY" bench/retrieval.py --device cuda --sentences 200000 --queries 1000000 --corpus 1000000 --repeats 3
-fi
-if [ "$PART" = all ] || [ "$PART" = train ]; then
-  "$PY" bench/train.py --device cuda --profile 6
-fi
-mkdir -p "$DEST"
-cp bench/results/*_cuda*.json bench/results/*_cuda*.txt "$DEST"/ 2>/dev/null || true
+ONLY=${1:-all}
+BUDGET=${GPU_BUDGET_S:-540}
+START=$SECONDS
+FAILED=
+
+part() {  # part NAME COMMAND...: run it if asked for and time is left, for at most the time left
+  local name=$1 left
+  shift
+  [ "$ONLY" = all ] || [ "$ONLY" = "$name" ] || return 0
+  left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 30 ]; then echo "== $name: skipped, $left s of the budget left"; return 0; fi
+  echo "== $name: at most $left s, from $((SECONDS - START)) s"
+  timeout --kill-after=10 "$left" "$@"
+  local code=$?
+  echo "== $name: exit $code after $((SECONDS - START)) s"
+  [ "$code" = 0 ] || FAILED="$FAILED $name"
+}
+
+main() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 >"$VLP_BENCH_RESULTS/gpu-util.csv" 2>/dev/null &
+  UTIL=$!
+  "$PY" -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__,
+    'transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
+
+  part embed "$PY" bench/retrieval.py --device cuda --only embed --sentences 100000 --repeats 3
+  part retrieve "$PY" bench/retrieval.py --device cuda --only retrieve --queries 1000000 --corpus 1000000 --repeats 3
+  part train "$PY" bench/train.py --device cuda --profile 6
+  kill "$UTIL" 2>/dev/null
+  [ -z "$FAILED" ] || { echo "== failed or cut short:$FAILED"; return 1; }
+}
+
+main 2>&1 | tee -a "$VLP_BENCH_RESULTS/gpu.log"

@@ -170,6 +170,7 @@ def main(argv=None):
     if args.only in (None, "embed"):
         result["embed"] = bench_embed(args, sync)
         print("embed", json.dumps(result["embed"]))
+        write_result(results_name(f"retrieval_{args.device}", args.only), result)  # kept if the rest is cut short
     if args.only in (None, "retrieve"):
         result["retrieve"] = bench_retrieve(args, sync)
         print("retrieve", json.dumps(result["retrieve"]))

@@ -23,6 +23,9 @@ corpus feeds any number of steps; everything else is what `vlp_train/train.py` b
   scheduler step, on a few batches built beforehand and already on the device (no loader cost);
   bf16 autocast and torch.compile on CUDA as train.py does (`--compile`).
 - e2e: the loader feeding the step, with train.py's non-blocking copies to the device.
+- flops (in step, or alone with `--only flops`): the step's model FLOPs per sample, counted on a
+  meta-device copy (matrix products and attention), and from them the step's TFLOP/s and what
+  the 8,000 samples/s target asks of the device.
 
 A sample is one (regions, text) sequence through the model with its objectives. With
 `--schedule round_robin` (default, the paper's MMF setup) a batch of B images is one granularity
@@ -33,7 +36,7 @@ no-grad forward pass that gives the per-sample ITM weights; it is not counted as
 
 Each figure is the median over `--repeats` windows of `--steps` batches (the loader: at least 4,000
 samples a window), after `--warmup`
-batches (worker start-up, shuffle buffer, compilation). Writes bench/results/train_<device>.json
+batches (worker start-up, shuffle buffer, compilation: their time is `warmup_s`). Writes bench/results/train_<device>.json
 (`--results-name` or $VLP_BENCH_RESULTS, a folder, to put it elsewhere).
 """
 from __future__ import annotations
@@ -205,7 +208,7 @@ class Trainer:
         from vlp_train.data import CorpusStream, enabled_tasks, expand_shards, load_tag_vocab
         from vlp_train.masking import BatchBuilder
         from vlp_train.model import bert_config_for, build_model, bundled_bert_path
-        from vlp_train.train import (Pretraining, compile_step, compiles, lr_lambda, make_optimizer, pick_device,
+        from vlp_train.train import (CompiledStep, Pretraining, compiles, lr_lambda, make_optimizer, pick_device,
                                      seed_everything)
 
         self.cfg, self.torch = cfg, torch
@@ -217,8 +220,9 @@ class Trainer:
             init_folder if os.path.isfile(os.path.join(init_folder, "vocab.txt")) else bundled_bert_path())
         tags = load_tag_vocab(cfg.data.tag_vocab, self.urls)
         self.tasks = enabled_tasks(cfg.objectives)
+        self.compiled = compiles(cfg, self.device)
         self.builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
-                                    cfg.model.max_regions, cfg.objectives)
+                                    cfg.model.max_regions, cfg.objectives, pad_regions=self.compiled)
         self._stream = lambda shuffle_buffer: CorpusStream(
             self.urls, self.builder, cfg.data.batch_size, self.tasks, cfg.objectives.schedule, shuffle_buffer,
             cfg.run.seed, resampled=True)
@@ -227,9 +231,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(10**6, cfg.optim.warmup_ratio))
         self.step_module = Pretraining(self.model)
-        self.compiled = compiles(cfg, self.device)
         if self.compiled:
-            self.step_module = compile_step(self.step_module)
+            self.step_module = CompiledStep(self.step_module)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.model.train()
 
@@ -273,9 +276,11 @@ def samples_in(batch: dict) -> int:
 
 def measure(next_samples, warmup: int, steps: int, repeats: int, sync) -> dict:
     """Run `warmup` units, then `repeats` windows of `steps` units; samples/s of each window."""
+    start = time.perf_counter()
     for _ in range(warmup):
         next_samples()
     sync()
+    warmup_s = time.perf_counter() - start  # worker start-up, shuffle buffer fill, compilation
     rates = []
     for _ in range(repeats):
         start, samples = time.perf_counter(), 0
@@ -283,7 +288,7 @@ def measure(next_samples, warmup: int, steps: int, repeats: int, sync) -> dict:
             samples += next_samples()
         sync()
         rates.append(samples / (time.perf_counter() - start))
-    return {"samples_per_s": statistics.median(rates), "windows_samples_per_s": rates}
+    return {"samples_per_s": statistics.median(rates), "windows_samples_per_s": rates, "warmup_s": warmup_s}
 
 
 LOADER_WINDOW_SAMPLES = 4000  # a loader window of 3 small batches lasts ~50 ms: too noisy to compare
@@ -323,7 +328,8 @@ def bench_step(trainer: Trainer, args) -> dict:
         return samples_in(batch)
     # every prebuilt batch once at least before timing (torch.compile: one graph per task and text length)
     result = measure(next_samples, max(args.warmup, len(prebuilt)), args.steps, args.repeats, trainer.sync)
-    result["text_tokens"] = sorted({int(v["input_ids"].shape[1]) for b in prebuilt for v in b["views"].values()})
+    result.update(flops_of(trainer, prebuilt, args))
+    result["model_tflops_per_s"] = result["mean_gflops_per_sample"] * result["samples_per_s"] / 1e3
     if args.profile:
         result["profile"] = profile_steps(trainer, next_samples, args)
     if trainer.device.type == "cuda":  # includes the prebuilt batches, resident on the device
@@ -333,6 +339,45 @@ def bench_step(trainer: Trainer, args) -> dict:
                                             for t in v.values() if torch.is_tensor(t)) / 2**20
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def flops_per_sample(trainer: Trainer, prebuilt: list[dict], weighting: bool) -> dict:
+    """Model FLOPs per sample of each task's step: forward and backward, plus the ITM-weight
+    forward where it runs. Counted by torch's FlopCounterMode (matrix products and attention; the
+    element-wise rest is left out, as in the usual MFU figure) on a meta-device copy of the model
+    and batch: shapes only, nothing computed, so the count costs no device time."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlp_train.train import Pretraining, compute_loss
+    torch = trainer.torch
+    meta_step = Pretraining(copy.deepcopy(trainer.model).to("meta"))
+    per_task = {}
+    for batch in prebuilt:
+        for task, view in batch["views"].items():
+            view = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in view.items()}
+            with FlopCounterMode(display=False) as counter:
+                loss, _, _ = compute_loss(meta_step, {task: view}, weighting, nullcontext())
+                loss.backward()
+            per_task[task] = counter.get_total_flops() / int(view["input_ids"].shape[0])
+    return per_task
+
+
+def flops_of(trainer: Trainer, prebuilt: list[dict], args) -> dict:
+    """The counted FLOPs of the step's batches; every timed window holds whole rounds of the
+    tasks (or mixed batches), so a sample's mean is the mean over the tasks."""
+    per_task = flops_per_sample(trainer, prebuilt, args.itm_weighting == "on")
+    mean = statistics.mean(per_task.values())
+    return {"text_tokens": sorted({int(v["input_ids"].shape[1]) for b in prebuilt for v in b["views"].values()}),
+            "model_gflops_per_sample": {task: flops / 1e9 for task, flops in per_task.items()},
+            "mean_gflops_per_sample": mean / 1e9, "tflops_per_s_at_target": mean * TARGET_SAMPLES_PER_S / 1e12}
+
+
+def bench_flops(trainer: Trainer, args) -> dict:
+    """The step's FLOPs per sample alone (`--only flops`): batches built, counted, nothing timed,
+    so the base shape's arithmetic can be had on a CPU."""
+    return flops_of(trainer, trainer.prebuilt(len(trainer.tasks) if args.schedule == "round_robin" else 1), args)
 
 
 def profile_steps(trainer: Trainer, next_samples, args) -> dict:
@@ -406,7 +451,8 @@ def parse_args(argv=None):
                                                     "round_robin rounds it up to whole rounds of the three tasks")
     parser.add_argument("--warmup", type=int, help="batches before timing (default 30; 3 on CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
-    parser.add_argument("--only", choices=["loader", "step", "e2e"])
+    parser.add_argument("--only", choices=["loader", "step", "e2e", "flops"],
+                        help="one measurement; flops: count the step's FLOPs per sample, time nothing")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the step measurement, profile this many steps with torch.profiler")
     parser.add_argument("--results-name", default=None,
@@ -473,11 +519,15 @@ def main(argv=None) -> dict:
               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
               "target_samples_per_s": TARGET_SAMPLES_PER_S,
               "target": "base config (12 x 768, batch 480, 36 x 2048-d regions) on one H100"}
+    if args.only == "flops":
+        result["flops"] = bench_flops(trainer, args)
+        print("flops:", json.dumps(result["flops"]))
     for part, fn in (("loader", bench_loader), ("step", bench_step), ("e2e", bench_e2e)):
         if args.only in (None, part):
             result[part] = fn(trainer, args)
             result[f"{part}_samples_per_s"] = result[part]["samples_per_s"]
             print(f"{part}: {result[part]['samples_per_s']:.1f} samples/s", json.dumps(result[part]))
+            write_result(args.results_name, result)  # each part as it ends: a run cut short keeps them
     for part in ("e2e", "step"):  # training's figure: e2e holds only the batches in flight
         if "peak_gpu_memory_mb" in result.get(part, {}):
             result["peak_gpu_memory_mb"] = result[part]["peak_gpu_memory_mb"]

@@ -57,6 +57,10 @@ def test_all_three_measurements(results):
     for part in ("loader", "step", "e2e"):
         assert result[f"{part}_samples_per_s"] > 0
         assert all(rate > 0 for rate in result[part]["windows_samples_per_s"])
+        assert result[part]["warmup_s"] > 0
+    step = result["step"]
+    assert set(step["model_gflops_per_sample"]) == {"rt", "rp", "is"}
+    assert step["model_tflops_per_s"] == pytest.approx(step["mean_gflops_per_sample"] * step["samples_per_s"] / 1e3)
     assert "peak_gpu_memory_mb" not in result  # CPU: peak RSS instead
 
 
@@ -68,3 +72,12 @@ def test_one_measurement_mixed(results, part):
     assert {"loader", "step", "e2e"} & set(result) == {part}
     assert result["steps"] == 2  # mixed: no rounding to whole rounds of the three tasks
     assert result["schedule"] == "mixed" and "3B samples" in result["sample"] and not result["itm_weighting"]
+
+
+def test_flops_count_the_itm_weight_forward_and_nothing_is_timed(results):
+    on = bench_train.main(TINY + ["--only", "flops"])["flops"]["model_gflops_per_sample"]
+    off = bench_train.main(TINY + ["--only", "flops", "--itm-weighting", "off"])["flops"]["model_gflops_per_sample"]
+    assert on["rt"] == off["rt"] > 0  # region-tag is never weighted
+    for task in ("rp", "is"):  # the weight is one more forward, without the heads' backward
+        assert 0 < on[task] - off[task] < off[task] / 2, (task, on, off)
+    assert not {"loader", "step", "e2e"} & set(read(results, "train_cpu_flops"))

@@ -59,3 +59,47 @@ def test_gpu_benchmarks_run_from_the_kit_alone(tmp_path):
     with open(tmp_path / "results" / "train_cpu_step.json", encoding="utf-8") as f:
         profile = json.load(f)["step"]["profile"]
     assert profile["steps"] == 2 and profile["top"] and (tmp_path / "results" / profile["table"]).is_file()
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# stands in for python3 on the GPU node: logs its arguments; each benchmark 'writes' a result
+echo "$*" >> "$VLP_BENCH_RESULTS/calls.txt"
+case "$1" in
+  bench/*) echo '{{}}' > "$VLP_BENCH_RESULTS/$(basename "$1" .py)-$(date +%s%N).json"; sleep {sleep} ;;
+esac
+"""
+
+
+def run_gpu_sh(tmp_path, sleep: float, budget: int, *only):
+    import os
+    kit, out = tmp_path / "kit", tmp_path / "out"
+    (kit / "site").mkdir(parents=True, exist_ok=True)
+    stub = tmp_path / "python3"
+    stub.write_text(STUB_PYTHON.format(sleep=sleep))
+    stub.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "GPU_KIT": str(kit), "OUT": str(out), "PYTHON": str(stub), "GPU_BUDGET_S": str(budget)}
+    done = subprocess.run(["bash", "bench/gpu.sh", *only], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    calls = (out / "calls.txt").read_text().splitlines() if (out / "calls.txt").exists() else []
+    return done, out, [c for c in calls if c.startswith("bench/")]
+
+
+def test_gpu_sh_runs_every_part_in_one_call_into_out(tmp_path):
+    done, out, calls = run_gpu_sh(tmp_path, 0, 540)
+    assert done.returncode == 0, done.stderr
+    assert [c.split()[0] for c in calls] == ["bench/retrieval.py", "bench/retrieval.py", "bench/train.py"]
+    assert all("--device cuda" in c for c in calls) and "--only embed" in calls[0] and "--only retrieve" in calls[1]
+    log = (out / "gpu.log").read_text()
+    assert log == done.stdout and log.count("exit 0 after") == 3  # the log of the call lands in $OUT too
+    assert len(list(out.glob("*.json"))) == 3  # results written straight into $OUT
+
+
+def test_gpu_sh_stops_each_part_at_the_budget_and_skips_what_has_no_time_left(tmp_path):
+    done, out, calls = run_gpu_sh(tmp_path, 60, 33)  # the first part sleeps past the budget
+    assert done.returncode == 1 and done.stdout.endswith("== failed or cut short: embed\n"), done.stdout
+    assert len(calls) == 1  # embed ran, and was stopped at the budget...
+    assert "== embed: exit 124" in done.stdout  # ...by timeout
+    assert "== retrieve: skipped" in done.stdout and "== train: skipped" in done.stdout
+    done, out, calls = run_gpu_sh(tmp_path / "one", 0, 540, "train")
+    assert done.returncode == 0 and [c.split()[0] for c in calls] == ["bench/train.py"]

@@ -29,6 +29,8 @@ import torch
 
 IGNORE = -100
 TASKS = ("rt", "rp", "is")
+# the view fields whose dim 1 is the region (dim 0 is the batch in every field)
+REGION_FIELDS = frozenset({"features", "zeroed_regions", "locations", "region_mask", "mrc_labels", "mrtc_labels"})
 
 
 def tag_query(tags: list[str], scores: list[float]) -> str:
@@ -41,11 +43,12 @@ def tag_query(tags: list[str], scores: list[float]) -> str:
 
 def label_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[B, N] labels (IGNORE where unlabelled) -> (positions [B, P], targets [B, P]), P = the most
-    labelled positions of any sample (at least 1), padding targets IGNORE. The vocabulary heads
+    labelled positions of any sample (at least 2), padding targets IGNORE. The vocabulary heads
     then run on P positions instead of all N (about 15% of them), and P comes from the loader,
-    so the step needs no device-to-host sync to find them."""
+    so the step needs no device-to-host sync to find them. P is never 1: torch.compile treats a
+    size of 1 as a constant, so a batch with P = 1 would cost a graph of its own."""
     labelled = labels != IGNORE
-    width = max(1, int(labelled.sum(1).max(initial=0)))
+    width = max(2, int(labelled.sum(1).max(initial=0)))
     positions = np.zeros((labels.shape[0], width), np.int64)
     targets = np.full((labels.shape[0], width), IGNORE, np.int64)
     for i, row in enumerate(labelled):
@@ -78,10 +81,13 @@ def _configured_backend(tokenizer, max_length: int):
 
 
 class BatchBuilder:
-    def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives):
+    def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives,
+                 pad_regions: bool = False):
+        """`pad_regions`: every batch has `max_regions` region slots (padding masked out), not the
+        most of its images; a compiled step then sees one region count (see train.CompiledStep)."""
         self.tok = tokenizer
         self.tag_index = tag_index
-        self.max_text_len, self.max_regions = max_text_len, max_regions
+        self.max_text_len, self.max_regions, self.pad_regions = max_text_len, max_regions, pad_regions
         self.obj = objectives
         self.special = set(tokenizer.all_special_ids)
         self.mask_id = tokenizer.mask_token_id
@@ -101,7 +107,8 @@ class BatchBuilder:
                 np.array([e.offsets for e in encodings], np.int64).reshape(len(texts), -1, 2))
 
     def _regions(self, samples):
-        n = max(1, max(min(len(s["meta"]["boxes"]), self.max_regions) for s in samples))
+        n = self.max_regions if self.pad_regions else max(1, max(min(len(s["meta"]["boxes"]), self.max_regions)
+                                                                  for s in samples))
         dim = samples[0]["feats"].shape[1]
         # float16 as stored: half the bytes through the loader's shared memory and the host-to-
         # device copy; the trainer widens them on the device (`to_device`).

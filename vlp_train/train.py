@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -21,7 +22,7 @@ from vlp_train.config import TrainConfig, dumps
 from vlp_train.curriculum import WEIGHTED_TASKS, combine, itm_weighting_on, sample_loss
 from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, expand_shards, load_tag_vocab,
                             make_loader)
-from vlp_train.masking import BatchBuilder
+from vlp_train.masking import REGION_FIELDS, BatchBuilder
 from vlp_train.model import bert_config_for, build_model, bundled_bert_path, export_hf
 from vlp_train.objectives import OBJECTIVES, encode_view, gather_positions
 
@@ -106,16 +107,37 @@ def compiles(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda")
 
 
-STEP_GRAPHS = 16  # the step's graphs: task x ITM weighting x static/dynamic text sizes, 12 at most
+STEP_GRAPHS = 16  # the step's graphs: one per task and ITM weighting (5), plus any re-specialisation
 
 
-def compile_step(step_module: nn.Module) -> nn.Module:
-    """torch.compile of the step module. Dynamo keeps a graph per task, per weighting (off before
-    epoch m, on after) and per static or dynamic sizes; past its default limit of 8 graphs per
-    function it would run the rest eagerly, with a log warning as the only sign."""
-    import torch._dynamo
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
-    return torch.compile(step_module)
+class CompiledStep(nn.Module):
+    """torch.compile of the step module, told up front which sizes vary from batch to batch.
+
+    The batch (dim 0 of every view field: an epoch's last batch is smaller) and the per-batch
+    lengths (dim 1 of the text and labelled-position fields) vary; the region count does not,
+    since the loader pads regions to `max_regions` for a compiled step (`pad_regions`). Left to
+    itself, dynamo compiles a graph for the first batch's sizes and recompiles a dynamic one when
+    they change: two or more compiles per task and weighting, the first graph never serving
+    again. Marked dynamic up front, one graph per task and weighting serves every batch.
+
+    The region count stays fixed because inductor (torch 2.13, CPU) fails to lower attention over
+    a sequence of text + regions with both lengths symbolic (ValueRangeError in a stride check;
+    tests/vlp_train/test_compile.py). Dynamo keeps at most `recompile_limit` graphs per function
+    (default 8) and past it runs the rest eagerly, with a log warning as the only sign: the limit
+    is raised to STEP_GRAPHS."""
+
+    def __init__(self, step_module: nn.Module, backend: str = "inductor"):
+        super().__init__()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
+        self.compiled = torch.compile(step_module, backend=backend)
+
+    def forward(self, task: str, view: dict, weigh: bool = False):
+        for name, value in view.items():
+            if torch.is_tensor(value):
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+                if value.ndim >= 2 and name not in REGION_FIELDS:
+                    torch._dynamo.maybe_mark_dynamic(value, 1)
+        return self.compiled(task, view, weigh)
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -202,7 +224,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     model = build_model(cfg.model, feature_dim, len(tags)).to(device)
     tasks = enabled_tasks(cfg.objectives)
     builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
-                           cfg.model.max_regions, cfg.objectives)
+                           cfg.model.max_regions, cfg.objectives, pad_regions=compiles(cfg, device))
     dataset = CorpusStream(urls, builder, cfg.data.batch_size, tasks, cfg.objectives.schedule,
                            cfg.data.shuffle_buffer, cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
     samples = count_samples(urls) if all("://" not in u for u in urls) else 0
@@ -227,7 +249,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     step_module: nn.Module = Pretraining(model)
     if compiles(cfg, device):
-        step_module = compile_step(step_module)
+        step_module = CompiledStep(step_module)
     if dist_info.world > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)

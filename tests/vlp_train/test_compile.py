@@ -1,6 +1,7 @@
 """torch.compile of the training step (the CUDA default): no graph breaks (a break is where a
-host sync such as `.item()` would sit), few enough graphs for batches of varying text length and
-labelled-position count, and the same losses and ITM weights as the eager step."""
+host sync such as `.item()` would sit), one graph per task and ITM weighting for batches of
+varying size, text length, labelled-position count and region count, and the same losses and ITM
+weights as the eager step."""
 from contextlib import nullcontext
 
 import torch
@@ -8,36 +9,50 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 from transformers import BertTokenizerFast
 
+from bench import train as bench_train
 from vlp_train.config import load_config
-from vlp_train.data import CorpusStream, enabled_tasks, expand_shards
+from vlp_train.data import CorpusStream, enabled_tasks, expand_shards, load_tag_vocab
 from vlp_train.masking import BatchBuilder
 from vlp_train.model import build_model, bundled_bert_path
-from vlp_train.train import STEP_GRAPHS, Pretraining, compile_step, compute_loss, to_device
+from vlp_train.train import STEP_GRAPHS, CompiledStep, Pretraining, compute_loss, to_device
 
-from .conftest import DIM, TAGS, TINY_MODEL, write_shards
+from .conftest import TINY_MODEL
+
+FEATURE_DIM = 16
 
 
-def test_compiled_step_has_no_graph_breaks_few_graphs_and_eager_losses(tmp_path):
+def varied_batches(tmp_path, monkeypatch, cfg, tasks):
+    """18 round-robin batches of the benchmark's synthetic corpus (36 regions, 5 sentences of
+    12-20 words, 2-4 linked phrases), regions padded as for any compiled step: text lengths and
+    labelled-position counts vary from batch to batch as in training, and the last 3 batches have
+    fewer images (an epoch's last batch)."""
+    monkeypatch.setattr(bench_train, "DATA", str(tmp_path / "data"))
+    urls = expand_shards(bench_train.synthetic_corpus(images=120, regions=36, feature_dim=FEATURE_DIM, per_shard=60))
+    tags = load_tag_vocab(None, urls)
+    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_bert_path()), {t: i for i, t in enumerate(tags)},
+                           cfg.model.max_text_len, cfg.model.max_regions, cfg.objectives, pad_regions=True)
+    batches = []
+    for images, count in ((12, 15), (7, 3)):
+        stream = CorpusStream(urls, builder, images, tasks, "round_robin", 32, seed=len(batches), resampled=True)
+        stream.set_position(0, 0, max_batches=count)
+        batches += [to_device(batch["views"], torch.device("cpu")) for batch in stream]  # float16 features widened
+    return batches, len(tags)
+
+
+def test_compiled_step_has_no_graph_breaks_one_graph_per_task_and_eager_losses(tmp_path, monkeypatch):
     cfg = load_config("debug", TINY_MODEL + ["model.dropout=0.0", "objectives.schedule=round_robin"])
-    urls = expand_shards(write_shards(str(tmp_path / "c"), n_images=96, per_shard=48))
-    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_bert_path()),
-                           {t: i for i, t in enumerate(sorted(TAGS))}, cfg.model.max_text_len,
-                           cfg.model.max_regions, cfg.objectives)
     tasks = enabled_tasks(cfg.objectives)
-    stream = CorpusStream(urls, builder, 6, tasks, "round_robin", 16, seed=0, resampled=True)
-    stream.set_position(0, 0, max_batches=18)
-    batches = [to_device(batch["views"], torch.device("cpu")) for batch in stream]  # float16 features widened
-    shapes = {(task, tuple(v["input_ids"].shape), tuple(v["mlm_positions"].shape))
-              for views in batches for task, v in views.items()}
-    assert len(shapes) > len(tasks) + 2  # the shapes vary: dynamo must cope without piling up graphs
+    batches, num_tags = varied_batches(tmp_path, monkeypatch, cfg, tasks)
+    sizes = {(task, tuple(v["input_ids"].shape), tuple(v["mlm_positions"].shape), tuple(v["features"].shape))
+             for views in batches for task, v in views.items()}
+    assert len(sizes) > 2 * len(tasks)  # the sizes vary: dynamo must cope without piling up graphs
 
     torch.manual_seed(0)
-    eager = Pretraining(build_model(cfg.model, DIM, len(TAGS))).train()
+    eager = Pretraining(build_model(cfg.model, FEATURE_DIM, num_tags)).train()
     torch._dynamo.reset()
     counters.clear()
     # aot_eager: dynamo's capture and AOTAutograd as inductor would see them, without its codegen
-    compile_step(eager)  # for its graph limit; the step itself is compiled with aot_eager below
-    compiled = torch.compile(eager, backend="aot_eager")
+    compiled = CompiledStep(eager, backend="aot_eager")
     weighted = set()
     for n, views in enumerate(batches):
         weighting = n >= len(batches) // 3  # "epoch m" starts after a third of the batches
@@ -52,9 +67,32 @@ def test_compiled_step_has_no_graph_breaks_few_graphs_and_eager_losses(tmp_path)
     assert weighted == {"rp", "is"} & set(tasks)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["frames"]["ok"] == counters["frames"]["total"]
-    # at most a static and a dynamic graph per task and weighting, within the limit compile_step
-    # sets: past it dynamo would run the step eagerly, with only a log warning
+    # one graph per task and weighting for every size; without the dims marked dynamic dynamo
+    # compiles a static graph first, then dynamic ones as each size changes (13 here, not 5)
     graphs = counters["stats"]["unique_graphs"]
     print(f"compiled graphs: {graphs}")  # docs/benchmarks.md cites it (pytest -s)
-    most = 2 * (len(tasks) + len(weighted))
-    assert len(tasks) + len(weighted) <= graphs <= most <= STEP_GRAPHS <= torch._dynamo.config.recompile_limit, graphs
+    assert graphs == len(tasks) + len(weighted) <= STEP_GRAPHS <= torch._dynamo.config.recompile_limit, graphs
+
+
+def test_compiled_training_runs_batches_of_every_size_with_one_graph(tmp_path, monkeypatch):
+    """model.compile=on through train(), with inductor (what CUDA runs by default): batches whose
+    text length, size (an epoch's last batch) and region count (shards of 4-region and 7-region
+    images) vary. The loader pads regions to max_regions for a compiled step: with the text and
+    region lengths both symbolic, inductor fails to lower the attention (ValueRangeError), which
+    a plain torch.compile reaches as soon as a batch has another region count."""
+    from vlp_train.train import train
+
+    monkeypatch.setattr(bench_train, "DATA", str(tmp_path / "data"))
+    globs = [bench_train.synthetic_corpus(images=images, regions=regions, feature_dim=FEATURE_DIM, per_shard=20)
+             for images, regions in ((40, 4), (36, 7))]
+    cfg = load_config("debug", TINY_MODEL + [
+        "model.compile=on", "model.max_regions=8", "data.batch_size=16", "data.shuffle_buffer=1",
+        "data.eval_shards=" + globs[0].replace("*", "corpus-000000"), "objectives.region_phrase=false",
+        "objectives.image_sentence=false", "optim.epochs=2", "run.log_every=1", "run.eval_batches=1"])
+    cfg.data.shards, cfg.run.output = ",".join(globs), str(tmp_path / "run")
+    torch._dynamo.reset()
+    counters.clear()
+    summary = train(cfg)
+    assert summary["steps"] == 10  # 76 images: 4 batches of 16 and one of 12, twice
+    assert counters["stats"]["unique_graphs"] == 1  # region-tag only: one graph for every batch
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -128,6 +128,8 @@ def test_label_positions_and_losses_at_them_equal_the_full_computation(builder, 
     positions, targets = label_positions(labels)
     assert positions.tolist() == [[1, 3], [0, 0], [0, 0]]
     assert targets.tolist() == [[5, 7], [IGNORE, IGNORE], [1, IGNORE]]
+    positions, targets = label_positions(labels[1:])  # at most one label a row: still 2 wide
+    assert positions.tolist() == [[0, 0], [0, 0]] and targets.tolist() == [[IGNORE, IGNORE], [1, IGNORE]]
     model = _tiny_model()
     views = to_device(builder.build(samples[:6], ["rt", "rp", "is"], random.Random(5)), torch.device("cpu"))
     for task, (states_of, name) in {"rt": (0, "mlm"), "rp": (1, "mrtc"), "is": (0, "mlm")}.items():
