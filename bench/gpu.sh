@@ -7,7 +7,7 @@
 # part runs long; a part cut short keeps what it had written. Every part writes its JSON as it
 # finishes, straight into $OUT (bench/results/ where $OUT is unset), beside gpu.log (this output)
 # and gpu-util.csv (GPU utilisation and memory, once a second). `bash bench/gpu.sh train` (or
-# embed, retrieve) runs one part. Exit status 1 when a part failed or was cut short.
+# embed, retrieve) runs one part; GPU_TRAIN_ARGS adds flags to the trainer's benchmark. Exit status 1 when a part failed or was cut short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=${GPU_KIT:-.carry/gpu-kit}
@@ -43,7 +43,8 @@ main() {
 
   part embed "$PY" bench/retrieval.py --device cuda --only embed --sentences 100000 --repeats 3
   part retrieve "$PY" bench/retrieval.py --device cuda --only retrieve --queries 1000000 --corpus 1000000 --repeats 3
-  part train "$PY" bench/train.py --device cuda --profile 6
+  # shellcheck disable=SC2086  # GPU_TRAIN_ARGS: more flags for the trainer, e.g. "--compile off"
+  part train "$PY" bench/train.py --device cuda --profile 6 ${GPU_TRAIN_ARGS:-}
   kill "$UTIL" 2>/dev/null
   [ -z "$FAILED" ] || { echo "== failed or cut short:$FAILED"; return 1; }
 }

@@ -70,7 +70,7 @@ esac
 """
 
 
-def run_gpu_sh(tmp_path, sleep: float, budget: int, *only):
+def run_gpu_sh(tmp_path, sleep: float, budget: int, *only, **more_env):
     import os
     kit, out = tmp_path / "kit", tmp_path / "out"
     (kit / "site").mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def run_gpu_sh(tmp_path, sleep: float, budget: int, *only):
     stub.write_text(STUB_PYTHON.format(sleep=sleep))
     stub.chmod(0o755)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "GPU_KIT": str(kit), "OUT": str(out), "PYTHON": str(stub), "GPU_BUDGET_S": str(budget)}
+    env = {**os.environ, "GPU_KIT": str(kit), "OUT": str(out), "PYTHON": str(stub), "GPU_BUDGET_S": str(budget), **more_env}
     done = subprocess.run(["bash", "bench/gpu.sh", *only], cwd=root, env=env, capture_output=True, text=True,
                           timeout=120)
     calls = (out / "calls.txt").read_text().splitlines() if (out / "calls.txt").exists() else []
@@ -101,5 +101,6 @@ def test_gpu_sh_stops_each_part_at_the_budget_and_skips_what_has_no_time_left(tm
     assert len(calls) == 1  # embed ran, and was stopped at the budget...
     assert "== embed: exit 124" in done.stdout  # ...by timeout
     assert "== retrieve: skipped" in done.stdout and "== train: skipped" in done.stdout
-    done, out, calls = run_gpu_sh(tmp_path / "one", 0, 540, "train")
+    done, out, calls = run_gpu_sh(tmp_path / "one", 0, 540, "train", GPU_TRAIN_ARGS="--compile off --steps 6")
     assert done.returncode == 0 and [c.split()[0] for c in calls] == ["bench/train.py"]
+    assert calls[0].endswith("--profile 6 --compile off --steps 6")
