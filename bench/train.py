@@ -326,7 +326,7 @@ def bench_step(trainer: Trainer, args) -> dict:
         batch = next(cycle)
         trainer.step(batch["views"], args.itm_weighting == "on")
         return samples_in(batch)
-    # every prebuilt batch once at least before timing (torch.compile: one graph per task and text length)
+    # every prebuilt batch once at least before timing (torch.compile: one graph per task and weighting)
     result = measure(next_samples, max(args.warmup, len(prebuilt)), args.steps, args.repeats, trainer.sync)
     result.update(flops_of(trainer, prebuilt, args))
     result["model_tflops_per_s"] = result["mean_gflops_per_sample"] * result["samples_per_s"] / 1e3
