@@ -7,7 +7,8 @@
 # part runs long; a part cut short keeps what it had written. Every part writes its JSON as it
 # finishes, straight into $OUT (bench/results/ where $OUT is unset), beside gpu.log (this output)
 # and gpu-util.csv (GPU utilisation and memory, once a second). `bash bench/gpu.sh train` (or
-# embed, retrieve) runs one part; GPU_TRAIN_ARGS adds flags to the trainer's benchmark. Exit status 1 when a part failed or was cut short.
+# embed, retrieve) runs one part; GPU_TRAIN_ARGS adds flags to the trainer's benchmark. Exit
+# status 1 when a part failed or was cut short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=${GPU_KIT:-.carry/gpu-kit}

@@ -317,7 +317,7 @@ def bench_loader(trainer: Trainer, args) -> dict:
 
 def bench_step(trainer: Trainer, args) -> dict:
     torch = trainer.torch
-    prebuilt = trainer.prebuilt(len(trainer.tasks) if args.schedule == "round_robin" else 1)  # one of each view
+    prebuilt = one_of_each_view(trainer, args)
     cycle = itertools.cycle(prebuilt)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -377,7 +377,12 @@ def flops_of(trainer: Trainer, prebuilt: list[dict], args) -> dict:
 def bench_flops(trainer: Trainer, args) -> dict:
     """The step's FLOPs per sample alone (`--only flops`): batches built, counted, nothing timed,
     so the base shape's arithmetic can be had on a CPU."""
-    return flops_of(trainer, trainer.prebuilt(len(trainer.tasks) if args.schedule == "round_robin" else 1), args)
+    return flops_of(trainer, one_of_each_view(trainer, args), args)
+
+
+def one_of_each_view(trainer: Trainer, args) -> list[dict]:
+    """Prebuilt batches holding each granularity once: one batch a task round robin, one mixed."""
+    return trainer.prebuilt(len(trainer.tasks) if args.schedule == "round_robin" else 1)
 
 
 def profile_steps(trainer: Trainer, next_samples, args) -> dict:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -128,6 +127,7 @@ class CompiledStep(nn.Module):
 
     def __init__(self, step_module: nn.Module, backend: str = "inductor"):
         super().__init__()
+        import torch._dynamo  # here, not at module level: ~2 s of start-up that an eager run never needs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
         self.compiled = torch.compile(step_module, backend=backend)
 
