@@ -1,9 +1,11 @@
-"""What compiling the training step costs before it runs at speed: graphs and seconds, ours
-(`vlp_train.train.CompiledStep`: batch and length dims marked dynamic up front) vs a plain
-`torch.compile` of the same step, over the same batches of varying sizes.
+"""What compiling the training step costs before it runs at speed: graphs and seconds, for
+train.py's two scopes, `layers` (`vlp_train.train.CompiledLayers`: one compiled transformer layer
+serves all, the default) and `step` (`CompiledStep`: the whole step, batch and length dims marked
+dynamic up front), vs a plain `torch.compile` of the step, over the same batches of varying sizes.
 
     python bench/compile.py                  # CPU: the 2 x 256 model of bench/train.py, batch 32, inductor
     python bench/compile.py --device cuda    # the base model, batch 480 (bench/gpu.sh does not run it)
+    python bench/compile.py --layers 12 --hidden 64 --heads 2 --batch-size 16 --variants layers,step,eager
 
 The batches are bench/train.py's synthetic shards (36 regions x 2048-d, 5 sentences per image):
 text lengths and labelled-position counts vary from batch to batch, as in training; the last
@@ -12,7 +14,8 @@ switched on after a third of the batches (as at epoch m). Each variant runs in i
 with an empty inductor cache, so neither reuses the other's kernels; the eager step (no
 compilation) runs the same batches for scale. Reported per variant:
 graphs compiled, seconds for the first pass over the batches (compilation included), and the
-step's samples/s on a second pass (everything compiled). Writes bench/results/compile_<device>.json.
+step's samples/s on a second pass (everything compiled). Writes bench/results/compile_<device>.json
+(with other shapes or a subset of the variants, compile_<device>_<layers>layers_<variants>.json).
 """
 from __future__ import annotations
 
@@ -30,17 +33,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.env import device_name, write_result  # noqa: E402
 
-VARIANTS = ("ours", "plain", "eager")
+VARIANTS = ("layers", "step", "plain", "eager")
 
 
 def varied_batches(trainer, count: int) -> list[dict]:
-    """`count` prebuilt batches, regions padded to 36 as for any compiled step; the last
-    quarter with 5/8 of the images (an epoch's last batch)."""
+    """`count` prebuilt batches, regions padded to 36 as a step compiled whole needs (the same
+    batches for every variant); the last quarter with 5/8 of the images (an epoch's last batch)."""
     trainer.builder.pad_regions = True
     full = count - count // 4
     batches = trainer.prebuilt(full)
     trainer.cfg.data.batch_size = max(2, trainer.cfg.data.batch_size * 5 // 8)
     return batches + trainer.prebuilt(count - full)
+
+
+def shape_flags(args) -> list[str]:
+    """The model and batch flags given, passed on to bench/train.py (its CPU defaults otherwise)."""
+    return [flag for name in ("batch_size", "layers", "hidden", "heads") if getattr(args, name)
+            for flag in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
 
 
 def run_variant(variant: str, args) -> dict:
@@ -49,18 +58,17 @@ def run_variant(variant: str, args) -> dict:
     from torch._dynamo.utils import counters
 
     from bench import train as bench_train
-    from vlp_train.train import STEP_GRAPHS, Pretraining
+    from vlp_train.train import STEP_GRAPHS, Pretraining, step_module_for
 
     train_args = bench_train.parse_args(["--device", args.device, "--compile", "off", "--itm-weighting", "on"]
-                                        + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
+                                        + shape_flags(args))
     cfg = bench_train.build_config(train_args)
     trainer = bench_train.Trainer(cfg, bench_train.synthetic_corpus(train_args.images, train_args.regions,
                                                                     train_args.feature_dim))
     batches = varied_batches(trainer, args.batches)
     counters.clear()
-    if variant == "ours":
-        from vlp_train.train import CompiledStep
-        trainer.step_module = CompiledStep(Pretraining(trainer.model))
+    if variant in ("layers", "step"):  # train.py's
+        trainer.step_module = step_module_for(trainer.model, variant)
     elif variant == "plain":  # what a researcher writes: torch.compile, with the same raised graph limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
         trainer.step_module = torch.compile(Pretraining(trainer.model))
@@ -93,25 +101,38 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--batch-size", type=int, help="images per batch (default: bench/train.py's)")
+    parser.add_argument("--layers", type=int, help="model layers (default: bench/train.py's)")
+    parser.add_argument("--hidden", type=int, help="model width (default: bench/train.py's)")
+    parser.add_argument("--heads", type=int, help="attention heads (default: bench/train.py's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant, in a child process
     args = parser.parse_args(argv)
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return None
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants {args.variants!r}: expected a comma list of {', '.join(VARIANTS)}")
     result = {"device": device_name(args.device), "command": "python " + " ".join(sys.argv), "batches": args.batches,
               "backend": "inductor", "itm_weighting_from_batch": args.batches // 3}
-    for variant in VARIANTS:
+    for variant in variants:
         with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
             command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--device", args.device,
-                       "--batches", str(args.batches)] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+                       "--batches", str(args.batches)] + shape_flags(args)
             done = subprocess.run(command, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
                                   capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{variant} failed:\n{done.stderr[-4000:]}")
         result[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         print(variant, json.dumps(result[variant]), flush=True)
-    result["first_pass_ratio"] = result["ours"]["first_pass_s"] / result["plain"]["first_pass_s"]
-    write_result(f"compile_{args.device}", result)
+    for variant in ("layers", "step"):  # compile cost against the plain torch.compile, and against ours whole
+        for other in ("plain", "step"):
+            if variant != other and variant in result and other in result:
+                result[f"first_pass_ratio_{variant}_to_{other}"] = (result[variant]["first_pass_s"]
+                                                                    / result[other]["first_pass_s"])
+    name = f"compile_{args.device}" + ("" if variants == list(VARIANTS) and not args.layers
+                                       else f"_{result[variants[0]]['shape']['layers']}layers_" + "_".join(variants))
+    write_result(name, result)
     return result
 
 

@@ -2,13 +2,13 @@
 # Every GPU figure of docs/benchmarks.md in one device call (no Beam, FAISS or spaCy there).
 #   here, once:  python bench/gpu_kit.py                                  (-> .carry/gpu-kit)
 #   device tool: run(command="bash bench/gpu.sh", carry=[".carry/gpu-kit"], timeout_s=600)
-# The parts run in turn (embedding, retrieval, trainer), each under what is left of
-# GPU_BUDGET_S (default 540 s), so the call ends inside the device's 10-minute limit even when a
-# part runs long; a part cut short keeps what it had written. Every part writes its JSON as it
-# finishes, straight into $OUT (bench/results/ where $OUT is unset), beside gpu.log (this output)
-# and gpu-util.csv (GPU utilisation and memory, once a second). `bash bench/gpu.sh train` (or
-# embed, retrieve) runs one part; GPU_TRAIN_ARGS adds flags to the trainer's benchmark. Exit
-# status 1 when a part failed or was cut short.
+# The parts run in turn (embedding, retrieval, trainer, the step compiled whole), each under
+# what is left of GPU_BUDGET_S (default 540 s), so the call ends inside the device's 10-minute
+# limit even when a part runs long; a part cut short keeps what it had written. Every part writes
+# its JSON as it finishes, straight into $OUT (bench/results/ where $OUT is unset), beside gpu.log
+# (this output) and gpu-util.csv (GPU utilisation and memory, once a second). `bash bench/gpu.sh
+# train` (or embed, retrieve, train-step) runs one part; GPU_TRAIN_ARGS adds flags to the
+# trainer's benchmark. Exit status 1 when a part failed or was cut short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=${GPU_KIT:-.carry/gpu-kit}
@@ -46,6 +46,10 @@ main() {
   part retrieve "$PY" bench/retrieval.py --device cuda --only retrieve --queries 1000000 --corpus 1000000 --repeats 3
   # shellcheck disable=SC2086  # GPU_TRAIN_ARGS: more flags for the trainer, e.g. "--compile off"
   part train "$PY" bench/train.py --device cuda --profile 6 ${GPU_TRAIN_ARGS:-}
+  # the step compiled whole (minutes of compilation) against train.py's default, one compiled
+  # layer for all; last, so that the budget cutting it short costs no other figure
+  part train-step "$PY" bench/train.py --device cuda --only step --compile-scope step \
+    --results-name train_cuda_step_scope
   kill "$UTIL" 2>/dev/null
   [ -z "$FAILED" ] || { echo "== failed or cut short:$FAILED"; return 1; }
 }

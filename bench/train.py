@@ -21,7 +21,8 @@ corpus feeds any number of steps; everything else is what `vlp_train/train.py` b
   processes, pinned memory on CUDA); batches are consumed and dropped.
 - step: the model, AdamW and `compute_loss` of train.py, backward, gradient clipping, optimizer and
   scheduler step, on a few batches built beforehand and already on the device (no loader cost);
-  bf16 autocast and torch.compile on CUDA as train.py does (`--compile`).
+  bf16 autocast and torch.compile on CUDA as train.py does (`--compile`; `--compile-scope`: one
+  transformer layer compiled for all, train.py's default, or the whole step).
 - e2e: the loader feeding the step, with train.py's non-blocking copies to the device.
 - flops (in step, or alone with `--only flops`): the step's model FLOPs per sample, counted on a
   meta-device copy (matrix products and attention), and from them the step's TFLOP/s and what
@@ -189,7 +190,7 @@ def build_config(args):
     cfg.model.hidden = args.hidden if args.hidden is not None else cfg.model.hidden
     cfg.model.heads = args.heads if args.heads is not None else cfg.model.heads
     cfg.model.feature_dim = args.feature_dim
-    cfg.model.compile = args.compile
+    cfg.model.compile, cfg.model.compile_scope = args.compile, args.compile_scope
     cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer = args.batch_size, args.num_workers, args.shuffle_buffer
     cfg.data.resampled = True
     cfg.model.max_regions = args.regions
@@ -208,8 +209,8 @@ class Trainer:
         from vlp_train.data import CorpusStream, enabled_tasks, expand_shards, load_tag_vocab
         from vlp_train.masking import BatchBuilder
         from vlp_train.model import bert_config_for, build_model, bundled_bert_path
-        from vlp_train.train import (CompiledStep, Pretraining, compiles, lr_lambda, make_optimizer, pick_device,
-                                     seed_everything)
+        from vlp_train.train import (compile_scope, lr_lambda, make_optimizer, pick_device, seed_everything,
+                                     step_module_for)
 
         self.cfg, self.torch = cfg, torch
         self.device = pick_device(cfg.run.device, 0)
@@ -220,9 +221,9 @@ class Trainer:
             init_folder if os.path.isfile(os.path.join(init_folder, "vocab.txt")) else bundled_bert_path())
         tags = load_tag_vocab(cfg.data.tag_vocab, self.urls)
         self.tasks = enabled_tasks(cfg.objectives)
-        self.compiled = compiles(cfg, self.device)
+        self.compiled = compile_scope(cfg, self.device)  # None, "layers" or "step"
         self.builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
-                                    cfg.model.max_regions, cfg.objectives, pad_regions=self.compiled)
+                                    cfg.model.max_regions, cfg.objectives, pad_regions=self.compiled == "step")
         self._stream = lambda shuffle_buffer: CorpusStream(
             self.urls, self.builder, cfg.data.batch_size, self.tasks, cfg.objectives.schedule, shuffle_buffer,
             cfg.run.seed, resampled=True)
@@ -230,9 +231,7 @@ class Trainer:
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(10**6, cfg.optim.warmup_ratio))
-        self.step_module = Pretraining(self.model)
-        if self.compiled:
-            self.step_module = CompiledStep(self.step_module)
+        self.step_module = step_module_for(self.model, self.compiled)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.model.train()
 
@@ -350,9 +349,12 @@ def flops_per_sample(trainer: Trainer, prebuilt: list[dict], weighting: bool) ->
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from vlp_train.model import call_layer
     from vlp_train.train import Pretraining, compute_loss
     torch = trainer.torch
-    meta_step = Pretraining(copy.deepcopy(trainer.model).to("meta"))
+    meta_model = copy.deepcopy(trainer.model).to("meta")
+    meta_model.bert.call_layer = call_layer  # eager: compiled code would compile again for meta tensors
+    meta_step = Pretraining(meta_model)
     per_task = {}
     for batch in prebuilt:
         for task, view in batch["views"].items():
@@ -452,6 +454,8 @@ def parse_args(argv=None):
     parser.add_argument("--itm-weighting", choices=["on", "off"], default="on",
                         help="the curriculum's ITM weighting (on from the second epoch)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: CUDA only)")
+    parser.add_argument("--compile-scope", choices=["layers", "step"], default="layers",
+                        help="what is compiled: one transformer layer serving all (train.py's default) or the whole step")
     parser.add_argument("--steps", type=int, help="batches per timed window (default 30; 3 on CPU); "
                                                     "round_robin rounds it up to whole rounds of the three tasks")
     parser.add_argument("--warmup", type=int, help="batches before timing (default 30; 3 on CPU)")

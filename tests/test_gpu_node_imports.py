@@ -88,11 +88,15 @@ def run_gpu_sh(tmp_path, sleep: float, budget: int, *only, **more_env):
 def test_gpu_sh_runs_every_part_in_one_call_into_out(tmp_path):
     done, out, calls = run_gpu_sh(tmp_path, 0, 540)
     assert done.returncode == 0, done.stderr
-    assert [c.split()[0] for c in calls] == ["bench/retrieval.py", "bench/retrieval.py", "bench/train.py"]
+    assert [c.split()[0] for c in calls] == ["bench/retrieval.py", "bench/retrieval.py", "bench/train.py",
+                                             "bench/train.py"]
     assert all("--device cuda" in c for c in calls) and "--only embed" in calls[0] and "--only retrieve" in calls[1]
+    assert "--only" not in calls[2] and "--compile-scope" not in calls[2]  # train.py's default: compiled layers
+    assert "--only step --compile-scope step" in calls[3]  # then the step compiled whole, into its own file
+    assert calls[3].endswith("--results-name train_cuda_step_scope")
     log = (out / "gpu.log").read_text()
-    assert log == done.stdout and log.count("exit 0 after") == 3  # the log of the call lands in $OUT too
-    assert len(list(out.glob("*.json"))) == 3  # results written straight into $OUT
+    assert log == done.stdout and log.count("exit 0 after") == 4  # the log of the call lands in $OUT too
+    assert len(list(out.glob("*.json"))) == 4  # results written straight into $OUT
 
 
 def test_gpu_sh_stops_each_part_at_the_budget_and_skips_what_has_no_time_left(tmp_path):
@@ -100,7 +104,7 @@ def test_gpu_sh_stops_each_part_at_the_budget_and_skips_what_has_no_time_left(tm
     assert done.returncode == 1 and done.stdout.endswith("== failed or cut short: embed\n"), done.stdout
     assert len(calls) == 1  # embed ran, and was stopped at the budget...
     assert "== embed: exit 124" in done.stdout  # ...by timeout
-    assert "== retrieve: skipped" in done.stdout and "== train: skipped" in done.stdout
+    assert all(f"== {part}: skipped" in done.stdout for part in ("retrieve", "train", "train-step"))
     done, out, calls = run_gpu_sh(tmp_path / "one", 0, 540, "train", GPU_TRAIN_ARGS="--compile off --steps 6")
     assert done.returncode == 0 and [c.split()[0] for c in calls] == ["bench/train.py"]
     assert calls[0].endswith("--profile 6 --compile off --steps 6")

@@ -17,6 +17,7 @@ class ModelConfig:
     max_text_len: int = 40
     dropout: float = 0.1
     compile: str = "auto"            # auto = on CUDA only; on | off
+    compile_scope: str = "layers"    # layers: one compiled layer serves all (seconds); step: the whole step (minutes)
 
 
 @dataclass

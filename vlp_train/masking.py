@@ -84,7 +84,7 @@ class BatchBuilder:
     def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives,
                  pad_regions: bool = False):
         """`pad_regions`: every batch has `max_regions` region slots (padding masked out), not the
-        most of its images; a compiled step then sees one region count (see train.CompiledStep)."""
+        most of its images; a step compiled whole then sees one region count (train.CompiledStep)."""
         self.tok = tokenizer
         self.tag_index = tag_index
         self.max_text_len, self.max_regions, self.pad_regions = max_text_len, max_regions, pad_regions

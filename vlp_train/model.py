@@ -95,6 +95,10 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
+def call_layer(layer: nn.Module, hidden, attn_mask):
+    return layer(hidden, attn_mask)
+
+
 class BertBackbone(nn.Module):
     """BertModel's embeddings + encoder, parameter-name compatible with Hugging Face."""
 
@@ -103,12 +107,15 @@ class BertBackbone(nn.Module):
         self.config = cfg
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = _Encoder(cfg)
+        # how each layer is called: the trainer swaps in one compiled call shared by every
+        # layer (train.CompiledLayers); not a module, so the state dict is the same either way
+        self.call_layer = call_layer
 
     def encode(self, hidden, padding_mask):
         """hidden [B, N, D]; padding_mask [B, N] True for real positions."""
         attn_mask = padding_mask[:, None, None, :]  # broadcast over heads and queries
         for layer in self.encoder.layer:
-            hidden = layer(hidden, attn_mask)
+            hidden = self.call_layer(layer, hidden, attn_mask)
         return hidden
 
 
