@@ -116,7 +116,8 @@ def compile_scope(cfg: TrainConfig, device: torch.device) -> str | None:
 
 
 def step_module_for(model: nn.Module, scope: str | None, backend: str = "inductor") -> nn.Module:
-    """The module the loop calls: `Pretraining(model)`, compiled as `scope` says."""
+    """The module the loop calls: `Pretraining(model)`, compiled as `scope` says (`layers`: the
+    model's layer call becomes the compiled one, so evaluation, which calls the model, uses it too)."""
     step_module = Pretraining(model)
     if scope == "step":
         return CompiledStep(step_module, backend)
