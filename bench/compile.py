@@ -54,11 +54,10 @@ def shape_flags(args) -> list[str]:
 
 def run_variant(variant: str, args) -> dict:
     import torch
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     from bench import train as bench_train
-    from vlp_train.train import STEP_GRAPHS, Pretraining, step_module_for
+    from vlp_train.train import STEP_GRAPHS, Pretraining, allow_graphs, step_module_for
 
     train_args = bench_train.parse_args(["--device", args.device, "--compile", "off", "--itm-weighting", "on"]
                                         + shape_flags(args))
@@ -70,7 +69,7 @@ def run_variant(variant: str, args) -> dict:
     if variant in ("layers", "step"):  # train.py's
         trainer.step_module = step_module_for(trainer.model, variant)
     elif variant == "plain":  # what a researcher writes: torch.compile, with the same raised graph limit
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STEP_GRAPHS)
+        allow_graphs(STEP_GRAPHS)
         trainer.step_module = torch.compile(Pretraining(trainer.model))
     else:  # the uncompiled step, for scale
         trainer.step_module = Pretraining(trainer.model)

@@ -63,6 +63,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as vlp-train: the lo
 
 from bench.data import ADJECTIVES, PLACES, VERBS  # noqa: E402
 from bench.env import device_name, peak_rss_mb, results_folder, results_name, write_result  # noqa: E402
+from vlp_train.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
 from vlp_train.masking import TASKS  # noqa: E402
 
 DATA = os.environ.get("VLP_BENCH_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -453,8 +454,8 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", choices=["round_robin", "mixed"], default="round_robin")
     parser.add_argument("--itm-weighting", choices=["on", "off"], default="on",
                         help="the curriculum's ITM weighting (on from the second epoch)")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: CUDA only)")
-    parser.add_argument("--compile-scope", choices=["layers", "step"], default="layers",
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="auto", help="torch.compile (auto: CUDA only)")
+    parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="layers",
                         help="what is compiled: one transformer layer serving all (train.py's default) or the whole step")
     parser.add_argument("--steps", type=int, help="batches per timed window (default 30; 3 on CPU); "
                                                     "round_robin rounds it up to whole rounds of the three tasks")

@@ -6,6 +6,10 @@ import json
 from dataclasses import dataclass, field
 
 
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_SCOPES = ("layers", "step")
+
+
 @dataclass
 class ModelConfig:
     init: str | None = None          # a HF BERT folder; None = the bundled MiniLM (6 x 384)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vlp_train import checkpoint
-from vlp_train.config import TrainConfig, dumps
+from vlp_train.config import COMPILE_MODES, COMPILE_SCOPES, TrainConfig, dumps
 from vlp_train.curriculum import WEIGHTED_TASKS, combine, itm_weighting_on, sample_loss
 from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, expand_shards, load_tag_vocab,
                             make_loader)
@@ -102,13 +102,10 @@ def to_device(views: dict, device: torch.device) -> dict:
     return {task: {k: move(v) for k, v in view.items()} for task, view in views.items()}
 
 
-COMPILE_SCOPES = ("layers", "step")
-
-
 def compile_scope(cfg: TrainConfig, device: torch.device) -> str | None:
     """What torch.compile compiles in this run: None (eager), "layers" or "step"."""
-    if cfg.model.compile not in ("auto", "on", "off"):
-        raise ValueError(f"model.compile={cfg.model.compile!r}: expected auto, on or off")
+    if cfg.model.compile not in COMPILE_MODES:
+        raise ValueError(f"model.compile={cfg.model.compile!r}: expected one of {COMPILE_MODES}")
     if cfg.model.compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"model.compile_scope={cfg.model.compile_scope!r}: expected one of {COMPILE_SCOPES}")
     on = cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda")
@@ -126,7 +123,7 @@ def step_module_for(model: nn.Module, scope: str | None, backend: str = "inducto
     return step_module
 
 
-def _allow_graphs(count: int) -> None:
+def allow_graphs(count: int) -> None:
     """Dynamo keeps at most `recompile_limit` graphs per function (default 8) and past it runs
     the function eagerly, with a log warning as the only sign."""
     import torch._dynamo  # here, not at module level: ~2 s of start-up that an eager run never needs
@@ -151,7 +148,7 @@ class CompiledLayers:
     training forward/backward, the no-grad ITM-weight forward and the evaluation forward."""
 
     def __init__(self, backend: str = "inductor"):
-        _allow_graphs(LAYER_GRAPHS)
+        allow_graphs(LAYER_GRAPHS)
         self.compiled = torch.compile(call_layer, backend=backend)
 
     def __call__(self, layer: nn.Module, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -179,7 +176,7 @@ class CompiledStep(nn.Module):
 
     def __init__(self, step_module: nn.Module, backend: str = "inductor"):
         super().__init__()
-        _allow_graphs(STEP_GRAPHS)
+        allow_graphs(STEP_GRAPHS)
         self.compiled = torch.compile(step_module, backend=backend)
 
     def forward(self, task: str, view: dict, weigh: bool = False):
