@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/loader_parts.py
 	$(BIN)/python bench/compile.py
+	$(BIN)/python bench/shard_keys.py
 
 clean:
 	rm -rf vlp-out vlp-run .pytest_cache

@@ -15,7 +15,7 @@ with an empty inductor cache, so neither reuses the other's kernels; the eager s
 compilation) runs the same batches for scale. Reported per variant:
 graphs compiled, seconds for the first pass over the batches (compilation included), and the
 step's samples/s on a second pass (everything compiled). Writes bench/results/compile_<device>.json
-(with other shapes or a subset of the variants, compile_<device>_<layers>layers_<variants>.json).
+(with other shapes or a subset of the variants, compile_<device>_<layers>x<hidden>_<heads>heads_batch<size>_<variants>.json).
 """
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ def run_variant(variant: str, args) -> dict:
             "distinct_sizes": len({(task, tuple(v["input_ids"].shape), tuple(v["mlm_positions"].shape),
                                     tuple(v["features"].shape)) for b in batches for task, v in b["views"].items()}),
             "shape": {"layers": trainer.model.bert.config.num_hidden_layers,
-                      "hidden": trainer.model.bert.config.hidden_size, "batch": train_args.batch_size}}
+                      "hidden": trainer.model.bert.config.hidden_size,
+                      "heads": trainer.model.bert.config.num_attention_heads, "batch": train_args.batch_size}}
 
 
 def main(argv=None):
@@ -129,10 +130,18 @@ def main(argv=None):
             if variant != other and variant in result and other in result:
                 result[f"first_pass_ratio_{variant}_to_{other}"] = (result[variant]["first_pass_s"]
                                                                     / result[other]["first_pass_s"])
-    name = f"compile_{args.device}" + ("" if variants == list(VARIANTS) and not args.layers
-                                       else f"_{result[variants[0]]['shape']['layers']}layers_" + "_".join(variants))
-    write_result(name, result)
+    write_result(results_name(args, variants, result[variants[0]]["shape"]), result)
     return result
+
+
+def results_name(args, variants: list[str], shape: dict) -> str:
+    """compile_<device> for the default run; any other shape or subset of variants is named by both,
+    so it cannot overwrite the default run's figures or another shape's."""
+    name = f"compile_{args.device}"
+    if variants == list(VARIANTS) and not any((args.batch_size, args.layers, args.hidden, args.heads)):
+        return name
+    return (f"{name}_{shape['layers']}x{shape['hidden']}_{shape['heads']}heads_batch{shape['batch']}_"
+            + "_".join(variants))
 
 
 if __name__ == "__main__":

@@ -135,14 +135,63 @@ class _WriteShard(beam.DoFn):
                "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def shard_boundaries(keys: list[str], per_shard: int) -> list[str]:
-    """The first key of each shard when the sorted keys are cut every `per_shard`."""
-    return sorted(keys)[::per_shard]
+# Keys are cut into ranges by their first characters (16**3 = 4,096 ranges for the hex keys): a
+# key's range orders it before every key of a later range, so a key's rank over the corpus is the
+# number of keys in earlier ranges plus its rank in its own. Counting, ranking and the cut then run
+# on all workers; one worker holds only the range counts and the shard boundaries.
+KEY_RANGE_CHARS = 3
+
+
+def key_range(key: str) -> str:
+    return key[:KEY_RANGE_CHARS]
+
+
+def range_offsets(range_counts: list[tuple[str, int]]) -> dict[str, int]:
+    """(range, number of keys) -> range: the number of keys in all earlier ranges."""
+    offsets, total = {}, 0
+    for name, count in sorted(range_counts):
+        offsets[name] = total
+        total += count
+    return offsets
+
+
+def shard_firsts_in_range(range_keys, offset: int, per_shard: int) -> list[str]:
+    """The keys of one range that start a shard: global rank (offset + rank in the range) a
+    multiple of `per_shard`."""
+    keys = sorted(range_keys)
+    first = -offset % per_shard  # the rank in this range of its first shard start
+    return keys[first::per_shard]
 
 
 def shard_of(key: str, boundaries: list[str]) -> int:
     """The shard holding `key`: the last one whose first key is not after it."""
     return max(0, bisect_right(boundaries, key) - 1)
+
+
+class ShardBoundaries(beam.PTransform):
+    """Keys -> a singleton PCollection: the sorted first key of each shard when the sorted keys
+    are cut every `per_shard`, i.e. `sorted(keys)[::per_shard]`, without gathering the keys on
+    one worker (70 MB of Python strings a million keys there, by bench/shard_keys.py)."""
+
+    def __init__(self, per_shard: int):
+        super().__init__()
+        self._per_shard = per_shard
+
+    def expand(self, keys):
+        per_shard = self._per_shard
+        by_range = keys | "ByRange" >> beam.Map(lambda k: (key_range(k), k))
+        offsets = (by_range
+                   | "One" >> beam.MapTuple(lambda name, _: (name, 1))
+                   | "CountPerRange" >> beam.CombinePerKey(sum)
+                   | "RangeCounts" >> beam.combiners.ToList()
+                   | "Offsets" >> beam.Map(range_offsets))
+        return (by_range
+                | "GroupRange" >> beam.GroupByKey()
+                | "FirstsInRange" >> beam.FlatMap(
+                    lambda grouped, offsets: shard_firsts_in_range(grouped[1], offsets[grouped[0]], per_shard),
+                    offsets=beam.pvalue.AsSingleton(offsets))
+                | "Firsts" >> beam.combiners.ToList()
+                | "Sorted" >> beam.Map(sorted))
 
 
 class WriteShards(beam.PTransform):
@@ -160,9 +209,7 @@ class WriteShards(beam.PTransform):
         keyed = samples | "Key" >> beam.Map(lambda sf: (sample_key(sf[0]["image_id"]), sf))
         # Every worker gets the first key of each shard, not every key: 1 / samples_per_shard of
         # the side input (10,000 keys instead of 10 million for a 10M-image corpus).
-        boundaries = (keyed | "Keys" >> beam.Keys()
-                      | "AllKeys" >> beam.combiners.ToList()
-                      | "ShardBoundaries" >> beam.Map(shard_boundaries, per_shard))
+        boundaries = keyed | "Keys" >> beam.Keys() | "ShardBoundaries" >> ShardBoundaries(per_shard)
 
         def assign(element, firsts):
             return shard_of(element[0], firsts), element

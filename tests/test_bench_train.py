@@ -81,3 +81,18 @@ def test_flops_count_the_itm_weight_forward_and_nothing_is_timed(results):
     for task in ("rp", "is"):  # the weight is one more forward, without the heads' backward
         assert 0 < on[task] - off[task] < off[task] / 2, (task, on, off)
     assert not {"loader", "step", "e2e"} & set(read(results, "train_cpu_flops"))
+
+
+def test_compile_benchmark_names_other_shapes_apart_from_the_default_run():
+    from argparse import Namespace
+
+    from bench import compile as bench_compile
+
+    default = Namespace(device="cpu", batch_size=None, layers=None, hidden=None, heads=None)
+    shape = {"layers": 2, "hidden": 256, "heads": 4, "batch": 32}
+    every = list(bench_compile.VARIANTS)
+    assert bench_compile.results_name(default, every, shape) == "compile_cpu"
+    wider = Namespace(**{**vars(default), "hidden": 512})  # one shape flag alone is another file
+    assert bench_compile.results_name(wider, every, {**shape, "hidden": 512}) == \
+        "compile_cpu_2x512_4heads_batch32_" + "_".join(every)
+    assert bench_compile.results_name(default, ["layers"], shape) == "compile_cpu_2x256_4heads_batch32_layers"

@@ -7,7 +7,8 @@ import webdataset as wds
 
 import schemas
 from pipelines.options import ShardOptions
-from pipelines.shards import WriteShards, WriteTable, sample_key, shard_boundaries, shard_of
+from pipelines.shards import (ShardBoundaries, WriteShards, WriteTable, key_range, range_offsets, sample_key,
+                              shard_firsts_in_range, shard_of)
 
 from .conftest import RUNNER
 
@@ -52,13 +53,38 @@ def test_shards_are_deterministic_sized_and_readable(tmp_path):
         schemas.validate_sample(s["json"], s["feats.npy"])
 
 
-def test_shard_of_a_key_from_the_boundaries_is_its_sorted_position_over_the_shard_size():
-    keys = [sample_key(f"img{i}.jpg") for i in range(1000)]
+def _boundaries_by_range(keys, per_shard):
+    """ShardBoundaries' arithmetic without Beam: count, offset and cut each key range."""
+    ranges = {}
+    for key in keys:
+        ranges.setdefault(key_range(key), []).append(key)
+    offsets = range_offsets([(name, len(ks)) for name, ks in ranges.items()])
+    return sorted(k for name, ks in ranges.items() for k in shard_firsts_in_range(ks, offsets[name], per_shard))
+
+
+def test_shard_boundaries_by_range_are_the_sorted_keys_cut_every_shard_size():
+    keys = [sample_key(f"img{i}.jpg") for i in range(20_000)]  # ~5 keys in each of the 4,096 ranges
     ranked = sorted(keys)
-    for per_shard in (1, 7, 10, 999, 1000, 5000):
-        boundaries = shard_boundaries(keys, per_shard)
+    assert max(len([k for k in keys if key_range(k) == r]) for r in {key_range(k) for k in keys[:50]}) > 1
+    for per_shard in (1, 2, 3, 7, 10, 999, 1000, 19_999, 20_000, 50_000):
+        boundaries = _boundaries_by_range(keys, per_shard)
+        assert boundaries == ranked[::per_shard]
         assert len(boundaries) == -(-len(keys) // per_shard)  # what every worker holds: one key a shard
         assert [shard_of(k, boundaries) for k in ranked] == [i // per_shard for i in range(len(ranked))]
+
+
+def test_shard_boundaries_transform_matches_on_any_keys(tmp_path):
+    # Ids whose keys share ranges (sample keys of 3,000 images) and plain strings of other lengths.
+    keys = [sample_key(f"img{i}.jpg") for i in range(3000)] + ["a", "ab", "abc", "abcd", "abc0", "b", ""]
+    with beam.Pipeline(runner=RUNNER) as p:
+        for per_shard in (1, 7, 1000):
+            _ = (p | f"Keys{per_shard}" >> beam.Create(keys[::-1])
+                 | f"Cut{per_shard}" >> ShardBoundaries(per_shard)
+                 | f"Save{per_shard}" >> beam.Map(lambda b, n=per_shard: (tmp_path / f"{n}.txt").write_text(repr(b))))
+        _ = p | beam.Create([]) | "Empty" >> ShardBoundaries(5) | beam.Map(lambda b: (tmp_path / "empty.txt").write_text(repr(b)))
+    for per_shard in (1, 7, 1000):
+        assert eval((tmp_path / f"{per_shard}.txt").read_text()) == sorted(keys)[::per_shard]
+    assert eval((tmp_path / "empty.txt").read_text()) == []
 
 
 def test_write_table_writes_every_file_sorted(tmp_path):
