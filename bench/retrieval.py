@@ -111,6 +111,8 @@ def bench_retrieve(args, sync) -> dict:
         searcher.search_ranked(queries, k)
         sync()
         extra["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        # queries whose float16 result was not certain: searched again (wider, then in float32)
+        extra["queries_widened"], extra["queries_redone"] = searcher.widened, searcher.redone
         ours_fn = lambda: searcher.search_ranked(queries, k)  # noqa: E731
         corpus_half = torch.from_numpy(corpus_vectors).cuda().half()
 

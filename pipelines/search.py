@@ -17,6 +17,11 @@ from pipelines.options import RetrieveOptions
 log = logging.getLogger(__name__)
 
 SCORE_DECIMALS = 6  # scores equal to this many decimals count as ties, broken by sentence_id
+# How far a float16 product (float32 accumulation, float16 result) can be from the float32 one,
+# per unit of |query| |row|: each input rounded (2 u, u = 2**-11), the result rounded (u), the
+# accumulation over <= 1,024 dims (< 2**-14); 4 u covers it.
+FP16_SCORE_ERROR = 4 * 2.0 ** -11
+WIDE_CANDIDATES = 8  # an uncertain query's second float16 search takes 8 x the candidates
 
 
 @dataclass
@@ -95,21 +100,30 @@ class TorchExactSearcher:
     large, and at most m - 1 other blocks can beat it), so a max-reduction, a top-m over
     n / block block maxima and a top-m over m * block gathered scores give exactly the top-m
     of the whole row (ties aside). Queries go in batches sized so their score matrix fits
-    `score_bytes`; nothing is copied back to the host until the end."""
+    `score_bytes`; nothing is copied back to the host until the end.
+
+    In float16 (CUDA's default) `search_ranked` is still exact: a query's result is kept only
+    where no corpus row outside its candidates can beat its K-th re-scored hit (see
+    `_uncertain`); the other queries, where near-duplicates crowd the K-th score, are searched
+    again with more candidates (`widened` counts them) and, where that is not enough either, in
+    float32 over the whole corpus (`redone`)."""
 
     def __init__(self, vectors: np.ndarray, device: str = "cuda", block: int = 128,
-                 score_bytes: int | None = None, query_batch: int | None = None):
+                 score_bytes: int | None = None, query_batch: int | None = None, dtype=None):
         import torch
 
         self._torch = torch
         self._device = torch.device(device)
         on_gpu = self._device.type == "cuda"
-        self._dtype = torch.float16 if on_gpu else torch.float32
+        self._dtype = dtype or (torch.float16 if on_gpu else torch.float32)
         host = torch.from_numpy(np.require(vectors, np.float32, ["C", "W"]))  # a read-only memory map is copied
         self._size, dim = host.shape
         self._matrix = host.to(self._device, self._dtype)
         # float32 rows (plus a zero row for "no candidate") for exact re-scoring on the device
         self._exact = torch.cat([host, torch.zeros(1, dim)]).to(self._device)
+        self._max_row_norm = float(host.norm(dim=1).max()) if self._size else 0.0
+        self.widened = 0  # queries searched again with more float16 candidates
+        self.redone = 0  # queries searched again in float32 (the float16 bound still not met)
         self._block = max(1, block)
         self._blocks = self._size // self._block
         self._offsets = torch.arange(self._block, device=self._device)
@@ -121,9 +135,11 @@ class TorchExactSearcher:
         self._query_batch = int(min(max(1, query_batch), 1 << 16))
 
     def search(self, queries: np.ndarray, m: int) -> np.ndarray:
+        """The top-m candidate rows by the fast product (float16 on CUDA: near-ties may be out of
+        order or swapped at the m-th place; `search_ranked` is the exact search)."""
         torch = self._torch
         with torch.inference_mode():
-            out = [self._candidates(q, m) for q in self._query_batches(queries)]
+            out = [self._candidates(q, m)[0] for q in self._query_batches(queries)]
             return torch.cat(out).cpu().numpy() if out else np.zeros((0, m), np.int64)
 
     def search_ranked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,15 +150,59 @@ class TorchExactSearcher:
         indices, scores = [], []
         with torch.inference_mode():
             for q in self._query_batches(queries):
-                cand, _ = self._candidates(q, m).sort(dim=1)  # index order == sentence_id order
-                exact = torch.einsum("bmd,bd->bm", self._exact[cand], q.float())
-                order = torch.sort(-torch.round(exact, decimals=SCORE_DECIMALS), dim=1, stable=True).indices[:, :k]
-                indices.append(torch.gather(cand, 1, order))
-                scores.append(torch.gather(exact, 1, order))
+                cand, fast = self._candidates(q, m)
+                top, exact = self._rank(q, cand, k)
+                if self._dtype != torch.float32 and m < self._size:
+                    self._redo_uncertain(q, fast, top, exact, m, k)
+                indices.append(top)
+                scores.append(exact)
             if not indices:
                 return np.zeros((0, k), np.int64), np.zeros((0, k))
-            # one copy back at the end: no host-device sync inside the loop
+            # one copy back at the end (the float16 check syncs once per query batch, not per query)
             return torch.cat(indices).cpu().numpy(), torch.cat(scores).double().cpu().numpy()
+
+    def _rank(self, q, cand, k: int):
+        """Exact float32 scores of the candidates, the top k by (score to SCORE_DECIMALS, index)."""
+        torch = self._torch
+        cand, _ = cand.sort(dim=1)  # index order == sentence_id order
+        exact = torch.einsum("bmd,bd->bm", self._exact[cand], q.float())
+        order = torch.sort(-torch.round(exact, decimals=SCORE_DECIMALS), dim=1, stable=True).indices[:, :k]
+        return torch.gather(cand, 1, order), torch.gather(exact, 1, order)
+
+    def _uncertain(self, q, fast, exact, k: int):
+        """Queries whose top k may miss a row outside the candidates.
+
+        A row outside them has a fast score at most the m-th candidate's, so an exact score at
+        most that plus the float16 error bound (FP16_SCORE_ERROR per unit of |q| |row|). The
+        result is exact when that stays below the K-th hit's exact score by more than a
+        rounding step of SCORE_DECIMALS (so neither a higher score nor a tie is possible)."""
+        bound = fast[:, -1].float() + FP16_SCORE_ERROR * q.float().norm(dim=1) * self._max_row_norm
+        return bound >= exact[:, k - 1] - 2 * 10.0 ** -SCORE_DECIMALS
+
+    def _redo_uncertain(self, q, fast, top, exact, m: int, k: int) -> None:
+        """Search the uncertain queries again, in place: first with WIDE_CANDIDATES times the
+        candidates (float16 again, and checked again), then what is still uncertain in float32
+        over the whole corpus."""
+        torch = self._torch
+        rows = self._uncertain(q, fast, exact, k).nonzero().squeeze(1)
+        if len(rows) and m < self._size:
+            self.widened += len(rows)
+            wide = min(self._size, m * WIDE_CANDIDATES)
+            cand, wide_fast = self._candidates(q[rows], wide)
+            top[rows], exact[rows] = self._rank(q[rows], cand, k)
+            if wide < self._size:
+                rows = rows[self._uncertain(q[rows], wide_fast, exact[rows], k).nonzero().squeeze(1)]
+            else:
+                rows = rows[:0]
+        if not len(rows):
+            return
+        self.redone += len(rows)
+        corpus = self._exact[:self._size]
+        step = max(1, self._query_batch * self._matrix.element_size() // 4)  # the same score budget
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            cand = torch.topk(q[part].float() @ corpus.T, m, dim=1).indices
+            top[part], exact[part] = self._rank(q[part], cand, k)
 
     def _query_batches(self, queries: np.ndarray):
         pin = self._device.type == "cuda"
@@ -151,9 +211,10 @@ class TorchExactSearcher:
             yield (q.pin_memory() if pin else q).to(self._device, non_blocking=pin)
 
     def _candidates(self, q, m: int):
-        """The top-m corpus rows of each query by the fast product (see the class doc)."""
+        """The top-m corpus rows of each query by the fast product (see the class doc) and their
+        fast scores, in descending order."""
         torch = self._torch
-        scores = q.to(self._dtype) @ self._matrix.T  # [b, n]
+        scores = self._fast_scores(q)  # [b, n]
         rows = scores.shape[0]
         values, columns = [], []
         if self._blocks:
@@ -166,8 +227,20 @@ class TorchExactSearcher:
             values.append(scores[:, self._main:])
             columns.append(self._tail.expand(rows, -1))
         values, columns = torch.cat(values, 1), torch.cat(columns, 1)
-        top = torch.topk(values, min(m, values.shape[1]), dim=1).indices
-        return torch.gather(columns, 1, top)
+        best, top = torch.topk(values, min(m, values.shape[1]), dim=1)
+        return torch.gather(columns, 1, top), best
+
+    def _fast_scores(self, q):
+        torch = self._torch
+        if self._device.type != "cuda":
+            return q.to(self._dtype) @ self._matrix.T
+        # cuBLAS may otherwise reduce split-K partial sums in float16, outside FP16_SCORE_ERROR
+        allowed = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        try:
+            return q.to(self._dtype) @ self._matrix.T
+        finally:
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = allowed
 
 
 def faiss_gpu_available() -> bool:
