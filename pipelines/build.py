@@ -22,7 +22,7 @@ from pipelines.embed import EmbedSentences
 from pipelines.io import ReadCorpus, ReadDetections, is_local, tags_of
 from pipelines.options import BuildOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
-from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, json_bytes, parquet_bytes,
+from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key)
 
 log = logging.getLogger(__name__)
@@ -339,8 +339,30 @@ def clear_staging(output: str) -> None:
     """Before a run: finish a publish that a crash interrupted, then drop any half-written staging."""
     finish_publish(output)
     path = staging_dir(output)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
+    if is_local(path):
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+        return
+    # An object store has no folders: `exists` is false for a name prefix and deleting one
+    # deletes nothing, so the staged objects are listed and deleted one by one.
+    leftover = [m.path for m in _match(posixpath.join(path, "**"))]
+    if leftover:
+        log.info("removing %d staged files of an earlier run that did not finish", len(leftover))
+        FileSystems.delete(leftover)
+
+
+def drop_partial_files(staged: str) -> int:
+    """Delete the temporary files of writes whose worker died before the rename (their retries
+    wrote the files again): they must not be published beside the real ones."""
+    if is_local(staged):
+        partial = [os.path.join(folder, name) for folder, _, files in os.walk(staged) for name in files
+                   if is_partial(name)]
+    else:
+        partial = [m.path for m in _match(posixpath.join(staged, "**")) if is_partial(m.path)]
+    if partial:
+        log.warning("not publishing %d temporary files of interrupted writes: %s", len(partial), partial[:3])
+        FileSystems.delete(partial)
+    return len(partial)
 
 
 def publish(output: str, entries: tuple[str, ...]) -> None:
@@ -350,6 +372,7 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     Locally a marker in the staging folder records the swap before it starts, so a crash part way
     is finished by the next run (`clear_staging`): the output never stays a mix of two runs."""
     staged = staging_dir(output)
+    drop_partial_files(staged)
     if is_local(output):
         produced = [e for e in entries if os.path.lexists(os.path.join(staged, e))]
         with open(os.path.join(staged, PUBLISHING), "w", encoding="utf-8") as f:
@@ -363,11 +386,17 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
         FileSystems.delete(old)
     staged_files = [m.path for m in _match(posixpath.join(staged, "**"))]
     relative = {f: f[len(staged):].lstrip("/") for f in staged_files}
-    moving = [f for f in staged_files if relative[f].split("/")[0] in entries]  # not the corpus spill
+    moving = [f for f in staged_files if _in_entries(relative[f], entries)]  # not the corpus spill
     FileSystems.rename(moving, [output.rstrip("/") + "/" + relative[f] for f in moving])
     leftovers = sorted(set(staged_files) - set(moving))
     if leftovers:
         FileSystems.delete(leftovers)
+
+
+def _in_entries(relative: str, entries: tuple[str, ...]) -> bool:
+    """Whether a staged file is (under) one of the entries; an entry may be a nested path
+    such as rejected/rejected.jsonl."""
+    return any(relative == entry or relative.startswith(entry + "/") for entry in entries)
 
 
 def finish_publish(output: str) -> bool:

@@ -515,11 +515,41 @@ class _ReadTextFile(beam.DoFn):
         yield _counted("lines", rows)
 
 
-class _SplitSentences(beam.DoFn):
-    """Paragraphs -> sentences with spaCy's statistical sentence splitter (senter), batched."""
+SPACY_MAX_CHARS = 1_000_000  # spaCy's nlp.max_length: a longer text raises E088 instead of being split
 
-    def __init__(self, spacy_model: str, batch_size: int = 64):
+# Where an over-long paragraph may be cut, best first: after a line break, after any whitespace.
+_CUT_POINTS = (re.compile(r"(?<=\n)"), re.compile(r"(?<=\s)"))
+
+
+def cut_for_spacy(text: str, limit: int, cut_points=_CUT_POINTS) -> list[str]:
+    """`text` as pieces of at most `limit` characters that join back to it: cut after line breaks
+    where that is enough, else after whitespace, else (an unbroken run of characters) anywhere.
+    Depends only on the text, so the sentences do not depend on how paragraphs were batched."""
+    if len(text) <= limit:
+        return [text]
+    if not cut_points:
+        return [text[start:start + limit] for start in range(0, len(text), limit)]
+    pieces, current, current_len = [], [], 0
+    for unit in cut_points[0].split(text):
+        for part in cut_for_spacy(unit, limit, cut_points[1:]):
+            if current_len + len(part) > limit:  # full: start the next piece
+                pieces.append("".join(current))
+                current, current_len = [], 0
+            current.append(part)
+            current_len += len(part)
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+class _SplitSentences(beam.DoFn):
+    """Paragraphs -> sentences with spaCy's statistical sentence splitter (senter), batched.
+    A paragraph over spaCy's length limit (a book without blank lines) is cut into pieces under
+    it, each split on its own, and counted: a sentence may break where a piece ends."""
+
+    def __init__(self, spacy_model: str, batch_size: int = 64, max_chars: int | None = None):
         self._spacy_model, self._batch_size = spacy_model, batch_size
+        self._max_chars = max_chars or SPACY_MAX_CHARS
 
     def setup(self):
         import spacy
@@ -529,10 +559,20 @@ class _SplitSentences(beam.DoFn):
             self._nlp.enable_pipe("senter")
         if not self._nlp.has_pipe("senter"):
             self._nlp.add_pipe("sentencizer")
+        self._nlp.max_length = self._max_chars
 
     def process(self, batch):
-        texts = [normalise_whitespace(text) for text, _ in batch]
-        for (_, source), doc in zip(batch, self._nlp.pipe(texts, batch_size=self._batch_size)):
+        pieces = []  # (text, source), over-long paragraphs cut first
+        for text, source in batch:
+            cut = cut_for_spacy(text, self._max_chars)
+            if len(cut) > 1:
+                log.warning("paragraph at %s has %d characters, over spaCy's limit of %d: cut into %d pieces "
+                            "at line breaks or spaces before sentence splitting", source, len(text),
+                            self._max_chars, len(cut))
+                yield _counted("paragraphs_cut")
+            pieces += [(piece, source) for piece in cut]
+        texts = [normalise_whitespace(text) for text, _ in pieces]  # only shortens: still under the limit
+        for (_, source), doc in zip(pieces, self._nlp.pipe(texts, batch_size=self._batch_size)):
             for sent in doc.sents:
                 yield sent.text, source
 
@@ -576,11 +616,16 @@ class ReadCorpus(beam.PTransform):
         lines = read.ok
         if self._options.split_sentences:
             lines = (lines | "BatchParagraphs" >> beam.BatchElements(min_batch_size=8, max_batch_size=256)
-                     | "SplitSentences" >> beam.ParDo(_SplitSentences(self._options.spacy_model)))
+                     | "SplitSentences" >> beam.ParDo(_SplitSentences(self._options.spacy_model)).with_outputs(
+                         COUNTS, main="ok"))
+            split_counts = (lines[COUNTS],)
+            lines = lines.ok
+        else:
+            split_counts = ()
         cleaned = lines | "Clean" >> beam.FlatMap(_clean, self._options).with_outputs(REJECTED, COUNTS, main="ok")
         unique = (cleaned.ok
                   | "GroupText" >> beam.GroupByKey()
                   | "OnePerText" >> beam.FlatMap(_one_per_text).with_outputs(COUNTS, main="ok"))
         rejected = (read[REJECTED], cleaned[REJECTED]) | "TextRejects" >> beam.Flatten()
-        counts = (read[COUNTS], cleaned[COUNTS], unique[COUNTS]) | "TextCounts" >> beam.Flatten()
+        counts = (read[COUNTS], *split_counts, cleaned[COUNTS], unique[COUNTS]) | "TextCounts" >> beam.Flatten()
         return {"sentences": unique.ok, "rejected": rejected, "counts": counts}

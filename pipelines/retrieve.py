@@ -5,18 +5,23 @@ id so index positions do not depend on how the corpus was read. With a spill fol
 pipeline's staging folder) it is written there once, as a float32 .npy and an Arrow file, and
 only their names travel as the side input: a side input of hundreds of MB is encoded, sized
 object by object by the runner's state cache, and decoded per worker, which cost more than the
-search itself (bench/pipeline.py, `overhead`). Workers memory-map the vectors where the folder
-is local. The index is built once per worker process (shared across its threads). Results do
-not depend on batch order: the searcher returns K + margin candidates, which are re-scored
-exactly and ordered by (score, sentence_id); see search.py.
+search itself (bench/pipeline.py, `overhead`). Workers memory-map the vectors, from a copy on
+the machine's disk where the folder is remote (one per machine, not per process). The index is
+built once per worker process (shared across its threads). Results do not depend on batch
+order: the searcher returns K + margin candidates, which are re-scored exactly and ordered by
+(score, sentence_id); see search.py.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import logging
+import os
 import pickle
 import posixpath
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils.shared import Shared
 
@@ -107,20 +113,59 @@ def spill_corpus(corpus: Corpus, directory: str, order=None) -> CorpusFiles:
     return files
 
 
+CACHE_CHUNK_BYTES = 8 << 20  # a remote corpus file is copied this much at a time, never read whole
+
+
 def load_corpus(files: CorpusFiles) -> Corpus:
-    """The spilled corpus; its vectors memory-mapped (read-only) when the folder is local."""
-    if is_local(files.vectors_path):
-        vectors = np.load(files.vectors_path, mmap_mode="r", allow_pickle=False)
-        rows = pa.ipc.open_file(pa.memory_map(files.rows_path)).read_all()
-    else:
-        with FileSystems.open(files.vectors_path) as f:
-            vectors = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        with FileSystems.open(files.rows_path) as f:
-            rows = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+    """The spilled corpus, its vectors memory-mapped (read-only). A remote folder (gs://) is first
+    copied to this machine once: Dataflow runs an SDK process per vCPU, and each would otherwise
+    hold its own copy of the vectors in memory."""
+    vectors_path, rows_path = files.vectors_path, files.rows_path
+    if not is_local(vectors_path):
+        vectors_path, rows_path = cache_locally(files)
+    vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
+    rows = pa.ipc.open_file(pa.memory_map(rows_path)).read_all()
     if len(rows) != files.size or len(vectors) != files.size:
         raise ValueError(f"corpus files {files.vectors_path} / {files.rows_path} hold {len(vectors)} vectors and "
                          f"{len(rows)} rows, expected {files.size}: written by another run?")
     return Corpus(rows.column("sentence_id").to_pylist(), rows.column("text").to_pylist(), vectors, files.fingerprint)
+
+
+def corpus_cache_dir(files: CorpusFiles) -> str:
+    """This machine's cache folder for a remote corpus. The fingerprint covers only the sentence
+    ids (another embedding model gives the same one), so the remote files' path, size and time
+    are in the key too: a rewritten file is never served from a stale copy."""
+    remote = [files.vectors_path, files.rows_path]
+    stamps = [(m.path, m.size_in_bytes, m.last_updated_in_seconds)
+              for result in FileSystems.match(remote) for m in result.metadata_list]
+    source = hashlib.sha1(repr(stamps).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "vlp-data-corpus", f"{files.fingerprint}-{source}")
+
+
+def cache_locally(files: CorpusFiles) -> tuple[str, str]:
+    """Local copies of the corpus files (vectors, rows), downloaded by one process of this machine
+    while the others wait on the folder's lock; a copy appears under its name only when complete."""
+    cache = corpus_cache_dir(files)
+    os.makedirs(cache, exist_ok=True)
+    local = []
+    with open(os.path.join(cache, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        for remote in (files.vectors_path, files.rows_path):
+            path = os.path.join(cache, posixpath.basename(remote))
+            if not os.path.exists(path):
+                _download(remote, path)
+            local.append(path)
+    return local[0], local[1]
+
+
+def _download(remote: str, path: str) -> None:
+    start = time.perf_counter()
+    partial = f"{path}.partial"  # one name will do: only the lock holder writes
+    with FileSystems.open(remote, compression_type=CompressionTypes.UNCOMPRESSED) as source, \
+            open(partial, "wb") as target:
+        shutil.copyfileobj(source, target, CACHE_CHUNK_BYTES)
+    os.replace(partial, path)
+    log.info("corpus file %s copied to %s in %.1fs", remote, path, time.perf_counter() - start)
 
 
 class CollectCorpus(beam.CombineFn):

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import time
 import uuid
 from bisect import bisect_right
@@ -25,6 +26,15 @@ from pipelines.options import ShardOptions
 from pipelines.wds import encode_sample, sample_key, tar_bytes
 
 SHARD_PATTERN = "corpus-%06d.tar"
+
+
+PARTIAL_FILE = re.compile(r"\.tmp-[0-9a-f]{32}$")  # write_whole's temporary names
+
+
+def is_partial(path: str) -> bool:
+    """A temporary file of write_whole: left behind only when a worker died before the rename
+    (its retry wrote the file again under another name)."""
+    return PARTIAL_FILE.search(path) is not None
 
 
 def write_whole(path: str, write) -> None:

@@ -14,8 +14,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from click.testing import CliRunner
 
 import schemas
+from pipelines import io
 from pipelines.cli import main
-from pipelines.io import ReadCorpus, ReadDetections, _first_per_image, _join_vinvl, stable_id, validate_detection
+from pipelines.io import (ReadCorpus, ReadDetections, _first_per_image, _join_vinvl, cut_for_spacy, stable_id,
+                          validate_detection)
+from pipelines.options import TextOptions
 
 from .conftest import SOFA_SENTENCES, write_jsonl
 
@@ -268,4 +271,40 @@ def test_truncated_gzip_keeps_the_lines_before_and_names_the_file(pipeline, tmp_
     assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(str(truncated), "unreadable file"),
                           (f"{tmp_path}/broken.parquet", "unreadable Parquet file")]), label="rejected")
+    pipeline.run()
+
+
+# 7. With --split-sentences, a paragraph over spaCy's length limit (a book without blank lines)
+# crashed the run with spaCy's E088, naming no file. It is now cut into pieces under the limit.
+def test_cut_for_spacy_prefers_line_breaks_then_spaces_and_loses_nothing():
+    lines = "".join(f"Line {i} is short.\n" for i in range(10))  # 18-19 characters a line
+    pieces = cut_for_spacy(lines, 40)
+    assert "".join(pieces) == lines and all(len(p) <= 40 for p in pieces)
+    assert all(p.endswith("\n") for p in pieces)  # whole lines only
+    words = "one two three four five six seven"
+    assert cut_for_spacy(words, 10) == ["one two ", "three ", "four five ", "six seven"]
+    assert cut_for_spacy("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no space at all: cut anywhere
+    assert cut_for_spacy(words, 100) == [words]
+
+
+def test_paragraph_over_spacys_limit_is_cut_then_split_into_sentences(pipeline, tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "SPACY_MAX_CHARS", 250)  # the production path, at a limit a test can reach
+    lined = [f"The {word} boat sails past the old mill." for word in ("red", "blue", "green", "white",
+                                                                       "black", "brown", "grey", "pink")]
+    one_line = " ".join(f"A {word} dog sleeps by the warm stove." for word in ("small", "tall", "big", "young",
+                                                                             "lazy", "happy", "quiet", "wet"))
+    (tmp_path / "book.txt").write_text("\n".join(lined) + "\n\n" + one_line + "\n\nHe was not afraid.\n")
+    assert len(" ".join(lined)) > 250 and len(one_line) > 250
+    out = pipeline | ReadCorpus(str(tmp_path / "book.txt"), TextOptions(split_sentences=True))
+    texts = out["sentences"] | beam.Values()
+
+    def check(sentences):
+        assert set(lined) <= set(sentences)  # cut at line breaks: every sentence whole
+        assert "He was not afraid." in sentences
+        other = [s for s in sentences if s not in lined and s != "He was not afraid."]
+        assert sorted(" ".join(other).split()) == sorted(one_line.split())  # cut at spaces: no word lost
+
+    assert_that(texts | beam.combiners.ToList(), lambda got: check(got[0]), label="sentences")
+    assert_that(out["counts"] | beam.Filter(lambda c: c[0] == "text_paragraphs_cut") | beam.CombinePerKey(sum),
+                equal_to([("text_paragraphs_cut", 2)]), label="cut counted")
     pipeline.run()

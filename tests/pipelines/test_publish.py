@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from pipelines import build
 from pipelines.cli import main
 
+from . import objectstore
 from .conftest import SOFA_SENTENCES, write_jsonl
 
 
@@ -74,6 +75,42 @@ def test_a_run_that_never_finished_leaves_the_output_alone(tmp_path):
     out = staged_run(tmp_path)  # staged files but no publish marker: the run itself died
     build.clear_staging(out)
     assert tree(out) == OLD
+
+
+PARTIAL = "links/links-00000-of-00001.parquet.tmp-" + "0123456789abcdef" * 2  # a write that died before its rename
+
+
+def test_a_partial_file_of_an_interrupted_write_is_not_published(tmp_path):
+    out = staged_run(tmp_path)
+    write(build.staging_dir(out), {PARTIAL: "half"})
+    build.publish(out, build.BUILD_ENTRIES)
+    assert tree(out) == EXPECTED
+
+
+@pytest.fixture
+def store():
+    objectstore.OBJECTS.clear()
+    yield "objstore://bucket/out"
+    objectstore.OBJECTS.clear()
+
+
+def test_on_an_object_store_an_unfinished_run_is_cleared(store):
+    """`exists` is false for a folder there, and deleting a folder name deletes nothing."""
+    for rel, content in OLD.items():
+        objectstore.put(f"{store}/{rel}", content.encode())
+    for rel, content in NEW.items():
+        objectstore.put(f"{build.staging_dir(store)}/{rel}", content.encode())
+    build.clear_staging(store)
+    assert objectstore.names(store + "/") == sorted(OLD)  # the staged files are gone, OUT untouched
+
+
+def test_on_an_object_store_publish_moves_this_runs_files_only(store):
+    for rel, content in OLD.items():
+        objectstore.put(f"{store}/{rel}", content.encode())
+    for rel, content in {**NEW, PARTIAL: "half"}.items():
+        objectstore.put(f"{build.staging_dir(store)}/{rel}", content.encode())
+    build.publish(store, build.BUILD_ENTRIES)
+    assert {rel: objectstore.OBJECTS[f"{store}/{rel}"].decode() for rel in objectstore.names(store + "/")} == EXPECTED
 
 
 def test_detect_and_build_share_an_output_folder(tmp_path):
