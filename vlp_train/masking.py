@@ -213,7 +213,8 @@ class BatchBuilder:
         for i in range(n):
             if n > 1 and rng.random() < self.obj.itm_negative_prob:
                 j = (i + 1 + rng.randrange(n - 1)) % n  # any other image of the batch
-                if sentences[j]["text"] != sentences[i]["text"]:
+                # not a negative if image i retrieved that text too (one of its K sentences)
+                if sentences[j]["text"] not in {s["text"] for s in samples[i]["meta"]["sentences"]}:
                     labels[i] = 0
                     texts.append(sentences[j]["text"])
                     continue
@@ -222,9 +223,13 @@ class BatchBuilder:
         clean_ids, clean_mask, _ = self._tokenize([s["text"] for s in sentences])
         mlm = np.full(ids.shape, IGNORE, np.int64)
         for i in range(n):
-            if labels[i] == 1:  # MLM on matched pairs only: a mismatched sentence gives no signal
-                self._mask_tokens(ids, mlm, i, self._random_positions(
-                    self._text_candidates(ids[i], tmask[i]), self.obj.mlm_prob, rng), rng)
+            # Mismatched pairs are masked too, or a [MASK] in the input would tell ITM "match"
+            # (ITM and MLM share this forward); but they get no MLM loss: the sentence is not
+            # about the image, so its words give no grounded signal.
+            self._mask_tokens(ids, mlm, i, self._random_positions(
+                self._text_candidates(ids[i], tmask[i]), self.obj.mlm_prob, rng), rng)
+            if labels[i] == 0:
+                mlm[i] = IGNORE
         mlm_positions, mlm_targets = label_positions(mlm)
         return {"task": "is", **self._tensors(
             input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,

@@ -97,6 +97,34 @@ def test_image_sentence_negatives_come_from_other_images(builder, samples):
             assert (view["mlm_labels"][i] == IGNORE).all()  # no MLM on mismatched pairs
             assert not torch.equal(view["input_ids"][i][: view["text_mask"][i].sum()],
                                    view["clean_ids"][i][: view["clean_text_mask"][i].sum()])
+            negative = builder.tok.decode(view["input_ids"][i], skip_special_tokens=True)
+            assert all(negative != s["text"].lower() for s in samples[i]["meta"]["sentences"])
+
+
+def test_itm_label_is_not_given_away_by_the_masking(builder, samples):
+    """ITM and MLM share the image-sentence forward: mismatched pairs must carry [MASK] tokens as
+    often as matched ones, or "[MASK] present" alone predicts the label."""
+    masked_share = {0: [], 1: []}
+    for seed in range(40):
+        sentences = [random.Random(seed).choice(s["meta"]["sentences"]) for s in samples]
+        view = builder.image_sentence(samples, sentences, random.Random(seed))
+        has_mask = (view["input_ids"] == builder.mask_id).any(dim=1)
+        for label, masked in zip(view["itm_labels"].tolist(), has_mask.tolist()):
+            masked_share[label].append(masked)
+    negatives, positives = np.mean(masked_share[0]), np.mean(masked_share[1])
+    assert len(masked_share[0]) >= 100 and len(masked_share[1]) >= 100
+    assert abs(negatives - positives) < 0.1, (negatives, positives)  # was 0 vs ~0.97
+
+
+def test_a_negative_is_none_of_the_images_retrieved_sentences(builder, samples):
+    """With K sentences per image, another image's pick may be one of this image's K: not a negative."""
+    shared = dict(samples[1]["meta"]["sentences"][0])  # image 0 also retrieved image 1's sentence
+    crowded = [dict(samples[0], meta={**samples[0]["meta"], "sentences": samples[0]["meta"]["sentences"] + [shared]}),
+               samples[1]]
+    sentences = [crowded[0]["meta"]["sentences"][0], shared]
+    labels = [builder.image_sentence(crowded, sentences, random.Random(seed))["itm_labels"][0].item()
+              for seed in range(30)]
+    assert labels == [1] * 30  # image 0's only possible negative is a sentence it retrieved
 
 
 def test_batches_are_reproducible_from_their_seed(builder, samples):
