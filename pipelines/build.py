@@ -20,7 +20,7 @@ import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
 from pipelines.io import ReadCorpus, ReadDetections, is_local, tags_of
-from pipelines.options import BuildOptions
+from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
 from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key)
@@ -224,7 +224,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
               | "CollectCorpus" >> beam.CombineGlobally(CollectCorpus(spill_dir=posixpath.join(out, CORPUS_SPILL))))
     _ = (sentences | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})
          | "WriteSentences" >> WriteTable(out, "sentences", schemas.SENTENCES, lambda r: r["sentence_id"],
-                                          options.shard.parquet_shards))
+                                          options.shard.table_rows_per_file))
 
     # Tag strings -> embeddings (each distinct string once) -> top-K -> per image
     queries = detections | "Queries" >> beam.FlatMap(_query_of).with_outputs(REJECTED, main="ok")
@@ -240,7 +240,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
                   | "HitsPerImage" >> beam.FlatMap(_hits_per_image))
     retrieval_rows = image_hits | "RetrievalRows" >> beam.FlatMap(_retrieval_rows)
     _ = retrieval_rows | "WriteRetrievals" >> WriteTable(
-        out, "retrievals", schemas.RETRIEVALS, lambda r: (r["image_id"], r["rank"]), options.shard.parquet_shards)
+        out, "retrievals", schemas.RETRIEVALS, lambda r: (r["image_id"], r["rank"]), options.shard.table_rows_per_file)
     stats.append(image_hits | "StatRetrieved" >> beam.Map(lambda _: ("images_retrieved", 1)))
     stats.append(retrieval_rows | "StatRetrievals" >> beam.FlatMap(
         lambda r: [("retrievals", 1), ("retrieval_score_micros", round(float(r["score"]) * SCORE_UNITS))]))
@@ -255,7 +255,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         stats.append(manifest | "StatShards" >> beam.Map(lambda _: ("shards", 1)))
         _ = (samples | "LinkRows" >> beam.FlatMap(_link_rows)
              | "WriteLinks" >> WriteTable(out, "links", schemas.LINKS,
-                                          lambda r: (r["image_id"], r["rank"], r["start"]), options.shard.parquet_shards))
+                                          lambda r: (r["image_id"], r["rank"], r["start"]), options.shard.table_rows_per_file))
         _ = (samples | "SampleTags" >> beam.FlatMap(lambda s: s["tags"])
              | "DistinctTags" >> beam.Distinct()
              | "WriteTagVocab" >> WriteSingleFile(
@@ -280,7 +280,8 @@ def _detection_row(detection: dict) -> dict:
     return {**detection, "features": None if features is None else features.astype("float32").tolist()}
 
 
-def build_detect_pipeline(images: str, output: str, options, beam_args: list[str] | None = None) -> beam.Pipeline:
+def build_detect_pipeline(images: str, output: str, options, beam_args: list[str] | None = None,
+                          detections_per_file: int = ShardOptions.detections_per_file) -> beam.Pipeline:
     """`vlp-data detect`: images -> detections/*.parquet (DETECTIONS schema) + rejected/."""
     from pipelines.detect import DetectRegions
     from pipelines.images import ReadImages
@@ -290,7 +291,8 @@ def build_detect_pipeline(images: str, output: str, options, beam_args: list[str
     read = p | "ReadImages" >> ReadImages(images)
     detected = read.images | "DetectRegions" >> DetectRegions(options)
     _ = (detected.detections | "DetectionRows" >> beam.Map(_detection_row)
-         | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"]))
+         | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"],
+                                           detections_per_file))
     _ = ((read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
          | "WriteRejected" >> WriteSingleFile(posixpath.join(out, DETECT_REJECTED), rejected_jsonl,
                                               sort_key=rejected_sort_key))

@@ -57,11 +57,13 @@ def main(verbose: bool):
 @click.option("--word-vectors", help="Word vectors for linking: word2vec .bin/.txt, GloVe .txt, gensim .kv, or 'train' [default: GloVe 6B 50-d].")
 @click.option("--link-threshold", default=0.5, show_default=True, type=float, help="Phrases less similar to every region stay unlinked.")
 @click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(1), help="Images per WebDataset shard.")
+@click.option("--table-rows-per-file", default=ShardOptions.table_rows_per_file, show_default=True, type=click.IntRange(1),
+              help="Side tables (sentences, retrievals, links): about this many rows per Parquet file.")
 @click.option("--no-shards", is_flag=True, help="Retrievals only: skip noun phrases, linking and shards.")
 @click.pass_context
 def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch_size, device, index_type,
                     nlist, nprobe, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
-                    spacy_model, word_vectors, link_threshold, samples_per_shard, no_shards):
+                    spacy_model, word_vectors, link_threshold, samples_per_shard, table_rows_per_file, no_shards):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
     regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
     if detections and images:
@@ -86,7 +88,7 @@ def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch
         detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
         phrases=PhraseOptions(spacy_model=spacy_model),
         link=LinkOptions(word_vectors=word_vectors, threshold=link_threshold),
-        shard=ShardOptions(samples_per_shard=samples_per_shard),
+        shard=ShardOptions(samples_per_shard=samples_per_shard, table_rows_per_file=table_rows_per_file),
     )
     run_build(options, ctx.args)
 
@@ -187,13 +189,15 @@ def _root_message(err: BaseException) -> str:
 @click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1))
 @click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--detections-per-file", default=ShardOptions.detections_per_file, show_default=True, type=click.IntRange(1),
+              help="About this many images' detections (with region features) per Parquet file.")
 @click.pass_context
-def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold):
+def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold, detections_per_file):
     """Run only the detector: images -> detections Parquet (with region features), reusable
     as `build-retrieval --detections`."""
     from pipelines import build
     options = DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions)
-    pipeline = build.build_detect_pipeline(images, output, options, ctx.args)
+    pipeline = build.build_detect_pipeline(images, output, options, ctx.args, detections_per_file)
     if is_dry_run(pipeline):
         _run(pipeline)
         click.echo("dry run: the job was built and validated by the runner, not submitted")

@@ -59,7 +59,8 @@ class LinkOptions:
 @dataclass(frozen=True)
 class ShardOptions:
     samples_per_shard: int = 1000
-    parquet_shards: int = 1           # files per side table (retrievals, sentences, links)
+    table_rows_per_file: int = 500_000  # side tables (sentences, retrievals, links): rows per Parquet file, about
+    detections_per_file: int = 256    # `vlp-data detect`: detections (with their region features) per file, about
 
 
 @dataclass(frozen=True)

@@ -70,27 +70,39 @@ def _stable_bucket(key: str, buckets: int) -> int:
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % buckets
 
 
+def table_files(rows: int, rows_per_file: int) -> int:
+    """How many files a table of `rows` rows is written as: enough for about `rows_per_file` each."""
+    return max(1, -(-rows // rows_per_file))
+
+
 class WriteTable(beam.PTransform):
     """Rows (dicts) -> DIR/name/name-00000-of-0000N.parquet, rows sorted by `sort_key` in each
-    file; every one of the N files is written, even when empty. Outputs the written paths."""
+    file; every one of the N files is written, even when empty. Outputs the written paths.
 
-    def __init__(self, directory: str, name: str, schema: pa.Schema, sort_key, num_files: int = 1):
+    N comes from the row count (about `rows_per_file` rows a file, by a stable hash of the sort
+    key), so the files depend on the data alone and each is written by its own worker: a
+    10-million-sentence table is not sorted and written by one."""
+
+    def __init__(self, directory: str, name: str, schema: pa.Schema, sort_key, rows_per_file: int):
         super().__init__()
         self._directory, self._name, self._schema = directory, name, schema
-        self._sort_key, self._num_files = sort_key, max(1, num_files)
+        self._sort_key, self._rows_per_file = sort_key, max(1, rows_per_file)
 
     def expand(self, rows):
-        n, sort_key = self._num_files, self._sort_key
-        every_file = rows.pipeline | f"Files{self._name}" >> beam.Create([(i, None) for i in range(n)])
-        keyed = rows | f"Bucket{self._name}" >> beam.Map(lambda r: (_stable_bucket(str(sort_key(r)), n), r))
-        return ((keyed, every_file) | f"AllFiles{self._name}" >> beam.Flatten()
-                | f"Group{self._name}" >> beam.GroupByKey()
-                | f"Write{self._name}" >> beam.MapTuple(self._write))
+        name, sort_key, per_file = self._name, self._sort_key, self._rows_per_file
+        files = (rows | f"Count{name}" >> beam.combiners.Count.Globally()
+                 | f"Files{name}" >> beam.Map(table_files, per_file))
+        every_file = files | f"EveryFile{name}" >> beam.FlatMap(lambda n: [(i, None) for i in range(n)])
+        keyed = rows | f"Bucket{name}" >> beam.Map(
+            lambda r, n: (_stable_bucket(str(sort_key(r)), n), r), n=beam.pvalue.AsSingleton(files))
+        return ((keyed, every_file) | f"AllFiles{name}" >> beam.Flatten()
+                | f"Group{name}" >> beam.GroupByKey()
+                | f"Write{name}" >> beam.Map(self._write, n=beam.pvalue.AsSingleton(files)))
 
-    def _write(self, index, rows):
+    def _write(self, file_rows, n):
+        index, rows = file_rows
         rows = sorted((r for r in rows if r is not None), key=self._sort_key)
-        path = posixpath.join(self._directory, self._name,
-                              f"{self._name}-{index:05d}-of-{self._num_files:05d}.parquet")
+        path = posixpath.join(self._directory, self._name, f"{self._name}-{index:05d}-of-{n:05d}.parquet")
         write_bytes(path, parquet_bytes(rows, self._schema))
         return path
 

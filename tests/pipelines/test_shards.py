@@ -3,6 +3,7 @@ import glob
 
 import apache_beam as beam
 import numpy as np
+import pytest
 import webdataset as wds
 
 import schemas
@@ -87,13 +88,17 @@ def test_shard_boundaries_transform_matches_on_any_keys(tmp_path):
     assert eval((tmp_path / "empty.txt").read_text()) == []
 
 
-def test_write_table_writes_every_file_sorted(tmp_path):
-    rows = [{"sentence_id": f"s{i:02d}", "text": f"t{i}"} for i in range(12)]
-    with beam.Pipeline(runner=RUNNER) as p:
-        _ = p | beam.Create(rows[::-1]) | WriteTable(str(tmp_path), "sentences", schemas.SENTENCES,
-                                                   lambda r: r["sentence_id"], num_files=20)
-    files = sorted(glob.glob(str(tmp_path / "sentences" / "*.parquet")))
-    assert len(files) == 20  # empty buckets are written too, so the file set is fixed
-    got = [schemas.read_table(f, schemas.SENTENCES).to_pylist() for f in files]
+@pytest.mark.parametrize("rows, per_file, files", [(12, 5, 3), (12, 100, 1), (0, 5, 1)])
+def test_write_table_file_count_follows_the_rows_and_every_file_is_sorted(tmp_path, rows, per_file, files):
+    rows = [{"sentence_id": f"s{i:02d}", "text": f"t{i}"} for i in range(rows)]
+    written = {}
+    for name, order in (("a", rows[::-1]), ("b", rows)):  # any input order: the same bytes
+        with beam.Pipeline(runner=RUNNER) as p:
+            _ = p | beam.Create(order) | WriteTable(str(tmp_path / name), "sentences", schemas.SENTENCES,
+                                                    lambda r: r["sentence_id"], rows_per_file=per_file)
+        written[name] = sorted(glob.glob(str(tmp_path / name / "sentences" / "*.parquet")))
+    assert [p.rsplit("/", 1)[1] for p in written["a"]] == [f"sentences-{i:05d}-of-{files:05d}.parquet" for i in range(files)]
+    assert [open(p, "rb").read() for p in written["a"]] == [open(p, "rb").read() for p in written["b"]]
+    got = [schemas.read_table(f, schemas.SENTENCES).to_pylist() for f in written["a"]]  # empty files have the schema
     assert sorted(r["sentence_id"] for t in got for r in t) == [r["sentence_id"] for r in rows]
     assert all(t == sorted(t, key=lambda r: r["sentence_id"]) for t in got)
