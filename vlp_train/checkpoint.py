@@ -27,13 +27,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(folder: str, step: int, model, optimizer, scheduler, position: dict, config: dict, keep: int = 3) -> str:
+def rng_of_rank(state: dict, rank: int) -> dict | None:
+    """The RNG state `rank` saved; None when the checkpoint has none of it (saved by fewer ranks,
+    or before states were kept per rank: then only rank 0's)."""
+    states = state.get("rank_rng", [state["rng"]])
+    return states[rank] if rank < len(states) else None
+
+
+def save(folder: str, step: int, model, optimizer, scheduler, position: dict, config: dict, keep: int = 3,
+         rank_rng: list[dict] | None = None) -> str:
+    """`rank_rng`: every DDP rank's RNG state, by rank (default: this process's only)."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, PATTERN % step)
     raw = getattr(model, "module", model)  # DDP
     raw = getattr(raw, "_orig_mod", raw)   # torch.compile
+    rank_rng = rank_rng or [rng_state()]
     state = {"step": step, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "position": position, "rng": rng_state(), "config": config}
+             "scheduler": scheduler.state_dict(), "position": position, "rng": rank_rng[0], "rank_rng": rank_rng,
+             "config": config}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)

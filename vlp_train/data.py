@@ -64,9 +64,19 @@ def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:
         raise FileNotFoundError(f"data.tag_vocab {path} does not exist")
     log.warning("no tag_vocab.json beside the shards: building the tag vocabulary by scanning %d shard(s)", len(urls))
     tags = set()
-    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
-        tags.update(sample["json"]["tags"])
+    for raw in every_sample(urls):
+        try:
+            tags.update(json.loads(raw["json"])["tags"])
+        except (KeyError, TypeError, ValueError) as err:  # skipped, as training skips it
+            log.warning("tag scan: skipping bad sample %s: %r", raw.get("__key__", "?"), err)
     return sorted(tags)
+
+
+def every_sample(urls: list[str]):
+    """Every raw sample of every shard, unsplit: each rank must read the same here (the tag
+    vocabulary, the feature size). A plain `wds.WebDataset` refuses to run under
+    torch.distributed without a node splitter; the tar reader underneath it has none."""
+    return wds.tariterators.tarfile_samples(({"url": url} for url in urls), handler=wds.warn_and_continue)
 
 
 _NPY_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (shape, fortran_order, dtype)

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from vlp_train import checkpoint
 from vlp_train.config import COMPILE_MODES, COMPILE_SCOPES, TrainConfig, dumps
 from vlp_train.curriculum import WEIGHTED_TASKS, combine, itm_weighting_on, sample_loss
-from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, expand_shards, load_tag_vocab,
-                            make_loader)
+from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, every_sample, expand_shards,
+                            load_tag_vocab, make_loader)
 from vlp_train.masking import REGION_FIELDS, BatchBuilder
 from vlp_train.model import bert_config_for, build_model, bundled_bert_path, call_layer, export_hf
 from vlp_train.objectives import OBJECTIVES, encode_view, gather_positions
@@ -35,20 +35,33 @@ class Pretraining(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, task: str, view: dict, weigh: bool = False):
-        """Named per-sample losses, the ITM logits (or None) and, with `weigh`, each sample's
-        detached ITM match probability of its clean (unmasked) pair. That extra forward is made
-        here, so torch.compile takes it into the step's graph instead of running it eagerly."""
-        named, outputs = OBJECTIVES[task](self.model, view)
-        weight = None
-        if weigh:
-            weight = self.match_probability(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]),
-                                            view["features"], view["locations"], view["region_mask"])
-        return named, outputs.get("itm_logits"), weight
+    def forward(self, views: dict, weighted: tuple = ()):
+        """Per task of the batch: (named per-sample losses, the ITM logits or None, and for the
+        tasks in `weighted` each sample's detached ITM match probability of its clean (unmasked)
+        pair, else None). Every task runs in this one call: DDP allows one forward per backward
+        (a `mixed` batch holds several tasks), and torch.compile takes the extra ITM forward
+        into the step's graph instead of running it eagerly."""
+        results = {}
+        for task, view in views.items():
+            named, outputs = OBJECTIVES[task](self.model, view)
+            weight = None
+            if task in weighted:
+                weight = self.match_probability(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]),
+                                                view["features"], view["locations"], view["region_mask"])
+            results[task] = (named, outputs.get("itm_logits"), weight)
+        return results
 
     @torch.no_grad()
     def match_probability(self, ids, text_mask, features, locations, region_mask):
-        text, _ = self.model(ids, text_mask, features, locations, region_mask)
+        """With dropout off: a weight is the model's judgement of the pair, not a random draw.
+        (The layer scope's no-grad eval graph is the evaluation's; the step scope traces the
+        mode switch into its graph, which torch.compile does without a break.)"""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            text, _ = self.model(ids, text_mask, features, locations, region_mask)
+        finally:
+            self.model.train(was_training)
         return F.softmax(self.model.itm_logits(text).float(), dim=-1)[:, 1]
 
 
@@ -70,7 +83,8 @@ def setup_distributed(device_type: str) -> Distributed:
     if world == 1:
         return Distributed()
     import torch.distributed as dist
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if not dist.is_initialized():  # else a second train() in this process (tests, notebooks): the same group
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     control = dist.new_group(backend="gloo") if device_type == "cuda" else None  # None: the default (gloo) group
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control)
 
@@ -130,8 +144,8 @@ def allow_graphs(count: int) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
 
 
-LAYER_GRAPHS = 8  # the layer's graphs: training, the no-grad ITM-weight forward, evaluation (3)
-STEP_GRAPHS = 16  # the step's graphs: one per task and ITM weighting (5), plus any re-specialisation
+LAYER_GRAPHS = 8  # the layer's graphs: training, and one no-grad eval-mode graph (ITM weights, evaluation)
+STEP_GRAPHS = 16  # the step's graphs: one per task set and weighting (round_robin 5, mixed 2), plus re-specialisation
 
 
 class CompiledLayers:
@@ -145,7 +159,8 @@ class CompiledLayers:
     The batch and sequence dims (text + regions: one length) are marked dynamic before every call,
     so one graph serves every batch from the first (unmarked, dynamo compiles a static graph first,
     and its duck sizing ties a sequence length that equals another size to it); graphs: the
-    training forward/backward, the no-grad ITM-weight forward and the evaluation forward."""
+    training forward/backward, and one no-grad eval-mode forward that the ITM weights (dropout off)
+    and evaluation share."""
 
     def __init__(self, backend: str = "inductor"):
         allow_graphs(LAYER_GRAPHS)
@@ -160,15 +175,17 @@ class CompiledLayers:
 
 class CompiledStep(nn.Module):
     """torch.compile of the whole step module (`model.compile_scope=step`), told up front which
-    sizes vary from batch to batch. One graph per task and weighting (5), each holding all the
-    layers, heads and losses: more fusion than `CompiledLayers`, minutes of compilation per graph.
+    sizes vary from batch to batch. One graph per set of tasks in a batch and ITM weighting
+    (round_robin: 5, each task alone, rp and is also weighted; mixed: 2, all tasks, unweighted and
+    weighted), each holding all the layers, heads and losses: more fusion than `CompiledLayers`,
+    minutes of compilation per graph.
 
     The batch (dim 0 of every view field: an epoch's last batch is smaller) and the per-batch
     lengths (dim 1 of the text and labelled-position fields) vary; the region count does not,
     since the loader pads regions to `max_regions` for a compiled step (`pad_regions`). Left to
     itself, dynamo compiles a graph for the first batch's sizes and recompiles a dynamic one when
     they change: two or more compiles per task and weighting, the first graph never serving
-    again. Marked dynamic up front, one graph per task and weighting serves every batch.
+    again. Marked dynamic up front, one graph per task set and weighting serves every batch.
 
     The region count stays fixed because inductor (torch 2.13, CPU) fails to lower attention over
     a sequence of text + regions with both lengths symbolic (ValueRangeError in a stride check;
@@ -179,13 +196,14 @@ class CompiledStep(nn.Module):
         allow_graphs(STEP_GRAPHS)
         self.compiled = torch.compile(step_module, backend=backend)
 
-    def forward(self, task: str, view: dict, weigh: bool = False):
-        for name, value in view.items():
-            if torch.is_tensor(value):
-                torch._dynamo.maybe_mark_dynamic(value, 0)
-                if value.ndim >= 2 and name not in REGION_FIELDS:
-                    torch._dynamo.maybe_mark_dynamic(value, 1)
-        return self.compiled(task, view, weigh)
+    def forward(self, views: dict, weighted: tuple = ()):
+        for view in views.values():
+            for name, value in view.items():
+                if torch.is_tensor(value):
+                    torch._dynamo.maybe_mark_dynamic(value, 0)
+                    if value.ndim >= 2 and name not in REGION_FIELDS:
+                        torch._dynamo.maybe_mark_dynamic(value, 1)
+        return self.compiled(views, weighted)
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -208,8 +226,7 @@ def make_optimizer(model: nn.Module, cfg, device: torch.device):
 
 def first_feature_dim(urls: list[str]) -> int:
     """The region feature size of the first decodable sample (bad ones are skipped, as in training)."""
-    import webdataset as wds
-    for raw in wds.WebDataset(urls, shardshuffle=False, handler=wds.warn_and_continue):
+    for raw in every_sample(urls):  # every rank reads the same
         try:
             return decode(raw)["feats"].shape[1]
         except ValueError as err:
@@ -221,15 +238,17 @@ def first_feature_dim(urls: list[str]) -> int:
 
 
 def compute_loss(step_module, views: dict, weighting: bool, autocast):
-    """One batch: named per-sample losses per task, ITM weights, the scalar loss."""
+    """One batch: named per-sample losses per task, ITM weights, the scalar loss. The step
+    module is called once for all the batch's tasks (one DDP forward per backward)."""
+    weighted = tuple(task for task in views if weighting and task in WEIGHTED_TASKS)
+    with autocast:
+        results = step_module(views, weighted)
     per_task, actives, weights, named_means = {}, {}, {}, {}
-    for task, view in views.items():
-        with autocast:
-            named, _, weight = step_module(task, view, weighting and task in WEIGHTED_TASKS)
+    for task, (named, _, weight) in results.items():
         if weight is not None:
             weights[task] = weight
         per_task[task] = sample_loss(named)
-        actives[task] = view["active"]
+        actives[task] = views[task]["active"]
         for name, value in named.items():
             count = (value != 0).float().sum().clamp(min=1)
             named_means[f"{task}/{name}"] = value.detach().sum() / count
@@ -294,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, start_batch = state["step"], state["position"]["epoch"], state["position"]["batch"]
-        checkpoint.set_rng_state(state["rng"])
+        restore_rng(state, dist_info)
 
     step_module = step_module_for(model, scope)
     if dist_info.world > 1:
@@ -349,29 +368,62 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and dist_info.main:
                 last_eval = evaluate(model, builder, eval_urls, cfg, device, autocast)
                 logger.eval(step, last_eval)
-            if cfg.run.save_every and step % cfg.run.save_every == 0 and dist_info.main:
-                checkpoint.save(ckpt_dir, step, model, optimizer, scheduler,
-                                {"epoch": epoch, "batch": batch_in_epoch}, cfg.to_dict())
+            if cfg.run.save_every and step % cfg.run.save_every == 0:
+                save_checkpoint(ckpt_dir, step, model, optimizer, scheduler,
+                                {"epoch": epoch, "batch": batch_in_epoch}, cfg, dist_info)
             if cfg.run.stop_after and step >= cfg.run.stop_after:
                 stopped = True  # as if the process were killed here
                 break
             if step >= total_steps:
                 break
         else:
+            # an epoch's last micro-batches short of optim.grad_accum are dropped (as a loader drops
+            # a partial batch): kept, they would join the next epoch's first step
+            optimizer.zero_grad(set_to_none=True)
             epoch, start_batch = epoch + 1, 0
             continue
         start_batch = batch_in_epoch
     bar.close()
     summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval}
-    if stopped or not dist_info.main:
+    if stopped:
         return summary
-    checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, {"epoch": epoch, "batch": start_batch}, cfg.to_dict())
+    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, {"epoch": epoch, "batch": start_batch}, cfg, dist_info)
+    if not dist_info.main:
+        return summary
     summary["eval"] = evaluate(model, builder, eval_urls, cfg, device, autocast)
     logger.eval(step, summary["eval"])
     export_hf(model, tokenizer, os.path.join(out, "hf"))
     logger.close()
     summary["bad_samples"] = logger.bad_samples
     return summary
+
+
+def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, position: dict, cfg: TrainConfig,
+                    dist_info: Distributed) -> None:
+    """Rank 0 writes the checkpoint; every rank calls this, to hand in its own RNG state."""
+    rank_rng = rank_rng_states(dist_info)
+    if dist_info.main:
+        checkpoint.save(folder, step, model, optimizer, scheduler, position, cfg.to_dict(), rank_rng=rank_rng)
+
+
+def rank_rng_states(dist_info: Distributed) -> list[dict]:
+    """Every rank's RNG state, by rank: each rank draws its own dropout masks (seed + rank), and
+    after a resume must go on drawing its own, not rank 0's. Through the CPU (gloo) group."""
+    if dist_info.world == 1:
+        return [checkpoint.rng_state()]
+    import torch.distributed as dist
+    states = [None] * dist_info.world
+    dist.all_gather_object(states, checkpoint.rng_state(), group=dist_info.control_group)
+    return states
+
+
+def restore_rng(state: dict, dist_info: Distributed) -> None:
+    rng = checkpoint.rng_of_rank(state, dist_info.rank)
+    if rng is None:
+        log.warning("the checkpoint holds no RNG state of rank %d (saved by fewer ranks): it keeps its fresh seed",
+                    dist_info.rank)
+        return
+    checkpoint.set_rng_state(rng)
 
 
 def _synchronised(loader, dist_info: Distributed):

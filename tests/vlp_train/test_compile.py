@@ -79,8 +79,8 @@ def test_compiled_step_has_no_graph_breaks_a_fixed_set_of_graphs_and_eager_losse
         # compiles a static graph first, then dynamic ones as each size changes (13 here, not 5)
         assert graphs == len(tasks) + len(weighted) <= STEP_GRAPHS <= torch._dynamo.config.recompile_limit, graphs
     else:
-        # the 2 layers share one graph for training and one for the no-grad ITM-weight forward;
-        # unmarked: a static graph first, then re-specialised ones (5 here, tried)
+        # the 2 layers share one graph for training and one for the no-grad ITM-weight forward
+        # (dropout off, as evaluation); unmarked: a static graph first, then re-specialised ones (5 here, tried)
         assert graphs == 2 <= LAYER_GRAPHS <= torch._dynamo.config.recompile_limit, graphs
 
 
@@ -110,6 +110,41 @@ def test_compiled_training_runs_batches_of_every_size_without_recompiling(scope,
     # region-tag only: one graph for every batch (layers: and one for the evaluation forward)
     assert counters["stats"]["unique_graphs"] == (1 if scope == "step" else 2)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("scope", [None, "step", "layers"])
+def test_itm_weights_are_deterministic_with_dropout_on(scope, tmp_path, monkeypatch):
+    """The ITM weight is the model's judgement of a pair: made with dropout off although the step
+    runs in training mode, so the same batch gets the same weights twice, those of the model in
+    eval mode, and the model is left in training mode. Compiled, the mode switch costs no graph
+    break; in the layer scope the weight forward and evaluation share one no-grad graph."""
+    cfg = load_config("debug", TINY_MODEL + ["model.dropout=0.5", "objectives.schedule=round_robin"])
+    batches, num_tags = varied_batches(tmp_path, monkeypatch, cfg, enabled_tasks(cfg.objectives))
+    weighed = [next(views for views in batches if task in views) for task in ("rp", "is")]
+    torch.manual_seed(0)
+    model = build_model(cfg.model, FEATURE_DIM, num_tags).train()
+    torch._dynamo.reset()
+    counters.clear()
+    step_module = step_module_for(model, scope, backend="aot_eager") if scope else Pretraining(model)
+    for views in weighed:
+        _, _, first = compute_loss(step_module, views, True, nullcontext())
+        _, _, second = compute_loss(step_module, views, True, nullcontext())
+        assert model.training and all(m.training for m in model.modules())
+        (task, view), = views.items()
+        eager = copy.deepcopy(model).eval()
+        eager.bert.call_layer = call_layer
+        reference = Pretraining(eager).match_probability(
+            view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
+            view["locations"], view["region_mask"])
+        torch.testing.assert_close(first[task], second[task], rtol=0, atol=0)
+        torch.testing.assert_close(first[task], reference, rtol=1e-5, atol=1e-6)
+    if scope:
+        model.eval()
+        with torch.no_grad():  # as evaluation calls the model
+            model(*(weighed[1]["is"][k] for k in ("input_ids", "text_mask", "features", "locations", "region_mask")))
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        # step: rp and is, each weighted; layers: training, and the no-grad eval graph evaluation shares
+        assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_compile_settings_are_checked_and_the_layer_scope_keeps_the_state_dict():

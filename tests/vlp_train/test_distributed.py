@@ -1,11 +1,19 @@
-"""Under DDP every rank stops an epoch together when one runs out of batches (gloo, two processes)."""
+"""DDP on two gloo processes: every rank stops an epoch together when one runs out of batches;
+train() itself, mixed schedule, resumed exactly."""
+import json
 import os
 import socket
+import time
 
+import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vlp_train.config import load_config
 from vlp_train.train import Distributed, _synchronised
+
+from .conftest import TINY_MODEL, write_shards
 
 
 def _rank(rank: int, port: int, results):
@@ -27,3 +35,62 @@ def test_ranks_stop_together_when_one_runs_out():
         results = manager.dict()
         mp.spawn(_rank, args=(port, results), nprocs=2, join=True)
         assert dict(results) == {0: ["r0b0", "r0b1"], 1: ["r1b0", "r1b1"]}
+
+
+def _run_ranks(fn, *args, timeout: float = 150):
+    """fn(rank, port, *args) in two processes; fails (rather than hangs) past `timeout` seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.spawn(fn, args=(port, *args), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the ranks ran past {timeout} s")
+
+
+def _ddp_runs(rank: int, port: int, shards: str, folder: str):
+    """As torchrun would start it: a whole run, then one killed after step 5 and resumed."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two ranks on a shared machine
+    from vlp_train.train import train
+    common = ["run.device=cpu", "objectives.schedule=mixed", "optim.max_steps=8", "optim.epochs=4",
+              "data.batch_size=8", "run.log_every=1"]
+    try:
+        whole = load_config("debug", TINY_MODEL + common)  # debug: model.feature_dim=0, dropout 0.1
+        whole.data.shards, whole.run.output = shards, os.path.join(folder, "whole")
+        assert train(whole)["steps"] == 8
+        broken = load_config("debug", TINY_MODEL + common + ["run.save_every=3", "run.stop_after=5"])
+        broken.data.shards, broken.run.output = shards, os.path.join(folder, "broken")
+        assert train(broken)["stopped"]
+        resumed = load_config("debug")
+        resumed.run.output = broken.run.output
+        assert train(resumed, resume=True)["steps"] == 8
+    finally:
+        dist.destroy_process_group()
+
+
+def _losses(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # a replayed step: the later row wins
+
+
+def test_ddp_mixed_schedule_trains_and_resumes_like_an_uninterrupted_run(tmp_path):
+    """Two gloo ranks through train(): a mixed batch (every task in one DDP forward), the feature
+    size and tag vocabulary read on every rank (no tag_vocab.json: a scan), and a resumed run that
+    matches the whole one, which needs rank 1's own RNG state back (its dropout reaches rank 0's
+    losses through the averaged gradients)."""
+    shards = write_shards(str(tmp_path / "c"), n_images=48, per_shard=16)  # 2 training shards: 1 per rank
+    os.remove(tmp_path / "c" / "tag_vocab.json")
+    _run_ranks(_ddp_runs, shards, str(tmp_path))
+    whole, broken = _losses(tmp_path / "whole"), _losses(tmp_path / "broken")
+    assert sorted(whole) == sorted(broken) == list(range(1, 9))
+    for step in range(1, 9):
+        assert broken[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), step
+    saved = torch.load(tmp_path / "broken" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    assert len(saved["rank_rng"]) == 2
+    assert not torch.equal(saved["rank_rng"][0]["torch"], saved["rank_rng"][1]["torch"])  # seed + rank

@@ -39,10 +39,15 @@ def test_short_run_lowers_the_loss_and_counts_bad_samples(tmp_path):
 
 
 def test_itm_beats_chance_on_held_out_pairs(tmp_path):
+    """ITM learns the pairing itself: matched and mismatched sentences are masked alike (no
+    [MASK] cue), and the pairs are held out. From the bundled pretrained backbone (6 x 384, as the
+    paper starts from BERT): a randomly initialised 2 x 64 model sat at chance for 1,000-2,000+
+    steps depending on the seed, this one learns in 300 (seeds 42 and 1: accuracy 0.82, 0.87)."""
     shards = write_shards(str(tmp_path / "c"), n_images=400, per_shard=100)  # the last shard is held out
-    cfg = config(shards, tmp_path / "run", "data.batch_size=32", "optim.max_steps=250", "optim.epochs=50",
-                 "optim.lr=1e-3", "model.dropout=0.0", "objectives.region_tag=false",
-                 "objectives.region_phrase=false", "run.log_every=50", "run.eval_batches=10")
+    cfg = config(shards, tmp_path / "run", "model.layers=6", "model.hidden=384", "model.heads=12",
+                 "data.batch_size=32", "optim.max_steps=300", "optim.epochs=50", "optim.lr=1e-4",
+                 "model.dropout=0.0", "objectives.region_tag=false", "objectives.region_phrase=false",
+                 "objectives.itm_weighting=false", "run.log_every=50", "run.eval_batches=10")
     result = train(cfg)["eval"]
     assert result["pairs"] == 100
     assert result["itm_acc"] > 0.7 and result["itm_auc"] > 0.75
@@ -107,3 +112,26 @@ def test_cli_runs_with_overrides_and_rejects_unknown_keys(tmp_path):
                               "--set", "optim.max_steps=2", *sum((["--set", o] for o in TINY_MODEL), [])])
     assert ok.exit_code == 0, ok.output
     assert "2 steps" in ok.output and "eval:" in ok.output
+
+
+def test_an_epochs_leftover_micro_batch_does_not_join_the_next_epochs_step(tmp_path, monkeypatch):
+    """3 batches an epoch with optim.grad_accum=2: the third is dropped, so the next epoch's first
+    step holds that epoch's first two batches only. With lr 0 the model never changes, so each
+    batch's gradient can be read from a grad_accum=1 run over the same batches."""
+    shards = write_shards(str(tmp_path / "c"), n_images=24, per_shard=24)
+    clip = torch.nn.utils.clip_grad_norm_
+    steps = []
+
+    def record(parameters, max_norm):  # each optimizer step's gradient, before clipping
+        parameters = list(parameters)
+        steps.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters]))
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    common = ["data.batch_size=8", "optim.epochs=2", "optim.lr=0", "model.dropout=0.0"]
+    train(config(shards, tmp_path / "accum", *common, "optim.grad_accum=2"))
+    accumulated, steps = steps, []
+    train(config(shards, tmp_path / "single", *common, "optim.grad_accum=1"))
+    assert len(accumulated) == 2 and len(steps) == 6  # epoch e, batch b: steps[3 * e + b]
+    for step, (first, second) in zip(accumulated, ((0, 1), (3, 4))):
+        torch.testing.assert_close(step, (steps[first] + steps[second]) / 2, rtol=1e-4, atol=1e-6)
