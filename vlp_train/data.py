@@ -43,14 +43,14 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in local shards, from the tar member names (nothing decoded)."""
+def samples_per_shard(urls: list[str]) -> dict[str, int]:
+    """Samples in each local shard, from the tar member names (nothing decoded)."""
     import tarfile
-    total = 0
+    counts = {}
     for url in urls:
         with tarfile.open(url) as tar:
-            total += sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
-    return total
+            counts[url] = sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
+    return counts
 
 
 def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:
@@ -187,17 +187,33 @@ class CorpusStream(IterableDataset):
             raise ValueError(f"objectives.schedule {self.schedule!r}: round_robin or mixed")
         return [self.tasks[(self.task_offset + index) % len(self.tasks)]]
 
+    def _shard_order(self, epoch: int) -> list[str]:
+        shards = self.urls[:]
+        random.Random(f"{self.seed}/shards/{epoch}").shuffle(shards)
+        return shards
+
+    def _split(self, shards: list[str], rank: int, worker: int, workers: int) -> list[str]:
+        # split_by_node, then split_by_worker (explicit, so the split is part of the position)
+        return shards[rank::self.world][worker::workers]
+
     def _shards(self, worker: int, workers: int):
-        rng = random.Random(f"{self.seed}/shards/{self.epoch}")
         if self.resampled:  # with replacement, forever; each (rank, worker) its own stream
             own = random.Random(f"{self.seed}/resample/{self.epoch}/{self.rank}/{worker}")
             while True:
                 yield {"url": own.choice(self.urls)}
-        shards = self.urls[:]
-        rng.shuffle(shards)
-        # split_by_node, then split_by_worker (explicit, so the split is part of the position)
-        for url in shards[self.rank::self.world][worker::workers]:
+        for url in self._split(self._shard_order(self.epoch), self.rank, worker, workers):
             yield {"url": url}
+
+    def epoch_batches(self, epoch: int, shard_samples: dict[str, int], workers: int) -> int:
+        """The batches of `epoch` that training takes: each loader worker ends its shards with a
+        partial batch of its own, and under DDP every rank stops when the first runs out (so the
+        fewest over the ranks). Exact for a corpus without bad samples."""
+        order = self._shard_order(epoch)
+
+        def rank_batches(rank: int) -> int:
+            return sum(-(-sum(shard_samples[url] for url in self._split(order, rank, worker, workers))
+                         // self.batch_size) for worker in range(workers))
+        return min(rank_batches(rank) for rank in range(self.world))
 
     def _samples(self, worker: int, workers: int):
         stream = wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=wds.warn_and_continue)

@@ -1,9 +1,9 @@
 """The trainer: build the components, then the loop: resume -> step -> log -> eval -> save."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -19,8 +19,8 @@ from tqdm import tqdm
 from vlp_train import checkpoint
 from vlp_train.config import COMPILE_MODES, COMPILE_SCOPES, TrainConfig, dumps
 from vlp_train.curriculum import WEIGHTED_TASKS, combine, itm_weighting_on, sample_loss
-from vlp_train.data import (CorpusStream, count_samples, decode, enabled_tasks, every_sample, expand_shards,
-                            load_tag_vocab, make_loader)
+from vlp_train.data import (CorpusStream, decode, enabled_tasks, every_sample, expand_shards,
+                            load_tag_vocab, make_loader, samples_per_shard)
 from vlp_train.masking import REGION_FIELDS, BatchBuilder
 from vlp_train.model import bert_config_for, build_model, bundled_bert_path, call_layer, export_hf
 from vlp_train.objectives import OBJECTIVES, encode_view, gather_positions
@@ -295,15 +295,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                            cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step")
     dataset = CorpusStream(urls, builder, cfg.data.batch_size, tasks, cfg.objectives.schedule,
                            cfg.data.shuffle_buffer, cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
-    samples = count_samples(urls) if all("://" not in u for u in urls) else 0
-    if cfg.data.resampled or not samples:
-        batches_per_epoch = cfg.data.steps_per_epoch or max(1, samples // (cfg.data.batch_size * dist_info.world))
+    shard_samples = samples_per_shard(urls) if all("://" not in u for u in urls) else {}
+    samples = sum(shard_samples.values())
+    batches_of = epoch_batches(dataset, cfg, shard_samples, dist_info.world)
+    if cfg.optim.epochs:
+        total_steps = sum(max(1, batches_of(e) // cfg.optim.grad_accum) for e in range(cfg.optim.epochs))
+        total_steps = min(total_steps, cfg.optim.max_steps or total_steps)
     else:
-        batches_per_epoch = math.ceil(samples / dist_info.world / cfg.data.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // cfg.optim.grad_accum)
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if cfg.optim.max_steps:
-        total_steps = min(total_steps, cfg.optim.max_steps) if cfg.optim.epochs else cfg.optim.max_steps
+        total_steps = cfg.optim.max_steps
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio))
 
@@ -336,8 +335,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     model.train()
     while step < total_steps and not stopped:
         weighting = itm_weighting_on(epoch, cfg.objectives)
-        dataset.set_position(epoch, start_batch, batches_per_epoch if cfg.data.resampled else None,
-                             task_offset=epoch * batches_per_epoch)
+        dataset.set_position(epoch, start_batch, batches_of(epoch) if cfg.data.resampled else None,
+                             task_offset=sum(batches_of(e) for e in range(epoch)))
         loader = make_loader(dataset, cfg.data.num_workers, pin_memory=device.type == "cuda")
         batch_in_epoch, micro = start_batch, 0
         for batch in _synchronised(loader, dist_info):
@@ -396,6 +395,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     logger.close()
     summary["bad_samples"] = logger.bad_samples
     return summary
+
+
+def epoch_batches(dataset: CorpusStream, cfg: TrainConfig, shard_samples: dict[str, int], world: int):
+    """epoch -> the batches training takes in it. Exact epochs: from the shards' sample counts
+    and how they are split over ranks and loader workers (each worker's last batch is partial),
+    so the schedule ends with the last epoch's data rather than short of it or in an extra one.
+    Resampled (or remote shards, not counted): data.steps_per_epoch, else corpus / batch."""
+    if cfg.data.resampled or not shard_samples:
+        fixed = cfg.data.steps_per_epoch or max(1, sum(shard_samples.values()) // (cfg.data.batch_size * world))
+        return lambda epoch: fixed
+    workers = max(1, cfg.data.num_workers)
+    return functools.lru_cache(maxsize=None)(lambda epoch: dataset.epoch_batches(epoch, shard_samples, workers))
 
 
 def save_checkpoint(folder: str, step: int, model, optimizer, scheduler, position: dict, cfg: TrainConfig,

@@ -135,3 +135,18 @@ def test_an_epochs_leftover_micro_batch_does_not_join_the_next_epochs_step(tmp_p
     assert len(accumulated) == 2 and len(steps) == 6  # epoch e, batch b: steps[3 * e + b]
     for step, (first, second) in zip(accumulated, ((0, 1), (3, 4))):
         torch.testing.assert_close(step, (steps[first] + steps[second]) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_an_epoch_is_every_batch_its_loader_workers_make(tmp_path):
+    """3 training shards of 12 (a 4th held out) over 2 loader workers, batch 10: one worker makes
+    10, 10, 4 and the other 10, 2, so an epoch is 5 batches, not ceil(36 / 10) = 4. The schedule
+    holds 2 whole epochs (10 steps), each seeing every training sample once."""
+    shards = write_shards(str(tmp_path / "c"), n_images=48, per_shard=12)
+    cfg = config(shards, tmp_path / "run", "data.batch_size=10", "data.num_workers=2", "optim.epochs=2",
+                 "run.log_keys=true")
+    summary = train(cfg)
+    assert summary["steps"] == 10 and summary["epoch"] == 1  # ends in the second epoch (counted from 0)
+    keys = {r["step"]: r["keys"] for r in rows(cfg.run.output) if "keys" in r}
+    training = sorted(k for step in range(5) for k in keys[step])
+    assert len(training) == len(set(training)) == 36
+    assert sorted(k for step in range(5, 10) for k in keys[step]) == training
