@@ -29,11 +29,12 @@ class DataConfig:
     shards: str = "vlp-out/shards/*.tar"   # glob, comma list, or brace pattern
     eval_shards: str | None = None         # None: the last shard is held out when there are several
     tag_vocab: str | None = None           # None: tag_vocab.json beside the shards folder, else a scan
+    manifest: str | None = None            # manifest.parquet of the corpus: sample counts of remote shards
     batch_size: int = 32
     num_workers: int = 0
     shuffle_buffer: int = 1000
     resampled: bool = False                # False: exact epochs; True: shards drawn with replacement
-    steps_per_epoch: int = 0               # resampled only; 0 = corpus size / batch size
+    steps_per_epoch: int = 0               # resampled (or remote shards without a manifest): batches an epoch
 
 
 @dataclass

@@ -31,7 +31,7 @@ def expand_shards(spec: str) -> list[str]:
     """Comma list of globs / brace patterns ('corpus-{000000..000009}.tar') / URLs."""
     urls = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if "://" in part or "{" in part:
+        if "://" in part or "{" in part or part.startswith("pipe:"):
             urls += wds.shardlists.expand_urls(part)
         else:
             matched = sorted(glob.glob(os.path.expanduser(part)))
@@ -43,14 +43,33 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def samples_per_shard(urls: list[str]) -> dict[str, int]:
-    """Samples in each local shard, from the tar member names (nothing decoded)."""
+def samples_per_shard(urls: list[str], manifest: str | None = None) -> dict[str, int]:
+    """Samples in each shard: local ones from their tar member names (nothing decoded); remote
+    ones (https://, pipe:gsutil cat gs://...) from the corpus manifest (`manifest.parquet`,
+    written with the shards), matched by file name. {} when a remote shard has no count."""
     import tarfile
-    counts = {}
+    counts, remote = {}, [u for u in urls if "://" in u or u.startswith("pipe:")]
+    if remote and not manifest:
+        return {}
+    listed = manifest_counts(manifest) if remote else {}
     for url in urls:
+        if url in remote:
+            name = url.rstrip("/").rsplit("/", 1)[-1]
+            if name not in listed:
+                raise ValueError(f"data.manifest {manifest} lists no shard named {name} (from {url})")
+            counts[url] = listed[name]
+            continue
         with tarfile.open(url) as tar:
             counts[url] = sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
     return counts
+
+
+def manifest_counts(path: str) -> dict[str, int]:
+    """shard file name -> samples, from a corpus manifest.parquet."""
+    from schemas import MANIFEST, read_table
+    table = read_table(path, MANIFEST)
+    return {shard.rsplit("/", 1)[-1]: samples
+            for shard, samples in zip(table.column("shard").to_pylist(), table.column("samples").to_pylist())}
 
 
 def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:

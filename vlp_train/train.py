@@ -295,7 +295,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                            cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step")
     dataset = CorpusStream(urls, builder, cfg.data.batch_size, tasks, cfg.objectives.schedule,
                            cfg.data.shuffle_buffer, cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
-    shard_samples = samples_per_shard(urls) if all("://" not in u for u in urls) else {}
+    shard_samples = samples_per_shard(urls, cfg.data.manifest)
+    if not shard_samples and not (cfg.data.resampled or cfg.data.steps_per_epoch):
+        raise ValueError(f"the samples in remote shards ({urls[0]}, ...) cannot be counted here: give "
+                         "data.manifest=PATH (the corpus's manifest.parquet) or data.steps_per_epoch")
     samples = sum(shard_samples.values())
     batches_of = epoch_batches(dataset, cfg, shard_samples, dist_info.world)
     if cfg.optim.epochs:
@@ -401,7 +404,7 @@ def epoch_batches(dataset: CorpusStream, cfg: TrainConfig, shard_samples: dict[s
     """epoch -> the batches training takes in it. Exact epochs: from the shards' sample counts
     and how they are split over ranks and loader workers (each worker's last batch is partial),
     so the schedule ends with the last epoch's data rather than short of it or in an extra one.
-    Resampled (or remote shards, not counted): data.steps_per_epoch, else corpus / batch."""
+    Resampled (or remote shards without a manifest): data.steps_per_epoch, else corpus / batch."""
     if cfg.data.resampled or not shard_samples:
         fixed = cfg.data.steps_per_epoch or max(1, sum(shard_samples.values()) // (cfg.data.batch_size * world))
         return lambda epoch: fixed

@@ -9,6 +9,7 @@ from transformers import BertModel
 
 from vlp_train.cli import main
 from vlp_train.config import load_config
+from vlp_train.data import expand_shards
 from vlp_train.train import train
 
 from .conftest import TINY_MODEL, write_shards
@@ -150,3 +151,24 @@ def test_an_epoch_is_every_batch_its_loader_workers_make(tmp_path):
     training = sorted(k for step in range(5) for k in keys[step])
     assert len(training) == len(set(training)) == 36
     assert sorted(k for step in range(5, 10) for k in keys[step]) == training
+
+
+def test_remote_shards_are_counted_from_the_corpus_manifest(tmp_path):
+    """Shards read through a command (as `pipe:gsutil cat gs://...`) cannot be opened to count
+    their samples: the manifest vlp-data writes beside them gives the counts, so the schedule is
+    the local one; without it (and without data.steps_per_epoch) the run stops with a clear error."""
+    import pyarrow.parquet as pq
+
+    import schemas
+
+    local = expand_shards(write_shards(str(tmp_path / "c"), n_images=48, per_shard=12))
+    remote = ",".join(f"pipe:cat {path}" for path in local)
+    manifest = tmp_path / "manifest.parquet"
+    rows = [{"shard": f"shards/{os.path.basename(p)}", "samples": 12, "bytes": os.path.getsize(p), "sha256": "-"}
+            for p in local]
+    pq.write_table(schemas.table_from_rows(rows, schemas.MANIFEST), manifest)
+    common = ["data.batch_size=10", "data.num_workers=2", "optim.epochs=2"]
+    assert train(config(remote, tmp_path / "remote", *common, f"data.manifest={manifest}"))["steps"] == 10
+    assert train(config(",".join(local), tmp_path / "local", *common))["steps"] == 10  # the same schedule
+    with pytest.raises(ValueError, match="data.manifest"):
+        train(config(remote, tmp_path / "uncounted", *common))
