@@ -343,8 +343,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         loader = make_loader(dataset, cfg.data.num_workers, pin_memory=device.type == "cuda")
         batch_in_epoch, micro = start_batch, 0
         for batch in _synchronised(loader, dist_info):
-            loss, named, _ = compute_loss(step_module, to_device(batch["views"], device), weighting, autocast)
-            (loss / cfg.optim.grad_accum).backward()
+            with accumulating(step_module, completes_step=(micro + 1) % cfg.optim.grad_accum == 0):
+                loss, named, _ = compute_loss(step_module, to_device(batch["views"], device), weighting, autocast)
+                (loss / cfg.optim.grad_accum).backward()
             batch_in_epoch, micro = batch["index"] + 1, micro + 1
             window["loss"].append(loss.detach())
             for k, v in named.items():
@@ -398,6 +399,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     logger.close()
     summary["bad_samples"] = logger.bad_samples
     return summary
+
+
+def accumulating(step_module, completes_step: bool):
+    """Under DDP, a micro-batch that does not complete an optimizer step keeps its gradients
+    local (`no_sync`): they are all-reduced once, summed, with the step's last micro-batch,
+    instead of once per micro-batch (optim.grad_accum all-reduces of every gradient a step)."""
+    if completes_step or not isinstance(step_module, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return step_module.no_sync()
 
 
 def epoch_batches(dataset: CorpusStream, cfg: TrainConfig, shard_samples: dict[str, int], world: int):

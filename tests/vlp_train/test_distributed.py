@@ -1,5 +1,5 @@
 """DDP on two gloo processes: every rank stops an epoch together when one runs out of batches;
-train() itself, mixed schedule, resumed exactly."""
+train() itself, mixed schedule, resumed exactly; gradient accumulation with one all-reduce a step."""
 import json
 import os
 import socket
@@ -94,3 +94,46 @@ def test_ddp_mixed_schedule_trains_and_resumes_like_an_uninterrupted_run(tmp_pat
     saved = torch.load(tmp_path / "broken" / "checkpoints" / "step-00000003.pt", weights_only=False)
     assert len(saved["rank_rng"]) == 2
     assert not torch.equal(saved["rank_rng"][0]["torch"], saved["rank_rng"][1]["torch"])  # seed + rank
+
+
+def _accumulation_runs(rank: int, port: int, shards: str, folder: str):
+    """optim.grad_accum=2 under DDP: as train() runs it (gradients kept local on the first
+    micro-batch of a step), then with an all-reduce after every micro-batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vlp_train.train import train
+    real_no_sync, entered = DDP.no_sync, []
+
+    def counted_no_sync(self):
+        entered.append(1)
+        return real_no_sync(self)
+
+    common = ["run.device=cpu", "optim.grad_accum=2", "optim.max_steps=4", "optim.epochs=4", "data.batch_size=4",
+              "run.log_every=1", "model.dropout=0.0"]
+    try:
+        for name, no_sync in (("local", counted_no_sync), ("every", lambda self: nullcontext())):
+            DDP.no_sync = no_sync
+            cfg = load_config("debug", TINY_MODEL + common)
+            cfg.data.shards, cfg.run.output = shards, os.path.join(folder, name)
+            assert train(cfg)["steps"] == 4
+        with open(os.path.join(folder, f"no_sync-{rank}.txt"), "w") as f:
+            f.write(str(len(entered)))
+    finally:
+        DDP.no_sync = real_no_sync
+        dist.destroy_process_group()
+
+
+def test_gradient_accumulation_all_reduces_once_a_step_with_the_same_result(tmp_path):
+    shards = write_shards(str(tmp_path / "c"), n_images=48, per_shard=16)
+    _run_ranks(_accumulation_runs, shards, str(tmp_path))
+    for rank in (0, 1):  # 4 steps of 2 micro-batches: the first of each kept local
+        assert (tmp_path / f"no_sync-{rank}.txt").read_text() == "4"
+    local, every = _losses(tmp_path / "local"), _losses(tmp_path / "every")
+    assert sorted(local) == sorted(every) == [1, 2, 3, 4]
+    for step in local:
+        assert local[step] == pytest.approx(every[step], rel=1e-5, abs=1e-6), step
