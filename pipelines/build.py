@@ -22,7 +22,7 @@ from pipelines.embed import EmbedSentences
 from pipelines.io import ReadCorpus, ReadDetections, is_local, tags_of
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
-from pipelines.shards import (WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
+from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key)
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ PUBLISHING = "_PUBLISHING.json"  # in the staging folder: the run succeeded, thi
 # What each command publishes; a rerun replaces exactly these (removing the ones it did not
 # produce this time) and leaves the other command's entries alone, so `detect` and
 # `build-retrieval` can share an output folder (even read from it).
-BUILD_REJECTED, DETECT_REJECTED = "rejected/rejected.jsonl", "rejected/detect.jsonl"
+BUILD_REJECTED, DETECT_REJECTED = "rejected/build", "rejected/detect"  # rejected-0000i-of-0000N.jsonl in each
 BUILD_ENTRIES = ("sentences", "retrievals", "links", "shards", BUILD_REJECTED,
                  "manifest.parquet", "tag_vocab.json", "stats.json")
 DETECT_ENTRIES = ("detections", DETECT_REJECTED)
@@ -265,14 +265,19 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
 
     # Dead letters and the run's statistics
     all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
-    _ = all_rejected | "WriteRejected" >> WriteSingleFile(
-        posixpath.join(out, BUILD_REJECTED), rejected_jsonl, sort_key=rejected_sort_key)
+    _ = all_rejected | "WriteRejected" >> write_rejected(out, BUILD_REJECTED)
     stats.append(all_rejected | "StatRejected" >> beam.FlatMap(_reject_stats))
     _ = (tuple(stats) | "AllStats" >> beam.Flatten()
          | "SumStats" >> beam.CombinePerKey(sum)
          | "StatsDict" >> beam.combiners.ToDict()
          | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_stats(totals, options))))
     return p
+
+
+def write_rejected(out: str, entry: str) -> WriteFiles:
+    """Dead letters -> OUT/entry/rejected-0000i-of-0000N.jsonl, records sorted in each file."""
+    return WriteFiles(posixpath.join(out, entry), "rejected", rejected_sort_key, ShardOptions.rejected_per_file,
+                      rejected_jsonl, "jsonl")
 
 
 def _detection_row(detection: dict) -> dict:
@@ -294,8 +299,7 @@ def build_detect_pipeline(images: str, output: str, options, beam_args: list[str
          | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"],
                                            detections_per_file))
     _ = ((read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
-         | "WriteRejected" >> WriteSingleFile(posixpath.join(out, DETECT_REJECTED), rejected_jsonl,
-                                              sort_key=rejected_sort_key))
+         | "WriteRejected" >> write_rejected(out, DETECT_REJECTED))
     return p
 
 
@@ -397,7 +401,7 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
 
 def _in_entries(relative: str, entries: tuple[str, ...]) -> bool:
     """Whether a staged file is (under) one of the entries; an entry may be a nested path
-    such as rejected/rejected.jsonl."""
+    such as rejected/build."""
     return any(relative == entry or relative.startswith(entry + "/") for entry in entries)
 
 

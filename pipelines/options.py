@@ -61,6 +61,7 @@ class ShardOptions:
     samples_per_shard: int = 1000
     table_rows_per_file: int = 500_000  # side tables (sentences, retrievals, links): rows per Parquet file, about
     detections_per_file: int = 256    # `vlp-data detect`: detections (with their region features) per file, about
+    rejected_per_file: int = 100_000  # dead letters (rejected/build/, rejected/detect/) per JSON Lines file, about
 
 
 @dataclass(frozen=True)

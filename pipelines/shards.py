@@ -75,36 +75,46 @@ def table_files(rows: int, rows_per_file: int) -> int:
     return max(1, -(-rows // rows_per_file))
 
 
-class WriteTable(beam.PTransform):
-    """Rows (dicts) -> DIR/name/name-00000-of-0000N.parquet, rows sorted by `sort_key` in each
-    file; every one of the N files is written, even when empty. Outputs the written paths.
+class WriteFiles(beam.PTransform):
+    """Elements -> FOLDER/stem-00000-of-0000N.ext, each file made by `render(its elements sorted
+    by sort_key) -> bytes`; every one of the N files is written, even when empty. Outputs the
+    written paths.
 
-    N comes from the row count (about `rows_per_file` rows a file, by a stable hash of the sort
-    key), so the files depend on the data alone and each is written by its own worker: a
-    10-million-sentence table is not sorted and written by one."""
+    N comes from the element count (about `per_file` a file, by a stable hash of the sort key),
+    so the files depend on the data alone and each is written by its own worker: a 10-million-row
+    table (or millions of dead letters) is not gathered, sorted and written by one."""
 
-    def __init__(self, directory: str, name: str, schema: pa.Schema, sort_key, rows_per_file: int):
+    def __init__(self, folder: str, stem: str, sort_key, per_file: int, render, extension: str):
         super().__init__()
-        self._directory, self._name, self._schema = directory, name, schema
-        self._sort_key, self._rows_per_file = sort_key, max(1, rows_per_file)
+        self._folder, self._stem, self._sort_key, self._per_file = folder, stem, sort_key, max(1, per_file)
+        self._render, self._extension = render, extension
 
     def expand(self, rows):
-        name, sort_key, per_file = self._name, self._sort_key, self._rows_per_file
-        files = (rows | f"Count{name}" >> beam.combiners.Count.Globally()
-                 | f"Files{name}" >> beam.Map(table_files, per_file))
-        every_file = files | f"EveryFile{name}" >> beam.FlatMap(lambda n: [(i, None) for i in range(n)])
-        keyed = rows | f"Bucket{name}" >> beam.Map(
+        stem, sort_key, per_file = self._stem, self._sort_key, self._per_file
+        files = (rows | f"Count{stem}" >> beam.combiners.Count.Globally()
+                 | f"Files{stem}" >> beam.Map(table_files, per_file))
+        every_file = files | f"EveryFile{stem}" >> beam.FlatMap(lambda n: [(i, None) for i in range(n)])
+        keyed = rows | f"Bucket{stem}" >> beam.Map(
             lambda r, n: (_stable_bucket(str(sort_key(r)), n), r), n=beam.pvalue.AsSingleton(files))
-        return ((keyed, every_file) | f"AllFiles{name}" >> beam.Flatten()
-                | f"Group{name}" >> beam.GroupByKey()
-                | f"Write{name}" >> beam.Map(self._write, n=beam.pvalue.AsSingleton(files)))
+        return ((keyed, every_file) | f"AllFiles{stem}" >> beam.Flatten()
+                | f"Group{stem}" >> beam.GroupByKey()
+                | f"Write{stem}" >> beam.Map(self._write, n=beam.pvalue.AsSingleton(files)))
 
     def _write(self, file_rows, n):
         index, rows = file_rows
         rows = sorted((r for r in rows if r is not None), key=self._sort_key)
-        path = posixpath.join(self._directory, self._name, f"{self._name}-{index:05d}-of-{n:05d}.parquet")
-        write_bytes(path, parquet_bytes(rows, self._schema))
+        path = posixpath.join(self._folder, f"{self._stem}-{index:05d}-of-{n:05d}.{self._extension}")
+        write_bytes(path, self._render(rows))
         return path
+
+
+class WriteTable(WriteFiles):
+    """Rows (dicts) -> DIR/name/name-00000-of-0000N.parquet (see WriteFiles), about
+    `rows_per_file` rows a file, each file's rows sorted by `sort_key`."""
+
+    def __init__(self, directory: str, name: str, schema: pa.Schema, sort_key, rows_per_file: int):
+        super().__init__(posixpath.join(directory, name), name, sort_key, rows_per_file,
+                         lambda rows: parquet_bytes(rows, schema), "parquet")
 
 
 class WriteSingleFile(beam.PTransform):

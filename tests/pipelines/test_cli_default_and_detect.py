@@ -53,7 +53,7 @@ def test_detect_then_build_from_its_detections(tmp_path):
     assert sorted(rows) == ["coffee.jpg", "motorcycle.png"]
     assert "cup" in rows["coffee.jpg"]["labels"]
     assert np.asarray(rows["coffee.jpg"]["features"]).shape == (len(rows["coffee.jpg"]["boxes"]), 1280)
-    (rejected,) = [json.loads(line) for line in open(out / "rejected" / "detect.jsonl")]
+    (rejected,) = [json.loads(line) for line in open(out / "rejected" / "detect" / "rejected-00000-of-00001.jsonl")]
     assert rejected["source"].endswith("broken.jpg") and rejected["stage"] == "detect"
 
     text = tmp_path / "t.txt"
@@ -62,7 +62,7 @@ def test_detect_then_build_from_its_detections(tmp_path):
                                        "--output", str(out), "--k", "2", "--samples-per-shard", "10"])
     assert result.exit_code == 0, result.output
     assert os.path.exists(table)  # the detections it read were left in place
-    assert os.path.exists(out / "rejected" / "detect.jsonl") and os.path.exists(out / "rejected" / "rejected.jsonl")
+    assert glob.glob(f"{out}/rejected/detect/*.jsonl") and glob.glob(f"{out}/rejected/build/*.jsonl")  # both kept
     samples = list(wds.WebDataset(glob.glob(f"{out}/shards/*.tar"), shardshuffle=False).decode())
     coffee = next(s for s in samples if s["json"]["image_id"] == "coffee.jpg")
     assert coffee["json"]["sentences"][0]["text"] == "A cup of coffee on a saucer."

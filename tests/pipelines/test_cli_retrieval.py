@@ -76,7 +76,7 @@ def test_build_retrieval_end_to_end(inputs, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["images_valid"] == 3 and stats["sentences"] == 6 and stats["retrievals"] == 9
     assert stats["text"] == {"lines": 8, "dropped_empty": 1, "dropped_duplicate": 1}
-    (rejected,) = [json.loads(line) for line in open(out / "rejected" / "rejected.jsonl")]
+    (rejected,) = [json.loads(line) for line in open(out / "rejected" / "build" / "rejected-00000-of-00001.jsonl")]
     assert rejected["source"] == f"{dets}:4" and rejected["reason"].startswith("malformed JSON")
 
 

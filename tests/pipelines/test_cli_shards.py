@@ -91,7 +91,7 @@ def test_stats_manifest_and_side_tables_match_the_shards(built):
     assert sum(r["region"] is not None for r in links) == sum(p["region"] is not None for p in phrases)
     vocab = json.loads((out / "tag_vocab.json").read_text())
     assert vocab["tags"] == sorted({t for s in samples for t in s["json"]["tags"]})
-    rejected = [json.loads(line) for line in open(out / "rejected" / "rejected.jsonl")]
+    rejected = [json.loads(line) for path in sorted((out / "rejected" / "build").glob("*.jsonl")) for line in open(path)]
     assert sorted(os.path.basename(r["source"]) for r in rejected) == ["corrupt.jpg", "flat.png", "notes.webp", "zero.jpg"]
 
 

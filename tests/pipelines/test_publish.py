@@ -29,13 +29,15 @@ def write(root, files):
             f.write(content)
 
 
+BUILD_REJECTED = "rejected/build/rejected-00000-of-00001.jsonl"
+DETECT_REJECTED = "rejected/detect/rejected-00000-of-00001.jsonl"
 OLD = {"shards/corpus-000000.tar": "old0", "shards/corpus-000001.tar": "old1", "links/links.parquet": "old",
-       "stats.json": "old", "rejected/rejected.jsonl": "old", "detections/d.parquet": "det",
-       "rejected/detect.jsonl": "det-rejected", "notes.txt": "the user's own file"}
-NEW = {"shards/corpus-000000.tar": "new0", "stats.json": "new", "rejected/rejected.jsonl": "new"}
+       "stats.json": "old", BUILD_REJECTED: "old", "detections/d.parquet": "det",
+       DETECT_REJECTED: "det-rejected", "notes.txt": "the user's own file"}
+NEW = {"shards/corpus-000000.tar": "new0", "stats.json": "new", BUILD_REJECTED: "new"}
 # The new run wrote no links (e.g. --no-shards into a folder that had them): the old links go.
-EXPECTED = {"shards/corpus-000000.tar": "new0", "stats.json": "new", "rejected/rejected.jsonl": "new",
-            "detections/d.parquet": "det", "rejected/detect.jsonl": "det-rejected", "notes.txt": "the user's own file"}
+EXPECTED = {"shards/corpus-000000.tar": "new0", "stats.json": "new", BUILD_REJECTED: "new",
+            "detections/d.parquet": "det", DETECT_REJECTED: "det-rejected", "notes.txt": "the user's own file"}
 
 
 def staged_run(tmp_path):
