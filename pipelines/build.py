@@ -35,9 +35,11 @@ PUBLISHING = "_PUBLISHING.json"  # in the staging folder: the run succeeded, thi
 # produce this time) and leaves the other command's entries alone, so `detect` and
 # `build-retrieval` can share an output folder (even read from it).
 BUILD_REJECTED, DETECT_REJECTED = "rejected/build", "rejected/detect"  # rejected-0000i-of-0000N.jsonl in each
-BUILD_ENTRIES = ("sentences", "retrievals", "links", "shards", BUILD_REJECTED,
+# The single dead-letter files of earlier versions: never written now, removed when a run publishes.
+LEGACY_BUILD_REJECTED, LEGACY_DETECT_REJECTED = "rejected/rejected.jsonl", "rejected/detect.jsonl"
+BUILD_ENTRIES = ("sentences", "retrievals", "links", "shards", BUILD_REJECTED, LEGACY_BUILD_REJECTED,
                  "manifest.parquet", "tag_vocab.json", "stats.json")
-DETECT_ENTRIES = ("detections", DETECT_REJECTED)
+DETECT_ENTRIES = ("detections", DETECT_REJECTED, LEGACY_DETECT_REJECTED)
 FEATS = "_feats"  # the region features travel with a sample dict under this key until written
 
 

@@ -32,8 +32,8 @@ def write(root, files):
 BUILD_REJECTED = "rejected/build/rejected-00000-of-00001.jsonl"
 DETECT_REJECTED = "rejected/detect/rejected-00000-of-00001.jsonl"
 OLD = {"shards/corpus-000000.tar": "old0", "shards/corpus-000001.tar": "old1", "links/links.parquet": "old",
-       "stats.json": "old", BUILD_REJECTED: "old", "detections/d.parquet": "det",
-       DETECT_REJECTED: "det-rejected", "notes.txt": "the user's own file"}
+       "stats.json": "old", BUILD_REJECTED: "old", "rejected/rejected.jsonl": "an earlier version's",
+       "detections/d.parquet": "det", DETECT_REJECTED: "det-rejected", "notes.txt": "the user's own file"}
 NEW = {"shards/corpus-000000.tar": "new0", "stats.json": "new", BUILD_REJECTED: "new"}
 # The new run wrote no links (e.g. --no-shards into a folder that had them): the old links go.
 EXPECTED = {"shards/corpus-000000.tar": "new0", "stats.json": "new", BUILD_REJECTED: "new",
