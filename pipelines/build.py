@@ -359,18 +359,15 @@ def clear_staging(output: str) -> None:
         FileSystems.delete(leftover)
 
 
-def drop_partial_files(staged: str) -> int:
-    """Delete the temporary files of writes whose worker died before the rename (their retries
-    wrote the files again): they must not be published beside the real ones."""
-    if is_local(staged):
-        partial = [os.path.join(folder, name) for folder, _, files in os.walk(staged) for name in files
-                   if is_partial(name)]
-    else:
-        partial = [m.path for m in _match(posixpath.join(staged, "**")) if is_partial(m.path)]
+def drop_partial_files(files: list[str]) -> list[str]:
+    """Delete, of the staged `files`, the temporary ones of writes whose worker died before the
+    rename (their retries wrote the files again): they must not be published beside the real
+    ones. Returns the others."""
+    partial = [f for f in files if is_partial(f)]
     if partial:
         log.warning("not publishing %d temporary files of interrupted writes: %s", len(partial), partial[:3])
         FileSystems.delete(partial)
-    return len(partial)
+    return [f for f in files if not is_partial(f)]
 
 
 def publish(output: str, entries: tuple[str, ...]) -> None:
@@ -380,8 +377,8 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     Locally a marker in the staging folder records the swap before it starts, so a crash part way
     is finished by the next run (`clear_staging`): the output never stays a mix of two runs."""
     staged = staging_dir(output)
-    drop_partial_files(staged)
     if is_local(output):
+        drop_partial_files([os.path.join(folder, name) for folder, _, names in os.walk(staged) for name in names])
         produced = [e for e in entries if os.path.lexists(os.path.join(staged, e))]
         with open(os.path.join(staged, PUBLISHING), "w", encoding="utf-8") as f:
             json.dump({"entries": list(entries), "produced": produced}, f)
@@ -392,7 +389,7 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
            for m in _match(posixpath.join(output, entry)) + _match(posixpath.join(output, entry, "*"))]
     if old:
         FileSystems.delete(old)
-    staged_files = [m.path for m in _match(posixpath.join(staged, "**"))]
+    staged_files = drop_partial_files([m.path for m in _match(posixpath.join(staged, "**"))])
     relative = {f: f[len(staged):].lstrip("/") for f in staged_files}
     moving = [f for f in staged_files if _in_entries(relative[f], entries)]  # not the corpus spill
     FileSystems.rename(moving, [output.rstrip("/") + "/" + relative[f] for f in moving])

@@ -185,7 +185,7 @@ class TorchExactSearcher:
         over the whole corpus."""
         torch = self._torch
         rows = self._uncertain(q, fast, exact, k).nonzero().squeeze(1)
-        if len(rows) and m < self._size:
+        if len(rows):
             self.widened += len(rows)
             wide = min(self._size, m * WIDE_CANDIDATES)
             cand, wide_fast = self._candidates(q[rows], wide)

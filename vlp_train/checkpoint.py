@@ -29,8 +29,8 @@ def set_rng_state(state: dict) -> None:
 
 def rng_of_rank(state: dict, rank: int) -> dict | None:
     """The RNG state `rank` saved; None when the checkpoint has none of it (saved by fewer ranks,
-    or before states were kept per rank: then only rank 0's)."""
-    states = state.get("rank_rng", [state["rng"]])
+    or by an earlier version, which kept only rank 0's, as "rng")."""
+    states = state["rank_rng"] if "rank_rng" in state else [state["rng"]]
     return states[rank] if rank < len(states) else None
 
 
@@ -43,8 +43,7 @@ def save(folder: str, step: int, model, optimizer, scheduler, position: dict, co
     raw = getattr(raw, "_orig_mod", raw)   # torch.compile
     rank_rng = rank_rng or [rng_state()]
     state = {"step": step, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "position": position, "rng": rank_rng[0], "rank_rng": rank_rng,
-             "config": config}
+             "scheduler": scheduler.state_dict(), "position": position, "rank_rng": rank_rng, "config": config}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)

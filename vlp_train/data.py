@@ -27,11 +27,16 @@ from vlp_train.masking import TASKS, BatchBuilder
 log = logging.getLogger(__name__)
 
 
+def is_remote(url: str) -> bool:
+    """A shard read through a URL or a command (https://, pipe:gsutil cat gs://...), not a local path."""
+    return "://" in url or url.startswith("pipe:")
+
+
 def expand_shards(spec: str) -> list[str]:
     """Comma list of globs / brace patterns ('corpus-{000000..000009}.tar') / URLs."""
     urls = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if "://" in part or "{" in part or part.startswith("pipe:"):
+        if is_remote(part) or "{" in part:
             urls += wds.shardlists.expand_urls(part)
         else:
             matched = sorted(glob.glob(os.path.expanduser(part)))
@@ -48,12 +53,12 @@ def samples_per_shard(urls: list[str], manifest: str | None = None) -> dict[str,
     ones (https://, pipe:gsutil cat gs://...) from the corpus manifest (`manifest.parquet`,
     written with the shards), matched by file name. {} when a remote shard has no count."""
     import tarfile
-    counts, remote = {}, [u for u in urls if "://" in u or u.startswith("pipe:")]
+    counts, remote = {}, any(is_remote(u) for u in urls)
     if remote and not manifest:
         return {}
     listed = manifest_counts(manifest) if remote else {}
     for url in urls:
-        if url in remote:
+        if is_remote(url):
             name = url.rstrip("/").rsplit("/", 1)[-1]
             if name not in listed:
                 raise ValueError(f"data.manifest {manifest} lists no shard named {name} (from {url})")
