@@ -1,5 +1,5 @@
 """What compiling the training step costs before it runs at speed: graphs and seconds, for
-train.py's two scopes, `layers` (`vlp_train.train.CompiledLayers`: one compiled transformer layer
+train.py's two scopes, `layers` (`vlp_train.compile.CompiledLayers`: one compiled transformer layer
 serves all, the default) and `step` (`CompiledStep`: the whole step, batch and length dims marked
 dynamic up front), vs a plain `torch.compile` of the step, over the same batches of varying sizes.
 
@@ -57,7 +57,8 @@ def run_variant(variant: str, args) -> dict:
     from torch._dynamo.utils import counters
 
     from bench import train as bench_train
-    from vlp_train.train import STEP_GRAPHS, Pretraining, allow_graphs, step_module_for
+    from vlp_train.compile import STEP_GRAPHS, allow_graphs, step_module_for
+    from vlp_train.step import Pretraining
 
     train_args = bench_train.parse_args(["--device", args.device, "--compile", "off", "--itm-weighting", "on"]
                                         + shape_flags(args))
@@ -67,12 +68,12 @@ def run_variant(variant: str, args) -> dict:
     batches = varied_batches(trainer, args.batches)
     counters.clear()
     if variant in ("layers", "step"):  # train.py's
-        trainer.step_module = step_module_for(trainer.model, variant)
+        trainer.step_module = step_module_for(trainer.model, trainer.run.family, variant)
     elif variant == "plain":  # what a researcher writes: torch.compile, with the same raised graph limit
         allow_graphs(STEP_GRAPHS)
-        trainer.step_module = torch.compile(Pretraining(trainer.model))
+        trainer.step_module = torch.compile(Pretraining(trainer.model, trainer.run.family))
     else:  # the uncompiled step, for scale
-        trainer.step_module = Pretraining(trainer.model)
+        trainer.step_module = Pretraining(trainer.model, trainer.run.family)
     weighting_from = len(batches) // 3
     trainer.sync()
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python bench/loader_parts.py           # 480 samples (one base batch), median of 7 passes
 
-- the .npy member: `np.load` vs `vlp_train.data.load_npy` (parsed headers kept);
+- the .npy member: `np.load` vs `schemas.corpus.load_npy` (parsed headers kept);
 - the finite check of 36 x 2048 float16 features: `np.isfinite(...).all()` vs the exponent-bit test
   `schemas.float16_nonfinite` (what `schemas.validate_sample` runs);
 - the schema's type check: Arrow's conversion one sample at a time vs the whole batch at once
@@ -52,9 +52,8 @@ def main() -> dict:
 
     import schemas
     from vlp_train.config import ObjectiveConfig
-    from vlp_train.data import load_npy
+    from schemas.corpus import bundled_minilm_path, load_npy
     from vlp_train.masking import BatchBuilder
-    from vlp_train.model import bundled_bert_path
 
     shards = synthetic_corpus(1000, 36, 2048)
     raws = []
@@ -64,7 +63,7 @@ def main() -> dict:
     metas = [json.loads(r["json"]) for r in raws]
     feats = [load_npy(r["feats.npy"]) for r in raws]
     sentences = [m["sentences"][0]["text"] for m in metas]
-    tokenizer = BertTokenizerFast.from_pretrained(bundled_bert_path())
+    tokenizer = BertTokenizerFast.from_pretrained(bundled_minilm_path())
     builder = BatchBuilder(tokenizer, {}, 40, 36, ObjectiveConfig())
     n = len(raws)
     pairs = {

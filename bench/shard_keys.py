@@ -28,7 +28,7 @@ import apache_beam as beam  # noqa: E402
 
 from bench.env import device_name, write_result  # noqa: E402
 from pipelines.shards import ShardBoundaries, key_range, range_offsets  # noqa: E402
-from pipelines.wds import sample_key  # noqa: E402
+from schemas.corpus import sample_key  # noqa: E402
 
 
 def gathered(keys, per_shard: int):

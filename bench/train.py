@@ -14,7 +14,7 @@ features tagged with COCO names, K=5 retrieved sentences of about 12-20 words, e
 phrases linked to regions (similarity 0.5-0.95) and one unlinked one, and `tag_vocab.json`.
 They are written once under bench/data/ (or $VLP_BENCH_DATA), keyed by the shape, and reused.
 The loader reads them with `data.resampled=true` (shards drawn with replacement), so a small
-corpus feeds any number of steps; everything else is what `vlp_train/train.py` builds from the preset.
+corpus feeds any number of steps; everything else is what `vlp_train.components.build_run` builds from the preset.
 
 - loader: `make_loader(CorpusStream(...))` as train.py builds it (read tars, shuffle buffer,
   decode + validate, tokenize with the real BERT tokenizer, masks, padded tensors, `--num-workers`
@@ -64,7 +64,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as vlp-train: the lo
 from bench.data import ADJECTIVES, PLACES, VERBS  # noqa: E402
 from bench.env import device_name, peak_rss_mb, results_folder, results_name, write_result  # noqa: E402
 from vlp_train.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
-from vlp_train.masking import TASKS  # noqa: E402
+from vlp_train.tasks import TASKS  # noqa: E402
 
 DATA = os.environ.get("VLP_BENCH_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TARGET_SAMPLES_PER_S = 8000  # base config, one H100 (the issue's goal)
@@ -150,7 +150,7 @@ def synthetic_sample(i: int, rng: random.Random, nprng: np.random.Generator, reg
 
 def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int = 1000) -> str:
     """bench/data/train-<shape>/{shards/corpus-*.tar, tag_vocab.json}, written once; the shards glob."""
-    from pipelines.wds import encode_sample, sample_key, tar_bytes
+    from schemas.corpus import encode_sample, sample_key, tar_bytes
     from schemas import validate_sample
 
     folder = os.path.join(DATA, f"train-v{CORPUS_VERSION}-n{images}-r{regions}-d{feature_dim}-k{SENTENCES_PER_IMAGE}")
@@ -180,7 +180,7 @@ def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int
     return os.path.join(shards, "*.tar")
 
 
-# -- the trainer's components, as vlp_train/train.py builds them ----------------------------------
+# -- the trainer's components, as vlp_train.components.build_run builds them -----------------------
 
 
 def build_config(args):
@@ -192,8 +192,11 @@ def build_config(args):
     cfg.model.heads = args.heads if args.heads is not None else cfg.model.heads
     cfg.model.feature_dim = args.feature_dim
     cfg.model.compile, cfg.model.compile_scope = args.compile, args.compile_scope
+    cfg.model.init = "random"  # throughput only: the weights' values do not matter (base needs no BERT folder here)
     cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer = args.batch_size, args.num_workers, args.shuffle_buffer
+    cfg.data.global_batch_size = 0  # one process, one micro-batch a step: the step measured is one batch
     cfg.data.resampled = True
+    cfg.data.steps_per_epoch = 10**6
     cfg.model.max_regions = args.regions
     cfg.objectives.schedule = args.schedule
     cfg.run.device = args.device
@@ -201,39 +204,24 @@ def build_config(args):
 
 
 class Trainer:
-    """The model, optimizer and step of vlp_train/train.py, and its loader, on synthetic shards."""
+    """The components `vlp-train run` builds (vlp_train.components.build_run), on synthetic shards."""
 
     def __init__(self, cfg, shards: str):
         import torch
-        from transformers import BertTokenizerFast
 
-        from vlp_train.data import CorpusStream, enabled_tasks, expand_shards, load_tag_vocab
-        from vlp_train.masking import BatchBuilder
-        from vlp_train.model import bert_config_for, build_model, bundled_bert_path
-        from vlp_train.train import (compile_scope, lr_lambda, make_optimizer, pick_device, seed_everything,
-                                     step_module_for)
+        from vlp_train.components import build_run
+        from vlp_train.data import CorpusStream
 
+        cfg.data.shards = cfg.data.eval_shards = shards  # every shard trains: none held out
         self.cfg, self.torch = cfg, torch
-        self.device = pick_device(cfg.run.device, 0)
-        seed_everything(cfg.run.seed)
-        self.urls = expand_shards(shards)
-        _, init_folder, _ = bert_config_for(cfg.model)
-        tokenizer = BertTokenizerFast.from_pretrained(
-            init_folder if os.path.isfile(os.path.join(init_folder, "vocab.txt")) else bundled_bert_path())
-        tags = load_tag_vocab(cfg.data.tag_vocab, self.urls)
-        self.tasks = enabled_tasks(cfg.objectives)
-        self.compiled = compile_scope(cfg, self.device)  # None, "layers" or "step"
-        self.builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
-                                    cfg.model.max_regions, cfg.objectives, pad_regions=self.compiled == "step")
+        self.run = run = build_run(cfg)
+        self.device, self.model, self.tasks, self.compiled = run.device, run.model, run.tasks, run.scope
+        self.optimizer, self.scheduler, self.step_module, self.autocast = (run.optimizer, run.scheduler,
+                                                                           run.step_module, run.autocast)
         self._stream = lambda shuffle_buffer: CorpusStream(
-            self.urls, self.builder, cfg.data.batch_size, self.tasks, cfg.objectives.schedule, shuffle_buffer,
+            run.urls, run.builder, run.batch_size, run.tasks, cfg.objectives.schedule, shuffle_buffer,
             cfg.run.seed, resampled=True)
-        self.model = build_model(cfg.model, cfg.model.feature_dim, len(tags)).to(self.device)
         self.parameters = sum(p.numel() for p in self.model.parameters())
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(10**6, cfg.optim.warmup_ratio))
-        self.step_module = step_module_for(self.model, self.compiled)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.model.train()
 
     def loader(self, batches: int):
@@ -245,21 +233,18 @@ class Trainer:
 
     def prebuilt(self, batches: int) -> list[dict]:
         """`batches` batches built in this process (small shuffle buffer) and moved to the device."""
-        from vlp_train.train import to_device
+        from vlp_train.step import to_device
         dataset = self._stream(self.cfg.data.batch_size)
         dataset.set_position(0, 0, max_batches=batches)
         return [{**batch, "views": to_device(batch["views"], self.device)} for batch in dataset]
 
     def step(self, views: dict, weighting: bool) -> None:
         """One optimizer step as in train.py's loop (grad_accum 1): loss, backward, clip, step."""
-        from vlp_train.train import compute_loss
+        from vlp_train.step import compute_loss
+        from vlp_train.train import optimizer_step
         loss, _, _ = compute_loss(self.step_module, views, weighting, self.autocast)
         loss.backward()
-        if self.cfg.optim.grad_clip:
-            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.run)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -350,12 +335,12 @@ def flops_per_sample(trainer: Trainer, prebuilt: list[dict], weighting: bool) ->
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vlp_train.model import call_layer
-    from vlp_train.train import Pretraining, compute_loss
+    from vlp_train.backbone import call_layer
+    from vlp_train.step import Pretraining, compute_loss
     torch = trainer.torch
     meta_model = copy.deepcopy(trainer.model).to("meta")
-    meta_model.bert.call_layer = call_layer  # eager: compiled code would compile again for meta tensors
-    meta_step = Pretraining(meta_model)
+    meta_model.set_layer_call(call_layer)  # eager: compiled code would compile again for meta tensors
+    meta_step = Pretraining(meta_model, trainer.run.family)
     per_task = {}
     for batch in prebuilt:
         for task, view in batch["views"].items():
@@ -415,7 +400,7 @@ def profile_steps(trainer: Trainer, next_samples, args) -> dict:
 
 
 def bench_e2e(trainer: Trainer, args) -> dict:
-    from vlp_train.train import to_device
+    from vlp_train.step import to_device
 
     torch = trainer.torch
     batches = iter(trainer.loader(args.warmup + args.steps * args.repeats))

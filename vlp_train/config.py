@@ -7,13 +7,17 @@ from dataclasses import dataclass, field
 
 
 COMPILE_MODES = ("auto", "on", "off")
+REQUIRED = "<required>"  # a preset's model.init that the user must give (a folder, or "random")
 COMPILE_SCOPES = ("layers", "step")
 
 
 @dataclass
 class ModelConfig:
-    init: str | None = None          # a HF BERT folder; None = the bundled MiniLM (6 x 384)
-    layers: int = 0                  # >0 with hidden/heads: random init of that shape (tokenizer from `init` or bundled)
+    arch: str = "single_stream"      # the model family (vlp_train/families/)
+    # None = the bundled MiniLM (6 x 384); a HF BERT folder; a saved vlp model or a run folder (the
+    # whole model); "random" = random weights of layers/hidden/heads, asked for on purpose
+    init: str | None = None
+    layers: int = 0                  # >0 with hidden/heads: the shape the run needs (init must have it, or be "random")
     hidden: int = 0
     heads: int = 0
     feature_dim: int = 0             # region feature size; 0 = read from the first sample
@@ -30,7 +34,8 @@ class DataConfig:
     eval_shards: str | None = None         # None: the last shard is held out when there are several
     tag_vocab: str | None = None           # None: tag_vocab.json beside the shards folder, else a scan
     manifest: str | None = None            # manifest.parquet of the corpus: sample counts of remote shards
-    batch_size: int = 32
+    batch_size: int = 32                   # per rank and micro-batch (with global_batch_size: the most one rank holds)
+    global_batch_size: int = 0             # >0: samples per optimizer step over all ranks; grad_accum derived
     num_workers: int = 0
     shuffle_buffer: int = 1000
     resampled: bool = False                # False: exact epochs; True: shards drawn with replacement
@@ -49,6 +54,7 @@ class ObjectiveConfig:
     region_mask_prob: float = 0.15
     phrase_mask_scale: float = 1.0   # masking probability of a linked item = scale x link similarity
     itm_negative_prob: float = 0.5
+    rt_masking: str = "both"         # both: tags and regions of every sample (the paper); one: one modality a sample
 
 
 @dataclass
@@ -110,16 +116,20 @@ def debug() -> TrainConfig:
 
 
 def base() -> TrainConfig:
-    """The paper's shape: 12 x 768 BERT, 36 regions, 2048-d features, text up to 40 tokens, batch 480."""
+    """The paper's setting: BERT-base (12 x 768; model.init must name a bert-base-uncased folder,
+    or be "random" on purpose), 36 regions of 2048-d features, text up to 40 tokens, a global batch
+    of 480 over however many GPUs, 20 epochs."""
     cfg = TrainConfig()
     cfg.model.layers, cfg.model.hidden, cfg.model.heads = 12, 768, 12
+    cfg.model.init = REQUIRED
     cfg.model.feature_dim = 2048
-    cfg.data.batch_size = 480
-    # 12 loader processes (of a 16-core GPU node): one decodes and masks ~1,000 samples/s at
-    # batch 480 (bench/train.py); the buffer is per worker (2,000 x ~150 KB of features each).
+    cfg.data.global_batch_size = 480
+    cfg.data.batch_size = 480  # the most one rank holds at once: 1 GPU trains 480 a step, 8 GPUs 60 each
+    # loader processes of a 16-core GPU node (throughput per worker: docs/benchmarks.md); the
+    # buffer is per worker (2,000 x ~150 KB of features each)
     cfg.data.num_workers = 12
     cfg.data.shuffle_buffer = 2000
-    cfg.optim.epochs = 10
+    cfg.optim.epochs = 20
     cfg.run.log_every = 50
     cfg.run.eval_every = 2000
     cfg.run.save_every = 2000
@@ -155,6 +165,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if len(parts) != 2 or not hasattr(cfg, parts[0]) or not hasattr(getattr(cfg, parts[0]), parts[1]):
             raise ValueError(f"--set {key!r}: unknown key (sections: model, data, objectives, optim, run)")
         section = getattr(cfg, parts[0])
+        optional = "None" in str({f.name: f.type for f in dataclasses.fields(section)}[parts[1]])
+        if optional and value.lower() in ("none", "null"):  # e.g. model.init=none: back to the bundled model
+            setattr(section, parts[1], None)
+            continue
         setattr(section, parts[1], _convert(value, getattr(section, parts[1]), key))
     return cfg
 
@@ -163,6 +177,33 @@ def load_config(preset: str = "debug", overrides: list[str] | None = None) -> Tr
     if preset not in PRESETS:
         raise ValueError(f"unknown config {preset!r} (choose from {sorted(PRESETS)})")
     return apply_overrides(PRESETS[preset](), overrides or [])
+
+
+def check_init(cfg: TrainConfig, preset: str = "") -> None:
+    """A preset that needs a pre-trained BERT (base) must not quietly train a random one."""
+    if cfg.model.init == REQUIRED:
+        shape = f"{cfg.model.layers} x {cfg.model.hidden}"
+        raise ValueError(f"model.init is required{' by the ' + preset + ' preset' if preset else ''}: it is a "
+                         f"{shape} BERT, initialised from BERT as the paper does. Give --set model.init=PATH "
+                         f"(a bert-base-uncased folder, a saved vlp model or a run folder), or "
+                         f"--set model.init=random to train from random weights on purpose")
+
+
+def per_rank_batch(data, optim, world: int) -> tuple[int, int]:
+    """(micro-batch per rank, gradient accumulation steps). With data.global_batch_size G, each of
+    the `world` ranks takes G / world samples a step, in the fewest micro-batches of at most
+    data.batch_size that split it evenly; so 1, 4 or 8 GPUs train the same schedule."""
+    if data.global_batch_size <= 0:
+        return data.batch_size, optim.grad_accum
+    if optim.grad_accum != 1:
+        raise ValueError("data.global_batch_size derives optim.grad_accum: set one of them, not both")
+    if data.global_batch_size % world:
+        raise ValueError(f"data.global_batch_size={data.global_batch_size} does not divide over {world} ranks")
+    per_rank = data.global_batch_size // world
+    accum = -(-per_rank // max(1, data.batch_size))
+    while per_rank % accum:
+        accum += 1
+    return per_rank // accum, accum
 
 
 def dumps(cfg: TrainConfig) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-WEIGHTED_TASKS = ("rp", "is")
+from vlp_train.tasks import Task
+
+WEIGHTED_TASKS = (Task.REGION_PHRASE, Task.IMAGE_SENTENCE)
 
 
 def itm_weighting_on(epoch: int, objectives) -> bool:

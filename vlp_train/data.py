@@ -10,19 +10,19 @@ consumed batches without decoding them. Bad samples are logged, counted and skip
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
 import random
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas import SchemaError, check_sample_types, validate_sample
-from vlp_train.masking import TASKS, BatchBuilder
+from schemas.corpus import META_MEMBER, decode_members
+from vlp_train.masking import BatchBuilder
+from vlp_train.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def samples_per_shard(urls: list[str], manifest: str | None = None) -> dict[str,
             counts[url] = listed[name]
             continue
         with tarfile.open(url) as tar:
-            counts[url] = sum(1 for m in tar.getmembers() if m.name.endswith(".json"))
+            counts[url] = sum(1 for m in tar.getmembers() if m.name.endswith("." + META_MEMBER))
     return counts
 
 
@@ -90,7 +90,7 @@ def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:
     tags = set()
     for raw in every_sample(urls):
         try:
-            tags.update(json.loads(raw["json"])["tags"])
+            tags.update(json.loads(raw[META_MEMBER])["tags"])
         except (KeyError, TypeError, ValueError) as err:  # skipped, as training skips it
             log.warning("tag scan: skipping bad sample %s: %r", raw.get("__key__", "?"), err)
     return sorted(tags)
@@ -103,48 +103,13 @@ def every_sample(urls: list[str]):
     return wds.tariterators.tarfile_samples(({"url": url} for url in urls), handler=wds.warn_and_continue)
 
 
-_NPY_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (shape, fortran_order, dtype)
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """`np.load` of one `.npy` member (no pickles), read-only. numpy parses each header with
-    `ast.literal_eval` (most of np.load's time for a 36 x 2048 array); every sample of a corpus
-    has one of a few headers, so the parsed ones are kept."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise ValueError("not a .npy file")
-    size_bytes = 2 if data[6] == 1 else 4
-    start = 8 + size_bytes
-    end = start + int.from_bytes(data[8:start], "little")
-    header = data[:end]
-    parsed = _NPY_HEADERS.get(header)
-    if parsed is None:
-        stream = io.BytesIO(data)
-        version = np.lib.format.read_magic(stream)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        parsed = read_header(stream)  # (shape, fortran_order, dtype)
-        if parsed[2].hasobject:
-            raise ValueError("object arrays are refused (they need pickle)")
-        if len(_NPY_HEADERS) < 1024:
-            _NPY_HEADERS[header] = parsed
-    shape, fortran_order, dtype = parsed
-    count = int(np.prod(shape, dtype=np.int64))
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=end)
-    return array.reshape(shape, order="F" if fortran_order else "C")
-
-
 BAD_SAMPLE = (ValueError, SchemaError, KeyError, TypeError)
 
 
 def _parse(raw: dict) -> dict:
-    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-    if "json" not in raw or "feats.npy" not in raw:
-        raise ValueError(f"{where}: sample lacks json or feats.npy (has {sorted(k for k in raw if not k.startswith('__'))})")
-    try:
-        meta = json.loads(raw["json"])
-        feats = load_npy(raw["feats.npy"])
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{where}: undecodable: {err}") from err
-    return {"key": raw["__key__"], "meta": meta, "feats": feats, "where": where}  # feats float16, as stored
+    meta, feats = decode_members(raw)  # feats float16, as stored
+    return {"key": raw["__key__"], "meta": meta, "feats": feats,
+            "where": f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"}
 
 
 def _checked(parsed: dict, types_checked: bool) -> dict:
@@ -293,8 +258,9 @@ def make_loader(dataset: CorpusStream, num_workers: int, pin_memory: bool):
                                        generator=torch.Generator().manual_seed(dataset.seed))
 
 
-def enabled_tasks(objectives) -> list[str]:
-    flags = {"rt": objectives.region_tag, "rp": objectives.region_phrase, "is": objectives.image_sentence}
+def enabled_tasks(objectives) -> list[Task]:
+    flags = {Task.REGION_TAG: objectives.region_tag, Task.REGION_PHRASE: objectives.region_phrase,
+             Task.IMAGE_SENTENCE: objectives.image_sentence}
     tasks = [t for t in TASKS if flags[t]]
     if not tasks:
         raise ValueError("every objective is switched off")

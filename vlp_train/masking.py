@@ -3,16 +3,21 @@
 All randomness comes from the `random.Random` passed in, which the loader seeds per batch from
 (seed, epoch, batch index): a batch is the same whether the run was resumed or not.
 
-- region-tag (rt): text = the image's tags; one modality masked per sample (UNITER-style
-  conditional masking): 15% of tag tokens (MLM, 80/10/10), or 15% of regions (MRC on the region's
-  tag, MRFR to the original features; masked region features are zeroed).
+- region-tag (rt): text = the image's tags in the query's order. `objectives.rt_masking=both`
+  (default, the paper: "masks the object tags and regions"): each sample gets 15% of its tags
+  masked (MLM, 80/10/10; a multi-word tag such as "dining table" as a whole) and 15% of its regions
+  (MRC on the region's tag, MRFR to the original features; masked region features are zeroed);
+  `one`: one modality per sample (UNITER-style conditional masking), tags or regions.
 - region-phrase (rp): text = a retrieved sentence; only linked items are masked, phrase tokens OR
   linked regions (one modality per sample); a linked item is masked with probability
   min(1, scale x link similarity), at least one per sample. Text: MLM on the phrase's tokens.
-  Regions: p-MRTC, the masked region predicts its phrase's head sub-word (the first sub-token of
-  the phrase's last word).
+  Regions: p-MRTC, the masked region predicts every content sub-token of its phrase (the phrase's
+  `words`: determiners, pronouns and particles left out, as linking does).
 - image-sentence (is): the retrieved sentence (ITM label 1) or, with probability 0.5, the
   sentence of another image in the batch (label 0); 15% MLM (80/10/10) on the matched pairs.
+
+The 10% random replacement of MLM draws a real word piece, never a special token ([CLS], [SEP],
+[PAD], [MASK], [UNK]) or an [unused*] slot.
 
 Every view carries the clean region features once (`features`, float16) and, where regions are
 masked, `zeroed_regions` [B, R]: the zeroed copy the model sees is made on the device
@@ -23,22 +28,34 @@ per view instead of two.
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import torch
 
-IGNORE = -100
-TASKS = ("rt", "rp", "is")
+from schemas.corpus import tag_order
+from vlp_train.tasks import IGNORE, Task
+
+RT_MASKING = ("both", "one")
 # the view fields whose dim 1 is the region (dim 0 is the batch in every field)
-REGION_FIELDS = frozenset({"features", "zeroed_regions", "locations", "region_mask", "mrc_labels", "mrtc_labels"})
+REGION_FIELDS = frozenset({"features", "zeroed_regions", "locations", "region_mask", "mrc_labels"})
+_BRACKETED = re.compile(r"^\[.*\]$")  # [CLS], [unused17], ...: not words
 
 
-def tag_query(tags: list[str], scores: list[float]) -> str:
-    """Tags de-duplicated by best score, ties by name: the same order the retrieval used."""
-    best: dict[str, float] = {}
-    for tag, score in zip(tags, scores):
-        best[tag] = max(score, best.get(tag, -1.0))
-    return " ".join(sorted(best, key=lambda t: (-best[t], t)))
+def replacement_ids(tokenizer) -> np.ndarray:
+    """The ids MLM's random replacement may draw: real word pieces only."""
+    special = set(tokenizer.all_special_ids)
+    return np.array(sorted(i for token, i in tokenizer.get_vocab().items()
+                           if i not in special and not _BRACKETED.match(token)), np.int64)
+
+
+def tag_spans(tags: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The tag text ("person dining table cup") and each tag's character span in it."""
+    spans, start = [], 0
+    for tag in tags:
+        spans.append((start, start + len(tag)))
+        start += len(tag) + 1
+    return " ".join(tags), spans
 
 
 def label_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +75,24 @@ def label_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return positions, targets
 
 
+def multi_label_positions(labels: dict[tuple[int, int], list[int]], batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """{(sample, position): [token ids]} -> (positions [B, P], targets [B, P, T]), IGNORE-padded;
+    P and T at least 2 (see `label_positions`)."""
+    per_sample: list[list[int]] = [[] for _ in range(batch)]
+    for (i, position) in sorted(labels):
+        per_sample[i].append(position)
+    width = max(2, max((len(p) for p in per_sample), default=0))
+    depth = max(2, max((len(t) for t in labels.values()), default=0))
+    positions = np.zeros((batch, width), np.int64)
+    targets = np.full((batch, width, depth), IGNORE, np.int64)
+    for i, found in enumerate(per_sample):
+        for k, position in enumerate(found):
+            positions[i, k] = position
+            tokens = labels[(i, position)]
+            targets[i, k, :len(tokens)] = tokens
+    return positions, targets
+
+
 def locations(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """[x1/W, y1/H, x2/W, y2/H, area/(W*H)] per box."""
     w, h = float(width), float(height)
@@ -68,7 +103,7 @@ def locations(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 def _configured_backend(tokenizer, max_length: int):
     """A copy of a fast tokenizer's Rust object set to what `tokenizer(texts, truncation=True,
     max_length=..., padding="longest")` does: calling it directly skips the Python wrapper's
-    per-call set-up and conversions (70 -> 45 us per sentence, bench/loader_parts.py; same output, tested)."""
+    per-call set-up and conversions (measured in bench/loader_parts.py; same output, tested)."""
     if not getattr(tokenizer, "is_fast", False):
         return None
     from tokenizers import Tokenizer
@@ -91,8 +126,12 @@ class BatchBuilder:
         self.obj = objectives
         self.special = set(tokenizer.all_special_ids)
         self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = len(tokenizer)
+        self.unk_id = tokenizer.unk_token_id
+        self.replacements = replacement_ids(tokenizer)
         self._backend = _configured_backend(tokenizer, max_text_len)
+        self._phrase_tokens: dict[tuple[str, ...], list[int]] = {}
+        if objectives.rt_masking not in RT_MASKING:
+            raise ValueError(f"objectives.rt_masking={objectives.rt_masking!r}: expected one of {RT_MASKING}")
 
     # -- shared pieces ---------------------------------------------------------------------
 
@@ -132,7 +171,7 @@ class BatchBuilder:
             if roll < 0.8:
                 ids[i, p] = self.mask_id
             elif roll < 0.9:
-                ids[i, p] = rng.randrange(self.vocab_size)
+                ids[i, p] = self.replacements[rng.randrange(len(self.replacements))]
 
     def _random_positions(self, candidates: list[int], prob: float, rng) -> list[int]:
         chosen = [p for p in candidates if rng.random() < prob]
@@ -149,25 +188,45 @@ class BatchBuilder:
 
     def region_tag(self, samples, rng: random.Random) -> dict:
         feats, locs, rmask, tags = self._regions(samples)
-        texts = [tag_query(s["meta"]["tags"], s["meta"]["scores"]) for s in samples]
-        ids, tmask, _ = self._tokenize(texts)
+        texts, spans = zip(*(tag_spans(tag_order(s["meta"]["tags"], s["meta"]["scores"])) for s in samples))
+        ids, tmask, offsets = self._tokenize(list(texts))
         mlm = np.full(ids.shape, IGNORE, np.int64)
         mrc = np.full(tags.shape, IGNORE, np.int64)
         masked_regions = np.zeros(rmask.shape, bool)
+        both = self.obj.rt_masking == "both"
         for i in range(len(samples)):
-            if rng.random() < 0.5:
-                self._mask_tokens(ids, mlm, i, self._random_positions(
-                    self._text_candidates(ids[i], tmask[i]), self.obj.mlm_prob, rng), rng)
-            else:
+            modality = rng.random()  # drawn in both modes: `one` masks the tags below 0.5, else the regions
+            if both or modality < 0.5:
+                tokens = self._tag_tokens(ids[i], tmask[i], offsets[i], spans[i])
+                chosen = self._random_positions(list(range(len(tokens))), self.obj.mlm_prob, rng)
+                self._mask_tokens(ids, mlm, i, sorted(t for c in chosen for t in tokens[c]), rng)
+            if both or modality >= 0.5:
                 for r in self._random_positions(list(np.flatnonzero(rmask[i])), self.obj.region_mask_prob, rng):
                     masked_regions[i, r] = True
                     mrc[i, r] = tags[i, r]
         mlm_positions, mlm_targets = label_positions(mlm)
-        return {"task": "rt", **self._tensors(
+        return {"task": Task.REGION_TAG, **self._tensors(
             input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
             features=feats, zeroed_regions=masked_regions,  # clean features: also the MRFR target
             locations=locs, region_mask=rmask, mrc_labels=mrc,
             active=np.ones(len(samples), bool))}
+
+    def _tag_tokens(self, ids_row, mask_row, offsets_row, spans) -> list[list[int]]:
+        """The token positions of each tag still in the (truncated) text: a tag is masked whole."""
+        candidates = self._text_candidates(ids_row, mask_row)
+        tokens = [[t for t in candidates if offsets_row[t, 0] < end and offsets_row[t, 1] > start] for start, end in spans]
+        return [t for t in tokens if t]
+
+    def phrase_targets(self, phrase: dict) -> list[int]:
+        """The sub-tokens a masked region linked to `phrase` predicts: its content words' word
+        pieces (determiners and pronouns are not in `words`), [UNK] left out."""
+        words = tuple(phrase.get("words") or phrase["text"].split())
+        if words not in self._phrase_tokens:
+            if len(self._phrase_tokens) >= 200_000:  # a bound on a long run's distinct phrases
+                self._phrase_tokens.clear()
+            pieces = self.tok(" ".join(words), add_special_tokens=False)["input_ids"]
+            self._phrase_tokens[words] = [t for t in pieces if t != self.unk_id and t not in self.special]
+        return self._phrase_tokens[words]
 
     def region_phrase(self, samples, sentences, rng: random.Random) -> dict:
         feats, locs, rmask, _ = self._regions(samples)
@@ -175,7 +234,7 @@ class BatchBuilder:
         ids, tmask, offsets = self._tokenize([s["text"] for s in sentences])
         clean_ids = ids.copy()
         mlm = np.full(ids.shape, IGNORE, np.int64)
-        mrtc = np.full(rmask.shape, IGNORE, np.int64)
+        mrtc: dict[tuple[int, int], list[int]] = {}  # (sample, region) -> its phrase's sub-tokens
         masked_text = np.zeros(len(samples), bool)
         active = np.zeros(len(samples), bool)
         for i, sentence in enumerate(sentences):
@@ -191,17 +250,16 @@ class BatchBuilder:
             if rng.random() < 0.5:  # mask the phrases' tokens
                 masked_text[i] = True
                 self._mask_tokens(ids, mlm, i, sorted({t for p in chosen for t in spans[id(p)]}), rng)
-            else:  # mask the linked regions; each predicts its best phrase's head sub-word
+            else:  # mask the linked regions; each predicts its best phrase's content sub-tokens
                 for p in sorted(chosen, key=lambda p: p["similarity"]):  # the most similar phrase wins
-                    r = p["region"]
-                    word_starts = [t for t in spans[id(p)] if not self.tok.convert_ids_to_tokens(int(clean_ids[i, t])).startswith("##")]
-                    mrtc[i, r] = int(clean_ids[i, (word_starts or spans[id(p)])[-1]])
-                    zeroed[i, r] = True
+                    targets = self.phrase_targets(p) or [int(clean_ids[i, t]) for t in spans[id(p)]]
+                    mrtc[(i, p["region"])] = targets
+                    zeroed[i, p["region"]] = True
         mlm_positions, mlm_targets = label_positions(mlm)
-        mrtc_positions, mrtc_targets = label_positions(mrtc)
-        return {"task": "rp", **self._tensors(
+        mrtc_positions, mrtc_targets = multi_label_positions(mrtc, len(samples))
+        return {"task": Task.REGION_PHRASE, **self._tensors(
             input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
-            features=feats, zeroed_regions=zeroed, locations=locs, region_mask=rmask, mrtc_labels=mrtc,
+            features=feats, zeroed_regions=zeroed, locations=locs, region_mask=rmask,
             mrtc_positions=mrtc_positions, mrtc_targets=mrtc_targets, masked_text=masked_text, active=active,
             clean_ids=clean_ids)}
 
@@ -231,7 +289,7 @@ class BatchBuilder:
             if labels[i] == 0:
                 mlm[i] = IGNORE
         mlm_positions, mlm_targets = label_positions(mlm)
-        return {"task": "is", **self._tensors(
+        return {"task": Task.IMAGE_SENTENCE, **self._tensors(
             input_ids=ids, text_mask=tmask, mlm_labels=mlm, mlm_positions=mlm_positions, mlm_targets=mlm_targets,
             features=feats, locations=locs, region_mask=rmask,
             itm_labels=labels, active=np.ones(n, bool), clean_ids=clean_ids, clean_text_mask=clean_mask)}
@@ -240,11 +298,11 @@ class BatchBuilder:
         """The views of `tasks` for one batch of decoded samples; one sentence picked per sample."""
         sentences = [rng.choice(s["meta"]["sentences"]) for s in samples]
         views = {}
-        for task in tasks:
-            if task == "rt":
-                views["rt"] = self.region_tag(samples, rng)
-            elif task == "rp":
-                views["rp"] = self.region_phrase(samples, sentences, rng)
+        for task in map(Task, tasks):
+            if task is Task.REGION_TAG:
+                views[task] = self.region_tag(samples, rng)
+            elif task is Task.REGION_PHRASE:
+                views[task] = self.region_phrase(samples, sentences, rng)
             else:
-                views["is"] = self.image_sentence(samples, sentences, rng)
+                views[task] = self.image_sentence(samples, sentences, rng)
         return views

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.io import ReadCorpus, ReadDetections, stable_id, tags_of, validate_detection
+from pipelines.io import ReadCorpus, ReadDetections, stable_id, validate_detection
+from schemas.corpus import tag_order
 from pipelines.options import TextOptions
 
 from .conftest import write_jsonl
@@ -25,8 +26,8 @@ def _essentials(d):
 
 
 def test_tags_deduplicated_by_best_score_then_label():
-    assert tags_of(["sofa", "woman", "sofa", "lamp", "cup"], [0.5, 0.9, 0.7, 0.7, 0.9]) == ["cup", "woman", "lamp", "sofa"]
-    assert tags_of([], []) == []
+    assert tag_order(["sofa", "woman", "sofa", "lamp", "cup"], [0.5, 0.9, 0.7, 0.7, 0.9]) == ["cup", "woman", "lamp", "sofa"]
+    assert tag_order([], []) == []
 
 
 @pytest.mark.parametrize("change, message", [

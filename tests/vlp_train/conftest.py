@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from pipelines.wds import encode_sample, sample_key, tar_bytes
+from schemas.corpus import encode_sample, sample_key, tar_bytes
 
 TAGS = ["cat", "dog", "car", "cup", "sofa", "horse"]
 DIM = 16
@@ -63,4 +63,4 @@ def tiny_shards(tmp_path):
     return write_shards(str(tmp_path / "corpus"), n_images=48, per_shard=16)
 
 
-TINY_MODEL = ["model.layers=2", "model.hidden=64", "model.heads=2", "model.compile=off"]
+TINY_MODEL = ["model.init=random", "model.layers=2", "model.hidden=64", "model.heads=2", "model.compile=off"]

@@ -15,9 +15,13 @@ from transformers import BertTokenizerFast
 from bench import train as bench_train
 from vlp_train.config import load_config
 from vlp_train.data import CorpusStream, enabled_tasks, expand_shards, load_tag_vocab
+from schemas.corpus import bundled_minilm_path
+from vlp_train.backbone import call_layer
+from vlp_train.compile import LAYER_GRAPHS, STEP_GRAPHS, step_module_for
+from vlp_train.families import build_model
+from vlp_train.families.single_stream import FAMILY, match_probability
 from vlp_train.masking import BatchBuilder
-from vlp_train.model import build_model, bundled_bert_path, call_layer
-from vlp_train.train import LAYER_GRAPHS, STEP_GRAPHS, Pretraining, compute_loss, step_module_for, to_device
+from vlp_train.step import Pretraining, compute_loss, to_device
 
 from .conftest import TINY_MODEL
 
@@ -32,32 +36,32 @@ def varied_batches(tmp_path, monkeypatch, cfg, tasks):
     monkeypatch.setattr(bench_train, "DATA", str(tmp_path / "data"))
     urls = expand_shards(bench_train.synthetic_corpus(images=120, regions=36, feature_dim=FEATURE_DIM, per_shard=60))
     tags = load_tag_vocab(None, urls)
-    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_bert_path()), {t: i for i, t in enumerate(tags)},
+    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_minilm_path()), {t: i for i, t in enumerate(tags)},
                            cfg.model.max_text_len, cfg.model.max_regions, cfg.objectives, pad_regions=True)
     batches = []
     for images, count in ((12, 15), (7, 3)):
         stream = CorpusStream(urls, builder, images, tasks, "round_robin", 32, seed=len(batches), resampled=True)
         stream.set_position(0, 0, max_batches=count)
         batches += [to_device(batch["views"], torch.device("cpu")) for batch in stream]  # float16 features widened
-    return batches, len(tags)
+    return batches, tags
 
 
 @pytest.mark.parametrize("scope", ["step", "layers"])
 def test_compiled_step_has_no_graph_breaks_a_fixed_set_of_graphs_and_eager_losses(scope, tmp_path, monkeypatch):
     cfg = load_config("debug", TINY_MODEL + ["model.dropout=0.0", "objectives.schedule=round_robin"])
     tasks = enabled_tasks(cfg.objectives)
-    batches, num_tags = varied_batches(tmp_path, monkeypatch, cfg, tasks)
+    batches, tags = varied_batches(tmp_path, monkeypatch, cfg, tasks)
     sizes = {(task, tuple(v["input_ids"].shape), tuple(v["mlm_positions"].shape), tuple(v["features"].shape))
              for views in batches for task, v in views.items()}
     assert len(sizes) > 2 * len(tasks)  # the sizes vary: dynamo must cope without piling up graphs
 
     torch.manual_seed(0)
-    eager = Pretraining(build_model(cfg.model, FEATURE_DIM, num_tags)).train()
+    eager = Pretraining(build_model(cfg.model, FEATURE_DIM, tags), FAMILY).train()
     torch._dynamo.reset()
     counters.clear()
     # aot_eager: dynamo's capture and AOTAutograd as inductor would see them, without its codegen;
     # a copy of the model, since the layers scope changes how the model calls its layers
-    compiled = step_module_for(copy.deepcopy(eager.model), scope, backend="aot_eager")
+    compiled = step_module_for(copy.deepcopy(eager.model), FAMILY, scope, backend="aot_eager")
     weighted = set()
     for n, views in enumerate(batches):
         weighting = n >= len(batches) // 3  # "epoch m" starts after a third of the batches
@@ -119,23 +123,21 @@ def test_itm_weights_are_deterministic_with_dropout_on(scope, tmp_path, monkeypa
     eval mode, and the model is left in training mode. Compiled, the mode switch costs no graph
     break; in the layer scope the weight forward and evaluation share one no-grad graph."""
     cfg = load_config("debug", TINY_MODEL + ["model.dropout=0.5", "objectives.schedule=round_robin"])
-    batches, num_tags = varied_batches(tmp_path, monkeypatch, cfg, enabled_tasks(cfg.objectives))
+    batches, tags = varied_batches(tmp_path, monkeypatch, cfg, enabled_tasks(cfg.objectives))
     weighed = [next(views for views in batches if task in views) for task in ("rp", "is")]
     torch.manual_seed(0)
-    model = build_model(cfg.model, FEATURE_DIM, num_tags).train()
+    model = build_model(cfg.model, FEATURE_DIM, tags).train()
     torch._dynamo.reset()
     counters.clear()
-    step_module = step_module_for(model, scope, backend="aot_eager") if scope else Pretraining(model)
+    step_module = step_module_for(model, FAMILY, scope, backend="aot_eager") if scope else Pretraining(model, FAMILY)
     for views in weighed:
         _, _, first = compute_loss(step_module, views, True, nullcontext())
         _, _, second = compute_loss(step_module, views, True, nullcontext())
         assert model.training and all(m.training for m in model.modules())
         (task, view), = views.items()
         eager = copy.deepcopy(model).eval()
-        eager.bert.call_layer = call_layer
-        reference = Pretraining(eager).match_probability(
-            view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
-            view["locations"], view["region_mask"])
+        eager.set_layer_call(call_layer)
+        reference = match_probability(eager, view)
         torch.testing.assert_close(first[task], second[task], rtol=0, atol=0)
         torch.testing.assert_close(first[task], reference, rtol=1e-5, atol=1e-6)
     if scope:
@@ -148,7 +150,7 @@ def test_itm_weights_are_deterministic_with_dropout_on(scope, tmp_path, monkeypa
 
 
 def test_compile_settings_are_checked_and_the_layer_scope_keeps_the_state_dict():
-    from vlp_train.train import compile_scope
+    from vlp_train.compile import compile_scope
     cpu = torch.device("cpu")
     assert compile_scope(load_config("debug", ["model.compile=auto"]), cpu) is None  # auto: CUDA only
     assert compile_scope(load_config("debug", ["model.compile=on"]), cpu) == "layers"  # the default scope
@@ -158,8 +160,8 @@ def test_compile_settings_are_checked_and_the_layer_scope_keeps_the_state_dict()
     with pytest.raises(ValueError, match="model.compile='yes'"):
         compile_scope(load_config("debug", ["model.compile=yes"]), cpu)
     cfg = load_config("debug", TINY_MODEL)
-    model = build_model(cfg.model, FEATURE_DIM, 3)
+    model = build_model(cfg.model, FEATURE_DIM, ["a", "b", "c"])
     keys = list(model.state_dict())
-    step_module_for(model, "layers", backend="aot_eager")
+    step_module_for(model, FAMILY, "layers", backend="aot_eager")
     assert list(model.state_dict()) == keys  # checkpoints and the HF export read the same names
     assert callable(model.bert.call_layer) and model.bert.call_layer is not call_layer

@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from pipelines.wds import encode_sample
-from vlp_train.data import decode, decode_batch, load_npy
+from schemas.corpus import encode_sample, load_npy
+from vlp_train.data import decode, decode_batch
 
 from .conftest import DIM, TAGS, make_sample
 

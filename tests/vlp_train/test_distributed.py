@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlp_train.config import load_config
-from vlp_train.train import Distributed, _synchronised
+from vlp_train.distributed import Distributed, synchronised
 
 from .conftest import TINY_MODEL, write_shards
 
@@ -22,7 +22,7 @@ def _rank(rank: int, port: int, results):
     try:
         control = dist.new_group(backend="gloo")
         batches = [f"r{rank}b{i}" for i in range(3 if rank == 0 else 2)]  # rank 1 runs out first
-        results[rank] = list(_synchronised(iter(batches), Distributed(rank, 2, rank, control)))
+        results[rank] = list(synchronised(iter(batches), Distributed(rank, 2, rank, control)))
     finally:
         dist.destroy_process_group()
 

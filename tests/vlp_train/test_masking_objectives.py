@@ -9,17 +9,20 @@ from transformers import BertConfig, BertTokenizerFast
 
 from vlp_train.config import ObjectiveConfig
 from vlp_train.curriculum import combine, itm_weighting_on, sample_loss
-from vlp_train.masking import IGNORE, BatchBuilder, label_positions, locations, tag_query
-from vlp_train.model import VLPModel, bundled_bert_path
-from vlp_train.objectives import OBJECTIVES, input_features, per_sample_mean, token_ce
-from vlp_train.train import to_device
+from schemas.corpus import bundled_minilm_path, tag_query
+from vlp_train.families.single_stream import FAMILY, SingleStreamModel
+from vlp_train.masking import IGNORE, BatchBuilder, label_positions, locations
+from vlp_train.objectives import input_features, per_sample_mean, token_ce
+from vlp_train.step import to_device
+
+OBJECTIVES = FAMILY.objectives
 
 from .conftest import DIM, TAGS, make_sample
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return BertTokenizerFast.from_pretrained(bundled_bert_path())
+    return BertTokenizerFast.from_pretrained(bundled_minilm_path())
 
 
 @pytest.fixture(scope="module")
@@ -43,32 +46,137 @@ def test_tag_query_and_locations():
     np.testing.assert_allclose(locations(np.array([[0, 0, 50, 20]], np.float32), 100, 40), [[0, 0, 0.5, 0.5, 0.25]])
 
 
-def test_region_phrase_masks_only_linked_items_one_modality_per_sample(builder, samples):
+def linked_sample(i: int, phrases: list[tuple[str, list[str], int | None, float]], text: str,
+                  tags=("person", "sofa", "dining table", "cup")) -> dict:
+    """A sample of 4 regions whose one sentence has the given phrases: (phrase text, content words,
+    linked region or None, similarity); region 3 ("cup") is linked by no phrase."""
+    out = []
+    for phrase, words, region, similarity in phrases:
+        start = text.index(phrase)
+        out.append({"text": phrase, "start": start, "end": start + len(phrase), "words": words, "region": region,
+                    "tag": tags[region] if region is not None else None, "similarity": similarity})
+    feats = np.random.default_rng(i).standard_normal((len(tags), DIM)).astype(np.float16)
+    meta = {"schema_version": 1, "image_id": f"v{i}", "width": 200, "height": 100,
+            "boxes": [[0, 0, 50, 50], [50, 0, 100, 50], [100, 0, 150, 50], [150, 0, 200, 50]], "tags": list(tags),
+            "scores": [0.9, 0.8, 0.7, 0.6],
+            "sentences": [{"sentence_id": f"s{i}", "text": text, "rank": 0, "score": 0.5, "phrases": out}]}
+    return {"key": f"v{i}", "meta": meta, "feats": feats}
+
+
+PARTLY_LINKED = ("A man sits on a red sofa near the window.",
+                 [("A man", ["man"], 0, 0.7), ("a red sofa", ["red", "sofa"], 1, 0.9), ("the window", ["window"], None, 0.2)])
+UNLINKED = ("Nothing here is about the picture at all.",
+            [("Nothing", ["nothing"], None, 0.0), ("the picture", ["picture"], None, 0.3)])
+
+
+def varied_samples() -> list[dict]:
+    """Partly linked sentences (an unlinked phrase beside linked ones), sentences with no linked
+    phrase, and a region ("cup") that no phrase links to."""
+    return [linked_sample(i, *((PARTLY_LINKED[1], PARTLY_LINKED[0]) if i % 3 else (UNLINKED[1], UNLINKED[0])))
+            for i in range(12)]
+
+
+def test_region_phrase_masks_only_linked_items_one_modality_per_sample(builder):
+    samples = varied_samples()
     sentences = [s["meta"]["sentences"][0] for s in samples]
-    view = builder.region_phrase(samples, sentences, random.Random(1))
-    clean_feats = builder._regions(samples)[0]
-    np.testing.assert_array_equal(view["features"].numpy(), clean_feats)  # one feature tensor: the clean one
-    seen = input_features(view)  # what the model gets
-    assert view["masked_text"].any() and (~view["masked_text"]).any()  # both modalities occur
-    for i, sentence in enumerate(sentences):
-        text_masked = (view["mlm_labels"][i] != IGNORE).any().item()
-        region_masked = (view["mrtc_labels"][i] != IGNORE).any().item()
-        assert text_masked != region_masked  # exactly one modality
-        linked_regions = {p["region"] for p in sentence["phrases"]}
-        zeroed = {r for r in range(clean_feats.shape[1]) if np.abs(clean_feats[i, r]).sum() > 0
-                  and seen[i, r].abs().sum() == 0}
-        assert zeroed == set(torch.nonzero(view["zeroed_regions"][i]).flatten().tolist())
-        if text_masked:
-            assert not zeroed
+    modalities = set()
+    for seed in range(20):
+        view = builder.region_phrase(samples, sentences, random.Random(seed))
+        clean_feats = builder._regions(samples)[0]
+        np.testing.assert_array_equal(view["features"].numpy(), clean_feats)  # one feature tensor: the clean one
+        seen = input_features(view)  # what the model gets
+        mrtc_at = {(i, int(view["mrtc_positions"][i, k])) for i in range(len(samples))
+                   for k in range(view["mrtc_positions"].shape[1]) if (view["mrtc_targets"][i, k] != IGNORE).any()}
+        for i, sentence in enumerate(sentences):
+            linked = [p for p in sentence["phrases"] if p["region"] is not None]
+            text_masked = (view["mlm_labels"][i] != IGNORE).any().item()
+            zeroed = set(torch.nonzero(view["zeroed_regions"][i]).flatten().tolist())
+            assert zeroed == {r for r in range(4) if seen[i, r].abs().sum() == 0}  # what the model saw zeroed
+            assert zeroed == {r for (j, r) in mrtc_at if j == i}  # each masked region has its targets
+            if not linked:  # nothing linked: the sample sits this task out
+                assert not view["active"][i] and not text_masked and not zeroed
+                continue
+            assert view["active"][i] and text_masked != bool(zeroed)  # exactly one modality
+            modalities.add("text" if text_masked else "regions")
+            assert zeroed <= {p["region"] for p in linked}  # never region 3, linked to nothing
             enc = builder.tok(sentence["text"], return_offsets_mapping=True)
             for t in torch.nonzero(view["mlm_labels"][i] != IGNORE).flatten().tolist():
                 start, end = enc["offset_mapping"][t]
-                assert any(start < p["end"] and end > p["start"] for p in sentence["phrases"])  # inside a linked phrase
-        else:
-            masked = set(torch.nonzero(view["mrtc_labels"][i] != IGNORE).flatten().tolist())
-            assert masked == zeroed and masked <= linked_regions
-            for r in masked:  # the target is the phrase's head word (here: the tag itself)
-                assert builder.tok.convert_ids_to_tokens(int(view["mrtc_labels"][i, r])) == samples[i]["meta"]["tags"][r]
+                assert any(start < p["end"] and end > p["start"] for p in linked)  # never the unlinked "the window"
+    assert modalities == {"text", "regions"}
+
+
+def test_p_mrtc_targets_every_content_sub_token_of_the_phrase(builder):
+    """A masked region linked to "a red sofa" predicts "red" and "sofa" (not "a"); one linked
+    to a phrase whose word splits into word pieces predicts every piece."""
+    samples = [linked_sample(0, [("a red sofa", ["red", "sofa"], 1, 0.99), ("The tablecloths", ["tablecloths"], 2, 0.99)],
+                             "The tablecloths lie on a red sofa.")]
+    pieces = builder.tok("tablecloths", add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1  # the test needs a word of several pieces
+    expected = {1: builder.tok("red sofa", add_special_tokens=False)["input_ids"], 2: pieces}
+    seen = {}
+    for seed in range(40):
+        view = builder.region_phrase(samples, [samples[0]["meta"]["sentences"][0]], random.Random(seed))
+        for k, region in enumerate(view["mrtc_positions"][0].tolist()):
+            targets = [t for t in view["mrtc_targets"][0, k].tolist() if t != IGNORE]
+            if targets:
+                seen[region] = targets
+    assert seen == expected
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_phrase_masking_frequency_follows_scale_times_similarity(builder, scale):
+    """Each linked phrase (tokens or region) is masked with probability min(1, scale x similarity),
+    and when none is drawn the most similar one is: over 3,000 draws each frequency is within 4
+    standard errors of that."""
+    similarities = [0.2, 0.4, 0.6, 0.8]
+    phrases = [("the man", ["man"], 0, 0.2), ("a sofa", ["sofa"], 1, 0.4), ("a table", ["table"], 2, 0.6),
+               ("one cup", ["cup"], 3, 0.8)]
+    sample = linked_sample(0, phrases, "the man and a sofa by a table with one cup")
+    sentence = sample["meta"]["sentences"][0]
+    builder.obj.phrase_mask_scale = scale
+    draws, counts = 3000, np.zeros(4)
+    try:
+        for seed in range(draws):
+            view = builder.region_phrase([sample], [sentence], random.Random(seed))
+            masked_tokens = set(torch.nonzero(view["mlm_labels"][0] != IGNORE).flatten().tolist())
+            enc = builder.tok(sentence["text"], return_offsets_mapping=True)
+            for n, p in enumerate(sentence["phrases"]):
+                tokens = {t for t, (a, b) in enumerate(enc["offset_mapping"]) if a < p["end"] and b > p["start"] and b > a}
+                counts[n] += bool(tokens & masked_tokens) or bool(view["zeroed_regions"][0, p["region"]])
+    finally:
+        builder.obj.phrase_mask_scale = 1.0
+    probabilities = np.minimum(1.0, scale * np.array(similarities))
+    expected = probabilities.copy()
+    expected[-1] += np.prod(1 - probabilities)  # none drawn: the most similar is masked
+    error = np.sqrt(expected * (1 - expected) / draws)
+    assert np.all(np.abs(counts / draws - expected) < 4 * error + 1e-9), (counts / draws, expected)
+
+
+@pytest.mark.parametrize("mode", ["both", "one"])
+def test_region_tag_masking_modes_and_whole_tags(tokenizer, mode):
+    """`both` (the paper): every sample has tags and regions masked; `one`: exactly one modality.
+    A multi-word tag ("dining table") is masked whole, never one of its words alone."""
+    builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(["cup", "dining table", "person", "sofa"])}, 40, 36,
+                           ObjectiveConfig(rt_masking=mode, mlm_prob=0.5))
+    samples = [linked_sample(i, [], "x") for i in range(16)]
+    table = tokenizer("dining table", add_special_tokens=False)["input_ids"]
+    whole = 0
+    for seed in range(10):
+        view = builder.region_tag(samples, random.Random(seed))
+        masked = view["zeroed_regions"]
+        assert ((view["mrc_labels"] != IGNORE) == masked).all()
+        for i in range(len(samples)):
+            tags_masked, regions_masked = (view["mlm_labels"][i] != IGNORE).any().item(), masked[i].any().item()
+            assert (tags_masked and regions_masked) if mode == "both" else (tags_masked != regions_masked)
+            ids = view["input_ids"][i].tolist()
+            labelled = view["mlm_labels"][i].tolist()
+            start = next(t for t in range(len(ids) - 1) if [labelled[t] if labelled[t] != IGNORE else ids[t],
+                                                             labelled[t + 1] if labelled[t + 1] != IGNORE else ids[t + 1]] == table)
+            pair = [labelled[start] != IGNORE, labelled[start + 1] != IGNORE]
+            assert pair[0] == pair[1]  # both words of the tag, or neither
+            whole += pair[0]
+    assert whole > 0
 
 
 def test_region_tag_keeps_the_true_features_as_the_mrfr_target(builder, samples):
@@ -81,8 +189,21 @@ def test_region_tag_keeps_the_true_features_as_the_mrfr_target(builder, samples)
     assert (seen[masked] == 0).all() and (view["features"][masked] != 0).any()
     assert torch.equal(seen[~masked], view["features"][~masked])
     assert ((view["mrc_labels"] != IGNORE) == masked).all()
-    for i in range(len(samples)):  # one modality per sample
-        assert not ((view["mlm_labels"][i] != IGNORE).any() and masked[i].any())
+
+
+def test_random_replacement_draws_only_real_word_pieces(tokenizer):
+    """The 10% random tokens of MLM: never [CLS], [SEP], [PAD], [MASK], [UNK] or an [unused*] slot
+    (about 1,000 of BERT's 30,522 ids)."""
+    builder = BatchBuilder(tokenizer, {}, 40, 36, ObjectiveConfig())
+    vocab = len(tokenizer)
+    ids = np.full((1, 4000), tokenizer.convert_tokens_to_ids("the"), np.int64)
+    labels = np.full(ids.shape, IGNORE, np.int64)
+    builder._mask_tokens(ids, labels, 0, range(ids.shape[1]), random.Random(0))
+    replaced = [int(t) for t in ids[0] if t not in (tokenizer.mask_token_id, tokenizer.convert_tokens_to_ids("the"))]
+    assert len(replaced) > 300
+    tokens = tokenizer.convert_ids_to_tokens(replaced)
+    assert not [t for t in tokens if t.startswith("[") and t.endswith("]")], tokens
+    assert all(0 <= t < vocab for t in replaced)
 
 
 def test_image_sentence_negatives_come_from_other_images(builder, samples):
@@ -148,7 +269,7 @@ def test_per_sample_losses_on_hand_made_values():
 def _tiny_model():
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64)
-    return VLPModel(config, DIM, len(TAGS)).eval()
+    return SingleStreamModel(config, DIM, TAGS).eval()
 
 
 def test_label_positions_and_losses_at_them_equal_the_full_computation(builder, samples):
@@ -160,14 +281,26 @@ def test_label_positions_and_losses_at_them_equal_the_full_computation(builder, 
     assert positions.tolist() == [[0, 0], [0, 0]] and targets.tolist() == [[IGNORE, IGNORE], [1, IGNORE]]
     model = _tiny_model()
     views = to_device(builder.build(samples[:6], ["rt", "rp", "is"], random.Random(5)), torch.device("cpu"))
-    for task, (states_of, name) in {"rt": (0, "mlm"), "rp": (1, "mrtc"), "is": (0, "mlm")}.items():
+    for task in ("rt", "rp", "is"):
         view = views[task]
         named, out = OBJECTIVES[task](model, view)
-        states = out["text"] if states_of == 0 else out["regions"]
-        full = view["mlm_labels"] if name == "mlm" else view["mrtc_labels"]
-        expected = per_sample_mean(token_ce(model.mlm_logits(states), full), full != IGNORE)
-        assert torch.allclose(named[name], expected, atol=1e-6), task
-        assert (named[name] > 0).any()
+        full = view["mlm_labels"]
+        expected = per_sample_mean(token_ce(model.mlm_logits(out["text"]), full), full != IGNORE)
+        assert torch.allclose(named["mlm"], expected, atol=1e-6), task
+    # p-MRTC by hand: per masked region, the mean over its phrase's tokens of -log p(token)
+    # (phrases of one and of two word pieces: "a man", "a red sofa")
+    varied = varied_samples()
+    view = to_device(builder.build(varied, ["rp"], random.Random(5)), torch.device("cpu"))["rp"]
+    assert ((view["mrtc_targets"] != IGNORE).sum(-1) == 2).any()
+    named, out = OBJECTIVES["rp"](model, view)
+    log_probs = torch.log_softmax(model.mlm_logits(out["regions"]), -1)
+    for i in range(len(view["active"])):
+        per_region = [-log_probs[i, r, [t for t in targets.tolist() if t != IGNORE]].mean()
+                      for r, targets in zip(view["mrtc_positions"][i].tolist(), view["mrtc_targets"][i])
+                      if (targets != IGNORE).any()]
+        expected = torch.stack(per_region).mean() if per_region else torch.tensor(0.0)
+        torch.testing.assert_close(named["mrtc"][i], expected, rtol=1e-5, atol=1e-5)
+    assert (named["mrtc"] > 0).any()
 
 
 def test_each_objective_returns_named_per_sample_losses(builder, samples):

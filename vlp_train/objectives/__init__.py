@@ -1,10 +1,7 @@
 """One module per granularity. Each takes the model and a view (see masking.py) and returns
-named per-sample losses, shape [B] (0 where a sample has nothing of that kind), plus counts."""
-from vlp_train.objectives.image_sentence import image_sentence_losses
-from vlp_train.objectives.region_phrase import region_phrase_losses
-from vlp_train.objectives.region_tag import region_tag_losses
-
-OBJECTIVES = {"rt": region_tag_losses, "rp": region_phrase_losses, "is": image_sentence_losses}
+named per-sample losses, shape [B] (0 where a sample has nothing of that kind), plus outputs.
+A model family maps its tasks to these (vlp_train/families/); the helpers below are shared."""
+from vlp_train.tasks import IGNORE  # noqa: F401  (re-exported: the label the losses skip)
 
 
 def input_features(view):
@@ -36,11 +33,25 @@ def masked_token_losses(model, states, positions, targets):
     """Per-sample mean cross-entropy of the tied vocabulary head at the labelled positions only
     (`masking.label_positions`): the [*, vocab] logits are built for those positions, not all."""
     return per_sample_mean(token_ce(model.mlm_logits(gather_positions(states, positions)), targets),
-                           targets != -100)
+                           targets != IGNORE)
+
+
+def phrase_token_losses(model, states, positions, targets):
+    """p-MRTC: each labelled position (a masked linked region) predicts every content sub-token
+    of its phrase. targets [B, P, T] (IGNORE-padded): the loss of a position is the mean over its
+    phrase's tokens of -log p(token), the cross-entropy against the uniform distribution over
+    them, so "red sofa" asks the region for "red" and "sofa" alike; per sample, the mean over
+    its labelled positions."""
+    import torch
+    log_probs = torch.log_softmax(model.mlm_logits(gather_positions(states, positions)).float(), dim=-1)
+    valid = targets != IGNORE
+    picked = torch.gather(log_probs, -1, targets.clamp(min=0)) * valid
+    per_position = -picked.sum(-1) / valid.sum(-1).clamp(min=1)
+    return per_sample_mean(per_position, valid.any(-1))
 
 
 def token_ce(logits, labels):
     """Cross-entropy per position [B, N] (0 where the label is ignored)."""
     import torch.nn.functional as F
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                            reduction="none").view(labels.shape)

@@ -1,0 +1,194 @@
+"""The BERT backbone every family builds on: HF `BertModel`'s embeddings and encoder, written over
+`F.scaled_dot_product_attention` with a padding mask, with HF's parameter names (weights load from
+any HF BERT folder and export back to one), and the loading of a run's initial BERT.
+
+`model.init` (see `resolve_init`): None = the bundled MiniLM (6 x 384); `random` = a random BERT of
+`model.layers/hidden/heads` (asked for on purpose); a HF BERT folder (its backbone, and BERT's MLM
+head when the folder holds `cls.predictions.*`); a vlp model folder or a run folder (the whole
+model: vlp_train/pretrained.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from schemas.corpus import bundled_minilm_path
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT = "random"
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] \
+            + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+
+class _Output(nn.Module):
+    def __init__(self, in_size, cfg):
+        super().__init__()
+        self.dense = nn.Linear(in_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self = _SelfAttention(cfg)
+        self.output = _Output(cfg.hidden_size, cfg)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.attention = _Attention(cfg)
+        self.intermediate = _Intermediate(cfg)
+        self.output = _Output(cfg.intermediate_size, cfg)
+        self.dropout = cfg.hidden_dropout_prob
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask):
+        b, n, d = x.shape
+        a = self.attention.self
+        q, k, v = (lin(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for lin in (a.query, a.key, a.value))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        ctx = ctx.transpose(1, 2).reshape(b, n, d)
+        out = self.attention.output
+        x = out.LayerNorm(x + F.dropout(out.dense(ctx), self.dropout, self.training))
+        h = F.gelu(self.intermediate.dense(x))
+        return self.output.LayerNorm(x + F.dropout(self.output.dense(h), self.dropout, self.training))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+def call_layer(layer: nn.Module, hidden, attn_mask):
+    return layer(hidden, attn_mask)
+
+
+class BertBackbone(nn.Module):
+    """BertModel's embeddings + encoder, parameter-name compatible with Hugging Face."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = _Encoder(cfg)
+        # how each layer is called: the trainer swaps in one compiled call shared by every
+        # layer (compile.CompiledLayers); not a module, so the state dict is the same either way
+        self.call_layer = call_layer
+
+    def encode(self, hidden, padding_mask):
+        """hidden [B, N, D]; padding_mask [B, N] True for real positions."""
+        attn_mask = padding_mask[:, None, None, :]  # broadcast over heads and queries
+        for layer in self.encoder.layer:
+            hidden = self.call_layer(layer, hidden, attn_mask)
+        return hidden
+
+
+class HeadTransform(nn.Module):
+    """Dense + GELU + LayerNorm: the transform in front of BERT's MLM decoder (and of our other heads)."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+def shape_of(config) -> tuple[int, int, int]:
+    return config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+
+
+def bert_config(cfg_model, folder: str | None):
+    """The run's BertConfig: `folder`'s (a HF BERT folder), or with folder None (model.init=random)
+    a fresh one of model.layers/hidden/heads (default: the bundled MiniLM's shape) with the
+    bundled vocabulary. A folder of another shape than model.layers/hidden/heads ask for is an error,
+    never a silent random model."""
+    from transformers import BertConfig
+
+    config = BertConfig.from_pretrained(folder or bundled_minilm_path())
+    asked = (cfg_model.layers, cfg_model.hidden, cfg_model.heads)
+    if folder is None and cfg_model.layers > 0:
+        config = BertConfig(vocab_size=config.vocab_size, hidden_size=cfg_model.hidden,
+                            num_hidden_layers=cfg_model.layers, num_attention_heads=cfg_model.heads,
+                            intermediate_size=4 * cfg_model.hidden, max_position_embeddings=512)
+    elif folder is not None and cfg_model.layers > 0 and shape_of(config) != asked:
+        raise ValueError(f"model.init {folder} is a {'x'.join(map(str, shape_of(config)[:2]))} BERT "
+                         f"({config.num_attention_heads} heads) but model.layers/hidden/heads ask for "
+                         f"{asked[0]} x {asked[1]} ({asked[2]} heads): give model.init a folder of that shape "
+                         f"(bert-base-uncased for the paper's 12 x 768), or model.init={RANDOM_INIT} to train "
+                         "one from random weights on purpose")
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg_model.dropout
+    return config
+
+
+def read_weights(folder: str) -> dict[str, torch.Tensor]:
+    """The tensors of a HF model folder (safetensors, else a PyTorch .bin read with weights_only)."""
+    safetensors = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(safetensors):
+        from safetensors.torch import load_file
+        return load_file(safetensors)
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"model.init {folder}: no model.safetensors or pytorch_model.bin")
+
+
+def load_bert_init(backbone: BertBackbone, mlm_transform: HeadTransform, mlm_bias: nn.Parameter, folder: str) -> bool:
+    """Load a HF BERT folder into the backbone, and BERT's pre-trained MLM head (transform and
+    bias; the decoder is tied to the word embeddings) when the folder has one
+    (`cls.predictions.*`, as bert-base-uncased from BertForPreTraining). True when the head was there."""
+    weights = read_weights(folder)
+    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    backbone_weights = {k[len(prefix):]: v for k, v in weights.items()
+                        if k.startswith(prefix) and not k[len(prefix):].startswith(("pooler.", "cls."))}
+    missing, _ = backbone.load_state_dict(backbone_weights, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise RuntimeError(f"model.init {folder} lacks backbone weights: {missing[:5]}")
+    head = {k[len("cls.predictions."):]: v for k, v in weights.items() if k.startswith("cls.predictions.")}
+    if "transform.dense.weight" not in head:
+        log.info("initialised the backbone from %s (no MLM head there: the head starts random)", folder)
+        return False
+    mlm_transform.load_state_dict({k[len("transform."):]: v for k, v in head.items() if k.startswith("transform.")})
+    with torch.no_grad():
+        mlm_bias.copy_(head["bias"])
+    log.info("initialised the backbone and BERT's MLM head from %s", folder)
+    return True

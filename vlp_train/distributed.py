@@ -1,0 +1,92 @@
+"""Several processes (torchrun, DDP): the process group, agreement on when an epoch ends, gradient
+all-reduce once a step, and every rank's RNG state in the checkpoint."""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlp_train import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    control_group: object = None  # a gloo group: host-side agreement without a device sync
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_type: str) -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    import torch.distributed as dist
+    if not dist.is_initialized():  # else a second train() in this process (tests, notebooks): the same group
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    control = dist.new_group(backend="gloo") if device_type == "cuda" else None  # None: the default (gloo) group
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control)
+
+
+def wrap(step_module: nn.Module, dist_info: Distributed, device: torch.device) -> nn.Module:
+    if dist_info.world == 1:
+        return step_module
+    return nn.parallel.DistributedDataParallel(
+        step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def accumulating(step_module, completes_step: bool):
+    """Under DDP, a micro-batch that does not complete an optimizer step keeps its gradients
+    local (`no_sync`): they are all-reduced once, summed, with the step's last micro-batch,
+    instead of once per micro-batch (optim.grad_accum all-reduces of every gradient a step)."""
+    if completes_step or not isinstance(step_module, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return step_module.no_sync()
+
+
+def synchronised(loader, dist_info: Distributed):
+    """Batches; under DDP every rank stops the epoch when any rank runs out (no hang). The flag
+    goes through a CPU (gloo) group: a CUDA tensor and `.item()` here would sync every step."""
+    if dist_info.world == 1:
+        yield from loader
+        return
+    import torch.distributed as dist
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        flag = torch.tensor([0 if batch is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dist_info.control_group)
+        if flag.item() == 0:
+            return
+        yield batch
+
+
+def rank_rng_states(dist_info: Distributed) -> list[dict]:
+    """Every rank's RNG state, by rank: each rank draws its own dropout masks (seed + rank), and
+    after a resume must go on drawing its own, not rank 0's. Through the CPU (gloo) group."""
+    if dist_info.world == 1:
+        return [checkpoint.rng_state()]
+    import torch.distributed as dist
+    states = [None] * dist_info.world
+    dist.all_gather_object(states, checkpoint.rng_state(), group=dist_info.control_group)
+    return states
+
+
+def restore_rng(state: dict, dist_info: Distributed) -> None:
+    rng = checkpoint.rng_of_rank(state, dist_info.rank)
+    if rng is None:
+        log.warning("the checkpoint holds no RNG state of rank %d (saved by fewer ranks): it keeps its fresh seed",
+                    dist_info.rank)
+        return
+    checkpoint.set_rng_state(rng)

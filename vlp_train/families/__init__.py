@@ -1,0 +1,52 @@
+"""Model families, registered by name (`model.arch`). A family is its model, the tasks it can
+train with their objectives (named per-sample losses), and how a run builds it; the trainer's
+loop knows none of them by name.
+
+Adding one: a module here that defines its model and objectives and calls `register(Family(...))`,
+imported below.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from vlp_train.tasks import Task
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_class: type                      # with from_vlp_config(bert_config, section) for from_pretrained
+    objectives: Mapping[Task, Callable]    # task -> fn(model, view) -> (named per-sample losses, outputs)
+    build: Callable                        # (cfg.model, feature_dim, tags) -> a model initialised as model.init says
+    # the μ-VLA curriculum's per-sample weight: fn(model, view) -> [B] detached match probability
+    # of each sample's clean pair; None when the family has no ITM head
+    match_probability: Callable | None = None
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(self.objectives)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise ValueError(f"model family {family.name!r} registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model.arch={name!r}: unknown model family (choose from {sorted(FAMILIES)})")
+    return FAMILIES[name]
+
+
+from vlp_train.families import single_stream  # noqa: E402,F401  (registers itself)
+
+
+def build_model(cfg_model, feature_dim: int, tags: list[str]):
+    """The model of `cfg_model.arch`, initialised as `cfg_model.init` says."""
+    return family_of(cfg_model.arch).build(cfg_model, feature_dim, tags)

@@ -1,0 +1,191 @@
+"""A trained model as one folder: `save_pretrained(folder)` / `from_pretrained(folder)`.
+
+The folder is a Hugging Face BERT folder with more in it:
+- `config.json`: BERT's config (so `BertModel.from_pretrained(folder)` reads the backbone, for
+  those who want the text side alone) plus a `vlp` section: the format version, the model family
+  (`arch`) and what the family needs to rebuild its heads (feature size, tag vocabulary, ...);
+- `model.safetensors`: every weight of the model, heads included, the backbone under `bert.`
+  (as HF's BertForPreTraining stores it; weights shared between modules are stored once);
+- the tokenizer files.
+
+`model.init` may name such a folder or a run folder (its `hf/`): the run starts from the whole model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from schemas.corpus import bundled_minilm_path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SECTION = "vlp"
+WEIGHTS = "model.safetensors"
+EXPORT_FOLDER = "hf"  # a run's export, inside the run folder
+
+
+class PretrainedModel:
+    """Mixin of every family's model: `arch` (its registry name), `vlp_config()` and
+    `from_vlp_config(bert_config, section)`; `tag_rows`: weights whose rows follow the tag vocabulary."""
+
+    arch: str = ""
+    tag_rows: tuple[str, ...] = ()
+
+    def save_pretrained(self, folder: str, tokenizer=None) -> None:
+        save(self, folder, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, folder: str):
+        model = load(folder)
+        if not isinstance(model, cls):
+            raise ValueError(f"{folder} holds a {model.arch} model, not a {cls.arch} one")
+        return model
+
+
+def model_folder(path: str) -> str:
+    """A run folder stands for its export (RUN/hf); any other path for itself."""
+    export = os.path.join(path, EXPORT_FOLDER)
+    return export if os.path.isfile(os.path.join(export, "config.json")) else path
+
+
+def is_vlp_folder(folder: str) -> bool:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return SECTION in json.load(f)
+
+
+def resolve_init(init: str | None) -> tuple[str, str | None]:
+    """model.init -> (kind, folder): ("bert", the bundled MiniLM) for None; ("random", None);
+    ("vlp", folder) for a saved model or a run; ("bert", folder) for a HF BERT folder."""
+    from vlp_train.backbone import RANDOM_INIT
+
+    if init is None:
+        return "bert", bundled_minilm_path()
+    if init == RANDOM_INIT:
+        return "random", None
+    folder = model_folder(os.path.expanduser(init))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model.init {init}: no such folder")
+    if is_vlp_folder(folder):
+        return "vlp", folder
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"model.init {init}: not a model folder (no config.json); give a HF BERT folder, "
+                                f"a model saved by vlp-train (RUN/{EXPORT_FOLDER}) or a run folder")
+    return "bert", folder
+
+
+def tokenizer_folder(init: str | None) -> str:
+    """Where the run's tokenizer comes from: the init folder when it has one, else the bundled MiniLM's
+    (bert-base-uncased's vocabulary)."""
+    _, folder = resolve_init(init)
+    return folder if folder and os.path.isfile(os.path.join(folder, "vocab.txt")) else bundled_minilm_path()
+
+
+def read_config(folder: str):
+    """(BertConfig, vlp section) of a saved model folder."""
+    from transformers import BertConfig
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no config.json (not a model saved by vlp-train)")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    section = data.pop(SECTION, None)
+    if not isinstance(section, dict) or "arch" not in section:
+        raise ValueError(f"{path}: no '{SECTION}' section: a plain BERT folder, not a whole model saved by vlp-train "
+                         "(use it as model.init to start a backbone from it)")
+    if int(section.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {section['format_version']}, newer than this vlp-train reads "
+                         f"({FORMAT_VERSION}): upgrade vlp-train")
+    return BertConfig.from_dict(data), section
+
+
+def unique_state(model) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (under its first name): safetensors stores no aliases."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if identity in seen:
+            continue
+        seen.add(identity)
+        state[name] = tensor.detach().to("cpu").contiguous().clone()
+    return state
+
+
+def save(model, folder: str, tokenizer=None) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    config = model.bert.config.to_dict()
+    config["architectures"] = ["BertModel"]
+    config[SECTION] = {"format_version": FORMAT_VERSION, "arch": model.arch, **model.vlp_config()}
+    tmp = os.path.join(folder, WEIGHTS + ".tmp")
+    save_file(unique_state(model), tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, WEIGHTS))
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def load_weights(model, weights: dict[str, torch.Tensor], where: str) -> None:
+    """All of the model's weights from `weights`; only aliases of stored tensors may be absent."""
+    aliases = set(model.state_dict()) - set(unique_state(model))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load(folder: str):
+    """The whole model saved in `folder` (or a run folder's export), in eval mode."""
+    from vlp_train.backbone import read_weights
+    from vlp_train.families import family_of
+
+    folder = model_folder(folder)
+    bert_config, section = read_config(folder)
+    model = family_of(section["arch"]).model_class.from_vlp_config(bert_config, section)
+    load_weights(model, read_weights(folder), folder)
+    return model.eval()
+
+
+def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[str]):
+    """A run's model started from a saved whole model: same family and feature size; the run's
+    dropout; tag-indexed heads remapped by tag name when the new corpus's tags differ (tags new to
+    the model start random)."""
+    from vlp_train.backbone import read_weights, shape_of
+
+    bert_config, section = read_config(folder)
+    if section["arch"] != model_class.arch:
+        raise ValueError(f"model.init {folder} holds a {section['arch']} model, but model.arch is {model_class.arch}")
+    if section.get("feature_dim") != feature_dim:
+        raise ValueError(f"model.init {folder} takes {section.get('feature_dim')}-d region features, "
+                         f"but this corpus has {feature_dim}-d ones")
+    asked = (cfg_model.layers, cfg_model.hidden, cfg_model.heads)
+    if cfg_model.layers > 0 and shape_of(bert_config) != asked:
+        raise ValueError(f"model.init {folder} is {shape_of(bert_config)} (layers, hidden, heads), "
+                         f"model.layers/hidden/heads ask for {asked}")
+    bert_config.hidden_dropout_prob = bert_config.attention_probs_dropout_prob = cfg_model.dropout
+    model = model_class.from_vlp_config(bert_config, {**section, "tags": list(tags)})
+    weights = read_weights(folder)
+    saved_tags = list(section.get("tags", []))
+    if saved_tags != list(tags):
+        row_of = {tag: i for i, tag in enumerate(saved_tags)}
+        fresh = model.state_dict()
+        for key in model.tag_rows:
+            rows = fresh[key].clone()
+            for i, tag in enumerate(tags):
+                if tag in row_of:
+                    rows[i] = weights[key][row_of[tag]]
+            weights[key] = rows
+        log.warning("model.init %s: %d of the corpus's %d tags are known to the model; the others start random",
+                    folder, sum(t in row_of for t in tags), len(tags))
+    load_weights(model, weights, folder)
+    log.info("initialised the whole model from %s", folder)
+    return model

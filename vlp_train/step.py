@@ -1,0 +1,59 @@
+"""One training step's computation: a batch's views through the family's objectives, the
+curriculum's ITM weights, the scalar loss."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlp_train.curriculum import WEIGHTED_TASKS, combine, sample_loss
+
+
+class Pretraining(nn.Module):
+    """The model with its family's objectives, so one module (DDP / torch.compile) sees every use."""
+
+    def __init__(self, model: nn.Module, family):
+        super().__init__()
+        self.model = model
+        self.family = family
+
+    def forward(self, views: dict, weighted: tuple = ()):
+        """Per task of the batch: (named per-sample losses, the ITM logits or None, and for the
+        tasks in `weighted` each sample's detached ITM match probability of its clean (unmasked)
+        pair, else None). Every task runs in this one call: DDP allows one forward per backward
+        (a `mixed` batch holds several tasks), and torch.compile takes the extra ITM forward
+        into the step's graph instead of running it eagerly."""
+        results = {}
+        for task, view in views.items():
+            named, outputs = self.family.objectives[task](self.model, view)
+            weight = self.family.match_probability(self.model, view) if task in weighted else None
+            results[task] = (named, outputs.get("itm_logits"), weight)
+        return results
+
+
+def to_device(views: dict, device: torch.device) -> dict:
+    """Views to the device; region features travel as float16 and are widened there."""
+    def move(value):
+        if not torch.is_tensor(value):
+            return value
+        value = value.to(device, non_blocking=True)
+        return value.float() if value.dtype == torch.float16 else value
+    return {task: {k: move(v) for k, v in view.items()} for task, view in views.items()}
+
+
+def compute_loss(step_module, views: dict, weighting: bool, autocast):
+    """One batch: named per-sample losses per task, ITM weights, the scalar loss. The step
+    module is called once for all the batch's tasks (one DDP forward per backward)."""
+    weighted = tuple(task for task in views if weighting and task in WEIGHTED_TASKS)
+    with autocast:
+        results = step_module(views, weighted)
+    per_task, actives, weights, named_means = {}, {}, {}, {}
+    for task, (named, _, weight) in results.items():
+        if weight is not None:
+            weights[task] = weight
+        per_task[task] = sample_loss(named)
+        actives[task] = views[task]["active"]
+        for name, value in named.items():
+            count = (value != 0).float().sum().clamp(min=1)
+            named_means[f"{task}/{name}"] = value.detach().sum() / count
+    loss = combine(per_task, actives, weights)
+    return loss, named_means, weights
