@@ -33,6 +33,8 @@ def run(shards, output, preset, init, overrides, resume):
     from vlp_train.config import check_init, load_config
     from vlp_train.train import train
 
+    if init and resume:
+        raise click.UsageError("--init with --resume: a resumed run keeps the model it started from")
     try:
         cfg = load_config(preset, list(overrides) + ([f"model.init={init}"] if init else []))
         if not resume:

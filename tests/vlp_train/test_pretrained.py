@@ -50,7 +50,7 @@ def debug_run(tmp_path_factory):
 
 def test_the_export_restores_the_whole_model_and_bert_reads_its_backbone(debug_run):
     out = debug_run.run.output
-    state = torch.load(os.path.join(out, "checkpoints", "step-00000002.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoints", "step-00000002.pt"), weights_only=True)
     trained = build_model(debug_run.model, DIM, sorted(TAGS))
     trained.load_state_dict(state["model"])
     trained.eval()
