@@ -108,7 +108,7 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
     build.clear_staging(options.output)
     click.echo(f"running build-retrieval on {pipeline.options.get_all_options()['runner']} ...")
     start = time.perf_counter()
-    result = _run(pipeline)
+    result = _run(pipeline, progress=True)
     elapsed = time.perf_counter() - start
     stats = build.read_stats(build.staging_dir(options.output))
     _check_run(stats, options)
@@ -117,8 +117,13 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
     return stats
 
 
-def _run(pipeline):
+def _run(pipeline, progress: bool = False):
+    """Run to completion; with `progress`, per-stage counts, rates and estimates while it runs."""
     try:
+        if progress:
+            from pipelines.progress import run_with_progress
+            # seconds between updates; VLP_PROGRESS_INTERVAL changes it (tests, quieter logs)
+            return run_with_progress(pipeline, interval=float(os.environ.get("VLP_PROGRESS_INTERVAL", "5")))
         result = pipeline.run()
         result.wait_until_finish()
     except Exception as err:  # Beam wraps worker errors; show the root cause, not a 200-line trace
@@ -204,7 +209,7 @@ def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold, dete
         return
     build.clear_staging(output)
     start = time.perf_counter()
-    _run(pipeline)
+    _run(pipeline, progress=True)
     build.publish(output, build.DETECT_ENTRIES)
     click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
 

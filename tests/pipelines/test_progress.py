@@ -1,0 +1,61 @@
+"""Progress while a build runs: per-stage lines from the pipeline's own counters, which end at
+the totals that stats.json records."""
+import json
+import re
+
+import numpy as np
+import skimage.data
+from click.testing import CliRunner
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.progress import ProgressPrinter
+from pipelines.sample import SAMPLE_DIR
+
+LINE = re.compile(r"^  (?P<label>[a-z ]+?)\s+(?P<value>[\d,]+)( of |\s*$|  )")
+
+
+def last_values(output: str) -> dict[str, int]:
+    """The last value printed for each stage label."""
+    values = {}
+    for line in output.splitlines():
+        match = LINE.match(line)
+        if match:
+            values[match["label"]] = int(match["value"].replace(",", ""))
+    return values
+
+
+def test_build_progress_counters_reach_the_stats_totals(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(skimage.data.coffee()).save(images / "coffee.jpg")
+    Image.fromarray(skimage.data.astronaut()).save(images / "astronaut.png")
+    Image.fromarray(np.full((90, 120, 3), 80, np.uint8)).save(images / "flat.png")  # no region: rejected
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really")                      # undecodable: rejected
+    out = tmp_path / "out"
+    monkeypatch.setenv("VLP_PROGRESS_INTERVAL", "0.5")
+    result = CliRunner().invoke(main, ["build-retrieval", "--images", str(images / "*"), "--text",
+                                       f"{SAMPLE_DIR}/scenes.txt", "--output", str(out), "--k", "3"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    before_summary = result.output.split("done in")[0]
+    assert before_summary.count("progress after") >= 2, result.output  # updates while it ran, not one at the end
+    shown = last_values(before_summary)
+    assert shown["images read"] == stats["images_in"] == 4
+    assert shown["images detected"] == stats["images_in"]
+    assert shown["records rejected"] == stats["rejected_total"] >= 2
+    assert shown["sentences read"] == stats["sentences"]
+    assert shown["samples written"] == stats["images_out"] >= 1
+    assert shown["queries searched"] >= 1 and shown["texts embedded"] >= stats["sentences"]
+
+
+def test_progress_lines_have_rates_and_an_estimate_where_the_total_is_known():
+    now = [0.0]
+    printer = ProgressPrinter(stream=open("/dev/null", "w"), clock=lambda: now[0])
+    printer.lines({("read_images", "images"): 100, ("detect", "images"): 10})
+    now[0] = 10.0
+    lines = printer.lines({("read_images", "images"): 100, ("detect", "images"): 30})
+    detected = next(line for line in lines if "images detected" in line)
+    assert "30 of 100 (30%)" in detected and "2.0/s" in detected and "~35s left" in detected
+    # a later, lagging report never makes a count go back
+    assert "30 of 100" in next(line for line in printer.lines({("read_images", "images"): 100, ("detect", "images"): 20}) if "detected" in line)
