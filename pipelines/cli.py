@@ -214,5 +214,20 @@ def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold, dete
     click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
 
 
+@main.command("report")
+@click.argument("output", default="vlp-out", type=click.Path(exists=True, file_okay=False))
+@click.option("--images", help="The images the corpus was built from (the --images pattern or folder) "
+                               "[default: the shard's own image, or the bundled sample's images].")
+@click.option("--samples", default=200, show_default=True, type=click.IntRange(1), help="Samples drawn for the report.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw.")
+@click.option("--out", "out_dir", default="report", show_default=True, help="Report folder (replaced).")
+def report(output, images, samples, seed, out_dir):
+    """A static HTML report of a corpus: drawn samples with boxes and linked phrases, counts,
+    dead letters, histograms, lowest and highest retrieval scores. Opens from disk."""
+    from pipelines.report import write_report
+    index = write_report(output, out_dir, images=images, samples=samples, seed=seed)
+    click.echo(f"corpus report: {index}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
