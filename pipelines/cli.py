@@ -220,12 +220,14 @@ def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold, dete
                                "[default: the shard's own image, or the bundled sample's images].")
 @click.option("--samples", default=200, show_default=True, type=click.IntRange(1), help="Samples drawn for the report.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw.")
+@click.option("--extremes", default=3, show_default=True, type=click.IntRange(0),
+              help="Samples of lowest and of highest retrieval score shown side by side.")
 @click.option("--out", "out_dir", default="report", show_default=True, help="Report folder (replaced).")
-def report(output, images, samples, seed, out_dir):
+def report(output, images, samples, seed, extremes, out_dir):
     """A static HTML report of a corpus: drawn samples with boxes and linked phrases, counts,
     dead letters, histograms, lowest and highest retrieval scores. Opens from disk."""
     from pipelines.report import write_report
-    index = write_report(output, out_dir, images=images, samples=samples, seed=seed)
+    index = write_report(output, out_dir, images=images, samples=samples, seed=seed, extremes=extremes)
     click.echo(f"corpus report: {index}")
 
 
