@@ -48,7 +48,8 @@ def counter_totals(counter_results) -> Counters:
     """Beam MetricResults of counters -> totals by (namespace, name), summed over steps."""
     totals: Counters = {}
     for result in counter_results:
-        value = result.committed if result.committed is not None else result.attempted
+        # a running Dataflow job's committed values lag its attempted ones; finished, they agree
+        value = max(result.committed or 0, result.attempted or 0)
         key = (result.key.metric.namespace, result.key.metric.name)
         totals[key] = totals.get(key, 0) + int(value or 0)
     return totals

@@ -59,3 +59,36 @@ def test_progress_lines_have_rates_and_an_estimate_where_the_total_is_known():
     assert "30 of 100 (30%)" in detected and "2.0/s" in detected and "~35s left" in detected
     # a later, lagging report never makes a count go back
     assert "30 of 100" in next(line for line in printer.lines({("read_images", "images"): 100, ("detect", "images"): 20}) if "detected" in line)
+
+
+def test_a_remote_job_is_polled_through_its_result_metrics_while_it_runs():
+    """Dataflow's run() returns at once; the job's counters are read from result.metrics() until it ends."""
+    import io
+    import threading
+    from types import SimpleNamespace
+
+    from pipelines.progress import run_with_progress
+
+    finished = threading.Event()
+    detected = [0]
+
+    def counter(namespace, name, value):
+        return SimpleNamespace(key=SimpleNamespace(metric=SimpleNamespace(namespace=namespace, name=name)),
+                               committed=None, attempted=value)
+
+    class RunningJob:
+        def metrics(self):
+            return SimpleNamespace(query=lambda: {"counters": [counter("read_images", "images", 10),
+                                                               counter("detect", "images", detected[0])]})
+
+        def wait_until_finish(self):
+            for n in (3, 6, 10):
+                detected[0] = n
+                finished.wait(0.3)
+
+    pipeline = SimpleNamespace(runner=object(), run=RunningJob)
+    stream = io.StringIO()
+    run_with_progress(pipeline, ProgressPrinter(stream=stream), interval=0.1)
+    shown = stream.getvalue()
+    assert "images detected" in shown and " of 10 (" in shown  # seen part way, with its total
+    assert last_values(shown)["images detected"] == 10
