@@ -1,9 +1,11 @@
 """Progress while a build runs: per-stage lines from the pipeline's own counters, which end at
-the totals that stats.json records."""
+the totals that stats.json records; and the corpus report of that real build."""
 import json
+import os
 import re
 
 import numpy as np
+import pytest
 import skimage.data
 from click.testing import CliRunner
 from PIL import Image
@@ -25,18 +27,27 @@ def last_values(output: str) -> dict[str, int]:
     return values
 
 
-def test_build_progress_counters_reach_the_stats_totals(tmp_path, monkeypatch):
-    images = tmp_path / "images"
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A real build of 4 images (2 of them rejected), its progress output captured."""
+    root = tmp_path_factory.mktemp("progress")
+    images = root / "images"
     images.mkdir()
     Image.fromarray(skimage.data.coffee()).save(images / "coffee.jpg")
     Image.fromarray(skimage.data.astronaut()).save(images / "astronaut.png")
     Image.fromarray(np.full((90, 120, 3), 80, np.uint8)).save(images / "flat.png")  # no region: rejected
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really")                      # undecodable: rejected
-    out = tmp_path / "out"
-    monkeypatch.setenv("VLP_PROGRESS_INTERVAL", "0.5")
-    result = CliRunner().invoke(main, ["build-retrieval", "--images", str(images / "*"), "--text",
-                                       f"{SAMPLE_DIR}/scenes.txt", "--output", str(out), "--k", "3"])
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLP_PROGRESS_INTERVAL", "0.5")
+        result = CliRunner().invoke(main, ["build-retrieval", "--images", str(images / "*"), "--text",
+                                           f"{SAMPLE_DIR}/scenes.txt", "--output", str(out), "--k", "3"])
     assert result.exit_code == 0, result.output
+    return out, images, result
+
+
+def test_build_progress_counters_reach_the_stats_totals(built):
+    out, _, result = built
     stats = json.loads((out / "stats.json").read_text())
     before_summary = result.output.split("done in")[0]
     assert before_summary.count("progress after") >= 2, result.output  # updates while it ran, not one at the end
@@ -92,3 +103,15 @@ def test_a_remote_job_is_polled_through_its_result_metrics_while_it_runs():
     shown = stream.getvalue()
     assert "images detected" in shown and " of 10 (" in shown  # seen part way, with its total
     assert last_values(shown)["images detected"] == 10
+
+
+def test_corpus_report_of_a_real_build(built, tmp_path):
+    out, images, _ = built
+    stats = json.loads((out / "stats.json").read_text())
+    result = CliRunner().invoke(main, ["report", str(out), "--images", str(images / "*"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "index.html").read_text()
+    drawn = page[page.index('id="samples"'):]
+    assert drawn.count('<article class="sample"') == stats["images_out"]
+    assert drawn.count("<image href=") == stats["images_out"] and 'class="placeholder"' not in drawn
+    assert len(os.listdir(tmp_path / "r" / "images")) == stats["images_out"]
