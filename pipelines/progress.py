@@ -97,7 +97,7 @@ class ProgressPrinter:
         self.clock = clock
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._start = clock()
-        self._first_seen: dict[str, tuple[float, int]] = {}  # stage -> (time, value) when it first moved
+        self._idle_until: dict[str, float] = {}  # stage -> the last time it was seen at zero
         self._shown: dict[str, int] = {}
         self._drawn_lines = 0
         self.latest: dict[str, int] = {}  # stage label -> the last value shown (monotone)
@@ -110,9 +110,11 @@ class ProgressPrinter:
             value = max(stage_value(counters, stage.counters), self.latest.get(stage.label, 0))
             self.latest[stage.label] = value
             if value == 0:
+                self._idle_until[stage.label] = now
                 continue
-            since, at_start = self._first_seen.setdefault(stage.label, (now, value))
-            rate = (value - at_start) / (now - since) if now - since > 0.5 else 0.0
+            # the rate since the stage started: since it was last seen at zero (or the build started)
+            since = self._idle_until.get(stage.label, self._start)
+            rate = value / (now - since) if now - since > 0.5 else 0.0
             line = f"  {stage.label:<17} {value:>10,}"
             total = stage_value(counters, stage.total) if stage.total else 0
             if total and value < total:

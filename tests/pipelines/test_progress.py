@@ -63,11 +63,13 @@ def test_build_progress_counters_reach_the_stats_totals(built):
 def test_progress_lines_have_rates_and_an_estimate_where_the_total_is_known():
     now = [0.0]
     printer = ProgressPrinter(stream=open("/dev/null", "w"), clock=lambda: now[0])
-    printer.lines({("read_images", "images"): 100, ("detect", "images"): 10})
-    now[0] = 10.0
+    printer.lines({("read_images", "images"): 100})
+    now[0] = 5.0
+    printer.lines({("read_images", "images"): 100})  # the detector has not started: its rate starts here
+    now[0] = 15.0
     lines = printer.lines({("read_images", "images"): 100, ("detect", "images"): 30})
     detected = next(line for line in lines if "images detected" in line)
-    assert "30 of 100 (30%)" in detected and "2.0/s" in detected and "~35s left" in detected
+    assert "30 of 100 (30%)" in detected and "3.0/s" in detected and "~23s left" in detected
     # a later, lagging report never makes a count go back
     assert "30 of 100" in next(line for line in printer.lines({("read_images", "images"): 100, ("detect", "images"): 20}) if "detected" in line)
 
@@ -115,3 +117,20 @@ def test_corpus_report_of_a_real_build(built, tmp_path):
     assert drawn.count('<article class="sample"') == stats["images_out"]
     assert drawn.count("<image href=") == stats["images_out"] and 'class="placeholder"' not in drawn
     assert len(os.listdir(tmp_path / "r" / "images")) == stats["images_out"]
+
+
+def test_on_a_terminal_the_block_is_redrawn_in_place_and_plain_lines_elsewhere():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        printer = ProgressPrinter(stream=stream)
+        printer.update({("read_images", "images"): 5})
+        printer.update({("read_images", "images"): 5, ("detect", "images"): 2})
+    assert terminal.getvalue().count("\x1b[2F\x1b[J") == 1  # up over the 2-line block, cleared, redrawn
+    assert "\x1b" not in log.getvalue()
+    assert log.getvalue().count("images read") == 1  # a plain line only when the count moved
