@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipelines.report import region_colour, write_report
 from pipelines.wds import sample_key
-from tests.reports.browser import Browser, find_chromium
-from tests.reports.conftest import KNOWN
+from .browser import Browser, find_chromium
+from .conftest import KNOWN
 from vlp_train.report import write_run_report
 
 CHROMIUM = find_chromium()

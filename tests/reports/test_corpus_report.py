@@ -12,7 +12,7 @@ from PIL import Image
 from pipelines.cli import main
 from pipelines.report import region_colour
 from pipelines.wds import sample_key
-from tests.reports.conftest import IN_SHARD, KNOWN, KNOWN_SENTENCE, NO_IMAGE
+from .conftest import IN_SHARD, KNOWN, KNOWN_SENTENCE, NO_IMAGE
 
 
 class Elements(HTMLParser):
