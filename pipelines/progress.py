@@ -160,6 +160,7 @@ class ProgressFnApiRunner(fn_runner.FnApiRunner):
         self._lock = threading.Lock()
         self._finished: Counters = {}
         self._running: dict[str, Counters] = {}  # bundle instruction id -> latest progress report
+        self._ended: set[str] = set()  # bundles whose counters are final: a late report is ignored
 
     def counters(self) -> Counters:
         with self._lock:
@@ -171,14 +172,19 @@ class ProgressFnApiRunner(fn_runner.FnApiRunner):
     def _on_progress(self, instruction_id: str, response) -> None:
         counters = _from_monitoring_infos(response.monitoring_infos)
         with self._lock:
-            self._running[instruction_id] = counters
+            if instruction_id not in self._ended:  # else it would count twice beside the finished bundle
+                self._running[instruction_id] = counters
+
+    def _on_bundle_end(self, instruction_id: str) -> None:
+        with self._lock:
+            self._ended.add(instruction_id)
+            self._running.pop(instruction_id, None)
 
     def _execute_bundle(self, runner_execution_context, bundle_context_manager, bundle_input):
         result = super()._execute_bundle(runner_execution_context, bundle_context_manager, bundle_input)
         finished = _from_monitoring_infos(result.process_bundle.monitoring_infos)
         with self._lock:
             _add(self._finished, finished)
-            self._running.clear()  # bundles run one stage at a time: their reports are now final
         return result
 
     def run_pipeline(self, pipeline, options):
@@ -188,6 +194,10 @@ class ProgressFnApiRunner(fn_runner.FnApiRunner):
             def __init__(self, worker_handler, instruction_id, frequency, callback=None):
                 super().__init__(worker_handler, instruction_id, frequency,
                                  callback=lambda response: runner._on_progress(instruction_id, response))
+
+            def stop(self):  # the bundle is done: its final counters come with its result
+                super().stop()
+                runner._on_bundle_end(self._instruction_id)
 
         # BundleManager looks ProgressRequester up in its module at each bundle: route its reports here
         # for this run (a local run; other runners never reach this class).
