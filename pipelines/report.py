@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
-from pipelines.images import IMAGE_EXTENSIONS, common_base_directory
+from pipelines.images import common_base_directory
 from pipelines.io import split_patterns
 from pipelines.wds import sample_key
 

@@ -3,7 +3,6 @@ with one known sample, for the report tests (seconds, no pipeline run)."""
 import hashlib
 import json
 import math
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
