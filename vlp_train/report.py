@@ -135,7 +135,7 @@ def write_run_report(run: str, out_dir: str = "report") -> str:
     plots = [
         ("Losses", plot_grid(os.path.join(plot_dir, "losses.png"), train, losses, "Training losses (per log interval)",
                              switch)),
-        ("Evaluation", plot_grid(os.path.join(plot_dir, "eval.png"), evals, eval_keys, "Held-out evaluation")),
+        ("Evaluation", plot_grid(os.path.join(plot_dir, "eval.png"), evals, eval_keys, "Evaluation")),
         ("Learning rate, throughput, bad samples",
          plot_grid(os.path.join(plot_dir, "training.png"), train, others, "Training", switch)),
     ]

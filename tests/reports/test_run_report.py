@@ -25,7 +25,7 @@ def test_run_report_plots_every_logged_number_generically(run_folder, tmp_path, 
     assert str(out / "index.html") in result.output
     losses, switch = plotted["Training losses (per log interval)"]
     assert losses == ["loss", "rt/mlm", "is/itm", "zz/novel"] and switch == 14
-    assert plotted["Held-out evaluation"][0] == ["tag_mlm_acc", "sentence_mlm_acc", "itm_auc"]
+    assert plotted["Evaluation"][0] == ["tag_mlm_acc", "sentence_mlm_acc", "itm_auc"]
     assert sorted(plotted["Training"][0]) == ["bad_samples", "epoch", "lr", "samples_per_s"]
     page = (out / "index.html").read_text()
     assert "<td>training rows logged</td><td class=\"n\">20</td>" in page  # the keys row and the torn line left out
