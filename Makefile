@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # 25 samples a shard, so that the trainer holds the last of the 3 shards out for evaluation; the
-# debug preset for 15 epochs over the other 50 samples (~100 steps, a logged row every 2), with an
+# debug preset for 15 epochs over the other 50 samples (105 steps, a logged row every 2), with an
 # evaluation every 15 steps, so the run report shows something learn.
 demo: setup
 	$(BIN)/vlp-data build-retrieval --k 5 --output vlp-out --samples-per-shard 25
