@@ -56,5 +56,15 @@ def run(shards, output, preset, init, overrides, resume):
                    "--init; the backbone alone: transformers.BertModel.from_pretrained)")
 
 
+@main.command("report")
+@click.argument("run_dir", metavar="RUN", default="vlp-run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", default="report", show_default=True, help="Report folder (replaced).")
+def report(run_dir, out_dir):
+    """One HTML page of a run: loss curves per named loss, evaluation, learning rate, throughput,
+    bad samples, when ITM weighting switched on, and the resolved config."""
+    from vlp_train.report import write_run_report
+    click.echo(f"run report: {write_run_report(run_dir, out_dir)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
