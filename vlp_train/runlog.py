@@ -53,7 +53,9 @@ class MetricsWindow:
                "samples_per_s": self.samples / max(elapsed, 1e-9), "bad_samples": self.bad,
                "skipped_steps": len(self.skipped_steps())}
         for name, values in sorted(self.named.items()):
-            row[name] = torch.stack(values).float().mean().item()
+            total, count = torch.stack(values).sum(0).tolist()
+            if count:  # no sample had this loss in the window: no value, rather than a 0 that reads as a loss
+                row[name] = total / count
         return row
 
 

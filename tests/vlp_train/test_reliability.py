@@ -182,3 +182,15 @@ def test_init_with_resume_and_a_stopped_run_as_init_are_explained(tmp_path):
     assert both.exit_code == 2 and "--init with --resume" in both.output
     stopped = runner.invoke(main, ["run", "--shards", shards, "--output", str(tmp_path / "y"), "--init", cfg.run.output])
     assert stopped.exit_code == 1 and "a run folder without an export" in stopped.output, stopped.output
+
+
+def test_a_window_averages_each_named_loss_over_the_samples_that_have_it():
+    """A batch where no sample had a loss (no linked region masked: rp/mrtc) adds nothing to the
+    window's mean, instead of a 0 that reads as a perfect loss; a loss no batch had is left out."""
+    from vlp_train.runlog import MetricsWindow
+    window = MetricsWindow()
+    window.add(torch.tensor(1.0), {"rp/mrtc": torch.tensor([6.0, 2.0]), "rt/mrc": torch.tensor([0.0, 0.0])}, 8, 0, [])
+    window.add(torch.tensor(1.0), {"rp/mrtc": torch.tensor([0.0, 0.0]), "rt/mrc": torch.tensor([0.0, 0.0])}, 8, 0, [])
+    window.end_step(1, torch.tensor(False))
+    row = window.row()
+    assert row["rp/mrtc"] == 3.0 and "rt/mrc" not in row and row["skipped_steps"] == 0
