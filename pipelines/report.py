@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import schemas
 from pipelines.images import common_base_directory
 from pipelines.io import split_patterns
-from pipelines.wds import sample_key
+from schemas.corpus import decode_members, sample_key
 
 IMAGE_MAX_SIDE = 640          # report images are downscaled to this (boxes stay in original pixels)
 REJECTED_EXAMPLES = 3         # dead letters shown per reason
@@ -90,9 +90,9 @@ def read_samples(shard_paths: list[str], positions: dict[int, set[int]], keys: d
     found = {}
     for shard in sorted(set(positions) | set(keys)):
         wanted_positions, wanted_keys = positions.get(shard, set()), keys.get(shard, set())
-        for position, sample in enumerate(wds.WebDataset(shard_paths[shard], shardshuffle=False).decode()):
+        for position, sample in enumerate(wds.WebDataset(shard_paths[shard], shardshuffle=False)):
             if position in wanted_positions or sample["__key__"] in wanted_keys:
-                meta, feats = sample["json"], sample.get("feats.npy")
+                meta, feats = decode_members(sample)  # the corpus contract's decoding (no pickles)
                 schemas.validate_sample(meta, feats, where=f"{shard_paths[shard]}:{sample['__key__']}")
                 image = next((sample[ext] for ext in ("jpg", "jpeg", "png", "webp") if isinstance(sample.get(ext), bytes)), None)
                 found[sample["__key__"]] = {"json": meta, "image": image, "drawn": position in wanted_positions,

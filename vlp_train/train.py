@@ -24,7 +24,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ckpt_dir = os.path.join(cfg.run.output, "checkpoints")
     state = None
     if resume:
+        stop_after = cfg.run.stop_after  # a simulated kill belongs to this process, not to the one stopped
         state, cfg = resume_state(ckpt_dir)
+        cfg.run.stop_after = stop_after
     run = build_run(cfg)
     step, epoch, start_batch = 0, 0, 0
     if state is not None:
@@ -142,7 +144,6 @@ def resume_state(ckpt_dir: str) -> tuple[dict, TrainConfig]:
         raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
     path, state = found
     cfg = TrainConfig.from_dict(state["config"])
-    cfg.run.stop_after = 0  # a simulated kill belongs to the process that was stopped
     log.info("resuming from %s (step %d)", path, state["step"])
     return state, cfg
 

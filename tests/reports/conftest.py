@@ -11,7 +11,7 @@ import skimage.data
 from PIL import Image
 
 import schemas
-from pipelines.wds import encode_sample, sample_key, tar_bytes
+from schemas.corpus import sample_key, sample_members, tar_bytes
 
 KNOWN = "coffee.png"  # the known sample: a cup and a table, one sentence linking both, one unlinked phrase
 KNOWN_SENTENCE = "A cup of coffee stands on the table in the morning."
@@ -70,8 +70,7 @@ def corpus(tmp_path_factory):
     for n, start in enumerate(range(0, len(by_key), 5)):
         members = []
         for key, s in by_key[start:start + 5]:
-            meta, npy = encode_sample(s, np.ones((len(s["boxes"]), 8), np.float16))
-            members += [(f"{key}.json", meta), (f"{key}.feats.npy", npy)]
+            members += sample_members(key, s, np.ones((len(s["boxes"]), 8), np.float16))
             if s["image_id"] == IN_SHARD:
                 members.append((f"{key}.png", carried.read_bytes()))
         data = tar_bytes(members)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines.report import region_colour, write_report
-from pipelines.wds import sample_key
+from schemas.corpus import sample_key
 from .browser import Browser, find_chromium
 from .conftest import KNOWN
 from vlp_train.report import write_run_report

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines.cli import main
 from pipelines.report import region_colour
-from pipelines.wds import sample_key
+from schemas.corpus import sample_key
 from .conftest import IN_SHARD, KNOWN, KNOWN_SENTENCE, NO_IMAGE
 
 

@@ -194,3 +194,23 @@ def test_a_window_averages_each_named_loss_over_the_samples_that_have_it():
     window.end_step(1, torch.tensor(False))
     row = window.row()
     assert row["rp/mrtc"] == 3.0 and "rt/mrc" not in row and row["skipped_steps"] == 0
+
+
+def test_killed_at_random_steps_and_resumed_each_time_ends_bit_for_bit_as_an_unbroken_run(tmp_path):
+    """A soak: one run killed at three random steps (checkpoints every 2 steps, so a resume replays
+    up to a step), resumed after each kill, ends with exactly the weights of a run never stopped."""
+    import random
+    shards = write_shards(str(tmp_path / "c"), n_images=48, per_shard=16)
+    common = ["optim.epochs=5", "optim.max_steps=14", "run.save_every=2", "objectives.schedule=mixed"]
+    train(config(shards, tmp_path / "whole", *common))
+    kills = sorted(random.Random(7).sample(range(1, 14), 3))
+    first = config(shards, tmp_path / "broken", *common, f"run.stop_after={kills[0]}")
+    assert train(first)["stopped"]
+    for kill in kills[1:] + [0]:  # 0: the last resume runs to the end
+        summary = train(load_config("debug", [f"run.output={first.run.output}", f"run.stop_after={kill}"]), resume=True)
+        assert summary["stopped"] == bool(kill)
+    whole = checkpoint.load(checkpoint.load_latest(str(tmp_path / "whole" / "checkpoints"))[0])
+    broken = checkpoint.load(checkpoint.load_latest(str(tmp_path / "broken" / "checkpoints"))[0])
+    assert whole["step"] == broken["step"] == 14
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, broken["model"][name]), name
