@@ -33,57 +33,58 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         step, epoch, start_batch = load_state(run, state)
     logger = start_logging(run, resumed_at=step if state is not None else None)
 
-    bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not run.dist.main, dynamic_ncols=True)
-    last_eval, stopped, window, skipped_in_a_row = None, False, MetricsWindow(), 0
-    run.model.train()
-    while step < run.total_steps and not stopped:
-        weighting = itm_weighting_on(epoch, cfg.objectives)
-        run.dataset.set_position(epoch, start_batch, run.batches_of(epoch) if cfg.data.resampled else None,
-                                 task_offset=sum(run.batches_of(e) for e in range(epoch)))
-        loader = make_loader(run.dataset, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
-        batch_in_epoch, micro, any_batch = start_batch, 0, False
-        for batch in distributed.synchronised(loader, run.dist):
-            any_batch = True
-            with distributed.accumulating(run.step_module, completes_step=(micro + 1) % run.grad_accum == 0):
-                loss, named, _ = compute_loss(run.step_module, to_device(batch["views"], run.device), weighting,
-                                              run.autocast)
-                (loss / run.grad_accum).backward()
-            batch_in_epoch, micro = batch["index"] + 1, micro + 1
-            window.add(loss, named, len(batch["keys"]) * run.dist.world, batch["bad_samples"], batch["keys"])
-            if logger and cfg.run.log_keys:
-                logger.keys(step, batch["keys"])
-            if micro % run.grad_accum:
+    progress = tqdm(total=run.total_steps, initial=step, desc="train", disable=not run.dist.main, dynamic_ncols=True)
+    with progress as bar:  # closed also when the run stops with an error
+        last_eval, stopped, window, skipped_in_a_row = None, False, MetricsWindow(), 0
+        run.model.train()
+        while step < run.total_steps and not stopped:
+            weighting = itm_weighting_on(epoch, cfg.objectives)
+            run.dataset.set_position(epoch, start_batch, run.batches_of(epoch) if cfg.data.resampled else None,
+                                     task_offset=sum(run.batches_of(e) for e in range(epoch)))
+            loader = make_loader(run.dataset, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
+            batch_in_epoch, micro, any_batch = start_batch, 0, False
+            for batch in distributed.synchronised(loader, run.dist):
+                any_batch = True
+                with distributed.accumulating(run.step_module, completes_step=(micro + 1) % run.grad_accum == 0):
+                    loss, named, _ = compute_loss(run.step_module, to_device(batch["views"], run.device), weighting,
+                                                  run.autocast)
+                    (loss / run.grad_accum).backward()
+                batch_in_epoch, micro = batch["index"] + 1, micro + 1
+                window.add(loss, named, len(batch["keys"]) * run.dist.world, batch["bad_samples"], batch["keys"])
+                if logger and cfg.run.log_keys:
+                    logger.keys(step, batch["keys"])
+                if micro % run.grad_accum:
+                    continue
+                step += 1
+                window.end_step(step, optimizer_step(run, loss))
+                bar.update(1)
+                if step % cfg.run.log_every == 0 or step == run.total_steps:
+                    skipped_in_a_row = check_skipped(window, skipped_in_a_row, cfg.run.max_skipped_steps, logger)
+                    lr = run.scheduler.get_last_lr()[0]
+                    row = logger.flush(window, step, epoch, lr, weighting) if logger else None
+                    if row:
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                    window = MetricsWindow()
+                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and run.dist.main:
+                    last_eval = evaluate_run(run)
+                    logger.eval(step, last_eval)
+                if cfg.run.save_every and step % cfg.run.save_every == 0:
+                    save_checkpoint(run, step, epoch, batch_in_epoch)
+                if cfg.run.stop_after and step >= cfg.run.stop_after:
+                    stopped = True  # as if the process were killed here
+                    break
+                if step >= run.total_steps:
+                    break
+            else:
+                if not any_batch:  # every sample of the epoch was bad, or a rank had none: never loop on empty epochs
+                    raise RuntimeError(f"epoch {epoch} gave no batch on some rank (bad or missing shards: see the "
+                                       "warnings above)")
+                # an epoch's last micro-batches short of a whole step are dropped (as a loader drops a
+                # partial batch): kept, they would join the next epoch's first step
+                run.optimizer.zero_grad(set_to_none=True)
+                epoch, start_batch = epoch + 1, 0
                 continue
-            step += 1
-            window.end_step(step, optimizer_step(run, loss))
-            bar.update(1)
-            if step % cfg.run.log_every == 0 or step == run.total_steps:
-                skipped_in_a_row = check_skipped(window, skipped_in_a_row, cfg.run.max_skipped_steps, logger)
-                row = logger.flush(window, step, epoch, run.scheduler.get_last_lr()[0], weighting) if logger else None
-                if row:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
-                window = MetricsWindow()
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and run.dist.main:
-                last_eval = evaluate_run(run)
-                logger.eval(step, last_eval)
-            if cfg.run.save_every and step % cfg.run.save_every == 0:
-                save_checkpoint(run, step, epoch, batch_in_epoch)
-            if cfg.run.stop_after and step >= cfg.run.stop_after:
-                stopped = True  # as if the process were killed here
-                break
-            if step >= run.total_steps:
-                break
-        else:
-            if not any_batch:  # every sample of the epoch was bad, or a rank had none: never loop on empty epochs
-                raise RuntimeError(f"epoch {epoch} gave no batch on some rank (bad or missing shards: see the "
-                                   "warnings above)")
-            # an epoch's last micro-batches short of a whole step are dropped (as a loader drops a
-            # partial batch): kept, they would join the next epoch's first step
-            run.optimizer.zero_grad(set_to_none=True)
-            epoch, start_batch = epoch + 1, 0
-            continue
-        start_batch = batch_in_epoch
-    bar.close()
+            start_batch = batch_in_epoch
     summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval}
     if stopped:
         return summary
@@ -102,11 +103,10 @@ def optimizer_step(run: Run, loss: torch.Tensor) -> torch.Tensor:
     """Clip, step, schedule. A step whose loss or gradient is not finite leaves the weights and the
     optimizer's moments as they were: the fused AdamW skips its update on the device when told
     `found_inf` (as under AMP's GradScaler), so no host sync is needed here. Returns that flag."""
-    parameters = [p for p in run.model.parameters() if p.grad is not None]
     if run.cfg.optim.grad_clip:
-        norm = torch.nn.utils.clip_grad_norm_(parameters, run.cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
     else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
     skipped = ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))
     run.optimizer.found_inf = skipped.float()
     run.optimizer.step()
