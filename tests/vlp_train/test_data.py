@@ -78,3 +78,68 @@ def test_decode_batch_keeps_the_good_samples_and_names_the_bad_ones(monkeypatch)
     all_good, none = decode_batch([_raw(i, *good[i]) for i in (0, 4, 5)])
     assert [d["key"] for d in all_good] == ["k0", "k4", "k5"] and none == []
     assert calls == [3]  # one type check for the whole batch, none per sample
+
+
+# -- property-based: whatever the bytes, a decoded sample that builds into views, or a named error --
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=20)
+
+
+def _valid():
+    rng = random.Random(0)
+    return make_sample(0, rng, np.random.default_rng(0).standard_normal((len(TAGS), DIM)))
+
+
+@st.composite
+def _damaged(draw):
+    """A valid sample's members, then cut, overwritten, replaced by random bytes or random JSON,
+    or a field of the sample replaced by any JSON value."""
+    meta, feats = _valid()
+    js, data = encode_sample(meta, feats)
+    kind = draw(st.sampled_from(["cut", "flip", "bytes", "json", "field"]))
+    member = draw(st.sampled_from(["json", "feats.npy"]))
+    raw = {"json": js, "feats.npy": data}
+    if kind == "cut":
+        raw[member] = raw[member][:draw(st.integers(0, len(raw[member])))]
+    elif kind == "flip":
+        value = bytearray(raw[member])
+        for _ in range(draw(st.integers(1, 8))):
+            value[draw(st.integers(0, len(value) - 1))] = draw(st.integers(0, 255))
+        raw[member] = bytes(value)
+    elif kind == "bytes":
+        raw[member] = draw(st.binary(max_size=300))
+    elif kind == "json":
+        raw["json"] = json.dumps(draw(_JSON)).encode()
+    else:
+        field = draw(st.sampled_from(sorted(meta)))
+        meta[field] = draw(_JSON)
+        raw["json"] = json.dumps(meta).encode()
+    if draw(st.booleans()):
+        del raw[draw(st.sampled_from(["json", "feats.npy"]))]
+    return {"__key__": "k", "__url__": "shard.tar", **raw}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_damaged())
+def test_any_damaged_sample_decodes_and_builds_or_is_a_named_error(raw):
+    from transformers import BertTokenizerFast
+
+    from schemas.corpus import bundled_minilm_path
+    from vlp_train.config import ObjectiveConfig
+    from vlp_train.masking import BatchBuilder
+    global _BUILDER
+    if "_BUILDER" not in globals():
+        _BUILDER = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_minilm_path()),
+                                {t: i for i, t in enumerate(TAGS)}, 40, 36, ObjectiveConfig())
+    decoded, errors = decode_batch([raw])
+    assert len(decoded) + len(errors) == 1
+    if errors:
+        assert errors[0].startswith("shard.tar:k")  # names the shard and the sample
+    else:
+        views = _BUILDER.build(decoded + [decode(_raw(1, *_valid()))], ["rt", "rp", "is"], random.Random(0))
+        assert all(v["input_ids"].shape[0] == 2 for v in views.values())
