@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
-from pipelines.io import ReadCorpus, ReadDetections, is_local
+from pipelines.io import BOXES_CLIPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
 from schemas.corpus import tag_query
@@ -90,6 +90,37 @@ def _check_features(detection: dict):
                         "or pass --no-shards for retrievals only)")
     else:
         yield detection
+
+
+def corpus_feature_width(width_counts: list[tuple[int, int]]) -> int | None:
+    """The corpus's one feature width: the most common among the images, ties to the smaller.
+    Counts are exact, so every run and worker count picks the same width."""
+    return min(width_counts, key=lambda wc: (-wc[1], wc[0]))[0] if width_counts else None
+
+
+def _keep_corpus_width(detection: dict, width: int):
+    found = detection["features"].shape[1]
+    if found == width:
+        yield detection
+    else:
+        yield rejection("shards", detection["image_id"],
+                        f"feature width differs from the corpus's: {found}, expected {width} (one width per corpus: "
+                        f"the most common among the images, ties to the smaller)")
+
+
+class OneFeatureWidth(beam.PTransform):
+    """Detections with features -> those of the corpus's feature width (`corpus_feature_width`);
+    each other one dead-lettered with both widths. The trainer stacks regions of many images into
+    one batch, so a corpus of mixed widths would fail there, naming no sample."""
+
+    def expand(self, detections):
+        width = (detections
+                 | "Width" >> beam.Map(lambda d: (d["features"].shape[1], 1))
+                 | "CountPerWidth" >> beam.CombinePerKey(sum)
+                 | "WidthCounts" >> beam.combiners.ToList()
+                 | "CorpusWidth" >> beam.Map(corpus_feature_width))
+        return detections | "KeepCorpusWidth" >> beam.FlatMap(
+            _keep_corpus_width, width=beam.pvalue.AsSingleton(width)).with_outputs(REJECTED, main="ok")
 
 
 def _make_sample(element):
@@ -170,6 +201,7 @@ def render_stats(totals: dict, options: BuildOptions) -> dict:
         "images_out": totals.get("images_out", 0) if options.shards else totals.get("images_retrieved", 0),
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
+        "boxes_clipped": totals.get(BOXES_CLIPPED, 0),
         "sentences": totals.get("sentences", 0),
         "text": {k[len("text_"):]: v for k, v in sorted(totals.items()) if k.startswith("text_")},
         "k": options.retrieve.k,
@@ -208,11 +240,13 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         read = p | "ReadDetections" >> ReadDetections(options.detections)
         detections = read["detections"]
         rejected.append(read["rejected"])
+        stats.append(read["counts"])
     stats.append(detections | "StatImages" >> beam.Map(lambda _: ("images_valid", 1)))
     if options.shards:
         checked = detections | "NeedFeatures" >> beam.FlatMap(_check_features).with_outputs(REJECTED, main="ok")
-        detections = checked.ok
-        rejected.append(checked[REJECTED])
+        one_width = checked.ok | "OneFeatureWidth" >> OneFeatureWidth()
+        detections = one_width.ok
+        rejected += [checked[REJECTED], one_width[REJECTED]]
 
     # Text corpus -> sentences -> embeddings -> one Corpus side input
     corpus_read = p | "ReadCorpus" >> ReadCorpus(options.text, options.text_options)

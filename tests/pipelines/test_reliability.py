@@ -1,0 +1,96 @@
+"""Issue 17, the pipeline's side: absurd finite values, mixed feature widths and duplicates
+named at both places (docs/reliability.md lists each class with its test)."""
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.build import OneFeatureWidth, corpus_feature_width
+from pipelines.io import BOXES_CLIPPED, ReadDetections, validate_detection
+
+from .conftest import write_jsonl
+
+IMAGE = {"image_id": "a.jpg", "width": 100, "height": 50, "labels": ["sofa"], "scores": [0.9]}
+
+
+# 2. Absurd finite values: boxes are checked against the image, features and scores against the
+# range the shards and tables store.
+
+def test_a_box_a_little_outside_the_image_is_clipped_and_counted():
+    det = validate_detection({**IMAGE, "boxes": [[-2, -1, 103, 52]]})  # within 5% of each side
+    assert det["boxes"] == [[0.0, 0.0, 100.0, 50.0]] and det[BOXES_CLIPPED] == 1
+    inside = validate_detection({**IMAGE, "boxes": [[0, 0, 100, 50]]})
+    assert inside[BOXES_CLIPPED] == 0
+
+
+@pytest.mark.parametrize("box, message", [
+    ([0, 0, 1e30, 10], "box outside the image: boxes[1] = [0.0, 0.0, 1e+30, 10.0] for a 100x50 image"),
+    ([-20, 0, 10, 10], "box outside the image: boxes[1] = [-20.0, 0.0, 10.0, 10.0]"),
+    ([0, 0, 10, 60], "box outside the image: boxes[1] = [0.0, 0.0, 10.0, 60.0]"),
+    ([10, 10, 10, 20], "box without area: boxes[1] = [10.0, 10.0, 10.0, 20.0]"),
+    ([30, 10, 20, 20], "box without area: boxes[1]"),
+    ([101, 0, 104, 10], "box without area: boxes[1]"),  # within the tolerance, but nothing inside the image
+])
+def test_a_box_far_outside_or_without_area_is_rejected_naming_it(box, message):
+    record = {**IMAGE, "boxes": [[0, 0, 10, 10], box], "labels": ["sofa", "cat"], "scores": [0.9, 0.8]}
+    with pytest.raises(ValueError) as err:
+        validate_detection(record)
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"features": [[1e30, 0.0]]}, "features beyond the float16 range the shards store: features[0][0] = 1e+30"),
+    ({"scores": [1e39]}, "field 'scores[0]' is beyond the float32 range"),
+    ({"width": 1e30}, "width/height must be positive int32 values"),
+])
+def test_values_the_corpus_cannot_store_are_rejected(change, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
+        validate_detection({**IMAGE, "boxes": [[0, 0, 10, 10]], **change})
+
+
+def test_read_detections_dead_letters_absurd_boxes_and_counts_the_clipped(pipeline, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {**IMAGE, "boxes": [[0, 0, 10, 10]]},
+        {**IMAGE, "image_id": "clipped.jpg", "boxes": [[-1, 0, 10, 10]]},
+        {**IMAGE, "image_id": "absurd.jpg", "boxes": [[0, 0, 1e30, 10]]},
+    ])
+    out = pipeline | ReadDetections(path)
+    assert_that(out["detections"] | beam.Map(lambda d: (d["image_id"], d["boxes"], BOXES_CLIPPED in d)),
+                equal_to([("a.jpg", [[0, 0, 10, 10]], False), ("clipped.jpg", [[0, 0, 10, 10]], False)]),
+                label="kept")
+    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+                equal_to([(f"{path}:3", "box outside the image")]), label="rejected")
+    assert_that(out["counts"], equal_to([(BOXES_CLIPPED, 1)]), label="counts")
+    pipeline.run()
+
+
+# 3. One feature width per corpus, chosen the same way whatever the order or the workers.
+
+def test_the_corpus_width_is_the_most_common_ties_to_the_smaller():
+    assert corpus_feature_width([(2048, 3), (1280, 5)]) == 1280
+    assert corpus_feature_width([(2048, 4), (1280, 4)]) == 1280
+    assert corpus_feature_width([(1280, 4), (2048, 4)]) == 1280
+    assert corpus_feature_width([]) is None
+
+
+def test_images_of_another_feature_width_are_dead_lettered_with_both_widths(pipeline):
+    def detection(image_id, width):
+        return {"image_id": image_id, "features": np.zeros((2, width), np.float32)}
+
+    checked = (pipeline | beam.Create([detection("a", 8), detection("b", 8), detection("c", 4)])
+               | OneFeatureWidth())
+    assert_that(checked.ok | beam.Map(lambda d: d["image_id"]), equal_to(["a", "b"]), label="kept")
+    assert_that(checked["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(" (")[0])),
+                equal_to([("c", "feature width differs from the corpus's: 4, expected 8")]), label="rejected")
+    pipeline.run()
+
+
+# 8. A duplicate image_id names both occurrences.
+
+def test_a_duplicate_image_id_names_both_files_and_lines(pipeline, tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{**IMAGE, "boxes": [[0, 0, 10, 10]]}])
+    second = write_jsonl(tmp_path / "b.jsonl", ["", {**IMAGE, "boxes": [[0, 0, 20, 20]]}])
+    out = pipeline | ReadDetections(f"{tmp_path}/*.jsonl")
+    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"])),
+                equal_to([(f"{second}:2", f"duplicate image_id: 'a.jpg' also at {first}:1, which is kept")]))
+    pipeline.run()
