@@ -223,6 +223,9 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         raise ValueError("no text corpus given")
     if not (options.detections or options.images):
         raise ValueError("give --detections or --images")
+    if options.shards:
+        from pipelines.link import check_word_vectors
+        check_word_vectors(options.link.word_vectors, options.link.trust_pickle)
     out = staging_dir(options.output)
     p = beam.Pipeline(options=beam_options(beam_args or []))
     rejected, stats = [], []

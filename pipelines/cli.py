@@ -56,6 +56,8 @@ def main(verbose: bool):
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Detector: NMS IoU threshold.")
 @click.option("--spacy-model", default=SPACY_MODEL, show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")
 @click.option("--word-vectors", help="Word vectors for linking: word2vec .bin/.txt, GloVe .txt, gensim .kv, or 'train' [default: GloVe 6B 50-d].")
+@click.option("--trust-pickled-vectors", is_flag=True,
+              help="Load a gensim .kv --word-vectors file: a pickle, which runs any code it holds (refused without this).")
 @click.option("--link-threshold", default=0.5, show_default=True, type=float, help="Phrases less similar to every region stay unlinked.")
 @click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(1), help="Images per WebDataset shard.")
 @click.option("--table-rows-per-file", default=ShardOptions.table_rows_per_file, show_default=True, type=click.IntRange(1),
@@ -64,7 +66,8 @@ def main(verbose: bool):
 @click.pass_context
 def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch_size, device, index_type,
                     nlist, nprobe, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
-                    spacy_model, word_vectors, link_threshold, samples_per_shard, table_rows_per_file, no_shards):
+                    spacy_model, word_vectors, trust_pickled_vectors, link_threshold, samples_per_shard,
+                    table_rows_per_file, no_shards):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
     regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
     if detections and images:
@@ -88,7 +91,7 @@ def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch
         retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device),
         detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
         phrases=PhraseOptions(spacy_model=spacy_model),
-        link=LinkOptions(word_vectors=word_vectors, threshold=link_threshold),
+        link=LinkOptions(word_vectors=word_vectors, trust_pickle=trust_pickled_vectors, threshold=link_threshold),
         shard=ShardOptions(samples_per_shard=samples_per_shard, table_rows_per_file=table_rows_per_file),
     )
     run_build(options, ctx.args)

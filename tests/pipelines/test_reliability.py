@@ -94,3 +94,39 @@ def test_a_duplicate_image_id_names_both_files_and_lines(pipeline, tmp_path):
     assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"])),
                 equal_to([(f"{second}:2", f"duplicate image_id: 'a.jpg' also at {first}:1, which is kept")]))
     pipeline.run()
+
+
+# 4. A pickled word-vector file runs code when loaded: refused unless the user vouches for it.
+
+class _Payload:
+    """Unpickling this creates the file named by `marker`: what a crafted .kv could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_kv_file_is_refused_without_the_trust_flag_and_nothing_runs(tmp_path):
+    import pickle
+
+    from pipelines.link import load_word_vectors
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "vectors.kv"
+    crafted.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(ValueError, match="a pickle: loading it runs any code.*word2vec binary.*--trust-pickled-vectors"):
+        load_word_vectors(str(crafted))
+    assert not marker.exists()
+
+
+def test_build_refuses_a_kv_file_before_the_pipeline_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+    (tmp_path / "vectors.kv").write_bytes(b"not even read")
+    result = CliRunner().invoke(main, ["build-retrieval", "--detections", str(tmp_path / "d.jsonl"), "--text",
+                                       str(tmp_path / "t.txt"), "--output", str(tmp_path / "out"),
+                                       "--word-vectors", str(tmp_path / "vectors.kv")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "is a gensim .kv file, a pickle" in result.output and "running" not in result.output
