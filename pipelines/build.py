@@ -13,6 +13,7 @@ import posixpath
 import shutil
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -22,16 +23,18 @@ from pipelines.embed import EmbedSentences
 from pipelines.io import BOXES_CLIPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
-from schemas.corpus import tag_query
+from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
 from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key)
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging"
 CORPUS_SPILL = "_corpus"  # in the staging folder: the corpus vectors the retrieval workers read; never published
 PREVIOUS = ".previous"  # where a local publish parks the replaced entries until the swap is done
-PUBLISHING = "_PUBLISHING.json"  # in the staging folder: the run succeeded, this swap is under way
+PUBLISHING = PUBLISH_JOURNAL  # in the staging folder: the run succeeded, this swap is under way
+# Marks a folder vlp-data writes into: a rerun may replace its entries there. A folder with other
+# files and no marker is the user's, and is written into only with --overwrite.
+OUTPUT_MARKER = ".vlp-data"
 # What each command publishes; a rerun replaces exactly these (removing the ones it did not
 # produce this time) and leaves the other command's entries alone, so `detect` and
 # `build-retrieval` can share an output folder (even read from it).
@@ -379,6 +382,44 @@ def _write_stats(out: str, stats: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Publishing
+
+
+class OutputError(ValueError):
+    """An --output that cannot or may not be written: said in one line before anything runs."""
+
+
+def claim_output(output: str, overwrite: bool = False) -> None:
+    """Before a run: `output` must be a folder this process can write, and either empty, marked
+    as vlp-data's (OUTPUT_MARKER), or given up by the user (--overwrite); then it is marked.
+    Publishing replaces entries whole (stats.json, shards/, ...), which would delete a user's own
+    files of those names in a folder that was never ours."""
+    marker = posixpath.join(output, OUTPUT_MARKER)
+    try:
+        if is_local(output):
+            if os.path.exists(output) and not os.path.isdir(output):
+                raise OutputError(f"--output {output!r} is a file, not a folder")
+            ours = os.path.exists(marker)
+            others = os.path.isdir(output) and os.listdir(output)
+        else:
+            ours = FileSystems.exists(marker)
+            others = FileSystems.match([posixpath.join(output, "**")], limits=[1])[0].metadata_list
+        if others and not ours and not overwrite:
+            raise OutputError(f"--output {output!r} is not empty and was not written by vlp-data (it has no "
+                              f"{OUTPUT_MARKER} file): choose an empty or new folder, or pass --overwrite to write "
+                              f"into it (files and folders named like the outputs, e.g. stats.json or shards/, are "
+                              f"replaced)")
+        if is_local(output):
+            os.makedirs(output, exist_ok=True)
+        with FileSystems.create(marker) as f:
+            f.write(b"written by vlp-data: its reruns replace their own entries here\n")
+    except (OSError, BeamIOError) as err:
+        raise OutputError(f"--output {output!r} cannot be written: {_root_cause(err)}") from err
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """Beam's filesystem errors wrap the OSError that says what is wrong."""
+    causes = getattr(err, "exception_details", None) or {}
+    return next(iter(causes.values()), err)
 
 
 def clear_staging(output: str) -> None:

@@ -44,6 +44,14 @@ def split_patterns(pattern: str) -> list[str]:
     return parts
 
 
+def check_patterns_match(flag: str, pattern: str) -> None:
+    """Before a run: FileNotFoundError naming each pattern of `pattern` that matches no file
+    (MatchAll would fail the same way, but only once the pipeline runs, inside a Beam trace)."""
+    unmatched = [p for p in split_patterns(pattern) if not FileSystems.match([p])[0].metadata_list]
+    if unmatched:
+        raise FileNotFoundError(f"{flag} {', '.join(map(repr, unmatched))}: matches no file")
+
+
 class MatchAll(beam.PTransform):
     """All files matching one or more patterns; a pattern that matches nothing fails the run."""
 

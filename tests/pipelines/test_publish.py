@@ -122,12 +122,13 @@ def test_detect_and_build_share_an_output_folder(tmp_path):
         {"image_id": "a.jpg", "width": 10, "height": 10, "boxes": [[0, 0, 5, 5]], "labels": ["sofa"], "scores": [0.9]}])
     os.makedirs(out / "detections")
     os.replace(dets, out / "detections" / "d.jsonl")
+    (out / build.OUTPUT_MARKER).write_text("")  # as `vlp-data detect` leaves it
     text = tmp_path / "t.txt"
     text.write_text("\n".join(SOFA_SENTENCES) + "\n")
     result = CliRunner().invoke(main, ["build-retrieval", "--detections", str(out / "detections" / "*.jsonl"),
                                        "--text", str(text), "--output", str(out), "--no-shards", "--k", "2"])
     assert result.exit_code == 0, result.output
-    assert sorted(os.listdir(out)) == ["detections", "rejected", "retrievals", "sentences", "stats.json"]
+    assert sorted(os.listdir(out)) == [build.OUTPUT_MARKER, "detections", "rejected", "retrievals", "sentences", "stats.json"]
     assert os.listdir(out / "detections") == ["d.jsonl"]
 
 

@@ -1,5 +1,7 @@
 """Issue 17, the pipeline's side: absurd finite values, mixed feature widths and duplicates
 named at both places (docs/reliability.md lists each class with its test)."""
+import os
+
 import apache_beam as beam
 import numpy as np
 import pytest
@@ -130,3 +132,111 @@ def test_build_refuses_a_kv_file_before_the_pipeline_runs(tmp_path):
                                        "--word-vectors", str(tmp_path / "vectors.kv")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "is a gensim .kv file, a pickle" in result.output and "running" not in result.output
+
+
+# 6. Edges of the output folder: refused before anything runs, in one line; a half-published
+# folder is recognised by any reader.
+
+def _build(tmp_path, output, *extra, detections=None, text=None):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+    if detections is None:
+        detections = write_jsonl(tmp_path / "d.jsonl", [{**IMAGE, "boxes": [[0, 0, 10, 10]]}])
+    if text is None:
+        text = tmp_path / "t.txt"
+        text.write_text("A woman sits on a red sofa.\n")
+    return CliRunner().invoke(main, ["build-retrieval", "--detections", str(detections), "--text", str(text),
+                                     "--output", str(output), "--no-shards", "--k", "1", *extra])
+
+
+def _refused_in_one_line(result, message):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "running build-retrieval" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert message in line, line
+
+
+def test_a_users_folder_is_refused_and_left_as_it_was(tmp_path):
+    from .test_publish import tree, write
+    users = {"stats.json": "my own stats", "shards/README.txt": "my notes"}
+    write(str(tmp_path / "mine"), users)
+    result = _build(tmp_path, tmp_path / "mine")
+    _refused_in_one_line(result, "is not empty and was not written by vlp-data")
+    assert "--overwrite" in result.output
+    assert tree(str(tmp_path / "mine")) == users
+
+
+def test_overwrite_takes_a_users_folder_and_marks_it_ours(tmp_path):
+    from pipelines import build
+    from .test_publish import write
+    write(str(tmp_path / "mine"), {"notes.txt": "kept"})
+    with pytest.raises(build.OutputError):
+        build.claim_output(str(tmp_path / "mine"))
+    build.claim_output(str(tmp_path / "mine"), overwrite=True)
+    assert (tmp_path / "mine" / build.OUTPUT_MARKER).exists()
+    build.claim_output(str(tmp_path / "mine"))  # ours from now on: no flag needed
+    build.claim_output(str(tmp_path / "new" / "folder"))  # a new folder is made and marked
+    assert (tmp_path / "new" / "folder" / build.OUTPUT_MARKER).exists()
+
+
+def test_an_output_that_is_a_file_fails_in_one_line(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    _refused_in_one_line(_build(tmp_path, tmp_path / "out"), "is a file, not a folder")
+    _refused_in_one_line(_build(tmp_path, tmp_path / "out" / "sub"), "cannot be written: [Errno 20] Not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_fails_in_one_line(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    _refused_in_one_line(_build(tmp_path, tmp_path / "ro"), "cannot be written: [Errno 13] Permission denied")
+
+
+def test_an_output_on_a_read_only_filesystem_fails_in_one_line(tmp_path, monkeypatch):
+    from pipelines import build
+
+    def read_only(path, *_, **__):
+        raise OSError(30, "Read-only file system", path)
+
+    monkeypatch.setattr(build.FileSystems, "create", read_only)
+    _refused_in_one_line(_build(tmp_path, tmp_path / "out"), "cannot be written: [Errno 30] Read-only file system")
+
+
+def test_an_input_glob_that_matches_nothing_fails_in_one_line(tmp_path):
+    missing = tmp_path / "nowhere" / "*.jsonl"
+    _refused_in_one_line(_build(tmp_path, tmp_path / "out", detections=missing),
+                         f"--detections '{missing}': matches no file")
+    _refused_in_one_line(_build(tmp_path, tmp_path / "out", text=f"{tmp_path}/t*.txt,{tmp_path}/none-*.txt"),
+                         f"--text '{tmp_path}/none-*.txt': matches no file")
+
+
+def test_a_reader_recognises_a_half_published_corpus(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipelines import build
+    from pipelines.cli import main
+    from schemas.corpus import HalfPublishedError, check_published
+
+    from .test_publish import EXPECTED, staged_run, tree
+    out = staged_run(tmp_path)
+    check_published(out)  # staged but not publishing: the old corpus is whole
+    real_replace = os.replace
+
+    def killed_after_the_first_move(src, dst):
+        monkeypatch.setattr(build.os, "replace", _killed)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(build.os, "replace", killed_after_the_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        build.publish(out, build.BUILD_ENTRIES)
+    monkeypatch.setattr(build.os, "replace", real_replace)
+    with pytest.raises(HalfPublishedError, match="half-published.*vlp-data finish-publish"):
+        check_published(out)
+    result = CliRunner().invoke(main, ["finish-publish", out])
+    assert result.exit_code == 0 and "finished the interrupted publish" in result.output
+    check_published(out)
+    assert tree(out) == EXPECTED
+
+
+def _killed(*_):
+    raise KeyboardInterrupt("killed")
