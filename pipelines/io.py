@@ -143,11 +143,18 @@ def stable_id(text: str, digits: int = 16) -> str:
 # Detections
 
 
+def _is_finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # JSON allows integers of any length; past a float's range they are not numbers we keep
+        return False
+
+
 def _number(value, field: str, integer: bool = False):
     # numpy scalars count: a box given as an np.ndarray holds np.float32, not float.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
-        raise ValueError(f"field '{field}' must be a finite number, got {value!r}")
+            or not _is_finite(value):
+        raise ValueError(f"field '{field}' must be a finite number, got {value!r:.60}")
     if integer and int(value) != value:
         raise ValueError(f"field '{field}' must be an integer, got {value!r}")
     return int(value) if integer else float(value)
@@ -275,7 +282,7 @@ class _ParseDetectionsFile(beam.DoFn):
                 except UnicodeDecodeError:
                     yield rejection("read_detections", where, "not valid UTF-8", line[:200].decode("latin-1"))
                     continue
-                except json.JSONDecodeError as err:
+                except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts
                     yield rejection("read_detections", where, f"malformed JSON: {err}", line.decode("utf-8", "replace"))
                     continue
                 yield from self._emit(raw, where)
