@@ -133,10 +133,11 @@ class HalfPublishedError(RuntimeError):
     """A corpus folder whose publishing was interrupted (or is under way)."""
 
 
-def check_published(output_dir: str) -> None:
+def check_published(output_dir: str | os.PathLike) -> None:
     """HalfPublishedError when `output_dir` is mid-publish: a build's swap into it was killed part
     way, or is running now. Readers call this before they read a corpus. An object-store folder
     (gs://...) keeps no journal and is not checked."""
+    output_dir = os.fspath(output_dir)
     if "://" in output_dir:
         return
     journal = os.path.join(output_dir, STAGING, PUBLISH_JOURNAL)
