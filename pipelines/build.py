@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 CORPUS_SPILL = "_corpus"  # in the staging folder: the corpus vectors the retrieval workers read; never published
 PREVIOUS = ".previous"  # where a local publish parks the replaced entries until the swap is done
-PUBLISHING = PUBLISH_JOURNAL  # in the staging folder: the run succeeded, this swap is under way
 # Marks a folder vlp-data writes into: a rerun may replace its entries there. A folder with other
 # files and no marker is the user's, and is written into only with --overwrite.
 OUTPUT_MARKER = ".vlp-data"
@@ -459,7 +458,7 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     if is_local(output):
         drop_partial_files([os.path.join(folder, name) for folder, _, names in os.walk(staged) for name in names])
         produced = [e for e in entries if os.path.lexists(os.path.join(staged, e))]
-        with open(os.path.join(staged, PUBLISHING), "w", encoding="utf-8") as f:
+        with open(os.path.join(staged, PUBLISH_JOURNAL), "w", encoding="utf-8") as f:
             json.dump({"entries": list(entries), "produced": produced}, f)
         finish_publish(output)
         return
@@ -484,9 +483,10 @@ def _in_entries(relative: str, entries: tuple[str, ...]) -> bool:
 
 
 def finish_publish(output: str) -> bool:
-    """Carry out (or redo, idempotently) the swap a PUBLISHING marker records. False if none."""
+    """Carry out (or redo, idempotently) the swap the journal in the staging folder records
+    (PUBLISH_JOURNAL). False if there is none."""
     staged = staging_dir(output)
-    marker = os.path.join(staged, PUBLISHING)
+    marker = os.path.join(staged, PUBLISH_JOURNAL)
     if not is_local(output) or not os.path.exists(marker):
         return False
     with open(marker, encoding="utf-8") as f:

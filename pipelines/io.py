@@ -441,7 +441,7 @@ def _first_per_image(element):
     yield kept
     for where, dup in located[1:]:
         yield rejection("read_detections", where, duplicate_reason(image_id, kept_where),
-                        {k: v for k, v in dup.items() if k != "features"})
+                        {k: v for k, v in dup.items() if k not in ("features", BOXES_CLIPPED)})
 
 
 def _count_clipped(detection: dict):
