@@ -150,7 +150,7 @@ def synthetic_sample(i: int, rng: random.Random, nprng: np.random.Generator, reg
 
 def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int = 1000) -> str:
     """bench/data/train-<shape>/{shards/corpus-*.tar, tag_vocab.json}, written once; the shards glob."""
-    from schemas.corpus import encode_sample, sample_key, tar_bytes
+    from schemas.corpus import sample_key, sample_members, tar_bytes
     from schemas import validate_sample
 
     folder = os.path.join(DATA, f"train-v{CORPUS_VERSION}-n{images}-r{regions}-d{feature_dim}-k{SENTENCES_PER_IMAGE}")
@@ -166,9 +166,7 @@ def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int
         members = []
         for meta, feats in sorted(samples, key=lambda mf: sample_key(mf[0]["image_id"])):
             validate_sample(meta, feats, where=meta["image_id"])
-            key = sample_key(meta["image_id"])
-            js, npy = encode_sample(meta, feats)
-            members += [(f"{key}.json", js), (f"{key}.feats.npy", npy)]
+            members += sample_members(sample_key(meta["image_id"]), meta, feats)
         path = os.path.join(shards, "corpus-%06d.tar" % (s // per_shard))
         with open(path + ".tmp", "wb") as f:
             f.write(tar_bytes(members))
@@ -244,7 +242,7 @@ class Trainer:
         from vlp_train.train import optimizer_step
         loss, _, _ = compute_loss(self.step_module, views, weighting, self.autocast)
         loss.backward()
-        optimizer_step(self.run)
+        optimizer_step(self.run, loss)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -140,7 +140,7 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
     build.clear_staging(options.output)
     click.echo(f"running build-retrieval on {pipeline.options.get_all_options()['runner']} ...")
     start = time.perf_counter()
-    result = _run(pipeline)
+    result = _run(pipeline, progress=True)
     elapsed = time.perf_counter() - start
     stats = build.read_stats(build.staging_dir(options.output))
     _check_run(stats, options)
@@ -149,8 +149,13 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
     return stats
 
 
-def _run(pipeline):
+def _run(pipeline, progress: bool = False):
+    """Run to completion; with `progress`, per-stage counts, rates and estimates while it runs."""
     try:
+        if progress:
+            from pipelines.progress import run_with_progress
+            # seconds between updates; VLP_PROGRESS_INTERVAL changes it (tests, quieter logs)
+            return run_with_progress(pipeline, interval=float(os.environ.get("VLP_PROGRESS_INTERVAL", "5")))
         result = pipeline.run()
         result.wait_until_finish()
     except Exception as err:  # Beam wraps worker errors; show the root cause, not a 200-line trace
@@ -249,7 +254,7 @@ def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_thre
     check_inputs({"--images": images})
     build.clear_staging(output)
     start = time.perf_counter()
-    _run(pipeline)
+    _run(pipeline, progress=True)
     build.publish(output, build.DETECT_ENTRIES)
     click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
 
@@ -264,6 +269,23 @@ def finish_publish(output):
         click.echo(f"finished the interrupted publish into {output}")
     else:
         click.echo(f"{output} has no interrupted publish")
+
+
+@main.command("report")
+@click.argument("output", default="vlp-out", type=click.Path(exists=True, file_okay=False))
+@click.option("--images", help="The images the corpus was built from (the --images pattern or folder) "
+                               "[default: the shard's own image, or the bundled sample's images].")
+@click.option("--samples", default=200, show_default=True, type=click.IntRange(1), help="Samples drawn for the report.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw.")
+@click.option("--extremes", default=3, show_default=True, type=click.IntRange(0),
+              help="Samples of lowest and of highest retrieval score shown side by side.")
+@click.option("--out", "out_dir", default="report", show_default=True, help="Report folder (replaced).")
+def report(output, images, samples, seed, extremes, out_dir):
+    """A static HTML report of a corpus: drawn samples with boxes and linked phrases, counts,
+    dead letters, histograms, lowest and highest retrieval scores. Opens from disk."""
+    from pipelines.report import write_report
+    index = write_report(output, out_dir, images=images, samples=samples, seed=seed, extremes=extremes)
+    click.echo(f"corpus report: {index}")
 
 
 if __name__ == "__main__":  # pragma: no cover

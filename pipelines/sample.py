@@ -1,11 +1,16 @@
-"""The bundled sample: real photos from scikit-image / scikit-learn and real English text.
+"""The bundled sample: real photos from scikit-image / scikit-learn / matplotlib, crops of them,
+and real English text.
 
-Images come from the installed packages (no download); the text is the project's own scene
-descriptions (`sample/scenes.txt`) plus gensim's bundled Lee news corpus, so the retrieval has
-both relevant sentences and distractors.
+Images come from the installed packages (no download): 14 photos, and of each a fixed grid of 18
+crops (half and 70% of each side, at 3 x 3 positions), since the bundled YOLOv3-tiny finds an
+object in only 6 of the whole photos but in about a quarter of the crops (a crop enlarges its
+objects and leaves others out). The crops the detector finds nothing in are dead-lettered like any
+other image. The text is the project's own scene descriptions (`sample/scenes.txt`) plus gensim's
+bundled Lee news corpus, so the retrieval has both relevant sentences and distractors.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -28,6 +33,42 @@ def _photos():
     sklearn_images = load_sample_images()
     for path, image in zip(sklearn_images.filenames, sklearn_images.images):
         yield os.path.basename(path), image
+
+
+def _matplotlib_photo(name: str) -> np.ndarray:
+    import matplotlib.cbook
+    from PIL import Image
+
+    with Image.open(matplotlib.cbook.get_sample_data(name)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+CROP_FRACTIONS = (0.5, 0.7)  # crop side / photo side
+CROP_POSITIONS = 3           # per axis: left/top, centre, right/bottom
+
+
+def _crops(name: str, image: np.ndarray):
+    """The fixed grid of crops of one photo: (file name, pixels)."""
+    stem = os.path.splitext(name)[0]
+    height, width = image.shape[:2]
+    for fraction in CROP_FRACTIONS:
+        crop_h, crop_w = int(height * fraction), int(width * fraction)
+        for row in range(CROP_POSITIONS):
+            for col in range(CROP_POSITIONS):
+                top = (height - crop_h) * row // (CROP_POSITIONS - 1)
+                left = (width - crop_w) * col // (CROP_POSITIONS - 1)
+                yield (f"{stem}_crop{round(fraction * 100)}_r{row}c{col}.png",
+                       image[top:top + crop_h, left:left + crop_w])
+
+
+def sample_images():
+    """Every image of the sample: the photos, then their crops. (file name, RGB uint8 pixels).
+    Grace Hopper is added here, not in _photos(), which bench/data.py derives its inputs from."""
+    photos = itertools.chain(_photos(), [("grace_hopper.jpg", _matplotlib_photo("grace_hopper.jpg"))])
+    for name, image in photos:
+        image = _to_rgb_uint8(image)
+        yield name, image
+        yield from _crops(name, image)
 
 
 def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -63,7 +104,7 @@ def prepare_sample(directory: str) -> tuple[str, str]:
     text_dir = os.path.join(directory, "text")
     os.makedirs(images_dir, exist_ok=True)
     os.makedirs(text_dir, exist_ok=True)
-    for name, image in _photos():
+    for name, image in sample_images():
         path = os.path.join(images_dir, name)
         if not os.path.exists(path):  # complete: files only ever appear by rename
             _save_atomically(image, path, directory)

@@ -162,6 +162,7 @@ class _WriteShard(beam.DoFn):
         write_bytes(posixpath.join(self._directory, "shards", name), data)
         add_stage_time("shards", start)
         beam.metrics.Metrics.counter("shards", "bytes").inc(len(data))
+        beam.metrics.Metrics.counter("shards", "samples").inc(len(members) // 2)  # the build's progress
         yield {"shard": f"shards/{name}", "samples": len(members) // 2, "bytes": len(data),
                "sha256": hashlib.sha256(data).hexdigest()}
 

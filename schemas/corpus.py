@@ -116,8 +116,8 @@ def decode_members(raw: dict) -> tuple[dict, np.ndarray]:
         raise ValueError(f"{where}: sample lacks {' or '.join(SAMPLE_MEMBERS)} (has {present})")
     try:
         return json.loads(raw[META_MEMBER]), load_npy(raw[FEATURES_MEMBER])
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{where}: undecodable: {err}") from err
+    except Exception as err:  # damaged bytes raise anything (numpy's header parser: tokenize errors)
+        raise ValueError(f"{where}: undecodable: {type(err).__name__}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,15 +160,26 @@ def bert_config(cfg_model, folder: str | None):
 
 
 def read_weights(folder: str) -> dict[str, torch.Tensor]:
-    """The tensors of a HF model folder (safetensors, else a PyTorch .bin read with weights_only)."""
+    """The tensors of a HF model folder (safetensors, else a PyTorch .bin read with weights_only),
+    with TF-era LayerNorm names (`gamma`/`beta`, as bert-base-uncased's files still have them)
+    renamed to `weight`/`bias`, as transformers does on load."""
     safetensors = os.path.join(folder, "model.safetensors")
+    binary = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(safetensors):
         from safetensors.torch import load_file
-        return load_file(safetensors)
-    binary = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"model.init {folder}: no model.safetensors or pytorch_model.bin")
+        weights = load_file(safetensors)
+    elif os.path.isfile(binary):
+        weights = torch.load(binary, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"model.init {folder}: no model.safetensors or pytorch_model.bin")
+    renamed = {}
+    for name, tensor in weights.items():
+        if "LayerNorm." in name and name.endswith((".gamma", ".beta")):
+            name = name.rsplit(".", 1)[0] + (".weight" if name.endswith(".gamma") else ".bias")
+            if name in weights:
+                raise ValueError(f"model.init {folder}: holds both {name} and its legacy gamma/beta name")
+        renamed[name] = tensor
+    return renamed
 
 
 def load_bert_init(backbone: BertBackbone, mlm_transform: HeadTransform, mlm_bias: nn.Parameter, folder: str) -> bool:

@@ -33,6 +33,8 @@ def run(shards, output, preset, init, overrides, resume):
     from vlp_train.config import check_init, load_config
     from vlp_train.train import train
 
+    if init and resume:
+        raise click.UsageError("--init with --resume: a resumed run keeps the model it started from")
     try:
         cfg = load_config(preset, list(overrides) + ([f"model.init={init}"] if init else []))
         if not resume:
@@ -52,6 +54,16 @@ def run(shards, output, preset, init, overrides, resume):
     if not summary.get("stopped"):
         click.echo(f"model: {os.path.join(output, 'hf')} (the whole model: vlp_train.pretrained.load or "
                    "--init; the backbone alone: transformers.BertModel.from_pretrained)")
+
+
+@main.command("report")
+@click.argument("run_dir", metavar="RUN", default="vlp-run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", default="report", show_default=True, help="Report folder (replaced).")
+def report(run_dir, out_dir):
+    """One HTML page of a run: loss curves per named loss, evaluation, learning rate, throughput,
+    bad samples, when ITM weighting switched on, and the resolved config."""
+    from vlp_train.report import write_run_report
+    click.echo(f"run report: {write_run_report(run_dir, out_dir)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,9 +17,9 @@ from torch import nn
 
 from vlp_train import distributed
 from vlp_train.compile import compile_scope, step_module_for
-from vlp_train.config import TrainConfig, check_init, per_rank_batch
+from vlp_train.config import TrainConfig, check_init, per_rank_batch, validate
 from vlp_train.data import (CorpusStream, decode, enabled_tasks, every_sample, expand_shards, load_tag_vocab,
-                            samples_per_shard)
+                            no_readable_sample, samples_per_shard)
 from vlp_train.families import Family, family_of
 from vlp_train.masking import BatchBuilder
 from vlp_train.pretrained import tokenizer_folder
@@ -57,9 +57,10 @@ class Run:
 def build_run(cfg: TrainConfig) -> Run:
     """The run's components from its config (a fresh model; `train` loads a checkpoint into them)."""
     check_init(cfg)
+    validate(cfg)
     family = family_of(cfg.model.arch)
     device = pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist_info = distributed.setup_distributed(device.type)
+    dist_info = distributed.setup_distributed(device.type, cfg.run.dist_timeout_s)
     seed_everything(cfg.run.seed + dist_info.rank)
     batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)
     urls, eval_urls = split_shards(cfg)
@@ -73,6 +74,9 @@ def build_run(cfg: TrainConfig) -> Run:
     if unsupported:
         raise ValueError(f"model.arch={family.name} cannot train {', '.join(unsupported)} "
                          f"(it supports {', '.join(family.tasks)}): switch them off in objectives")
+    if family.match_probability is None and cfg.objectives.itm_weighting:
+        raise ValueError(f"model.arch={family.name} gives no ITM match probability for the curriculum's weights: "
+                         "set objectives.itm_weighting=false")
     scope = compile_scope(cfg, device)
     builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
                            cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step")
@@ -83,6 +87,12 @@ def build_run(cfg: TrainConfig) -> Run:
         raise ValueError(f"the samples in remote shards ({urls[0]}, ...) cannot be counted here: give "
                          "data.manifest=PATH (the corpus's manifest.parquet) or data.steps_per_epoch")
     batches_of = epoch_batches(dataset, cfg, shard_samples, batch_size, dist_info.world)
+    if batches_of(0) == 0:  # a rank without a shard: without this, every epoch would end at once, forever
+        workers = max(1, cfg.data.num_workers)
+        raise ValueError(f"{len(urls)} training shard(s) for {dist_info.world} rank(s): a rank gets no shard, so an "
+                         f"epoch has no step. Shards are split by rank, then by loader worker: give at least "
+                         f"{dist_info.world} shards ({dist_info.world * workers} keep every loader worker busy), fewer "
+                         "ranks, or data.resampled=true")
     if cfg.optim.epochs:
         total_steps = sum(max(1, batches_of(e) // grad_accum) for e in range(cfg.optim.epochs))
         total_steps = min(total_steps, cfg.optim.max_steps or total_steps)
@@ -134,7 +144,7 @@ def first_feature_dim(urls: list[str]) -> int:
             return decode(raw)["feats"].shape[1]
         except ValueError as err:
             log.warning("skipping bad sample: %s", err)
-    raise ValueError(f"no decodable sample in {urls[0]} ... {urls[-1]}")
+    raise no_readable_sample(urls)
 
 
 def epoch_batches(dataset: CorpusStream, cfg: TrainConfig, shard_samples: dict[str, int], batch_size: int,
@@ -165,4 +175,5 @@ def make_optimizer(model: nn.Module, cfg, device: torch.device):
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=device.type == "cuda")
+    # fused on every device: it can skip a non-finite step on the device (`found_inf`, train.optimizer_step)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=True)

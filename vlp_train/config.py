@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 
+
+log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
 REQUIRED = "<required>"  # a preset's model.init that the user must give (a folder, or "random")
@@ -79,6 +83,8 @@ class RunConfig:
     eval_batches: int = 20
     stop_after: int = 0              # stop (as if killed) after this many steps; for tests and preemption drills
     log_keys: bool = False           # also log the sample keys of every batch (to audit what was seen)
+    max_skipped_steps: int = 3       # steps with a non-finite loss are skipped; more than this many in a row stop the run
+    dist_timeout_s: int = 1800       # a collective waiting longer for a rank fails (DDP) instead of hanging
 
 
 @dataclass
@@ -146,10 +152,13 @@ def _convert(value: str, current, key: str):
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"--set {key}={value}: expected true/false")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
+    try:
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"--set {key}={value}: expected {type(current).__name__ == 'int' and 'an integer' or 'a number'}") from None
     if current is None and value.lower() in ("none", "null", ""):
         return None
     return value
@@ -179,6 +188,57 @@ def load_config(preset: str = "debug", overrides: list[str] | None = None) -> Tr
     return apply_overrides(PRESETS[preset](), overrides or [])
 
 
+# key -> (check, what it must be): every numeric key, checked at start so a bad value is named
+# before minutes of set-up (the choices of the string keys are checked where they are used)
+_RANGES = {
+    "model.layers": (lambda v: v >= 0, ">= 0"), "model.hidden": (lambda v: v >= 0, ">= 0"),
+    "model.heads": (lambda v: v >= 0, ">= 0"), "model.feature_dim": (lambda v: v >= 0, ">= 0 (0: from the shards)"),
+    "model.max_regions": (lambda v: v >= 1, ">= 1"), "model.max_text_len": (lambda v: 3 <= v <= 512, "in [3, 512]"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.batch_size": (lambda v: v >= 1, ">= 1"), "data.global_batch_size": (lambda v: v >= 0, ">= 0"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"), "data.shuffle_buffer": (lambda v: v >= 1, ">= 1"),
+    "data.steps_per_epoch": (lambda v: v >= 0, ">= 0"),
+    "objectives.itm_weight_from_epoch": (lambda v: v >= 0, ">= 0"),
+    "objectives.mlm_prob": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "objectives.region_mask_prob": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "objectives.phrase_mask_scale": (lambda v: v >= 0, ">= 0"),
+    "objectives.itm_negative_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.lr": (lambda v: v >= 0, ">= 0"), "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "optim.grad_accum": (lambda v: v >= 1, ">= 1"), "optim.epochs": (lambda v: v >= 0, ">= 0"),
+    "optim.max_steps": (lambda v: v >= 0, ">= 0"),
+    "run.log_every": (lambda v: v >= 1, ">= 1"), "run.eval_every": (lambda v: v >= 0, ">= 0 (0: at the end)"),
+    "run.save_every": (lambda v: v >= 0, ">= 0 (0: at the end)"), "run.eval_batches": (lambda v: v >= 1, ">= 1"),
+    "run.stop_after": (lambda v: v >= 0, ">= 0"), "run.dist_timeout_s": (lambda v: v >= 1, ">= 1"), "run.max_skipped_steps": (lambda v: v >= 0, ">= 0 (0: never stop)"),
+}
+_CHOICES = {"run.device": ("auto", "cpu", "cuda"), "objectives.schedule": ("round_robin", "mixed"),
+            "model.compile": COMPILE_MODES, "model.compile_scope": COMPILE_SCOPES}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every key's type, range and choices, and the files it names; ValueError naming the key."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            expected = type(getattr(_section(section.name)(), f.name))
+            if expected in (int, float, bool) and not (isinstance(value, expected) or
+                                                       (expected is float and isinstance(value, int))) \
+                    or isinstance(value, bool) and expected is not bool:
+                raise ValueError(f"{key}={value!r}: expected {expected.__name__}")
+            if key in _RANGES and not _RANGES[key][0](value):
+                raise ValueError(f"{key}={value!r}: must be {_RANGES[key][1]}")
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise ValueError(f"{key}={value!r}: expected one of {_CHOICES[key]}")
+    m = cfg.model
+    if (m.layers, m.hidden, m.heads) != (0, 0, 0) and (min(m.layers, m.hidden, m.heads) == 0 or m.hidden % m.heads):
+        raise ValueError(f"model.layers/hidden/heads={m.layers}/{m.hidden}/{m.heads}: all three > 0, hidden a "
+                         "multiple of heads (or all 0: the init's shape)")
+    for key, path in (("data.tag_vocab", cfg.data.tag_vocab), ("data.manifest", cfg.data.manifest)):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise ValueError(f"{key}={path}: no such file")
+
+
 def check_init(cfg: TrainConfig, preset: str = "") -> None:
     """A preset that needs a pre-trained BERT (base) must not quietly train a random one."""
     if cfg.model.init == REQUIRED:
@@ -203,6 +263,10 @@ def per_rank_batch(data, optim, world: int) -> tuple[int, int]:
     accum = -(-per_rank // max(1, data.batch_size))
     while per_rank % accum:
         accum += 1
+    if per_rank // accum < data.batch_size // 2:
+        log.warning("data.global_batch_size=%d over %d ranks: %d micro-batches of %d a step (data.batch_size=%d "
+                    "does not split %d evenly); a global batch with more divisors keeps micro-batches fuller",
+                    data.global_batch_size, world, accum, per_rank // accum, data.batch_size, per_rank)
     return per_rank // accum, accum
 
 

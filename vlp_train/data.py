@@ -52,7 +52,6 @@ def samples_per_shard(urls: list[str], manifest: str | None = None) -> dict[str,
     """Samples in each shard: local ones from their tar member names (nothing decoded); remote
     ones (https://, pipe:gsutil cat gs://...) from the corpus manifest (`manifest.parquet`,
     written with the shards), matched by file name. {} when a remote shard has no count."""
-    import tarfile
     counts, remote = {}, any(is_remote(u) for u in urls)
     if remote and not manifest:
         return {}
@@ -64,9 +63,36 @@ def samples_per_shard(urls: list[str], manifest: str | None = None) -> dict[str,
                 raise ValueError(f"data.manifest {manifest} lists no shard named {name} (from {url})")
             counts[url] = listed[name]
             continue
-        with tarfile.open(url) as tar:
-            counts[url] = sum(1 for m in tar.getmembers() if m.name.endswith("." + META_MEMBER))
+        counts[url] = count_samples(url)
+    if counts and not any(counts.values()):
+        raise no_readable_sample(urls)
     return counts
+
+
+def no_readable_sample(urls: list[str]) -> ValueError:
+    return ValueError(f"none of the {len(urls)} shard(s) holds a readable sample ({urls[0]}, ...): see the "
+                      "warnings above for each shard")
+
+
+def count_samples(path: str) -> int:
+    """The samples in a local shard (its .json members), up to where it can be read: a shard cut
+    short counts what precedes the cut, one that cannot be opened counts 0; both are named in a
+    warning (training skips them alike). A tar cut between members reads as a shorter archive,
+    without an error: its missing end-of-archive blocks (two zero blocks) give it away."""
+    import tarfile
+    count = 0
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                count += member.name.endswith("." + META_MEMBER)
+            end = tar.offset  # where the end-of-archive blocks must stand
+        with open(path, "rb") as f:
+            f.seek(end)
+            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                log.warning("shard %s is cut short after %d sample(s): the rest of it is lost", path, count)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        log.warning("shard %s cannot be read %s: %s", path, f"past sample {count}" if count else "at all", err)
+    return count
 
 
 def manifest_counts(path: str) -> dict[str, int]:
@@ -204,8 +230,15 @@ class CorpusStream(IterableDataset):
                          // self.batch_size) for worker in range(workers))
         return min(rank_batches(rank) for rank in range(self.world))
 
+    def _unreadable(self, exn: Exception) -> bool:
+        """webdataset's handler for a shard (or a part of it) that cannot be read: logged with the
+        shard's name (webdataset adds it to the error), counted with the bad samples, skipped."""
+        log.warning("skipping an unreadable shard or part of one: %s", exn)
+        self._unreadable_parts += 1
+        return True
+
     def _samples(self, worker: int, workers: int):
-        stream = wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=wds.warn_and_continue)
+        stream = wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=self._unreadable)
         rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{worker}")
         buffer = []
         for sample in stream:
@@ -223,6 +256,7 @@ class CorpusStream(IterableDataset):
         worker = (loader_id + self.start_batch) % workers
         index = worker  # global batch index of this worker's k-th batch: k * W + worker
         pending, bad = [], 0
+        self._unreadable_parts = 0
         samples = self._samples(worker, workers)
         while True:
             raw = next(samples, None)
@@ -239,7 +273,8 @@ class CorpusStream(IterableDataset):
                 decoded, errors = decode_batch(batch_raw)
                 for error in errors:
                     log.warning("skipping bad sample: %s", error)
-                bad += len(errors)
+                bad += len(errors) + self._unreadable_parts
+                self._unreadable_parts = 0
                 if decoded:
                     rng = batch_rng(self.seed, self.epoch, self.rank, index)
                     views = self.builder.build(decoded, self.tasks_of(index), rng)

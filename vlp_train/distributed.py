@@ -27,15 +27,20 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed(device_type: str) -> Distributed:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise."""
+def setup_distributed(device_type: str, timeout_s: int = 1800) -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise. Every collective gives up
+    after `timeout_s` (run.dist_timeout_s) with torch's error, instead of waiting for ever on a
+    rank that died or hangs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed()
+    from datetime import timedelta
+
     import torch.distributed as dist
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():  # else a second train() in this process (tests, notebooks): the same group
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    control = dist.new_group(backend="gloo") if device_type == "cuda" else None  # None: the default (gloo) group
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if device_type == "cuda" else None  # None: the default (gloo) group
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control)
 
 

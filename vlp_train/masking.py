@@ -39,6 +39,8 @@ from vlp_train.tasks import IGNORE, Task
 RT_MASKING = ("both", "one")
 # the view fields whose dim 1 is the region (dim 0 is the batch in every field)
 REGION_FIELDS = frozenset({"features", "zeroed_regions", "locations", "region_mask", "mrc_labels"})
+# a phrase without `words` (a corpus of another writer): what linking leaves out, at its simplest
+_FUNCTION_WORDS = frozenset("a an the this that these those my your his her its our their some any".split())
 _BRACKETED = re.compile(r"^\[.*\]$")  # [CLS], [unused17], ...: not words
 
 
@@ -119,7 +121,7 @@ class BatchBuilder:
     def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives,
                  pad_regions: bool = False):
         """`pad_regions`: every batch has `max_regions` region slots (padding masked out), not the
-        most of its images; a step compiled whole then sees one region count (train.CompiledStep)."""
+        most of its images; a step compiled whole then sees one region count (compile.CompiledStep)."""
         self.tok = tokenizer
         self.tag_index = tag_index
         self.max_text_len, self.max_regions, self.pad_regions = max_text_len, max_regions, pad_regions
@@ -220,7 +222,7 @@ class BatchBuilder:
     def phrase_targets(self, phrase: dict) -> list[int]:
         """The sub-tokens a masked region linked to `phrase` predicts: its content words' word
         pieces (determiners and pronouns are not in `words`), [UNK] left out."""
-        words = tuple(phrase.get("words") or phrase["text"].split())
+        words = tuple(phrase.get("words") or [w for w in phrase["text"].lower().split() if w not in _FUNCTION_WORDS])
         if words not in self._phrase_tokens:
             if len(self._phrase_tokens) >= 200_000:  # a bound on a long run's distinct phrases
                 self._phrase_tokens.clear()
@@ -303,6 +305,8 @@ class BatchBuilder:
                 views[task] = self.region_tag(samples, rng)
             elif task is Task.REGION_PHRASE:
                 views[task] = self.region_phrase(samples, sentences, rng)
-            else:
+            elif task is Task.IMAGE_SENTENCE:
                 views[task] = self.image_sentence(samples, sentences, rng)
+            else:
+                raise ValueError(f"no view for task {task!r}")
         return views

@@ -35,6 +35,10 @@ class PretrainedModel:
     arch: str = ""
     tag_rows: tuple[str, ...] = ()
 
+    def bert_config(self):
+        """The BERT config the saved config.json starts from (what BertModel.from_pretrained reads)."""
+        return self.bert.config
+
     def save_pretrained(self, folder: str, tokenizer=None) -> None:
         save(self, folder, tokenizer)
 
@@ -74,6 +78,12 @@ def resolve_init(init: str | None) -> tuple[str, str | None]:
         raise FileNotFoundError(f"model.init {init}: no such folder")
     if is_vlp_folder(folder):
         return "vlp", folder
+    if os.path.isdir(os.path.join(folder, "checkpoints")):
+        raise FileNotFoundError(f"model.init {init}: a run folder without an export ({EXPORT_FOLDER}/ is written when a "
+                                "run ends): finish it with vlp-train run --resume, or name a finished run")
+    if os.path.isfile(os.path.join(folder, "vlp_heads.pt")):
+        log.warning("model.init %s: an export of an earlier vlp-train (vlp_heads.pt beside a BertModel): only its "
+                    "backbone is used; its heads are not read (a pickle) and start random", init)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"model.init {init}: not a model folder (no config.json); give a HF BERT folder, "
                                 f"a model saved by vlp-train (RUN/{EXPORT_FOLDER}) or a run folder")
@@ -121,8 +131,10 @@ def unique_state(model) -> dict[str, torch.Tensor]:
 def save(model, folder: str, tokenizer=None) -> None:
     from safetensors.torch import save_file
 
+    from vlp_train.checkpoint import unwrap
+    model = unwrap(model)
     os.makedirs(folder, exist_ok=True)
-    config = model.bert.config.to_dict()
+    config = model.bert_config().to_dict()
     config["architectures"] = ["BertModel"]
     config[SECTION] = {"format_version": FORMAT_VERSION, "arch": model.arch, **model.vlp_config()}
     tmp = os.path.join(folder, WEIGHTS + ".tmp")

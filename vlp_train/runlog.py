@@ -10,8 +10,8 @@ import torch
 
 
 class MetricsWindow:
-    """The metrics of the steps since the last log row. Losses stay on the device (no host sync
-    per step); `row()` reads them once."""
+    """The metrics of the steps since the last log row. Losses and the skipped-step flags stay on
+    the device (no host sync per step); `row()` and `skipped_steps()` read them once."""
 
     def __init__(self):
         self.losses: list[torch.Tensor] = []
@@ -19,29 +19,72 @@ class MetricsWindow:
         self.samples = 0
         self.bad = 0
         self.start = time.perf_counter()
+        self.steps: list[tuple[int, torch.Tensor, list[str]]] = []  # (step, skipped flag, its samples' keys)
+        self._keys: list[str] = []
 
-    def add(self, loss: torch.Tensor, named: dict[str, torch.Tensor], samples: int, bad: int) -> None:
+    def add(self, loss: torch.Tensor, named: dict[str, torch.Tensor], samples: int, bad: int, keys: list[str]) -> None:
+        """One micro-batch."""
         self.losses.append(loss.detach())
         for name, value in named.items():
             self.named.setdefault(name, []).append(value)
         self.samples += samples
         self.bad += bad
+        self._keys += keys
+
+    def end_step(self, step: int, skipped: torch.Tensor) -> None:
+        self.steps.append((step, skipped, self._keys))
+        self._keys = []
+
+    def skipped_steps(self) -> list[tuple[int, list[str]]]:
+        """(step, sample keys) of the window's steps whose loss or gradient was not finite."""
+        if not self.steps:
+            return []
+        flags = torch.stack([flag for _, flag, _ in self.steps]).tolist()
+        return [(step, keys) for (step, _, keys), skipped in zip(self.steps, flags) if skipped]
 
     def row(self) -> dict | None:
-        """Mean loss and named losses, samples/s and bad samples of the window; None when empty."""
+        """Mean loss (over finite values) and named losses, samples/s, bad samples and skipped
+        steps of the window; None when empty."""
         if not self.losses:
             return None
         elapsed = time.perf_counter() - self.start
-        row = {"loss": torch.stack(self.losses).float().mean().item(),
-               "samples_per_s": self.samples / max(elapsed, 1e-9), "bad_samples": self.bad}
+        losses = torch.stack(self.losses).float()
+        row = {"loss": losses[torch.isfinite(losses)].mean().item(),
+               "samples_per_s": self.samples / max(elapsed, 1e-9), "bad_samples": self.bad,
+               "skipped_steps": len(self.skipped_steps())}
         for name, values in sorted(self.named.items()):
-            row[name] = torch.stack(values).float().mean().item()
+            total, count = torch.stack(values).sum(0).tolist()
+            if count:  # no sample had this loss in the window: no value, rather than a 0 that reads as a loss
+                row[name] = total / count
         return row
 
 
+def trim_log(path: str, step: int) -> None:
+    """Drop the rows a killed run wrote after the checkpoint it resumes from (the resumed run
+    writes those steps again), and a last line the kill cut short; the log then reads as one run.
+    A `keys` row is logged before its step is taken (its step is the one before)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) <= (step - 1 if "keys" in row and "skipped" not in row else step):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class RunLogger:
-    def __init__(self, out: str):
+    def __init__(self, out: str, resumed_at: int | None = None):
+        """`resumed_at`: the step of the checkpoint a resumed run starts from."""
         from torch.utils.tensorboard import SummaryWriter
+        if resumed_at is not None:
+            trim_log(os.path.join(out, "log.jsonl"), resumed_at)
         self._jsonl = open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8")
         self._tb = SummaryWriter(os.path.join(out, "tensorboard"))
         self.bad_samples = 0
@@ -64,6 +107,10 @@ class RunLogger:
 
     def keys(self, step: int, keys: list[str]):
         self._write({"step": step, "keys": keys})
+
+    def skipped(self, skipped: list[tuple[int, list[str]]]):
+        for step, keys in skipped:
+            self._write({"step": step, "skipped": "non-finite loss or gradient", "keys": keys})
 
     def eval(self, step: int, result: dict):
         self._write({"step": step, "eval": result})

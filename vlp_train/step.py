@@ -41,8 +41,10 @@ def to_device(views: dict, device: torch.device) -> dict:
 
 
 def compute_loss(step_module, views: dict, weighting: bool, autocast):
-    """One batch: named per-sample losses per task, ITM weights, the scalar loss. The step
-    module is called once for all the batch's tasks (one DDP forward per backward)."""
+    """One batch: the scalar loss, each named loss as [sum, count] over the samples that have it
+    (a window's mean is then over samples, and a batch without any adds nothing rather than a 0),
+    and the ITM weights. The step module is called once for all the batch's tasks (one DDP
+    forward per backward)."""
     weighted = tuple(task for task in views if weighting and task in WEIGHTED_TASKS)
     with autocast:
         results = step_module(views, weighted)
@@ -53,7 +55,7 @@ def compute_loss(step_module, views: dict, weighting: bool, autocast):
         per_task[task] = sample_loss(named)
         actives[task] = views[task]["active"]
         for name, value in named.items():
-            count = (value != 0).float().sum().clamp(min=1)
-            named_means[f"{task}/{name}"] = value.detach().sum() / count
+            value = value.detach().float()
+            named_means[f"{task}/{name}"] = torch.stack([value.sum(), (value != 0).float().sum()])
     loss = combine(per_task, actives, weights)
     return loss, named_means, weights

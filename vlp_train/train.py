@@ -12,7 +12,6 @@ from vlp_train.components import Run, build_run
 from vlp_train.config import TrainConfig, dumps
 from vlp_train.curriculum import itm_weighting_on
 from vlp_train.data import make_loader
-from vlp_train.evaluate import evaluate
 from vlp_train.pretrained import EXPORT_FOLDER
 from vlp_train.runlog import MetricsWindow, RunLogger
 from vlp_train.step import compute_loss, to_device
@@ -25,37 +24,41 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ckpt_dir = os.path.join(cfg.run.output, "checkpoints")
     state = None
     if resume:
+        stop_after = cfg.run.stop_after  # a simulated kill belongs to this process, not to the one stopped
         state, cfg = resume_state(ckpt_dir)
+        cfg.run.stop_after = stop_after
     run = build_run(cfg)
     step, epoch, start_batch = 0, 0, 0
     if state is not None:
         step, epoch, start_batch = load_state(run, state)
-    logger = start_logging(run, fresh=state is None)
+    logger = start_logging(run, resumed_at=step if state is not None else None)
 
     bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not run.dist.main, dynamic_ncols=True)
-    last_eval, stopped, window = None, False, MetricsWindow()
+    last_eval, stopped, window, skipped_in_a_row = None, False, MetricsWindow(), 0
     run.model.train()
     while step < run.total_steps and not stopped:
         weighting = itm_weighting_on(epoch, cfg.objectives)
         run.dataset.set_position(epoch, start_batch, run.batches_of(epoch) if cfg.data.resampled else None,
                                  task_offset=sum(run.batches_of(e) for e in range(epoch)))
         loader = make_loader(run.dataset, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
-        batch_in_epoch, micro = start_batch, 0
+        batch_in_epoch, micro, any_batch = start_batch, 0, False
         for batch in distributed.synchronised(loader, run.dist):
+            any_batch = True
             with distributed.accumulating(run.step_module, completes_step=(micro + 1) % run.grad_accum == 0):
                 loss, named, _ = compute_loss(run.step_module, to_device(batch["views"], run.device), weighting,
                                               run.autocast)
                 (loss / run.grad_accum).backward()
             batch_in_epoch, micro = batch["index"] + 1, micro + 1
-            window.add(loss, named, len(batch["keys"]) * run.dist.world, batch["bad_samples"])
+            window.add(loss, named, len(batch["keys"]) * run.dist.world, batch["bad_samples"], batch["keys"])
             if logger and cfg.run.log_keys:
                 logger.keys(step, batch["keys"])
             if micro % run.grad_accum:
                 continue
-            optimizer_step(run)
             step += 1
+            window.end_step(step, optimizer_step(run, loss))
             bar.update(1)
             if step % cfg.run.log_every == 0 or step == run.total_steps:
+                skipped_in_a_row = check_skipped(window, skipped_in_a_row, cfg.run.max_skipped_steps, logger)
                 row = logger.flush(window, step, epoch, run.scheduler.get_last_lr()[0], weighting) if logger else None
                 if row:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
@@ -64,13 +67,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 last_eval = evaluate_run(run)
                 logger.eval(step, last_eval)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
-                save_checkpoint(run, step, {"epoch": epoch, "batch": batch_in_epoch})
+                save_checkpoint(run, step, epoch, batch_in_epoch)
             if cfg.run.stop_after and step >= cfg.run.stop_after:
                 stopped = True  # as if the process were killed here
                 break
             if step >= run.total_steps:
                 break
         else:
+            if not any_batch:  # every sample of the epoch was bad, or a rank had none: never loop on empty epochs
+                raise RuntimeError(f"epoch {epoch} gave no batch on some rank (bad or missing shards: see the "
+                                   "warnings above)")
             # an epoch's last micro-batches short of a whole step are dropped (as a loader drops a
             # partial batch): kept, they would join the next epoch's first step
             run.optimizer.zero_grad(set_to_none=True)
@@ -81,7 +87,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval}
     if stopped:
         return summary
-    save_checkpoint(run, step, {"epoch": epoch, "batch": start_batch})
+    save_checkpoint(run, step, epoch, start_batch)
     if not run.dist.main:
         return summary
     summary["eval"] = evaluate_run(run)
@@ -92,56 +98,93 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     return summary
 
 
-def optimizer_step(run: Run) -> None:
+def optimizer_step(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """Clip, step, schedule. A step whose loss or gradient is not finite leaves the weights and the
+    optimizer's moments as they were: the fused AdamW skips its update on the device when told
+    `found_inf` (as under AMP's GradScaler), so no host sync is needed here. Returns that flag."""
+    parameters = [p for p in run.model.parameters() if p.grad is not None]
     if run.cfg.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, run.cfg.optim.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    skipped = ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))
+    run.optimizer.found_inf = skipped.float()
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+def check_skipped(window: MetricsWindow, in_a_row: int, limit: int, logger: RunLogger | None) -> int:
+    """Log the window's skipped steps with their samples' keys; stop the run when more than
+    `limit` were skipped in a row. Every rank decides alike: a skipped step's gradient, all-reduced,
+    is non-finite on every rank."""
+    skipped = window.skipped_steps()
+    if logger:
+        logger.skipped(skipped)
+    skipped_at = {step for step, _ in skipped}
+    for step, _, _ in window.steps:
+        in_a_row = in_a_row + 1 if step in skipped_at else 0
+        if limit and in_a_row > limit:
+            keys = sorted({k for _, ks in skipped[-in_a_row:] for k in ks})
+            raise RuntimeError(f"{in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient and "
+                               f"were skipped (run.max_skipped_steps={limit}); their samples: {keys[:20]}"
+                               f"{' ...' if len(keys) > 20 else ''} (every key in log.jsonl)")
+    return in_a_row
 
 
 def evaluate_run(run: Run) -> dict:
-    return evaluate(run.model, run.builder, run.eval_urls, run.tasks, run.cfg, run.device, run.autocast)
+    return run.family.evaluate(run.model, run.builder, run.eval_urls, run.tasks, run.cfg, run.device, run.autocast)
 
 
 def resume_state(ckpt_dir: str) -> tuple[dict, TrainConfig]:
-    """The newest checkpoint and the config it was saved with: the run continues with its own config."""
-    path = checkpoint.latest(ckpt_dir)
-    if path is None:
+    """The newest readable checkpoint and the config it was saved with: the run continues with its own config."""
+    found = checkpoint.load_latest(ckpt_dir)
+    if found is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
-    state = checkpoint.load(path)
+    path, state = found
     cfg = TrainConfig.from_dict(state["config"])
-    cfg.run.stop_after = 0  # a simulated kill belongs to the process that was stopped
     log.info("resuming from %s (step %d)", path, state["step"])
     return state, cfg
 
 
 def load_state(run: Run, state: dict) -> tuple[int, int, int]:
-    """Model, optimizer, scheduler and RNG from a checkpoint -> (step, epoch, batch in epoch)."""
+    """Model, optimizer, scheduler and RNG from a checkpoint -> (step, epoch, batch in epoch). The
+    loader position counts batches of one rank: it means the same data only with the same ranks and
+    micro-batches, so another layout is refused rather than resumed on other samples."""
+    position = state["position"]
+    saved = {k: position[k] for k in ("world", "batch_size", "grad_accum") if k in position}
+    now = {"world": run.dist.world, "batch_size": run.batch_size, "grad_accum": run.grad_accum}
+    if saved and saved != {k: now[k] for k in saved}:
+        raise ValueError(f"the checkpoint was saved with {saved} (ranks, micro-batch, accumulation) and this run has "
+                         f"{now}: its loader position would point at other samples; resume with as many processes")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     distributed.restore_rng(state, run.dist)
-    return state["step"], state["position"]["epoch"], state["position"]["batch"]
+    return state["step"], position["epoch"], position["batch"]
 
 
-def start_logging(run: Run, fresh: bool) -> RunLogger | None:
-    """Rank 0 logs; a fresh run records its resolved config."""
+def start_logging(run: Run, resumed_at: int | None) -> RunLogger | None:
+    """Rank 0 logs; a fresh run records its resolved config, a resumed one drops what the killed
+    run logged after its checkpoint."""
     os.makedirs(run.cfg.run.output, exist_ok=True)
     if not run.dist.main:
         return None
-    if fresh:
+    if resumed_at is None:
         with open(os.path.join(run.cfg.run.output, "config.json"), "w", encoding="utf-8") as f:
             f.write(dumps(run.cfg))
     log.info("training %s: %s, %d shard(s), %d samples, %d tags, tasks %s, batch %d x %d accumulated x %d ranks, "
              "%d steps", run.cfg.run.output, run.family.name, len(run.urls), sum(run.shard_samples.values()),
              len(run.tags), [str(t) for t in run.tasks], run.batch_size, run.grad_accum, run.dist.world,
              run.total_steps)
-    return RunLogger(run.cfg.run.output)
+    return RunLogger(run.cfg.run.output, resumed_at)
 
 
-def save_checkpoint(run: Run, step: int, position: dict) -> None:
+def save_checkpoint(run: Run, step: int, epoch: int, batch: int) -> None:
     """Rank 0 writes the checkpoint; every rank calls this, to hand in its own RNG state."""
+    position = {"epoch": epoch, "batch": batch, "world": run.dist.world, "batch_size": run.batch_size,
+                "grad_accum": run.grad_accum}
     rank_rng = distributed.rank_rng_states(run.dist)
     if run.dist.main:
         checkpoint.save(os.path.join(run.cfg.run.output, "checkpoints"), step, run.model, run.optimizer,

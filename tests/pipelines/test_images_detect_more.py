@@ -226,5 +226,5 @@ def test_an_interrupted_sample_write_is_redone_by_the_next_run(tmp_path, monkeyp
     assert os.listdir(tmp_path / "images") == [] and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     prepare_sample(str(tmp_path))
     names = sorted(os.listdir(tmp_path / "images"))
-    assert len(names) == 13 and "astronaut.png" in names
+    assert len(names) == 14 * 19 and "astronaut.png" in names and "coffee_crop50_r1c1.png" in names
     assert decode_image((tmp_path / "images" / "astronaut.png").read_bytes()).shape == (512, 512, 3)

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from schemas.corpus import encode_sample, sample_key, tar_bytes
+from schemas.corpus import META_MEMBER, sample_key, sample_members, tar_bytes
 
 TAGS = ["cat", "dog", "car", "cup", "sofa", "horse"]
 DIM = 16
@@ -47,10 +47,10 @@ def write_shards(folder, n_images: int, per_shard: int, seed: int = 0, corrupt: 
     for s in range(0, len(keyed), per_shard):
         members = []
         for n, (key, meta, feats) in enumerate(keyed[s:s + per_shard]):
-            js, npy = encode_sample(meta, feats)
+            sample = sample_members(key, meta, feats)
             if corrupt and s == 0 and n < corrupt:
-                js = b"{not json"
-            members += [(f"{key}.json", js), (f"{key}.feats.npy", npy)]
+                sample[0] = (f"{key}.{META_MEMBER}", b"{not json")
+            members += sample
         with open(os.path.join(shard_dir, "corpus-%06d.tar" % (s // per_shard)), "wb") as f:
             f.write(tar_bytes(members))
     with open(os.path.join(folder, "tag_vocab.json"), "w") as f:

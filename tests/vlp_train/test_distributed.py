@@ -91,7 +91,7 @@ def test_ddp_mixed_schedule_trains_and_resumes_like_an_uninterrupted_run(tmp_pat
     assert sorted(whole) == sorted(broken) == list(range(1, 9))
     for step in range(1, 9):
         assert broken[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), step
-    saved = torch.load(tmp_path / "broken" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    saved = torch.load(tmp_path / "broken" / "checkpoints" / "step-00000003.pt", weights_only=True)
     assert len(saved["rank_rng"]) == 2
     assert not torch.equal(saved["rank_rng"][0]["torch"], saved["rank_rng"][1]["torch"])  # seed + rank
 
@@ -145,3 +145,29 @@ def test_a_checkpoint_gives_each_rank_its_own_rng_state_and_reads_the_older_sing
     assert checkpoint.rng_of_rank({"rank_rng": ["r0"]}, 1) is None  # saved by fewer ranks
     assert checkpoint.rng_of_rank({"rng": "r0"}, 0) == "r0"  # an earlier version's checkpoint
     assert checkpoint.rng_of_rank({"rng": "r0"}, 1) is None
+
+
+def _one_shard_two_ranks(rank: int, port: int, shards: str, folder: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    from vlp_train.train import train
+    cfg = load_config("debug", TINY_MODEL + ["run.device=cpu", "data.eval_shards=" + shards])
+    cfg.data.shards, cfg.run.output = shards, os.path.join(folder, "run")
+    try:
+        train(cfg)
+    except ValueError as err:
+        with open(os.path.join(folder, f"error-{rank}.txt"), "w") as f:
+            f.write(str(err))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_too_few_shards_for_the_ranks_stop_at_start_instead_of_hanging(tmp_path):
+    """One shard, two ranks: rank 1 would get no data and every epoch would end at once, for ever
+    (the run sat at step 0). Both ranks stop at start, saying the rule and the counts."""
+    shards = write_shards(str(tmp_path / "c"), n_images=16, per_shard=16)
+    _run_ranks(_one_shard_two_ranks, shards, str(tmp_path), timeout=120)
+    for rank in range(2):
+        message = (tmp_path / f"error-{rank}.txt").read_text()
+        assert "1 training shard(s) for 2 rank(s)" in message and "at least 2 shards" in message

@@ -50,7 +50,7 @@ def debug_run(tmp_path_factory):
 
 def test_the_export_restores_the_whole_model_and_bert_reads_its_backbone(debug_run):
     out = debug_run.run.output
-    state = torch.load(os.path.join(out, "checkpoints", "step-00000002.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoints", "step-00000002.pt"), weights_only=True)
     trained = build_model(debug_run.model, DIM, sorted(TAGS))
     trained.load_state_dict(state["model"])
     trained.eval()
@@ -184,3 +184,24 @@ def test_a_global_batch_runs_its_accumulated_steps(tmp_path):
     cfg.data.shards, cfg.run.output = shards, str(tmp_path / "run")
     assert train(cfg)["steps"] == 4
     assert [round(r["samples_per_s"] > 0) for r in rows(cfg.run.output) if "loss" in r] == [1] * 4
+
+
+def test_legacy_layernorm_names_load(tmp_path):
+    """bert-base-uncased's own files still name LayerNorm weights gamma/beta (TF-era); transformers
+    renames them on load, and so does model.init: backbone and MLM head alike."""
+    from safetensors.torch import load_file, save_file
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    torch.manual_seed(1)
+    source = BertForPreTraining(config)
+    source.save_pretrained(tmp_path / "bert")
+    path = tmp_path / "bert" / "model.safetensors"
+    weights = load_file(path)
+    legacy = {(k[:-len(".weight")] + ".gamma" if "LayerNorm" in k and k.endswith(".weight") else
+               k[:-len(".bias")] + ".beta" if "LayerNorm" in k and k.endswith(".bias") else k): v
+              for k, v in weights.items()}
+    assert any(k.endswith(".gamma") for k in legacy)
+    save_file(legacy, path, metadata={"format": "pt"})
+    model = build_model(load_config("debug", [f"model.init={tmp_path / 'bert'}"]).model, DIM, TAGS)
+    torch.testing.assert_close(model.bert.embeddings.LayerNorm.weight, source.bert.embeddings.LayerNorm.weight)
+    torch.testing.assert_close(model.mlm_transform.LayerNorm.bias, source.cls.predictions.transform.LayerNorm.bias)

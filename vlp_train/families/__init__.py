@@ -19,6 +19,7 @@ class Family:
     model_class: type                      # with from_vlp_config(bert_config, section) for from_pretrained
     objectives: Mapping[Task, Callable]    # task -> fn(model, view) -> (named per-sample losses, outputs)
     build: Callable                        # (cfg.model, feature_dim, tags) -> a model initialised as model.init says
+    evaluate: Callable                     # held-out metrics: (model, builder, urls, tasks, cfg, device, autocast) -> dict
     # the μ-VLA curriculum's per-sample weight: fn(model, view) -> [B] detached match probability
     # of each sample's clean pair; None when the family has no ITM head
     match_probability: Callable | None = None

@@ -11,6 +11,7 @@ from torch import nn
 
 from vlp_train import pretrained
 from vlp_train.backbone import BertBackbone, HeadTransform, bert_config, load_bert_init
+from vlp_train.evaluate import evaluate
 from vlp_train.families import Family, register
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
@@ -111,6 +112,6 @@ def match_probability(model: SingleStreamModel, view: dict) -> torch.Tensor:
 
 
 FAMILY = register(Family(
-    name=ARCH, model_class=SingleStreamModel, build=build, match_probability=match_probability,
+    name=ARCH, model_class=SingleStreamModel, build=build, evaluate=evaluate, match_probability=match_probability,
     objectives={Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,
                 Task.IMAGE_SENTENCE: image_sentence_losses}))
