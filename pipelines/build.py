@@ -25,7 +25,7 @@ from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
 from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
 from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
-                              rejected_jsonl, rejected_sort_key)
+                              rejected_jsonl, rejected_sort_key, write_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,6 @@ def _build_samples(options, detections, image_hits, sentences, stats, rejected):
 
 
 def _write_stats(out: str, stats: dict) -> None:
-    from pipelines.shards import write_bytes
     write_bytes(posixpath.join(out, "stats.json"), json_bytes(stats))
 
 
@@ -452,8 +451,9 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     """Replace OUTPUT's `entries` by the staged ones; entries of an earlier run that this run did
     not produce are removed, other entries are left alone.
 
-    Locally a marker in the staging folder records the swap before it starts, so a crash part way
-    is finished by the next run (`clear_staging`): the output never stays a mix of two runs."""
+    A journal in the staging folder records the swap before it starts, so a crash part way is
+    finished by the next run (`clear_staging`) or `vlp-data finish-publish`, and refused by readers
+    until then (`schemas.corpus.check_published`): the output never stays a mix of two runs."""
     staged = staging_dir(output)
     if is_local(output):
         drop_partial_files([os.path.join(folder, name) for folder, _, names in os.walk(staged) for name in names])
@@ -462,18 +462,35 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
             json.dump({"entries": list(entries), "produced": produced}, f)
         finish_publish(output)
         return
-    # Object stores have no directory rename: delete the old entries, then move file by file.
-    old = [m.path for entry in entries
-           for m in _match(posixpath.join(output, entry)) + _match(posixpath.join(output, entry, "*"))]
-    if old:
-        FileSystems.delete(old)
+    # Object stores have no directory rename: the journal lists every file to move in.
     staged_files = drop_partial_files([m.path for m in _match(posixpath.join(staged, "**"))])
-    relative = {f: f[len(staged):].lstrip("/") for f in staged_files}
-    moving = [f for f in staged_files if _in_entries(relative[f], entries)]  # not the corpus spill
-    FileSystems.rename(moving, [output.rstrip("/") + "/" + relative[f] for f in moving])
-    leftovers = sorted(set(staged_files) - set(moving))
+    moving = [r for r in (_relative(staged, f) for f in staged_files) if _in_entries(r, entries)]  # not the corpus spill
+    write_bytes(posixpath.join(staged, PUBLISH_JOURNAL), json_bytes({"entries": list(entries), "moving": moving}))
+    finish_publish(output)
+
+
+def _relative(folder: str, path: str) -> str:
+    return path[len(folder):].lstrip("/")
+
+
+def _finish_object_store_publish(output: str, plan: dict) -> None:
+    """The swap on an object store, file by file; each step may be redone: the old entries' files
+    that this run does not write are deleted, the staged files still there are moved in (over any
+    old file of the same name), then the rest of the staging folder goes, the journal last."""
+    staged, moving = staging_dir(output), set(plan["moving"])
+    old = [m.path for entry in plan["entries"]
+           for m in _match(posixpath.join(output, entry)) + _match(posixpath.join(output, entry, "**"))]
+    stale = [path for path in old if _relative(output, path) not in moving]
+    if stale:
+        FileSystems.delete(stale)
+    still_staged = {_relative(staged, m.path) for m in _match(posixpath.join(staged, "**"))}
+    pending = sorted(moving & still_staged)
+    FileSystems.rename([posixpath.join(staged, r) for r in pending], [posixpath.join(output, r) for r in pending])
+    journal = posixpath.join(staged, PUBLISH_JOURNAL)
+    leftovers = sorted(posixpath.join(staged, r) for r in still_staged - moving - {PUBLISH_JOURNAL})
     if leftovers:
         FileSystems.delete(leftovers)
+    FileSystems.delete([journal])
 
 
 def _in_entries(relative: str, entries: tuple[str, ...]) -> bool:
@@ -486,11 +503,14 @@ def finish_publish(output: str) -> bool:
     """Carry out (or redo, idempotently) the swap the journal in the staging folder records
     (PUBLISH_JOURNAL). False if there is none."""
     staged = staging_dir(output)
-    marker = os.path.join(staged, PUBLISH_JOURNAL)
-    if not is_local(output) or not os.path.exists(marker):
+    journal = posixpath.join(staged, PUBLISH_JOURNAL)
+    if not FileSystems.exists(journal):
         return False
-    with open(marker, encoding="utf-8") as f:
-        plan = json.load(f)
+    with FileSystems.open(journal) as f:
+        plan = json.loads(f.read().decode("utf-8"))
+    if not is_local(output):
+        _finish_object_store_publish(output, plan)
+        return True
     trash = os.path.join(output, PREVIOUS)
     for entry in plan["entries"]:
         source, target = os.path.join(staged, entry), os.path.join(output, entry)

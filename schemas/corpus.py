@@ -133,15 +133,19 @@ class HalfPublishedError(RuntimeError):
     """A corpus folder whose publishing was interrupted (or is under way)."""
 
 
-def check_published(output_dir: str | os.PathLike) -> None:
+def check_published(output_dir: str | os.PathLike, exists=None) -> None:
     """HalfPublishedError when `output_dir` is mid-publish: a build's swap into it was killed part
-    way, or is running now. Readers call this before they read a corpus. An object-store folder
-    (gs://...) keeps no journal and is not checked."""
+    way, or is running now. Readers call this before they read a corpus. For an object-store
+    folder (gs://...) give `exists`, a function telling whether a path exists there (Beam's
+    `FileSystems.exists`, an fsspec filesystem's `exists`); without it such a folder is not checked."""
     output_dir = os.fspath(output_dir)
     if "://" in output_dir:
-        return
-    journal = os.path.join(output_dir, STAGING, PUBLISH_JOURNAL)
-    if os.path.exists(journal):
+        if exists is None:
+            return
+        journal = f"{output_dir.rstrip('/')}/{STAGING}/{PUBLISH_JOURNAL}"
+    else:
+        journal, exists = os.path.join(output_dir, STAGING, PUBLISH_JOURNAL), exists or os.path.exists
+    if exists(journal):
         raise HalfPublishedError(
             f"{output_dir} is half-published: a build was moving its files into place when it stopped (or is "
             f"doing so now), so its shards, manifest and tables may be of two runs. Run `vlp-data finish-publish "
