@@ -13,25 +13,27 @@ import posixpath
 import shutil
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
-from pipelines.io import ReadCorpus, ReadDetections, is_local
+from pipelines.io import BOXES_CLIPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
-from schemas.corpus import tag_query
+from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
 from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
-                              rejected_jsonl, rejected_sort_key)
+                              rejected_jsonl, rejected_sort_key, write_bytes)
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging"
 CORPUS_SPILL = "_corpus"  # in the staging folder: the corpus vectors the retrieval workers read; never published
 PREVIOUS = ".previous"  # where a local publish parks the replaced entries until the swap is done
-PUBLISHING = "_PUBLISHING.json"  # in the staging folder: the run succeeded, this swap is under way
+# Marks a folder vlp-data writes into: a rerun may replace its entries there. A folder with other
+# files and no marker is the user's, and is written into only with --overwrite.
+OUTPUT_MARKER = ".vlp-data"
 # What each command publishes; a rerun replaces exactly these (removing the ones it did not
 # produce this time) and leaves the other command's entries alone, so `detect` and
 # `build-retrieval` can share an output folder (even read from it).
@@ -90,6 +92,37 @@ def _check_features(detection: dict):
                         "or pass --no-shards for retrievals only)")
     else:
         yield detection
+
+
+def corpus_feature_width(width_counts: list[tuple[int, int]]) -> int | None:
+    """The corpus's one feature width: the most common among the images, ties to the smaller.
+    Counts are exact, so every run and worker count picks the same width."""
+    return min(width_counts, key=lambda wc: (-wc[1], wc[0]))[0] if width_counts else None
+
+
+def _keep_corpus_width(detection: dict, width: int):
+    found = detection["features"].shape[1]
+    if found == width:
+        yield detection
+    else:
+        yield rejection("shards", detection["image_id"],
+                        f"feature width differs from the corpus's: {found}, expected {width} (one width per corpus: "
+                        f"the most common among the images, ties to the smaller)")
+
+
+class OneFeatureWidth(beam.PTransform):
+    """Detections with features -> those of the corpus's feature width (`corpus_feature_width`);
+    each other one dead-lettered with both widths. The trainer stacks regions of many images into
+    one batch, so a corpus of mixed widths would fail there, naming no sample."""
+
+    def expand(self, detections):
+        width = (detections
+                 | "Width" >> beam.Map(lambda d: (d["features"].shape[1], 1))
+                 | "CountPerWidth" >> beam.CombinePerKey(sum)
+                 | "WidthCounts" >> beam.combiners.ToList()
+                 | "CorpusWidth" >> beam.Map(corpus_feature_width))
+        return detections | "KeepCorpusWidth" >> beam.FlatMap(
+            _keep_corpus_width, width=beam.pvalue.AsSingleton(width)).with_outputs(REJECTED, main="ok")
 
 
 def _make_sample(element):
@@ -170,6 +203,7 @@ def render_stats(totals: dict, options: BuildOptions) -> dict:
         "images_out": totals.get("images_out", 0) if options.shards else totals.get("images_retrieved", 0),
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
+        "boxes_clipped": totals.get(BOXES_CLIPPED, 0),
         "sentences": totals.get("sentences", 0),
         "text": {k[len("text_"):]: v for k, v in sorted(totals.items()) if k.startswith("text_")},
         "k": options.retrieve.k,
@@ -191,6 +225,9 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         raise ValueError("no text corpus given")
     if not (options.detections or options.images):
         raise ValueError("give --detections or --images")
+    if options.shards:
+        from pipelines.link import check_word_vectors
+        check_word_vectors(options.link.word_vectors, options.link.trust_pickle)
     out = staging_dir(options.output)
     p = beam.Pipeline(options=beam_options(beam_args or []))
     rejected, stats = [], []
@@ -208,11 +245,13 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         read = p | "ReadDetections" >> ReadDetections(options.detections)
         detections = read["detections"]
         rejected.append(read["rejected"])
+        stats.append(read["counts"])
     stats.append(detections | "StatImages" >> beam.Map(lambda _: ("images_valid", 1)))
     if options.shards:
         checked = detections | "NeedFeatures" >> beam.FlatMap(_check_features).with_outputs(REJECTED, main="ok")
-        detections = checked.ok
-        rejected.append(checked[REJECTED])
+        one_width = checked.ok | "OneFeatureWidth" >> OneFeatureWidth()
+        detections = one_width.ok
+        rejected += [checked[REJECTED], one_width[REJECTED]]
 
     # Text corpus -> sentences -> embeddings -> one Corpus side input
     corpus_read = p | "ReadCorpus" >> ReadCorpus(options.text, options.text_options)
@@ -336,12 +375,49 @@ def _build_samples(options, detections, image_hits, sentences, stats, rejected):
 
 
 def _write_stats(out: str, stats: dict) -> None:
-    from pipelines.shards import write_bytes
     write_bytes(posixpath.join(out, "stats.json"), json_bytes(stats))
 
 
 # ---------------------------------------------------------------------------------------------
 # Publishing
+
+
+class OutputError(ValueError):
+    """An --output that cannot or may not be written: said in one line before anything runs."""
+
+
+def claim_output(output: str, overwrite: bool = False) -> None:
+    """Before a run: `output` must be a folder this process can write, and either empty, marked
+    as vlp-data's (OUTPUT_MARKER), or given up by the user (--overwrite); then it is marked.
+    Publishing replaces entries whole (stats.json, shards/, ...), which would delete a user's own
+    files of those names in a folder that was never ours."""
+    marker = posixpath.join(output, OUTPUT_MARKER)
+    try:
+        if is_local(output):
+            if os.path.exists(output) and not os.path.isdir(output):
+                raise OutputError(f"--output {output!r} is a file, not a folder")
+            ours = os.path.exists(marker)
+            others = os.path.isdir(output) and os.listdir(output)
+        else:
+            ours = FileSystems.exists(marker)
+            others = FileSystems.match([posixpath.join(output, "**")], limits=[1])[0].metadata_list
+        if others and not ours and not overwrite:
+            raise OutputError(f"--output {output!r} is not empty and was not written by vlp-data (it has no "
+                              f"{OUTPUT_MARKER} file): choose an empty or new folder, or pass --overwrite to write "
+                              f"into it (files and folders named like the outputs, e.g. stats.json or shards/, are "
+                              f"replaced)")
+        if is_local(output):
+            os.makedirs(output, exist_ok=True)
+        with FileSystems.create(marker) as f:
+            f.write(b"written by vlp-data: its reruns replace their own entries here\n")
+    except (OSError, BeamIOError) as err:
+        raise OutputError(f"--output {output!r} cannot be written: {_root_cause(err)}") from err
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """Beam's filesystem errors wrap the OSError that says what is wrong."""
+    causes = getattr(err, "exception_details", None) or {}
+    return next(iter(causes.values()), err)
 
 
 def clear_staging(output: str) -> None:
@@ -375,28 +451,46 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     """Replace OUTPUT's `entries` by the staged ones; entries of an earlier run that this run did
     not produce are removed, other entries are left alone.
 
-    Locally a marker in the staging folder records the swap before it starts, so a crash part way
-    is finished by the next run (`clear_staging`): the output never stays a mix of two runs."""
+    A journal in the staging folder records the swap before it starts, so a crash part way is
+    finished by the next run (`clear_staging`) or `vlp-data finish-publish`, and refused by readers
+    until then (`schemas.corpus.check_published`): the output never stays a mix of two runs."""
     staged = staging_dir(output)
     if is_local(output):
         drop_partial_files([os.path.join(folder, name) for folder, _, names in os.walk(staged) for name in names])
         produced = [e for e in entries if os.path.lexists(os.path.join(staged, e))]
-        with open(os.path.join(staged, PUBLISHING), "w", encoding="utf-8") as f:
+        with open(os.path.join(staged, PUBLISH_JOURNAL), "w", encoding="utf-8") as f:
             json.dump({"entries": list(entries), "produced": produced}, f)
         finish_publish(output)
         return
-    # Object stores have no directory rename: delete the old entries, then move file by file.
-    old = [m.path for entry in entries
-           for m in _match(posixpath.join(output, entry)) + _match(posixpath.join(output, entry, "*"))]
-    if old:
-        FileSystems.delete(old)
+    # Object stores have no directory rename: the journal lists every file to move in.
     staged_files = drop_partial_files([m.path for m in _match(posixpath.join(staged, "**"))])
-    relative = {f: f[len(staged):].lstrip("/") for f in staged_files}
-    moving = [f for f in staged_files if _in_entries(relative[f], entries)]  # not the corpus spill
-    FileSystems.rename(moving, [output.rstrip("/") + "/" + relative[f] for f in moving])
-    leftovers = sorted(set(staged_files) - set(moving))
+    moving = [r for r in (_relative(staged, f) for f in staged_files) if _in_entries(r, entries)]  # not the corpus spill
+    write_bytes(posixpath.join(staged, PUBLISH_JOURNAL), json_bytes({"entries": list(entries), "moving": moving}))
+    finish_publish(output)
+
+
+def _relative(folder: str, path: str) -> str:
+    return path[len(folder):].lstrip("/")
+
+
+def _finish_object_store_publish(output: str, plan: dict) -> None:
+    """The swap on an object store, file by file; each step may be redone: the old entries' files
+    that this run does not write are deleted, the staged files still there are moved in (over any
+    old file of the same name), then the rest of the staging folder goes, the journal last."""
+    staged, moving = staging_dir(output), set(plan["moving"])
+    old = [m.path for entry in plan["entries"]
+           for m in _match(posixpath.join(output, entry)) + _match(posixpath.join(output, entry, "**"))]
+    stale = [path for path in old if _relative(output, path) not in moving]
+    if stale:
+        FileSystems.delete(stale)
+    still_staged = {_relative(staged, m.path) for m in _match(posixpath.join(staged, "**"))}
+    pending = sorted(moving & still_staged)
+    FileSystems.rename([posixpath.join(staged, r) for r in pending], [posixpath.join(output, r) for r in pending])
+    journal = posixpath.join(staged, PUBLISH_JOURNAL)
+    leftovers = sorted(posixpath.join(staged, r) for r in still_staged - moving - {PUBLISH_JOURNAL})
     if leftovers:
         FileSystems.delete(leftovers)
+    FileSystems.delete([journal])
 
 
 def _in_entries(relative: str, entries: tuple[str, ...]) -> bool:
@@ -406,13 +500,17 @@ def _in_entries(relative: str, entries: tuple[str, ...]) -> bool:
 
 
 def finish_publish(output: str) -> bool:
-    """Carry out (or redo, idempotently) the swap a PUBLISHING marker records. False if none."""
+    """Carry out (or redo, idempotently) the swap the journal in the staging folder records
+    (PUBLISH_JOURNAL). False if there is none."""
     staged = staging_dir(output)
-    marker = os.path.join(staged, PUBLISHING)
-    if not is_local(output) or not os.path.exists(marker):
+    journal = posixpath.join(staged, PUBLISH_JOURNAL)
+    if not FileSystems.exists(journal):
         return False
-    with open(marker, encoding="utf-8") as f:
-        plan = json.load(f)
+    with FileSystems.open(journal) as f:
+        plan = json.loads(f.read().decode("utf-8"))
+    if not is_local(output):
+        _finish_object_store_publish(output, plan)
+        return True
     trash = os.path.join(output, PREVIOUS)
     for entry in plan["entries"]:
         source, target = os.path.join(staged, entry), os.path.join(output, entry)

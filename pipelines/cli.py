@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # TOKENIZERS_PARALLELISM is left to encoding.load_sentence_model, which knows the device (on for cuda)
 
-from pipelines.io import is_local  # noqa: E402
+from pipelines.io import check_patterns_match, is_local  # noqa: E402
 from schemas.corpus import SPACY_MODEL  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.options import (BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
@@ -27,6 +27,29 @@ BEAM_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 class RunError(click.ClickException):
     """A failure the user can act on: printed as one clear message, exit code 1."""
+
+
+OVERWRITE_HELP = ("Write into a non-empty --output folder that vlp-data did not write; its files named like "
+                  "the outputs (stats.json, shards/, ...) are replaced.")
+
+
+def claim_output(output: str, overwrite: bool) -> None:
+    """The output folder is checked (and marked as ours) before anything runs."""
+    from pipelines import build
+    try:
+        build.claim_output(output, overwrite)
+    except build.OutputError as err:
+        raise RunError(str(err)) from err
+
+
+def check_inputs(patterns: dict[str, str | None]) -> None:
+    """Every input pattern matches a file, checked before the pipeline starts."""
+    try:
+        for flag, pattern in patterns.items():
+            if pattern:
+                check_patterns_match(flag, pattern)
+    except FileNotFoundError as err:
+        raise RunError(str(err)) from err
 
 
 @click.group(help=__doc__)
@@ -41,6 +64,7 @@ def main(verbose: bool):
 @click.option("--images", help="Images (jpg/png/webp) or WebDataset tars of images, path or glob; runs the detector.")
 @click.option("--text", help="Text corpus: .txt/.txt.gz (a sentence per line) or Parquet with a `text` column; globs allowed.")
 @click.option("--output", default="vlp-out", show_default=True, help="Output directory (local or gs://).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Sentences retrieved per image.")
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
 @click.option("--batch-size", type=click.IntRange(1), help="Sentences per embedding batch [default: 256 on cpu, 1024 on cuda].")
@@ -56,30 +80,36 @@ def main(verbose: bool):
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Detector: NMS IoU threshold.")
 @click.option("--spacy-model", default=SPACY_MODEL, show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")
 @click.option("--word-vectors", help="Word vectors for linking: word2vec .bin/.txt, GloVe .txt, gensim .kv, or 'train' [default: GloVe 6B 50-d].")
+@click.option("--trust-pickled-vectors", is_flag=True,
+              help="Load a gensim .kv --word-vectors file: a pickle, which runs any code it holds (refused without this).")
 @click.option("--link-threshold", default=0.5, show_default=True, type=float, help="Phrases less similar to every region stay unlinked.")
 @click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(1), help="Images per WebDataset shard.")
 @click.option("--table-rows-per-file", default=ShardOptions.table_rows_per_file, show_default=True, type=click.IntRange(1),
               help="Side tables (sentences, retrievals, links): about this many rows per Parquet file.")
 @click.option("--no-shards", is_flag=True, help="Retrievals only: skip noun phrases, linking and shards.")
 @click.pass_context
-def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch_size, device, index_type,
+def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, batch_size, device, index_type,
                     nlist, nprobe, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
-                    spacy_model, word_vectors, link_threshold, samples_per_shard, table_rows_per_file, no_shards):
+                    spacy_model, word_vectors, trust_pickled_vectors, link_threshold, samples_per_shard,
+                    table_rows_per_file, no_shards):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
     regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
     if detections and images:
         raise click.UsageError("give --detections or --images, not both")
-    if not (detections or images or text):
-        if not is_local(output):
-            raise click.UsageError("the bundled sample runs locally: give a local --output, or your own inputs")
+    sample = not (detections or images or text)
+    if sample and not is_local(output):
+        raise click.UsageError("the bundled sample runs locally: give a local --output, or your own inputs")
+    if not sample and not text:
+        raise click.UsageError("--text is required when --detections or --images is given")
+    if not sample and not (detections or images):
+        raise click.UsageError("give --detections or --images with --text")
+    if not is_dry_run_args(ctx.args):
+        claim_output(output, overwrite)  # before the sample is written into it
+    if sample:
         from pipelines.sample import prepare_sample
         images, text = prepare_sample(os.path.join(output, ".sample-input"))
         split_sentences = True
         click.echo(f"no inputs given: using the bundled sample ({images}, {text})")
-    elif not text:
-        raise click.UsageError("--text is required when --detections or --images is given")
-    elif not (detections or images):
-        raise click.UsageError("give --detections or --images with --text")
 
     options = BuildOptions(
         output=output, detections=detections, images=images, text=text, shards=not no_shards,
@@ -88,7 +118,7 @@ def build_retrieval(ctx, detections, images, text, output, k, sbert_model, batch
         retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device),
         detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
         phrases=PhraseOptions(spacy_model=spacy_model),
-        link=LinkOptions(word_vectors=word_vectors, threshold=link_threshold),
+        link=LinkOptions(word_vectors=word_vectors, trust_pickle=trust_pickled_vectors, threshold=link_threshold),
         shard=ShardOptions(samples_per_shard=samples_per_shard, table_rows_per_file=table_rows_per_file),
     )
     run_build(options, ctx.args)
@@ -106,6 +136,7 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
         _run(pipeline)  # the runner translates and validates the whole job, then stops
         click.echo("dry run: the job was built and validated by the runner, not submitted")
         return {}
+    check_inputs({"--detections": options.detections, "--images": options.images, "--text": options.text})
     build.clear_staging(options.output)
     click.echo(f"running build-retrieval on {pipeline.options.get_all_options()['runner']} ...")
     start = time.perf_counter()
@@ -177,8 +208,18 @@ def stage_times(result) -> dict[str, float]:
 
 
 def is_dry_run(pipeline) -> bool:
+    return _dry_run_option(pipeline.options)
+
+
+def is_dry_run_args(beam_args: list[str]) -> bool:
+    """A dry run (checked from the arguments, before a pipeline is built) writes nothing."""
+    from pipelines.build import beam_options
+    return _dry_run_option(beam_options(beam_args))
+
+
+def _dry_run_option(options) -> bool:
     from apache_beam.options.pipeline_options import TestOptions
-    return str(pipeline.options.view_as(TestOptions).dry_run).lower() in ("true", "1")
+    return str(options.view_as(TestOptions).dry_run).lower() in ("true", "1")
 
 
 def _root_message(err: BaseException) -> str:
@@ -192,13 +233,14 @@ def _root_message(err: BaseException) -> str:
 @main.command("detect", context_settings=BEAM_PASSTHROUGH)
 @click.option("--images", required=True, help="Images or WebDataset tars of images (path or glob).")
 @click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1))
 @click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--detections-per-file", default=ShardOptions.detections_per_file, show_default=True, type=click.IntRange(1),
               help="About this many images' detections (with region features) per Parquet file.")
 @click.pass_context
-def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold, detections_per_file):
+def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_threshold, detections_per_file):
     """Run only the detector: images -> detections Parquet (with region features), reusable
     as `build-retrieval --detections`."""
     from pipelines import build
@@ -208,11 +250,25 @@ def detect(ctx, images, output, max_regions, conf_threshold, nms_threshold, dete
         _run(pipeline)
         click.echo("dry run: the job was built and validated by the runner, not submitted")
         return
+    claim_output(output, overwrite)
+    check_inputs({"--images": images})
     build.clear_staging(output)
     start = time.perf_counter()
     _run(pipeline, progress=True)
     build.publish(output, build.DETECT_ENTRIES)
     click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
+
+
+@main.command("finish-publish")
+@click.argument("output")
+def finish_publish(output):
+    """Finish the publish of a build that was killed while moving its files into OUTPUT (what
+    the next build into OUTPUT would do first), so that readers may read it again."""
+    from pipelines import build
+    if build.finish_publish(output):
+        click.echo(f"finished the interrupted publish into {output}")
+    else:
+        click.echo(f"{output} has no interrupted publish")
 
 
 @main.command("report")

@@ -20,3 +20,10 @@ def rejection(stage: str, source: str, reason: str, record=None) -> beam.pvalue.
         record = record[:_MAX_RECORD_CHARS] + "...(truncated)"
     beam.metrics.Metrics.counter("rejected", f"{stage}: {reason.split(':')[0]}").inc()
     return beam.pvalue.TaggedOutput(REJECTED, {"stage": stage, "source": source, "reason": reason, "record": record})
+
+
+def duplicate_reason(image_id: str, kept_where: str, what: str = "") -> str:
+    """The reason of a dead-lettered duplicate: the reader's record is at the dead letter's source,
+    the kept one at `kept_where`, so both occurrences are named. The words before the colon are the
+    same for every duplicate: stats.json counts them as one reason."""
+    return f"duplicate image_id: {image_id!r}{f' in {what}' if what else ''} also at {kept_where}, which is kept"

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.deadletter import REJECTED, rejection
+from pipelines.deadletter import REJECTED, duplicate_reason, rejection
 from pipelines.io import MatchAll, split_patterns
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -103,7 +103,7 @@ def _keep_one_per_image_id(element):
     yield image_id, data, kept_source
     for source, _ in copies[1:]:
         beam.metrics.Metrics.counter("read_images", "duplicate_image_id").inc()
-        yield rejection("read_images", source, f"duplicate image_id {image_id!r} (kept {kept_source})")
+        yield rejection("read_images", source, duplicate_reason(image_id, kept_source))
 
 
 class ImagesRead(NamedTuple):

@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from pipelines.deadletter import REJECTED, rejection
+from pipelines.deadletter import REJECTED, duplicate_reason, rejection
 from pipelines.options import TextOptions
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,14 @@ def split_patterns(pattern: str) -> list[str]:
     if not parts:
         raise ValueError("empty input path")
     return parts
+
+
+def check_patterns_match(flag: str, pattern: str) -> None:
+    """Before a run: FileNotFoundError naming each pattern of `pattern` that matches no file
+    (MatchAll would fail the same way, but only once the pipeline runs, inside a Beam trace)."""
+    unmatched = [p for p in split_patterns(pattern) if not FileSystems.match([p])[0].metadata_list]
+    if unmatched:
+        raise FileNotFoundError(f"{flag} {', '.join(map(repr, unmatched))}: matches no file")
 
 
 class MatchAll(beam.PTransform):
@@ -135,11 +143,18 @@ def stable_id(text: str, digits: int = 16) -> str:
 # Detections
 
 
+def _is_finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # JSON allows integers of any length; past a float's range they are not numbers we keep
+        return False
+
+
 def _number(value, field: str, integer: bool = False):
     # numpy scalars count: a box given as an np.ndarray holds np.float32, not float.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
-        raise ValueError(f"field '{field}' must be a finite number, got {value!r}")
+            or not _is_finite(value):
+        raise ValueError(f"field '{field}' must be a finite number, got {value!r:.60}")
     if integer and int(value) != value:
         raise ValueError(f"field '{field}' must be an integer, got {value!r}")
     return int(value) if integer else float(value)
@@ -162,7 +177,43 @@ def _features_array(features, regions: int) -> np.ndarray:
         raise ValueError(f"features must be [regions, dim] with {regions} regions, got shape {features.shape}")
     if not np.isfinite(features).all():
         raise ValueError("features contain NaN or infinity")
+    too_large = np.abs(features) > FLOAT16_MAX
+    if too_large.any():
+        region, column = (int(i) for i in np.argwhere(too_large)[0])
+        raise ValueError(f"features beyond the float16 range the shards store: features[{region}][{column}] = "
+                         f"{float(features[region, column]):.6g} (|x| must be at most {FLOAT16_MAX:g})")
     return features
+
+
+# Boxes against their image: detectors round and pad, so a corner a little outside the image is
+# clipped to it (and counted); one further out, or a box with no area, is nonsense that would
+# poison every loss (a coordinate of 1e30), so the record is dead-lettered naming the box.
+BOX_TOLERANCE = 0.05  # how far past an edge a corner may be, as a fraction of the image's side
+BOXES_CLIPPED = "boxes_clipped"  # a validated detection's count of clipped boxes, for stats.json
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # shards store region features as float16
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the schemas store scores as float32
+INT32_MAX = 2**31 - 1  # the schemas store width and height as int32
+
+
+def fit_boxes_to_image(boxes: list[list[float]], width: int, height: int) -> tuple[list[list[float]], int]:
+    """(boxes clipped to the image, how many were clipped), or ValueError naming the first box
+    that is further than BOX_TOLERANCE outside the image or has no area inside it."""
+    fitted, clipped = [], 0
+    for i, box in enumerate(boxes):
+        x1, y1, x2, y2 = box
+        slack_x, slack_y = BOX_TOLERANCE * width, BOX_TOLERANCE * height
+        if not (-slack_x <= x1 <= width + slack_x and -slack_x <= x2 <= width + slack_x
+                and -slack_y <= y1 <= height + slack_y and -slack_y <= y2 <= height + slack_y):
+            raise ValueError(f"box outside the image: boxes[{i}] = {box} for a {width}x{height} image "
+                             f"(more than {BOX_TOLERANCE:.0%} of a side past an edge)")
+        inside = [min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+                  min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
+        if not (inside[2] > inside[0] and inside[3] > inside[1]):
+            raise ValueError(f"box without area: boxes[{i}] = {box} (x2 > x1 and y2 > y1 inside the "
+                             f"{width}x{height} image are needed)")
+        clipped += inside != box
+        fitted.append(inside)
+    return fitted, clipped
 
 
 def validate_detection(record) -> dict:
@@ -177,8 +228,8 @@ def validate_detection(record) -> dict:
         raise ValueError(f"field 'image_id' must be a non-empty string, got {image_id!r}")
     width = _number(record["width"], "width", integer=True)
     height = _number(record["height"], "height", integer=True)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"width/height must be positive, got {width}x{height}")
+    if not (0 < width <= INT32_MAX and 0 < height <= INT32_MAX):
+        raise ValueError(f"width/height must be positive int32 values, got {width}x{height}")
     boxes, labels, scores = (_sequence(record[f], f) for f in ("boxes", "labels", "scores"))
     if not (len(boxes) == len(labels) == len(scores)):
         raise ValueError(f"boxes/labels/scores lengths differ: {len(boxes)}/{len(labels)}/{len(scores)}")
@@ -192,15 +243,21 @@ def validate_detection(record) -> dict:
         if not isinstance(label, str) or not label.strip():
             raise ValueError(f"labels[{i}] must be a non-empty string, got {label!r}")
     clean_scores = [_number(s, f"scores[{i}]") for i, s in enumerate(scores)]
+    for i, score in enumerate(clean_scores):
+        if abs(score) > FLOAT32_MAX:
+            raise ValueError(f"field 'scores[{i}]' is beyond the float32 range the tables store, got {score!r}")
+    fitted_boxes, clipped = fit_boxes_to_image(clean_boxes, width, height)
     features = record.get("features")
     if features is not None:
         features = _features_array(features, len(boxes))
-    return {"image_id": image_id, "width": width, "height": height, "boxes": clean_boxes,
-            "labels": [label.strip() for label in labels], "scores": clean_scores, "features": features}
+    return {"image_id": image_id, "width": width, "height": height, "boxes": fitted_boxes,
+            "labels": [label.strip() for label in labels], "scores": clean_scores, "features": features,
+            BOXES_CLIPPED: clipped}
 
 
 class _ParseDetectionsFile(beam.DoFn):
-    """One detections file -> its records. JSON Lines (.jsonl/.json, .gz) or Parquet rows."""
+    """One detections file -> (file:line or file:row, detection) per valid record. JSON Lines
+    (.jsonl/.json, .gz) or Parquet rows."""
 
     def process(self, path):
         if path.endswith(".parquet"):
@@ -210,7 +267,7 @@ class _ParseDetectionsFile(beam.DoFn):
 
     def _emit(self, raw, where):
         try:
-            yield validate_detection(raw)
+            yield where, validate_detection(raw)
         except (ValueError, TypeError) as err:
             yield rejection("read_detections", where, str(err), raw)
 
@@ -225,7 +282,7 @@ class _ParseDetectionsFile(beam.DoFn):
                 except UnicodeDecodeError:
                     yield rejection("read_detections", where, "not valid UTF-8", line[:200].decode("latin-1"))
                     continue
-                except json.JSONDecodeError as err:
+                except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts
                     yield rejection("read_detections", where, f"malformed JSON: {err}", line.decode("utf-8", "replace"))
                     continue
                 yield from self._emit(raw, where)
@@ -337,7 +394,7 @@ class _ParseVinvlFile(beam.DoFn):
 
 
 def _join_vinvl(element):
-    """One image's VinVL lines -> one detection. Among duplicates the first by (file, line) wins,
+    """One image's VinVL lines -> (file:line, detection). Among duplicates the first by (file, line) wins,
     so every run keeps the same one; each other line is dead-lettered, as is an unpaired line."""
     image_id, grouped = element
     predictions = sorted(grouped["predictions"], key=lambda p: p[0])
@@ -345,7 +402,7 @@ def _join_vinvl(element):
     for kind, lines in (("predictions", predictions), ("features", features)):
         for line in lines[1:]:
             yield rejection("read_detections", _where(line[0]),
-                            f"duplicate image_id {image_id!r} in VinVL {kind} (kept {_where(lines[0][0])})",
+                            duplicate_reason(image_id, _where(lines[0][0]), f"VinVL {kind}"),
                             line[1] if kind == "predictions" else None)
     if not predictions:
         yield rejection("read_detections", _where(features[0][0]),
@@ -357,7 +414,7 @@ def _join_vinvl(element):
                         f"VinVL prediction without a features line for image_id {image_id!r}", record)
         return
     try:
-        yield validate_detection(dict(record, features=features[0][1] if features else None))
+        yield _where(line), validate_detection(dict(record, features=features[0][1] if features else None))
     except (ValueError, TypeError) as err:
         yield rejection("read_detections", _where(line), str(err), record)
 
@@ -376,20 +433,35 @@ def _dedupe_key(record) -> tuple[str, str]:
 
 
 def _first_per_image(element):
-    """Duplicate image ids: keep one deterministically (the smallest record), dead-letter the rest."""
-    image_id, records = element
-    records = sorted(records, key=_dedupe_key)
-    yield records[0]
-    for dup in records[1:]:
-        yield rejection("read_detections", image_id, "duplicate image_id", {k: v for k, v in dup.items() if k != "features"})
+    """Duplicate image ids: keep one deterministically (the smallest record, then the first
+    file:line of identical ones), dead-letter the rest, each naming where the kept one is."""
+    image_id, located = element
+    located = sorted(located, key=lambda wd: (_dedupe_key(wd[1]), wd[0]))
+    kept_where, kept = located[0]
+    yield kept
+    for where, dup in located[1:]:
+        yield rejection("read_detections", where, duplicate_reason(image_id, kept_where),
+                        {k: v for k, v in dup.items() if k not in ("features", BOXES_CLIPPED)})
+
+
+def _count_clipped(detection: dict):
+    """Counts the detection's clipped boxes for stats.json; the detection goes on without the count."""
+    detection = dict(detection)
+    clipped = detection.pop(BOXES_CLIPPED)
+    beam.metrics.Metrics.counter("read_detections", "images").inc()
+    if clipped:
+        beam.metrics.Metrics.counter("read_detections", BOXES_CLIPPED).inc(clipped)
+        yield beam.pvalue.TaggedOutput(COUNTS, (BOXES_CLIPPED, clipped))
+    yield detection
 
 
 class ReadDetections(beam.PTransform):
     """Detections from JSON Lines, Parquet or VinVL TSV files -> (valid detection dicts, rejected).
 
-    Returns a dict {"detections": PCollection[dict], "rejected": PCollection[dict]}.
-    A detection dict has image_id, width, height, boxes, labels, scores and features
-    (float32 [regions, dim] or None). A VinVL predictions.tsv picks up features.tsv beside it.
+    Returns a dict {"detections": PCollection[dict], "rejected": PCollection[dict], "counts":
+    PCollection[(name, n)] (boxes clipped to their image)}. A detection dict has image_id, width,
+    height, boxes, labels, scores and features (float32 [regions, dim] or None). A VinVL
+    predictions.tsv picks up features.tsv beside it.
     """
 
     def __init__(self, pattern: str):
@@ -414,13 +486,13 @@ class ReadDetections(beam.PTransform):
                   | "MergeVinvl" >> beam.FlatMap(_join_vinvl).with_outputs(REJECTED, main="ok"))
 
         unique = ((plain.ok, joined.ok) | "AllDetections" >> beam.Flatten()
-                  | "ByImage" >> beam.Map(lambda d: (d["image_id"], d))
+                  | "ByImage" >> beam.Map(lambda located: (located[1]["image_id"], located))
                   | "GroupImage" >> beam.GroupByKey()
                   | "Dedupe" >> beam.FlatMap(_first_per_image).with_outputs(REJECTED, main="ok"))
         rejected = ((plain[REJECTED], vinvl[REJECTED], joined[REJECTED], unique[REJECTED])
                     | "DetectionRejects" >> beam.Flatten())
-        counted = unique.ok | "CountImages" >> beam.Map(_count, "read_detections", "images")
-        return {"detections": counted, "rejected": rejected}
+        counted = unique.ok | "CountImages" >> beam.FlatMap(_count_clipped).with_outputs(COUNTS, main="ok")
+        return {"detections": counted.ok, "rejected": rejected, "counts": counted[COUNTS]}
 
 
 def _with_sibling_features(path: str):
@@ -428,11 +500,6 @@ def _with_sibling_features(path: str):
     sibling = None if _is_vinvl_features(path) else _sibling_features(path)
     if sibling:
         yield sibling
-
-
-def _count(element, namespace: str, name: str):
-    beam.metrics.Metrics.counter(namespace, name).inc()
-    return element
 
 
 # ---------------------------------------------------------------------------------------------

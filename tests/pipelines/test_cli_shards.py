@@ -118,8 +118,8 @@ def test_an_object_store_output_holds_the_same_files_as_a_local_one(built, input
         remote = {name: objectstore.OBJECTS[f"{store}/{name}"] for name in objectstore.names(store + "/")}
     finally:
         objectstore.OBJECTS.clear()
-    local = {os.path.relpath(p, out): open(p, "rb").read()
-             for p in glob.glob(f"{out}/**/*", recursive=True) if os.path.isfile(p)}
+    local = {os.path.relpath(p, out): open(p, "rb").read()  # the output marker too
+             for p in glob.glob(f"{out}/**/*", recursive=True, include_hidden=True) if os.path.isfile(p)}
     assert sorted(remote) == sorted(local)
     for name in local:
         assert remote[name] == local[name], name

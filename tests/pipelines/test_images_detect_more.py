@@ -67,7 +67,7 @@ def test_a_repeated_image_id_is_kept_once_and_the_rest_dead_lettered(pipeline, t
                           ("00000.tar/000002.jpg", b"two", "00000.tar:000002.jpg")]), label="images")
     source = f"{tmp_path}/00000.tar:000001.jpg"
     assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], r["reason"])),
-                equal_to([("read_images", source, f"duplicate image_id '00000.tar/000001.jpg' (kept {source})")]),
+                equal_to([("read_images", source, f"duplicate image_id: '00000.tar/000001.jpg' also at {source}, which is kept")]),
                 label="rejected")
     result = pipeline.run()
     result.wait_until_finish()

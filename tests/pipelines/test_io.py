@@ -60,7 +60,7 @@ def test_read_detections_jsonl_and_parquet_with_dead_letters(pipeline, tmp_path)
                 label="valid")
     assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(f"{jsonl}:2", "malformed JSON"), (f"{jsonl}:3", "missing field 'labels'"),
-                          (f"{jsonl}:4", "boxes/labels/scores lengths differ"), ("a.jpg", "duplicate image_id")]),
+                          (f"{jsonl}:4", "boxes/labels/scores lengths differ"), (f"{jsonl}:5", "duplicate image_id")]),
                 label="rejected")
     pipeline.run()
 

@@ -71,8 +71,8 @@ def test_vinvl_duplicates_and_unpaired_lines_are_dead_lettered(pipeline, tmp_pat
 
     assert_that(out["detections"] | beam.combiners.ToList(), lambda got: check(got[0]), label="kept")
     assert_that(_sources_and_reasons(out["rejected"]), equal_to([
-        (f"{pred}:2", f"duplicate image_id 'img1' in VinVL predictions (kept {pred}:1)"),
-        (f"{feat}:2", f"duplicate image_id 'img1' in VinVL features (kept {feat}:1)"),
+        (f"{pred}:2", f"duplicate image_id: 'img1' in VinVL predictions also at {pred}:1, which is kept"),
+        (f"{feat}:2", f"duplicate image_id: 'img1' in VinVL features also at {feat}:1, which is kept"),
         (f"{pred}:3", "VinVL prediction without a features line for image_id 'img2'"),
         (f"{feat}:3", "VinVL features without a prediction line for image_id 'img3'"),
     ]), label="rejected")
@@ -80,10 +80,11 @@ def test_vinvl_duplicates_and_unpaired_lines_are_dead_lettered(pipeline, tmp_pat
 
 
 def _outputs(results):
-    """(detections, [(source, reason)]) from a FlatMap function's yields."""
+    """(detections, [(source, reason)]) from a FlatMap function's yields (a detection may come
+    with its file:line, as (where, detection))."""
     results = list(results)
-    kept = [r for r in results if isinstance(r, dict)]
-    rejected = [(r.value["source"], r.value["reason"]) for r in results if not isinstance(r, dict)]
+    kept = [r[1] if isinstance(r, tuple) else r for r in results if not isinstance(r, beam.pvalue.TaggedOutput)]
+    rejected = [(r.value["source"], r.value["reason"]) for r in results if isinstance(r, beam.pvalue.TaggedOutput)]
     return kept, rejected
 
 
@@ -97,8 +98,8 @@ def test_join_vinvl_keeps_the_same_line_whatever_the_group_order():
     for order in (1, -1):
         kept, rejected = _outputs(_join_vinvl(("img1", {"predictions": predictions[::order], "features": features[::order]})))
         assert [(d["labels"], d["features"][0, 0]) for d in kept] == [(["man"], 1.0)]
-        assert rejected == [("p.tsv:10", "duplicate image_id 'img1' in VinVL predictions (kept p.tsv:9)"),
-                            ("f.tsv:2", "duplicate image_id 'img1' in VinVL features (kept f.tsv:1)")]
+        assert rejected == [("p.tsv:10", "duplicate image_id: 'img1' in VinVL predictions also at p.tsv:9, which is kept"),
+                            ("f.tsv:2", "duplicate image_id: 'img1' in VinVL features also at f.tsv:1, which is kept")]
 
 
 # 3. A string where a list belongs used to be split into characters.
@@ -207,13 +208,13 @@ def test_run_whose_every_detections_file_is_rejected_fails_with_zero_valid_image
 # 6. Duplicates that differ only in their features are picked by content, not arrival order.
 
 def test_first_per_image_picks_by_features_too():
-    records = [validate_detection({**GOOD, "features": np.full((3, 2), v)}) for v in (1.0, 2.0)]
+    records = [(f"d.jsonl:{v:.0f}", validate_detection({**GOOD, "features": np.full((3, 2), v)})) for v in (1.0, 2.0)]
     picks = set()
     for order in (1, -1):
         kept, rejected = _outputs(_first_per_image(("a.jpg", records[::order])))
         (det,) = kept
         picks.add(float(det["features"][0, 0]))
-        assert rejected == [("a.jpg", "duplicate image_id")]
+        assert rejected == [("d.jsonl:1", "duplicate image_id: 'a.jpg' also at d.jsonl:2, which is kept")]
     assert len(picks) == 1
 
 

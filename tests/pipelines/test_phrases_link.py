@@ -109,7 +109,7 @@ def test_word_vector_files_load_in_every_format(tmp_path):
     kv.save(str(tmp_path / "v.kv"))
     (tmp_path / "glove.txt").write_text("sofa 1 0 0\ncouch 0.9 0.1 0\ncat 0 0 1\n")
     for name in ("v.bin", "v.txt", "v.kv", "glove.txt"):
-        loaded = load_word_vectors(str(tmp_path / name))
+        loaded = load_word_vectors(str(tmp_path / name), trust_pickle=name.endswith(".kv"))
         np.testing.assert_allclose(loaded["couch"], [0.9, 0.1, 0], atol=1e-6, err_msg=name)
     with pytest.raises(FileNotFoundError):
         load_word_vectors(str(tmp_path / "missing.bin"))

@@ -122,12 +122,13 @@ def test_detect_and_build_share_an_output_folder(tmp_path):
         {"image_id": "a.jpg", "width": 10, "height": 10, "boxes": [[0, 0, 5, 5]], "labels": ["sofa"], "scores": [0.9]}])
     os.makedirs(out / "detections")
     os.replace(dets, out / "detections" / "d.jsonl")
+    (out / build.OUTPUT_MARKER).write_text("")  # as `vlp-data detect` leaves it
     text = tmp_path / "t.txt"
     text.write_text("\n".join(SOFA_SENTENCES) + "\n")
     result = CliRunner().invoke(main, ["build-retrieval", "--detections", str(out / "detections" / "*.jsonl"),
                                        "--text", str(text), "--output", str(out), "--no-shards", "--k", "2"])
     assert result.exit_code == 0, result.output
-    assert sorted(os.listdir(out)) == ["detections", "rejected", "retrievals", "sentences", "stats.json"]
+    assert sorted(os.listdir(out)) == [build.OUTPUT_MARKER, "detections", "rejected", "retrievals", "sentences", "stats.json"]
     assert os.listdir(out / "detections") == ["d.jsonl"]
 
 
@@ -141,3 +142,43 @@ def test_images_without_tags_fail_the_run_clearly(tmp_path):
     assert result.exit_code == 1
     assert "got a retrieval" in result.output and "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "out" / "retrievals")
+
+
+@pytest.mark.parametrize("crash_after", range(0, 6))  # 3 old objects deleted, then 3 moved
+def test_on_an_object_store_a_crash_during_the_swap_is_refused_by_readers_and_finished(store, monkeypatch, crash_after):
+    """Killed after `crash_after` objects were deleted or moved: readers refuse the folder (the
+    journal), the next run finishes the swap."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from schemas.corpus import HalfPublishedError, check_published
+    for rel, content in OLD.items():
+        objectstore.put(f"{store}/{rel}", content.encode())
+    for rel, content in NEW.items():
+        objectstore.put(f"{build.staging_dir(store)}/{rel}", content.encode())
+    changes = []
+    real_pop, real_delete = objectstore.OBJECTS.pop, objectstore.OBJECTS.__delitem__
+
+    class Flaky(dict):
+        def _step(self, key):
+            if key.startswith(store + "/") and not key.endswith(build.PUBLISH_JOURNAL) and ".tmp-" not in key:
+                if len(changes) == crash_after:
+                    raise KeyboardInterrupt("killed")
+                changes.append(key)
+
+        def pop(self, key, *default):
+            self._step(key)
+            return super().pop(key, *default)
+
+        def __delitem__(self, key):
+            self._step(key)
+            super().__delitem__(key)
+
+    monkeypatch.setattr(objectstore, "OBJECTS", Flaky(objectstore.OBJECTS))
+    with pytest.raises(KeyboardInterrupt):
+        build.publish(store, build.BUILD_ENTRIES)
+    monkeypatch.setattr(objectstore, "OBJECTS", dict(objectstore.OBJECTS))
+    with pytest.raises(HalfPublishedError):
+        check_published(store, exists=FileSystems.exists)
+    build.clear_staging(store)  # what the next run does first
+    check_published(store, exists=FileSystems.exists)
+    assert {rel: objectstore.OBJECTS[f"{store}/{rel}"].decode() for rel in objectstore.names(store + "/")} == EXPECTED
