@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import schemas
 from pipelines.images import common_base_directory
 from pipelines.io import split_patterns
-from schemas.corpus import decode_members, sample_key
+from schemas.corpus import check_published, decode_members, sample_key
 
 IMAGE_MAX_SIDE = 640          # report images are downscaled to this (boxes stay in original pixels)
 REJECTED_EXAMPLES = 3         # dead letters shown per reason
@@ -425,6 +425,7 @@ off topic, K is too large.</p>
 def write_report(output: str, out_dir: str = "report", images: str | None = None, samples: int = 200,
                  seed: int = 0, extremes: int = 3) -> str:
     """Write the report folder; returns the path of its index.html."""
+    check_published(output)  # a corpus mid-publish may mix two runs: refuse it, as the trainer does
     with open(os.path.join(output, "stats.json"), encoding="utf-8") as f:
         stats = json.load(f)
     if images is None and os.path.isdir(os.path.join(output, ".sample-input", "images")):

@@ -18,8 +18,8 @@ from torch import nn
 from vlp_train import distributed
 from vlp_train.compile import compile_scope, step_module_for
 from vlp_train.config import TrainConfig, check_init, per_rank_batch, validate
-from vlp_train.data import (CorpusStream, decode, enabled_tasks, every_sample, expand_shards, load_tag_vocab,
-                            no_readable_sample, samples_per_shard)
+from vlp_train.data import (CorpusStream, check_corpora_published, decode, enabled_tasks, every_sample,
+                            expand_shards, load_tag_vocab, no_readable_sample, samples_per_shard)
 from vlp_train.families import Family, family_of
 from vlp_train.masking import BatchBuilder
 from vlp_train.pretrained import tokenizer_folder
@@ -64,6 +64,7 @@ def build_run(cfg: TrainConfig) -> Run:
     seed_everything(cfg.run.seed + dist_info.rank)
     batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)
     urls, eval_urls = split_shards(cfg)
+    check_corpora_published(urls + eval_urls)
     from transformers import BertTokenizerFast
     tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
     tags = load_tag_vocab(cfg.data.tag_vocab, urls)

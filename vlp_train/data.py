@@ -20,7 +20,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas import SchemaError, check_sample_types, validate_sample
-from schemas.corpus import META_MEMBER, decode_members
+from schemas.corpus import META_MEMBER, check_published, decode_members
 from vlp_train.masking import BatchBuilder
 from vlp_train.tasks import TASKS, Task
 
@@ -46,6 +46,13 @@ def expand_shards(spec: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no shards match {spec!r}")
     return urls
+
+
+def check_corpora_published(urls: list[str]) -> None:
+    """Refuse shards of a corpus folder that a build is publishing into, or was killed publishing
+    into (its shards and manifest may be of two runs): the folder above each local shards/ folder."""
+    for corpus in sorted({os.path.dirname(os.path.dirname(os.path.abspath(u))) for u in urls if not is_remote(u)}):
+        check_published(corpus)
 
 
 def samples_per_shard(urls: list[str], manifest: str | None = None) -> dict[str, int]:

@@ -214,3 +214,14 @@ def test_killed_at_random_steps_and_resumed_each_time_ends_bit_for_bit_as_an_unb
     assert whole["step"] == broken["step"] == 14
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, broken["model"][name]), name
+
+
+def test_a_half_published_corpus_is_refused(tmp_path):
+    """A build killed inside its publish swap leaves new shards beside an old manifest: the trainer
+    refuses the folder until the swap is finished (vlp-data finish-publish, or the next build)."""
+    from schemas.corpus import PUBLISH_JOURNAL, STAGING, HalfPublishedError
+    shards = write_shards(str(tmp_path / "c"), n_images=32, per_shard=16)
+    (tmp_path / "c" / STAGING).mkdir()
+    (tmp_path / "c" / STAGING / PUBLISH_JOURNAL).write_text("{}")
+    with pytest.raises(HalfPublishedError, match="finish-publish"):
+        train(config(shards, tmp_path / "run", "optim.max_steps=1"))
