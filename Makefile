@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/vlp-data build-retrieval --k 5 --output vlp-out --samples-per-shard 25
 	$(BIN)/python -m pipelines.show vlp-out
-	$(BIN)/vlp-train run --shards 'vlp-out/shards/*.tar' --output vlp-run --config debug \
+	$(BIN)/vlp-train run --shards 'vlp-out/shards/*.tar' --output vlp-run --config debug --overwrite \
 		--set optim.epochs=15 --set optim.max_steps=0 --set run.eval_every=15
 	$(BIN)/vlp-data report vlp-out --out vlp-out/report
 	$(BIN)/vlp-train report vlp-run --out vlp-run/report

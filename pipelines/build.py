@@ -458,8 +458,10 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     if is_local(output):
         drop_partial_files([os.path.join(folder, name) for folder, _, names in os.walk(staged) for name in names])
         produced = [e for e in entries if os.path.lexists(os.path.join(staged, e))]
-        with open(os.path.join(staged, PUBLISH_JOURNAL), "w", encoding="utf-8") as f:
+        journal = os.path.join(staged, PUBLISH_JOURNAL)
+        with open(journal + ".tmp", "w", encoding="utf-8") as f:  # whole or absent: a kill mid-write leaves none
             json.dump({"entries": list(entries), "produced": produced}, f)
+        os.replace(journal + ".tmp", journal)
         finish_publish(output)
         return
     # Object stores have no directory rename: the journal lists every file to move in.
@@ -506,8 +508,17 @@ def finish_publish(output: str) -> bool:
     journal = posixpath.join(staged, PUBLISH_JOURNAL)
     if not FileSystems.exists(journal):
         return False
-    with FileSystems.open(journal) as f:
-        plan = json.loads(f.read().decode("utf-8"))
+    try:
+        with FileSystems.open(journal) as f:
+            plan = json.loads(f.read().decode("utf-8"))
+        if not isinstance(plan, dict) or not {"entries", "produced" if is_local(output) else "moving"} <= set(plan):
+            raise ValueError("not a publish plan")
+    except (ValueError, KeyError, TypeError) as err:
+        # written whole before anything moves (a local journal by rename, an object at once), so a
+        # damaged one means the swap never started: drop it, the output is still the earlier run's
+        log.warning("the publish journal %s is unreadable (%s): the swap had not started; removed", journal, err)
+        FileSystems.delete([journal])
+        return False
     if not is_local(output):
         _finish_object_store_publish(output, plan)
         return True

@@ -279,12 +279,19 @@ def finish_publish(output):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the draw.")
 @click.option("--extremes", default=3, show_default=True, type=click.IntRange(0),
               help="Samples of lowest and of highest retrieval score shown side by side.")
-@click.option("--out", "out_dir", default="report", show_default=True, help="Report folder (replaced).")
-def report(output, images, samples, seed, extremes, out_dir):
+@click.option("--out", "out_dir", default="report", show_default=True,
+              help="Report folder (replaced when it is an earlier report's or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace --out even when it is not an earlier report's folder.")
+def report(output, images, samples, seed, extremes, out_dir, overwrite):
     """A static HTML report of a corpus: drawn samples with boxes and linked phrases, counts,
     dead letters, histograms, lowest and highest retrieval scores. Opens from disk."""
     from pipelines.report import write_report
-    index = write_report(output, out_dir, images=images, samples=samples, seed=seed, extremes=extremes)
+    from schemas.corpus import HalfPublishedError
+    try:
+        index = write_report(output, out_dir, images=images, samples=samples, seed=seed, extremes=extremes,
+                             overwrite=overwrite)
+    except (HalfPublishedError, ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from err
     click.echo(f"corpus report: {index}")
 
 

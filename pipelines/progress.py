@@ -182,7 +182,10 @@ class ProgressFnApiRunner(fn_runner.FnApiRunner):
 
     def _execute_bundle(self, runner_execution_context, bundle_context_manager, bundle_input):
         result = super()._execute_bundle(runner_execution_context, bundle_context_manager, bundle_input)
-        finished = _from_monitoring_infos(result.process_bundle.monitoring_infos)
+        try:
+            finished = _from_monitoring_infos(result.process_bundle.monitoring_infos)
+        except Exception:  # progress is a display: a changed result shape must never fail the bundle
+            return result
         with self._lock:
             _add(self._finished, finished)
         return result
@@ -209,6 +212,21 @@ class ProgressFnApiRunner(fn_runner.FnApiRunner):
             fn_runner.ProgressRequester = original
 
 
+def live_progress_supported() -> bool:
+    """Whether this Beam has the FnApiRunner internals ProgressFnApiRunner hooks into (checked
+    against apache-beam 2.77; another version may differ): otherwise a local run shows only the
+    final totals, rather than failing."""
+    import inspect
+    try:
+        bundle = list(inspect.signature(fn_runner.FnApiRunner._execute_bundle).parameters)
+        requester = list(inspect.signature(fn_runner.ProgressRequester.__init__).parameters)
+        return (bundle[1:] == ["runner_execution_context", "bundle_context_manager", "bundle_input"]
+                and requester[1:5] == ["worker_handler", "instruction_id", "frequency", "callback"]
+                and hasattr(fn_runner.ProgressRequester, "stop"))
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def run_with_progress(pipeline, printer: ProgressPrinter | None = None, interval: float = 2.0):
     """Run `pipeline` to completion, printing per-stage progress every `interval` seconds.
     Returns the PipelineResult."""
@@ -216,7 +234,7 @@ def run_with_progress(pipeline, printer: ProgressPrinter | None = None, interval
     done = threading.Event()
     source = {}
 
-    if isinstance(pipeline.runner, fn_runner.FnApiRunner):
+    if isinstance(pipeline.runner, fn_runner.FnApiRunner) and live_progress_supported():
         runner = ProgressFnApiRunner(interval=min(interval, 2.0))
         pipeline.runner = runner
         source["counters"] = runner.counters

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import random
-import shutil
 import tarfile
 from collections import Counter
 
@@ -31,6 +30,7 @@ import schemas
 from pipelines.images import common_base_directory
 from pipelines.io import split_patterns
 from schemas.corpus import check_published, decode_members, sample_key
+from schemas.folders import replace_report_folder
 
 IMAGE_MAX_SIDE = 640          # report images are downscaled to this (boxes stay in original pixels)
 REJECTED_EXAMPLES = 3         # dead letters shown per reason
@@ -423,7 +423,7 @@ off topic, K is too large.</p>
 
 
 def write_report(output: str, out_dir: str = "report", images: str | None = None, samples: int = 200,
-                 seed: int = 0, extremes: int = 3) -> str:
+                 seed: int = 0, extremes: int = 3, overwrite: bool = False) -> str:
     """Write the report folder; returns the path of its index.html."""
     check_published(output)  # a corpus mid-publish may mix two runs: refuse it, as the trainer does
     with open(os.path.join(output, "stats.json"), encoding="utf-8") as f:
@@ -450,8 +450,7 @@ def write_report(output: str, out_dir: str = "report", images: str | None = None
             keys_by_shard.setdefault(max(bisect.bisect_right(firsts, key) - 1, 0), set()).add(key)
     found = read_samples(shard_paths, positions, keys_by_shard)
 
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+    replace_report_folder(out_dir, output, overwrite)
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir)
     source = ImageSource(images)

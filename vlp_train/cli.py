@@ -28,7 +28,9 @@ def main(verbose: bool):
               "folder (the backbone), or 'random' (model.init).")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set optim.lr=6e-5 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
-def run(shards, output, preset, init, overrides, resume):
+@click.option("--overwrite", is_flag=True, help="Start afresh in an --output that holds an earlier run (its log, "
+              "checkpoints, TensorBoard events and export are removed).")
+def run(shards, output, preset, init, overrides, resume, overwrite):
     """Train; with --resume, continue exactly where the last checkpoint stopped."""
     from vlp_train.config import check_init, load_config
     from vlp_train.train import train
@@ -45,8 +47,8 @@ def run(shards, output, preset, init, overrides, resume):
     if shards:
         cfg.data.shards = shards
     try:
-        summary = train(cfg, resume=resume)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        summary = train(cfg, resume=resume, overwrite=overwrite)
+    except (OSError, ValueError, RuntimeError) as err:  # FileNotFoundError is an OSError
         raise click.ClickException(str(err)) from err
     click.echo(f"{summary['steps']} steps -> {output}")
     if summary.get("eval"):
@@ -58,12 +60,17 @@ def run(shards, output, preset, init, overrides, resume):
 
 @main.command("report")
 @click.argument("run_dir", metavar="RUN", default="vlp-run", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "out_dir", default="report", show_default=True, help="Report folder (replaced).")
-def report(run_dir, out_dir):
+@click.option("--out", "out_dir", default="report", show_default=True,
+              help="Report folder (replaced when it is an earlier report's or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace --out even when it is not an earlier report's folder.")
+def report(run_dir, out_dir, overwrite):
     """One HTML page of a run: loss curves per named loss, evaluation, learning rate, throughput,
     bad samples, when ITM weighting switched on, and the resolved config."""
     from vlp_train.report import write_run_report
-    click.echo(f"run report: {write_run_report(run_dir, out_dir)}")
+    try:
+        click.echo(f"run report: {write_run_report(run_dir, out_dir, overwrite)}")
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from err
 
 
 if __name__ == "__main__":  # pragma: no cover

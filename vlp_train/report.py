@@ -11,7 +11,8 @@ import html
 import json
 import math
 import os
-import shutil
+
+from schemas.folders import replace_report_folder
 
 SKIP_KEYS = {"step"}  # the x axis
 
@@ -114,7 +115,7 @@ pre{background:#f6f6f6;padding:10px;border-radius:6px;overflow:auto;font-size:12
 """
 
 
-def write_run_report(run: str, out_dir: str = "report") -> str:
+def write_run_report(run: str, out_dir: str = "report", overwrite: bool = False) -> str:
     """Write the run report folder; returns the path of its index.html."""
     train, evals = read_log(run)
     config_path = os.path.join(run, "config.json")
@@ -122,8 +123,7 @@ def write_run_report(run: str, out_dir: str = "report") -> str:
     if os.path.exists(config_path):
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+    replace_report_folder(out_dir, run, overwrite)
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir)
 

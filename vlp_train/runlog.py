@@ -59,6 +59,25 @@ class MetricsWindow:
         return row
 
 
+RUN_ENTRIES = ("config.json", "log.jsonl", "checkpoints", "tensorboard", "hf")  # what a run writes in its folder
+
+
+def prepare_run_folder(out: str, overwrite: bool) -> None:
+    """A fresh run's folder: refuse one holding an earlier run (its log would continue and an old
+    checkpoint could later be resumed), unless `overwrite`, which removes that run's entries (and
+    nothing else of the folder)."""
+    import shutil
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"run.output {out} is a file, not a folder")
+    earlier = [name for name in RUN_ENTRIES if os.path.exists(os.path.join(out, name))]
+    if earlier and not overwrite:
+        raise ValueError(f"{out} holds an earlier run ({', '.join(earlier)}): --resume to continue it, --overwrite "
+                         "to start afresh there, or another --output")
+    for name in earlier:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def trim_log(path: str, step: int) -> None:
     """Drop the rows a killed run wrote after the checkpoint it resumes from (the resumed run
     writes those steps again), and a last line the kill cut short; the log then reads as one run.

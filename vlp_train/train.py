@@ -13,16 +13,19 @@ from vlp_train.config import TrainConfig, dumps
 from vlp_train.curriculum import itm_weighting_on
 from vlp_train.data import make_loader
 from vlp_train.pretrained import EXPORT_FOLDER
-from vlp_train.runlog import MetricsWindow, RunLogger
+from vlp_train.runlog import MetricsWindow, RunLogger, prepare_run_folder
 from vlp_train.step import compute_loss, to_device
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or resume) training into cfg.run.output. Returns a summary."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or resume) training into cfg.run.output. Returns a summary. A fresh run refuses a
+    folder holding an earlier run unless `overwrite`."""
     ckpt_dir = os.path.join(cfg.run.output, "checkpoints")
     state = None
+    if not resume and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone writes the folder
+        prepare_run_folder(cfg.run.output, overwrite)
     if resume:
         stop_after = cfg.run.stop_after  # a simulated kill belongs to this process, not to the one stopped
         state, cfg = resume_state(ckpt_dir)

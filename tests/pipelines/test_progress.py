@@ -134,3 +134,38 @@ def test_on_a_terminal_the_block_is_redrawn_in_place_and_plain_lines_elsewhere()
     assert terminal.getvalue().count("\x1b[2F\x1b[J") == 1  # up over the 2-line block, cleared, redrawn
     assert "\x1b" not in log.getvalue()
     assert log.getvalue().count("images read") == 1  # a plain line only when the count moved
+
+
+def test_a_beam_without_the_internals_progress_hooks_runs_with_final_totals_only(monkeypatch):
+    """Live progress hooks FnApiRunner internals of apache-beam 2.77; where they differ (another
+    Beam), the run goes on without the hook and the last line still shows the totals."""
+    import io
+
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    from pipelines import progress
+
+    assert progress.live_progress_supported()  # the pinned Beam has them
+
+    class OtherRequester:  # another Beam's shape of the class
+        def __init__(self, handler, instruction, every):
+            pass
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fn_runner, "ProgressRequester", OtherRequester)
+        assert not progress.live_progress_supported()
+    monkeypatch.setattr(progress, "live_progress_supported", lambda: False)  # as with such a Beam
+    counter = Metrics.counter("read_images", "images")
+
+    def count(x):
+        counter.inc()
+        return x
+
+    pipeline = beam.Pipeline(runner=fn_runner.FnApiRunner())
+    _ = pipeline | beam.Create(range(7)) | beam.Map(count)
+    stream = io.StringIO()
+    progress.run_with_progress(pipeline, progress.ProgressPrinter(stream=stream), interval=0.05)
+    assert type(pipeline.runner) is fn_runner.FnApiRunner  # not swapped for the hooking runner
+    assert "7" in stream.getvalue().splitlines()[-1]

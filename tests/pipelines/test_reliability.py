@@ -222,8 +222,12 @@ def test_a_reader_recognises_a_half_published_corpus(tmp_path, monkeypatch):
     check_published(out)  # staged but not publishing: the old corpus is whole
     real_replace = os.replace
 
-    def killed_after_the_first_move(src, dst):
-        monkeypatch.setattr(build.os, "replace", _killed)
+    calls = []
+
+    def killed_after_the_first_move(src, dst):  # the first replace puts the journal in place
+        calls.append(dst)
+        if len(calls) == 2:
+            monkeypatch.setattr(build.os, "replace", _killed)
         real_replace(src, dst)
 
     monkeypatch.setattr(build.os, "replace", killed_after_the_first_move)
@@ -240,3 +244,23 @@ def test_a_reader_recognises_a_half_published_corpus(tmp_path, monkeypatch):
 
 def _killed(*_):
     raise KeyboardInterrupt("killed")
+
+
+def test_a_damaged_publish_journal_is_dropped_not_a_dead_end(tmp_path):
+    """The journal is written whole (a temporary file renamed) before anything moves; one damaged
+    anyway is dropped with a warning, so finish-publish and the next build do not crash on it and
+    the folder reads again (it still holds the earlier run)."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+    from schemas.corpus import PUBLISH_JOURNAL, STAGING, check_published
+
+    from .test_publish import staged_run, tree
+    out = staged_run(tmp_path)
+    before = tree(out)
+    with open(os.path.join(out, STAGING, PUBLISH_JOURNAL), "w") as f:
+        f.write('{"entries": ["sha')  # cut short
+    result = CliRunner().invoke(main, ["finish-publish", out])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    check_published(out)  # no journal: readable again
+    assert tree(out) == before

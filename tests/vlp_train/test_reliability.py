@@ -225,3 +225,22 @@ def test_a_half_published_corpus_is_refused(tmp_path):
     (tmp_path / "c" / STAGING / PUBLISH_JOURNAL).write_text("{}")
     with pytest.raises(HalfPublishedError, match="finish-publish"):
         train(config(shards, tmp_path / "run", "optim.max_steps=1"))
+
+
+def test_a_fresh_run_refuses_a_folder_holding_an_earlier_run_unless_overwrite(tmp_path):
+    """Appending to an earlier run's log (and leaving its checkpoints to be resumed later) mixed two
+    runs: refused; --overwrite removes that run's entries, and the user's own files stay."""
+    shards = write_shards(str(tmp_path / "c"), n_images=32, per_shard=16)
+    common = ["run", "--shards", shards, "--output", str(tmp_path / "run"), "--set", "optim.max_steps=2",
+              "--set", "run.log_every=1", *sum((["--set", o] for o in TINY_MODEL), [])]
+    runner = CliRunner()
+    assert runner.invoke(main, common).exit_code == 0
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    refused = runner.invoke(main, common)
+    assert refused.exit_code == 1 and "holds an earlier run" in refused.output and "--overwrite" in refused.output
+    assert runner.invoke(main, common + ["--overwrite"]).exit_code == 0
+    assert [r["step"] for r in rows(tmp_path / "run") if "loss" in r] == [1, 2]  # one run's rows
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    as_file = runner.invoke(main, common[:4] + [str(tmp_path / "file")] + common[5:])
+    assert as_file.exit_code == 1 and "is a file" in as_file.output and "Traceback" not in as_file.output
