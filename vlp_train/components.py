@@ -80,7 +80,7 @@ def build_run(cfg: TrainConfig) -> Run:
                          "set objectives.itm_weighting=false")
     scope = compile_scope(cfg, device)
     builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
-                           cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step")
+                           cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step", feature_dim=feature_dim)
     dataset = CorpusStream(urls, builder, batch_size, tasks, cfg.objectives.schedule, cfg.data.shuffle_buffer,
                            cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
     shard_samples = samples_per_shard(urls, cfg.data.manifest)

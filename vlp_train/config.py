@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -226,6 +227,8 @@ def validate(cfg: TrainConfig) -> None:
                                                        (expected is float and isinstance(value, int))) \
                     or isinstance(value, bool) and expected is not bool:
                 raise ValueError(f"{key}={value!r}: expected {expected.__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key}={value!r}: must be a finite number")
             if key in _RANGES and not _RANGES[key][0](value):
                 raise ValueError(f"{key}={value!r}: must be {_RANGES[key][1]}")
             if key in _CHOICES and value not in _CHOICES[key]:

@@ -157,10 +157,11 @@ def decode(raw: dict) -> dict:
     return _checked(_parse(raw), types_checked=False)
 
 
-def decode_batch(raws: list[dict]) -> tuple[list[dict], list[str]]:
+def decode_batch(raws: list[dict], feature_dim: int | None = None) -> tuple[list[dict], list[str]]:
     """What `decode` gives for each good raw sample (in order), and the errors of the bad ones. The
     schema's type check runs once over the batch; only a batch that fails it is checked again
-    sample by sample, to keep the good samples and name the bad ones."""
+    sample by sample, to keep the good samples and name the bad ones. `feature_dim`: the model's
+    region feature size; a sample of another (shards of two corpora given together) is a bad one."""
     parsed, errors = [], []
     for raw in raws:
         try:
@@ -180,6 +181,11 @@ def decode_batch(raws: list[dict]) -> tuple[list[dict], list[str]]:
             decoded.append(_checked(p, types_checked))
         except BAD_SAMPLE as err:
             errors.append(str(err))
+            continue
+        width = decoded[-1]["feats"].shape[1]
+        if feature_dim and width != feature_dim:
+            decoded.pop()
+            errors.append(f"{p['where']}: region features of width {width}, but the model takes {feature_dim}")
     return decoded, errors
 
 
@@ -256,6 +262,18 @@ class CorpusStream(IterableDataset):
             yield buffer.pop(rng.randrange(len(buffer)))
 
     def __iter__(self):
+        """Batches, each held back until the next is made, so the bad samples met after the last
+        one (a shard whose end is damaged) are counted with it instead of lost."""
+        held = None
+        for batch in self._batches():
+            if held is not None:
+                yield held
+            held = batch
+        if held is not None:
+            held["bad_samples"] += self._bad_left + self._unreadable_parts
+            yield held
+
+    def _batches(self):
         info = get_worker_info()
         workers, loader_id = (info.num_workers, info.id) if info else (1, 0)
         # The DataLoader takes batches round-robin from its workers, starting at worker 0; after
@@ -263,7 +281,7 @@ class CorpusStream(IterableDataset):
         worker = (loader_id + self.start_batch) % workers
         index = worker  # global batch index of this worker's k-th batch: k * W + worker
         pending, bad = [], 0
-        self._unreadable_parts = 0
+        self._unreadable_parts = self._bad_left = 0
         samples = self._samples(worker, workers)
         while True:
             raw = next(samples, None)
@@ -277,7 +295,7 @@ class CorpusStream(IterableDataset):
             if self.max_batches is not None and index >= self.max_batches:
                 return
             if index >= self.start_batch:
-                decoded, errors = decode_batch(batch_raw)
+                decoded, errors = decode_batch(batch_raw, self.builder.feature_dim)
                 for error in errors:
                     log.warning("skipping bad sample: %s", error)
                 bad += len(errors) + self._unreadable_parts
@@ -287,6 +305,7 @@ class CorpusStream(IterableDataset):
                     views = self.builder.build(decoded, self.tasks_of(index), rng)
                     yield {"index": index, "keys": [d["key"] for d in decoded], "bad_samples": bad, "views": views}
                     bad = 0
+                self._bad_left = bad  # not yet handed over with a batch
             index += workers
             if raw is None:
                 return

@@ -119,9 +119,11 @@ def _configured_backend(tokenizer, max_length: int):
 
 class BatchBuilder:
     def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives,
-                 pad_regions: bool = False):
+                 pad_regions: bool = False, feature_dim: int | None = None):
         """`pad_regions`: every batch has `max_regions` region slots (padding masked out), not the
-        most of its images; a step compiled whole then sees one region count (compile.CompiledStep)."""
+        most of its images; a step compiled whole then sees one region count (compile.CompiledStep).
+        `feature_dim`: the model's region feature size (the loader skips samples of another)."""
+        self.feature_dim = feature_dim
         self.tok = tokenizer
         self.tag_index = tag_index
         self.max_text_len, self.max_regions, self.pad_regions = max_text_len, max_regions, pad_regions

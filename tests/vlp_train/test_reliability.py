@@ -70,7 +70,7 @@ def test_damaged_shards_are_skipped_counted_and_named(tmp_path, caplog):
     cfg = config(shards, tmp_path / "run", "optim.epochs=1", "optim.max_steps=0")
     with caplog.at_level(logging.WARNING):
         summary = train(cfg)
-    assert summary["steps"] >= 2 and summary["bad_samples"] >= 1
+    assert summary["steps"] >= 2 and summary["bad_samples"] >= 2  # the garbage .npy and the empty shard
     text = caplog.text
     assert "corpus-000000.tar" in text and "corpus-000001.tar" in text  # named, before and during training
     assert name.split(".")[0] in text  # the undecodable sample by its key
@@ -164,7 +164,7 @@ def test_resuming_with_another_rank_layout_is_refused(tmp_path):
     ("data.num_workers=-1", "data.num_workers=-1"), ("optim.lr=fast", "optim.lr=fast: expected a number"),
     ("model.init=/no/such/folder", "model.init /no/such/folder: no such folder"),
     ("data.tag_vocab=/no/tags.json", "data.tag_vocab=/no/tags.json: no such file"),
-    ("run.device=gpu", "run.device='gpu': expected one of")])
+    ("run.device=gpu", "run.device='gpu': expected one of"), ("optim.lr=inf", "optim.lr=inf: must be a finite number")])
 def test_bad_config_values_are_named_at_start(tmp_path, override, message):
     shards = write_shards(str(tmp_path / "c"), n_images=16, per_shard=16)
     result = CliRunner().invoke(main, ["run", "--shards", shards, "--output", str(tmp_path / "run"),
@@ -244,3 +244,51 @@ def test_a_fresh_run_refuses_a_folder_holding_an_earlier_run_unless_overwrite(tm
     (tmp_path / "file").write_text("x")
     as_file = runner.invoke(main, common[:4] + [str(tmp_path / "file")] + common[5:])
     assert as_file.exit_code == 1 and "is a file" in as_file.output and "Traceback" not in as_file.output
+
+
+def test_shards_of_another_feature_width_are_bad_samples_not_a_crash(tmp_path):
+    """Shards of two corpora given together, 16-d and 24-d features: the model takes the first
+    sample's width; the others are named, skipped and counted (the trainer died at batch 2 before)."""
+    import numpy as np
+    folder = tmp_path / "c" / "shards"
+    folder.mkdir(parents=True)
+    shard_of(samples(0, 16), folder / "corpus-000000.tar")
+    wide = [(meta, np.random.default_rng(7).standard_normal((len(meta["boxes"]), 24)).astype(np.float16))
+            for meta, _ in samples(300, 16)]
+    shard_of(wide, folder / "corpus-000001.tar")
+    shard_of(samples(200, 8), folder / "corpus-000002.tar")  # held out
+    cfg = config(str(folder / "*.tar"), tmp_path / "run", "optim.epochs=1", "optim.max_steps=0",
+                 "data.shuffle_buffer=1")
+    summary = train(cfg)
+    # the schedule counts the shards' 32 samples (4 batches): the 2 good batches are read twice
+    assert summary["steps"] == 4 and summary["bad_samples"] == 32
+
+
+def test_a_model_holding_inf_is_never_checkpointed(tmp_path):
+    from vlp_train.families import build_model
+    model = build_model(load_config("debug", TINY_MODEL).model, 16, ["a"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with torch.no_grad():
+        model.itm[0].weight[0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="inf or nan; no checkpoint written"):
+        checkpoint.save(str(tmp_path), 3, model, optimizer, scheduler, {}, {})
+    assert not os.listdir(tmp_path)
+
+
+def test_an_init_folders_pickled_weights_are_read_without_running_code(tmp_path):
+    """A pytorch_model.bin is read with weights_only=True: one holding any other object is refused."""
+    import argparse
+
+    from transformers import BertConfig, BertModel
+
+    from vlp_train.backbone import read_weights
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    os.remove(tmp_path / "bert" / "model.safetensors")  # an older folder: PyTorch's pickle-based .bin only
+    torch.save(BertModel(config).state_dict(), tmp_path / "bert" / "pytorch_model.bin")
+    assert "embeddings.word_embeddings.weight" in read_weights(str(tmp_path / "bert"))
+    torch.save({"weights": argparse.Namespace(x=1)}, tmp_path / "bert" / "pytorch_model.bin")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        read_weights(str(tmp_path / "bert"))
