@@ -25,6 +25,7 @@ import numpy as np
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
+from schemas.corpus import normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class YoloDetector:
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         with open(names, encoding="utf-8") as f:
-            self.labels = [DARKNET_NAMES.get(n.strip(), n.strip()) for n in f if n.strip()]
+            self.labels = [normalise_label(DARKNET_NAMES.get(n.strip(), n.strip())) for n in f if n.strip()]
         self.options = options
         check_feature_layers(self.net, cfg, options.input_size)
         self._features = list(FEATURE_LAYERS)

@@ -29,6 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 import schemas
 from pipelines.deadletter import REJECTED, duplicate_reason, rejection
 from pipelines.options import TextOptions
+from schemas.corpus import normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def validate_detection(record) -> dict:
     if features is not None:
         features = _features_array(features, len(boxes))
     return {"image_id": image_id, "width": width, "height": height, "boxes": fitted_boxes,
-            "labels": [label.strip() for label in labels], "scores": clean_scores, "features": features,
+            "labels": [normalise_label(label) for label in labels], "scores": clean_scores, "features": features,
             BOXES_CLIPPED: clipped}
 
 

@@ -58,6 +58,22 @@ def test_two_img2dataset_folders_and_same_named_files_get_distinct_ids(pipeline,
     pipeline.run()
 
 
+def test_img2dataset_sidecar_files_are_skipped_not_rejected_as_images(pipeline, tmp_path):
+    """img2dataset's "files" layout: KEY.jpg beside KEY.json and KEY.txt, a .parquet and _stats.json
+    per shard. The sidecars are not images: never dead-lettered, so never counted in images_in."""
+    (tmp_path / "000001.jpg").write_bytes(b"one")
+    for name in ("000001.json", "000001.txt", "00000.parquet", "00000_stats.json"):
+        (tmp_path / name).write_bytes(b"{}")
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF")
+    out = pipeline | ReadImages(f"{tmp_path}/*")
+    assert_that(out.images | beam.Map(lambda e: e[0]), equal_to(["000001.jpg"]), label="images")
+    assert_that(out.rejected | beam.Map(lambda r: os.path.basename(r["source"])), equal_to(["notes.pdf"]),
+                label="rejected")
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert _counter(result, "skipped_sidecars") == 4
+
+
 def test_a_repeated_image_id_is_kept_once_and_the_rest_dead_lettered(pipeline, tmp_path):
     # A tar may hold one name twice (tar --append): same id, same source; the smaller bytes win.
     _tar(tmp_path / "00000.tar", [("000001.jpg", b"second"), ("000002.jpg", b"two"), ("000001.jpg", b"first")])

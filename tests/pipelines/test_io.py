@@ -11,7 +11,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.io import ReadCorpus, ReadDetections, stable_id, validate_detection
-from schemas.corpus import tag_order
+from schemas.corpus import normalise_label, tag_order
 from pipelines.options import TextOptions
 
 from .conftest import write_jsonl
@@ -28,6 +28,15 @@ def _essentials(d):
 def test_tags_deduplicated_by_best_score_then_label():
     assert tag_order(["sofa", "woman", "sofa", "lamp", "cup"], [0.5, 0.9, 0.7, 0.7, 0.9]) == ["cup", "woman", "lamp", "sofa"]
     assert tag_order([], []) == []
+
+
+def test_labels_are_normalised_by_one_rule_so_case_makes_no_second_tag():
+    assert normalise_label(" Dining \t Table ") == "dining table"
+    # 'Person' and 'person' were two tags of one query
+    assert tag_order(["Person", "person", "CUP"], [0.9, 0.95, 0.5]) == ["person", "cup"]
+    det = validate_detection({"image_id": "a.jpg", "width": 10, "height": 10, "boxes": [[0, 0, 5, 5], [1, 1, 6, 6]],
+                              "labels": ["Person", " TV  monitor"], "scores": [0.9, 0.8]})
+    assert det["labels"] == ["person", "tv monitor"]
 
 
 @pytest.mark.parametrize("change, message", [
