@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
-from pipelines.io import BOXES_CLIPPED, ReadCorpus, ReadDetections, is_local
+from pipelines.io import BOXES_CLIPPED, REGIONS_DROPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
 from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
@@ -232,6 +232,7 @@ def render_stats(totals: dict, options: BuildOptions) -> dict:
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
         "boxes_clipped": totals.get(BOXES_CLIPPED, 0),
+        REGIONS_DROPPED: totals.get(REGIONS_DROPPED, 0),
         "sentences": totals.get("sentences", 0),
         "text": {k[len("text_"):]: v for k, v in sorted(totals.items()) if k.startswith("text_")},
         "k": options.retrieve.k,
@@ -270,7 +271,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         detections = detected.detections
         rejected.append(detected.rejected)
     else:
-        read = p | "ReadDetections" >> ReadDetections(options.detections)
+        read = p | "ReadDetections" >> ReadDetections(options.detections, options.detect.max_regions)
         detections = read["detections"]
         rejected.append(read["rejected"])
         stats.append(read["counts"])

@@ -75,7 +75,7 @@ def main(verbose: bool):
 @click.option("--nprobe", default=32, show_default=True, type=click.IntRange(1), help="ivf: clusters searched per query.")
 @click.option("--split-sentences", is_flag=True, help="Split book-like text (paragraphs) into sentences with spaCy.")
 @click.option("--max-chars", default=512, show_default=True, type=click.IntRange(1), help="Drop longer sentences (counted, dead-lettered).")
-@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="Detector: at most this many regions per image.")
+@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="At most this many regions per image, highest score first (the detector's, and precomputed --detections').")
 @click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1), help="Detector: minimum confidence.")
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Detector: NMS IoU threshold.")
 @click.option("--spacy-model", default=SPACY_MODEL, show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")

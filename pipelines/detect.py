@@ -23,6 +23,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.deadletter import REJECTED, rejection
+from pipelines.io import region_order
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
 from schemas.corpus import normalise_label
@@ -204,8 +205,9 @@ class YoloDetector:
             xywh = [[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])] for b in boxes]
             kept = np.asarray(cv2.dnn.NMSBoxesBatched(xywh, scores.astype(float).tolist(), classes.tolist(),
                                                       self.options.conf_threshold, self.options.nms_threshold)).reshape(-1)
-        order = sorted(kept, key=lambda j: (-float(scores[j]), self.labels[classes[j]], tuple(boxes[j])))
-        order = order[:self.options.max_regions]
+        kept = [int(j) for j in kept]
+        order = [kept[i] for i in region_order([scores[j] for j in kept], [self.labels[classes[j]] for j in kept],
+                                               [boxes[j] for j in kept])][:self.options.max_regions]
         boxes = boxes[order] if len(order) else np.zeros((0, 4))
         features = []
         letterboxed = boxes * scale + np.array([dx, dy, dx, dy])

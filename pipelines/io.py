@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from pipelines.deadletter import REJECTED, duplicate_reason, rejection
-from pipelines.options import TextOptions
+from pipelines.options import DetectOptions, TextOptions
 from schemas.corpus import normalise_label
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,25 @@ def validate_detection(record) -> dict:
             BOXES_CLIPPED: clipped}
 
 
+def region_order(scores, labels, boxes) -> list[int]:
+    """Region indices in the corpus's order: highest score first, ties by label, then by box. The
+    detector orders its regions so, and precomputed detections are put so (`keep_top_regions`):
+    the trainer keeps the first `max_regions`."""
+    return sorted(range(len(scores)), key=lambda j: (-float(scores[j]), labels[j], tuple(boxes[j])))
+
+
+def keep_top_regions(detection: dict, max_regions: int) -> tuple[dict, int]:
+    """(the detection with its regions in `region_order`, at most `max_regions` of them, features
+    alike; how many regions were dropped)."""
+    order = region_order(detection["scores"], detection["labels"], detection["boxes"])
+    kept = order[:max_regions]
+    features = detection.get("features")
+    return ({**detection, "boxes": [detection["boxes"][j] for j in kept],
+             "labels": [detection["labels"][j] for j in kept], "scores": [detection["scores"][j] for j in kept],
+             "features": None if features is None else features[kept]},
+            len(order) - len(kept))
+
+
 class _ParseDetectionsFile(beam.DoFn):
     """One detections file -> (file:line or file:row, detection) per valid record. JSON Lines
     (.jsonl/.json, .gz) or Parquet rows."""
@@ -445,14 +464,21 @@ def _first_per_image(element):
                         {k: v for k, v in dup.items() if k not in ("features", BOXES_CLIPPED)})
 
 
-def _count_clipped(detection: dict):
-    """Counts the detection's clipped boxes for stats.json; the detection goes on without the count."""
+REGIONS_DROPPED = "regions_over_max"  # stats.json: regions of precomputed detections beyond --max-regions
+
+
+def _finish_detection(detection: dict, max_regions: int):
+    """The detection's regions put in the corpus's order and capped at `max_regions` (as the
+    detector does), then counted: the clipped boxes and the dropped regions for stats.json; the
+    detection goes on without the clipped count."""
     detection = dict(detection)
     clipped = detection.pop(BOXES_CLIPPED)
+    detection, dropped = keep_top_regions(detection, max_regions)
     beam.metrics.Metrics.counter("read_detections", "images").inc()
-    if clipped:
-        beam.metrics.Metrics.counter("read_detections", BOXES_CLIPPED).inc(clipped)
-        yield beam.pvalue.TaggedOutput(COUNTS, (BOXES_CLIPPED, clipped))
+    for name, n in ((BOXES_CLIPPED, clipped), (REGIONS_DROPPED, dropped)):
+        if n:
+            beam.metrics.Metrics.counter("read_detections", name).inc(n)
+            yield beam.pvalue.TaggedOutput(COUNTS, (name, n))
     yield detection
 
 
@@ -460,14 +486,15 @@ class ReadDetections(beam.PTransform):
     """Detections from JSON Lines, Parquet or VinVL TSV files -> (valid detection dicts, rejected).
 
     Returns a dict {"detections": PCollection[dict], "rejected": PCollection[dict], "counts":
-    PCollection[(name, n)] (boxes clipped to their image)}. A detection dict has image_id, width,
-    height, boxes, labels, scores and features (float32 [regions, dim] or None). A VinVL
-    predictions.tsv picks up features.tsv beside it.
+    PCollection[(name, n)] (boxes clipped to their image, regions beyond `max_regions`)}. A
+    detection dict has image_id, width, height, boxes, labels, scores and features (float32
+    [regions, dim] or None), its regions highest score first, at most `max_regions` of them. A
+    VinVL predictions.tsv picks up features.tsv beside it.
     """
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, max_regions: int = DetectOptions.max_regions):
         super().__init__()
-        self._pattern = pattern
+        self._pattern, self._max_regions = pattern, max_regions
 
     def expand(self, pbegin):
         files = pbegin | "MatchDetections" >> MatchAll(self._pattern)
@@ -492,7 +519,8 @@ class ReadDetections(beam.PTransform):
                   | "Dedupe" >> beam.FlatMap(_first_per_image).with_outputs(REJECTED, main="ok"))
         rejected = ((plain[REJECTED], vinvl[REJECTED], joined[REJECTED], unique[REJECTED])
                     | "DetectionRejects" >> beam.Flatten())
-        counted = unique.ok | "CountImages" >> beam.FlatMap(_count_clipped).with_outputs(COUNTS, main="ok")
+        counted = unique.ok | "CountImages" >> beam.FlatMap(_finish_detection, self._max_regions).with_outputs(
+            COUNTS, main="ok")
         return {"detections": counted.ok, "rejected": rejected, "counts": counted[COUNTS]}
 
 

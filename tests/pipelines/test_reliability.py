@@ -66,6 +66,20 @@ def test_read_detections_dead_letters_absurd_boxes_and_counts_the_clipped(pipeli
     pipeline.run()
 
 
+def test_precomputed_regions_are_sorted_by_score_and_capped_at_max_regions(pipeline, tmp_path):
+    """The trainer keeps the first max_regions regions: precomputed detections are put highest
+    score first (ties by label) and capped, features alike, as the detector's are; the dropped counted."""
+    boxes = [[0, 0, 10, 10], [0, 0, 20, 20], [0, 0, 30, 30], [0, 0, 40, 40]]
+    path = write_jsonl(tmp_path / "d.jsonl", [{**IMAGE, "boxes": boxes, "labels": ["cup", "sofa", "cat", "dog"],
+                                              "scores": [0.1, 0.9, 0.5, 0.5],
+                                              "features": [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]}])
+    out = pipeline | ReadDetections(path, max_regions=3)
+    assert_that(out["detections"] | beam.Map(lambda d: (d["labels"], d["scores"], d["boxes"], d["features"][:, 0].tolist())),
+                equal_to([(["sofa", "cat", "dog"], [0.9, 0.5, 0.5], [boxes[1], boxes[2], boxes[3]], [2.0, 3.0, 4.0])]))
+    assert_that(out["counts"], equal_to([("regions_over_max", 1)]), label="counts")
+    pipeline.run()
+
+
 # 3. One feature width per corpus, chosen the same way whatever the order or the workers.
 
 def test_the_corpus_width_is_the_most_common_ties_to_the_smaller():
