@@ -15,6 +15,8 @@ def test_an_image_with_no_retrieved_sentence_is_dead_lettered_not_dropped():
     assert out.value["source"] == "a.jpg" and out.value["reason"].startswith("no retrieved sentences")
     hit = {"rank": 0, "sentence_id": "s", "sentence": "A cat.", "score": 0.5}
     assert list(build._hits_per_image(("cat", {"images": ["a.jpg"], "hits": [[hit]]}))) == [("a.jpg", ("cat", [hit]))]
+    # retrievals/ rows carry the query the image searched with
+    assert list(build._retrieval_rows(("a.jpg", ("cat", [hit])))) == [{"image_id": "a.jpg", "query": "cat", **hit}]
     # an image missing from either side of the sample join was dead-lettered before it
     assert list(build._make_sample(("a.jpg", {"detection": [{"image_id": "a.jpg"}], "sentences": []}))) == []
     assert list(build._make_sample(("b.jpg", {"detection": [], "sentences": [{"rank": 0}]}))) == []
