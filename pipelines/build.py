@@ -83,8 +83,8 @@ def _hits_per_image(element):
     hit_lists = [hits for hits in grouped["hits"] if hits]
     for image_id in grouped["images"]:
         if not hit_lists:
-            yield rejection("retrieve", image_id, f"no retrieved sentences: the index returned nothing for its "
-                                                  f"query {query!r}")
+            yield rejection("retrieve", image_id, "no retrieved sentences",
+                            detail=f"the index returned nothing for its query {query!r}")
         for hits in hit_lists:
             yield image_id, (query, hits)
 
@@ -95,11 +95,14 @@ def _retrieval_rows(element):
         yield {"image_id": image_id, "query": query, **hit}
 
 
+NO_FEATURES = "no region features"  # shards need them: such an image stops the run (cli._check_run)
+
+
 def _check_features(detection: dict):
     if detection.get("features") is None:
-        yield rejection("shards", detection["image_id"],
-                        "no region features: shards need them (give detections with features, use --images, "
-                        "or pass --no-shards for retrievals only)")
+        yield rejection("shards", detection["image_id"], NO_FEATURES,
+                        detail="shards need them (give detections with features, use --images, or pass --no-shards "
+                               "for retrievals only)")
     else:
         yield detection
 
@@ -115,9 +118,9 @@ def _keep_corpus_width(detection: dict, width: int):
     if found == width:
         yield detection
     else:
-        yield rejection("shards", detection["image_id"],
-                        f"feature width differs from the corpus's: {found}, expected {width} (one width per corpus: "
-                        f"the most common among the images, ties to the smaller)")
+        yield rejection("shards", detection["image_id"], "feature width differs from the corpus's",
+                        detail=f"{found}, expected {width} (one width per corpus: the most common among the images, "
+                               f"ties to the smaller)")
 
 
 class OneFeatureWidth(beam.PTransform):
@@ -209,8 +212,7 @@ def _sample_stats(sample: dict):
 
 
 def _reject_stats(record: dict):
-    reason = record["reason"].split(":")[0]
-    yield f"rejected/{record['stage']}: {reason}", 1
+    yield f"rejected/{record['stage']}: {record['reason']}", 1
 
 
 SCORE_UNITS = 10**6  # scores are summed as integer micro-units: exact, so in any order of bundles

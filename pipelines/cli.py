@@ -169,7 +169,8 @@ def _check_run(stats: dict, options: BuildOptions) -> None:
         raise RunError(f"the text corpus gave zero valid sentences ({options.text}); {where}")
     if stats["images_valid"] == 0:
         raise RunError(f"zero valid images in {options.detections or options.images}; {where}")
-    no_features = sum(v for k, v in stats["rejected"].items() if k.startswith("shards: no region features"))
+    from pipelines.build import NO_FEATURES
+    no_features = stats["rejected"].get(f"shards: {NO_FEATURES}", 0)
     if no_features:
         raise RunError(f"{no_features} image(s) have no region features, which shards need: give detections with "
                        f"features, use --images to run the detector, or pass --no-shards for retrievals only")

@@ -22,7 +22,7 @@ import time
 import apache_beam as beam
 import numpy as np
 
-from pipelines.deadletter import REJECTED, rejection
+from pipelines.deadletter import REJECTED, Rejected, rejection, rejection_for
 from pipelines.io import region_order
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
@@ -61,7 +61,7 @@ def decode_image(data: bytes) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
-        raise ValueError("empty file (0 bytes)")
+        raise Rejected("empty file (0 bytes)")
     stream = io.BytesIO(data)  # outside the try: a wrong argument type is our bug, not the file's
     try:
         with Image.open(stream) as image:
@@ -69,14 +69,14 @@ def decode_image(data: bytes) -> np.ndarray:
             image = image.convert("RGB")
             array = np.asarray(image)
     except UnidentifiedImageError as err:
-        raise ValueError("not an image (Pillow cannot identify it)") from err
+        raise Rejected("not an image (Pillow cannot identify it)") from err
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot decode image: {err}") from err
+        raise Rejected("cannot decode image", str(err)) from err
     except Exception as err:  # noqa: BLE001 - Pillow's parsers raise anything on malformed bytes
         # (struct.error, KeyError, IndexError, TypeError from EXIF or fuzzed headers): the file is bad.
-        raise ValueError(f"undecodable image: {exception_name(err)}: {err}") from err
+        raise Rejected("undecodable image", f"{exception_name(err)}: {err}") from err
     if array.size == 0:
-        raise ValueError("empty image (0 pixels)")
+        raise Rejected("empty image (0 pixels)")
     return array
 
 
@@ -238,13 +238,13 @@ class _DetectImage(beam.DoFn):
             image = decode_image(data)
         except ValueError as err:
             beam.metrics.Metrics.counter("detect", "undecodable").inc()
-            yield rejection("detect", source, str(err))
+            yield rejection_for("detect", source, err, "undecodable image")
             return
         try:
             found = self._detector.detect(image)
         except cv2.error as err:  # OpenCV rejects this one image (size, layout): the job goes on
             beam.metrics.Metrics.counter("detect", "detector_failed").inc()
-            yield rejection("detect", source, f"detector failed: {exception_name(err)}: {err}")
+            yield rejection("detect", source, "detector failed", detail=f"{exception_name(err)}: {err}")
             return
         add_stage_time("detect", start)
         if not np.isfinite(found["features"]).all():  # NaN activations: never write them to a shard
@@ -253,7 +253,8 @@ class _DetectImage(beam.DoFn):
             return
         if not found["boxes"]:
             beam.metrics.Metrics.counter("detect", "no_regions").inc()
-            yield rejection("detect", source, f"no region above the confidence threshold {self._options.conf_threshold}")
+            yield rejection("detect", source, "no region above the confidence threshold",
+                            detail=f"threshold {self._options.conf_threshold}")
             return
         beam.metrics.Metrics.counter("detect", "images").inc()
         beam.metrics.Metrics.counter("detect", "regions").inc(len(found["boxes"]))

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.deadletter import REJECTED, duplicate_reason, rejection
+from pipelines.deadletter import REJECTED, duplicate_rejection, rejection
 from pipelines.io import MatchAll, split_patterns
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -95,7 +95,7 @@ class _ReadImageFile(beam.DoFn):
                     beam.metrics.Metrics.counter("read_images", "images").inc()
                     yield f"{tar_id}/{member.name}", data, f"{path}:{member.name}"
         except (tarfile.TarError, EOFError, OSError) as err:
-            yield rejection("read_images", path, f"unreadable tar: {err}")
+            yield rejection("read_images", path, "unreadable tar", detail=str(err))
 
 
 def _keep_one_per_image_id(element):
@@ -109,7 +109,7 @@ def _keep_one_per_image_id(element):
     yield image_id, data, kept_source
     for source, _ in copies[1:]:
         beam.metrics.Metrics.counter("read_images", "duplicate_image_id").inc()
-        yield rejection("read_images", source, duplicate_reason(image_id, kept_source))
+        yield duplicate_rejection("read_images", source, image_id, kept_source)
 
 
 class ImagesRead(NamedTuple):

@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from pipelines.deadletter import REJECTED, duplicate_reason, rejection
+from pipelines.deadletter import REJECTED, Rejected, duplicate_rejection, rejection, rejection_for
 from pipelines.options import DetectOptions, TextOptions
 from schemas.corpus import normalise_label
 
@@ -73,7 +73,7 @@ def is_local(path: str) -> bool:
     return "://" not in path
 
 
-class UnreadableFile(ValueError):
+class UnreadableFile(Rejected):
     """A file that cannot be read (corrupt, truncated, not the format its name says)."""
 
 
@@ -98,7 +98,7 @@ def read_lines(path: str):
             for line_no, line in enumerate(iter(f.readline, b""), start=1):
                 yield line_no, line
     except (OSError, EOFError, zlib.error) as err:
-        raise UnreadableFile(f"unreadable file: stopped after line {line_no}: {err}") from err
+        raise UnreadableFile("unreadable file", f"stopped after line {line_no}: {err}") from err
 
 
 def decode_line(raw: bytes, line_no: int) -> str:
@@ -121,7 +121,7 @@ def open_parquet(path: str):
         try:
             parquet = pq.ParquetFile(f)
         except _PARQUET_ERRORS as err:
-            raise UnreadableFile(f"unreadable Parquet file: {err}") from err
+            raise UnreadableFile("unreadable Parquet file", str(err)) from err
         yield parquet
 
 
@@ -132,7 +132,7 @@ def iter_parquet_rows(parquet: pq.ParquetFile, columns: list[str]):
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             yield from batch.to_pylist()
     except _PARQUET_ERRORS as err:
-        raise UnreadableFile(f"unreadable Parquet file: {err}") from err
+        raise UnreadableFile("unreadable Parquet file", str(err)) from err
 
 
 def stable_id(text: str, digits: int = 16) -> str:
@@ -155,9 +155,9 @@ def _number(value, field: str, integer: bool = False):
     # numpy scalars count: a box given as an np.ndarray holds np.float32, not float.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not _is_finite(value):
-        raise ValueError(f"field '{field}' must be a finite number, got {value!r:.60}")
+        raise Rejected(f"field '{_base(field)}' must be a finite number", f"{field} = {value!r:.60}")
     if integer and int(value) != value:
-        raise ValueError(f"field '{field}' must be an integer, got {value!r}")
+        raise Rejected(f"field '{_base(field)}' must be an integer", f"{field} = {value!r:.60}")
     return int(value) if integer else float(value)
 
 
@@ -165,7 +165,12 @@ def _sequence(value, field: str) -> list:
     """A list from a list, tuple or array. A string is rejected: list("cat") would pass as three labels."""
     if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
         return list(value)
-    raise ValueError(f"field '{field}' must be a list, got {type(value).__name__} {value!r:.60}")
+    raise Rejected(f"field '{_base(field)}' must be a list", f"{field} is {type(value).__name__} {value!r:.60}")
+
+
+def _base(field: str) -> str:
+    """'boxes[3]' -> 'boxes': a reason class names the field, its detail the element."""
+    return field.split("[", 1)[0]
 
 
 def _features_array(features, regions: int) -> np.ndarray:
@@ -173,16 +178,17 @@ def _features_array(features, regions: int) -> np.ndarray:
     try:
         features = np.asarray(features, dtype=np.float32)
     except (ValueError, TypeError) as err:  # ragged rows, strings
-        raise ValueError(f"field 'features' must be a [regions, dim] array of numbers: {err}") from err
+        raise Rejected("field 'features' must be a [regions, dim] array of numbers", str(err)) from err
     if features.ndim != 2 or features.shape[0] != regions:
-        raise ValueError(f"features must be [regions, dim] with {regions} regions, got shape {features.shape}")
+        raise Rejected("features must be [regions, dim], a row per region", f"{regions} regions, got shape {features.shape}")
     if not np.isfinite(features).all():
-        raise ValueError("features contain NaN or infinity")
+        raise Rejected("features contain NaN or infinity")
     too_large = np.abs(features) > FLOAT16_MAX
     if too_large.any():
         region, column = (int(i) for i in np.argwhere(too_large)[0])
-        raise ValueError(f"features beyond the float16 range the shards store: features[{region}][{column}] = "
-                         f"{float(features[region, column]):.6g} (|x| must be at most {FLOAT16_MAX:g})")
+        raise Rejected("features beyond the float16 range the shards store",
+                       f"features[{region}][{column}] = {float(features[region, column]):.6g} (|x| must be at most "
+                       f"{FLOAT16_MAX:g})")
     return features
 
 
@@ -205,13 +211,13 @@ def fit_boxes_to_image(boxes: list[list[float]], width: int, height: int) -> tup
         slack_x, slack_y = BOX_TOLERANCE * width, BOX_TOLERANCE * height
         if not (-slack_x <= x1 <= width + slack_x and -slack_x <= x2 <= width + slack_x
                 and -slack_y <= y1 <= height + slack_y and -slack_y <= y2 <= height + slack_y):
-            raise ValueError(f"box outside the image: boxes[{i}] = {box} for a {width}x{height} image "
-                             f"(more than {BOX_TOLERANCE:.0%} of a side past an edge)")
+            raise Rejected("box outside the image", f"boxes[{i}] = {box} for a {width}x{height} image "
+                                                    f"(more than {BOX_TOLERANCE:.0%} of a side past an edge)")
         inside = [min(max(x1, 0.0), width), min(max(y1, 0.0), height),
                   min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
         if not (inside[2] > inside[0] and inside[3] > inside[1]):
-            raise ValueError(f"box without area: boxes[{i}] = {box} (x2 > x1 and y2 > y1 inside the "
-                             f"{width}x{height} image are needed)")
+            raise Rejected("box without area", f"boxes[{i}] = {box} (x2 > x1 and y2 > y1 inside the "
+                                               f"{width}x{height} image are needed)")
         clipped += inside != box
         fitted.append(inside)
     return fitted, clipped
@@ -220,33 +226,33 @@ def fit_boxes_to_image(boxes: list[list[float]], width: int, height: int) -> tup
 def validate_detection(record) -> dict:
     """A clean detection dict from a raw record, or ValueError naming the field that is wrong."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        raise Rejected("expected a JSON object", f"got {type(record).__name__}")
     for field in ("image_id", "width", "height", "boxes", "labels", "scores"):
         if field not in record or record[field] is None:
-            raise ValueError(f"missing field '{field}'")
+            raise Rejected(f"missing field '{field}'")
     image_id = record["image_id"]
     if not isinstance(image_id, str) or not image_id.strip():
-        raise ValueError(f"field 'image_id' must be a non-empty string, got {image_id!r}")
+        raise Rejected("field 'image_id' must be a non-empty string", f"got {image_id!r:.60}")
     width = _number(record["width"], "width", integer=True)
     height = _number(record["height"], "height", integer=True)
     if not (0 < width <= INT32_MAX and 0 < height <= INT32_MAX):
-        raise ValueError(f"width/height must be positive int32 values, got {width}x{height}")
+        raise Rejected("width/height must be positive int32 values", f"got {width}x{height}")
     boxes, labels, scores = (_sequence(record[f], f) for f in ("boxes", "labels", "scores"))
     if not (len(boxes) == len(labels) == len(scores)):
-        raise ValueError(f"boxes/labels/scores lengths differ: {len(boxes)}/{len(labels)}/{len(scores)}")
+        raise Rejected("boxes/labels/scores lengths differ", f"{len(boxes)}/{len(labels)}/{len(scores)}")
     clean_boxes = []
     for i, box in enumerate(boxes):
         box = _sequence(box, f"boxes[{i}]")
         if len(box) != 4:
-            raise ValueError(f"boxes[{i}] must be [x1, y1, x2, y2], got {box!r}")
+            raise Rejected("a box must be [x1, y1, x2, y2]", f"boxes[{i}] = {box!r:.80}")
         clean_boxes.append([_number(v, f"boxes[{i}]") for v in box])
     for i, label in enumerate(labels):
         if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"labels[{i}] must be a non-empty string, got {label!r}")
+            raise Rejected("a label must be a non-empty string", f"labels[{i}] = {label!r:.60}")
     clean_scores = [_number(s, f"scores[{i}]") for i, s in enumerate(scores)]
     for i, score in enumerate(clean_scores):
         if abs(score) > FLOAT32_MAX:
-            raise ValueError(f"field 'scores[{i}]' is beyond the float32 range the tables store, got {score!r}")
+            raise Rejected("field 'scores' is beyond the float32 range the tables store", f"scores[{i}] = {score!r}")
     fitted_boxes, clipped = fit_boxes_to_image(clean_boxes, width, height)
     features = record.get("features")
     if features is not None:
@@ -289,7 +295,7 @@ class _ParseDetectionsFile(beam.DoFn):
         try:
             yield where, validate_detection(raw)
         except (ValueError, TypeError) as err:
-            yield rejection("read_detections", where, str(err), raw)
+            yield rejection_for("read_detections", where, err, "invalid detection record", raw)
 
     def _jsonl(self, path):
         try:
@@ -303,11 +309,12 @@ class _ParseDetectionsFile(beam.DoFn):
                     yield rejection("read_detections", where, "not valid UTF-8", line[:200].decode("latin-1"))
                     continue
                 except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts
-                    yield rejection("read_detections", where, f"malformed JSON: {err}", line.decode("utf-8", "replace"))
+                    yield rejection("read_detections", where, "malformed JSON", line.decode("utf-8", "replace"),
+                                    detail=str(err))
                     continue
                 yield from self._emit(raw, where)
         except UnreadableFile as err:
-            yield rejection("read_detections", path, str(err))
+            yield rejection_for("read_detections", path, err, "unreadable file")
 
     def _parquet(self, path):
         try:
@@ -315,26 +322,33 @@ class _ParseDetectionsFile(beam.DoFn):
                 columns = detections_columns(parquet.schema_arrow)
                 for row_no, raw in enumerate(iter_parquet_rows(parquet, columns)):
                     yield from self._emit(raw, f"{path}:row {row_no}")
-        except (UnreadableFile, schemas.SchemaError) as err:
-            # the whole file, or the rest of it after a damaged page; other files go on
-            yield rejection("read_detections", path, str(err))
+        except Rejected as err:
+            # the whole file (unreadable, or of the wrong schema), or the rest of it after a damaged page;
+            # other files go on
+            yield rejection_for("read_detections", path, err, WRONG_SCHEMA)
 
 
 REQUIRED_DETECTION_COLUMNS = ("image_id", "width", "height", "boxes", "labels", "scores")
 
 
+WRONG_SCHEMA = "wrong schema"
+
+
 def detections_columns(schema: pa.Schema) -> list[str]:
-    """The columns to read from a detections Parquet file, or SchemaError. A file stamped with our
+    """The columns to read from a detections Parquet file, or Rejected (wrong schema). A file stamped with our
     schema_version was written by vlp-data: it must be this version with schemas.DETECTIONS' columns.
     A user's own file needs only the required columns; its rows are checked one by one."""
     if schemas.VERSION_KEY in (schema.metadata or {}):
-        schemas.check_version(schema, "wrong schema")
-        schemas.check_fields(schema, schemas.DETECTIONS, "wrong schema")
+        try:
+            schemas.check_version(schema, WRONG_SCHEMA)
+            schemas.check_fields(schema, schemas.DETECTIONS, WRONG_SCHEMA)
+        except schemas.SchemaError as err:  # 'wrong schema: what is wrong'
+            raise Rejected(WRONG_SCHEMA, str(err).split(": ", 1)[1]) from err
         return schemas.DETECTIONS.names
     missing = [c for c in REQUIRED_DETECTION_COLUMNS if c not in schema.names]
     if missing:
-        raise schemas.SchemaError(f"wrong schema: missing column(s) {missing}; detections need "
-                                  f"{list(REQUIRED_DETECTION_COLUMNS)} and optionally 'features'")
+        raise Rejected(WRONG_SCHEMA, f"missing column(s) {missing}; detections need "
+                                     f"{list(REQUIRED_DETECTION_COLUMNS)} and optionally 'features'")
     return [c for c in (*REQUIRED_DETECTION_COLUMNS, "features") if c in schema.names]
 
 
@@ -382,10 +396,10 @@ class _ParseVinvlFile(beam.DoFn):
                         record = self._prediction(cols)
                         yield record["image_id"], ((path, line_no), record, has_features_file)
                 except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
-                    yield rejection("read_detections", f"{path}:{line_no}", f"bad VinVL line: {err}",
-                                    line[:300].decode("utf-8", "replace"))
+                    yield rejection("read_detections", f"{path}:{line_no}", "bad VinVL line",
+                                    line[:300].decode("utf-8", "replace"), detail=str(err))
         except UnreadableFile as err:
-            yield rejection("read_detections", path, str(err))
+            yield rejection_for("read_detections", path, err, "unreadable file")
 
     @staticmethod
     def _prediction(cols):
@@ -421,22 +435,21 @@ def _join_vinvl(element):
     features = sorted(grouped["features"], key=lambda f: f[0])
     for kind, lines in (("predictions", predictions), ("features", features)):
         for line in lines[1:]:
-            yield rejection("read_detections", _where(line[0]),
-                            duplicate_reason(image_id, _where(lines[0][0]), f"VinVL {kind}"),
-                            line[1] if kind == "predictions" else None)
+            yield duplicate_rejection("read_detections", _where(line[0]), image_id, _where(lines[0][0]), f"VinVL {kind}",
+                                      line[1] if kind == "predictions" else None)
     if not predictions:
-        yield rejection("read_detections", _where(features[0][0]),
-                        f"VinVL features without a prediction line for image_id {image_id!r}")
+        yield rejection("read_detections", _where(features[0][0]), "VinVL features without a prediction line",
+                        detail=f"image_id {image_id!r}")
         return
     line, record, has_features_file = predictions[0]
     if has_features_file and not features:
-        yield rejection("read_detections", _where(line),
-                        f"VinVL prediction without a features line for image_id {image_id!r}", record)
+        yield rejection("read_detections", _where(line), "VinVL prediction without a features line", record,
+                        detail=f"image_id {image_id!r}")
         return
     try:
         yield _where(line), validate_detection(dict(record, features=features[0][1] if features else None))
     except (ValueError, TypeError) as err:
-        yield rejection("read_detections", _where(line), str(err), record)
+        yield rejection_for("read_detections", _where(line), err, "invalid detection record", record)
 
 
 def _features_digest(features) -> str:
@@ -460,8 +473,8 @@ def _first_per_image(element):
     kept_where, kept = located[0]
     yield kept
     for where, dup in located[1:]:
-        yield rejection("read_detections", where, duplicate_reason(image_id, kept_where),
-                        {k: v for k, v in dup.items() if k not in ("features", BOXES_CLIPPED)})
+        yield duplicate_rejection("read_detections", where, image_id, kept_where,
+                                  record={k: v for k, v in dup.items() if k not in ("features", BOXES_CLIPPED)})
 
 
 REGIONS_DROPPED = "regions_over_max"  # stats.json: regions of precomputed detections beyond --max-regions
@@ -566,8 +579,8 @@ class _ReadTextFile(beam.DoFn):
                 try:
                     line = decode_line(raw, line_no)
                 except UnicodeDecodeError as err:
-                    yield rejection("read_text", f"{path}:{line_no}", f"not valid UTF-8: {err.reason} at byte {err.start}",
-                                    raw[:200].decode("utf-8", "replace"))
+                    yield rejection("read_text", f"{path}:{line_no}", "not valid UTF-8",
+                                    raw[:200].decode("utf-8", "replace"), detail=f"{err.reason} at byte {err.start}")
                     continue
                 if not self._paragraphs:
                     yield line, f"{path}:{line_no}"
@@ -578,7 +591,7 @@ class _ReadTextFile(beam.DoFn):
                     yield " ".join(block), f"{path}:{block_start}"
                     block, block_start = [], 0
         except UnreadableFile as err:  # the lines before the damage are kept
-            yield rejection("read_text", path, str(err))
+            yield rejection_for("read_text", path, err, "unreadable file")
         if block:
             yield " ".join(block), f"{path}:{block_start}"
         yield _counted("lines", line_no)
@@ -589,16 +602,16 @@ class _ReadTextFile(beam.DoFn):
             with open_parquet(path) as parquet:
                 names = parquet.schema_arrow.names
                 if "text" not in names:
-                    yield rejection("read_text", path, f"Parquet file has no 'text' column (columns: {names})")
+                    yield rejection("read_text", path, "Parquet file has no 'text' column", detail=f"columns {names}")
                     return
                 for row_no, row in enumerate(iter_parquet_rows(parquet, ["text"])):
                     rows, text = row_no + 1, row["text"]
                     if text is None or not isinstance(text, str):
-                        yield rejection("read_text", f"{path}:row {row_no}", f"'text' is not a string: {text!r}")
+                        yield rejection("read_text", f"{path}:row {row_no}", "'text' is not a string", detail=f"{text!r:.200}")
                     else:
                         yield text, f"{path}:row {row_no}"
         except UnreadableFile as err:  # the rows before the damage are kept
-            yield rejection("read_text", path, str(err))
+            yield rejection_for("read_text", path, err, "unreadable file")
         yield _counted("lines", rows)
 
 
@@ -673,7 +686,7 @@ def _clean(element, options: TextOptions):
         return
     if len(text) > options.max_chars:
         yield _counted("dropped_overlong")
-        yield rejection("read_text", source, f"over-long: {len(text)} characters > max {options.max_chars}", text)
+        yield rejection("read_text", source, "over-long", text, detail=f"{len(text)} characters > max {options.max_chars}")
         return
     yield text, source
 

@@ -16,6 +16,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
+from pipelines.deadletter import message
 from pipelines.detect import FEATURE_DIM, DetectRegions, YoloDetector, bundled_model_files, decode_image, to_float16
 from pipelines.images import ReadImages
 from pipelines.options import DetectOptions
@@ -82,7 +83,7 @@ def test_a_repeated_image_id_is_kept_once_and_the_rest_dead_lettered(pipeline, t
                 equal_to([("00000.tar/000001.jpg", b"first", "00000.tar:000001.jpg"),
                           ("00000.tar/000002.jpg", b"two", "00000.tar:000002.jpg")]), label="images")
     source = f"{tmp_path}/00000.tar:000001.jpg"
-    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], r["reason"])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], message(r))),
                 equal_to([("read_images", source, f"duplicate image_id: '00000.tar/000001.jpg' also at {source}, which is kept")]),
                 label="rejected")
     result = pipeline.run()
@@ -158,7 +159,7 @@ def test_detect_regions_dead_letters_decode_detector_and_nan_failures(pipeline, 
               ("nan.jpg", _jpeg(np.zeros((60, 80, 3), np.uint8)), "nan.jpg")]
     out = pipeline | beam.Create(images) | DetectRegions(DetectOptions())
     assert_that(out.detections | beam.Map(lambda d: d["image_id"]), equal_to(["coffee.jpg"]), label="detections")
-    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], r["reason"].split(": ")[:2])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], message(r).split(": ")[:2])),
                 equal_to([("detect", "exif.jpg", ["undecodable image", "struct.error"]),
                           ("detect", "opencv.jpg", ["detector failed", "cv2.error"]),
                           ("detect", "nan.jpg", ["non-finite region features (NaN) from the detector"])]),

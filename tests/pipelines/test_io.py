@@ -43,9 +43,9 @@ def test_labels_are_normalised_by_one_rule_so_case_makes_no_second_tag():
     ({"image_id": None}, "missing field 'image_id'"),
     ({"labels": ["sofa"]}, "lengths differ: 3/1/3"),
     ({"width": 0}, "must be positive"),
-    ({"boxes": [[0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]]}, "boxes[0] must be [x1, y1, x2, y2]"),
-    ({"scores": [0.1, "high", 0.2]}, "field 'scores[1]' must be a finite number"),
-    ({"features": [[1.0, 2.0]]}, "features must be [regions, dim] with 3 regions"),
+    ({"boxes": [[0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]]}, "a box must be [x1, y1, x2, y2]: boxes[0] = [0, 0, 1]"),
+    ({"scores": [0.1, "high", 0.2]}, "field 'scores' must be a finite number: scores[1] = 'high'"),
+    ({"features": [[1.0, 2.0]]}, "features must be [regions, dim], a row per region: 3 regions, got shape"),
 ])
 def test_validate_detection_names_the_bad_field(change, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -65,7 +65,8 @@ def test_read_detections_jsonl_and_parquet_with_dead_letters(pipeline, tmp_path)
                    tmp_path / "more.parquet")
     out = pipeline | ReadDetections(f"{jsonl},{tmp_path}/*.parquet")
     assert_that(out["detections"] | beam.Map(_essentials),
-                equal_to([("a.jpg", ("sofa", "woman", "sofa"), True), ("b.jpg", ("sofa", "woman", "sofa"), False)]),
+                # regions highest score first (keep_top_regions)
+                equal_to([("a.jpg", ("woman", "sofa", "sofa"), True), ("b.jpg", ("woman", "sofa", "sofa"), False)]),
                 label="valid")
     assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(f"{jsonl}:2", "malformed JSON"), (f"{jsonl}:3", "missing field 'labels'"),
