@@ -60,7 +60,7 @@ def main(verbose: bool):
 
 
 @main.command("build-retrieval", context_settings=BEAM_PASSTHROUGH)
-@click.option("--detections", help="Precomputed detections: JSONL, Parquet or VinVL predictions.tsv (path, glob, or comma list).")
+@click.option("--detections", help="Precomputed detections: JSONL, Parquet, VinVL predictions.tsv, or Oscar/VinVL X.label.tsv or X.yaml (path, glob, or comma list).")
 @click.option("--images", help="Images (jpg/png/webp) or WebDataset tars of images, path or glob; runs the detector.")
 @click.option("--text", help="Text corpus: .txt/.txt.gz (a sentence per line) or Parquet with a `text` column; globs allowed.")
 @click.option("--output", default="vlp-out", show_default=True, help="Output directory (local or gs://).")
