@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
-from pipelines.io import BOXES_CLIPPED, ReadCorpus, ReadDetections, is_local
+from pipelines.io import BOXES_CLIPPED, REGIONS_DROPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
 from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
@@ -62,34 +62,47 @@ def staging_dir(output: str) -> str:
 # Steps between the stages
 
 
+def _has_regions(detection: dict):
+    """An image without regions has no tags to query with: dead-lettered before anything else
+    looks at it (in shards mode its missing features must not fail the run)."""
+    if detection["boxes"]:
+        yield detection
+    else:
+        yield rejection("retrieve", detection["image_id"], "no detected regions, so no tags to query with")
+
+
 def _query_of(detection: dict):
     """image -> (tag string, image_id): the query is the image's tags in deterministic order."""
-    query = tag_query(detection["labels"], detection["scores"])
-    if not query:
-        yield rejection("retrieve", detection["image_id"], "no detected regions, so no tags to query with")
-        return
-    yield query, detection["image_id"]
+    return tag_query(detection["labels"], detection["scores"]), detection["image_id"]
 
 
 def _hits_per_image(element):
-    _, grouped = element
-    hits = grouped["hits"]
+    """(query, {images, hits}) -> (image_id, (query, hits)) per image of that query; an image whose
+    search came back empty (e.g. IVF probing only empty lists) is dead-lettered, not counted as retrieved."""
+    query, grouped = element
+    hit_lists = [hits for hits in grouped["hits"] if hits]
     for image_id in grouped["images"]:
-        for hit_list in hits:
-            yield image_id, hit_list
+        if not hit_lists:
+            yield rejection("retrieve", image_id, "no retrieved sentences",
+                            detail=f"the index returned nothing for its query {query!r}")
+        for hits in hit_lists:
+            yield image_id, (query, hits)
 
 
 def _retrieval_rows(element):
-    image_id, hits = element
+    image_id, (query, hits) = element
     for hit in hits:
-        yield {"image_id": image_id, **hit}
+        yield {"image_id": image_id, "query": query, **hit}
+
+
+NO_FEATURES = "no region features"  # shards need them: such an image stops the run (cli._check_run)
 
 
 def _check_features(detection: dict):
     if detection.get("features") is None:
-        yield rejection("shards", detection["image_id"],
-                        "no region features: shards need them (give detections with features, use --images, "
-                        "or pass --no-shards for retrievals only)")
+        yield rejection("shards", detection["image_id"], NO_FEATURES,
+                        detail="shards need them (give detections with features, use --images, or pass --no-shards "
+                               "for retrievals only)")
     else:
         yield detection
 
@@ -105,9 +118,9 @@ def _keep_corpus_width(detection: dict, width: int):
     if found == width:
         yield detection
     else:
-        yield rejection("shards", detection["image_id"],
-                        f"feature width differs from the corpus's: {found}, expected {width} (one width per corpus: "
-                        f"the most common among the images, ties to the smaller)")
+        yield rejection("shards", detection["image_id"], "feature width differs from the corpus's",
+                        detail=f"{found}, expected {width} (one width per corpus: the most common among the images, "
+                               f"ties to the smaller)")
 
 
 class OneFeatureWidth(beam.PTransform):
@@ -125,14 +138,32 @@ class OneFeatureWidth(beam.PTransform):
             _keep_corpus_width, width=beam.pvalue.AsSingleton(width)).with_outputs(REJECTED, main="ok")
 
 
+class UsableDetections(beam.PTransform):
+    """Valid detections -> {"detections": those a sample can be made of, "rejected": the others}.
+    Without regions an image is dead-lettered first (it has no tags to query with); then, for
+    shards, one without features and one of another feature width than the corpus's."""
+
+    def __init__(self, shards: bool):
+        super().__init__()
+        self._shards = shards
+
+    def expand(self, detections):
+        with_regions = detections | "HasRegions" >> beam.FlatMap(_has_regions).with_outputs(REJECTED, main="ok")
+        if not self._shards:
+            return {"detections": with_regions.ok, "rejected": with_regions[REJECTED]}
+        checked = with_regions.ok | "NeedFeatures" >> beam.FlatMap(_check_features).with_outputs(REJECTED, main="ok")
+        one_width = checked.ok | "OneFeatureWidth" >> OneFeatureWidth()
+        rejected = ((with_regions[REJECTED], checked[REJECTED], one_width[REJECTED])
+                    | "UnusableDetections" >> beam.Flatten())
+        return {"detections": one_width.ok, "rejected": rejected}
+
+
 def _make_sample(element):
     """Join of one image's detection and its retrieved sentences (with phrases) -> sample dict.
-    An image whose retrieval came back empty (e.g. IVF probing only empty lists) is dead-lettered."""
+    An image without one of the two was dead-lettered earlier (rejected before the join, or its
+    retrieval came back empty: `_hits_per_image`)."""
     image_id, grouped = element
-    if not grouped["detection"]:  # sentences of an image rejected earlier; it is dead-lettered there
-        return
-    if not grouped["sentences"]:
-        yield rejection("shards", image_id, "no retrieved sentences: the index returned nothing for its tags")
+    if not (grouped["detection"] and grouped["sentences"]):
         return
     detection = grouped["detection"][0]
     sentences = sorted(grouped["sentences"], key=lambda s: s["rank"])
@@ -181,8 +212,7 @@ def _sample_stats(sample: dict):
 
 
 def _reject_stats(record: dict):
-    reason = record["reason"].split(":")[0]
-    yield f"rejected/{record['stage']}: {reason}", 1
+    yield f"rejected/{record['stage']}: {record['reason']}", 1
 
 
 SCORE_UNITS = 10**6  # scores are summed as integer micro-units: exact, so in any order of bundles
@@ -204,6 +234,7 @@ def render_stats(totals: dict, options: BuildOptions) -> dict:
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
         "boxes_clipped": totals.get(BOXES_CLIPPED, 0),
+        REGIONS_DROPPED: totals.get(REGIONS_DROPPED, 0),
         "sentences": totals.get("sentences", 0),
         "text": {k[len("text_"):]: v for k, v in sorted(totals.items()) if k.startswith("text_")},
         "k": options.retrieve.k,
@@ -242,16 +273,14 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         detections = detected.detections
         rejected.append(detected.rejected)
     else:
-        read = p | "ReadDetections" >> ReadDetections(options.detections)
+        read = p | "ReadDetections" >> ReadDetections(options.detections, options.detect.max_regions)
         detections = read["detections"]
         rejected.append(read["rejected"])
         stats.append(read["counts"])
     stats.append(detections | "StatImages" >> beam.Map(lambda _: ("images_valid", 1)))
-    if options.shards:
-        checked = detections | "NeedFeatures" >> beam.FlatMap(_check_features).with_outputs(REJECTED, main="ok")
-        one_width = checked.ok | "OneFeatureWidth" >> OneFeatureWidth()
-        detections = one_width.ok
-        rejected += [checked[REJECTED], one_width[REJECTED]]
+    usable = detections | "UsableDetections" >> UsableDetections(options.shards)
+    detections = usable["detections"]
+    rejected.append(usable["rejected"])
 
     # Text corpus -> sentences -> embeddings -> one Corpus side input
     corpus_read = p | "ReadCorpus" >> ReadCorpus(options.text, options.text_options)
@@ -269,17 +298,18 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
                                           options.shard.table_rows_per_file))
 
     # Tag strings -> embeddings (each distinct string once) -> top-K -> per image
-    queries = detections | "Queries" >> beam.FlatMap(_query_of).with_outputs(REJECTED, main="ok")
-    rejected.append(queries[REJECTED])
-    hits = (queries.ok
+    queries = detections | "Queries" >> beam.Map(_query_of)
+    hits = (queries
             | "QueryStrings" >> beam.Keys()
             | "DistinctQueries" >> beam.Distinct()
             | "KeyQuery" >> beam.Map(lambda q: (q, q))
             | "EmbedQueries" >> EmbedSentences(options.embed)
             | "RetrieveTopK" >> RetrieveTopK(corpus, options.retrieve))
-    image_hits = ({"images": queries.ok, "hits": hits}
+    image_hits = ({"images": queries, "hits": hits}
                   | "JoinQueries" >> beam.CoGroupByKey()
-                  | "HitsPerImage" >> beam.FlatMap(_hits_per_image))
+                  | "HitsPerImage" >> beam.FlatMap(_hits_per_image).with_outputs(REJECTED, main="ok"))
+    rejected.append(image_hits[REJECTED])
+    image_hits = image_hits.ok
     retrieval_rows = image_hits | "RetrievalRows" >> beam.FlatMap(_retrieval_rows)
     _ = retrieval_rows | "WriteRetrievals" >> WriteTable(
         out, "retrievals", schemas.RETRIEVALS, lambda r: (r["image_id"], r["rank"]), options.shard.table_rows_per_file)
@@ -352,7 +382,7 @@ def _build_samples(options, detections, image_hits, sentences, stats, rejected):
     from pipelines.phrases import ExtractNounPhrases
 
     uses = image_hits | "UsesBySentence" >> beam.FlatMapTuple(
-        lambda image_id, hits: [(hit["sentence_id"], (image_id, hit)) for hit in hits])
+        lambda image_id, query_hits: [(hit["sentence_id"], (image_id, hit)) for hit in query_hits[1]])
     unique_sentences = (uses | "RetrievedSentences" >> beam.MapTuple(lambda sid, use: (sid, use[1]["sentence"]))
                         | "DistinctRetrieved" >> beam.Distinct())
     stats.append(unique_sentences | "StatUnique" >> beam.Map(lambda _: ("unique_retrieved_sentences", 1)))

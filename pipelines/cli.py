@@ -60,7 +60,7 @@ def main(verbose: bool):
 
 
 @main.command("build-retrieval", context_settings=BEAM_PASSTHROUGH)
-@click.option("--detections", help="Precomputed detections: JSONL, Parquet or VinVL predictions.tsv (path, glob, or comma list).")
+@click.option("--detections", help="Precomputed detections: JSONL, Parquet, VinVL predictions.tsv, or Oscar/VinVL X.label.tsv or X.yaml (path, glob, or comma list).")
 @click.option("--images", help="Images (jpg/png/webp) or WebDataset tars of images, path or glob; runs the detector.")
 @click.option("--text", help="Text corpus: .txt/.txt.gz (a sentence per line) or Parquet with a `text` column; globs allowed.")
 @click.option("--output", default="vlp-out", show_default=True, help="Output directory (local or gs://).")
@@ -75,7 +75,7 @@ def main(verbose: bool):
 @click.option("--nprobe", default=32, show_default=True, type=click.IntRange(1), help="ivf: clusters searched per query.")
 @click.option("--split-sentences", is_flag=True, help="Split book-like text (paragraphs) into sentences with spaCy.")
 @click.option("--max-chars", default=512, show_default=True, type=click.IntRange(1), help="Drop longer sentences (counted, dead-lettered).")
-@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="Detector: at most this many regions per image.")
+@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="At most this many regions per image, highest score first (the detector's, and precomputed --detections').")
 @click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1), help="Detector: minimum confidence.")
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Detector: NMS IoU threshold.")
 @click.option("--spacy-model", default=SPACY_MODEL, show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")
@@ -169,7 +169,8 @@ def _check_run(stats: dict, options: BuildOptions) -> None:
         raise RunError(f"the text corpus gave zero valid sentences ({options.text}); {where}")
     if stats["images_valid"] == 0:
         raise RunError(f"zero valid images in {options.detections or options.images}; {where}")
-    no_features = sum(v for k, v in stats["rejected"].items() if k.startswith("shards: no region features"))
+    from pipelines.build import NO_FEATURES
+    no_features = stats["rejected"].get(f"shards: {NO_FEATURES}", 0)
     if no_features:
         raise RunError(f"{no_features} image(s) have no region features, which shards need: give detections with "
                        f"features, use --images to run the detector, or pass --no-shards for retrievals only")

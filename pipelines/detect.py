@@ -22,9 +22,11 @@ import time
 import apache_beam as beam
 import numpy as np
 
-from pipelines.deadletter import REJECTED, rejection
+from pipelines.deadletter import REJECTED, Rejected, rejection, rejection_for
+from pipelines.io import region_order
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
+from schemas.corpus import normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def decode_image(data: bytes) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
-        raise ValueError("empty file (0 bytes)")
+        raise Rejected("empty file (0 bytes)")
     stream = io.BytesIO(data)  # outside the try: a wrong argument type is our bug, not the file's
     try:
         with Image.open(stream) as image:
@@ -67,14 +69,14 @@ def decode_image(data: bytes) -> np.ndarray:
             image = image.convert("RGB")
             array = np.asarray(image)
     except UnidentifiedImageError as err:
-        raise ValueError("not an image (Pillow cannot identify it)") from err
+        raise Rejected("not an image (Pillow cannot identify it)") from err
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot decode image: {err}") from err
+        raise Rejected("cannot decode image", str(err)) from err
     except Exception as err:  # noqa: BLE001 - Pillow's parsers raise anything on malformed bytes
         # (struct.error, KeyError, IndexError, TypeError from EXIF or fuzzed headers): the file is bad.
-        raise ValueError(f"undecodable image: {exception_name(err)}: {err}") from err
+        raise Rejected("undecodable image", f"{exception_name(err)}: {err}") from err
     if array.size == 0:
-        raise ValueError("empty image (0 pixels)")
+        raise Rejected("empty image (0 pixels)")
     return array
 
 
@@ -156,7 +158,7 @@ class YoloDetector:
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         with open(names, encoding="utf-8") as f:
-            self.labels = [DARKNET_NAMES.get(n.strip(), n.strip()) for n in f if n.strip()]
+            self.labels = [normalise_label(DARKNET_NAMES.get(n.strip(), n.strip())) for n in f if n.strip()]
         self.options = options
         check_feature_layers(self.net, cfg, options.input_size)
         self._features = list(FEATURE_LAYERS)
@@ -203,8 +205,9 @@ class YoloDetector:
             xywh = [[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])] for b in boxes]
             kept = np.asarray(cv2.dnn.NMSBoxesBatched(xywh, scores.astype(float).tolist(), classes.tolist(),
                                                       self.options.conf_threshold, self.options.nms_threshold)).reshape(-1)
-        order = sorted(kept, key=lambda j: (-float(scores[j]), self.labels[classes[j]], tuple(boxes[j])))
-        order = order[:self.options.max_regions]
+        kept = [int(j) for j in kept]
+        order = [kept[i] for i in region_order([scores[j] for j in kept], [self.labels[classes[j]] for j in kept],
+                                               [boxes[j] for j in kept])][:self.options.max_regions]
         boxes = boxes[order] if len(order) else np.zeros((0, 4))
         features = []
         letterboxed = boxes * scale + np.array([dx, dy, dx, dy])
@@ -235,13 +238,13 @@ class _DetectImage(beam.DoFn):
             image = decode_image(data)
         except ValueError as err:
             beam.metrics.Metrics.counter("detect", "undecodable").inc()
-            yield rejection("detect", source, str(err))
+            yield rejection_for("detect", source, err, "undecodable image")
             return
         try:
             found = self._detector.detect(image)
         except cv2.error as err:  # OpenCV rejects this one image (size, layout): the job goes on
             beam.metrics.Metrics.counter("detect", "detector_failed").inc()
-            yield rejection("detect", source, f"detector failed: {exception_name(err)}: {err}")
+            yield rejection("detect", source, "detector failed", detail=f"{exception_name(err)}: {err}")
             return
         add_stage_time("detect", start)
         if not np.isfinite(found["features"]).all():  # NaN activations: never write them to a shard
@@ -250,7 +253,8 @@ class _DetectImage(beam.DoFn):
             return
         if not found["boxes"]:
             beam.metrics.Metrics.counter("detect", "no_regions").inc()
-            yield rejection("detect", source, f"no region above the confidence threshold {self._options.conf_threshold}")
+            yield rejection("detect", source, "no region above the confidence threshold",
+                            detail=f"threshold {self._options.conf_threshold}")
             return
         beam.metrics.Metrics.counter("detect", "images").inc()
         beam.metrics.Metrics.counter("detect", "regions").inc(len(found["boxes"]))

@@ -8,7 +8,8 @@ rule + '/' + member name, e.g. '00000.tar/000000012.jpg', or 'a/00000.tar/000000
 two img2dataset folders. Ids are then made unique: of the images sharing an id (a tar holding
 one member name twice, a directory named like a tar) the one with the smallest source is kept
 and each other one is dead-lettered with reason "duplicate image_id". Non-image members are
-skipped and counted; unreadable tars are dead-lettered.
+skipped and counted, as are img2dataset's sidecar files beside plain images (.json, .txt, .parquet);
+other files and unreadable tars are dead-lettered.
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.deadletter import REJECTED, duplicate_reason, rejection
+from pipelines.deadletter import REJECTED, duplicate_rejection, rejection
 from pipelines.io import MatchAll, split_patterns
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 TAR_EXTENSIONS = (".tar",)
+# What img2dataset writes beside the images and tars (KEY.json / KEY.txt per image, a .parquet
+# and _stats.json per shard): skipped and counted, never dead-lettered as images.
+SIDECAR_EXTENSIONS = (".json", ".txt", ".parquet")
 IMAGES = "images"
 
 
@@ -71,6 +75,8 @@ class _ReadImageFile(beam.DoFn):
                 data = f.read()
             beam.metrics.Metrics.counter("read_images", "images").inc()
             yield self._image_id(path), data, path
+        elif lower.endswith(SIDECAR_EXTENSIONS):  # img2dataset's captions and metadata: not images, not rejects
+            beam.metrics.Metrics.counter("read_images", "skipped_sidecars").inc()
         else:
             beam.metrics.Metrics.counter("read_images", "skipped_not_image").inc()
             yield rejection("read_images", path, "not an image or tar file (by extension)")
@@ -89,7 +95,7 @@ class _ReadImageFile(beam.DoFn):
                     beam.metrics.Metrics.counter("read_images", "images").inc()
                     yield f"{tar_id}/{member.name}", data, f"{path}:{member.name}"
         except (tarfile.TarError, EOFError, OSError) as err:
-            yield rejection("read_images", path, f"unreadable tar: {err}")
+            yield rejection("read_images", path, "unreadable tar", detail=str(err))
 
 
 def _keep_one_per_image_id(element):
@@ -103,7 +109,7 @@ def _keep_one_per_image_id(element):
     yield image_id, data, kept_source
     for source, _ in copies[1:]:
         beam.metrics.Metrics.counter("read_images", "duplicate_image_id").inc()
-        yield rejection("read_images", source, duplicate_reason(image_id, kept_source))
+        yield duplicate_rejection("read_images", source, image_id, kept_source)
 
 
 class ImagesRead(NamedTuple):

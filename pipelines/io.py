@@ -1,4 +1,4 @@
-"""Readers: detections (JSONL / Parquet / VinVL TSV), the text corpus, and images (see images.py).
+"""Readers: detections (JSONL / Parquet / VinVL TSV, both layouts), the text corpus, and images (see images.py).
 
 Every reader names the file and line/row of a bad record and sends it to the dead-letter output
 (`deadletter.REJECTED`) with the reason; valid records go on. A corrupt or truncated file, or a
@@ -27,8 +27,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from pipelines.deadletter import REJECTED, duplicate_reason, rejection
-from pipelines.options import TextOptions
+from pipelines.deadletter import REJECTED, Rejected, duplicate_rejection, rejection, rejection_for
+from pipelines.options import DetectOptions, TextOptions
+from schemas.corpus import normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def is_local(path: str) -> bool:
     return "://" not in path
 
 
-class UnreadableFile(ValueError):
+class UnreadableFile(Rejected):
     """A file that cannot be read (corrupt, truncated, not the format its name says)."""
 
 
@@ -97,7 +98,7 @@ def read_lines(path: str):
             for line_no, line in enumerate(iter(f.readline, b""), start=1):
                 yield line_no, line
     except (OSError, EOFError, zlib.error) as err:
-        raise UnreadableFile(f"unreadable file: stopped after line {line_no}: {err}") from err
+        raise UnreadableFile("unreadable file", f"stopped after line {line_no}: {err}") from err
 
 
 def decode_line(raw: bytes, line_no: int) -> str:
@@ -120,7 +121,7 @@ def open_parquet(path: str):
         try:
             parquet = pq.ParquetFile(f)
         except _PARQUET_ERRORS as err:
-            raise UnreadableFile(f"unreadable Parquet file: {err}") from err
+            raise UnreadableFile("unreadable Parquet file", str(err)) from err
         yield parquet
 
 
@@ -131,7 +132,7 @@ def iter_parquet_rows(parquet: pq.ParquetFile, columns: list[str]):
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             yield from batch.to_pylist()
     except _PARQUET_ERRORS as err:
-        raise UnreadableFile(f"unreadable Parquet file: {err}") from err
+        raise UnreadableFile("unreadable Parquet file", str(err)) from err
 
 
 def stable_id(text: str, digits: int = 16) -> str:
@@ -154,9 +155,9 @@ def _number(value, field: str, integer: bool = False):
     # numpy scalars count: a box given as an np.ndarray holds np.float32, not float.
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not _is_finite(value):
-        raise ValueError(f"field '{field}' must be a finite number, got {value!r:.60}")
+        raise Rejected(f"field '{_base(field)}' must be a finite number", f"{field} = {value!r:.60}")
     if integer and int(value) != value:
-        raise ValueError(f"field '{field}' must be an integer, got {value!r}")
+        raise Rejected(f"field '{_base(field)}' must be an integer", f"{field} = {value!r:.60}")
     return int(value) if integer else float(value)
 
 
@@ -164,7 +165,12 @@ def _sequence(value, field: str) -> list:
     """A list from a list, tuple or array. A string is rejected: list("cat") would pass as three labels."""
     if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
         return list(value)
-    raise ValueError(f"field '{field}' must be a list, got {type(value).__name__} {value!r:.60}")
+    raise Rejected(f"field '{_base(field)}' must be a list", f"{field} is {type(value).__name__} {value!r:.60}")
+
+
+def _base(field: str) -> str:
+    """'boxes[3]' -> 'boxes': a reason class names the field, its detail the element."""
+    return field.split("[", 1)[0]
 
 
 def _features_array(features, regions: int) -> np.ndarray:
@@ -172,16 +178,17 @@ def _features_array(features, regions: int) -> np.ndarray:
     try:
         features = np.asarray(features, dtype=np.float32)
     except (ValueError, TypeError) as err:  # ragged rows, strings
-        raise ValueError(f"field 'features' must be a [regions, dim] array of numbers: {err}") from err
+        raise Rejected("field 'features' must be a [regions, dim] array of numbers", str(err)) from err
     if features.ndim != 2 or features.shape[0] != regions:
-        raise ValueError(f"features must be [regions, dim] with {regions} regions, got shape {features.shape}")
+        raise Rejected("features must be [regions, dim], a row per region", f"{regions} regions, got shape {features.shape}")
     if not np.isfinite(features).all():
-        raise ValueError("features contain NaN or infinity")
+        raise Rejected("features contain NaN or infinity")
     too_large = np.abs(features) > FLOAT16_MAX
     if too_large.any():
         region, column = (int(i) for i in np.argwhere(too_large)[0])
-        raise ValueError(f"features beyond the float16 range the shards store: features[{region}][{column}] = "
-                         f"{float(features[region, column]):.6g} (|x| must be at most {FLOAT16_MAX:g})")
+        raise Rejected("features beyond the float16 range the shards store",
+                       f"features[{region}][{column}] = {float(features[region, column]):.6g} (|x| must be at most "
+                       f"{FLOAT16_MAX:g})")
     return features
 
 
@@ -204,13 +211,13 @@ def fit_boxes_to_image(boxes: list[list[float]], width: int, height: int) -> tup
         slack_x, slack_y = BOX_TOLERANCE * width, BOX_TOLERANCE * height
         if not (-slack_x <= x1 <= width + slack_x and -slack_x <= x2 <= width + slack_x
                 and -slack_y <= y1 <= height + slack_y and -slack_y <= y2 <= height + slack_y):
-            raise ValueError(f"box outside the image: boxes[{i}] = {box} for a {width}x{height} image "
-                             f"(more than {BOX_TOLERANCE:.0%} of a side past an edge)")
+            raise Rejected("box outside the image", f"boxes[{i}] = {box} for a {width}x{height} image "
+                                                    f"(more than {BOX_TOLERANCE:.0%} of a side past an edge)")
         inside = [min(max(x1, 0.0), width), min(max(y1, 0.0), height),
                   min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
         if not (inside[2] > inside[0] and inside[3] > inside[1]):
-            raise ValueError(f"box without area: boxes[{i}] = {box} (x2 > x1 and y2 > y1 inside the "
-                             f"{width}x{height} image are needed)")
+            raise Rejected("box without area", f"boxes[{i}] = {box} (x2 > x1 and y2 > y1 inside the "
+                                               f"{width}x{height} image are needed)")
         clipped += inside != box
         fitted.append(inside)
     return fitted, clipped
@@ -219,40 +226,59 @@ def fit_boxes_to_image(boxes: list[list[float]], width: int, height: int) -> tup
 def validate_detection(record) -> dict:
     """A clean detection dict from a raw record, or ValueError naming the field that is wrong."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        raise Rejected("expected a JSON object", f"got {type(record).__name__}")
     for field in ("image_id", "width", "height", "boxes", "labels", "scores"):
         if field not in record or record[field] is None:
-            raise ValueError(f"missing field '{field}'")
+            raise Rejected(f"missing field '{field}'")
     image_id = record["image_id"]
     if not isinstance(image_id, str) or not image_id.strip():
-        raise ValueError(f"field 'image_id' must be a non-empty string, got {image_id!r}")
+        raise Rejected("field 'image_id' must be a non-empty string", f"got {image_id!r:.60}")
     width = _number(record["width"], "width", integer=True)
     height = _number(record["height"], "height", integer=True)
     if not (0 < width <= INT32_MAX and 0 < height <= INT32_MAX):
-        raise ValueError(f"width/height must be positive int32 values, got {width}x{height}")
+        raise Rejected("width/height must be positive int32 values", f"got {width}x{height}")
     boxes, labels, scores = (_sequence(record[f], f) for f in ("boxes", "labels", "scores"))
     if not (len(boxes) == len(labels) == len(scores)):
-        raise ValueError(f"boxes/labels/scores lengths differ: {len(boxes)}/{len(labels)}/{len(scores)}")
+        raise Rejected("boxes/labels/scores lengths differ", f"{len(boxes)}/{len(labels)}/{len(scores)}")
     clean_boxes = []
     for i, box in enumerate(boxes):
         box = _sequence(box, f"boxes[{i}]")
         if len(box) != 4:
-            raise ValueError(f"boxes[{i}] must be [x1, y1, x2, y2], got {box!r}")
+            raise Rejected("a box must be [x1, y1, x2, y2]", f"boxes[{i}] = {box!r:.80}")
         clean_boxes.append([_number(v, f"boxes[{i}]") for v in box])
     for i, label in enumerate(labels):
         if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"labels[{i}] must be a non-empty string, got {label!r}")
+            raise Rejected("a label must be a non-empty string", f"labels[{i}] = {label!r:.60}")
     clean_scores = [_number(s, f"scores[{i}]") for i, s in enumerate(scores)]
     for i, score in enumerate(clean_scores):
         if abs(score) > FLOAT32_MAX:
-            raise ValueError(f"field 'scores[{i}]' is beyond the float32 range the tables store, got {score!r}")
+            raise Rejected("field 'scores' is beyond the float32 range the tables store", f"scores[{i}] = {score!r}")
     fitted_boxes, clipped = fit_boxes_to_image(clean_boxes, width, height)
     features = record.get("features")
     if features is not None:
         features = _features_array(features, len(boxes))
     return {"image_id": image_id, "width": width, "height": height, "boxes": fitted_boxes,
-            "labels": [label.strip() for label in labels], "scores": clean_scores, "features": features,
+            "labels": [normalise_label(label) for label in labels], "scores": clean_scores, "features": features,
             BOXES_CLIPPED: clipped}
+
+
+def region_order(scores, labels, boxes) -> list[int]:
+    """Region indices in the corpus's order: highest score first, ties by label, then by box. The
+    detector orders its regions so, and precomputed detections are put so (`keep_top_regions`):
+    the trainer keeps the first `max_regions`."""
+    return sorted(range(len(scores)), key=lambda j: (-float(scores[j]), labels[j], tuple(boxes[j])))
+
+
+def keep_top_regions(detection: dict, max_regions: int) -> tuple[dict, int]:
+    """(the detection with its regions in `region_order`, at most `max_regions` of them, features
+    alike; how many regions were dropped)."""
+    order = region_order(detection["scores"], detection["labels"], detection["boxes"])
+    kept = order[:max_regions]
+    features = detection.get("features")
+    return ({**detection, "boxes": [detection["boxes"][j] for j in kept],
+             "labels": [detection["labels"][j] for j in kept], "scores": [detection["scores"][j] for j in kept],
+             "features": None if features is None else features[kept]},
+            len(order) - len(kept))
 
 
 class _ParseDetectionsFile(beam.DoFn):
@@ -269,7 +295,7 @@ class _ParseDetectionsFile(beam.DoFn):
         try:
             yield where, validate_detection(raw)
         except (ValueError, TypeError) as err:
-            yield rejection("read_detections", where, str(err), raw)
+            yield rejection_for("read_detections", where, err, "invalid detection record", raw)
 
     def _jsonl(self, path):
         try:
@@ -283,11 +309,12 @@ class _ParseDetectionsFile(beam.DoFn):
                     yield rejection("read_detections", where, "not valid UTF-8", line[:200].decode("latin-1"))
                     continue
                 except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts
-                    yield rejection("read_detections", where, f"malformed JSON: {err}", line.decode("utf-8", "replace"))
+                    yield rejection("read_detections", where, "malformed JSON", line.decode("utf-8", "replace"),
+                                    detail=str(err))
                     continue
                 yield from self._emit(raw, where)
         except UnreadableFile as err:
-            yield rejection("read_detections", path, str(err))
+            yield rejection_for("read_detections", path, err, "unreadable file")
 
     def _parquet(self, path):
         try:
@@ -295,44 +322,97 @@ class _ParseDetectionsFile(beam.DoFn):
                 columns = detections_columns(parquet.schema_arrow)
                 for row_no, raw in enumerate(iter_parquet_rows(parquet, columns)):
                     yield from self._emit(raw, f"{path}:row {row_no}")
-        except (UnreadableFile, schemas.SchemaError) as err:
-            # the whole file, or the rest of it after a damaged page; other files go on
-            yield rejection("read_detections", path, str(err))
+        except Rejected as err:
+            # the whole file (unreadable, or of the wrong schema), or the rest of it after a damaged page;
+            # other files go on
+            yield rejection_for("read_detections", path, err, WRONG_SCHEMA)
 
 
 REQUIRED_DETECTION_COLUMNS = ("image_id", "width", "height", "boxes", "labels", "scores")
 
 
+WRONG_SCHEMA = "wrong schema"
+
+
 def detections_columns(schema: pa.Schema) -> list[str]:
-    """The columns to read from a detections Parquet file, or SchemaError. A file stamped with our
+    """The columns to read from a detections Parquet file, or Rejected (wrong schema). A file stamped with our
     schema_version was written by vlp-data: it must be this version with schemas.DETECTIONS' columns.
     A user's own file needs only the required columns; its rows are checked one by one."""
     if schemas.VERSION_KEY in (schema.metadata or {}):
-        schemas.check_version(schema, "wrong schema")
-        schemas.check_fields(schema, schemas.DETECTIONS, "wrong schema")
+        try:
+            schemas.check_version(schema, WRONG_SCHEMA)
+            schemas.check_fields(schema, schemas.DETECTIONS, WRONG_SCHEMA)
+        except schemas.SchemaError as err:  # 'wrong schema: what is wrong'
+            raise Rejected(WRONG_SCHEMA, str(err).split(": ", 1)[1]) from err
         return schemas.DETECTIONS.names
     missing = [c for c in REQUIRED_DETECTION_COLUMNS if c not in schema.names]
     if missing:
-        raise schemas.SchemaError(f"wrong schema: missing column(s) {missing}; detections need "
-                                  f"{list(REQUIRED_DETECTION_COLUMNS)} and optionally 'features'")
+        raise Rejected(WRONG_SCHEMA, f"missing column(s) {missing}; detections need "
+                                     f"{list(REQUIRED_DETECTION_COLUMNS)} and optionally 'features'")
     return [c for c in (*REQUIRED_DETECTION_COLUMNS, "features") if c in schema.names]
 
 
-# VinVL: predictions.tsv is `image_id \t {"objects": [{"rect", "class", "conf"}], "image_h", "image_w"}`;
-# features.tsv is `image_id \t num_boxes \t base64(float32[num_boxes, 2054])`, 2048 visual dims
-# followed by 6 box-geometry dims. The trainer computes its own geometry, so we keep the 2048.
+# VinVL comes in two layouts, read alike (one join per image):
+# - scene_graph_benchmark's output: predictions.tsv is
+#   `image_id \t {"objects": [{"rect", "class", "conf"}], "image_h", "image_w"}`; features.tsv is
+#   `image_id \t num_boxes \t base64(float32[num_boxes, 2054])`.
+# - the Oscar/VinVL distribution (the downloadable datasets): X.label.tsv is
+#   `image_id \t [{"class", "conf", "rect"}, ...]`; X.feature.tsv is
+#   `image_id \t {"num_boxes": n, "features": base64(float32[n, 2054])}`; X.hw.tsv is
+#   `image_id \t [{"height": h, "width": w}]` (the image size, which the labels lack); an X.yaml may
+#   name the three files (keys label, feature, hw). Given a label file, or the yaml, the other
+#   files are read too.
+# Features are 2048 visual dims followed by 6 box-geometry dims. The trainer computes its own
+# geometry, so we keep the 2048.
 VINVL_VISUAL_DIM = 2048
+OSCAR_LABELS, OSCAR_FEATURES, OSCAR_HW = ".label.tsv", ".feature.tsv", ".hw.tsv"
+OSCAR_YAML_KEYS = {"label": OSCAR_LABELS, "feature": OSCAR_FEATURES, "hw": OSCAR_HW}
+
+
+def _stem(path: str) -> str:
+    return path[:-3] if path.endswith(".gz") else path
+
+
+def _oscar_kind(path: str) -> str | None:
+    """'.label.tsv' / '.feature.tsv' / '.hw.tsv' for a file of the Oscar/VinVL distribution, else None."""
+    return next((kind for kind in (OSCAR_LABELS, OSCAR_FEATURES, OSCAR_HW) if _stem(path).endswith(kind)), None)
 
 
 def _is_vinvl_features(path: str) -> bool:
-    return "feature" in posixpath.basename(path)
+    kind = _oscar_kind(path)
+    return kind == OSCAR_FEATURES if kind else "feature" in posixpath.basename(path)
+
+
+def _existing(path: str) -> str | None:
+    return path if FileSystems.exists(path) else None
 
 
 def _sibling_features(path: str) -> str | None:
-    """The features.tsv beside a predictions.tsv, if there is one."""
+    """The features file beside a predictions.tsv (features.tsv) or an X.label.tsv (X.feature.tsv)."""
+    if _oscar_kind(path) == OSCAR_LABELS:
+        return _existing(path.replace(OSCAR_LABELS, OSCAR_FEATURES))
+    if _oscar_kind(path):
+        return None
     base = posixpath.basename(path)
     sibling = posixpath.join(posixpath.dirname(path), base.replace("predictions", "features"))
     return sibling if sibling != path and FileSystems.exists(sibling) else None
+
+
+def _oscar_yaml_files(path: str) -> list[str]:
+    """The label, feature and hw files an Oscar/VinVL X.yaml names (relative to its folder), or
+    UnreadableFile when it is not such a yaml."""
+    import yaml
+
+    try:
+        with open_file(path) as f:
+            config = yaml.safe_load(f.read())
+    except (OSError, yaml.YAMLError) as err:
+        raise UnreadableFile("unreadable yaml", str(err)) from err
+    named = {key: config.get(key) for key in OSCAR_YAML_KEYS} if isinstance(config, dict) else {}
+    if not named.get("label"):
+        raise UnreadableFile("yaml names no VinVL label file", f"expected keys {sorted(OSCAR_YAML_KEYS)}")
+    folder = posixpath.dirname(path)
+    return [posixpath.join(folder, name) for name in named.values() if isinstance(name, str)]
 
 
 def _where(line: tuple[str, int]) -> str:
@@ -340,12 +420,15 @@ def _where(line: tuple[str, int]) -> str:
 
 
 class _ParseVinvlFile(beam.DoFn):
-    """A VinVL TSV file -> per line (image_id, ((path, line_no), ...)) for the join: predictions
-    (record, has_features_file) on the main output, features (float32 array) on FEATURES.
-    The (path, line_no) lets the join pick among duplicates the same way in every run."""
+    """A VinVL TSV file (either layout) -> per line (image_id, ((path, line_no), ...)) for the join:
+    predictions or labels (record, has_features_file) on the main output, features (float32
+    array) on FEATURES, image sizes ((width, height)) on SIZES. The (path, line_no) lets the join
+    pick among duplicates the same way in every run."""
     FEATURES = "vinvl_features"
+    SIZES = "vinvl_sizes"
 
     def process(self, path):
+        oscar = _oscar_kind(path)
         is_features = _is_vinvl_features(path)
         # A predictions file with a features file beside it promises features for each of its images.
         has_features_file = not is_features and _sibling_features(path) is not None
@@ -355,17 +438,20 @@ class _ParseVinvlFile(beam.DoFn):
                     continue
                 try:
                     cols = decode_line(line, line_no).rstrip("\r\n").split("\t")
-                    if is_features:
-                        image_id, feats = self._features(cols)
+                    if oscar == OSCAR_HW:
+                        image_id, size = self._oscar_size(cols)
+                        yield beam.pvalue.TaggedOutput(self.SIZES, (image_id, ((path, line_no), size)))
+                    elif is_features:
+                        image_id, feats = self._oscar_features(cols) if oscar else self._features(cols)
                         yield beam.pvalue.TaggedOutput(self.FEATURES, (image_id, ((path, line_no), feats)))
                     else:
-                        record = self._prediction(cols)
+                        record = self._oscar_labels(cols) if oscar else self._prediction(cols)
                         yield record["image_id"], ((path, line_no), record, has_features_file)
                 except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
-                    yield rejection("read_detections", f"{path}:{line_no}", f"bad VinVL line: {err}",
-                                    line[:300].decode("utf-8", "replace"))
+                    yield rejection("read_detections", f"{path}:{line_no}", "bad VinVL line",
+                                    line[:300].decode("utf-8", "replace"), detail=str(err))
         except UnreadableFile as err:
-            yield rejection("read_detections", path, str(err))
+            yield rejection_for("read_detections", path, err, "unreadable file")
 
     @staticmethod
     def _prediction(cols):
@@ -374,23 +460,63 @@ class _ParseVinvlFile(beam.DoFn):
         image_id, payload = cols[0], json.loads(cols[1])
         if not isinstance(payload, dict):
             raise ValueError(f"the prediction must be a JSON object, got {type(payload).__name__}")
-        objects = payload.get("objects", [])
-        if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
-            raise ValueError("'objects' must be a list of JSON objects")
         return {"image_id": image_id, "width": payload.get("image_w"), "height": payload.get("image_h"),
-                "boxes": [o["rect"] for o in objects], "labels": [o["class"] for o in objects],
-                "scores": [o.get("conf", 1.0) for o in objects]}
+                **_ParseVinvlFile._objects(payload.get("objects", []))}
 
     @staticmethod
-    def _features(cols):
+    def _objects(objects) -> dict:
+        """boxes, labels and scores of a list of {"rect", "class", "conf"} objects."""
+        if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
+            raise ValueError("'objects' must be a list of JSON objects")
+        return {"boxes": [o["rect"] for o in objects], "labels": [o["class"] for o in objects],
+                "scores": [o.get("conf", 1.0) for o in objects]}
+
+    @classmethod
+    def _oscar_labels(cls, cols):
+        """X.label.tsv: image_id, a JSON list of objects; the size comes from X.hw.tsv in the join."""
+        if len(cols) != 2:
+            raise ValueError(f"expected 2 tab-separated columns, got {len(cols)}")
+        return {"image_id": cols[0], "width": None, "height": None, **cls._objects(json.loads(cols[1]))}
+
+    @staticmethod
+    def _oscar_size(cols):
+        """X.hw.tsv: image_id, [{"height": h, "width": w}] (a bare object is taken too)."""
+        if len(cols) != 2:
+            raise ValueError(f"expected 2 tab-separated columns, got {len(cols)}")
+        payload = json.loads(cols[1])
+        if isinstance(payload, list) and len(payload) == 1:
+            payload = payload[0]
+        if not isinstance(payload, dict):
+            raise ValueError("the size must be [{\"height\": h, \"width\": w}]")
+        return cols[0], (payload["width"], payload["height"])
+
+    @classmethod
+    def _oscar_features(cls, cols):
+        """X.feature.tsv: image_id, {"num_boxes": n, "features": base64 float32}."""
+        if len(cols) != 2:
+            raise ValueError(f"expected 2 tab-separated columns, got {len(cols)}")
+        payload = json.loads(cols[1])
+        if not isinstance(payload, dict):
+            raise ValueError(f"the features must be a JSON object, got {type(payload).__name__}")
+        return cols[0], cls._decode_features(payload["num_boxes"], payload["features"])
+
+    @classmethod
+    def _features(cls, cols):
         if len(cols) != 3:
             raise ValueError(f"expected 3 tab-separated columns, got {len(cols)}")
-        image_id, num_boxes = cols[0], int(cols[1])
-        flat = np.frombuffer(base64.b64decode(cols[2]), dtype=np.float32)
+        return cols[0], cls._decode_features(cols[1], cols[2])
+
+    @staticmethod
+    def _decode_features(num_boxes, encoded) -> np.ndarray:
+        """float32 [num_boxes, dim] from base64, the visual dims only."""
+        if not isinstance(num_boxes, (int, str)) or isinstance(num_boxes, bool) or not isinstance(encoded, str):
+            raise ValueError("num_boxes must be an integer and the features a base64 string")
+        num_boxes = int(num_boxes)
+        flat = np.frombuffer(base64.b64decode(encoded), dtype=np.float32)
         if num_boxes <= 0 or flat.size % num_boxes:
             raise ValueError(f"{flat.size} floats do not split into {num_boxes} boxes")
         feats = flat.reshape(num_boxes, -1)
-        return image_id, feats[:, :VINVL_VISUAL_DIM] if feats.shape[1] > VINVL_VISUAL_DIM else feats
+        return feats[:, :VINVL_VISUAL_DIM] if feats.shape[1] > VINVL_VISUAL_DIM else feats
 
 
 def _join_vinvl(element):
@@ -399,24 +525,31 @@ def _join_vinvl(element):
     image_id, grouped = element
     predictions = sorted(grouped["predictions"], key=lambda p: p[0])
     features = sorted(grouped["features"], key=lambda f: f[0])
-    for kind, lines in (("predictions", predictions), ("features", features)):
+    sizes = sorted(grouped.get("sizes", ()), key=lambda s: s[0])
+    for kind, lines in (("predictions", predictions), ("features", features), ("sizes", sizes)):
         for line in lines[1:]:
-            yield rejection("read_detections", _where(line[0]),
-                            duplicate_reason(image_id, _where(lines[0][0]), f"VinVL {kind}"),
-                            line[1] if kind == "predictions" else None)
+            yield duplicate_rejection("read_detections", _where(line[0]), image_id, _where(lines[0][0]), f"VinVL {kind}",
+                                      line[1] if kind == "predictions" else None)
     if not predictions:
-        yield rejection("read_detections", _where(features[0][0]),
-                        f"VinVL features without a prediction line for image_id {image_id!r}")
+        if features:  # a size line alone is metadata of an image without labels: nothing to read
+            yield rejection("read_detections", _where(features[0][0]), "VinVL features without a prediction line",
+                            detail=f"image_id {image_id!r}")
         return
     line, record, has_features_file = predictions[0]
     if has_features_file and not features:
-        yield rejection("read_detections", _where(line),
-                        f"VinVL prediction without a features line for image_id {image_id!r}", record)
+        yield rejection("read_detections", _where(line), "VinVL prediction without a features line", record,
+                        detail=f"image_id {image_id!r}")
         return
+    if record["width"] is None:  # Oscar/VinVL labels: the size is in X.hw.tsv
+        if not sizes:
+            yield rejection("read_detections", _where(line), "VinVL labels without an image size", record,
+                            detail=f"no line for image_id {image_id!r} in a {OSCAR_HW} beside {line[0]}")
+            return
+        record = dict(record, width=sizes[0][1][0], height=sizes[0][1][1])
     try:
         yield _where(line), validate_detection(dict(record, features=features[0][1] if features else None))
     except (ValueError, TypeError) as err:
-        yield rejection("read_detections", _where(line), str(err), record)
+        yield rejection_for("read_detections", _where(line), err, "invalid detection record", record)
 
 
 def _features_digest(features) -> str:
@@ -440,18 +573,25 @@ def _first_per_image(element):
     kept_where, kept = located[0]
     yield kept
     for where, dup in located[1:]:
-        yield rejection("read_detections", where, duplicate_reason(image_id, kept_where),
-                        {k: v for k, v in dup.items() if k not in ("features", BOXES_CLIPPED)})
+        yield duplicate_rejection("read_detections", where, image_id, kept_where,
+                                  record={k: v for k, v in dup.items() if k not in ("features", BOXES_CLIPPED)})
 
 
-def _count_clipped(detection: dict):
-    """Counts the detection's clipped boxes for stats.json; the detection goes on without the count."""
+REGIONS_DROPPED = "regions_over_max"  # stats.json: regions of precomputed detections beyond --max-regions
+
+
+def _finish_detection(detection: dict, max_regions: int):
+    """The detection's regions put in the corpus's order and capped at `max_regions` (as the
+    detector does), then counted: the clipped boxes and the dropped regions for stats.json; the
+    detection goes on without the clipped count."""
     detection = dict(detection)
     clipped = detection.pop(BOXES_CLIPPED)
+    detection, dropped = keep_top_regions(detection, max_regions)
     beam.metrics.Metrics.counter("read_detections", "images").inc()
-    if clipped:
-        beam.metrics.Metrics.counter("read_detections", BOXES_CLIPPED).inc(clipped)
-        yield beam.pvalue.TaggedOutput(COUNTS, (BOXES_CLIPPED, clipped))
+    for name, n in ((BOXES_CLIPPED, clipped), (REGIONS_DROPPED, dropped)):
+        if n:
+            beam.metrics.Metrics.counter("read_detections", name).inc(n)
+            yield beam.pvalue.TaggedOutput(COUNTS, (name, n))
     yield detection
 
 
@@ -459,29 +599,35 @@ class ReadDetections(beam.PTransform):
     """Detections from JSON Lines, Parquet or VinVL TSV files -> (valid detection dicts, rejected).
 
     Returns a dict {"detections": PCollection[dict], "rejected": PCollection[dict], "counts":
-    PCollection[(name, n)] (boxes clipped to their image)}. A detection dict has image_id, width,
-    height, boxes, labels, scores and features (float32 [regions, dim] or None). A VinVL
-    predictions.tsv picks up features.tsv beside it.
+    PCollection[(name, n)] (boxes clipped to their image, regions beyond `max_regions`)}. A
+    detection dict has image_id, width, height, boxes, labels, scores and features (float32
+    [regions, dim] or None), its regions highest score first, at most `max_regions` of them. A
+    VinVL predictions.tsv picks up features.tsv beside it; an Oscar/VinVL X.label.tsv its X.feature.tsv and
+    X.hw.tsv, an X.yaml the files it names.
     """
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, max_regions: int = DetectOptions.max_regions):
         super().__init__()
-        self._pattern = pattern
+        self._pattern, self._max_regions = pattern, max_regions
 
     def expand(self, pbegin):
         files = pbegin | "MatchDetections" >> MatchAll(self._pattern)
         tsv = files | "TsvFiles" >> beam.Filter(lambda p: p.endswith((".tsv", ".tsv.gz")))
-        other = files | "OtherFiles" >> beam.Filter(lambda p: not p.endswith((".tsv", ".tsv.gz")))
+        yaml_files = files | "YamlFiles" >> beam.Filter(lambda p: p.endswith(YAML_EXTENSIONS))
+        other = files | "OtherFiles" >> beam.Filter(lambda p: not p.endswith((".tsv", ".tsv.gz", *YAML_EXTENSIONS)))
 
         plain = (other | "Spread" >> beam.Reshuffle()
                  | "ParseDetections" >> beam.ParDo(_ParseDetectionsFile()).with_outputs(REJECTED, main="ok"))
 
-        # VinVL: a predictions file also reads the features file beside it, once.
-        vinvl_files = (tsv | "WithFeatureFiles" >> beam.FlatMap(_with_sibling_features)
-                       | "DistinctTsv" >> beam.Distinct())
-        vinvl = vinvl_files | "ParseVinvl" >> beam.ParDo(_ParseVinvlFile()).with_outputs(
-            _ParseVinvlFile.FEATURES, REJECTED, main="predictions")
-        joined = ({"predictions": vinvl.predictions, "features": vinvl[_ParseVinvlFile.FEATURES]}
+        # VinVL: a predictions (or label) file also reads the features (and size) files beside it,
+        # a yaml the files it names; each file once.
+        vinvl_files = ((tsv, yaml_files) | "VinvlFiles" >> beam.Flatten()
+                       | "WithFeatureFiles" >> beam.FlatMap(_with_sibling_files).with_outputs(REJECTED, main="ok"))
+        vinvl = (vinvl_files.ok | "DistinctTsv" >> beam.Distinct()
+                 | "ParseVinvl" >> beam.ParDo(_ParseVinvlFile()).with_outputs(
+                     _ParseVinvlFile.FEATURES, _ParseVinvlFile.SIZES, REJECTED, main="predictions"))
+        joined = ({"predictions": vinvl.predictions, "features": vinvl[_ParseVinvlFile.FEATURES],
+                   "sizes": vinvl[_ParseVinvlFile.SIZES]}
                   | "JoinVinvl" >> beam.CoGroupByKey()
                   | "MergeVinvl" >> beam.FlatMap(_join_vinvl).with_outputs(REJECTED, main="ok"))
 
@@ -489,17 +635,36 @@ class ReadDetections(beam.PTransform):
                   | "ByImage" >> beam.Map(lambda located: (located[1]["image_id"], located))
                   | "GroupImage" >> beam.GroupByKey()
                   | "Dedupe" >> beam.FlatMap(_first_per_image).with_outputs(REJECTED, main="ok"))
-        rejected = ((plain[REJECTED], vinvl[REJECTED], joined[REJECTED], unique[REJECTED])
+        rejected = ((plain[REJECTED], vinvl_files[REJECTED], vinvl[REJECTED], joined[REJECTED], unique[REJECTED])
                     | "DetectionRejects" >> beam.Flatten())
-        counted = unique.ok | "CountImages" >> beam.FlatMap(_count_clipped).with_outputs(COUNTS, main="ok")
+        counted = unique.ok | "CountImages" >> beam.FlatMap(_finish_detection, self._max_regions).with_outputs(
+            COUNTS, main="ok")
         return {"detections": counted.ok, "rejected": rejected, "counts": counted[COUNTS]}
 
 
-def _with_sibling_features(path: str):
+YAML_EXTENSIONS = (".yaml", ".yml")
+
+
+def _with_sibling_files(path: str):
+    """A VinVL file and the files read with it: a predictions file's features file; an X.label.tsv's
+    X.feature.tsv and X.hw.tsv; the files an X.yaml names (the yaml itself is not parsed again)."""
+    if path.endswith(YAML_EXTENSIONS):
+        try:
+            named = _oscar_yaml_files(path)
+        except UnreadableFile as err:
+            yield rejection_for("read_detections", path, err, "unreadable yaml")
+            return
+        for named_path in named:
+            yield from _with_sibling_files(named_path)
+        return
     yield path
     sibling = None if _is_vinvl_features(path) else _sibling_features(path)
     if sibling:
         yield sibling
+    if _oscar_kind(path) == OSCAR_LABELS:
+        size = _existing(path.replace(OSCAR_LABELS, OSCAR_HW))
+        if size:
+            yield size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,8 +702,8 @@ class _ReadTextFile(beam.DoFn):
                 try:
                     line = decode_line(raw, line_no)
                 except UnicodeDecodeError as err:
-                    yield rejection("read_text", f"{path}:{line_no}", f"not valid UTF-8: {err.reason} at byte {err.start}",
-                                    raw[:200].decode("utf-8", "replace"))
+                    yield rejection("read_text", f"{path}:{line_no}", "not valid UTF-8",
+                                    raw[:200].decode("utf-8", "replace"), detail=f"{err.reason} at byte {err.start}")
                     continue
                 if not self._paragraphs:
                     yield line, f"{path}:{line_no}"
@@ -549,7 +714,7 @@ class _ReadTextFile(beam.DoFn):
                     yield " ".join(block), f"{path}:{block_start}"
                     block, block_start = [], 0
         except UnreadableFile as err:  # the lines before the damage are kept
-            yield rejection("read_text", path, str(err))
+            yield rejection_for("read_text", path, err, "unreadable file")
         if block:
             yield " ".join(block), f"{path}:{block_start}"
         yield _counted("lines", line_no)
@@ -560,16 +725,16 @@ class _ReadTextFile(beam.DoFn):
             with open_parquet(path) as parquet:
                 names = parquet.schema_arrow.names
                 if "text" not in names:
-                    yield rejection("read_text", path, f"Parquet file has no 'text' column (columns: {names})")
+                    yield rejection("read_text", path, "Parquet file has no 'text' column", detail=f"columns {names}")
                     return
                 for row_no, row in enumerate(iter_parquet_rows(parquet, ["text"])):
                     rows, text = row_no + 1, row["text"]
                     if text is None or not isinstance(text, str):
-                        yield rejection("read_text", f"{path}:row {row_no}", f"'text' is not a string: {text!r}")
+                        yield rejection("read_text", f"{path}:row {row_no}", "'text' is not a string", detail=f"{text!r:.200}")
                     else:
                         yield text, f"{path}:row {row_no}"
         except UnreadableFile as err:  # the rows before the damage are kept
-            yield rejection("read_text", path, str(err))
+            yield rejection_for("read_text", path, err, "unreadable file")
         yield _counted("lines", rows)
 
 
@@ -644,7 +809,7 @@ def _clean(element, options: TextOptions):
         return
     if len(text) > options.max_chars:
         yield _counted("dropped_overlong")
-        yield rejection("read_text", source, f"over-long: {len(text)} characters > max {options.max_chars}", text)
+        yield rejection("read_text", source, "over-long", text, detail=f"{len(text)} characters > max {options.max_chars}")
         return
     yield text, source
 

@@ -3,7 +3,9 @@
 A phrase vector is the mean of its content words' vectors; a region's tag vector is the mean of
 the tag's words ("coffee table" -> coffee, table). The phrase links to the region with the highest
 cosine similarity; below the threshold it stays unlinked (region/tag null, the best similarity
-kept). Regions sharing a tag tie; the lowest region index (the detector's highest score) wins.
+kept). Regions sharing a tag tie (similarities are compared rounded to SIMILARITY_DECIMALS, so a
+last-bit difference between BLAS kernels cannot break the tie); the lowest region index (the
+detector's highest score) wins.
 
 Out-of-vocabulary words: a word missing from the vectors is skipped; a hyphenated or
 slash-joined word missing as a whole is tried as its parts ("t-shirt" -> t, shirt). A phrase with
@@ -144,8 +146,10 @@ class PhraseRegionLinker:
             vec = self.vector(phrase.get("words") or tokenize(phrase["text"]))
             region, similarity = None, 0.0
             if vec is not None and len(tags):
+                # Rounded before the argmax, as retrieval rounds its scores (search.SCORE_DECIMALS):
+                # identical tag rows can differ in the last bit by BLAS kernel, and must tie.
                 sims = np.nan_to_num(matrix @ vec, nan=-np.inf)
-                best = int(np.argmax(sims))  # first maximum: the lowest region index
+                best = int(np.argmax(np.round(sims, SIMILARITY_DECIMALS)))  # first maximum: the lowest index
                 if np.isfinite(sims[best]):
                     similarity = round(float(sims[best]), SIMILARITY_DECIMALS)
                     region = best if similarity >= self._threshold else None

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
+from pipelines.deadletter import message
 from pipelines.images import common_base_directory
 from pipelines.io import split_patterns
 from schemas.corpus import check_published, decode_members, sample_key
@@ -141,7 +142,8 @@ def save_thumbnail(data: bytes, path: str) -> bool:
 
 
 def rejected_examples(output: str, reasons: dict[str, int]) -> dict[str, list[dict]]:
-    """A few dead letters per reason (as stats.json names it: 'stage: reason up to a colon')."""
+    """A few dead letters per reason (as stats.json names it: 'stage: reason'; a reason class has
+    no colon, and of an older corpus's 'reason: detail' the words before the colon are the class)."""
     examples: dict[str, list[dict]] = {reason: [] for reason in reasons}
     read = 0
     for path in sorted(glob.glob(os.path.join(output, "rejected", "build", "*.jsonl"))):
@@ -382,7 +384,7 @@ def render_page(output: str, stats: dict, plots: list[tuple[str, str]], drawn: l
                          for k, v in _flatten(stats) if not k.startswith("rejected."))
     reject_items = []
     for reason, count in sorted(stats.get("rejected", {}).items(), key=lambda kv: -kv[1]):
-        examples = "".join(f"<li><code>{_e(r['source'])}</code>: {_e(r['reason'])}"
+        examples = "".join(f"<li><code>{_e(r['source'])}</code>: {_e(message(r))}"
                            + (f"<br><code>{_e(r['record'][:300])}</code>" if r.get("record") else "") + "</li>"
                            for r in rejected.get(reason, []))
         reject_items.append(f"<li><b>{_e(reason)}</b>: {count:,}<ul>{examples}</ul></li>")

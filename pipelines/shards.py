@@ -140,7 +140,7 @@ def rejected_jsonl(records: list[dict]) -> bytes:
 
 
 def rejected_sort_key(record: dict):
-    return (record["stage"], record["source"], record["reason"], record.get("record") or "")
+    return (record["stage"], record["source"], record["reason"], record.get("detail") or "", record.get("record") or "")
 
 
 # ---------------------------------------------------------------------------------------------

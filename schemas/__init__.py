@@ -2,6 +2,12 @@
 
 The one source of truth: writers build their tables with these schemas, readers check them.
 Every Parquet file carries ``schema_version`` in its key-value metadata (`read_table` checks it).
+
+Versioning: SCHEMA_VERSION changes when code of one version could misread a file of another (a
+column or sample field removed, renamed or retyped, or its meaning changed); readers refuse any
+other version, naming it. A nullable column added to a table is not such a change: it is listed
+in ADDED_COLUMNS, and a file written before it reads it as null (a column not listed there and
+missing from a file is an error naming it).
 """
 from __future__ import annotations
 
@@ -37,13 +43,15 @@ SENTENCES = _versioned("sentences", [
     pa.field("text", pa.string(), nullable=False),
 ])
 
-# Top-K sentences per image; rank 0 is the best; score is the cosine similarity.
+# Top-K sentences per image; rank 0 is the best; score is the cosine similarity; query is the
+# tag string the image searched with (schemas.corpus.tag_query; null in files written before it).
 RETRIEVALS = _versioned("retrievals", [
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("rank", pa.int32(), nullable=False),
     pa.field("sentence_id", pa.string(), nullable=False),
     pa.field("sentence", pa.string(), nullable=False),
     pa.field("score", pa.float32(), nullable=False),
+    pa.field("query", pa.string(), nullable=True),
 ])
 
 # One row per noun phrase of a retrieved sentence of an image; region is null when unlinked.
@@ -97,6 +105,9 @@ SAMPLE = _versioned("sample", [
 
 TABLES = {s.metadata[b"table"].decode(): s for s in (DETECTIONS, SENTENCES, RETRIEVALS, LINKS, MANIFEST, SAMPLE)}
 
+# Nullable columns added to a table within this SCHEMA_VERSION: files written before lack them.
+ADDED_COLUMNS = {"retrievals": ("query",)}
+
 
 class SchemaError(ValueError):
     """A table or sample does not match its schema; the message names the file and the problem."""
@@ -110,19 +121,26 @@ def check_version(schema: pa.Schema, where: str) -> None:
         raise SchemaError(f"{where}: schema_version {found.decode()} but this code reads version {SCHEMA_VERSION}")
 
 
+def added_columns(expected: pa.Schema) -> tuple[str, ...]:
+    """The columns of `expected` that files of this version written before them may lack."""
+    table = (expected.metadata or {}).get(b"table", b"").decode()
+    return ADDED_COLUMNS.get(table, ())
+
+
 def check_fields(actual: pa.Schema, expected: pa.Schema, where: str) -> None:
     want = {f.name: f.type for f in expected}
     have = {f.name: f.type for f in actual}
-    missing = sorted(set(want) - set(have))
+    missing = sorted(set(want) - set(have) - set(added_columns(expected)))
     if missing:
         raise SchemaError(f"{where}: missing column(s) {missing}")
-    wrong = [f"{n}: {have[n]} (expected {t})" for n, t in want.items() if not have[n].equals(t)]
+    wrong = [f"{n}: {have[n]} (expected {t})" for n, t in want.items() if n in have and not have[n].equals(t)]
     if wrong:
         raise SchemaError(f"{where}: wrong column type(s) " + "; ".join(wrong))
 
 
 def read_table(path: str, expected: pa.Schema) -> pa.Table:
-    """Read one Parquet file written by vlp-data, checking its version and columns."""
+    """Read one Parquet file written by vlp-data, checking its version and columns; a column added
+    after the file was written (ADDED_COLUMNS) reads as null."""
     schema = pq.read_schema(path)
     check_version(schema, path)
     check_fields(schema, expected, path)

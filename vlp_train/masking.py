@@ -33,7 +33,7 @@ import re
 import numpy as np
 import torch
 
-from schemas.corpus import tag_order
+from schemas.corpus import normalise_label, tag_order
 from vlp_train.tasks import IGNORE, Task
 
 RT_MASKING = ("both", "one")
@@ -164,7 +164,7 @@ class BatchBuilder:
             feats[i, :r] = s["feats"][:r]
             locs[i, :r] = locations(np.asarray(s["meta"]["boxes"][:r], np.float32), s["meta"]["width"], s["meta"]["height"])
             mask[i, :r] = True
-            tags[i, :r] = [self.tag_index.get(t, IGNORE) for t in s["meta"]["tags"][:r]]
+            tags[i, :r] = [self.tag_index.get(normalise_label(t), IGNORE) for t in s["meta"]["tags"][:r]]
         return feats, locs, mask, tags
 
     def _mask_tokens(self, ids, labels, i, positions, rng):

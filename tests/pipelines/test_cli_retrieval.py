@@ -64,6 +64,9 @@ def test_build_retrieval_end_to_end(inputs, tmp_path):
         assert [h["rank"] for h in sorted(hits, key=lambda h: h["rank"])] == [0, 1, 2]
         scores = [h["score"] for h in sorted(hits, key=lambda h: h["rank"])]
         assert scores == sorted(scores, reverse=True)
+    # each image's query: its tags in the query's order (schemas.corpus.tag_query), on every row
+    assert {(r["image_id"], r["query"]) for r in retrievals} == {
+        ("living-room.jpg", "sofa woman"), ("road.jpg", "motorcycle person"), ("kitchen.jpg", "cat")}
     best = {img: min(hits, key=lambda h: h["rank"])["sentence"] for img, hits in by_image.items()}
     assert best["living-room.jpg"] == SOFA_SENTENCES[0]
     assert best["road.jpg"] == SOFA_SENTENCES[4]

@@ -77,7 +77,7 @@ def test_stats_manifest_and_side_tables_match_the_shards(built):
     phrases = [p for s in samples for x in s["json"]["sentences"] for p in x["phrases"]]
     assert stats["images_in"] == 8 and stats["images_out"] == len(samples) == 4
     assert stats["rejected"] == {"detect: cannot decode image": 1, "detect: empty file (0 bytes)": 1,
-                                 "detect: no region above the confidence threshold 0.25": 1,
+                                 "detect: no region above the confidence threshold": 1,
                                  "detect: not an image (Pillow cannot identify it)": 1}
     assert stats["link_rate"] == round(sum(p["region"] is not None for p in phrases) / len(phrases), 6)
     assert stats["phrases_per_sentence"] == round(len(phrases) / (3 * len(samples)), 6)

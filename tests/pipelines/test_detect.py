@@ -79,7 +79,7 @@ def test_detect_regions_counts_and_dead_letters_bad_images(pipeline):
                 equal_to([("coffee.jpg", True, FEATURE_DIM)]), label="detections")
     assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"].split(" (")[0].split(":")[0])),
                 equal_to([("broken.jpg", "cannot decode image"), ("empty.jpg", "empty file"),
-                          ("notes.png", "not an image"), ("grey.png", "no region above the confidence threshold 0.25")]),
+                          ("notes.png", "not an image"), ("grey.png", "no region above the confidence threshold")]),
                 label="rejected")
     pipeline.run()
 
@@ -87,7 +87,7 @@ def test_detect_regions_counts_and_dead_letters_bad_images(pipeline):
 def test_read_images_from_folders_and_tars(pipeline, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.jpg").write_bytes(b"jpeg-bytes")
-    (tmp_path / "a" / "readme.txt").write_text("not an image")
+    (tmp_path / "a" / "readme.pdf").write_text("not an image")
     with tarfile.open(tmp_path / "a" / "00000.tar", "w") as tar:
         for name, data in (("000001.jpg", b"one"), ("000001.json", b"{}"), ("000002.png", b"two")):
             info = tarfile.TarInfo(name)
@@ -99,6 +99,6 @@ def test_read_images_from_folders_and_tars(pipeline, tmp_path):
                 equal_to([("x.jpg", b"jpeg-bytes"), ("00000.tar/000001.jpg", b"one"), ("00000.tar/000002.png", b"two")]),
                 label="images")
     assert_that(out.rejected | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"].split(":")[0])),
-                equal_to([("readme.txt", "not an image or tar file (by extension)"), ("bad.tar", "unreadable tar")]),
+                equal_to([("readme.pdf", "not an image or tar file (by extension)"), ("bad.tar", "unreadable tar")]),
                 label="rejected")
     pipeline.run()

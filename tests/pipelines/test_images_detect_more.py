@@ -16,6 +16,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
+from pipelines.deadletter import message
 from pipelines.detect import FEATURE_DIM, DetectRegions, YoloDetector, bundled_model_files, decode_image, to_float16
 from pipelines.images import ReadImages
 from pipelines.options import DetectOptions
@@ -58,6 +59,22 @@ def test_two_img2dataset_folders_and_same_named_files_get_distinct_ids(pipeline,
     pipeline.run()
 
 
+def test_img2dataset_sidecar_files_are_skipped_not_rejected_as_images(pipeline, tmp_path):
+    """img2dataset's "files" layout: KEY.jpg beside KEY.json and KEY.txt, a .parquet and _stats.json
+    per shard. The sidecars are not images: never dead-lettered, so never counted in images_in."""
+    (tmp_path / "000001.jpg").write_bytes(b"one")
+    for name in ("000001.json", "000001.txt", "00000.parquet", "00000_stats.json"):
+        (tmp_path / name).write_bytes(b"{}")
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF")
+    out = pipeline | ReadImages(f"{tmp_path}/*")
+    assert_that(out.images | beam.Map(lambda e: e[0]), equal_to(["000001.jpg"]), label="images")
+    assert_that(out.rejected | beam.Map(lambda r: os.path.basename(r["source"])), equal_to(["notes.pdf"]),
+                label="rejected")
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert _counter(result, "skipped_sidecars") == 4
+
+
 def test_a_repeated_image_id_is_kept_once_and_the_rest_dead_lettered(pipeline, tmp_path):
     # A tar may hold one name twice (tar --append): same id, same source; the smaller bytes win.
     _tar(tmp_path / "00000.tar", [("000001.jpg", b"second"), ("000002.jpg", b"two"), ("000001.jpg", b"first")])
@@ -66,7 +83,7 @@ def test_a_repeated_image_id_is_kept_once_and_the_rest_dead_lettered(pipeline, t
                 equal_to([("00000.tar/000001.jpg", b"first", "00000.tar:000001.jpg"),
                           ("00000.tar/000002.jpg", b"two", "00000.tar:000002.jpg")]), label="images")
     source = f"{tmp_path}/00000.tar:000001.jpg"
-    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], r["reason"])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], message(r))),
                 equal_to([("read_images", source, f"duplicate image_id: '00000.tar/000001.jpg' also at {source}, which is kept")]),
                 label="rejected")
     result = pipeline.run()
@@ -142,7 +159,7 @@ def test_detect_regions_dead_letters_decode_detector_and_nan_failures(pipeline, 
               ("nan.jpg", _jpeg(np.zeros((60, 80, 3), np.uint8)), "nan.jpg")]
     out = pipeline | beam.Create(images) | DetectRegions(DetectOptions())
     assert_that(out.detections | beam.Map(lambda d: d["image_id"]), equal_to(["coffee.jpg"]), label="detections")
-    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], r["reason"].split(": ")[:2])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], message(r).split(": ")[:2])),
                 equal_to([("detect", "exif.jpg", ["undecodable image", "struct.error"]),
                           ("detect", "opencv.jpg", ["detector failed", "cv2.error"]),
                           ("detect", "nan.jpg", ["non-finite region features (NaN) from the detector"])]),

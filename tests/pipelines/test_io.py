@@ -11,7 +11,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.io import ReadCorpus, ReadDetections, stable_id, validate_detection
-from schemas.corpus import tag_order
+from schemas.corpus import normalise_label, tag_order
 from pipelines.options import TextOptions
 
 from .conftest import write_jsonl
@@ -30,13 +30,22 @@ def test_tags_deduplicated_by_best_score_then_label():
     assert tag_order([], []) == []
 
 
+def test_labels_are_normalised_by_one_rule_so_case_makes_no_second_tag():
+    assert normalise_label(" Dining \t Table ") == "dining table"
+    # 'Person' and 'person' were two tags of one query
+    assert tag_order(["Person", "person", "CUP"], [0.9, 0.95, 0.5]) == ["person", "cup"]
+    det = validate_detection({"image_id": "a.jpg", "width": 10, "height": 10, "boxes": [[0, 0, 5, 5], [1, 1, 6, 6]],
+                              "labels": ["Person", " TV  monitor"], "scores": [0.9, 0.8]})
+    assert det["labels"] == ["person", "tv monitor"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"image_id": None}, "missing field 'image_id'"),
     ({"labels": ["sofa"]}, "lengths differ: 3/1/3"),
     ({"width": 0}, "must be positive"),
-    ({"boxes": [[0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]]}, "boxes[0] must be [x1, y1, x2, y2]"),
-    ({"scores": [0.1, "high", 0.2]}, "field 'scores[1]' must be a finite number"),
-    ({"features": [[1.0, 2.0]]}, "features must be [regions, dim] with 3 regions"),
+    ({"boxes": [[0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]]}, "a box must be [x1, y1, x2, y2]: boxes[0] = [0, 0, 1]"),
+    ({"scores": [0.1, "high", 0.2]}, "field 'scores' must be a finite number: scores[1] = 'high'"),
+    ({"features": [[1.0, 2.0]]}, "features must be [regions, dim], a row per region: 3 regions, got shape"),
 ])
 def test_validate_detection_names_the_bad_field(change, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -56,7 +65,8 @@ def test_read_detections_jsonl_and_parquet_with_dead_letters(pipeline, tmp_path)
                    tmp_path / "more.parquet")
     out = pipeline | ReadDetections(f"{jsonl},{tmp_path}/*.parquet")
     assert_that(out["detections"] | beam.Map(_essentials),
-                equal_to([("a.jpg", ("sofa", "woman", "sofa"), True), ("b.jpg", ("sofa", "woman", "sofa"), False)]),
+                # regions highest score first (keep_top_regions)
+                equal_to([("a.jpg", ("woman", "sofa", "sofa"), True), ("b.jpg", ("woman", "sofa", "sofa"), False)]),
                 label="valid")
     assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(f"{jsonl}:2", "malformed JSON"), (f"{jsonl}:3", "missing field 'labels'"),
@@ -83,6 +93,53 @@ def test_read_detections_vinvl_tsv_pairs_features(pipeline, tmp_path):
     assert_that(out["detections"] | beam.combiners.ToList(), lambda got: check(got[0]), label="vinvl")
     assert_that(out["rejected"] | beam.Map(lambda r: r["source"]), equal_to([f"{tmp_path}/predictions.tsv:2"]),
                 label="bad line")
+    pipeline.run()
+
+
+def _oscar_vinvl_files(folder, with_yaml=True):
+    """The Oscar/VinVL distribution layout (e.g. coco_caption/): train.label.tsv, train.feature.tsv,
+    train.hw.tsv and train.yaml, as downloaded. img3 has labels but no size line, img4 labels but no
+    features line, img5 a size line only."""
+    rng = np.random.default_rng(0)
+    labels = {"img1": [{"class": "Man", "conf": 0.6, "rect": [0.0, 0.0, 20.0, 30.0]},
+                       {"class": "shirt", "conf": 0.9, "rect": [5.0, 5.0, 40.0, 40.0]}],
+              "img2": [{"class": "dog", "conf": 0.8, "rect": [1.0, 2.0, 50.0, 60.0]}],
+              "img3": [{"class": "cat", "conf": 0.7, "rect": [0.0, 0.0, 5.0, 5.0]}],
+              "img4": [{"class": "cup", "conf": 0.5, "rect": [0.0, 0.0, 5.0, 5.0]}]}
+    feats = {"img1": rng.random((2, 2054), dtype=np.float32), "img2": rng.random((1, 2054), dtype=np.float32),
+             "img3": rng.random((1, 2054), dtype=np.float32)}
+    sizes = {"img1": (200, 100), "img2": (64, 80), "img4": (10, 10), "img5": (3, 3)}
+    (folder / "train.label.tsv").write_text("".join(f"{i}\t{json.dumps(o)}\n" for i, o in labels.items()))
+    (folder / "train.feature.tsv").write_text("".join(
+        f"{i}\t" + json.dumps({"num_boxes": len(f), "features": base64.b64encode(f.tobytes()).decode()}) + "\n"
+        for i, f in feats.items()))
+    (folder / "train.hw.tsv").write_text("".join(f"{i}\t" + json.dumps([{"height": h, "width": w}]) + "\n"
+                                                for i, (w, h) in sizes.items()))
+    if with_yaml:
+        (folder / "train.yaml").write_text("img: train.img.tsv\nhw: train.hw.tsv\nlabel: train.label.tsv\n"
+                                           "feature: train.feature.tsv\ncaption: train_caption.json\n")
+    return feats
+
+
+@pytest.mark.parametrize("given", ["train.label.tsv", "train.yaml", "*.tsv"])
+def test_read_detections_of_the_oscar_vinvl_distribution(pipeline, tmp_path, given):
+    """X.label.tsv / X.feature.tsv (JSON with num_boxes and base64 features) / X.hw.tsv / X.yaml:
+    given the label file, the yaml, or all of them, the files are read together."""
+    feats = _oscar_vinvl_files(tmp_path)
+    out = pipeline | ReadDetections(str(tmp_path / given))
+
+    def check(dets):
+        got = {d["image_id"]: d for d in dets}
+        assert sorted(got) == ["img1", "img2"]
+        img1 = got["img1"]
+        assert (img1["width"], img1["height"]) == (200, 100) and img1["labels"] == ["shirt", "man"]  # by score
+        np.testing.assert_array_equal(img1["features"], feats["img1"][::-1, :2048])  # regions re-ordered alike
+        assert (got["img2"]["width"], got["img2"]["height"]) == (64, 80)
+
+    assert_that(out["detections"] | beam.combiners.ToList(), lambda got: check(got[0]), label="oscar")
+    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"])), equal_to([
+        ("train.label.tsv:3", "VinVL labels without an image size"),
+        ("train.label.tsv:4", "VinVL prediction without a features line")]), label="rejected")
     pipeline.run()
 
 

@@ -14,6 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from click.testing import CliRunner
 
 import schemas
+from pipelines.deadletter import message
 from pipelines import io
 from pipelines.cli import main
 from pipelines.io import (ReadCorpus, ReadDetections, _first_per_image, _join_vinvl, cut_for_spacy, stable_id,
@@ -28,7 +29,7 @@ GOOD = {"image_id": "a.jpg", "width": 640, "height": 480,
 
 
 def _sources_and_reasons(rejected):
-    return rejected | beam.Map(lambda r: (r["source"], r["reason"]))
+    return rejected | beam.Map(lambda r: (r["source"], message(r)))
 
 
 def _prediction_line(image_id, label, width=200):
@@ -73,8 +74,8 @@ def test_vinvl_duplicates_and_unpaired_lines_are_dead_lettered(pipeline, tmp_pat
     assert_that(_sources_and_reasons(out["rejected"]), equal_to([
         (f"{pred}:2", f"duplicate image_id: 'img1' in VinVL predictions also at {pred}:1, which is kept"),
         (f"{feat}:2", f"duplicate image_id: 'img1' in VinVL features also at {feat}:1, which is kept"),
-        (f"{pred}:3", "VinVL prediction without a features line for image_id 'img2'"),
-        (f"{feat}:3", "VinVL features without a prediction line for image_id 'img3'"),
+        (f"{pred}:3", "VinVL prediction without a features line: image_id 'img2'"),
+        (f"{feat}:3", "VinVL features without a prediction line: image_id 'img3'"),
     ]), label="rejected")
     pipeline.run()
 
@@ -84,7 +85,7 @@ def _outputs(results):
     with its file:line, as (where, detection))."""
     results = list(results)
     kept = [r[1] if isinstance(r, tuple) else r for r in results if not isinstance(r, beam.pvalue.TaggedOutput)]
-    rejected = [(r.value["source"], r.value["reason"]) for r in results if isinstance(r, beam.pvalue.TaggedOutput)]
+    rejected = [(r.value["source"], message(r.value)) for r in results if isinstance(r, beam.pvalue.TaggedOutput)]
     return kept, rejected
 
 
@@ -105,17 +106,17 @@ def test_join_vinvl_keeps_the_same_line_whatever_the_group_order():
 # 3. A string where a list belongs used to be split into characters.
 
 @pytest.mark.parametrize("change, message", [
-    ({"labels": "cat"}, "field 'labels' must be a list, got str 'cat'"),
-    ({"boxes": "abc"}, "field 'boxes' must be a list, got str"),
-    ({"scores": "0.5"}, "field 'scores' must be a list, got str"),
-    ({"labels": {"a": 1, "b": 2, "c": 3}}, "field 'labels' must be a list, got dict"),
-    ({"boxes": ["0123", [0, 0, 1, 1], [0, 0, 1, 1]]}, "field 'boxes[0]' must be a list, got str"),
-    ({"boxes": [[0, 0, 1, float("nan")], [0, 0, 1, 1], [0, 0, 1, 1]]}, "field 'boxes[0]' must be a finite number"),
-    ({"labels": ["sofa", 7, "sofa"]}, "labels[1] must be a non-empty string"),
-    ({"scores": [0.1, float("inf"), 0.2]}, "field 'scores[1]' must be a finite number"),
-    ({"features": "abc"}, "field 'features' must be a list, got str"),
+    ({"labels": "cat"}, "field 'labels' must be a list: labels is str 'cat'"),
+    ({"boxes": "abc"}, "field 'boxes' must be a list: boxes is str"),
+    ({"scores": "0.5"}, "field 'scores' must be a list: scores is str"),
+    ({"labels": {"a": 1, "b": 2, "c": 3}}, "field 'labels' must be a list: labels is dict"),
+    ({"boxes": ["0123", [0, 0, 1, 1], [0, 0, 1, 1]]}, "field 'boxes' must be a list: boxes[0] is str"),
+    ({"boxes": [[0, 0, 1, float("nan")], [0, 0, 1, 1], [0, 0, 1, 1]]}, "field 'boxes' must be a finite number: boxes[0] = nan"),
+    ({"labels": ["sofa", 7, "sofa"]}, "a label must be a non-empty string: labels[1] = 7"),
+    ({"scores": [0.1, float("inf"), 0.2]}, "field 'scores' must be a finite number: scores[1] = inf"),
+    ({"features": "abc"}, "field 'features' must be a list: features is str"),
     ({"features": [[1.0, 2.0], [1.0], [1.0, 2.0]]}, "field 'features' must be a [regions, dim] array of numbers"),
-    ({"width": 640.5}, "field 'width' must be an integer"),
+    ({"width": 640.5}, "field 'width' must be an integer: width = 640.5"),
     ({"height": -1}, "must be positive"),
 ])
 def test_validate_detection_rejects_wrong_types_naming_the_field(change, message):
@@ -133,7 +134,7 @@ def test_string_labels_are_dead_lettered_with_file_and_line(pipeline, tmp_path):
     out = pipeline | ReadDetections(path)
     assert_that(out["detections"] | beam.Map(lambda d: d["image_id"]), equal_to(["ok.jpg"]), label="kept")
     assert_that(_sources_and_reasons(out["rejected"]),
-                equal_to([(f"{path}:2", "field 'labels' must be a list, got str 'cat'")]), label="rejected")
+                equal_to([(f"{path}:2", "field 'labels' must be a list: labels is str 'cat'")]), label="rejected")
     pipeline.run()
 
 

@@ -52,11 +52,11 @@ def split(results):
     kept, rejected = [], []
     for r in results:
         if isinstance(r, TaggedOutput):
-            assert r.tag in (REJECTED, COUNTS, _ParseVinvlFile.FEATURES), r.tag
+            assert r.tag in (REJECTED, COUNTS, _ParseVinvlFile.FEATURES, _ParseVinvlFile.SIZES), r.tag
             if r.tag == REJECTED:
                 assert r.value["source"] and r.value["reason"] and r.value["stage"]
                 rejected.append(r.value)
-            elif r.tag == _ParseVinvlFile.FEATURES:
+            elif r.tag in (_ParseVinvlFile.FEATURES, _ParseVinvlFile.SIZES):
                 kept.append(r)
         else:
             kept.append(r)
@@ -167,6 +167,46 @@ def test_vinvl_files_of_anything(tmp_path_factory, predictions, features):
             grouped.setdefault(image_id, {"predictions": [], "features": []})[kind].append(value)
     for image_id, both in grouped.items():
         kept, _ = split(_join_vinvl((image_id, both)))
+        for _, det in kept:
+            assert_valid_detection(det)
+
+
+oscar_label_lines = st.lists(
+    st.binary(max_size=60)
+    | st.tuples(st.sampled_from(["a", "b", ""]), vinvl_objects | json_values)
+    .map(lambda t: f"{t[0]}\t{json.dumps(t[1])}".encode()),
+    max_size=4)
+oscar_feature_lines = st.lists(
+    st.binary(max_size=60)
+    | st.tuples(st.sampled_from(["a", "b", ""]), st.fixed_dictionaries(
+        {}, optional={"num_boxes": st.integers(-2, 4) | json_values,
+                      "features": st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()) | json_values})
+                | json_values).map(lambda t: f"{t[0]}\t{json.dumps(t[1])}".encode()),
+    max_size=4)
+oscar_size_lines = st.lists(
+    st.binary(max_size=60)
+    | st.tuples(st.sampled_from(["a", "b", ""]), st.lists(st.fixed_dictionaries(
+        {}, optional={"height": numbers | json_values, "width": numbers | json_values}), max_size=2) | json_values)
+    .map(lambda t: f"{t[0]}\t{json.dumps(t[1])}".encode()),
+    max_size=4)
+
+
+@SETTINGS
+@given(labels=oscar_label_lines, features=oscar_feature_lines, sizes=oscar_size_lines)
+def test_oscar_vinvl_files_of_anything(tmp_path_factory, labels, features, sizes):
+    folder = tmp_path_factory.mktemp("o")
+    paths = [write(folder, name, b"\n".join(lines)) for name, lines in
+             (("x.label.tsv", labels), ("x.feature.tsv", features), ("x.hw.tsv", sizes))]
+    grouped = {}
+    for path in paths:
+        kept, _ = split(_ParseVinvlFile().process(path))
+        for out in kept:
+            kind = {_ParseVinvlFile.FEATURES: "features", _ParseVinvlFile.SIZES: "sizes"}[out.tag] \
+                if isinstance(out, TaggedOutput) else "predictions"
+            image_id, value = out.value if isinstance(out, TaggedOutput) else out
+            grouped.setdefault(image_id, {"predictions": [], "features": [], "sizes": []})[kind].append(value)
+    for image_id, all_three in grouped.items():
+        kept, _ = split(_join_vinvl((image_id, all_three)))
         for _, det in kept:
             assert_valid_detection(det)
 

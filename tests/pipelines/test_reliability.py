@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipelines.deadletter import message
 from pipelines.build import OneFeatureWidth, corpus_feature_width
 from pipelines.io import BOXES_CLIPPED, ReadDetections, validate_detection
 
@@ -42,7 +43,7 @@ def test_a_box_far_outside_or_without_area_is_rejected_naming_it(box, message):
 
 @pytest.mark.parametrize("change, message", [
     ({"features": [[1e30, 0.0]]}, "features beyond the float16 range the shards store: features[0][0] = 1e+30"),
-    ({"scores": [1e39]}, "field 'scores[0]' is beyond the float32 range"),
+    ({"scores": [1e39]}, "field 'scores' is beyond the float32 range the tables store: scores[0] = 1e+39"),
     ({"width": 1e30}, "width/height must be positive int32 values"),
 ])
 def test_values_the_corpus_cannot_store_are_rejected(change, message):
@@ -66,6 +67,52 @@ def test_read_detections_dead_letters_absurd_boxes_and_counts_the_clipped(pipeli
     pipeline.run()
 
 
+def test_precomputed_regions_are_sorted_by_score_and_capped_at_max_regions(pipeline, tmp_path):
+    """The trainer keeps the first max_regions regions: precomputed detections are put highest
+    score first (ties by label) and capped, features alike, as the detector's are; the dropped counted."""
+    boxes = [[0, 0, 10, 10], [0, 0, 20, 20], [0, 0, 30, 30], [0, 0, 40, 40]]
+    path = write_jsonl(tmp_path / "d.jsonl", [{**IMAGE, "boxes": boxes, "labels": ["cup", "sofa", "cat", "dog"],
+                                              "scores": [0.1, 0.9, 0.5, 0.5],
+                                              "features": [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]}])
+    out = pipeline | ReadDetections(path, max_regions=3)
+    assert_that(out["detections"] | beam.Map(lambda d: (d["labels"], d["scores"], d["boxes"], d["features"][:, 0].tolist())),
+                equal_to([(["sofa", "cat", "dog"], [0.9, 0.5, 0.5], [boxes[1], boxes[2], boxes[3]], [2.0, 3.0, 4.0])]))
+    assert_that(out["counts"], equal_to([("regions_over_max", 1)]), label="counts")
+    pipeline.run()
+
+
+def test_a_reason_is_a_stable_class_one_stats_key_and_counter_per_kind_of_fault(pipeline, tmp_path):
+    """Values, indices and ids go in the dead letter's detail, never in its reason: six bad records
+    of three kinds are three keys in stats.json and three Beam counters, not six."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from pipelines.build import _reject_stats
+
+    box = {"boxes": [[0, 0, 10, 10], [0, 0, 5, 5]], "scores": [0.9, 0.8]}
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {**IMAGE, **box, "image_id": "l0.jpg", "labels": [7, "cat"]},
+        {**IMAGE, **box, "image_id": "l1.jpg", "labels": ["cat", ""]},
+        {**IMAGE, **box, "image_id": "w.jpg", "labels": ["a", "b"], "width": 0},
+        {**IMAGE, **box, "image_id": "h.jpg", "labels": ["a", "b"], "height": -3},
+        {**IMAGE, **box, "image_id": {"a": 1}, "labels": ["a", "b"]},
+        {**IMAGE, **box, "image_id": ["x: y"], "labels": ["a", "b"]},
+    ])
+    out = pipeline | ReadDetections(path)
+    assert_that(out["rejected"] | beam.FlatMap(_reject_stats) | beam.Keys() | beam.Distinct(), equal_to([
+        "rejected/read_detections: a label must be a non-empty string",
+        "rejected/read_detections: width/height must be positive int32 values",
+        "rejected/read_detections: field 'image_id' must be a non-empty string"]))
+    assert_that(out["rejected"] | "Details" >> beam.Map(lambda r: r["detail"].split(" = ")[0].split(", got")[0]),
+                equal_to(["labels[0]", "labels[1]", "got 0x50", "got 100x-3", "got {'a': 1}", "got ['x: y']"]),
+                label="details")
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_namespace("rejected"))["counters"]
+    assert sorted({c.key.metric.name for c in counters}) == [
+        "read_detections: a label must be a non-empty string", "read_detections: field 'image_id' must be a non-empty string",
+        "read_detections: width/height must be positive int32 values"]
+
+
 # 3. One feature width per corpus, chosen the same way whatever the order or the workers.
 
 def test_the_corpus_width_is_the_most_common_ties_to_the_smaller():
@@ -82,7 +129,7 @@ def test_images_of_another_feature_width_are_dead_lettered_with_both_widths(pipe
     checked = (pipeline | beam.Create([detection("a", 8), detection("b", 8), detection("c", 4)])
                | OneFeatureWidth())
     assert_that(checked.ok | beam.Map(lambda d: d["image_id"]), equal_to(["a", "b"]), label="kept")
-    assert_that(checked["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(" (")[0])),
+    assert_that(checked["rejected"] | beam.Map(lambda r: (r["source"], message(r).split(" (")[0])),
                 equal_to([("c", "feature width differs from the corpus's: 4, expected 8")]), label="rejected")
     pipeline.run()
 
@@ -93,7 +140,7 @@ def test_a_duplicate_image_id_names_both_files_and_lines(pipeline, tmp_path):
     first = write_jsonl(tmp_path / "a.jsonl", [{**IMAGE, "boxes": [[0, 0, 10, 10]]}])
     second = write_jsonl(tmp_path / "b.jsonl", ["", {**IMAGE, "boxes": [[0, 0, 20, 20]]}])
     out = pipeline | ReadDetections(f"{tmp_path}/*.jsonl")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"])),
+    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], message(r))),
                 equal_to([(f"{second}:2", f"duplicate image_id: 'a.jpg' also at {first}:1, which is kept")]))
     pipeline.run()
 

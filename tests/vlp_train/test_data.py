@@ -143,3 +143,11 @@ def test_any_damaged_sample_decodes_and_builds_or_is_a_named_error(raw):
     else:
         views = _BUILDER.build(decoded + [decode(_raw(1, *_valid()))], ["rt", "rp", "is"], random.Random(0))
         assert all(v["input_ids"].shape[0] == 2 for v in views.values())
+
+
+def test_the_tag_vocabulary_is_read_with_the_corpus_label_rule(tmp_path):
+    """Tags differing only in case or spacing are one tag for the trainer as for the pipeline."""
+    from vlp_train.data import load_tag_vocab
+    vocab = tmp_path / "tag_vocab.json"
+    vocab.write_text(json.dumps({"schema_version": 1, "tags": ["Person", "cup", "person", "Dining  Table"]}))
+    assert load_tag_vocab(str(vocab), []) == ["person", "cup", "dining table"]
