@@ -21,7 +21,7 @@ def find_chromium() -> str | None:
 class Browser:
     def __init__(self, binary: str, width: int = 1400, height: int = 1000):
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
-        args = [binary, "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+        args = [binary, "--headless", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
                 "--remote-debugging-port=0", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
                 "--hide-scrollbars", "about:blank"]
         if os.geteuid() == 0:
