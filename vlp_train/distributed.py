@@ -21,6 +21,7 @@ class Distributed:
     world: int = 1
     local_rank: int = 0
     control_group: object = None  # a gloo group: host-side agreement without a device sync
+    timeout_s: int = 1800
 
     @property
     def main(self) -> bool:
@@ -29,8 +30,8 @@ class Distributed:
 
 def setup_distributed(device_type: str, timeout_s: int = 1800) -> Distributed:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise. Every collective gives up
-    after `timeout_s` (run.dist_timeout_s) with torch's error, instead of waiting for ever on a
-    rank that died or hangs."""
+    after `timeout_s` (run.dist_timeout_s) instead of waiting for ever on a rank that died or hangs;
+    the host-side ones are preceded by `all_arrive`, whose error names the missing ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed()
@@ -41,7 +42,22 @@ def setup_distributed(device_type: str, timeout_s: int = 1800) -> Distributed:
     if not dist.is_initialized():  # else a second train() in this process (tests, notebooks): the same group
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if device_type == "cuda" else None  # None: the default (gloo) group
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control)
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control,
+                       timeout_s)
+
+
+def all_arrive(dist_info: Distributed, at: str) -> None:
+    """A barrier that names the ranks that did not arrive within run.dist_timeout_s (gloo's
+    monitored barrier), before the host-side collectives of a step: a rank that died or hangs is
+    named in the error, instead of every other rank waiting with no clue which one it is."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    try:
+        dist.monitored_barrier(group=dist_info.control_group, timeout=timedelta(seconds=dist_info.timeout_s),
+                               wait_all_ranks=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"rank {dist_info.rank}, {at}: {str(err).splitlines()[0]}") from err
 
 
 def wrap(step_module: nn.Module, dist_info: Distributed, device: torch.device) -> nn.Module:
@@ -70,6 +86,7 @@ def synchronised(loader, dist_info: Distributed):
     iterator = iter(loader)
     while True:
         batch = next(iterator, None)
+        all_arrive(dist_info, "before the next batch")
         flag = torch.tensor([0 if batch is None else 1])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dist_info.control_group)
         if flag.item() == 0:
@@ -84,6 +101,7 @@ def rank_rng_states(dist_info: Distributed) -> list[dict]:
         return [checkpoint.rng_state()]
     import torch.distributed as dist
     states = [None] * dist_info.world
+    all_arrive(dist_info, "saving a checkpoint")
     dist.all_gather_object(states, checkpoint.rng_state(), group=dist_info.control_group)
     return states
 

@@ -171,3 +171,27 @@ def test_too_few_shards_for_the_ranks_stop_at_start_instead_of_hanging(tmp_path)
     for rank in range(2):
         message = (tmp_path / f"error-{rank}.txt").read_text()
         assert "1 training shard(s) for 2 rank(s)" in message and "at least 2 shards" in message
+
+
+def _one_rank_hangs(rank: int, port: int, folder: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            time.sleep(8)  # hangs past rank 0's timeout
+        try:
+            list(synchronised(iter(["b0", "b1"]), Distributed(rank, 2, rank, None, timeout_s=2)))
+            outcome = "finished"
+        except RuntimeError as err:
+            outcome = str(err)
+        with open(os.path.join(folder, f"rank-{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_does_not_arrive_is_named_by_the_others(tmp_path):
+    """Rank 1 hangs: rank 0 gives up after run.dist_timeout_s (2 s here), naming rank 1."""
+    _run_ranks(_one_rank_hangs, str(tmp_path), timeout=60)
+    message = (tmp_path / "rank-0.txt").read_text()
+    assert message.startswith("rank 0, before the next batch") and "Ranks 1 failed" in message, message
