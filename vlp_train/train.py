@@ -79,7 +79,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                 if step >= run.total_steps:
                     break
             else:
-                if not any_batch:  # every sample of the epoch was bad, or a rank had none: never loop on empty epochs
+                if not any_batch and start_batch == 0:  # (a resume at an epoch's end starts with none left)
+                    # every sample of the epoch was bad, or a rank had none: never loop on empty epochs
                     raise RuntimeError(f"epoch {epoch} gave no batch on some rank (bad or missing shards: see the "
                                        "warnings above)")
                 # an epoch's last micro-batches short of a whole step are dropped (as a loader drops a

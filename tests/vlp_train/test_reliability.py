@@ -292,3 +292,46 @@ def test_an_init_folders_pickled_weights_are_read_without_running_code(tmp_path)
     torch.save({"weights": argparse.Namespace(x=1)}, tmp_path / "bert" / "pytorch_model.bin")
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         read_weights(str(tmp_path / "bert"))
+
+
+@pytest.mark.slow
+def test_sigkilled_at_random_points_and_resumed_ends_bit_for_bit_as_an_unbroken_run(tmp_path):
+    """A soak with real kills: `vlp-train run` SIGKILLed three times at random points (after an
+    optimizer step, inside a checkpoint write, inside a log write), resumed after each, ends with
+    the weights of a run never stopped, bit for bit, and a log holding each step once."""
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+    shards = write_shards(str(tmp_path / "c"), n_images=48, per_shard=16)
+    root = Path(__file__).resolve().parents[2]
+    launch = Path(__file__).with_name("kill_launch.py")
+    flags = ["--shards", shards, "--set", "optim.epochs=5", "--set", "optim.max_steps=14", "--set", "run.save_every=2",
+             "--set", "objectives.schedule=mixed", "--set", "data.batch_size=8", "--set", "run.log_every=1",
+             "--set", "run.eval_batches=1", *sum((["--set", o] for o in TINY_MODEL), [])]
+
+    def run(out, *extra, kill=None):
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        env.pop("VLP_KILL_AT", None)
+        if kill:
+            env["VLP_KILL_AT"] = kill
+        return subprocess.run([sys.executable, str(launch), "run", "--output", str(out), *extra], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=300)
+
+    assert run(tmp_path / "whole", *flags).returncode == 0
+    rng = random.Random(int(os.environ.get("VLP_SOAK_SEED", "1")))  # 1: one resume lands on an epoch's end
+    kills = [rng.choice([f"step:{rng.randint(3, 6)}", f"save:{rng.randint(2, 3)}", f"log:{rng.randint(4, 8)}"])
+             for _ in range(3)]
+    first = run(tmp_path / "broken", *flags, kill=kills[0])
+    assert first.returncode == -9, (kills, first.stderr[-2000:])
+    for kill in kills[1:] + [None]:
+        resumed = run(tmp_path / "broken", "--resume", kill=kill)
+        assert resumed.returncode in ((-9, 0) if kill else (0,)), (kills, kill, resumed.stderr[-2000:])
+        if resumed.returncode == 0:  # (another VLP_SOAK_SEED may put a kill past the run's end)
+            break
+    whole = checkpoint.load(checkpoint.load_latest(str(tmp_path / "whole" / "checkpoints"))[0])
+    broken = checkpoint.load(checkpoint.load_latest(str(tmp_path / "broken" / "checkpoints"))[0])
+    assert whole["step"] == broken["step"] == 14, kills
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, broken["model"][name]), (kills, name)
+    assert [r["step"] for r in rows(tmp_path / "broken") if "loss" in r] == list(range(1, 15)), kills
