@@ -21,16 +21,17 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = Path(__file__).with_name("chaos_launch.py")
 SEED = int(os.environ.get("VLP_CHAOS_SEED", "17"))
 DETECTIONS = [{"image_id": f"{label}.jpg", "width": 100, "height": 100, "boxes": [[0, 0, 50, 50]], "labels": [label],
-               "scores": [0.9]} for label in ("sofa", "motorcycle", "cat")]
+               "scores": [0.9], "features": [[0.1 * n, 0.2, 0.3, 0.4]]}
+              for n, label in enumerate(("sofa", "motorcycle", "cat"))]
 
 
-def run(out, text, k, kill=None):
+def run(out, text, k, kill=None, shards=False):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("VLP_KILL_AT", None)
     if kill:
         env["VLP_KILL_AT"] = "%s:%d" % kill
     return subprocess.run([sys.executable, str(LAUNCH), "build-retrieval", "--detections", str(out.parent / "d.jsonl"),
-                           "--text", str(text), "--output", str(out), "--no-shards", "--k", str(k)],
+                           "--text", str(text), "--output", str(out), "--k", str(k), *([] if shards else ["--no-shards"])],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -41,12 +42,14 @@ def corpus(out) -> dict:
 
 
 @pytest.mark.slow
-def test_a_build_killed_anywhere_leaves_one_runs_output(tmp_path):
+@pytest.mark.parametrize("shards", [False, True], ids=["retrievals-only", "shards"])
+def test_a_build_killed_anywhere_leaves_one_runs_output(tmp_path, shards):
+    """Retrievals only, and with shards (the shard writer's files, shards/ and the manifest swapped)."""
     write_jsonl(tmp_path / "d.jsonl", DETECTIONS)
     text_a, text_b = tmp_path / "a.txt", tmp_path / "b.txt"
     text_a.write_text("\n".join(SOFA_SENTENCES) + "\n")
     text_b.write_text("\n".join(SOFA_SENTENCES + ["A dog runs on the beach."]) + "\n")
-    runs = {"A": (text_a, 1), "B": (text_b, 2)}  # different sentences, retrievals and stats
+    runs = {"A": (text_a, 1, None, shards), "B": (text_b, 2, None, shards)}  # different sentences, retrievals and stats
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert run(out, *runs["A"]).returncode == 0
     expected = {"A": corpus(out)}
@@ -61,10 +64,12 @@ def test_a_build_killed_anywhere_leaves_one_runs_output(tmp_path):
              ("replace", rng.randint(1, replaces))]
     for i, kill in enumerate(kills):
         name = "AB"[i % 2 == 0]
-        killed = run(out, *runs[name], kill=kill)
+        killed = run(out, *runs[name][:2], kill=kill, shards=shards)
         assert killed.returncode == -signal.SIGKILL, (kill, killed.stderr[-2000:])
         try:
             check_published(out)
+            # the first replace puts the journal in place: from the second on, a kill is inside the swap
+            assert kill[0] == "rename" or kill[1] == 1, f"killed at {kill} inside the swap, yet readable"
         except HalfPublishedError:  # killed inside the swap: readers refuse it until it is finished
             assert kill[0] == "replace"
             build.finish_publish(str(out))  # what the next run (or `vlp-data finish-publish`) does first
