@@ -158,7 +158,6 @@ def test_on_an_object_store_a_crash_during_the_swap_is_refused_by_readers_and_fi
     for rel, content in NEW.items():
         objectstore.put(f"{build.staging_dir(store)}/{rel}", content.encode())
     changes = []
-    real_pop, real_delete = objectstore.OBJECTS.pop, objectstore.OBJECTS.__delitem__
 
     class Flaky(dict):
         def _step(self, key):

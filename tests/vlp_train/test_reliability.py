@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from schemas.corpus import META_MEMBER, sample_key, sample_members, tar_bytes
+from schemas.corpus import sample_key, sample_members, tar_bytes
 from vlp_train import checkpoint
 from vlp_train.cli import main
 from vlp_train.config import load_config
