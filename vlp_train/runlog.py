@@ -21,6 +21,7 @@ class MetricsWindow:
         self.start = time.perf_counter()
         self.steps: list[tuple[int, torch.Tensor, list[str]]] = []  # (step, skipped flag, its samples' keys)
         self._keys: list[str] = []
+        self._skipped: list[tuple[int, list[str]]] | None = None
 
     def add(self, loss: torch.Tensor, named: dict[str, torch.Tensor], samples: int, bad: int, keys: list[str]) -> None:
         """One micro-batch."""
@@ -34,13 +35,15 @@ class MetricsWindow:
     def end_step(self, step: int, skipped: torch.Tensor) -> None:
         self.steps.append((step, skipped, self._keys))
         self._keys = []
+        self._skipped = None
 
     def skipped_steps(self) -> list[tuple[int, list[str]]]:
-        """(step, sample keys) of the window's steps whose loss or gradient was not finite."""
-        if not self.steps:
-            return []
-        flags = torch.stack([flag for _, flag, _ in self.steps]).tolist()
-        return [(step, keys) for (step, _, keys), skipped in zip(self.steps, flags) if skipped]
+        """(step, sample keys) of the window's steps whose loss or gradient was not finite; the
+        flags are read from the device once (the log row and the stop check both ask)."""
+        if self._skipped is None:
+            flags = torch.stack([flag for _, flag, _ in self.steps]).tolist() if self.steps else []
+            self._skipped = [(step, keys) for (step, _, keys), skipped in zip(self.steps, flags) if skipped]
+        return self._skipped
 
     def row(self) -> dict | None:
         """Mean loss (over finite values) and named losses, samples/s, bad samples and skipped
