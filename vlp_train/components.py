@@ -59,6 +59,14 @@ def build_run(cfg: TrainConfig) -> Run:
     check_init(cfg)
     validate(cfg)
     family = family_of(cfg.model.arch)
+    tasks = enabled_tasks(cfg.objectives)
+    unsupported = [t for t in tasks if t not in family.tasks]
+    if unsupported:
+        raise ValueError(f"model.arch={family.name} cannot train {', '.join(unsupported)} "
+                         f"(it supports {', '.join(family.tasks)}): switch them off in objectives")
+    if family.match_probability is None and cfg.objectives.itm_weighting:
+        raise ValueError(f"model.arch={family.name} gives no ITM match probability for the curriculum's weights: "
+                         "set objectives.itm_weighting=false")
     device = pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = distributed.setup_distributed(device.type, cfg.run.dist_timeout_s)
     seed_everything(cfg.run.seed + dist_info.rank)
@@ -69,15 +77,6 @@ def build_run(cfg: TrainConfig) -> Run:
     tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
     tags = load_tag_vocab(cfg.data.tag_vocab, urls)
     feature_dim = cfg.model.feature_dim or first_feature_dim(urls)
-    model = family.build(cfg.model, feature_dim, tags).to(device)
-    tasks = enabled_tasks(cfg.objectives)
-    unsupported = [t for t in tasks if t not in family.tasks]
-    if unsupported:
-        raise ValueError(f"model.arch={family.name} cannot train {', '.join(unsupported)} "
-                         f"(it supports {', '.join(family.tasks)}): switch them off in objectives")
-    if family.match_probability is None and cfg.objectives.itm_weighting:
-        raise ValueError(f"model.arch={family.name} gives no ITM match probability for the curriculum's weights: "
-                         "set objectives.itm_weighting=false")
     scope = compile_scope(cfg, device)
     builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
                            cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step", feature_dim=feature_dim)
@@ -99,6 +98,8 @@ def build_run(cfg: TrainConfig) -> Run:
         total_steps = min(total_steps, cfg.optim.max_steps or total_steps)
     else:
         total_steps = cfg.optim.max_steps
+    # the model last: every check above stops a misconfigured run before its weights are loaded
+    model = family.build(cfg.model, feature_dim, tags).to(device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio))
     step_module = distributed.wrap(step_module_for(model, family, scope), dist_info, device)
