@@ -136,6 +136,18 @@ def shape_of(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, config.hidden_size, config.num_attention_heads
 
 
+def check_shape(config, cfg_model, folder: str) -> None:
+    """An init folder (BERT or a saved model) of another shape than model.layers/hidden/heads ask
+    for is an error, never a silent random model."""
+    asked = (cfg_model.layers, cfg_model.hidden, cfg_model.heads)
+    if cfg_model.layers > 0 and shape_of(config) != asked:
+        raise ValueError(f"model.init {folder} is a {'x'.join(map(str, shape_of(config)[:2]))} model "
+                         f"({config.num_attention_heads} heads) but model.layers/hidden/heads ask for "
+                         f"{asked[0]} x {asked[1]} ({asked[2]} heads): give model.init a folder of that shape "
+                         f"(bert-base-uncased for the paper's 12 x 768), or model.init={RANDOM_INIT} to train "
+                         "one from random weights on purpose")
+
+
 def bert_config(cfg_model, folder: str | None):
     """The run's BertConfig: `folder`'s (a HF BERT folder), or with folder None (model.init=random)
     a fresh one of model.layers/hidden/heads (default: the bundled MiniLM's shape) with the
@@ -144,17 +156,12 @@ def bert_config(cfg_model, folder: str | None):
     from transformers import BertConfig
 
     config = BertConfig.from_pretrained(folder or bundled_minilm_path())
-    asked = (cfg_model.layers, cfg_model.hidden, cfg_model.heads)
     if folder is None and cfg_model.layers > 0:
         config = BertConfig(vocab_size=config.vocab_size, hidden_size=cfg_model.hidden,
                             num_hidden_layers=cfg_model.layers, num_attention_heads=cfg_model.heads,
                             intermediate_size=4 * cfg_model.hidden, max_position_embeddings=512)
-    elif folder is not None and cfg_model.layers > 0 and shape_of(config) != asked:
-        raise ValueError(f"model.init {folder} is a {'x'.join(map(str, shape_of(config)[:2]))} BERT "
-                         f"({config.num_attention_heads} heads) but model.layers/hidden/heads ask for "
-                         f"{asked[0]} x {asked[1]} ({asked[2]} heads): give model.init a folder of that shape "
-                         f"(bert-base-uncased for the paper's 12 x 768), or model.init={RANDOM_INIT} to train "
-                         "one from random weights on purpose")
+    elif folder is not None:
+        check_shape(config, cfg_model, folder)
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg_model.dropout
     return config
 

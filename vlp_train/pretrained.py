@@ -171,7 +171,7 @@ def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[
     """A run's model started from a saved whole model: same family and feature size; the run's
     dropout; tag-indexed heads remapped by tag name when the new corpus's tags differ (tags new to
     the model start random)."""
-    from vlp_train.backbone import read_weights, shape_of
+    from vlp_train.backbone import check_shape, read_weights
 
     bert_config, section = read_config(folder)
     if section["arch"] != model_class.arch:
@@ -179,10 +179,7 @@ def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[
     if section.get("feature_dim") != feature_dim:
         raise ValueError(f"model.init {folder} takes {section.get('feature_dim')}-d region features, "
                          f"but this corpus has {feature_dim}-d ones")
-    asked = (cfg_model.layers, cfg_model.hidden, cfg_model.heads)
-    if cfg_model.layers > 0 and shape_of(bert_config) != asked:
-        raise ValueError(f"model.init {folder} is {shape_of(bert_config)} (layers, hidden, heads), "
-                         f"model.layers/hidden/heads ask for {asked}")
+    check_shape(bert_config, cfg_model, folder)
     bert_config.hidden_dropout_prob = bert_config.attention_probs_dropout_prob = cfg_model.dropout
     model = model_class.from_vlp_config(bert_config, {**section, "tags": list(tags)})
     weights = read_weights(folder)
