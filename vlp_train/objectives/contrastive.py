@@ -1,0 +1,142 @@
+"""Contrastive pieces shared by the dual-encoder families (VLMo, VLMAE): image-text contrast (ITC)
+over the global batch, and hard negatives for image-text matching (ITM) drawn from its similarities.
+
+Under DDP the features of every rank are gathered with an autograd-aware all-gather: each rank's
+loss covers its own samples (rows) against every rank's (columns), and the backward sends each
+column's gradient back to the rank that made it. After DDP averages the ranks' gradients, the
+gradient is the one of the loss over the joined batch (the no-grad gather of VLMo and CLIP gives
+only 1/world of the other ranks' part; see docs/trainer.md). Ranks may hold batches of different
+sizes (an epoch's last, partial batch): tensors are padded to the largest for the collective and
+cut back after it.
+
+Duplicate texts: two images of our corpus can retrieve the same sentence. `text_keys` (an integer
+per sample, equal for equal texts) makes ITC spread its target over every column of the same text
+(as ALBEF does for images of one id in retrieval), and hard-negative sampling never draws one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's and VLMo's initial temperature 0.07
+MAX_LOGIT_SCALE = 100.0                # CLIP's cap on exp(scale); VLMo leaves it unclamped
+
+
+def _world():
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist
+
+
+def gather_padded(x: torch.Tensor, pad_value=0, with_grad: bool = False) -> tuple[torch.Tensor, int, list[int]]:
+    """Every rank's `x` joined along dim 0 in rank order -> (joined, this rank's first row, rows
+    of each rank). Ranks may differ in every dimension: each tensor is padded with `pad_value` to
+    the largest for the collective; dim 0 is cut back to each rank's rows, the other dimensions
+    stay padded to the largest (pad with what the caller's mask ignores). `with_grad`: gradients
+    of the joined tensor flow back to each rank's own `x` (torch.distributed.nn's all-gather); else
+    the other ranks' rows are constants and only the local rows keep their graph. One process:
+    (x, 0, [len(x)])."""
+    dist = _world()
+    if dist is None or dist.get_world_size() == 1:
+        return x, 0, [x.shape[0]]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    shapes = torch.stack(shapes).tolist()
+    largest = [max(s[d] for s in shapes) for d in range(x.dim())]
+    padding = []
+    for d in reversed(range(x.dim())):  # F.pad takes the last dimension first
+        padding += [0, largest[d] - x.shape[d]]
+    padded = F.pad(x, padding, value=pad_value) if any(padding) else x
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+        parts = list(all_gather(padded.contiguous()))
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        parts[rank] = padded  # the local rows keep their graph
+    rows = [s[0] for s in shapes]
+    return torch.cat([p[:n] for p, n in zip(parts, rows)]), sum(rows[:rank]), rows
+
+
+@dataclass
+class Contrast:
+    """What ITC computed: per-sample losses of the local samples, and (detached, for hard
+    negatives) the scaled similarities of the local rows against the global batch's columns."""
+    losses: torch.Tensor          # [B] (image-to-text + text-to-image) / 2 of each local sample
+    image_to_text: torch.Tensor   # [B, N] local images x global texts, detached
+    text_to_image: torch.Tensor   # [B, N] local texts x global images, detached
+    offset: int                   # the local samples' first column in the global batch
+    text_keys: torch.Tensor | None  # [N] global text keys (None: every text distinct)
+
+
+def logit_scale_of(log_scale: torch.Tensor) -> torch.Tensor:
+    """exp of the learnable log-scale, capped at MAX_LOGIT_SCALE (CLIP's cap; a guard against a
+    scale that grows until bf16 logits overflow)."""
+    return log_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
+
+
+def positives(keys_local: torch.Tensor | None, keys_global: torch.Tensor | None, offset: int, rows: int,
+              columns: int, device) -> torch.Tensor:
+    """[B, N] True where column j is a positive of local row i: j is i itself, or has i's text."""
+    own = torch.zeros(rows, columns, dtype=torch.bool, device=device)
+    own[torch.arange(rows, device=device), offset + torch.arange(rows, device=device)] = True
+    if keys_local is None:
+        return own
+    return own | (keys_local[:, None] == keys_global[None, :])
+
+
+def itc_losses(image_features: torch.Tensor, text_features: torch.Tensor, log_scale: torch.Tensor,
+               text_keys: torch.Tensor | None = None, soft_targets: tuple | None = None,
+               alpha: float = 0.0) -> Contrast:
+    """Image-text contrast over the global batch. image_features, text_features [B, D]: the
+    local samples' L2-normalised projections (sample i's image and its text are a pair);
+    log_scale: the learnable log of the inverse temperature. text_keys [B] (optional): equal for
+    equal texts; columns of the same text are positives too (target spread evenly over them).
+    soft_targets (optional, ALBEF's momentum distillation): (image-to-text, text-to-image)
+    distributions [B, N] over the global columns; the target is (1 - alpha) x the hard target +
+    alpha x these (alpha 0: plain ITC). Logits and cross-entropy in float32."""
+    all_text, offset, _ = gather_padded(text_features, with_grad=True)
+    all_image, _, _ = gather_padded(image_features, with_grad=True)
+    keys = gather_padded(text_keys)[0] if text_keys is not None else None
+    scale = logit_scale_of(log_scale)
+    image_to_text = scale * image_features.float() @ all_text.float().T   # [B, N]
+    text_to_image = scale * text_features.float() @ all_image.float().T   # [B, N]
+    rows, columns = image_to_text.shape
+    hard = positives(text_keys, keys, offset, rows, columns, image_to_text.device).float()
+    hard = hard / hard.sum(1, keepdim=True)
+    targets_i2t = targets_t2i = hard  # text keys are symmetric: the same positives both ways
+    if soft_targets is not None and alpha:
+        targets_i2t = (1 - alpha) * hard + alpha * soft_targets[0].float()
+        targets_t2i = (1 - alpha) * hard + alpha * soft_targets[1].float()
+    loss_i2t = -(targets_i2t * F.log_softmax(image_to_text, dim=1)).sum(1)
+    loss_t2i = -(targets_t2i * F.log_softmax(text_to_image, dim=1)).sum(1)
+    return Contrast((loss_i2t + loss_t2i) / 2, image_to_text.detach(), text_to_image.detach(), offset, keys)
+
+
+def hard_negatives(contrast: Contrast, text_keys: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each local sample, one negative text for its image and one negative image for its text,
+    drawn from the global batch in proportion to the softmax of the ITC similarities (VLMo's global
+    hard-negative mining), never the positive and never a sample with the same text.
+    -> (negative text column [B], negative image column [B], valid [B]); columns index the global
+    batch; `valid` is False for a sample whose every other column has its text (nothing to draw)."""
+    rows, columns = contrast.image_to_text.shape
+    excluded = positives(text_keys, contrast.text_keys, contrast.offset, rows, columns, contrast.image_to_text.device)
+    valid = ~excluded.all(1)
+    picks = []
+    for similarities in (contrast.image_to_text, contrast.text_to_image):
+        weights = F.softmax(similarities.float(), dim=1).masked_fill(excluded, 0.0)
+        # a row with nothing to draw, or whose every weight underflowed to 0, draws evenly from the
+        # allowed columns (an invalid row draws any column; `valid` says to ignore it)
+        fallback = (~excluded).float()
+        fallback[~valid] = 1.0
+        empty = weights.sum(1, keepdim=True) <= 0
+        weights = torch.where(empty, fallback, weights)
+        picks.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
+    return picks[0], picks[1], valid
