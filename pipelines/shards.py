@@ -154,17 +154,19 @@ class _WriteShard(beam.DoFn):
     def process(self, element):
         shard_index, keyed_samples = element
         start = time.perf_counter()
-        members = []
-        for key, (sample, feats) in sorted(keyed_samples, key=lambda kv: kv[0]):
-            members += sample_members(key, sample, feats)
+        members, samples, images = [], 0, 0
+        for key, (sample, feats, *image) in sorted(keyed_samples, key=lambda kv: kv[0]):
+            image = image[0] if image else None  # the stored JPEG (--store-images), else None
+            members += sample_members(key, sample, feats, image)
+            samples, images = samples + 1, images + (image is not None)
         data = tar_bytes(members)
         name = SHARD_PATTERN % shard_index
         write_bytes(posixpath.join(self._directory, "shards", name), data)
         add_stage_time("shards", start)
         beam.metrics.Metrics.counter("shards", "bytes").inc(len(data))
-        beam.metrics.Metrics.counter("shards", "samples").inc(len(members) // 2)  # the build's progress
-        yield {"shard": f"shards/{name}", "samples": len(members) // 2, "bytes": len(data),
-               "sha256": hashlib.sha256(data).hexdigest()}
+        beam.metrics.Metrics.counter("shards", "samples").inc(samples)  # the build's progress
+        yield {"shard": f"shards/{name}", "samples": samples, "bytes": len(data),
+               "sha256": hashlib.sha256(data).hexdigest(), "images": images}
 
 
 # Keys are cut into ranges by their first characters (16**3 = 4,096 ranges for the hex keys): a
@@ -227,7 +229,8 @@ class ShardBoundaries(beam.PTransform):
 
 
 class WriteShards(beam.PTransform):
-    """(sample dict, float16 features) -> DIR/shards/corpus-%06d.tar; outputs manifest rows.
+    """(sample dict, float16 features[, stored JPEG bytes or None]) -> DIR/shards/corpus-%06d.tar;
+    outputs manifest rows.
 
     Samples are ordered by key (sha1 of image_id) over the whole corpus and cut into shards of
     `samples_per_shard`, so the shard contents depend on the data alone, not on the workers."""

@@ -4,10 +4,11 @@ The one source of truth: writers build their tables with these schemas, readers 
 Every Parquet file carries ``schema_version`` in its key-value metadata (`read_table` checks it).
 
 Versioning: SCHEMA_VERSION changes when code of one version could misread a file of another (a
-column or sample field removed, renamed or retyped, or its meaning changed); readers refuse any
-other version, naming it. A nullable column added to a table is not such a change: it is listed
-in ADDED_COLUMNS, and a file written before it reads it as null (a column not listed there and
-missing from a file is an error naming it).
+column or sample field removed, renamed or retyped, or its meaning changed, or a member added that
+older readers would silently ignore); readers refuse a version not in READ_VERSIONS, naming it. A
+nullable column added to a table is not such a change: it is listed in ADDED_COLUMNS, and a file
+written before it reads it as null (a column not listed there and missing from a file is an error
+naming it).
 """
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each version changed; this code reads all of them (a version-1 file reads as a version-2
+# file without images).
+#   1: region features only.
+#   2: a sample may carry its image: the `{key}.jpg` shard member and the sample field
+#      `image_size` [w, h] (schemas.corpus.IMAGE_MEMBER); the manifest's `images` column.
+READ_VERSIONS = (1, 2)
 VERSION_KEY = b"schema_version"
 
 
@@ -67,12 +74,14 @@ LINKS = _versioned("links", [
     pa.field("similarity", pa.float32(), nullable=False),
 ])
 
-# One row per WebDataset shard.
+# One row per WebDataset shard; images: how many of its samples carry their image (`{key}.jpg`),
+# null in manifests written before version 2 (their shards have none).
 MANIFEST = _versioned("manifest", [
     pa.field("shard", pa.string(), nullable=False),
     pa.field("samples", pa.int64(), nullable=False),
     pa.field("bytes", pa.int64(), nullable=False),
     pa.field("sha256", pa.string(), nullable=False),
+    pa.field("images", pa.int64(), nullable=True),
 ])
 
 # The `{key}.json` of a shard sample, as an Arrow struct (docs/corpus-format.md).
@@ -101,12 +110,14 @@ SAMPLE = _versioned("sample", [
     pa.field("tags", pa.list_(pa.string()), nullable=False),
     pa.field("scores", pa.list_(pa.float32()), nullable=False),
     pa.field("sentences", pa.list_(SAMPLE_SENTENCE), nullable=False),
+    # [w, h] of the stored `{key}.jpg` (boxes stay in width x height); absent without an image.
+    pa.field("image_size", pa.list_(pa.int32(), 2), nullable=True),
 ])
 
 TABLES = {s.metadata[b"table"].decode(): s for s in (DETECTIONS, SENTENCES, RETRIEVALS, LINKS, MANIFEST, SAMPLE)}
 
 # Nullable columns added to a table within this SCHEMA_VERSION: files written before lack them.
-ADDED_COLUMNS = {"retrievals": ("query",)}
+ADDED_COLUMNS = {"retrievals": ("query",), "manifest": ("images",)}
 
 
 class SchemaError(ValueError):
@@ -117,8 +128,13 @@ def check_version(schema: pa.Schema, where: str) -> None:
     found = (schema.metadata or {}).get(VERSION_KEY)
     if found is None:
         raise SchemaError(f"{where}: no schema_version in the file metadata (not written by vlp-data?)")
-    if int(found) != SCHEMA_VERSION:
-        raise SchemaError(f"{where}: schema_version {found.decode()} but this code reads version {SCHEMA_VERSION}")
+    if not found.isdigit() or int(found) not in READ_VERSIONS:
+        raise SchemaError(f"{where}: schema_version {found.decode(errors='replace')} but this code reads "
+                          f"{_versions_read()}")
+
+
+def _versions_read() -> str:
+    return "version " + " or ".join(map(str, READ_VERSIONS))
 
 
 def added_columns(expected: pa.Schema) -> tuple[str, ...]:
@@ -180,8 +196,11 @@ def validate_sample(sample: dict, feats=None, where: str = "sample", types_check
     extra = set(sample) - set(SAMPLE.names)
     if extra:
         raise SchemaError(f"{where}: unknown field(s) {sorted(extra)}")
-    if sample["schema_version"] != SCHEMA_VERSION:
-        raise SchemaError(f"{where}: schema_version {sample['schema_version']} but this code reads version {SCHEMA_VERSION}")
+    if sample["schema_version"] not in READ_VERSIONS:
+        raise SchemaError(f"{where}: schema_version {sample['schema_version']} but this code reads {_versions_read()}")
+    image_size = sample.get("image_size")
+    if image_size is not None and not all(isinstance(v, int) and v > 0 for v in image_size):
+        raise SchemaError(f"{where}: image_size {image_size} is not two positive pixel counts")
     # Arrow ignores unknown keys inside nested structs: check those by hand.
     sentence_fields = {f.name for f in SAMPLE_SENTENCE}
     phrase_fields = {f.name for f in PHRASE}

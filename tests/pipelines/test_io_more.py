@@ -174,7 +174,7 @@ def _ours(rows, version=schemas.SCHEMA_VERSION):
 def test_parquet_detections_are_checked_against_the_schema(pipeline, tmp_path):
     feats = np.ones((3, 2)).tolist()
     pq.write_table(_ours([{**GOOD, "image_id": "ours.jpg", "features": feats}]), tmp_path / "ours.parquet")
-    pq.write_table(_ours([{**GOOD, "image_id": "future.jpg", "features": feats}], version=2), tmp_path / "future.parquet")
+    pq.write_table(_ours([{**GOOD, "image_id": "future.jpg", "features": feats}], version=3), tmp_path / "future.parquet")
     wrong_type = pa.Table.from_pylist([{**GOOD, "image_id": "wrongtype.jpg", "features": feats}],
                                       schema=schemas.DETECTIONS.set(1, pa.field("width", pa.int64())))
     pq.write_table(wrong_type, tmp_path / "wrongtype.parquet")
@@ -187,7 +187,7 @@ def test_parquet_detections_are_checked_against_the_schema(pipeline, tmp_path):
     assert_that(out["detections"] | beam.Map(lambda d: (d["image_id"], d["features"] is None)),
                 equal_to([("ours.jpg", False), ("user.jpg", True)]), label="kept")
     assert_that(_sources_and_reasons(out["rejected"]), equal_to([
-        (f"{tmp_path}/future.parquet", "wrong schema: schema_version 2 but this code reads version 1"),
+        (f"{tmp_path}/future.parquet", "wrong schema: schema_version 3 but this code reads version 1 or 2"),
         (f"{tmp_path}/wrongtype.parquet", "wrong schema: wrong column type(s) width: int64 (expected int32)"),
         (f"{tmp_path}/nolabels.parquet", "wrong schema: missing column(s) ['labels', 'scores']; detections need "
                                          "['image_id', 'width', 'height', 'boxes', 'labels', 'scores'] and optionally 'features'"),
@@ -197,7 +197,7 @@ def test_parquet_detections_are_checked_against_the_schema(pipeline, tmp_path):
 
 
 def test_run_whose_every_detections_file_is_rejected_fails_with_zero_valid_images(tmp_path):
-    pq.write_table(_ours([{**GOOD, "features": None}], version=2), tmp_path / "future.parquet")
+    pq.write_table(_ours([{**GOOD, "features": None}], version=3), tmp_path / "future.parquet")
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(SOFA_SENTENCES) + "\n", encoding="utf-8")
     result = CliRunner().invoke(main, ["build-retrieval", "--detections", str(tmp_path / "future.parquet"),
