@@ -77,11 +77,11 @@ def read(data_dir: str, split: str) -> ReadResult:
     if not isinstance(q_doc, dict) or "questions" not in q_doc:
         raise FormatError(f"{q_path}: expected an object with a 'questions' list")
     questions = expect_list(q_doc["questions"], q_path, "'questions'")
-    targets, files = None, [q_path]
+    targets, rejected, files = None, set(), [q_path]
     if has_annotations(subset):
         a_path = find_file(data_dir, annotations_file(subset))
         files.append(a_path)
-        targets = _read_annotations(a_path, skips)
+        targets, rejected = _read_annotations(a_path, skips)
     image_subset = IMAGE_SUBSET[subset]
     examples, seen = [], set()
     for index, q in enumerate(questions):
@@ -102,6 +102,8 @@ def read(data_dir: str, split: str) -> ReadResult:
         seen.add(qid)
         target = None
         if targets is not None:
+            if qid in rejected:  # its annotation was malformed: reported and counted once, there
+                continue
             if qid not in targets:
                 skips.skip(q_path, position, f"no usable annotation in {os.path.basename(files[1])}")
                 continue
@@ -119,11 +121,12 @@ def coco_id_of(key: str) -> int:
     return int(key.rsplit("_", 1)[1])
 
 
-def _read_annotations(path: str, skips: Skips) -> dict[int, tuple[int, VqaTarget]]:
+def _read_annotations(path: str, skips: Skips) -> tuple[dict[int, tuple[int, VqaTarget]], set[int]]:
+    """question id -> (image id, VqaTarget); and the question ids whose annotation was malformed."""
     doc = load_json(path)
     if not isinstance(doc, dict) or "annotations" not in doc:
         raise FormatError(f"{path}: expected an object with an 'annotations' list")
-    found = {}
+    found, rejected = {}, set()
     for index, a in enumerate(expect_list(doc["annotations"], path, "'annotations'")):
         position = f"annotations[{index}]"
         try:
@@ -141,12 +144,14 @@ def _read_annotations(path: str, skips: Skips) -> dict[int, tuple[int, VqaTarget
                                str(a.get("multiple_choice_answer", "")))
         except (KeyError, TypeError) as err:
             skips.skip(path, position, record_error(err))
+            if isinstance(a, dict) and isinstance(a.get("question_id"), int):
+                rejected.add(a["question_id"])
             continue
         if qid in found:
             skips.skip(path, position, "question_id annotated twice")
             continue
         found[qid] = (image_id, target)
-    return found
+    return found, rejected
 
 
 # ---- the official answer normalisation (vqaEval.py) -----------------------------------------------

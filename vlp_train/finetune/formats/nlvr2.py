@@ -1,0 +1,44 @@
+"""NLVR2: the JSON Lines release `nlvr2/data/{train,dev,test1,test2}.json` (also the
+balanced/unbalanced subsets, e.g. split='balanced_dev' finds `balanced/balanced_dev.json`).
+
+Each line: identifier '{split}-{set}-{pair}-{sentence}', sentence, label "True"/"False" (strings),
+left_url, right_url, directory (train: the image bucket 0-99), ... One Example per line:
+example_id = identifier, image_ids = the left and right image keys ('{split}-{set}-{pair}-img0',
+'-img1', images.nlvr2_keys), text = sentence, target = bool. Metrics: metrics.nlvr2_scores
+(accuracy and consistency over the sentence groups).
+"""
+from __future__ import annotations
+
+from vlp_train.finetune.formats.common import (
+    Example, FormatError, ReadResult, Skips, find_file, json_lines, nonempty_text, record_error)
+from vlp_train.finetune.formats.images import nlvr2_keys
+
+TASK = "nlvr2"
+LABELS = {"True": True, "False": False}
+
+
+def read(data_dir: str, split: str) -> ReadResult:
+    if not split or "/" in split:
+        raise FormatError(f"NLVR2 split {split!r}: expected a file name such as train, dev, test1, test2")
+    path = find_file(data_dir, f"{split}.json")
+    skips = Skips(TASK)
+    examples, seen = [], set()
+    for line_no, record in json_lines(path, skips):
+        position = f"line {line_no}"
+        try:
+            identifier = nonempty_text(record, "identifier")
+            position += f" ({identifier})"
+            keys = nlvr2_keys(identifier)
+            sentence = nonempty_text(record, "sentence")
+            label = record.get("label")
+            if label not in LABELS:  # the release's labels are the strings "True" / "False"
+                raise ValueError(f"field 'label' must be \"True\" or \"False\", got {label!r:.40}")
+        except (KeyError, TypeError, ValueError) as err:
+            skips.skip(path, position, record_error(err))
+            continue
+        if identifier in seen:
+            skips.skip(path, position, "identifier repeated")
+            continue
+        seen.add(identifier)
+        examples.append(Example(identifier, keys, sentence, LABELS[label]))
+    return skips.result(split, examples, [path])
