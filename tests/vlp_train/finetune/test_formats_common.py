@@ -88,3 +88,18 @@ def test_json_lines_skips_bad_lines_with_their_number(tmp_path):
     skips = Skips("demo")
     assert [(n, r["a"]) for n, r in common.json_lines(str(path), skips)] == [(1, 1), (5, 2)]
     assert [p.position for p in skips.problems] == ["line 3", "line 4"]
+
+
+@pytest.mark.parametrize("pattern, path, key", [
+    ("/d/coco/train2014/*.jpg", "/d/coco/train2014/COCO_train2014_000000000009.jpg", images.coco_key(9, "train2014")),
+    ("/d/coco/*/*.jpg", "/d/coco/val2014/COCO_val2014_000000000042.jpg", images.coco_key(42, "val2014")),
+    ("/d/flickr30k-images/*.jpg", "/d/flickr30k-images/1000092795.jpg", images.flickr30k_key("1000092795.jpg")),
+    ("/d/nlvr2/images/train/*/*.png", "/d/nlvr2/images/train/51/train-10171-0-img1.png",
+     images.nlvr2_keys("train-10171-0-0")[1]),
+    ("/d/nlvr2/dev/*.png", "/d/nlvr2/dev/dev-850-0-img0.png", images.nlvr2_keys("dev-850-0-0")[0]),
+    ("/d/easy_vqa/data/*/images/*.png", "/d/easy_vqa/data/test/images/7.png", images.easy_vqa_key("test", 7)),
+])
+def test_keys_match_the_ids_vlp_data_detect_gives_the_release_files(pattern, path, key):
+    from pipelines.images import _ReadImageFile
+    detection_id = _ReadImageFile([pattern])._image_id(path)   # what `vlp-data detect --images PATTERN` keys by
+    assert images.match_images([key], [detection_id]).detection_of == {key: detection_id}
