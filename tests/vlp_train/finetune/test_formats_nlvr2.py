@@ -21,11 +21,11 @@ def test_reads_lines_with_string_labels_and_pair_images(tmp_path):
         line("dev-850-0-0", "Both images show two dogs.", "True"),
         line("dev-850-1-0", "Both images show two dogs.", "False"),
         '{"identifier": "dev-851-0-0", "sentence": "truncated',                      # broken JSON
-        line("dev-851-0-1", "One image has a cat.", "true"),                         # not the release's label
+        line("dev-851-0-1", "One image has a cat.", True),                           # a JSON boolean, not the string
         line("dev-852", "Bad identifier.", "True"),                                  # no pair/sentence fields
         line("dev-850-0-0", "Repeated.", "True"),                                    # identifier repeated
         "",
-        line("dev-853-2-3", "There is a sofa.", "False")]) + "\n")
+        line("dev-853-2-3", "There is a sofa.", "false")]) + "\n")                   # case is free (official metric)
     result = nlvr2.read(str(tmp_path / "nlvr2"), "dev")                              # data/ is one level down
     assert [(e.example_id, e.image_ids, e.target) for e in result] == [
         ("dev-850-0-0", ("dev-850-0-img0", "dev-850-0-img1"), True),
@@ -35,7 +35,7 @@ def test_reads_lines_with_string_labels_and_pair_images(tmp_path):
     assert result.skipped == 4
     assert [p.position for p in result.problems] == ["line 3", "line 4 (dev-851-0-1)", "line 5 (dev-852)",
                                                      "line 6 (dev-850-0-0)"]
-    assert 'must be "True" or "False"' in result.problems[1].reason
+    assert 'must be the string "True" or "False"' in result.problems[1].reason
     # The metric takes the reader's examples: sentence 0 of set 850 over its two pairs.
     scores = metrics.nlvr2_scores({"dev-850-0-0": True, "dev-850-1-0": True, "dev-853-2-3": False}, result.examples)
     assert scores == {"accuracy": pytest.approx(200 / 3), "consistency": 50.0}

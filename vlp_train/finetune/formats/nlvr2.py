@@ -1,7 +1,7 @@
 """NLVR2: the JSON Lines release `nlvr2/data/{train,dev,test1,test2}.json` (also the
 balanced/unbalanced subsets, e.g. split='balanced_dev' finds `balanced/balanced_dev.json`).
 
-Each line: identifier '{split}-{set}-{pair}-{sentence}', sentence, label "True"/"False" (strings),
+Each line: identifier '{split}-{set}-{pair}-{sentence}', sentence, label "True"/"False" (strings; case ignored, as the official metric does),
 left_url, right_url, directory (train: the image bucket 0-99), ... One Example per line:
 example_id = identifier, image_ids = the left and right image keys ('{split}-{set}-{pair}-img0',
 '-img1', images.nlvr2_keys), text = sentence, target = bool. Metrics: metrics.nlvr2_scores
@@ -14,7 +14,8 @@ from vlp_train.finetune.formats.common import (
 from vlp_train.finetune.formats.images import nlvr2_keys
 
 TASK = "nlvr2"
-LABELS = {"True": True, "False": False}
+# The release writes "True" / "False"; the official metrics.py compares them lower-cased, so case is free.
+LABELS = {"true": True, "false": False}
 
 
 def read(data_dir: str, split: str) -> ReadResult:
@@ -31,8 +32,8 @@ def read(data_dir: str, split: str) -> ReadResult:
             keys = nlvr2_keys(identifier)
             sentence = nonempty_text(record, "sentence")
             label = record.get("label")
-            if label not in LABELS:  # the release's labels are the strings "True" / "False"
-                raise ValueError(f"field 'label' must be \"True\" or \"False\", got {label!r:.40}")
+            if not isinstance(label, str) or label.lower() not in LABELS:  # strings, not JSON booleans
+                raise ValueError(f"field 'label' must be the string \"True\" or \"False\", got {label!r:.40}")
         except (KeyError, TypeError, ValueError) as err:
             skips.skip(path, position, record_error(err))
             continue
@@ -40,5 +41,5 @@ def read(data_dir: str, split: str) -> ReadResult:
             skips.skip(path, position, "identifier repeated")
             continue
         seen.add(identifier)
-        examples.append(Example(identifier, keys, sentence, LABELS[label]))
+        examples.append(Example(identifier, keys, sentence, LABELS[label.lower()]))
     return skips.result(split, examples, [path])

@@ -17,6 +17,7 @@ leave-one-annotator-out subsets of min(1, matches/3), i.e. exactly the accuracy 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -225,6 +226,9 @@ def process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+# Answers repeat heavily (a few thousand distinct over 200k questions): scoring a split and building
+# every batch's soft targets normalise the same strings again and again.
+@functools.lru_cache(maxsize=1 << 17)
 def normalize_answer(answer: str) -> str:
     """The official normalisation of one answer (whitespace, punctuation, digits, articles,
     contractions). The metric applies it only to questions whose 10 answers are not all identical."""
