@@ -12,9 +12,12 @@ from vlp_train.finetune.formats.common import FormatError
 from vlp_train.finetune.metrics import box_iou
 
 
-def py2_pickle(value) -> bytes:
-    """What Python 2's cPickle.dump(refs, f, 2) writes for plain data: str as SHORT_BINSTRING
-    (raw bytes, no encoding; Python 3 never writes this opcode)."""
+def py2_pickle(value, protocol=2) -> bytes:
+    """What Python 2's pickle.dump(refs, f, protocol) writes for plain data: str as raw bytes
+    (SHORT_BINSTRING in protocol 2, a quoted STRING in protocol 0), opcodes Python 3 never writes."""
+    if protocol == 0:
+        return emit_text(value) + b"."
+
     def emit(v):
         if isinstance(v, dict):
             return b"}(" + b"".join(emit(k) + emit(x) for k, x in v.items()) + b"u"
@@ -31,6 +34,20 @@ def py2_pickle(value) -> bytes:
             return b"G" + struct.pack(">d", v)
         raise TypeError(v)
     return b"\x80\x02" + emit(value) + b"."
+
+
+def emit_text(v) -> bytes:
+    if isinstance(v, dict):
+        return b"(d" + b"".join(emit_text(k) + emit_text(x) + b"s" for k, x in v.items())
+    if isinstance(v, list):
+        return b"(l" + b"".join(emit_text(x) + b"a" for x in v)
+    if isinstance(v, str):   # Python 2's repr of a byte string: non-ASCII bytes as \xNN
+        escaped = "".join(c if 32 <= ord(c) < 127 and c not in "\\'" else f"\\x{ord(c):02x}"
+                          for c in v.encode("utf-8").decode("latin-1"))
+        return b"S'" + escaped.encode("ascii") + b"'\n"
+    if isinstance(v, int):
+        return b"I" + str(v).encode() + b"\n"
+    raise TypeError(v)
 
 
 def sentence(sent_id, text):
@@ -64,11 +81,11 @@ INSTANCES = {
          "segmentation": [[300, 200, 320, 210]], "iscrowd": 0}]}
 
 
-@pytest.fixture
-def release(tmp_path):
+@pytest.fixture(params=[2, 0], ids=["protocol 2", "protocol 0"])
+def release(tmp_path, request):
     folder = tmp_path / "refcoco+"
     folder.mkdir()
-    (folder / "refs(unc).p").write_bytes(py2_pickle(REFS))
+    (folder / "refs(unc).p").write_bytes(py2_pickle(REFS, request.param))
     (folder / "instances.json").write_text(json.dumps(INSTANCES))
     return folder
 
