@@ -23,20 +23,36 @@ def main(verbose: bool):
 @main.command("run")
 @click.option("--shards", default=None, help="Shards: glob, comma list or brace pattern [default: vlp-out/shards/*.tar].")
 @click.option("--output", default="vlp-run", show_default=True, help="Run folder: logs, checkpoints, hf/ export.")
-@click.option("--config", "preset", default="debug", show_default=True, type=click.Choice(["debug", "base"]))
+@click.option("--config", "preset", default="debug", show_default=True,
+              type=click.Choice(["debug", "base", "vlmo-debug", "vlmo-base", "vlmo-large"]))
 @click.option("--init", default=None, help="Start from: a run folder or its hf/ export (the whole model), a HF BERT "
               "folder (the backbone), or 'random' (model.init).")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set optim.lr=6e-5 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
+@click.option("--stage", default=None, help="VLMo's pre-training stage (model.stage): vision, language or vl; or a "
+              "comma list (vision,language,vl) run one after another, each into OUTPUT/STAGE and started from the "
+              "one before.")
 @click.option("--overwrite", is_flag=True, help="Start afresh in an --output that holds an earlier run (its log, "
               "checkpoints, TensorBoard events and export are removed).")
-def run(shards, output, preset, init, overrides, resume, overwrite):
+def run(shards, output, preset, init, overrides, resume, overwrite, stage):
     """Train; with --resume, continue exactly where the last checkpoint stopped."""
     from vlp_train.config import check_init, load_config
     from vlp_train.train import train
 
     if init and resume:
         raise click.UsageError("--init with --resume: a resumed run keeps the model it started from")
+    stages = [s.strip() for s in stage.split(",") if s.strip()] if stage else []
+    if len(stages) > 1:
+        if resume:
+            raise click.UsageError("--resume with several --stage: resume the unfinished stage's folder (OUTPUT/STAGE)")
+        previous = init
+        for one in stages:
+            folder = os.path.join(output, one)
+            click.echo(f"stage {one} -> {folder}")
+            run.callback(shards, folder, preset, previous, overrides, False, overwrite, one)
+            previous = folder
+        return
+    overrides = list(overrides) + ([f"model.stage={stages[0]}"] if stages else [])
     try:
         cfg = load_config(preset, list(overrides) + ([f"model.init={init}"] if init else []))
         if not resume:

@@ -59,7 +59,7 @@ def build_run(cfg: TrainConfig) -> Run:
     check_init(cfg)
     validate(cfg)
     family = family_of(cfg.model.arch)
-    tasks = enabled_tasks(cfg.objectives)
+    tasks = enabled_tasks(cfg.objectives, cfg.model.stage)
     unsupported = [t for t in tasks if t not in family.tasks]
     if unsupported:
         raise ValueError(f"model.arch={family.name} cannot train {', '.join(unsupported)} "
@@ -83,6 +83,12 @@ def build_run(cfg: TrainConfig) -> Run:
     dataset = CorpusStream(urls, builder, batch_size, tasks, cfg.objectives.schedule, cfg.data.shuffle_buffer,
                            cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
     shard_samples = samples_per_shard(urls, cfg.data.manifest)
+    if cfg.model.stage == "language":  # VLMo's language stage: the corpus's text alone (vlp_train/text_corpus.py)
+        from vlp_train.text_corpus import TextStream, rows_per_file, text_corpus_files
+        text_files = text_corpus_files(cfg.data.text_corpus, urls)
+        dataset = TextStream(text_files, builder, batch_size, tasks, cfg.objectives.schedule, cfg.data.shuffle_buffer,
+                             cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
+        shard_samples = rows_per_file(text_files)
     if not shard_samples and not (cfg.data.resampled or cfg.data.steps_per_epoch):
         raise ValueError(f"the samples in remote shards ({urls[0]}, ...) cannot be counted here: give "
                          "data.manifest=PATH (the corpus's manifest.parquet) or data.steps_per_epoch")

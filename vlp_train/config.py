@@ -31,6 +31,10 @@ class ModelConfig:
     dropout: float = 0.1
     compile: str = "auto"            # auto = on CUDA only; on | off
     compile_scope: str = "layers"    # layers: one compiled layer serves all (seconds); step: the whole step (minutes)
+    # VLMo (arch vlmo): the top layers whose pairs use the VL-FFN (the paper's F), and the
+    # pre-training stage (vision: images alone; language: text alone; vl: image-text pairs)
+    vl_layers: int = 2
+    stage: str = "vl"
 
 
 @dataclass
@@ -45,6 +49,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = False                # False: exact epochs; True: shards drawn with replacement
     steps_per_epoch: int = 0               # resampled (or remote shards without a manifest): batches an epoch
+    # the language stage's text (model.stage=language): Parquet files of sentences (sentence_id, text);
+    # None = the corpus's sentences/ folder beside the shards folder
+    text_corpus: str | None = None
 
 
 @dataclass
@@ -60,6 +67,8 @@ class ObjectiveConfig:
     phrase_mask_scale: float = 1.0   # masking probability of a linked item = scale x link similarity
     itm_negative_prob: float = 0.5
     rt_masking: str = "both"         # both: tags and regions of every sample (the paper); one: one modality a sample
+    vlmo: bool = False               # VLMo's image-text task (arch vlmo): ITC + ITM with global hard negatives + MLM
+    weight_vlmo: bool = False        # the curriculum's w_ITM also weights VLMo's task, from epoch itm_weight_from_epoch
 
 
 @dataclass
@@ -86,6 +95,7 @@ class RunConfig:
     log_keys: bool = False           # also log the sample keys of every batch (to audit what was seen)
     max_skipped_steps: int = 3       # steps with a non-finite loss are skipped; more than this many in a row stop the run
     dist_timeout_s: int = 1800       # a collective waiting longer for a rank fails (DDP) instead of hanging
+    rerank_k: int = 16               # VLMo's evaluation: ITM re-ranks each query's top k of the dual encoder (0: off)
 
 
 @dataclass
@@ -143,7 +153,36 @@ def base() -> TrainConfig:
     return cfg
 
 
-PRESETS = {"debug": debug, "base": base}
+def vlmo(cfg: TrainConfig, layers: int, hidden: int, heads: int, vl_layers: int) -> TrainConfig:
+    """VLMo's objectives alone (ITC, ITM with global hard negatives, MLM) on a multiway transformer."""
+    cfg.model.arch = "vlmo"
+    if layers:
+        cfg.model.layers, cfg.model.hidden, cfg.model.heads = layers, hidden, heads
+    cfg.model.vl_layers = vl_layers
+    cfg.objectives.region_tag = cfg.objectives.region_phrase = cfg.objectives.image_sentence = False
+    cfg.objectives.itm_weighting = False
+    cfg.objectives.vlmo = True
+    return cfg
+
+
+def vlmo_debug() -> TrainConfig:
+    """VLMo on the bundled MiniLM (6 x 384, the top 2 layers with the VL-FFN): a CPU run."""
+    return vlmo(debug(), 0, 0, 0, vl_layers=2)
+
+
+def vlmo_base() -> TrainConfig:
+    """VLMo-Base: 12 x 768, VL-FFN in the top 2 layers; model.init a bert-base-uncased folder."""
+    return vlmo(base(), 12, 768, 12, vl_layers=2)
+
+
+def vlmo_large() -> TrainConfig:
+    """VLMo-Large: 24 x 1024 (16 heads), VL-FFN in the top 3 layers; model.init a bert-large-uncased folder."""
+    cfg = vlmo(base(), 24, 1024, 16, vl_layers=3)
+    return cfg
+
+
+PRESETS = {"debug": debug, "base": base, "vlmo-debug": vlmo_debug, "vlmo-base": vlmo_base, "vlmo-large": vlmo_large}
+STAGES = ("vision", "language", "vl")
 
 
 def _convert(value: str, current, key: str):
@@ -211,9 +250,11 @@ _RANGES = {
     "run.log_every": (lambda v: v >= 1, ">= 1"), "run.eval_every": (lambda v: v >= 0, ">= 0 (0: at the end)"),
     "run.save_every": (lambda v: v >= 0, ">= 0 (0: at the end)"), "run.eval_batches": (lambda v: v >= 1, ">= 1"),
     "run.stop_after": (lambda v: v >= 0, ">= 0"), "run.dist_timeout_s": (lambda v: v >= 1, ">= 1"), "run.max_skipped_steps": (lambda v: v >= 0, ">= 0 (0: never stop)"),
+    "model.vl_layers": (lambda v: v >= 0, ">= 0 (VLMo: at most model.layers)"),
+    "run.rerank_k": (lambda v: v >= 0, ">= 0 (0: no ITM re-ranking)"),
 }
 _CHOICES = {"run.device": ("auto", "cpu", "cuda"), "objectives.schedule": ("round_robin", "mixed"),
-            "model.compile": COMPILE_MODES, "model.compile_scope": COMPILE_SCOPES}
+            "model.compile": COMPILE_MODES, "model.compile_scope": COMPILE_SCOPES, "model.stage": STAGES}
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -10,11 +10,20 @@ import torch
 
 from vlp_train.tasks import Task
 
-WEIGHTED_TASKS = (Task.REGION_PHRASE, Task.IMAGE_SENTENCE)
+WEIGHTED_TASKS = (Task.REGION_PHRASE, Task.IMAGE_SENTENCE, Task.IMAGE_TEXT)
 
 
 def itm_weighting_on(epoch: int, objectives) -> bool:
     return bool(objectives.itm_weighting and objectives.image_sentence and epoch >= objectives.itm_weight_from_epoch)
+
+
+def weighted_tasks(epoch: int, objectives) -> tuple[Task, ...]:
+    """The tasks whose samples are weighted by w_ITM in `epoch`: μ-VLA's region-phrase and
+    image-sentence ones (objectives.itm_weighting), and VLMo's ITC/ITM/MLM (objectives.weight_vlmo)."""
+    if epoch < objectives.itm_weight_from_epoch:
+        return ()
+    tasks = (Task.REGION_PHRASE, Task.IMAGE_SENTENCE) if itm_weighting_on(epoch, objectives) else ()
+    return tasks + ((Task.IMAGE_TEXT,) if objectives.vlmo and objectives.weight_vlmo else ())
 
 
 def sample_loss(named: dict[str, torch.Tensor]) -> torch.Tensor:

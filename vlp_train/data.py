@@ -251,8 +251,15 @@ class CorpusStream(IterableDataset):
         self._unreadable_parts += 1
         return True
 
+    def _records(self, worker: int, workers: int):
+        """This (rank, worker)'s raw samples, in shard order (text_corpus.TextStream reads Parquet instead)."""
+        return wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=self._unreadable)
+
+    def _decode(self, raws: list[dict]) -> tuple[list[dict], list[str]]:
+        return decode_batch(raws, self.builder.feature_dim)
+
     def _samples(self, worker: int, workers: int):
-        stream = wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=self._unreadable)
+        stream = self._records(worker, workers)
         rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{worker}")
         buffer = []
         for sample in stream:
@@ -296,7 +303,7 @@ class CorpusStream(IterableDataset):
             if self.max_batches is not None and index >= self.max_batches:
                 return
             if index >= self.start_batch:
-                decoded, errors = decode_batch(batch_raw, self.builder.feature_dim)
+                decoded, errors = self._decode(batch_raw)
                 for error in errors:
                     log.warning("skipping bad sample: %s", error)
                 bad += len(errors) + self._unreadable_parts
@@ -320,10 +327,16 @@ def make_loader(dataset: CorpusStream, num_workers: int, pin_memory: bool):
                                        generator=torch.Generator().manual_seed(dataset.seed))
 
 
-def enabled_tasks(objectives) -> list[Task]:
+def enabled_tasks(objectives, stage: str = "vl") -> list[Task]:
+    """The tasks a run trains: VLMo's vision and language stages (model.stage) one each, else the
+    objectives switched on."""
+    if stage == "vision":
+        return [Task.IMAGE_ONLY]
+    if stage == "language":
+        return [Task.TEXT_ONLY]
     flags = {Task.REGION_TAG: objectives.region_tag, Task.REGION_PHRASE: objectives.region_phrase,
-             Task.IMAGE_SENTENCE: objectives.image_sentence}
-    tasks = [t for t in TASKS if flags[t]]
+             Task.IMAGE_SENTENCE: objectives.image_sentence, Task.IMAGE_TEXT: objectives.vlmo}
+    tasks = [t for t in TASKS if flags.get(t)]
     if not tasks:
         raise ValueError("every objective is switched off")
     return tasks

@@ -27,6 +27,7 @@ per view instead of two.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 
@@ -49,6 +50,11 @@ def replacement_ids(tokenizer) -> np.ndarray:
     special = set(tokenizer.all_special_ids)
     return np.array(sorted(i for token, i in tokenizer.get_vocab().items()
                            if i not in special and not _BRACKETED.match(token)), np.int64)
+
+
+def text_key(text: str) -> int:
+    """An integer per text, equal for equal texts (ITC's positives, ITM's excluded negatives)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def tag_spans(tags: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -298,11 +304,69 @@ class BatchBuilder:
             features=feats, locations=locs, region_mask=rmask,
             itm_labels=labels, active=np.ones(n, bool), clean_ids=clean_ids, clean_text_mask=clean_mask)}
 
+    # -- VLMo's views (vlp_train/families/vlmo.py) -----------------------------------------
+
+    def _mlm(self, texts: list[str], rng: random.Random):
+        """Tokenised texts with 15% (objectives.mlm_prob) of each one's tokens masked, 80/10/10."""
+        ids, tmask, _ = self._tokenize(texts)
+        clean_ids = ids.copy()
+        mlm = np.full(ids.shape, IGNORE, np.int64)
+        for i in range(len(texts)):
+            self._mask_tokens(ids, mlm, i, self._random_positions(
+                self._text_candidates(ids[i], tmask[i]), self.obj.mlm_prob, rng), rng)
+        positions, targets = label_positions(mlm)
+        return ids, clean_ids, tmask, positions, targets
+
+    def image_text(self, samples, sentences, rng: random.Random) -> dict:
+        """VLMo's image-text view: each image with its retrieved sentence (the positive pair; the
+        negatives of ITC and ITM are the other samples of the global batch), the sentence's MLM
+        masking, and a key per text (equal texts, equal keys) so that two images that retrieved
+        the same sentence are not each other's negatives."""
+        feats, locs, rmask, _ = self._regions(samples)
+        texts = [s["text"] for s in sentences]
+        ids, clean_ids, tmask, positions, targets = self._mlm(texts, rng)
+        keys = np.array([text_key(t) for t in texts], np.int64)
+        return {"task": Task.IMAGE_TEXT, **self._tensors(
+            input_ids=ids, clean_ids=clean_ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets,
+            features=feats, locations=locs, region_mask=rmask, text_keys=keys, active=np.ones(len(samples), bool))}
+
+    def image_only(self, samples, rng: random.Random) -> dict:
+        """The vision stage's view: regions alone, 15% (objectives.region_mask_prob, at least one
+        an image) zeroed, to be regressed to their features."""
+        feats, locs, rmask, _ = self._regions(samples)
+        zeroed = np.zeros(rmask.shape, bool)
+        for i in range(len(samples)):
+            zeroed[i, self._random_positions(list(np.flatnonzero(rmask[i])), self.obj.region_mask_prob, rng)] = True
+        return {"task": Task.IMAGE_ONLY, **self._tensors(
+            features=feats, zeroed_regions=zeroed, locations=locs, region_mask=rmask,
+            active=np.ones(len(samples), bool))}
+
+    def text_only(self, texts: list[str], rng: random.Random) -> dict:
+        """The language stage's view: text alone, MLM."""
+        ids, _, tmask, positions, targets = self._mlm(texts, rng)
+        return {"task": Task.TEXT_ONLY, **self._tensors(
+            input_ids=ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets,
+            active=np.ones(len(texts), bool))}
+
     def build(self, samples, tasks, rng: random.Random) -> dict:
-        """The views of `tasks` for one batch of decoded samples; one sentence picked per sample."""
+        """The views of `tasks` for one batch of decoded samples; one sentence picked per sample.
+        Samples of a text corpus ({key, text}: the language stage) make the text-only view."""
+        if samples and "meta" not in samples[0]:
+            if list(map(Task, tasks)) != [Task.TEXT_ONLY]:
+                raise ValueError(f"a batch of text alone has no view for the tasks {list(tasks)}")
+            return {Task.TEXT_ONLY: self.text_only([s["text"] for s in samples], rng)}
         sentences = [rng.choice(s["meta"]["sentences"]) for s in samples]
         views = {}
         for task in map(Task, tasks):
+            if task is Task.IMAGE_TEXT:
+                views[task] = self.image_text(samples, sentences, rng)
+                continue
+            if task is Task.IMAGE_ONLY:
+                views[task] = self.image_only(samples, rng)
+                continue
+            if task is Task.TEXT_ONLY:
+                views[task] = self.text_only([s["text"] for s in sentences], rng)
+                continue
             if task is Task.REGION_TAG:
                 views[task] = self.region_tag(samples, rng)
             elif task is Task.REGION_PHRASE:

@@ -45,7 +45,8 @@ def compute_loss(step_module, views: dict, weighting: bool, autocast):
     (a window's mean is then over samples, and a batch without any adds nothing rather than a 0),
     and the ITM weights. The step module is called once for all the batch's tasks (one DDP
     forward per backward)."""
-    weighted = tuple(task for task in views if weighting and task in WEIGHTED_TASKS)
+    # weighting: True (every weighted task of the batch), False, or the tasks to weight (curriculum.weighted_tasks)
+    weighted = tuple(task for task in views if task in (WEIGHTED_TASKS if weighting is True else weighting or ()))
     with autocast:
         results = step_module(views, weighted)
     per_task, actives, weights, named_means = {}, {}, {}, {}

@@ -9,6 +9,10 @@ class Task(StrEnum):
     REGION_TAG = "rt"        # [tags] + regions: tag MLM, MRC, MRFR
     REGION_PHRASE = "rp"     # [retrieved sentence] + regions, linked items masked: phrase MLM, p-MRTC
     IMAGE_SENTENCE = "is"    # [sentence] + regions: ITM, MLM
+    # VLMo (model.arch=vlmo, vlp_train/families/vlmo.py)
+    IMAGE_TEXT = "vl"        # image and retrieved sentence: ITC, ITM with global hard negatives, MLM on the fusion
+    IMAGE_ONLY = "img"       # regions alone (the vision stage): masked region-feature regression
+    TEXT_ONLY = "txt"        # text alone (the language stage): MLM
 
 
 TASKS = tuple(Task)

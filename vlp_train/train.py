@@ -10,7 +10,7 @@ from tqdm import tqdm
 from vlp_train import checkpoint, distributed
 from vlp_train.components import Run, build_run
 from vlp_train.config import TrainConfig, dumps
-from vlp_train.curriculum import itm_weighting_on
+from vlp_train.curriculum import weighted_tasks
 from vlp_train.data import make_loader
 from vlp_train.pretrained import EXPORT_FOLDER
 from vlp_train.runlog import MetricsWindow, RunLogger, prepare_run_folder
@@ -41,7 +41,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         last_eval, stopped, window, skipped_in_a_row = None, False, MetricsWindow(), 0
         run.model.train()
         while step < run.total_steps and not stopped:
-            weighting = itm_weighting_on(epoch, cfg.objectives)
+            weighting = weighted_tasks(epoch, cfg.objectives)
             run.dataset.set_position(epoch, start_batch, run.batches_of(epoch) if cfg.data.resampled else None,
                                      task_offset=sum(run.batches_of(e) for e in range(epoch)))
             loader = make_loader(run.dataset, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                 if step % cfg.run.log_every == 0 or step == run.total_steps:
                     skipped_in_a_row = check_skipped(window, skipped_in_a_row, cfg.run.max_skipped_steps, logger)
                     lr = run.scheduler.get_last_lr()[0]
-                    row = logger.flush(window, step, epoch, lr, weighting) if logger else None
+                    row = logger.flush(window, step, epoch, lr, bool(weighting)) if logger else None
                     if row:
                         bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
                     window = MetricsWindow()

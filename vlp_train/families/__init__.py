@@ -46,6 +46,7 @@ def family_of(name: str) -> Family:
 
 
 from vlp_train.families import single_stream  # noqa: E402,F401  (registers itself)
+from vlp_train.families import vlmo  # noqa: E402,F401  (registers itself)
 
 
 def build_model(cfg_model, feature_dim: int, tags: list[str]):

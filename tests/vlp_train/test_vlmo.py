@@ -1,0 +1,216 @@
+"""VLMo (model.arch=vlmo): expert routing, initialisation from BERT, the stages' frozen parameters,
+the language stage's text stream, exact resume, and a debug run of each stage."""
+import json
+import os
+import random
+from unittest import mock
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+import schemas
+from vlp_train.cli import main
+from vlp_train.components import build_run
+from vlp_train.config import load_config
+from vlp_train.families.vlmo import L, V, VL, VLMoModel, load_bert_weights
+from vlp_train.step import compute_loss, to_device
+from vlp_train.tasks import Task
+from vlp_train.train import optimizer_step, train
+
+from .conftest import TINY_MODEL, write_shards
+
+VLMO = TINY_MODEL + ["model.vl_layers=1", "data.batch_size=8", "run.log_every=1", "run.eval_batches=1",
+                     "run.rerank_k=4"]
+
+
+def small_model(layers=4, vl_layers=2, stage="vl"):
+    from transformers import BertConfig
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    return VLMoModel(config, feature_dim=6, tags=["cat", "dog"], vl_layers=vl_layers, stage=stage)
+
+
+def write_sentences(corpus: str, texts: list[str], files: int = 1) -> str:
+    """CORPUS/sentences/sentences-*.parquet, as the pipeline writes them."""
+    folder = os.path.join(corpus, "sentences")
+    os.makedirs(folder, exist_ok=True)
+    for f in range(files):
+        part = texts[f::files]
+        table = pa.table({"sentence_id": [f"s{f}-{i}" for i in range(len(part))], "text": part},
+                         schema=schemas.SENTENCES)
+        pq.write_table(table, os.path.join(folder, f"sentences-{f:05d}-of-{files:05d}.parquet"))
+    return folder
+
+
+def test_each_position_takes_its_modalitys_expert_in_each_layer():
+    model = small_model(layers=4, vl_layers=2).eval()
+    used = []
+    for index, layer in enumerate(model.layers):
+        assert (layer.vl_ffn is not None) == (index >= 2)  # VL-FFN only in the top F = 2 layers
+        for name in (V, L, VL):
+            expert = getattr(layer, name)
+            if expert is not None:
+                expert.register_forward_hook(lambda m, args, out, i=index, n=name: used.append((i, n, args[0].shape[1])))
+    ids, text_mask = torch.randint(5, 100, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    features, locations, region_mask = torch.randn(2, 3, 6), torch.rand(2, 3, 5), torch.ones(2, 3, dtype=torch.bool)
+
+    model.encode_image(features, locations, region_mask)  # [I_CLS] + 3 regions
+    assert used == [(i, V, 4) for i in range(4)]
+    used.clear()
+    model.encode_text(ids, text_mask)
+    assert used == [(i, L, 5) for i in range(4)]
+    used.clear()
+    text, regions = model(ids, text_mask, features, locations, region_mask)  # [5 text] + [I_CLS + 3 regions]
+    assert used == [(0, L, 5), (0, V, 4), (1, L, 5), (1, V, 4), (2, VL, 9), (3, VL, 9)]
+    assert text.shape == (2, 5, 32) and regions.shape == (2, 3, 32)  # [I_CLS] is not a region
+
+
+def test_attention_and_every_expert_start_from_the_init_berts_layer():
+    from schemas.corpus import bundled_minilm_path
+    from vlp_train.backbone import read_weights
+    from vlp_train.config import ModelConfig
+    from vlp_train.backbone import bert_config
+    folder = bundled_minilm_path()
+    model = VLMoModel(bert_config(ModelConfig(), folder), feature_dim=6, tags=["cat"], vl_layers=2)
+    load_bert_weights(model, folder)
+    weights = read_weights(folder)
+    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    last = len(model.layers) - 1
+    for expert in (V, L, VL):
+        torch.testing.assert_close(getattr(model.layers[last], expert).intermediate.dense.weight,
+                                   weights[f"{prefix}encoder.layer.{last}.intermediate.dense.weight"])
+        torch.testing.assert_close(getattr(model.layers[0], expert if expert != VL else L).output.LayerNorm.weight,
+                                   weights[f"{prefix}encoder.layer.0.output.LayerNorm.weight"])
+    torch.testing.assert_close(model.layers[2].attention.self.query.weight,
+                               weights[f"{prefix}encoder.layer.2.attention.self.query.weight"])
+    torch.testing.assert_close(model.embeddings.word_embeddings.weight, weights[f"{prefix}embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("stage,trained,frozen", [
+    ("vision", ["layers.0.attention.self.query.weight", "layers.1.v_ffn.intermediate.dense.weight",
+                "region.feature.weight", "image_cls", "mrfr.1.weight"],
+     ["layers.0.l_ffn.intermediate.dense.weight", "layers.1.vl_ffn.output.dense.weight",
+      "embeddings.word_embeddings.weight", "mlm_bias", "itm.0.weight", "text_proj.weight", "logit_scale"]),
+    ("language", ["layers.0.l_ffn.intermediate.dense.weight", "embeddings.word_embeddings.weight", "mlm_bias",
+                  "mlm_transform.dense.weight"],
+     ["layers.0.attention.self.query.weight", "layers.1.v_ffn.intermediate.dense.weight",
+      "layers.1.vl_ffn.output.dense.weight", "region.feature.weight", "image_cls", "itm.0.weight", "logit_scale"]),
+])
+def test_a_stage_trains_its_parameters_and_leaves_the_rest_as_they_were(tmp_path, stage, trained, frozen):
+    corpus = str(tmp_path / "c")
+    shards = write_shards(corpus, n_images=32, per_shard=16)
+    write_sentences(corpus, [f"a sentence number {i} about a cat." for i in range(40)])
+    cfg = load_config("vlmo-debug", VLMO + [f"model.stage={stage}", "optim.lr=1e-2", "optim.warmup_ratio=0"])
+    cfg.data.shards, cfg.run.output = shards, str(tmp_path / "run")
+    run = build_run(cfg)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    for batch in run.dataset:
+        views = to_device(batch["views"], run.device)
+        assert list(views) == [Task.IMAGE_ONLY if stage == "vision" else Task.TEXT_ONLY]
+        loss, _, _ = compute_loss(run.step_module, views, False, run.autocast)
+        loss.backward()
+        optimizer_step(run, loss)
+        break
+    after = dict(run.model.named_parameters())
+    for name in trained:
+        assert not torch.equal(before[name], after[name]), f"{stage}: {name} did not train"
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    for name in frozen:
+        assert name not in changed, f"{stage}: {name} is frozen but changed"
+    allowed = set(run.model.stage_parameters(stage))
+    assert changed <= allowed
+
+
+def test_the_text_stream_deals_every_row_once_over_ranks_and_workers(tmp_path):
+    from vlp_train.masking import BatchBuilder
+    from vlp_train.text_corpus import TextStream, rows_per_file, text_corpus_files
+    from transformers import BertTokenizerFast
+    from schemas.corpus import bundled_minilm_path
+    corpus = str(tmp_path / "c")
+    shards = write_shards(corpus, n_images=4, per_shard=4)
+    texts = [f"sentence {i}" for i in range(23)] + [" "]  # the blank one is a bad sample
+    write_sentences(corpus, texts, files=2)
+    files = text_corpus_files(None, [shards.replace("*.tar", "corpus-000000.tar")])
+    counts = rows_per_file(files)
+    assert sum(counts.values()) == 24
+    cfg = load_config("vlmo-debug", ["model.stage=language"])
+    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_minilm_path()), {}, 16, 4, cfg.objectives)
+    seen, bad, per_rank = [], 0, []
+    for rank in range(2):
+        stream = TextStream(files, builder, 5, [Task.TEXT_ONLY], "round_robin", 8, seed=1, rank=rank, world=2)
+        assert stream.epoch_batches(0, counts, workers=2) == 4  # 6 rows a (rank, worker): batches of 5 and 1
+        per_rank.append(0)
+        for worker in range(2):
+            with mock.patch("vlp_train.data.get_worker_info", return_value=mock.Mock(num_workers=2, id=worker)):
+                for batch in stream:
+                    seen += batch["keys"]
+                    bad += batch["bad_samples"]
+                    per_rank[-1] += 1
+                    assert list(batch["views"]) == [Task.TEXT_ONLY]
+    assert len(seen) == 23 and len(set(seen)) == 23 and bad == 1  # every good row once, the blank one counted
+    assert per_rank == [4, 4]
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_vlmo_run_matches_an_uninterrupted_one(tmp_path):
+    shards = write_shards(str(tmp_path / "c"), n_images=32, per_shard=16)
+    common = VLMO + ["optim.max_steps=4", "optim.epochs=4", "data.batch_size=8"]
+
+    def config(out, *more):
+        cfg = load_config("vlmo-debug", common + list(more))
+        cfg.data.shards, cfg.run.output = shards, str(tmp_path / out)
+        return cfg
+    train(config("whole"))
+    assert train(config("broken", "run.save_every=2", "run.stop_after=3"))["stopped"]
+    resumed = load_config("vlmo-debug")
+    resumed.run.output = str(tmp_path / "broken")
+    summary = train(resumed, resume=True)
+    assert summary["steps"] == 4
+
+    def losses(out):
+        with open(os.path.join(tmp_path, out, "log.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        return {r["step"]: (r["loss"], r["vl/itc"], r["vl/itm"], r["vl/mlm"]) for r in rows if "loss" in r}
+    whole, broken = losses("whole"), losses("broken")
+    assert sorted(broken) == list(range(1, 5))
+    for step in range(1, 5):
+        assert broken[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), step
+    evaluation = summary["eval"]
+    for key in ("i2t_r1", "t2i_r10", "i2t_itm_r5", "dual_s_per_1k_queries", "itm_rerank_s_per_1k_queries"):
+        assert key in evaluation
+
+
+@pytest.mark.slow
+def test_the_three_stages_run_one_after_another_each_from_the_last(tmp_path):
+    corpus = str(tmp_path / "c")
+    shards = write_shards(corpus, n_images=32, per_shard=16)
+    rng = random.Random(0)
+    write_sentences(corpus, [f"a {rng.choice(['cat', 'dog', 'cup'])} on a {rng.choice(['sofa', 'car'])}."
+                             for _ in range(40)])
+    out = str(tmp_path / "run")
+    args = ["run", "--config", "vlmo-debug", "--shards", shards, "--output", out, "--stage", "vision,language,vl"]
+    for item in VLMO + ["optim.max_steps=2"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    models = {}
+    for stage in ("vision", "language", "vl"):
+        with open(os.path.join(out, stage, "config.json")) as f:
+            saved = json.load(f)
+        assert saved["model"]["stage"] == stage
+        models[stage] = VLMoModel.from_pretrained(os.path.join(out, stage))
+    # the language stage started from the vision stage's model and left its vision side alone;
+    # the vl stage started from the language stage's
+    vision, language = models["vision"].state_dict(), models["language"].state_dict()
+    torch.testing.assert_close(language["layers.0.v_ffn.intermediate.dense.weight"],
+                               vision["layers.0.v_ffn.intermediate.dense.weight"])
+    torch.testing.assert_close(language["layers.0.attention.self.query.weight"],
+                               vision["layers.0.attention.self.query.weight"])
+    assert not torch.equal(language["layers.0.l_ffn.intermediate.dense.weight"],
+                           vision["layers.0.l_ffn.intermediate.dense.weight"])
+    with open(os.path.join(out, "vl", "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert {"vl/itc", "vl/itm", "vl/mlm"} <= set(next(r for r in rows if "loss" in r))

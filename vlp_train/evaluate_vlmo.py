@@ -1,0 +1,155 @@
+"""Held-out evaluation of VLMo (vlp_train/families/vlmo.py): zero-shot image-to-text and
+text-to-image retrieval over the held-out shards' pairs (each image with one of its retrieved
+sentences), recall@1/5/10 with the dual encoder (dot products of the projected [CLS] states) and
+with ITM re-ranking of the dual encoder's top `run.rerank_k`, each timed per 1,000 queries; the
+fusion MLM accuracy; the stages' own measures (the vision stage's region-feature regression
+error, the language stage's text-only MLM accuracy); and, when μ-VLA's granularities train beside
+VLMo's, the single-stream evaluation of them on the fusion encoder.
+
+A text is a positive of every image that retrieved it (texts are compared by `text_keys`), so
+two images that retrieved the same sentence both count as right answers."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vlp_train.data import CorpusStream
+from vlp_train.objectives import gather_positions, input_features
+from vlp_train.step import to_device
+from vlp_train.tasks import IGNORE, Task
+
+RECALL_AT = (1, 5, 10)
+
+
+def _pad_cat(tensors: list[torch.Tensor], value=0) -> torch.Tensor:
+    """Batches of [B, N, ...] with different N -> one [sum B, max N, ...]."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]], value=value) for t in tensors])
+
+
+def recall(scores: torch.Tensor, positive: torch.Tensor, ks=RECALL_AT) -> dict[int, float]:
+    """scores, positive [Q, C]: the share of queries with a positive among their top k, per k."""
+    order = scores.argsort(dim=1, descending=True)
+    hit_rank = torch.where(positive.gather(1, order), torch.arange(scores.shape[1]).expand_as(order),
+                           scores.shape[1]).min(1).values
+    return {k: (hit_rank < k).float().mean().item() for k in ks}
+
+
+@torch.no_grad()
+def rerank_scores(model, scores: torch.Tensor, k: int, pair_of, batch_size: int, autocast) -> torch.Tensor:
+    """The dual encoder's scores [Q, C] with each query's top k re-scored by the fusion ITM (the match
+    logit minus the mismatch logit, above every score outside the top k). `pair_of(queries,
+    candidates)` -> the model inputs of those (query, candidate) pairs."""
+    top = scores.topk(k, dim=1).indices                       # [Q, k]
+    queries = torch.arange(scores.shape[0]).repeat_interleave(k)
+    candidates = top.flatten()
+    itm = []
+    for start in range(0, len(queries), batch_size):
+        with autocast:
+            text, _ = model(*pair_of(queries[start:start + batch_size], candidates[start:start + batch_size]))
+            logits = model.itm_logits(text).float()
+        itm.append((logits[:, 1] - logits[:, 0]).cpu())
+    reranked = torch.full_like(scores, float("-inf"))
+    reranked.scatter_(1, top, torch.cat(itm).view(-1, k))
+    return reranked
+
+
+@torch.no_grad()
+def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, device, autocast) -> dict:
+    from vlp_train.evaluate import evaluate as evaluate_single_stream
+
+    eval_tasks = [Task.IMAGE_TEXT] + [t for t in (Task.IMAGE_ONLY, Task.TEXT_ONLY) if t in tasks]
+    stream = CorpusStream(urls, builder, cfg.data.batch_size, eval_tasks, "mixed", 1, seed=12345)
+    stream.set_position(0, 0, None)
+    was_training = model.training
+    model.eval()
+    pairs = {name: [] for name in ("ids", "text_mask", "features", "locations", "region_mask", "keys")}
+    image_features, text_features, hits, regression = [], [], {"sentence_mlm": [0, 0], "text_mlm": [0, 0]}, [0.0, 0]
+    dual_s = 0.0
+    for n, batch in enumerate(stream):
+        if n >= cfg.run.eval_batches:
+            break
+        views = to_device(batch["views"], device)
+        view = views[Task.IMAGE_TEXT]
+        started = time.perf_counter()
+        with autocast:
+            image_features.append(model.image_features(model.encode_image(
+                view["features"], view["locations"], view["region_mask"])).cpu())
+            text_features.append(model.text_features(model.encode_text(view["clean_ids"], view["text_mask"])).cpu())
+        dual_s += time.perf_counter() - started
+        for name, field in (("ids", "clean_ids"), ("text_mask", "text_mask"), ("features", "features"),
+                            ("locations", "locations"), ("region_mask", "region_mask"), ("keys", "text_keys")):
+            pairs[name].append(view[field])
+        with autocast:
+            text, _ = model(view["input_ids"], view["text_mask"], view["features"], view["locations"],
+                            view["region_mask"])
+        _count_mlm(model, text, view, hits["sentence_mlm"])
+        if Task.TEXT_ONLY in views:
+            text_view = views[Task.TEXT_ONLY]
+            with autocast:
+                states = model.encode_text(text_view["input_ids"], text_view["text_mask"])
+            _count_mlm(model, states, text_view, hits["text_mlm"])
+        if Task.IMAGE_ONLY in views:
+            image_view = views[Task.IMAGE_ONLY]
+            with autocast:
+                regions = model.encode_image(input_features(image_view), image_view["locations"],
+                                             image_view["region_mask"])[:, 1:]
+            squared = (model.mrfr(regions).float() - image_view["features"].float()).pow(2).mean(-1)
+            masked = image_view["zeroed_regions"]
+            regression[0] += squared[masked].sum().item()
+            regression[1] += int(masked.sum().item())
+    result = {f"{name}_acc": right / total for name, (right, total) in hits.items() if total}
+    if regression[1]:
+        result["region_regression_mse"] = regression[0] / regression[1]
+    if image_features:
+        result.update(_retrieval(model, torch.cat(image_features), torch.cat(text_features), pairs, dual_s, cfg,
+                                 device, autocast))
+    if any(t in tasks for t in (Task.REGION_TAG, Task.REGION_PHRASE, Task.IMAGE_SENTENCE)):
+        single = evaluate_single_stream(model, builder, urls, tasks, cfg, device, autocast)
+        result.update({f"mu_vla/{k}": v for k, v in single.items()})
+    model.train(was_training)
+    return result
+
+
+def _count_mlm(model, states, view, tally):
+    labels = view["mlm_targets"]
+    keep = labels != IGNORE
+    predicted = model.mlm_logits(gather_positions(states, view["mlm_positions"])).argmax(-1)
+    tally[0] += (predicted[keep] == labels[keep]).sum().item()
+    tally[1] += int(keep.sum().item())
+
+
+def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> dict:
+    count = images.shape[0]
+    keys = torch.cat(pairs["keys"]).cpu()
+    positive = keys[:, None] == keys[None, :]      # image i x text j: j is (a copy of) i's sentence
+    started = time.perf_counter()
+    scores = images @ texts.T                       # [images, texts]
+    dual_s += time.perf_counter() - started
+    result = {"pairs": count}
+    directions = {"i2t": (scores, positive), "t2i": (scores.T, positive.T)}
+    for name, (s, p) in directions.items():
+        result.update({f"{name}_r{k}": v for k, v in recall(s, p).items()})
+    # both directions' queries: the dual encoder's cost per 1,000 of them
+    result["dual_s_per_1k_queries"] = dual_s / (2 * count) * 1000
+    k = min(cfg.run.rerank_k, count)
+    if k:
+        ids, text_mask = _pad_cat(pairs["ids"]), _pad_cat(pairs["text_mask"], False)
+        features, locations = _pad_cat(pairs["features"]), _pad_cat(pairs["locations"])
+        region_mask = _pad_cat(pairs["region_mask"], False)
+
+        def inputs(text_rows, image_rows):
+            text_rows, image_rows = text_rows.to(device), image_rows.to(device)
+            return ids[text_rows], text_mask[text_rows], features[image_rows], locations[image_rows], region_mask[image_rows]
+        started = time.perf_counter()
+        reranked = {"i2t": rerank_scores(model, scores, k, lambda q, c: inputs(c, q), cfg.data.batch_size, autocast),
+                    "t2i": rerank_scores(model, scores.T, k, lambda q, c: inputs(q, c), cfg.data.batch_size, autocast)}
+        rerank_s = time.perf_counter() - started
+        for name, s in reranked.items():
+            result.update({f"{name}_itm_r{r}": v for r, v in recall(s, directions[name][1]).items()})
+        # the dual encoder's share plus k fusion passes a query
+        result["itm_rerank_s_per_1k_queries"] = (dual_s + rerank_s) / (2 * count) * 1000
+        result["rerank_k"] = k
+    return result

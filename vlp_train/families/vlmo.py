@@ -1,0 +1,315 @@
+"""VLMo (`model.arch=vlmo`): a multiway transformer, "Unified Vision-Language Pre-Training with
+Mixture-of-Modality-Experts" (Bao et al.), on our weakly aligned corpus.
+
+Every layer has one self-attention shared by all modalities and a modality-switched FFN: the
+vision expert (V-FFN), the language expert (L-FFN) and, in the top `model.vl_layers` layers (the
+paper's F), the vision-language expert (VL-FFN). Routing (`MultiwayLayer.experts_of`):
+- image alone: V-FFN in every layer; text alone: L-FFN in every layer;
+- an image-text pair ([text] + [I_CLS] + regions): below the top F layers text positions take
+  the L-FFN and image positions the V-FFN; in the top F layers every position takes the VL-FFN.
+
+Visual input: region features (`model.visual=regions`, V-FFN over regions), with [I_CLS] a
+learned vector in front of them; [T_CLS] is BERT's [CLS]. Contrast: [CLS] states -> linear
+projection -> L2 normalisation, with a learnable temperature.
+
+Layers are BERT's (post-LayerNorm, each expert its own LayerNorm as in VLMo), initialised from
+the init BERT (the bundled MiniLM by default): the shared attention from BERT's attention and
+every expert from BERT's FFN of that layer. The model also has the single-stream model's heads
+and interface (`forward` = the fusion encoder over a pair), so μ-VLA's granularities (region-tag,
+region-phrase, image-sentence) run on the fusion encoder beside VLMo's objectives, by config.
+
+Objectives (vlp_train/objectives/contrastive.py holds ITC and hard-negative sampling):
+- `vl` (image-text): ITC over the global batch (V/L experts, unimodal passes), ITM on the fusion
+  [T_CLS] with a hard negative image and text per sample drawn from the ITC similarities over the
+  global batch, MLM on the fusion encoder;
+- `img` (the vision stage): masked region-feature regression through the V-FFN alone;
+- `txt` (the language stage): MLM through the L-FFN alone.
+
+Stages (`model.stage`): vision trains the attention, V-FFN, region embedding, [I_CLS] and the
+regression head; language trains the text embeddings, L-FFN and MLM head (attention frozen); vl
+trains everything. `set_stage` sets which parameters train.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp_train import pretrained
+from vlp_train.backbone import BertEmbeddings, HeadTransform, _Attention, _Intermediate, _Output, bert_config, read_weights
+from vlp_train.families import Family, register
+from vlp_train.objectives.image_sentence import image_sentence_losses
+from vlp_train.objectives.region_phrase import region_phrase_losses
+from vlp_train.objectives.region_tag import region_tag_losses
+from vlp_train.objectives.vlmo import image_only_losses, image_text_losses, text_only_losses
+from vlp_train.tasks import Task
+from vlp_train.visual import RegionEmbedding
+
+log = logging.getLogger(__name__)
+
+ARCH = "vlmo"
+IMAGE, TEXT, PAIR = "image", "text", "pair"   # the three modes of a pass
+V, L, VL = "v_ffn", "l_ffn", "vl_ffn"          # the experts (also their parameter names)
+
+
+class ExpertFFN(nn.Module):
+    """One FFN expert: BERT's FFN (intermediate.dense -> GELU -> output.dense, residual, LayerNorm),
+    with BERT's parameter names so a BERT layer's FFN loads into it."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.intermediate = _Intermediate(cfg)
+        self.output = _Output(cfg.intermediate_size, cfg)
+        self.dropout = cfg.hidden_dropout_prob
+
+    def forward(self, x):
+        h = F.gelu(self.intermediate.dense(x))
+        return self.output.LayerNorm(x + F.dropout(self.output.dense(h), self.dropout, self.training))
+
+
+class MultiwayLayer(nn.Module):
+    """Shared self-attention + modality-switched FFN."""
+
+    def __init__(self, cfg, vl_expert: bool):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.attention = _Attention(cfg)
+        self.v_ffn, self.l_ffn = ExpertFFN(cfg), ExpertFFN(cfg)
+        self.vl_ffn = ExpertFFN(cfg) if vl_expert else None
+        self.dropout, self.attn_dropout = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
+
+    def experts_of(self, mode: str, text_len: int, length: int) -> list[tuple[str, int, int]]:
+        """(expert, first position, end) of each span of the sequence in `mode`; a pair's sequence
+        is [text (text_len positions)] + [image]."""
+        if mode == IMAGE:
+            return [(V, 0, length)]
+        if mode == TEXT:
+            return [(L, 0, length)]
+        if self.vl_ffn is not None:
+            return [(VL, 0, length)]
+        return [(L, 0, text_len), (V, text_len, length)]
+
+    def forward(self, x, attn_mask, mode: str, text_len: int = 0):
+        b, n, d = x.shape
+        a = self.attention.self
+        q, k, v = (lin(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for lin in (a.query, a.key, a.value))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        out = self.attention.output
+        x = out.LayerNorm(x + F.dropout(out.dense(ctx.transpose(1, 2).reshape(b, n, d)), self.dropout, self.training))
+        spans = self.experts_of(mode, text_len, n)
+        if len(spans) == 1:
+            return getattr(self, spans[0][0])(x)
+        return torch.cat([getattr(self, name)(x[:, start:end]) for name, start, end in spans], 1)
+
+
+class VLMoModel(pretrained.PretrainedModel, nn.Module):
+    """Multiway transformer over regions and text, with the contrastive, ITM, MLM and region heads."""
+
+    arch = ARCH
+    tag_rows = ("mrc.1.weight", "mrc.1.bias")
+
+    def __init__(self, bert_config, feature_dim: int, tags: list[str], vl_layers: int, stage: str = "vl"):
+        super().__init__()
+        layers = bert_config.num_hidden_layers
+        if not 0 <= vl_layers <= layers:
+            raise ValueError(f"model.vl_layers={vl_layers}: VLMo's VL-FFN layers must be 0..{layers} (model layers)")
+        self.config = bert_config
+        h, eps = bert_config.hidden_size, bert_config.layer_norm_eps
+        self.embeddings = BertEmbeddings(bert_config)
+        self.layers = nn.ModuleList(MultiwayLayer(bert_config, vl_expert=i >= layers - vl_layers) for i in range(layers))
+        self.region = RegionEmbedding(feature_dim, bert_config, self.embeddings.token_type_embeddings)
+        self.image_cls = nn.Parameter(torch.zeros(h))  # [I_CLS], in front of the regions
+        # contrast: [CLS] -> linear -> L2 (vlp_train/objectives/contrastive.py)
+        self.image_proj = nn.Linear(h, h, bias=False)
+        self.text_proj = nn.Linear(h, h, bias=False)
+        from vlp_train.objectives.contrastive import LOGIT_SCALE_INIT
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.itm = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 2))  # pooler (Linear + tanh) on [T_CLS]
+        self.mlm_transform = HeadTransform(h, eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
+        self.mrc = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, max(len(tags), 1)))
+        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, feature_dim))
+        self.feature_dim, self.tags, self.vl_layers = feature_dim, list(tags), vl_layers
+        self._init_new(bert_config.initializer_range)
+        self.set_stage(stage)
+
+    @property
+    def num_tags(self) -> int:
+        return len(self.tags)
+
+    def _init_new(self, std: float):
+        for module in (self.embeddings, self.layers, self.region, self.image_proj, self.text_proj, self.itm,
+                       self.mlm_transform, self.mrc, self.mrfr):
+            for m in module.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=std)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
+        nn.init.normal_(self.image_cls, std=std)
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def stage_parameters(self, stage: str) -> list[str]:
+        """The names of the parameters `stage` trains."""
+        names = [n for n, _ in self.named_parameters()]
+        if stage == "vl":
+            return names
+        if stage == "vision":  # attention + V-FFN on images alone
+            keep = (".attention.", f".{V}.", "region.", "image_cls", "mrfr.")
+        elif stage == "language":  # L-FFN (and the text embeddings and MLM head); attention frozen
+            keep = (f".{L}.", "embeddings.word_embeddings", "embeddings.position_embeddings",
+                    "embeddings.LayerNorm", "mlm_transform.", "mlm_bias")
+        else:
+            raise ValueError(f"model.stage={stage!r}: expected vision, language or vl")
+        # the token-type table (row 0 text's, row 1 the regions') is shared by both modalities:
+        # it trains in the vl stage only
+        return [n for n in names if any(k in n or n.startswith(k) for k in keep)]
+
+    def set_stage(self, stage: str) -> None:
+        trained = set(self.stage_parameters(stage))
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in trained)
+        self.stage = stage
+
+    # -- what from_pretrained needs to rebuild it ------------------------------------------------
+
+    def bert_config(self):
+        return self.config
+
+    def vlp_config(self) -> dict:
+        return {"feature_dim": self.feature_dim, "tags": self.tags, "vl_layers": self.vl_layers, "visual": "regions"}
+
+    @classmethod
+    def from_vlp_config(cls, bert_config, section: dict) -> "VLMoModel":
+        return cls(bert_config, section["feature_dim"], section["tags"], section["vl_layers"])
+
+    def set_layer_call(self, call) -> None:
+        """compile.CompiledLayers compiles BERT's layer call; a multiway layer takes a mode, so VLMo's
+        layers stay eager under model.compile_scope=layers (compile_scope=step compiles them)."""
+
+    # -- encoders ----------------------------------------------------------------------------
+
+    def image_embedding(self, features, locations, region_mask):
+        """([I_CLS] + regions) [B, 1 + R, D] and its padding mask."""
+        regions = self.region(features, locations)
+        cls = self.image_cls.to(regions.dtype).expand(regions.shape[0], 1, -1)
+        mask = torch.cat([torch.ones_like(region_mask[:, :1]), region_mask], 1)
+        return torch.cat([cls, regions], 1), mask
+
+    def encode(self, hidden, padding_mask, mode: str, text_len: int = 0):
+        attn_mask = padding_mask[:, None, None, :]
+        for layer in self.layers:
+            hidden = layer(hidden, attn_mask, mode, text_len)
+        return hidden
+
+    def encode_image(self, features, locations, region_mask):
+        """Image alone (V-FFN in every layer) -> [B, 1 + R, D], [I_CLS] first."""
+        hidden, mask = self.image_embedding(features, locations, region_mask)
+        return self.encode(hidden, mask, IMAGE)
+
+    def encode_text(self, input_ids, text_mask):
+        """Text alone (L-FFN in every layer) -> [B, T, D], [T_CLS] first."""
+        return self.encode(self.embeddings(input_ids), text_mask, TEXT)
+
+    def forward(self, input_ids, text_mask, features, locations, region_mask):
+        """The fusion encoder over pairs -> (text states [B, T, D], region states [B, R, D]); the
+        single-stream model's interface, so μ-VLA's objectives run on it unchanged."""
+        text = self.embeddings(input_ids)
+        image, image_mask = self.image_embedding(features, locations, region_mask)
+        t = input_ids.shape[1]
+        hidden = self.encode(torch.cat([text, image], 1), torch.cat([text_mask, image_mask], 1), PAIR, t)
+        return hidden[:, :t], hidden[:, t + 1:]
+
+    def image_features(self, image_states):
+        return F.normalize(self.image_proj(image_states[:, 0]).float(), dim=-1)
+
+    def text_features(self, text_states):
+        return F.normalize(self.text_proj(text_states[:, 0]).float(), dim=-1)
+
+    def mlm_logits(self, states):
+        """Over the BERT vocabulary, decoder tied to the word embeddings."""
+        return self.mlm_transform(states) @ self.embeddings.word_embeddings.weight.T + self.mlm_bias
+
+    def itm_logits(self, text_states):
+        return self.itm(text_states[:, 0])
+
+
+def load_bert_weights(model: VLMoModel, folder: str) -> None:
+    """A HF BERT folder into the multiway model: embeddings; each layer's attention into the shared
+    attention and its FFN into every expert of that layer (V, L and VL); BERT's MLM head when the
+    folder has one. The BERT must have the model's layers (the VL-FFN layers are its top ones)."""
+    weights = read_weights(folder)
+    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    state = {}
+    for name, tensor in weights.items():
+        if not name.startswith(prefix):
+            continue
+        name = name[len(prefix):]
+        if name.startswith("embeddings.") and "position_ids" not in name:
+            state[name] = tensor
+        elif name.startswith("encoder.layer."):
+            index, rest = name[len("encoder.layer."):].split(".", 1)
+            if rest.startswith("attention."):
+                state[f"layers.{index}.{rest}"] = tensor
+            else:  # intermediate.* / output.*: the FFN, into every expert of the layer
+                for expert in (V, L, VL):
+                    state[f"layers.{index}.{expert}.{rest}"] = tensor
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own}
+    missing = [k for k in own if k.startswith(("embeddings.", "layers.")) and k not in state]
+    if missing:
+        raise RuntimeError(f"model.init {folder} lacks weights the multiway model needs: {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    head = {k[len("cls.predictions."):]: v for k, v in weights.items() if k.startswith("cls.predictions.")}
+    if "transform.dense.weight" in head:
+        model.mlm_transform.load_state_dict({k[len("transform."):]: v for k, v in head.items()
+                                             if k.startswith("transform.")})
+        with torch.no_grad():
+            model.mlm_bias.copy_(head["bias"])
+    log.info("initialised VLMo's attention and experts from %s%s", folder,
+             " (and BERT's MLM head)" if "transform.dense.weight" in head else "")
+
+
+def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMoModel:
+    """A model initialised as model.init says, training what model.stage trains."""
+    kind, folder = pretrained.resolve_init(cfg_model.init)
+    if kind == "vlp":
+        model = pretrained.init_from(folder, VLMoModel, cfg_model, feature_dim, tags)
+        if model.vl_layers != cfg_model.vl_layers:
+            raise ValueError(f"model.init {folder} has VL-FFN in its top {model.vl_layers} layers, but model.vl_layers "
+                             f"is {cfg_model.vl_layers}")
+    else:
+        config = bert_config(cfg_model, folder)
+        model = VLMoModel(config, feature_dim, tags, cfg_model.vl_layers)
+        if folder is not None:
+            load_bert_weights(model, folder)
+    model.set_stage(cfg_model.stage)
+    return model
+
+
+@torch.no_grad()
+def match_probability(model: VLMoModel, view: dict) -> torch.Tensor:
+    """The fusion ITM's match probability of each sample's clean pair, dropout off (the curriculum's w_ITM)."""
+    was_training = model.training
+    model.eval()
+    try:
+        text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
+                        view["locations"], view["region_mask"])
+    finally:
+        model.train(was_training)
+    return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
+
+
+def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
+    from vlp_train.evaluate_vlmo import evaluate_vlmo
+    return evaluate_vlmo(model, builder, urls, tasks, cfg, device, autocast)
+
+
+FAMILY = register(Family(
+    name=ARCH, model_class=VLMoModel, build=build, evaluate=evaluate, match_probability=match_probability,
+    objectives={Task.IMAGE_TEXT: image_text_losses, Task.IMAGE_ONLY: image_only_losses,
+                Task.TEXT_ONLY: text_only_losses, Task.REGION_TAG: region_tag_losses,
+                Task.REGION_PHRASE: region_phrase_losses, Task.IMAGE_SENTENCE: image_sentence_losses}))
