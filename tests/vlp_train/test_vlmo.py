@@ -93,11 +93,13 @@ def test_attention_and_every_expert_start_from_the_init_berts_layer():
     ("vision", ["layers.0.attention.self.query.weight", "layers.1.v_ffn.intermediate.dense.weight",
                 "region.feature.weight", "image_cls", "mrfr.1.weight"],
      ["layers.0.l_ffn.intermediate.dense.weight", "layers.1.vl_ffn.output.dense.weight",
-      "embeddings.word_embeddings.weight", "mlm_bias", "itm.0.weight", "text_proj.weight", "logit_scale"]),
+      "embeddings.word_embeddings.weight", "mlm_bias", "itm.0.weight", "text_proj.weight", "logit_scale",
+      "embeddings.token_type_embeddings.weight"]),  # used by the regions, shared with text: frozen
     ("language", ["layers.0.l_ffn.intermediate.dense.weight", "embeddings.word_embeddings.weight", "mlm_bias",
                   "mlm_transform.dense.weight"],
      ["layers.0.attention.self.query.weight", "layers.1.v_ffn.intermediate.dense.weight",
-      "layers.1.vl_ffn.output.dense.weight", "region.feature.weight", "image_cls", "itm.0.weight", "logit_scale"]),
+      "layers.1.vl_ffn.output.dense.weight", "region.feature.weight", "image_cls", "itm.0.weight", "logit_scale",
+      "embeddings.token_type_embeddings.weight"]),
 ])
 def test_a_stage_trains_its_parameters_and_leaves_the_rest_as_they_were(tmp_path, stage, trained, frozen):
     corpus = str(tmp_path / "c")
@@ -214,3 +216,70 @@ def test_the_three_stages_run_one_after_another_each_from_the_last(tmp_path):
     with open(os.path.join(out, "vl", "log.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert {"vl/itc", "vl/itm", "vl/mlm"} <= set(next(r for r in rows if "loss" in r))
+
+
+def _vl_view(rows: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (rows, 6), generator=g)
+    labels = torch.full((rows, 2), -100)
+    labels[:, 0] = ids[:, 1]
+    return {"input_ids": ids, "clean_ids": ids, "text_mask": torch.ones(rows, 6, dtype=torch.bool),
+            "mlm_positions": torch.ones(rows, 2, dtype=torch.long), "mlm_targets": labels,
+            "features": torch.randn(rows, 3 + seed % 2, 6, generator=g), "locations": torch.rand(rows, 3 + seed % 2, 5),
+            "region_mask": torch.ones(rows, 3 + seed % 2, dtype=torch.bool), "text_keys": torch.arange(rows) + 10 * seed,
+            "active": torch.ones(rows, dtype=torch.bool)}
+
+
+def _ddp_vl_rank(rank: int, port: int, results):
+    import torch.distributed as dist
+    from vlp_train.families import family_of
+    from vlp_train.step import Pretraining
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = small_model(layers=2, vl_layers=1)
+        step = torch.nn.parallel.DistributedDataParallel(Pretraining(model, family_of("vlmo")),
+                                                         find_unused_parameters=True)
+        torch.manual_seed(rank)  # each rank its own hard-negative draws
+        # ranks of different batch sizes and region counts: negatives come from either
+        results_view = _vl_view(3 if rank == 0 else 2, seed=rank)
+        named, _, _ = step({Task.IMAGE_TEXT: results_view})[Task.IMAGE_TEXT]
+        sum(v.mean() for v in named.values()).backward()
+        results[rank] = ({k: v.detach() for k, v in named.items()}, model.layers[0].v_ffn.output.dense.weight.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_vl_step_under_ddp_draws_negatives_across_ranks_and_agrees_on_gradients():
+    from .test_distributed import _run_ranks
+    import torch.multiprocessing as mp
+    with mp.Manager() as manager:
+        results = manager.dict()
+        _run_ranks(_ddp_vl_rank, results, timeout=90)
+        results = dict(results)
+    assert results[0][0]["itc"].shape == (3,) and results[1][0]["itc"].shape == (2,)
+    assert all(torch.isfinite(v).all() for r in results.values() for v in r[0].values())
+    torch.testing.assert_close(results[0][1], results[1][1])  # DDP's averaged gradient, the same on both
+
+
+def test_vlmo_and_mu_vla_train_together_with_the_curriculum_weighting_both(tmp_path):
+    from vlp_train.curriculum import weighted_tasks
+    shards = write_shards(str(tmp_path / "c"), n_images=32, per_shard=16)
+    cfg = load_config("vlmo-debug", VLMO + ["objectives.region_tag=true", "objectives.region_phrase=true",
+                                            "objectives.image_sentence=true", "objectives.schedule=mixed",
+                                            "objectives.itm_weighting=true", "objectives.weight_vlmo=true",
+                                            "objectives.itm_weight_from_epoch=1"])
+    cfg.data.shards, cfg.run.output = shards, str(tmp_path / "run")
+    run = build_run(cfg)
+    assert weighted_tasks(0, cfg.objectives) == ()
+    assert set(weighted_tasks(1, cfg.objectives)) == {Task.REGION_PHRASE, Task.IMAGE_SENTENCE, Task.IMAGE_TEXT}
+    cfg.objectives.weight_vlmo = False
+    assert Task.IMAGE_TEXT not in weighted_tasks(1, cfg.objectives)
+    batch = next(iter(run.dataset))
+    views = to_device(batch["views"], run.device)
+    loss, named, weights = compute_loss(run.step_module, views, (Task.IMAGE_SENTENCE, Task.IMAGE_TEXT), run.autocast)
+    assert torch.isfinite(loss)
+    assert {"rt/mrc", "rp/mrtc", "is/itm", "vl/itc", "vl/itm", "vl/mlm"} <= set(named)
+    assert set(weights) == {Task.IMAGE_SENTENCE, Task.IMAGE_TEXT}
+    assert ((weights[Task.IMAGE_TEXT] > 0) & (weights[Task.IMAGE_TEXT] < 1)).all()
