@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
+from pipelines.images import STORED_IMAGE, ReadStoredImages
 from pipelines.io import BOXES_CLIPPED, REGIONS_DROPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import CollectCorpus, RetrieveTopK
@@ -177,7 +178,16 @@ def _make_sample(element):
         "scores": [float(s) for s in detection["scores"]],
         "sentences": sentences,
         FEATS: detection["features"],
+        **_stored_image_fields(detection),
     }
+
+
+def _stored_image_fields(detection: dict) -> dict:
+    """--store-images: the sample's image_size, and the JPEG travelling with it until written."""
+    if STORED_IMAGE not in detection:
+        return {}
+    data, size = detection[STORED_IMAGE]
+    return {"image_size": list(size), STORED_IMAGE: data}
 
 
 def _sentence_with_phrases(element):
@@ -190,9 +200,10 @@ def _sentence_with_phrases(element):
 
 
 def _split_features(sample: dict):
+    """sample -> (sample dict as written, float16 features, stored JPEG or None)."""
     sample = dict(sample)
     feats = sample.pop(FEATS)
-    return sample, feats.astype("float16")
+    return sample, feats.astype("float16"), sample.pop(STORED_IMAGE, None)
 
 
 def _link_rows(sample: dict):
@@ -256,6 +267,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         raise ValueError("no text corpus given")
     if not (options.detections or options.images):
         raise ValueError("give --detections or --images")
+    check_store_images(options)
     if options.shards:
         from pipelines.link import check_word_vectors
         check_word_vectors(options.link.word_vectors, options.link.trust_pickle)
@@ -269,7 +281,8 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         from pipelines.images import ReadImages
         images = p | "ReadImages" >> ReadImages(options.images)
         rejected.append(images.rejected)
-        detected = images.images | "DetectRegions" >> DetectRegions(options.detect)
+        detected = images.images | "DetectRegions" >> DetectRegions(
+            options.detect, store_image_size=options.image_size if options.store_images else None)
         detections = detected.detections
         rejected.append(detected.rejected)
     else:
@@ -281,6 +294,10 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
     usable = detections | "UsableDetections" >> UsableDetections(options.shards)
     detections = usable["detections"]
     rejected.append(usable["rejected"])
+    if options.store_images and options.detections:  # with --images the detector's worker stored them
+        stored = detections | "ReadStoredImages" >> ReadStoredImages(options.image_root, options.image_size)
+        detections = stored.ok
+        rejected.append(stored[REJECTED])
 
     # Text corpus -> sentences -> embeddings -> one Corpus side input
     corpus_read = p | "ReadCorpus" >> ReadCorpus(options.text, options.text_options)
@@ -344,6 +361,23 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
          | "StatsDict" >> beam.combiners.ToDict()
          | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_stats(totals, options))))
     return p
+
+
+def check_store_images(options: BuildOptions) -> None:
+    """ValueError for --store-images / --image-root / --image-size given in a way that cannot work."""
+    if options.image_root and not options.store_images:
+        raise ValueError("--image-root is read only with --store-images")
+    if not options.store_images:
+        return
+    if not options.shards:
+        raise ValueError("--store-images writes the images into the shards: it cannot go with --no-shards")
+    if options.image_size < 1:
+        raise ValueError(f"--image-size must be at least 1, got {options.image_size}")
+    if options.images and options.image_root:
+        raise ValueError("--image-root is for --detections; with --images the images are read from there")
+    if options.detections and not options.image_root:
+        raise ValueError("--store-images with --detections needs --image-root DIR, the folder the detections' "
+                         "images are read from (see docs/corpus-format.md for how an image id names its file)")
 
 
 def write_rejected(out: str, entry: str) -> WriteFiles:

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # TOKENIZERS_PARALLELISM is left to encoding.load_sentence_model, which knows the device (on for cuda)
 
 from pipelines.io import check_patterns_match, is_local  # noqa: E402
-from schemas.corpus import SPACY_MODEL  # noqa: E402
+from schemas.corpus import IMAGE_SIZE, SPACY_MODEL  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.options import (BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
                                PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
@@ -87,11 +87,18 @@ def main(verbose: bool):
 @click.option("--table-rows-per-file", default=ShardOptions.table_rows_per_file, show_default=True, type=click.IntRange(1),
               help="Side tables (sentences, retrievals, links): about this many rows per Parquet file.")
 @click.option("--no-shards", is_flag=True, help="Retrievals only: skip noun phrases, linking and shards.")
+@click.option("--store-images", is_flag=True,
+              help="Each shard sample also carries its image, {key}.jpg: resized to --image-size, fixed JPEG settings "
+                   "(docs/corpus-format.md). With --detections the images are read from --image-root.")
+@click.option("--image-size", default=IMAGE_SIZE, show_default=True, type=click.IntRange(16),
+              help="--store-images: the stored image's longer side in pixels (smaller images are not enlarged).")
+@click.option("--image-root", help="--store-images with --detections: the folder holding the images; an image id "
+                                   "names DIR/{id}, else DIR/{id}.jpg/.jpeg/.png/.webp (local or gs://).")
 @click.pass_context
 def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, batch_size, device, index_type,
                     nlist, nprobe, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
                     spacy_model, word_vectors, trust_pickled_vectors, link_threshold, samples_per_shard,
-                    table_rows_per_file, no_shards):
+                    table_rows_per_file, no_shards, store_images, image_size, image_root):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
     regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
     if detections and images:
@@ -103,6 +110,17 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         raise click.UsageError("--text is required when --detections or --images is given")
     if not sample and not (detections or images):
         raise click.UsageError("give --detections or --images with --text")
+    if image_root and not detections:
+        raise click.UsageError("--image-root goes with --detections (and --store-images); --images are read from "
+                               "where they are")
+    if image_root and not store_images:
+        raise click.UsageError("--image-root is read only with --store-images")
+    if store_images and detections and not image_root:
+        raise click.UsageError("--store-images with --detections needs --image-root DIR, the folder holding the images")
+    if store_images and no_shards:
+        raise click.UsageError("--store-images writes the images into the shards: it cannot go with --no-shards")
+    if image_root and is_local(image_root) and not os.path.isdir(image_root):
+        raise click.UsageError(f"--image-root {image_root!r} is not a folder")
     if not is_dry_run_args(ctx.args):
         claim_output(output, overwrite)  # before the sample is written into it
     if sample:
@@ -113,6 +131,7 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
 
     options = BuildOptions(
         output=output, detections=detections, images=images, text=text, shards=not no_shards,
+        store_images=store_images, image_size=image_size, image_root=image_root,
         text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
         embed=EmbedOptions(model=sbert_model, batch_size=batch_size or (1024 if device == "cuda" else 256), device=device),
         retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device),
@@ -174,6 +193,11 @@ def _check_run(stats: dict, options: BuildOptions) -> None:
     if no_features:
         raise RunError(f"{no_features} image(s) have no region features, which shards need: give detections with "
                        f"features, use --images to run the detector, or pass --no-shards for retrievals only")
+    not_stored = sum(v for k, v in stats["rejected"].items() if k.startswith("store_images:"))
+    if options.store_images and not_stored and stats["images_retrieved"] == 0:
+        raise RunError(f"none of the {stats['images_valid']} valid image(s) could be stored ({not_stored} "
+                       f"dead-lettered reading them from --image-root {options.image_root}: check the folder and "
+                       f"how image ids name files, docs/corpus-format.md); {where}")
     if stats["images_retrieved"] == 0:
         raise RunError(f"none of the {stats['images_valid']} valid image(s) got a retrieval (no tags to query "
                        f"with, or an empty index); {where}")

@@ -23,6 +23,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.deadletter import REJECTED, Rejected, rejection, rejection_for
+from pipelines.images import STORED_IMAGE, stored_image
 from pipelines.io import region_order
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
@@ -221,8 +222,8 @@ class YoloDetector:
 
 
 class _DetectImage(beam.DoFn):
-    def __init__(self, options: DetectOptions):
-        self._options = options
+    def __init__(self, options: DetectOptions, store_image_size: int | None = None):
+        self._options, self._store_image_size = options, store_image_size
 
     def setup(self):
         start = time.perf_counter()
@@ -258,17 +259,21 @@ class _DetectImage(beam.DoFn):
             return
         beam.metrics.Metrics.counter("detect", "images").inc()
         beam.metrics.Metrics.counter("detect", "regions").inc(len(found["boxes"]))
+        if self._store_image_size:  # --store-images: the resized JPEG, from the pixels decoded here
+            found[STORED_IMAGE] = stored_image(image, self._store_image_size)
         yield {"image_id": image_id, **found}
 
 
 class DetectRegions(beam.PTransform):
     """(image_id, bytes, source) -> DoOutputsTuple: `.detections` (dicts with image_id, width,
     height, boxes, labels, scores, features float16 [n, 1280]) and `.rejected`. The detector
-    is loaded once per DoFn instance in setup()."""
+    is loaded once per DoFn instance in setup(). `store_image_size`: each detection also carries
+    its image stored at that size (pipelines.images.STORED_IMAGE; `--store-images`)."""
 
-    def __init__(self, options: DetectOptions = DetectOptions()):
+    def __init__(self, options: DetectOptions = DetectOptions(), store_image_size: int | None = None):
         super().__init__()
-        self._options = options
+        self._options, self._store_image_size = options, store_image_size
 
     def expand(self, images):
-        return images | "Detect" >> beam.ParDo(_DetectImage(self._options)).with_outputs(REJECTED, main=DETECTIONS)
+        return images | "Detect" >> beam.ParDo(_DetectImage(self._options, self._store_image_size)).with_outputs(
+            REJECTED, main=DETECTIONS)

@@ -10,6 +10,12 @@ one member name twice, a directory named like a tar) the one with the smallest s
 and each other one is dead-lettered with reason "duplicate image_id". Non-image members are
 skipped and counted, as are img2dataset's sidecar files beside plain images (.json, .txt, .parquet);
 other files and unreadable tars are dead-lettered.
+
+Stored images (`build-retrieval --store-images`): `stored_image` makes the bytes of a sample's
+`{key}.jpg` (schemas.corpus.encode_image) from the pixels the detector saw; with `--images` the
+detector's worker does so (pipelines.detect), with precomputed detections `ReadStoredImages` reads
+each image from `--image-root` by `image_root_candidates`. Only the resized JPEG travels on with
+the detection (STORED_IMAGE); the full-size pixels are dropped in the worker that decoded them.
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.deadletter import REJECTED, duplicate_rejection, rejection
+from pipelines.deadletter import REJECTED, duplicate_rejection, rejection, rejection_for
 from pipelines.io import MatchAll, split_patterns
+from schemas.corpus import encode_image, stored_image_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 TAR_EXTENSIONS = (".tar",)
@@ -137,3 +144,93 @@ class ReadImages(beam.PTransform):
                   | "KeepOnePerImageId" >> beam.FlatMap(_keep_one_per_image_id).with_outputs(REJECTED, main=IMAGES))
         rejected = (read[REJECTED], unique[REJECTED]) | "AllReadRejected" >> beam.Flatten()
         return ImagesRead(unique[IMAGES], rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored images
+
+STORED_IMAGE = "_image"  # (JPEG bytes, [w, h]) of the stored image: with a detection, then its sample, until written
+STORE_STAGE = "store_images"
+
+
+def stored_image(pixels, size: int) -> tuple[bytes, list[int]]:
+    """RGB uint8 [h, w, 3] as the detector saw it -> (the `{key}.jpg` bytes, their [w, h])."""
+    height, width = pixels.shape[:2]
+    return encode_image(pixels, size), list(stored_image_size(width, height, size))
+
+
+def image_root_candidates(root: str, image_id: str) -> list[str]:
+    """The files an image id may name under --image-root, tried in this order: ROOT/{image_id}
+    itself (ids from `vlp-data detect` and most JSONL are file names, 'a/x.jpg'), then with each
+    image extension appended (bare ids such as VinVL's '391895': ROOT/391895.jpg, .jpeg, .png,
+    .webp). ValueError for an id that could name a file outside ROOT (absolute, or a '..' part)."""
+    parts = image_id.split("/")
+    if image_id.startswith("/") or "://" in image_id or any(p in ("..", ".") for p in parts) or "\\" in image_id:
+        raise ValueError(f"image id {image_id!r} is not a plain relative path, so it names no file under --image-root")
+    base = posixpath.join(root, image_id)
+    return [base] + [base + ext for ext in IMAGE_EXTENSIONS]
+
+
+def aspect_matches(file_size: tuple[int, int], detection_size: tuple[int, int]) -> bool:
+    """Whether an image file of `file_size` (w, h) shows the image of `detection_size`, maybe
+    resized: the larger of the two, scaled to the smaller one's width (or else its height), has
+    the other side within a pixel of the smaller one's (a resize rounds each side). A rotated or
+    cropped file, or another image, fails (boxes map by the ratio of the sides)."""
+    (sw, sh), (bw, bh) = sorted([tuple(file_size), tuple(detection_size)], key=lambda wh: wh[0] * wh[1])
+    return abs(bh * sw / bw - sh) <= 1 or abs(bw * sh / bh - sw) <= 1
+
+
+class _ReadStoredImage(beam.DoFn):
+    """A detection -> the same with STORED_IMAGE, its image read from --image-root; a missing,
+    undecodable or mismatched image is dead-lettered (stage store_images) and the detection dropped."""
+
+    def __init__(self, root: str, size: int):
+        self._root, self._size = root.rstrip("/") or "/", size
+
+    def process(self, detection):
+        from pipelines.detect import decode_image  # not at the top: detect imports this module
+
+        image_id = detection["image_id"]
+        try:
+            candidates = image_root_candidates(self._root, image_id)
+        except ValueError as err:
+            yield rejection(STORE_STAGE, image_id, "image id is not a relative path", detail=str(err))
+            return
+        path = next((c for c in candidates if FileSystems.exists(c)), None)
+        if path is None:
+            beam.metrics.Metrics.counter(STORE_STAGE, "missing").inc()
+            hint = " (a tar member's id: build from the tars with --images instead)" if ".tar/" in image_id else ""
+            yield rejection(STORE_STAGE, image_id, "image file not found under --image-root",
+                            detail=f"tried {', '.join(candidates)}{hint}")
+            return
+        try:
+            with FileSystems.open(path) as f:
+                pixels = decode_image(f.read())
+        except (ValueError, OSError) as err:
+            beam.metrics.Metrics.counter(STORE_STAGE, "undecodable").inc()
+            yield rejection_for(STORE_STAGE, path, err, "undecodable image")
+            return
+        file_size = (pixels.shape[1], pixels.shape[0])
+        if not aspect_matches(file_size, (detection["width"], detection["height"])):
+            beam.metrics.Metrics.counter(STORE_STAGE, "aspect_differs").inc()
+            yield rejection(STORE_STAGE, path, "image aspect differs from the detection's width and height",
+                            detail=f"file {file_size[0]}x{file_size[1]}, detection of {image_id!r} "
+                                   f"{detection['width']}x{detection['height']}")
+            return
+        stored = stored_image(pixels, self._size)
+        del pixels  # only the resized JPEG travels on
+        beam.metrics.Metrics.counter(STORE_STAGE, "images").inc()
+        yield {**detection, STORED_IMAGE: stored}
+
+
+class ReadStoredImages(beam.PTransform):
+    """Detections -> DoOutputsTuple: the main output (default tag "ok") the detections with
+    STORED_IMAGE, their image read from `root` and stored at `size`; `[REJECTED]` the dead letters."""
+
+    def __init__(self, root: str, size: int):
+        super().__init__()
+        self._root, self._size = root, size
+
+    def expand(self, detections):
+        return detections | "ReadStoredImage" >> beam.ParDo(_ReadStoredImage(self._root, self._size)).with_outputs(
+            REJECTED, main="ok")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas.corpus import SPACY_MODEL
+from schemas.corpus import IMAGE_SIZE, SPACY_MODEL
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ class BuildOptions:
     images: str | None = None         # path/glob of images or WebDataset tars of images
     text: str | None = None           # path/glob of the text corpus (.txt, .txt.gz, .parquet)
     shards: bool = True               # write WebDataset shards (needs region features)
+    store_images: bool = False        # each shard sample also carries its image, `{key}.jpg` (schemas.corpus)
+    image_size: int = IMAGE_SIZE      # --store-images: longer side of the stored image (never enlarged)
+    image_root: str | None = None     # --store-images with --detections: the folder the images are read from
     text_options: TextOptions = field(default_factory=TextOptions)
     embed: EmbedOptions = field(default_factory=EmbedOptions)
     retrieve: RetrieveOptions = field(default_factory=RetrieveOptions)

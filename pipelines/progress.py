@@ -34,6 +34,8 @@ STAGES = (
     Stage("images read", ("read_images/images",)),
     # an image the detector rejects (undecodable, no region) is done with too
     Stage("images detected", ("detect/images", "rejected/detect:*"), ("read_images/images",)),
+    # --store-images with --detections: images read from --image-root (with --images, detect stores them)
+    Stage("images stored", ("store_images/images", "rejected/store_images:*")),
     Stage("records rejected", ("rejected/*",)),
     Stage("sentences read", ("read_text/sentences",)),
     Stage("texts embedded", ("embed/texts",)),
