@@ -23,14 +23,14 @@ from pipelines.embed import EmbedSentences
 from pipelines.images import STORED_IMAGE, ReadStoredImages
 from pipelines.io import BOXES_CLIPPED, REGIONS_DROPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
-from pipelines.retrieve import CollectCorpus, RetrieveTopK
+from pipelines.retrieve import RetrieveTopK, ShardCorpus
 from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
 from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key, write_bytes)
 
 log = logging.getLogger(__name__)
 
-CORPUS_SPILL = "_corpus"  # in the staging folder: the corpus vectors the retrieval workers read; never published
+CORPUS_SPILL = "_corpus"  # in the staging folder: the corpus shards (and index files) the search reads; never published
 PREVIOUS = ".previous"  # where a local publish parks the replaced entries until the swap is done
 # Marks a folder vlp-data writes into: a rerun may replace its entries there. A folder with other
 # files and no marker is the user's, and is written into only with --overwrite.
@@ -299,7 +299,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         detections = stored.ok
         rejected.append(stored[REJECTED])
 
-    # Text corpus -> sentences -> embeddings -> one Corpus side input
+    # Text corpus -> sentences -> embeddings -> corpus shards (their file names are the side input)
     corpus_read = p | "ReadCorpus" >> ReadCorpus(options.text, options.text_options)
     sentences = corpus_read["sentences"]
     rejected.append(corpus_read["rejected"])
@@ -308,8 +308,8 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
     corpus = (sentences
               | "KeyByIdText" >> beam.Map(lambda st: (st, st[1]))
               | "EmbedCorpus" >> EmbedSentences(options.embed)
-              # written once under the staging folder; only the file names travel to the workers
-              | "CollectCorpus" >> beam.CombineGlobally(CollectCorpus(spill_dir=posixpath.join(out, CORPUS_SPILL))))
+              # written in shards under the staging folder; only their file names travel to the workers
+              | "ShardCorpus" >> ShardCorpus(posixpath.join(out, CORPUS_SPILL), options.retrieve))
     _ = (sentences | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})
          | "WriteSentences" >> WriteTable(out, "sentences", schemas.SENTENCES, lambda r: r["sentence_id"],
                                           options.shard.table_rows_per_file))

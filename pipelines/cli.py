@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pipelines.io import check_patterns_match, is_local  # noqa: E402
 from schemas.corpus import IMAGE_SIZE, SPACY_MODEL  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
-from pipelines.options import (BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
+from pipelines.options import (INDEX_TYPES, BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
                                PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
 
 BEAM_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
@@ -69,10 +69,19 @@ def main(verbose: bool):
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
 @click.option("--batch-size", type=click.IntRange(1), help="Sentences per embedding batch [default: 256 on cpu, 1024 on cuda].")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where to embed and search.")
-@click.option("--index", "index_type", default="flat", show_default=True, type=click.Choice(["flat", "ivf"]),
-              help="flat: exact inner product; ivf: IndexIVFFlat for large corpora.")
-@click.option("--nlist", default=1024, show_default=True, type=click.IntRange(1), help="ivf: clusters.")
-@click.option("--nprobe", default=32, show_default=True, type=click.IntRange(1), help="ivf: clusters searched per query.")
+@click.option("--index", "index_type", default="flat", show_default=True, type=click.Choice(list(INDEX_TYPES)),
+              help="flat: exact inner product; ivf: IndexIVFFlat; ivfpq: IndexIVFPQ (compressed). ivf and ivfpq "
+                   "are trained once per run on a sample and memory-mapped by every search process; their "
+                   "candidates are re-scored exactly.")
+@click.option("--nlist", default=RetrieveOptions.nlist, show_default=True, type=click.IntRange(1), help="ivf, ivfpq: clusters.")
+@click.option("--nprobe", default=RetrieveOptions.nprobe, show_default=True, type=click.IntRange(1),
+              help="ivf, ivfpq: clusters searched per query.")
+@click.option("--pq-bytes", default=RetrieveOptions.pq_bytes, show_default=True, type=click.IntRange(1),
+              help="ivfpq: bytes per vector (8-bit sub-quantizers; must divide the embedding width).")
+@click.option("--index-train-rows", default=RetrieveOptions.train_rows, show_default=True, type=click.IntRange(1),
+              help="ivf, ivfpq: sentences in the training sample.")
+@click.option("--corpus-shard-rows", default=RetrieveOptions.corpus_shard_rows, show_default=True, type=click.IntRange(1),
+              help="The corpus is written and searched in shards of about this many sentences; a worker maps one at a time.")
 @click.option("--split-sentences", is_flag=True, help="Split book-like text (paragraphs) into sentences with spaCy.")
 @click.option("--max-chars", default=512, show_default=True, type=click.IntRange(1), help="Drop longer sentences (counted, dead-lettered).")
 @click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="At most this many regions per image, highest score first (the detector's, and precomputed --detections').")
@@ -96,7 +105,7 @@ def main(verbose: bool):
                                    "names DIR/{id}, else DIR/{id}.jpg/.jpeg/.png/.webp (local or gs://).")
 @click.pass_context
 def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, batch_size, device, index_type,
-                    nlist, nprobe, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
+                    nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
                     spacy_model, word_vectors, trust_pickled_vectors, link_threshold, samples_per_shard,
                     table_rows_per_file, no_shards, store_images, image_size, image_root):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
@@ -134,7 +143,8 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         store_images=store_images, image_size=image_size, image_root=image_root,
         text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
         embed=EmbedOptions(model=sbert_model, batch_size=batch_size or (1024 if device == "cuda" else 256), device=device),
-        retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device),
+        retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device, pq_bytes=pq_bytes,
+                                 train_rows=index_train_rows, corpus_shard_rows=corpus_shard_rows),
         detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
         phrases=PhraseOptions(spacy_model=spacy_model),
         link=LinkOptions(word_vectors=word_vectors, trust_pickle=trust_pickled_vectors, threshold=link_threshold),

@@ -22,12 +22,18 @@ class EmbedOptions:
     fp16: bool = True               # only on cuda
 
 
+INDEX_TYPES = ("flat", "ivf", "ivfpq")
+
+
 @dataclass(frozen=True)
 class RetrieveOptions:
     k: int = 5
-    index: str = "flat"             # flat (exact IndexFlatIP) | ivf (IndexIVFFlat, inner product)
-    nlist: int = 1024               # ivf: number of clusters (clamped to the corpus size)
-    nprobe: int = 32                # ivf: clusters searched per query
+    index: str = "flat"             # flat (exact) | ivf (IndexIVFFlat) | ivfpq (IndexIVFPQ); inner product
+    nlist: int = 1024               # ivf, ivfpq: number of clusters (clamped to the training sample)
+    nprobe: int = 32                # ivf, ivfpq: clusters searched per query
+    pq_bytes: int = 48              # ivfpq: bytes per vector (sub-quantizers of 8 bits; must divide the width)
+    train_rows: int = 65_536        # ivf, ivfpq: the training sample (sentences with the smallest id hashes)
+    corpus_shard_rows: int = 2_000_000  # the corpus is written and searched in ceil(N / this) shards
     device: str = "cpu"             # cuda: exact search on the GPU (faiss-gpu or torch matmul + topk)
     batch_size: int = 1024          # queries per search call
 

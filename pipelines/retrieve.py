@@ -1,15 +1,22 @@
-"""RetrieveTopK: top-K corpus sentences per query embedding, by cosine similarity.
+"""RetrieveTopK: top-K corpus sentences per query embedding, by cosine similarity, over a corpus
+split into shards that are searched where they lie.
 
-The corpus (ids, texts, normalised embeddings) is gathered by CollectCorpus, sorted by sentence
-id so index positions do not depend on how the corpus was read. With a spill folder (the
-pipeline's staging folder) it is written there once, as a float32 .npy and an Arrow file, and
-only their names travel as the side input: a side input of hundreds of MB is encoded, sized
-object by object by the runner's state cache, and decoded per worker, which cost more than the
-search itself (bench/pipeline.py, `overhead`). Workers memory-map the vectors, from a copy on
-the machine's disk where the folder is remote (one per machine, not per process). The index is
-built once per worker process (shared across its threads). Results do not depend on batch
-order: the searcher returns K + margin candidates, which are re-scored exactly and ordered by
-(score, sentence_id); see search.py.
+ShardCorpus cuts the embedded corpus into S = ceil(N / corpus_shard_rows) shards by a hash of
+the sentence id (`batching.group_of`, the same for any worker count); each shard is gathered on
+one worker (CollectCorpus, per key), sorted by sentence id, and written under the staging folder
+as a float32 .npy and an Arrow file (ids, texts). The corpus as a whole is never on one worker.
+Only the shards' file names travel as a side input: workers memory-map a shard's files, from a
+copy on the machine's disk where the folder is remote (one per machine, not per process).
+
+RetrieveTopK pairs every query batch with every shard (a cross product), searches each pair
+(a process maps one shard at a time), and merges the per-shard top-K of each query with a top-K
+combiner. Within a shard the searcher returns K + margin candidates, re-scored exactly and
+ordered by (score rounded to SCORE_DECIMALS, sentence_id) (search.py); the merge orders by the
+same key, so the result is the one of the whole corpus searched at once, with any S.
+
+--index ivf / ivfpq: the index is trained once per run, on one worker, on a sample of the corpus
+(TrainIndexOnce), written under staging, filled with each shard's vectors where that shard is
+written, and memory-mapped by every search process (faiss.IO_FLAG_MMAP).
 """
 from __future__ import annotations
 
@@ -22,9 +29,9 @@ import pickle
 import posixpath
 import shutil
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import apache_beam as beam
 import numpy as np
@@ -33,10 +40,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils.shared import Shared
 
+from pipelines.batching import group_of
 from pipelines.io import is_local
 from pipelines.metrics import add_stage_time
 from pipelines.options import RetrieveOptions
-from pipelines.search import Corpus, candidate_count, hits_of, make_searcher, rank_candidates
+from pipelines.search import (Corpus, candidates_for, hit_dict, hit_order, make_searcher, rank_candidates,
+                              train_index)
 from pipelines.shards import write_bytes, write_whole
 from pipelines.sharing import acquire_shared
 
@@ -62,10 +71,12 @@ beam.coders.registry.register_coder(Corpus, CorpusCoder)
 
 @dataclass(frozen=True)
 class CorpusFiles:
-    """A corpus written to `directory`: what reaches the workers instead of its vectors."""
+    """A corpus (shard) written to `directory`: what reaches the workers instead of its vectors.
+    `index_path`: its IVF / IVF-PQ index file, where --index is not flat."""
     directory: str
     fingerprint: str
     size: int
+    index_path: str | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -77,6 +88,29 @@ class CorpusFiles:
     @property
     def rows_path(self) -> str:
         return posixpath.join(self.directory, f"corpus-{self.fingerprint}.arrow")
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.vectors_path, self.rows_path] + ([self.index_path] if self.index_path else [])
+
+
+class ArrowStrings(Sequence):
+    """A string column of a memory-mapped Arrow file as a read-only sequence: a shard's ids and
+    texts are read where a hit needs them, not turned into millions of Python strings per process."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self._column = column.combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._column[i].to_pylist()
+        return self._column[int(i)].as_py()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
 
 
 SPILL_CHUNK_ROWS = 4096
@@ -117,45 +151,55 @@ CACHE_CHUNK_BYTES = 8 << 20  # a remote corpus file is copied this much at a tim
 
 
 def load_corpus(files: CorpusFiles) -> Corpus:
-    """The spilled corpus, its vectors memory-mapped (read-only). A remote folder (gs://) is first
-    copied to this machine once: Dataflow runs an SDK process per vCPU, and each would otherwise
-    hold its own copy of the vectors in memory."""
-    vectors_path, rows_path = files.vectors_path, files.rows_path
-    if not is_local(vectors_path):
-        vectors_path, rows_path = cache_locally(files)
+    """The spilled corpus, its vectors and rows memory-mapped (read-only). A remote folder (gs://)
+    is first copied to this machine once: Dataflow runs an SDK process per vCPU, and each would
+    otherwise hold its own copy of the vectors in memory."""
+    vectors_path, rows_path = local_paths(files)[:2]
     vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
     rows = pa.ipc.open_file(pa.memory_map(rows_path)).read_all()
     if len(rows) != files.size or len(vectors) != files.size:
         raise ValueError(f"corpus files {files.vectors_path} / {files.rows_path} hold {len(vectors)} vectors and "
                          f"{len(rows)} rows, expected {files.size}: written by another run?")
-    return Corpus(rows.column("sentence_id").to_pylist(), rows.column("text").to_pylist(), vectors, files.fingerprint)
+    return Corpus(ArrowStrings(rows.column("sentence_id")), ArrowStrings(rows.column("text")), vectors,
+                  files.fingerprint)
+
+
+def load_index(files: CorpusFiles):
+    """The shard's IVF / IVF-PQ index, memory-mapped: its inverted lists stay in the file (in the
+    page cache, shared by the machine's processes), not in each process's memory."""
+    import faiss
+    return faiss.read_index(local_paths(files)[2], faiss.IO_FLAG_MMAP)
+
+
+def local_paths(files: CorpusFiles) -> list[str]:
+    """The files' local paths: themselves where the folder is local, else this machine's copies."""
+    return files.paths if is_local(files.vectors_path) else cache_locally(files)
 
 
 def corpus_cache_dir(files: CorpusFiles) -> str:
     """This machine's cache folder for a remote corpus. The fingerprint covers only the sentence
     ids (another embedding model gives the same one), so the remote files' path, size and time
     are in the key too: a rewritten file is never served from a stale copy."""
-    remote = [files.vectors_path, files.rows_path]
     stamps = [(m.path, m.size_in_bytes, m.last_updated_in_seconds)
-              for result in FileSystems.match(remote) for m in result.metadata_list]
+              for result in FileSystems.match(files.paths) for m in result.metadata_list]
     source = hashlib.sha1(repr(stamps).encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "vlp-data-corpus", f"{files.fingerprint}-{source}")
 
 
-def cache_locally(files: CorpusFiles) -> tuple[str, str]:
-    """Local copies of the corpus files (vectors, rows), downloaded by one process of this machine
-    while the others wait on the folder's lock; a copy appears under its name only when complete."""
+def cache_locally(files: CorpusFiles) -> list[str]:
+    """Local copies of the corpus files (vectors, rows, index), downloaded by one process of this
+    machine while the others wait on the folder's lock; a copy appears under its name only when complete."""
     cache = corpus_cache_dir(files)
     os.makedirs(cache, exist_ok=True)
     local = []
     with open(os.path.join(cache, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        for remote in (files.vectors_path, files.rows_path):
+        for remote in files.paths:
             path = os.path.join(cache, posixpath.basename(remote))
             if not os.path.exists(path):
                 _download(remote, path)
             local.append(path)
-    return local[0], local[1]
+    return local
 
 
 def _download(remote: str, path: str) -> None:
@@ -225,52 +269,187 @@ def _stack_queries(batch) -> tuple[list, np.ndarray]:
     return [key for key, _ in batch], np.stack([np.asarray(vector, dtype=np.float32) for _, vector in batch])
 
 
-class _SearchBatch(beam.DoFn):
+# ---------------------------------------------------------------------------------------------
+# The corpus in shards, and the index trained once
+
+
+def corpus_shard_of(sentence_id: str, corpus_size: int, shard_rows: int) -> int:
+    """A sentence's shard among ceil(corpus_size / shard_rows): a hash of its id, so the same in
+    every run and with any number of workers."""
+    return group_of(sentence_id, corpus_size, shard_rows)
+
+
+def training_rank(sentence_id: str) -> str:
+    """The training sample is the `train_rows` sentences of smallest rank: a hash of the id, so
+    the sample (and the trained index) is the same in every run and with any number of workers."""
+    return hashlib.sha1(f"train:{sentence_id}".encode("utf-8")).hexdigest()
+
+
+INDEX_CHUNK_ROWS = 65_536  # vectors added to an index at a time (its assignment step's memory)
+
+
+def _write_index(index, path: str) -> None:
+    """faiss writes to a local file; it is then copied into place (any filesystem Beam knows)."""
+    import faiss
+    fd, local = tempfile.mkstemp(suffix=".faiss")
+    os.close(fd)
+    try:
+        faiss.write_index(index, local)
+        with open(local, "rb") as source:
+            write_whole(path, lambda f: shutil.copyfileobj(source, f, CACHE_CHUNK_BYTES))
+    finally:
+        os.remove(local)
+
+
+def _read_index_bytes(path: str):
+    import faiss
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+
+
+def _options_tag(options: RetrieveOptions) -> str:
+    return hashlib.sha1(repr((options.index, options.nlist, options.pq_bytes, options.train_rows)).encode()).hexdigest()[:12]
+
+
+def train_once(sample: list, directory: str, options: RetrieveOptions) -> str:
+    """[(rank, vector)] (the training sample, in rank order) -> the path of the trained, empty index."""
+    start = time.perf_counter()
+    vectors = np.stack([np.asarray(v, dtype=np.float32) for _, v in sample])
+    index = train_index(vectors, options)
+    digest = hashlib.sha1("\n".join(rank for rank, _ in sample).encode()).hexdigest()[:16]
+    path = posixpath.join(directory, f"trained-{options.index}-{_options_tag(options)}-{digest}.faiss")
+    _write_index(index, path)
+    beam.metrics.Metrics.counter("retrieve", "index_trainings").inc()
+    add_stage_time("index", start)
+    log.info("trained a %s index on %d sentences in %.1fs", options.index, len(vectors), time.perf_counter() - start)
+    return path
+
+
+def add_shard_to_index(files: CorpusFiles, trained_path: str) -> CorpusFiles:
+    """Fill a copy of the trained index with one shard's vectors (in id order, so index row i is
+    the shard's row i) and write it beside the shard."""
+    start = time.perf_counter()
+    index = _read_index_bytes(trained_path)
+    vectors = load_corpus(files).vectors
+    for row in range(0, len(vectors), INDEX_CHUNK_ROWS):
+        index.add(np.ascontiguousarray(vectors[row:row + INDEX_CHUNK_ROWS], dtype=np.float32))
+    trained = posixpath.basename(trained_path)[len("trained-"):-len(".faiss")]
+    path = posixpath.join(files.directory, f"index-{files.fingerprint}-{trained}.faiss")
+    _write_index(index, path)
+    add_stage_time("index", start)
+    beam.metrics.Metrics.counter("retrieve", "shards_indexed").inc()
+    return replace(files, index_path=path)
+
+
+class TrainIndexOnce(beam.PTransform):
+    """((sentence_id, text), vector) -> a singleton: the path of an IVF / IVF-PQ index trained on
+    the `train_rows` sentences of smallest `training_rank`, on one worker, once per run."""
+
+    def __init__(self, directory: str, options: RetrieveOptions):
+        super().__init__()
+        self._directory, self._options = directory, options
+
+    def expand(self, rows):
+        directory, options = self._directory, self._options
+        return (rows
+                | "TrainingRank" >> beam.Map(lambda row: (training_rank(row[0][0]), row[1]))
+                # a combiner: each worker keeps its smallest ranks, one worker merges them
+                | "TrainingSample" >> beam.combiners.Top.Of(options.train_rows, key=lambda e: e[0], reverse=True)
+                | "Train" >> beam.Map(train_once, directory, options))
+
+
+class ShardCorpus(beam.PTransform):
+    """((sentence_id, text), vector) -> one CorpusFiles per corpus shard, written under `directory`
+    (and, unless the index is flat, with its index file). No worker holds more than one shard."""
+
+    def __init__(self, directory: str, options: RetrieveOptions = RetrieveOptions()):
+        super().__init__()
+        self._directory, self._options = directory, options
+
+    def expand(self, rows):
+        shard_rows = self._options.corpus_shard_rows
+        count = rows | "CountCorpus" >> beam.combiners.Count.Globally()
+        shards = (rows
+                  | "KeyByShard" >> beam.Map(lambda row, n: (corpus_shard_of(row[0][0], n, shard_rows), row),
+                                             n=beam.pvalue.AsSingleton(count))
+                  | "CollectShard" >> beam.CombinePerKey(CollectCorpus(spill_dir=self._directory))
+                  | "ShardFiles" >> beam.Values())
+        if self._options.index == "flat":
+            return shards
+        trained = rows | "TrainIndexOnce" >> TrainIndexOnce(self._directory, self._options)
+        return shards | "IndexShard" >> beam.Map(add_shard_to_index, trained_path=beam.pvalue.AsSingleton(trained))
+
+
+# ---------------------------------------------------------------------------------------------
+# Search: query batches x corpus shards, merged per query
+
+
+def _load_searcher(corpus: Corpus | CorpusFiles, options: RetrieveOptions):
+    start = time.perf_counter()
+    if isinstance(corpus, CorpusFiles):
+        loaded = load_corpus(corpus)
+        index = load_index(corpus) if corpus.index_path else None
+    else:
+        loaded, index = corpus, None
+    searcher = make_searcher(loaded, options, index)
+    log.info("loaded a %s searcher over %d sentences in %.1fs", options.index, len(loaded), time.perf_counter() - start)
+    return loaded, searcher
+
+
+class _SearchShard(beam.DoFn):
+    """(corpus shard, (keys, queries)) -> (key, (score, sentence_id, text)) per candidate of the
+    shard's exact top-K. One shard per worker process at a time, shared by its threads."""
+
     def __init__(self, options: RetrieveOptions):
         self._options = options
         self._shared = Shared()
-        self._loaded = None  # (corpus, searcher) of this process
-        self._loaded_for = None
-        self._lock = threading.Lock()
 
-    def _corpus_and_searcher(self, corpus: Corpus | CorpusFiles):
-        with self._lock:
-            if self._loaded_for != corpus.fingerprint:
-                def build():
-                    start = time.perf_counter()
-                    loaded = load_corpus(corpus) if isinstance(corpus, CorpusFiles) else corpus
-                    searcher = make_searcher(loaded, self._options)
-                    log.info("built %s index over %d sentences in %.1fs", self._options.index, len(loaded),
-                             time.perf_counter() - start)
-                    return loaded, searcher
-
-                self._loaded = acquire_shared(self._shared, build, tag=f"{corpus.fingerprint}:{self._options}")
-                self._loaded_for = corpus.fingerprint
-            return self._loaded
-
-    def process(self, batch, corpus: Corpus | CorpusFiles):
-        keys, queries = batch
-        if len(corpus) == 0:
-            beam.metrics.Metrics.counter("retrieve", "queries_without_corpus").inc(len(keys))
+    def process(self, element):
+        shard, (keys, queries) = element
+        if len(shard) == 0:
             return
         start = time.perf_counter()
-        corpus, searcher = self._corpus_and_searcher(corpus)
+        # a new tag drops the process's previous shard: one mapped at a time
+        corpus, searcher = acquire_shared(self._shared, lambda: _load_searcher(shard, self._options),
+                                          tag=f"{shard.fingerprint}:{getattr(shard, 'index_path', None)}:{self._options}")
         if hasattr(searcher, "search_ranked"):
             indices, scores = searcher.search_ranked(queries, self._options.k)
         else:
-            candidates = searcher.search(queries, candidate_count(self._options.k, len(corpus)))
+            candidates = searcher.search(queries, candidates_for(self._options, len(corpus)))
             indices, scores = rank_candidates(queries, candidates, corpus, self._options.k)
-        results = [(key, hits_of(query_indices, query_scores, corpus))
-                   for key, query_indices, query_scores in zip(keys, indices, scores)]
+        results = [(key, (float(score), corpus.ids[i], corpus.texts[i]))
+                   for key, query_indices, query_scores in zip(keys, indices, scores)
+                   for i, score in zip(query_indices, query_scores) if i < len(corpus)]
         add_stage_time("retrieve", start)  # before yielding: downstream work is not this stage's
-        beam.metrics.Metrics.counter("retrieve", "queries").inc(len(keys))
+        beam.metrics.Metrics.counter("retrieve", "shard_searches").inc(len(keys))
         yield from results
+
+
+def _pair_with_shards(batch, shards):
+    """A query batch once per corpus shard (in a fixed order); none, counted, without a corpus."""
+    shards = [s for s in shards if len(s)]
+    if not shards:
+        beam.metrics.Metrics.counter("retrieve", "queries_without_corpus").inc(len(batch[0]))
+    beam.metrics.Metrics.counter("retrieve", "queries").inc(len(batch[0]) if shards else 0)
+    for shard in sorted(shards, key=lambda s: s.fingerprint):
+        yield shard, batch
+
+
+def _candidate_order(candidate) -> tuple:
+    score, sentence_id, _ = candidate
+    return hit_order(score, sentence_id)
+
+
+def _ranked_hits(element):
+    key, candidates = element  # best first (Top with reverse=True: smallest order key first)
+    return key, [hit_dict(rank, sentence_id, text, score) for rank, (score, sentence_id, text) in enumerate(candidates)]
 
 
 class RetrieveTopK(beam.PTransform):
     """(query_key, embedding) -> (query_key, [{rank, sentence_id, sentence, score}] * K).
 
-    `corpus` is a singleton PCollection of Corpus or CorpusFiles (from CollectCorpus)."""
+    `corpus` is a PCollection of corpus shards, Corpus or CorpusFiles (ShardCorpus; or a single
+    CollectCorpus output)."""
 
     def __init__(self, corpus, options: RetrieveOptions = RetrieveOptions()):
         super().__init__()
@@ -286,4 +465,10 @@ class RetrieveTopK(beam.PTransform):
                 # Search waits for the corpus, so its input is materialised: one array per batch
                 # crosses that boundary, not a pickled array per query.
                 | "StackQueries" >> beam.Map(_stack_queries)
-                | "Search" >> beam.ParDo(_SearchBatch(self._options), corpus=beam.pvalue.AsSingleton(self._corpus)))
+                | "PairWithShards" >> beam.FlatMap(_pair_with_shards, shards=beam.pvalue.AsList(self._corpus))
+                # the S searches of one batch go to any workers, not one after another on this one
+                | "SpreadPairs" >> beam.Reshuffle()
+                | "SearchShard" >> beam.ParDo(_SearchShard(self._options))
+                # the K best of every shard's K best: the K best of the whole corpus
+                | "MergeShards" >> beam.combiners.Top.PerKey(self._options.k, key=_candidate_order, reverse=True)
+                | "RankHits" >> beam.Map(_ranked_hits))

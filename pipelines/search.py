@@ -45,11 +45,54 @@ def candidate_count(k: int, corpus_size: int) -> int:
 # Searchers: search(queries [q, d] float32, m) -> candidate indices [q, m] (may contain -1)
 
 
+PQ_CANDIDATES = 4  # ivfpq: its codes only approximate a score, so 4 x the candidates are re-scored exactly
+
+
+def candidates_for(options: RetrieveOptions, corpus_size: int) -> int:
+    """How many candidates the searcher returns per query for exact re-scoring."""
+    m = candidate_count(options.k, corpus_size)
+    return min(corpus_size, m * PQ_CANDIDATES) if options.index == "ivfpq" else m
+
+
+def train_index(sample: np.ndarray, options: RetrieveOptions):
+    """An empty IndexIVFFlat or IndexIVFPQ (inner product), trained on `sample` [n, dim].
+
+    Trained once per run (retrieve.TrainIndexOnce) and then filled per corpus shard. FAISS's
+    k-means has a fixed seed, so the same sample gives the same index."""
+    import faiss
+
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    n, dim = sample.shape
+    # faiss wants ~39 training points per centroid; clamp for small corpora.
+    nlist = max(1, min(options.nlist, n // 39 or 1))
+    if nlist != options.nlist:
+        log.warning("%s: nlist %d clamped to %d for a training sample of %d sentences", options.index, options.nlist,
+                    nlist, n)
+    quantizer = faiss.IndexFlatIP(dim)
+    if options.index == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    elif options.index == "ivfpq":
+        if options.pq_bytes < 1 or dim % options.pq_bytes:
+            raise ValueError(f"--pq-bytes {options.pq_bytes} must divide the embedding width {dim} "
+                             f"(e.g. {', '.join(str(b) for b in (16, 32, 48, 64, 96) if dim % b == 0) or 'a divisor'})")
+        bits = max(1, min(8, int(np.log2(max(2, n)))))  # a sub-quantizer's k-means needs 2**bits points
+        if bits != 8:
+            log.warning("ivfpq: %d-bit codes for a training sample of %d sentences (8 bits need 256)", bits, n)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, options.pq_bytes, bits, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown index type {options.index!r} (flat, ivf or ivfpq)")
+    index.train(sample)
+    index.nprobe = min(options.nprobe, nlist)
+    return index
+
+
 class FaissSearcher:
-    """Exact IndexFlatIP, or IndexIVFFlat (inner product) for large corpora; on the GPU when
+    """Exact search (faiss.knn over the vectors in place), or an IVF / IVF-PQ index: the one
+    given (trained once per run and memory-mapped from its file, see retrieve.py), else one
+    trained here on the vectors themselves (direct use, outside the pipeline). On the GPU when
     faiss-gpu is importable and --device cuda."""
 
-    def __init__(self, vectors: np.ndarray, options: RetrieveOptions):
+    def __init__(self, vectors: np.ndarray, options: RetrieveOptions, index=None):
         import faiss
 
         dim = vectors.shape[1]
@@ -64,21 +107,15 @@ class FaissSearcher:
             return
         if options.index == "flat":
             index = faiss.IndexFlatIP(dim)
-        elif options.index == "ivf":
-            # faiss wants ~39 training points per centroid; clamp for small corpora.
-            nlist = max(1, min(options.nlist, len(vectors) // 39 or 1))
-            if nlist != options.nlist:
-                log.warning("ivf: nlist %d clamped to %d for a corpus of %d sentences", options.nlist, nlist, len(vectors))
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(vectors)  # faiss k-means has a fixed seed: deterministic for the same input
-            index.nprobe = min(options.nprobe, nlist)
+            index.add(vectors)
+        elif index is None:
+            index = train_index(vectors, options)
+            index.add(vectors)
         else:
-            raise ValueError(f"unknown index type {options.index!r} (flat or ivf)")
+            faiss.extract_index_ivf(index).nprobe = min(options.nprobe, faiss.extract_index_ivf(index).nlist)
         if on_gpu:
             self._gpu_resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
-        index.add(vectors)
         self._index = index
 
     def search(self, queries: np.ndarray, m: int) -> np.ndarray:
@@ -251,10 +288,10 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def make_searcher(corpus: Corpus, options: RetrieveOptions):
+def make_searcher(corpus: Corpus, options: RetrieveOptions, index=None):
     if options.device.startswith("cuda") and options.index == "flat" and not faiss_gpu_available():
         return TorchExactSearcher(corpus.vectors, options.device)
-    return FaissSearcher(corpus.vectors, options)
+    return FaissSearcher(corpus.vectors, options, index)
 
 
 def rank_candidates(queries: np.ndarray, candidates: np.ndarray, corpus: Corpus, k: int):
@@ -276,7 +313,19 @@ def rank_candidates(queries: np.ndarray, candidates: np.ndarray, corpus: Corpus,
     return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
 
 
+def hit_order(score: float, sentence_id: str) -> tuple:
+    """The order of hits, best first: score rounded to SCORE_DECIMALS (descending), then
+    sentence_id. The order `rank_candidates` gives within one corpus (shard), whose rows are in
+    id order; merging shards by it gives the order of the whole corpus searched at once."""
+    return -float(np.round(np.float64(score), SCORE_DECIMALS)), sentence_id
+
+
+def hit_dict(rank: int, sentence_id: str, text: str, score: float) -> dict:
+    """One hit as the pipeline passes it on (the score as float32, as the retrievals table stores it)."""
+    return {"rank": rank, "sentence_id": sentence_id, "sentence": text, "score": float(np.float32(score))}
+
+
 def hits_of(indices: np.ndarray, scores: np.ndarray, corpus: Corpus) -> list[dict]:
     """One query's ranked rows."""
-    return [{"rank": rank, "sentence_id": corpus.ids[i], "sentence": corpus.texts[i], "score": float(np.float32(score))}
+    return [hit_dict(rank, corpus.ids[i], corpus.texts[i], score)
             for rank, (i, score) in enumerate(zip(indices, scores)) if i < len(corpus)]

@@ -107,6 +107,11 @@ def test_same_output_with_two_workers_and_on_rerun(inputs, tmp_path):
                    "--direct_running_mode=multi_processing")
     assert result.exit_code == 0, result.output
     assert file_bytes(two) == first
+    # the corpus in 7 shards (66 sentences, 10 a shard), searched shard by shard and merged
+    sharded = tmp_path / "sharded"
+    result = build(dets, text, sharded, "--batch-size", "4", "--corpus-shard-rows", "10")
+    assert result.exit_code == 0, result.output
+    assert file_bytes(sharded) == first
 
 
 def test_empty_corpus_fails_clearly_and_keeps_the_previous_output(inputs, tmp_path):
@@ -148,7 +153,8 @@ def test_dataflow_dry_run_builds_offline(inputs, tmp_path):
 
 
 def test_ivf_index_and_a_given_sbert_folder(inputs, tmp_path):
-    """--index ivf probing every list is exact; --sbert-model takes a sentence-transformers folder."""
+    """--index ivf probing every list is exact (so is ivfpq here: every candidate re-scored);
+    --sbert-model takes a sentence-transformers folder."""
     from pipelines.encoding import default_sbert_path
     dets, text = inputs
     out = tmp_path / "ivf"
@@ -157,5 +163,10 @@ def test_ivf_index_and_a_given_sbert_folder(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     best = {r["image_id"]: r["sentence"] for r in rows(out, "retrievals", schemas.RETRIEVALS) if r["rank"] == 0}
     assert best["living-room.jpg"] == SOFA_SENTENCES[0] and best["road.jpg"] == SOFA_SENTENCES[4]
+    pq = tmp_path / "ivfpq"
+    result = build(dets, text, pq, "--index", "ivfpq", "--pq-bytes", "8", "--corpus-shard-rows", "2", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert rows(pq, "retrievals", schemas.RETRIEVALS) == rows(out, "retrievals", schemas.RETRIEVALS)
+    assert not (pq / ".staging").exists()  # the shards and index files were staging's, never published
     missing = build(dets, text, tmp_path / "x", "--sbert-model", str(tmp_path / "no-such-model"))
     assert missing.exit_code != 0 and "no-such-model" in missing.output
