@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python bench/loader_parts.py
 	$(BIN)/python bench/compile.py
 	$(BIN)/python bench/shard_keys.py
+	$(BIN)/python bench/store_images.py
 
 clean:
 	rm -rf vlp-out vlp-run .pytest_cache
