@@ -189,16 +189,18 @@ def read_weights(folder: str) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def load_bert_init(backbone: BertBackbone, mlm_transform: HeadTransform, mlm_bias: nn.Parameter, folder: str) -> bool:
+def load_bert_init(backbone: BertBackbone, mlm_transform: HeadTransform, mlm_bias: nn.Parameter, folder: str,
+                   new: tuple[str, ...] = ()) -> bool:
     """Load a HF BERT folder into the backbone, and BERT's pre-trained MLM head (transform and
     bias; the decoder is tied to the word embeddings) when the folder has one
-    (`cls.predictions.*`, as bert-base-uncased from BertForPreTraining). True when the head was there."""
+    (`cls.predictions.*`, as bert-base-uncased from BertForPreTraining). True when the head was there.
+    `new`: name parts of backbone weights BERT has not (e.g. vlmae's `crossattention`): they start random."""
     weights = read_weights(folder)
     prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
     backbone_weights = {k[len(prefix):]: v for k, v in weights.items()
                         if k.startswith(prefix) and not k[len(prefix):].startswith(("pooler.", "cls."))}
     missing, _ = backbone.load_state_dict(backbone_weights, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
+    missing = [k for k in missing if not k.endswith("position_ids") and not any(part in k for part in new)]
     if missing:
         raise RuntimeError(f"model.init {folder} lacks backbone weights: {missing[:5]}")
     head = {k[len("cls.predictions."):]: v for k, v in weights.items() if k.startswith("cls.predictions.")}

@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from vlp_train.config import PRESETS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,8 +25,7 @@ def main(verbose: bool):
 @main.command("run")
 @click.option("--shards", default=None, help="Shards: glob, comma list or brace pattern [default: vlp-out/shards/*.tar].")
 @click.option("--output", default="vlp-run", show_default=True, help="Run folder: logs, checkpoints, hf/ export.")
-@click.option("--config", "preset", default="debug", show_default=True,
-              type=click.Choice(["debug", "base", "vlmo-debug", "vlmo-base", "vlmo-large"]))
+@click.option("--config", "preset", default="debug", show_default=True, type=click.Choice(sorted(PRESETS)))
 @click.option("--init", default=None, help="Start from: a run folder or its hf/ export (the whole model), a HF BERT "
               "folder (the backbone), or 'random' (model.init).")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set optim.lr=6e-5 (repeatable).")

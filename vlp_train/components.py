@@ -79,7 +79,8 @@ def build_run(cfg: TrainConfig) -> Run:
     feature_dim = cfg.model.feature_dim or first_feature_dim(urls)
     scope = compile_scope(cfg, device)
     builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
-                           cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step", feature_dim=feature_dim)
+                           cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step", feature_dim=feature_dim,
+                           views=family.views(cfg) if family.views else None)
     dataset = CorpusStream(urls, builder, batch_size, tasks, cfg.objectives.schedule, cfg.data.shuffle_buffer,
                            cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
     shard_samples = samples_per_shard(urls, cfg.data.manifest)
@@ -181,6 +182,8 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 def make_optimizer(model: nn.Module, cfg, device: torch.device):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # e.g. a momentum (EMA) copy: updated by the model, not the optimizer
+            continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused on every device: it can skip a non-finite step on the device (`found_inf`, train.optimizer_step)

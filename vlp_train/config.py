@@ -35,6 +35,16 @@ class ModelConfig:
     # pre-training stage (vision: images alone; language: text alone; vl: image-text pairs)
     vl_layers: int = 2
     stage: str = "vl"
+    # vlmae (vlp_train/families/vlmae.py): the image encoder sees (1 - mask_ratio) of the image's
+    # patches or regions; the top fusion_layers BERT layers (0: half) cross-attend to the image
+    mask_ratio: float = 0.5
+    fusion_layers: int = 0
+    vision_layers: int = 0           # vlmae image encoder (ViT): 0 = as the text model
+    vision_hidden: int = 0
+    vision_heads: int = 0
+    decoder_layers: int = 4          # vlmae image decoder (the paper's 4 x 512)
+    decoder_hidden: int = 512
+    decoder_heads: int = 8
 
 
 @dataclass
@@ -69,6 +79,12 @@ class ObjectiveConfig:
     rt_masking: str = "both"         # both: tags and regions of every sample (the paper); one: one modality a sample
     vlmo: bool = False               # VLMo's image-text task (arch vlmo): ITC + ITM with global hard negatives + MLM
     weight_vlmo: bool = False        # the curriculum's w_ITM also weights VLMo's task, from epoch itm_weight_from_epoch
+    # vlmae: EMA of the momentum encoders, ALBEF's distillation share of the ITC targets, RMIM's
+    # per-patch (per-region) normalised targets and its optional link-similarity weights
+    momentum: float = 0.995
+    distill_alpha: float = 0.4
+    rmim_norm: bool = True
+    rmim_link_weight: bool = False
 
 
 @dataclass
@@ -316,3 +332,49 @@ def per_rank_batch(data, optim, world: int) -> tuple[int, int]:
 
 def dumps(cfg: TrainConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=1, sort_keys=True)
+
+
+# -- VLMAE (model.arch=vlmae, vlp_train/families/vlmae.py) ---------------------------------------
+
+_RANGES.update({
+    "model.mask_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "model.fusion_layers": (lambda v: v >= 0, ">= 0 (0: half)"),
+    "model.vision_layers": (lambda v: v >= 0, ">= 0"), "model.vision_hidden": (lambda v: v >= 0, ">= 0"),
+    "model.vision_heads": (lambda v: v >= 0, ">= 0"), "model.decoder_layers": (lambda v: v >= 1, ">= 1"),
+    "model.decoder_hidden": (lambda v: v >= 1, ">= 1"), "model.decoder_heads": (lambda v: v >= 1, ">= 1"),
+    "objectives.momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "objectives.distill_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+})
+
+
+def _vlmae(cfg: TrainConfig) -> TrainConfig:
+    """VLMAE's own objectives on the retrieved pair (the image-sentence task: RMIM, IFR, ITC, ITM,
+    MLM), the μ-VLA granularities and curriculum weight off (switch them on by config)."""
+    cfg.model.arch = "vlmae"
+    cfg.objectives.region_tag = cfg.objectives.region_phrase = False
+    cfg.objectives.itm_weighting = False
+    return cfg
+
+
+def vlmae_debug() -> TrainConfig:
+    """VLMAE on the bundled MiniLM (3 text + 3 fusion layers, 384 wide), a 2-layer image encoder of
+    the same width, a 2 x 128 decoder: minutes on 2 CPU cores."""
+    cfg = _vlmae(debug())
+    cfg.model.vision_layers, cfg.model.vision_hidden, cfg.model.vision_heads = 2, 384, 6
+    cfg.model.decoder_layers, cfg.model.decoder_hidden, cfg.model.decoder_heads = 2, 128, 4
+    return cfg
+
+
+def vlmae_base() -> TrainConfig:
+    """The paper's VLMAE: BERT-base (6 text + 6 fusion layers; model.init a bert-base-uncased folder,
+    or "random"), a 12 x 768 image encoder (ViT-B/16 shape), the 4 x 512 decoder, mask ratio 0.5,
+    momentum 0.995, distillation alpha 0.4; a global batch of 512, lr 1e-4, weight decay 0.02,
+    30 epochs."""
+    cfg = _vlmae(base())
+    cfg.model.vision_layers, cfg.model.vision_hidden, cfg.model.vision_heads = 12, 768, 12
+    cfg.model.decoder_layers, cfg.model.decoder_hidden, cfg.model.decoder_heads = 4, 512, 8
+    cfg.data.global_batch_size = cfg.data.batch_size = 512
+    cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs = 1e-4, 0.02, 30
+    return cfg
+
+
+PRESETS.update({"vlmae-debug": vlmae_debug, "vlmae-base": vlmae_base})

@@ -125,10 +125,13 @@ def _configured_backend(tokenizer, max_length: int):
 
 class BatchBuilder:
     def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives,
-                 pad_regions: bool = False, feature_dim: int | None = None):
+                 pad_regions: bool = False, feature_dim: int | None = None, views: dict | None = None):
         """`pad_regions`: every batch has `max_regions` region slots (padding masked out), not the
         most of its images; a step compiled whole then sees one region count (compile.CompiledStep).
-        `feature_dim`: the model's region feature size (the loader skips samples of another)."""
+        `feature_dim`: the model's region feature size (the loader skips samples of another).
+        `views`: {task: fn(builder, samples, sentences, rng) -> view}, a family's own view of a task
+        (families.Family.views) in place of the one built here."""
+        self.views = dict(views or {})
         self.feature_dim = feature_dim
         self.tok = tokenizer
         self.tag_index = tag_index
@@ -358,6 +361,9 @@ class BatchBuilder:
         sentences = [rng.choice(s["meta"]["sentences"]) for s in samples]
         views = {}
         for task in map(Task, tasks):
+            if task in self.views:
+                views[task] = self.views[task](self, samples, sentences, rng)
+                continue
             if task is Task.IMAGE_TEXT:
                 views[task] = self.image_text(samples, sentences, rng)
                 continue

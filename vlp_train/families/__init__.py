@@ -23,6 +23,9 @@ class Family:
     # the μ-VLA curriculum's per-sample weight: fn(model, view) -> [B] detached match probability
     # of each sample's clean pair; None when the family has no ITM head
     match_probability: Callable | None = None
+    # views of its own for some tasks, built in the loader: fn(cfg) -> {task: fn(builder, samples,
+    # sentences, rng) -> view}, replacing BatchBuilder's view of that task; None: BatchBuilder's
+    views: Callable | None = None
 
     @property
     def tasks(self) -> tuple[Task, ...]:
@@ -47,6 +50,7 @@ def family_of(name: str) -> Family:
 
 from vlp_train.families import single_stream  # noqa: E402,F401  (registers itself)
 from vlp_train.families import vlmo  # noqa: E402,F401  (registers itself)
+from vlp_train.families import vlmae  # noqa: E402,F401  (registers itself)
 
 
 def build_model(cfg_model, feature_dim: int, tags: list[str]):

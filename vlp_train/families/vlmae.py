@@ -1,0 +1,607 @@
+"""VLMAE (`model.arch=vlmae`): the Vision-Language Masked AutoEncoder, on our corpus.
+
+An ALBEF-shaped model (the paper's Sec. 3 and Table 9):
+- image encoder: a ViT (pre-norm blocks, timm's parameter names) over [I_CLS] + the image's
+  *visible* elements only: MAE's per-sample random masking hides `model.mask_ratio` of them
+  (0.5 the paper's choice, 0.75 available). The elements are region features (this corpus's
+  shards: `Linear(feature) + Linear(box)`, the region-feature variant) or 16x16 patches;
+- text encoder: the first BERT layers; fusion learner: the top `model.fusion_layers` BERT layers
+  (0: half of them; BERT-base 6 + 6 as the paper, the bundled 6-layer MiniLM 3 + 3), each with a
+  cross-attention to the image states after its self-attention (HF's `crossattention` names);
+- image decoder (`model.decoder_layers` x `model.decoder_hidden`, the paper's 4 x 512): over the
+  visible image states with a mask token at each hidden element (plus its position: the box for a
+  region) and the text encoder's states, predicting each hidden element (its features or pixels);
+- momentum (EMA, `objectives.momentum`) copies of the image encoder, the text encoder and the two
+  contrast projections: no gradient, updated at the start of every training forward (as ALBEF).
+
+The pair objectives (`Task.IMAGE_SENTENCE` here: the retrieved sentence and its image), named
+per-sample losses: `rmim`, `ifr`, `itc`, `itm`, `mlm` (docs/trainer.md, "VLMAE"). The μ-VLA
+granularities (region-tag, region-phrase) run on the fusion learner through `forward`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp_train import pretrained
+from vlp_train.backbone import BertBackbone, BertLayer, HeadTransform, _Attention, bert_config, call_layer, \
+    load_bert_init
+from vlp_train.families import Family, register
+from vlp_train.objectives.region_phrase import region_phrase_losses
+from vlp_train.objectives.region_tag import region_tag_losses
+from vlp_train.tasks import IGNORE, Task
+
+log = logging.getLogger(__name__)
+
+ARCH = "vlmae"
+PAIR_TASK = Task.IMAGE_SENTENCE  # the task whose view and objectives are VLMAE's own
+VIT_EPS = 1e-6
+
+
+# -- the blocks --------------------------------------------------------------------------------
+
+class _Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+
+class _ViTAttention(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+
+class ViTBlock(nn.Module):
+    """A pre-norm transformer block with timm's names (`norm1`, `attn.qkv`, `attn.proj`, `norm2`,
+    `mlp.fc1`, `mlp.fc2`), so a ViT's blocks load by name; attention by SDPA with a padding mask."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=VIT_EPS)
+        self.attn = _ViTAttention(width)
+        self.norm2 = nn.LayerNorm(width, eps=VIT_EPS)
+        self.mlp = _Mlp(width, mlp_ratio * width)
+
+    def forward(self, x, attn_mask):
+        b, n, d = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + self.attn.proj(ctx.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+def _attend(attention: _Attention, heads: int, x, context, mask, dropout: float, training: bool):
+    """BERT's post-norm attention sub-layer: x attends to `context` (itself for self-attention)."""
+    b, n, d = x.shape
+    a = attention.self
+    q = a.query(x).view(b, n, heads, d // heads).transpose(1, 2)
+    k, v = (lin(context).view(b, context.shape[1], heads, d // heads).transpose(1, 2) for lin in (a.key, a.value))
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0)
+    out = attention.output
+    return out.LayerNorm(x + F.dropout(out.dense(ctx.transpose(1, 2).reshape(b, n, d)), dropout, training))
+
+
+class FusionLayer(BertLayer):
+    """A BERT layer with a cross-attention to the image states between its self-attention and its
+    FFN (HF BertLayer's `crossattention`, as ALBEF's fusion layers); key/value take the image width."""
+
+    def __init__(self, cfg, image_width: int):
+        super().__init__(cfg)
+        self.crossattention = _Attention(cfg)
+        self.crossattention.self.key = nn.Linear(image_width, cfg.hidden_size)
+        self.crossattention.self.value = nn.Linear(image_width, cfg.hidden_size)
+
+    def forward(self, x, attn_mask, image=None, image_mask=None):
+        x = _attend(self.attention, self.heads, x, x, attn_mask, self.dropout, self.training)
+        if image is not None:
+            x = _attend(self.crossattention, self.heads, x, image, image_mask, self.dropout, self.training)
+        h = F.gelu(self.intermediate.dense(x))
+        return self.output.LayerNorm(x + F.dropout(self.output.dense(h), self.dropout, self.training))
+
+
+class RegionTokens(nn.Module):
+    """The image's elements as region features: Linear(feature) + Linear(5-d box)."""
+
+    def __init__(self, feature_dim: int, width: int):
+        super().__init__()
+        self.feature = nn.Linear(feature_dim, width)
+        self.location = nn.Linear(5, width)
+
+    def forward(self, view, features=None):
+        return self.feature(view["features"] if features is None else features) + self.location(view["locations"])
+
+
+class ImageEncoder(nn.Module):
+    """ViT over [I_CLS] + the image's elements, or only the visible ones (`visible` [B, K] indices,
+    `visible_mask` [B, K]): MAE's encoder. Position information is in the element embeddings
+    (a region's box), added before masking as MAE does."""
+
+    def __init__(self, tokens: nn.Module, width: int, layers: int, heads: int):
+        super().__init__()
+        self.tokens = tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = nn.ModuleList(ViTBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width, eps=VIT_EPS)
+        self.call_layer = call_layer
+
+    def forward(self, view, visible: bool = False, features=None):
+        """-> (states [B, 1 + N or K, W], mask [B, 1 + N or K]); position 0 is [I_CLS]."""
+        x, mask = self.tokens(view, features), view["region_mask"]
+        if visible:
+            index = view["visible"]
+            x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            mask = view["visible_mask"]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+        attn_mask = mask[:, None, None, :]
+        for block in self.blocks:
+            x = self.call_layer(block, x, attn_mask)
+        return self.norm(x), mask
+
+
+class TextEncoder(nn.Module):
+    """The momentum copy of the text encoder: BERT's embeddings and its bottom layers."""
+
+    def __init__(self, embeddings: nn.Module, layers: list[nn.Module]):
+        super().__init__()
+        self.embeddings = copy.deepcopy(embeddings)
+        self.layer = nn.ModuleList(copy.deepcopy(layer) for layer in layers)
+
+
+class ImageDecoder(nn.Module):
+    """MAE's decoder with the text: [visible image states and a mask token (+ its position) at every
+    hidden element, in the elements' order] + [text encoder states], each projected to the
+    decoder's width with a modality embedding; pre-norm blocks; the elements' predictions."""
+
+    def __init__(self, image_width: int, text_width: int, width: int, layers: int, heads: int, target_dim: int):
+        super().__init__()
+        self.image_in = nn.Linear(image_width, width)
+        self.text_in = nn.Linear(text_width, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.location = nn.Linear(5, width)  # where a hidden region is: its box
+        self.modality = nn.Embedding(2, width)
+        self.blocks = nn.ModuleList(ViTBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width, eps=VIT_EPS)
+        self.head = nn.Linear(width, target_dim)
+        self.call_layer = call_layer
+
+    def forward(self, image_states, view, text_states, text_mask):
+        """image_states [B, 1 + K, W] (the encoder's, visible only) -> predictions [B, N, target]."""
+        b, slots = view["region_mask"].shape
+        visible = self.image_in(image_states[:, 1:])
+        # the visible elements back at their places, a mask token at the others; the padding of
+        # `visible` goes to a spare slot past the end, dropped
+        index = torch.where(view["visible_mask"], view["visible"], slots).unsqueeze(-1).expand_as(visible)
+        grid = self.mask_token.to(visible.dtype).expand(b, slots + 1, -1).scatter(1, index, visible)[:, :slots]
+        grid = grid + self.location(view["locations"])
+        image = torch.cat([self.image_in(image_states[:, :1]), grid], 1) + self.modality.weight[1]
+        text = self.text_in(text_states) + self.modality.weight[0]
+        x = torch.cat([image, text], 1)
+        mask = torch.cat([torch.ones_like(view["region_mask"][:, :1]), view["region_mask"], text_mask], 1)
+        attn_mask = mask[:, None, None, :]
+        for block in self.blocks:
+            x = self.call_layer(block, x, attn_mask)
+        return self.head(self.norm(x[:, 1:1 + slots]))
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+def _vision_shape(cfg_model, text_config) -> tuple[int, int, int]:
+    return (cfg_model.vision_layers or text_config.num_hidden_layers, cfg_model.vision_hidden or text_config.hidden_size,
+            cfg_model.vision_heads or text_config.num_attention_heads)
+
+
+class VLMAEModel(pretrained.PretrainedModel, nn.Module):
+    arch = ARCH
+    tag_rows = ("mrc.1.weight", "mrc.1.bias")
+    CONTRAST_DIM = 256  # ALBEF's projection size
+
+    def __init__(self, bert_config, spec: dict):
+        """`spec`: feature_dim, tags, fusion_layers, vision [layers, width, heads], decoder [layers,
+        width, heads] (what vlp_config() saves)."""
+        super().__init__()
+        self.spec = dict(spec)
+        h, eps = bert_config.hidden_size, bert_config.layer_norm_eps
+        layers = bert_config.num_hidden_layers
+        self.fusion_layers = spec["fusion_layers"] or layers // 2
+        if not 0 < self.fusion_layers < layers:
+            raise ValueError(f"model.fusion_layers={spec['fusion_layers']}: a {layers}-layer BERT splits into text "
+                             f"and fusion layers, each at least one (0: half)")
+        self.text_layers = layers - self.fusion_layers
+        v_layers, v_width, v_heads = spec["vision"]
+        d_layers, d_width, d_heads = spec["decoder"]
+        for what, width, heads in (("vision", v_width, v_heads), ("decoder", d_width, d_heads)):
+            if width % heads:
+                raise ValueError(f"model.{what}_hidden={width} is not a multiple of model.{what}_heads={heads}")
+        self.bert = BertBackbone(bert_config)
+        for i in range(self.text_layers, layers):
+            self.bert.encoder.layer[i] = FusionLayer(bert_config, v_width)
+        self.vision = ImageEncoder(RegionTokens(spec["feature_dim"], v_width), v_width, v_layers, v_heads)
+        self.decoder = ImageDecoder(v_width, h, d_width, d_layers, d_heads, spec["feature_dim"])
+        self.vision_proj = nn.Linear(v_width, self.CONTRAST_DIM)
+        self.text_proj = nn.Linear(h, self.CONTRAST_DIM)
+        self.itc_log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learnable temperature
+        self.ifr = nn.Linear(v_width, v_width)  # IFR: the visible [I_CLS] projected to the full image's
+        self.itm = nn.Linear(h, 2)
+        self.mlm_transform = HeadTransform(h, eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
+        # the μ-VLA granularities on this model: image states brought to the text width, MRC, MRFR
+        self.image_to_text = nn.Linear(v_width, h)
+        self.mrc = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, max(len(spec["tags"]), 1)))
+        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, spec["feature_dim"]))
+        self.feature_dim, self.tags = spec["feature_dim"], list(spec["tags"])
+        self._init_new(bert_config.initializer_range)
+        self.momentum_vision = copy.deepcopy(self.vision)
+        self.momentum_text = TextEncoder(self.bert.embeddings, list(self.bert.encoder.layer[:self.text_layers]))
+        self.momentum_vision_proj = copy.deepcopy(self.vision_proj)
+        self.momentum_text_proj = copy.deepcopy(self.text_proj)
+        for module in self._momentum_modules():
+            module.requires_grad_(False)
+
+    def _init_new(self, std: float):
+        for module in (self.vision, self.decoder, self.vision_proj, self.text_proj, self.ifr, self.itm,
+                       self.mlm_transform, self.image_to_text, self.mrc, self.mrfr,
+                       *(layer.crossattention for layer in self.bert.encoder.layer[self.text_layers:])):
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=std)
+                    nn.init.zeros_(m.bias)
+        for token in (self.vision.cls_token, self.decoder.mask_token):
+            nn.init.trunc_normal_(token, std=std)
+
+    # -- momentum ------------------------------------------------------------------------------
+
+    def _momentum_modules(self):
+        return (self.momentum_vision, self.momentum_text, self.momentum_vision_proj, self.momentum_text_proj)
+
+    def _momentum_pairs(self):
+        """(online parameters, momentum parameters), in the same order."""
+        online = [*self.vision.parameters(), *self.bert.embeddings.parameters(),
+                  *(p for layer in self.bert.encoder.layer[:self.text_layers] for p in layer.parameters()),
+                  *self.vision_proj.parameters(), *self.text_proj.parameters()]
+        momentum = [p for module in self._momentum_modules() for p in module.parameters()]
+        return online, momentum
+
+    @torch.no_grad()
+    def copy_to_momentum(self) -> None:
+        """The momentum encoders start as copies of the online ones (after an init is loaded)."""
+        online, momentum = self._momentum_pairs()
+        torch._foreach_copy_(momentum, online)
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """EMA: m <- momentum x m + (1 - momentum) x online (online weights are read, never changed)."""
+        online, moving = self._momentum_pairs()
+        torch._foreach_mul_(moving, momentum)
+        torch._foreach_add_(moving, [p.detach() for p in online], alpha=1.0 - momentum)
+
+    # -- what from_pretrained needs --------------------------------------------------------------
+
+    def vlp_config(self) -> dict:
+        return {k: self.spec[k] for k in ("feature_dim", "tags", "fusion_layers", "vision", "decoder")}
+
+    @classmethod
+    def from_vlp_config(cls, bert_config, section: dict) -> "VLMAEModel":
+        return cls(bert_config, section)
+
+    def set_layer_call(self, call) -> None:
+        """The text encoder's, image encoder's and decoder's layers go through `call` (compiled);
+        the fusion layers (with their cross-attention) run eagerly."""
+        self.bert.call_layer = self.vision.call_layer = self.decoder.call_layer = call
+
+    # -- the encoders ----------------------------------------------------------------------------
+
+    def encode_text(self, input_ids, text_mask, momentum: bool = False):
+        """The text encoder (the bottom BERT layers) -> states [B, T, H]."""
+        embeddings, layers = (self.momentum_text.embeddings, self.momentum_text.layer) if momentum else \
+            (self.bert.embeddings, self.bert.encoder.layer[:self.text_layers])
+        x, attn_mask = embeddings(input_ids), text_mask[:, None, None, :]
+        for layer in layers:
+            x = self.bert.call_layer(layer, x, attn_mask)
+        return x
+
+    def fuse(self, text_states, text_mask, image_states, image_mask):
+        """The fusion learner: the top BERT layers, cross-attending to the image -> [B, T, H]."""
+        attn_mask, cross_mask = text_mask[:, None, None, :], image_mask[:, None, None, :]
+        for layer in self.bert.encoder.layer[self.text_layers:]:
+            text_states = layer(text_states, attn_mask, image_states, cross_mask)
+        return text_states
+
+    def encode_image(self, view, visible: bool = False, momentum: bool = False, features=None):
+        return (self.momentum_vision if momentum else self.vision)(view, visible, features)
+
+    def forward(self, input_ids, text_mask, features, locations, region_mask):
+        """The μ-VLA granularities' interface: (fused text states [B, T, H], region states [B, R, H])
+        over every region (no MAE masking; zeroed regions are the view's)."""
+        view = {"features": features, "locations": locations, "region_mask": region_mask}
+        image, image_mask = self.encode_image(view)
+        text = self.fuse(self.encode_text(input_ids, text_mask), text_mask, image, image_mask)
+        return text, self.image_to_text(image[:, 1:])
+
+    # -- heads ----------------------------------------------------------------------------------
+
+    def mlm_logits(self, states):
+        """Over the BERT vocabulary, decoder tied to the word embeddings."""
+        return self.mlm_transform(states) @ self.bert.embeddings.word_embeddings.weight.T + self.mlm_bias
+
+    def itm_logits(self, text_states):
+        return self.itm(text_states[:, 0])
+
+
+def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMAEModel:
+    """A model initialised as model.init says: a saved vlmae model (the whole of it), or a BERT (the
+    text encoder and fusion learner; cross-attention, the image side and the heads start random)."""
+    kind, folder = pretrained.resolve_init(cfg_model.init)
+    if kind == "vlp":
+        return pretrained.init_from(folder, VLMAEModel, cfg_model, feature_dim, tags)
+    config = bert_config(cfg_model, folder)
+    spec = {"feature_dim": feature_dim, "tags": list(tags), "fusion_layers": cfg_model.fusion_layers,
+            "vision": list(_vision_shape(cfg_model, config)),
+            "decoder": [cfg_model.decoder_layers, cfg_model.decoder_hidden, cfg_model.decoder_heads]}
+    model = VLMAEModel(config, spec)
+    if folder is not None:
+        load_bert_init(model.bert, model.mlm_transform, model.mlm_bias, folder, new=("crossattention",))
+        model.copy_to_momentum()
+    return model
+
+
+# -- the pair view (built in the loader) -----------------------------------------------------------
+
+def text_key(text: str) -> int:
+    """An integer per text, equal for equal texts on every rank (ITC's same-text positives)."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:7], "little")
+
+
+def visible_elements(counts: list[int], mask_ratio: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """MAE's per-sample masking: of each sample's `count` elements keep int(count x (1 - ratio))
+    (at least one), drawn at random, in their order -> (visible [B, K] indices, visible_mask [B, K]),
+    K the most kept in the batch (exactly (1 - ratio) N when every image has N elements)."""
+    kept = [sorted(rng.sample(range(n), max(1, int(n * (1 - mask_ratio))))) if n else [] for n in counts]
+    width = max(1, max(map(len, kept)))
+    visible = np.zeros((len(counts), width), np.int64)
+    visible_mask = np.zeros((len(counts), width), bool)
+    for i, row in enumerate(kept):
+        visible[i, :len(row)] = row
+        visible_mask[i, :len(row)] = True
+    return visible, visible_mask
+
+
+def relevant_weights(centres: np.ndarray, real: np.ndarray, boxes: list, similarities: list[float],
+                     link_weight: bool) -> np.ndarray:
+    """RMIM's text-relevant region: an element (a region or a patch) is in it when its centre
+    lies inside the union of the boxes linked to the sentence's phrases; its weight is 1, or with
+    `link_weight` the highest similarity of the links whose box holds it. No linked box: the whole
+    image (weight 1 everywhere). centres [N, 2] (x, y) in the boxes' coordinates."""
+    if not boxes:
+        return real.astype(np.float32)
+    weights = np.zeros(len(centres), np.float32)
+    for (x1, y1, x2, y2), similarity in zip(boxes, similarities):
+        inside = (centres[:, 0] >= x1) & (centres[:, 0] <= x2) & (centres[:, 1] >= y1) & (centres[:, 1] <= y2)
+        weights = np.maximum(weights, np.where(inside, similarity if link_weight else 1.0, 0.0))
+    return weights * real
+
+
+def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5) -> dict:
+    """VLMAE's view of (image, retrieved sentence): the clean sentence (ITC, ITM, the decoder's
+    text) and a 15%-masked copy (MLM, 80/10/10); the image's visible elements (MAE masking, ratio
+    `mask_ratio`) and RMIM's weight of each hidden element (inside the linked boxes); text keys."""
+    feats, locs, rmask, _ = builder._regions(samples)
+    ids, tmask, _ = builder._tokenize([s["text"] for s in sentences])
+    clean_ids = ids.copy()
+    mlm = np.full(ids.shape, IGNORE, np.int64)
+    for i in range(len(samples)):
+        builder._mask_tokens(ids, mlm, i, builder._random_positions(builder._text_candidates(ids[i], tmask[i]),
+                                                                      builder.obj.mlm_prob, rng), rng)
+    visible, visible_mask = visible_elements([int(r.sum()) for r in rmask], mask_ratio, rng)
+    hidden = rmask.copy()
+    for i in range(len(samples)):
+        hidden[i, visible[i][visible_mask[i]]] = False
+    rmim = np.zeros(rmask.shape, np.float32)
+    for i, (sample, sentence) in enumerate(zip(samples, sentences)):
+        meta, n = sample["meta"], int(rmask[i].sum())
+        boxes = np.asarray(meta["boxes"][:n], np.float32).reshape(-1, 4)
+        centres = np.zeros((rmask.shape[1], 2), np.float32)
+        centres[:n] = (boxes[:, :2] + boxes[:, 2:]) / 2
+        links = [p for p in sentence["phrases"] if p.get("region") is not None and p["region"] < n]
+        rmim[i] = relevant_weights(centres, rmask[i], [meta["boxes"][p["region"]] for p in links],
+                                   [p["similarity"] for p in links], builder.obj.rmim_link_weight) * hidden[i]
+    positions, targets = _label_positions(mlm)
+    obj = builder.obj
+    return {"task": PAIR_TASK, **builder._tensors(
+        input_ids=ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets, clean_ids=clean_ids,
+        features=feats, locations=locs, region_mask=rmask, visible=visible, visible_mask=visible_mask,
+        hidden=hidden, rmim_weight=rmim, text_keys=np.array([text_key(s["text"]) for s in sentences], np.int64),
+        active=np.ones(len(samples), bool)),
+        "momentum": float(obj.momentum), "distill_alpha": float(obj.distill_alpha), "rmim_norm": bool(obj.rmim_norm)}
+
+
+def _label_positions(labels):
+    from vlp_train.masking import label_positions
+    return label_positions(labels)
+
+
+def views(cfg) -> dict:
+    import functools
+    return {PAIR_TASK: functools.partial(pair_view, mask_ratio=cfg.model.mask_ratio)}
+
+
+# -- the pair objectives ----------------------------------------------------------------------------
+
+def normalised(target, on: bool):
+    """MAE's norm_pix_loss target: each element standardised by its own mean and variance."""
+    if not on:
+        return target
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    return (target - mean) / (var + 1e-6).sqrt()
+
+
+def rmim_losses(predictions, targets, weights, norm: bool):
+    """Per sample: the weighted mean over its elements of the MSE (over an element's dims) between
+    prediction and (normalised) target; weights [B, N] are 0 outside the hidden, text-relevant ones."""
+    squared = (predictions.float() - normalised(targets.float(), norm)).pow(2).mean(-1)
+    return (squared * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+
+
+def pair_losses(model: VLMAEModel, view: dict):
+    """RMIM + IFR + ITC (momentum-distilled) + ITM (hard negatives) + MLM, each per sample."""
+    from vlp_train.objectives import masked_token_losses
+    from vlp_train.objectives.contrastive import gather_padded, hard_negatives, itc_losses, logit_scale_of
+
+    if model.training and torch.is_grad_enabled():
+        model.momentum_update(view["momentum"])
+    image, image_mask = model.encode_image(view, visible=True)
+    text = model.encode_text(view["clean_ids"], view["text_mask"])
+    with torch.no_grad():
+        full_image, _ = model.encode_image(view, momentum=True)
+        momentum_text = model.encode_text(view["clean_ids"], view["text_mask"], momentum=True)
+        m_image = F.normalize(model.momentum_vision_proj(full_image[:, 0]).float(), dim=-1)
+        m_text = F.normalize(model.momentum_text_proj(momentum_text[:, 0]).float(), dim=-1)
+    image_feat = F.normalize(model.vision_proj(image[:, 0]).float(), dim=-1)
+    text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)
+
+    # ITC, targets distilled from the momentum encoders' similarities (ALBEF), over the global batch
+    alpha = view["distill_alpha"]
+    soft = None
+    if alpha:
+        with torch.no_grad():
+            scale = logit_scale_of(model.itc_log_scale)
+            all_m_text, all_m_image = gather_padded(m_text)[0], gather_padded(m_image)[0]
+            soft = (F.softmax(scale * m_image @ all_m_text.T, 1), F.softmax(scale * m_text @ all_m_image.T, 1))
+    contrast = itc_losses(image_feat, text_feat, model.itc_log_scale, view["text_keys"], soft, alpha)
+
+    # ITM: the pair, and hard negatives from the ITC similarities (a negative text for each image,
+    # a negative image for each text), on the visible image states, as the paper's ITM uses I^vis
+    neg_text, neg_image, valid = hard_negatives(contrast, view["text_keys"])
+    with torch.no_grad():
+        all_image, _, _ = gather_padded(image)
+        all_image_mask = gather_padded(image_mask, pad_value=False)[0]
+        all_text, _, _ = gather_padded(text)
+        all_text_mask = gather_padded(view["text_mask"], pad_value=False)[0]
+    pad = image.shape[1]
+    if all_image.shape[1] > pad:  # another rank kept more elements: pad the local side alike
+        image = F.pad(image, (0, 0, 0, all_image.shape[1] - pad))
+        image_mask = F.pad(image_mask, (0, all_image.shape[1] - pad), value=False)
+    t_pad = text.shape[1]
+    tokens = all_text.shape[1]
+    local_text = F.pad(text, (0, 0, 0, tokens - t_pad)) if tokens > t_pad else text
+    local_mask = F.pad(view["text_mask"], (0, tokens - t_pad), value=False) if tokens > t_pad else view["text_mask"]
+    fused = model.fuse(torch.cat([local_text, local_text, all_text[neg_text]]),
+                       torch.cat([local_mask, local_mask, all_text_mask[neg_text]]),
+                       torch.cat([image, all_image[neg_image], image]),
+                       torch.cat([image_mask, all_image_mask[neg_image], image_mask]))
+    b = text.shape[0]
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=text.device),
+                        torch.zeros(2 * b, dtype=torch.long, device=text.device)])
+    itm = F.cross_entropy(model.itm_logits(fused).float(), labels, reduction="none").view(3, b)
+    itm_loss = torch.where(valid, itm.mean(0), itm[0])  # no negative to draw: the pair alone
+    image, image_mask = image[:, :pad], image_mask[:, :pad]
+
+    # MLM on the fusion learner over the masked sentence and the visible image
+    masked = model.fuse(model.encode_text(view["input_ids"], view["text_mask"]), view["text_mask"], image, image_mask)
+    mlm = masked_token_losses(model, masked, view["mlm_positions"], view["mlm_targets"])
+
+    # RMIM: the decoder over visible states, mask tokens and the clean text states
+    predictions = model.decoder(image, view, text, view["text_mask"])
+    rmim = rmim_losses(predictions, view["features"], view["rmim_weight"], view["rmim_norm"])
+
+    # IFR: the visible [I_CLS], projected, to the momentum encoder's [I_CLS] of the full image
+    ifr = (model.ifr(image[:, 0]).float() - full_image[:, 0].float()).abs().mean(-1)
+    losses = {"rmim": rmim, "ifr": ifr, "itc": contrast.losses, "itm": itm_loss, "mlm": mlm}
+    return losses, {"itm_logits": model.itm_logits(fused[:b])}
+
+
+@torch.no_grad()
+def match_probability(model: VLMAEModel, view: dict) -> torch.Tensor:
+    """ITM match probability of each sample's clean pair over the whole image (no MAE masking),
+    dropout off: the μ-VLA curriculum's weight."""
+    was_training = model.training
+    model.eval()
+    try:
+        text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
+                        view["locations"], view["region_mask"])
+    finally:
+        model.train(was_training)
+    return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
+
+
+@torch.no_grad()
+def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
+    """Held-out pairs: in-batch image->text and text->image recall@1 of the contrast features
+    (full image), ITM accuracy and ROC-AUC of each true pair against its image with the next
+    sample's sentence, masked-token accuracy of the sentences, RMIM and IFR losses."""
+    from vlp_train.data import CorpusStream
+
+    stream = CorpusStream(urls, builder, cfg.data.batch_size, [PAIR_TASK], "mixed", 1, seed=12345)
+    stream.set_position(0, 0, None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # hard negatives draw
+        return _evaluate(model, stream, cfg, device, autocast)
+
+
+def _evaluate(model, stream, cfg, device, autocast) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from vlp_train.objectives import gather_positions
+    from vlp_train.step import to_device
+
+    was_training = model.training
+    model.eval()
+    hits, recall, losses, scores, labels = [0, 0], [0, 0, 0], {"rmim": [], "ifr": []}, [], []
+    for n, batch in enumerate(stream):
+        if n >= cfg.run.eval_batches:
+            break
+        view = to_device(batch["views"], device)[PAIR_TASK]
+        with autocast:
+            named, _ = pair_losses(model, view)
+            for name in losses:
+                losses[name] += named[name].float().tolist()
+            text = model.encode_text(view["clean_ids"], view["text_mask"])
+            full, full_mask = model.encode_image(view)
+            image_feat = F.normalize(model.vision_proj(full[:, 0]).float(), dim=-1)
+            text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)
+            similarity = image_feat @ text_feat.T
+            same = view["text_keys"][:, None] == view["text_keys"][None, :]
+            right = same[torch.arange(len(same)), similarity.argmax(1)]
+            recall[0] += int(right.sum())
+            recall[1] += int(same[similarity.argmax(0), torch.arange(len(same))].sum())
+            recall[2] += len(same)
+            other = torch.roll(torch.arange(len(same), device=device), -1)
+            for texts, keep in ((torch.arange(len(same), device=device), None), (other, ~same[torch.arange(len(same)), other])):
+                fused = model.fuse(text[texts], view["text_mask"][texts], full, full_mask)
+                probability = F.softmax(model.itm_logits(fused).float(), -1)[:, 1]
+                positive = keep is None
+                kept = probability if positive else probability[keep]
+                scores += kept.tolist()
+                labels += [int(positive)] * len(kept)
+            masked = model.fuse(model.encode_text(view["input_ids"], view["text_mask"]), view["text_mask"], full,
+                                full_mask)
+            keep = view["mlm_targets"] != IGNORE
+            predicted = model.mlm_logits(gather_positions(masked, view["mlm_positions"])).argmax(-1)
+            hits[0] += int((predicted[keep] == view["mlm_targets"][keep]).sum())
+            hits[1] += int(keep.sum())
+    model.train(was_training)
+    result = {"sentence_mlm_acc": hits[0] / hits[1] if hits[1] else float("nan"),
+              "itc_i2t_r1": recall[0] / recall[2] if recall[2] else float("nan"),
+              "itc_t2i_r1": recall[1] / recall[2] if recall[2] else float("nan"),
+              **{name: float(np.mean(values)) if values else float("nan") for name, values in losses.items()}}
+    if labels:
+        result["itm_acc"] = float(np.mean([int(s >= 0.5) == y for s, y in zip(scores, labels)]))
+        result["itm_auc"] = float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else float("nan")
+    result["pairs"] = int(sum(labels))
+    return result
+
+
+FAMILY = register(Family(
+    name=ARCH, model_class=VLMAEModel, build=build, evaluate=evaluate, match_probability=match_probability,
+    views=views,
+    objectives={PAIR_TASK: pair_losses, Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses}))
