@@ -13,7 +13,7 @@ from transformers import BertConfig, BertTokenizerFast
 
 from schemas.corpus import bundled_minilm_path
 from vlp_train.config import ObjectiveConfig, load_config
-from vlp_train.families.vlmae import (PAIR_TASK, VLMAEModel, pair_losses, pair_view, rmim_losses,
+from vlp_train.families.vlmae import (VLMAEModel, pair_losses, pair_view, rmim_losses,
                                       visible_elements)
 from vlp_train.masking import BatchBuilder
 from vlp_train.objectives.contrastive import itc_losses
