@@ -347,11 +347,13 @@ _RANGES.update({
 
 
 def _vlmae(cfg: TrainConfig) -> TrainConfig:
-    """VLMAE's own objectives on the retrieved pair (the image-sentence task: RMIM, IFR, ITC, ITM,
-    MLM), the μ-VLA granularities and curriculum weight off (switch them on by config)."""
+    """VLMAE's own objectives on the retrieved pair (the family's image-text task, switched by
+    objectives.vlmo as VLMo's: RMIM, IFR, ITC, ITM, MLM), the μ-VLA granularities and curriculum
+    weight off (switch them on by config)."""
     cfg.model.arch = "vlmae"
-    cfg.objectives.region_tag = cfg.objectives.region_phrase = False
+    cfg.objectives.region_tag = cfg.objectives.region_phrase = cfg.objectives.image_sentence = False
     cfg.objectives.itm_weighting = False
+    cfg.objectives.vlmo = True
     return cfg
 
 

@@ -198,7 +198,7 @@ def test_killed_and_resumed_vlmae_run_matches_an_uninterrupted_one(tmp_path):
     broken_losses = {r["step"]: r for r in rows(broken.run.output) if "loss" in r}
     assert sorted(broken_losses) == list(range(1, 7))
     for step in range(1, 7):
-        for key in ("loss", "is/ifr", "is/itc", "is/rmim"):
+        for key in ("loss", "vl/ifr", "vl/itc", "vl/rmim"):
             assert broken_losses[step][key] == pytest.approx(whole_losses[step][key], rel=1e-5, abs=1e-6), (step, key)
     a = torch.load(os.path.join(whole.run.output, "checkpoints", "step-00000006.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(broken.run.output, "checkpoints", "step-00000006.pt"), weights_only=True)["model"]
@@ -209,19 +209,20 @@ def test_killed_and_resumed_vlmae_run_matches_an_uninterrupted_one(tmp_path):
 @pytest.mark.slow
 def test_region_feature_vlmae_learns_on_a_corpus_without_images(tmp_path):
     """The region-feature variant on shards of region features only: the losses fall, the μ-VLA
-    granularities run on its fusion learner beside the pair objectives (weighted by its ITM from
-    epoch 1), and the exported model reloads whole, momentum encoders included."""
+    granularities run on its fusion learner beside the pair objectives (all weighted by its ITM
+    from epoch 1), and the exported model reloads whole, momentum encoders included."""
     from vlp_train.pretrained import load
 
     shards = write_shards(str(tmp_path / "c"), n_images=40, per_shard=20)
     cfg = config(shards, tmp_path / "run", "data.batch_size=10", "optim.max_steps=20", "optim.epochs=20",
                  "optim.lr=2e-3", "run.eval_batches=2", "objectives.schedule=mixed", "objectives.region_tag=true",
-                 "objectives.region_phrase=true", "objectives.itm_weighting=true")
+                 "objectives.region_phrase=true", "objectives.image_sentence=true", "objectives.itm_weighting=true",
+                 "objectives.weight_vlmo=true")
     summary = train(cfg)
     logged = [r for r in rows(cfg.run.output) if "loss" in r]
-    assert {"is/rmim", "is/ifr", "is/itc", "is/itm", "is/mlm", "rt/mlm", "rt/mrc", "rp/mrtc"} <= set(logged[0])
+    assert {"vl/rmim", "vl/ifr", "vl/itc", "vl/itm", "vl/mlm", "rt/mlm", "rt/mrc", "rp/mrtc", "is/itm"} <= set(logged[0])
     assert any(r["itm_weighting"] for r in logged)
-    for key in ("is/rmim", "is/itc", "is/mlm"):
+    for key in ("vl/rmim", "vl/itc", "vl/mlm"):
         assert np.mean([r[key] for r in logged[-5:]]) < np.mean([r[key] for r in logged[:5]]), key
     assert set(summary["eval"]) >= {"itc_i2t_r1", "itm_auc", "rmim", "sentence_mlm_acc"}
     model = load(os.path.join(cfg.run.output, "hf"))

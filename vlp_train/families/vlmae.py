@@ -14,14 +14,13 @@ An ALBEF-shaped model (the paper's Sec. 3 and Table 9):
 - momentum (EMA, `objectives.momentum`) copies of the image encoder, the text encoder and the two
   contrast projections: no gradient, updated at the start of every training forward (as ALBEF).
 
-The pair objectives (`Task.IMAGE_SENTENCE` here: the retrieved sentence and its image), named
+The pair objectives (`Task.IMAGE_TEXT`, `vl`: the image and its retrieved sentence), named
 per-sample losses: `rmim`, `ifr`, `itc`, `itm`, `mlm` (docs/trainer.md, "VLMAE"). The μ-VLA
-granularities (region-tag, region-phrase) run on the fusion learner through `forward`.
+granularities (region-tag, region-phrase, image-sentence) run on the fusion learner through `forward`.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 
@@ -34,6 +33,8 @@ from vlp_train import pretrained
 from vlp_train.backbone import BertBackbone, BertLayer, HeadTransform, _Attention, bert_config, call_layer, \
     load_bert_init
 from vlp_train.families import Family, register
+from vlp_train.masking import label_positions, text_key
+from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.tasks import IGNORE, Task
@@ -41,7 +42,9 @@ from vlp_train.tasks import IGNORE, Task
 log = logging.getLogger(__name__)
 
 ARCH = "vlmae"
-PAIR_TASK = Task.IMAGE_SENTENCE  # the task whose view and objectives are VLMAE's own
+# the task whose view and objectives are VLMAE's own: the family's image-text task (objectives.vlmo
+# switches it, as it does VLMo's; objectives.weight_vlmo weighs it by the curriculum's w_ITM)
+PAIR_TASK = Task.IMAGE_TEXT
 VIT_EPS = 1e-6
 
 
@@ -358,11 +361,6 @@ def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMAEModel:
 
 # -- the pair view (built in the loader) -----------------------------------------------------------
 
-def text_key(text: str) -> int:
-    """An integer per text, equal for equal texts on every rank (ITC's same-text positives)."""
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:7], "little")
-
-
 def visible_elements(counts: list[int], mask_ratio: float, rng) -> tuple[np.ndarray, np.ndarray]:
     """MAE's per-sample masking: of each sample's `count` elements keep int(count x (1 - ratio))
     (at least one), drawn at random, in their order -> (visible [B, K] indices, visible_mask [B, K]),
@@ -416,7 +414,7 @@ def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5) -> dict
         links = [p for p in sentence["phrases"] if p.get("region") is not None and p["region"] < n]
         rmim[i] = relevant_weights(centres, rmask[i], [meta["boxes"][p["region"]] for p in links],
                                    [p["similarity"] for p in links], builder.obj.rmim_link_weight) * hidden[i]
-    positions, targets = _label_positions(mlm)
+    positions, targets = label_positions(mlm)
     obj = builder.obj
     return {"task": PAIR_TASK, **builder._tensors(
         input_ids=ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets, clean_ids=clean_ids,
@@ -424,11 +422,6 @@ def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5) -> dict
         hidden=hidden, rmim_weight=rmim, text_keys=np.array([text_key(s["text"]) for s in sentences], np.int64),
         active=np.ones(len(samples), bool)),
         "momentum": float(obj.momentum), "distill_alpha": float(obj.distill_alpha), "rmim_norm": bool(obj.rmim_norm)}
-
-
-def _label_positions(labels):
-    from vlp_train.masking import label_positions
-    return label_positions(labels)
 
 
 def views(cfg) -> dict:
@@ -604,4 +597,5 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
 FAMILY = register(Family(
     name=ARCH, model_class=VLMAEModel, build=build, evaluate=evaluate, match_probability=match_probability,
     views=views,
-    objectives={PAIR_TASK: pair_losses, Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses}))
+    objectives={PAIR_TASK: pair_losses, Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,
+                Task.IMAGE_SENTENCE: image_sentence_losses}))
