@@ -7,7 +7,7 @@ from torch import nn
 
 from vlp_train.backbone import call_layer
 from vlp_train.config import COMPILE_MODES, COMPILE_SCOPES, TrainConfig
-from vlp_train.masking import REGION_FIELDS
+from vlp_train.masking import FIXED_SHAPE_FIELDS
 from vlp_train.step import Pretraining
 
 
@@ -96,7 +96,7 @@ class CompiledStep(nn.Module):
             for name, value in view.items():
                 if torch.is_tensor(value):
                     # every dim of a text or label field varies (p-MRTC's targets [B, P, T] too)
-                    for dim in range(1 if name in REGION_FIELDS else value.ndim):
+                    for dim in range(1 if name in FIXED_SHAPE_FIELDS else value.ndim):
                         torch._dynamo.maybe_mark_dynamic(value, dim)
         return self.compiled(views, weighted)
 

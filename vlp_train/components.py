@@ -19,7 +19,7 @@ from vlp_train import distributed
 from vlp_train.compile import compile_scope, step_module_for
 from vlp_train.config import TrainConfig, check_init, per_rank_batch, validate
 from vlp_train.data import (CorpusStream, check_corpora_published, decode, enabled_tasks, every_sample,
-                            expand_shards, load_tag_vocab, no_readable_sample, samples_per_shard)
+                            expand_shards, load_tag_vocab, missing_images, no_readable_sample, samples_per_shard)
 from vlp_train.families import Family, family_of
 from vlp_train.masking import BatchBuilder
 from vlp_train.pretrained import tokenizer_folder
@@ -59,6 +59,9 @@ def build_run(cfg: TrainConfig) -> Run:
     check_init(cfg)
     validate(cfg)
     family = family_of(cfg.model.arch)
+    if cfg.model.visual not in family.visual_inputs:
+        raise ValueError(f"model.arch={family.name} takes model.visual={' or '.join(family.visual_inputs)}, "
+                         f"not {cfg.model.visual}")
     tasks = enabled_tasks(cfg.objectives, cfg.model.stage)
     unsupported = [t for t in tasks if t not in family.tasks]
     if unsupported:
@@ -76,11 +79,17 @@ def build_run(cfg: TrainConfig) -> Run:
     from transformers import BertTokenizerFast
     tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
     tags = load_tag_vocab(cfg.data.tag_vocab, urls)
-    feature_dim = cfg.model.feature_dim or first_feature_dim(urls)
+    first = first_sample(urls)
+    feature_dim = cfg.model.feature_dim or first["feats"].shape[1]
+    image_size = None
+    if cfg.model.visual != "regions":  # a corpus without images stops here, not at every sample
+        if first["image"] is None:
+            raise missing_images(first["where"], cfg.model.visual)
+        image_size = cfg.model.image_size
     scope = compile_scope(cfg, device)
     builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
                            cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step", feature_dim=feature_dim,
-                           views=family.views(cfg) if family.views else None)
+                           views=family.views(cfg) if family.views else None, image_size=image_size)
     dataset = CorpusStream(urls, builder, batch_size, tasks, cfg.objectives.schedule, cfg.data.shuffle_buffer,
                            cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
     shard_samples = samples_per_shard(urls, cfg.data.manifest)
@@ -146,14 +155,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def first_feature_dim(urls: list[str]) -> int:
-    """The region feature size of the first decodable sample (bad ones are skipped, as in training)."""
+def first_sample(urls: list[str]) -> dict:
+    """The first decodable sample (bad ones are skipped, as in training), with `where` it is: its
+    region feature size and whether the corpus has images are read off it."""
     for raw in every_sample(urls):  # every rank reads the same
         try:
-            return decode(raw)["feats"].shape[1]
+            return {**decode(raw), "where": f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"}
         except ValueError as err:
             log.warning("skipping bad sample: %s", err)
     raise no_readable_sample(urls)
+
 
 
 def epoch_batches(dataset: CorpusStream, cfg: TrainConfig, shard_samples: dict[str, int], batch_size: int,

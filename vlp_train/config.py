@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 COMPILE_MODES = ("auto", "on", "off")
 REQUIRED = "<required>"  # a preset's model.init that the user must give (a folder, or "random")
 COMPILE_SCOPES = ("layers", "step")
+VISUAL_INPUTS = ("regions", "patches", "both")
 
 
 @dataclass
@@ -45,6 +46,12 @@ class ModelConfig:
     decoder_layers: int = 4          # vlmae image decoder (the paper's 4 x 512)
     decoder_hidden: int = 512
     decoder_heads: int = 8
+    # what the model sees of an image: detector regions (features + boxes), 16x16 patches of its
+    # pixels (shards written with `vlp-data build-retrieval --store-images`), or both
+    visual: str = "regions"
+    image_size: int = 384            # patches: the square side images are resized to (a multiple of patch_size)
+    patch_size: int = 16
+    vision_init: str | None = None   # a ViT folder (timm or HF layout): the patch embedding starts from it; else random
 
 
 @dataclass
@@ -145,6 +152,7 @@ def debug() -> TrainConfig:
     cfg.optim.lr = 1e-4
     cfg.run.log_every = 2
     cfg.run.eval_batches = 4
+    cfg.model.image_size = 128  # patches: 8 x 8 of 16 px, so a CPU step stays short
     return cfg
 
 
@@ -251,6 +259,7 @@ _RANGES = {
     "model.heads": (lambda v: v >= 0, ">= 0"), "model.feature_dim": (lambda v: v >= 0, ">= 0 (0: from the shards)"),
     "model.max_regions": (lambda v: v >= 1, ">= 1"), "model.max_text_len": (lambda v: 3 <= v <= 512, "in [3, 512]"),
     "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.image_size": (lambda v: 16 <= v <= 2048, "in [16, 2048]"), "model.patch_size": (lambda v: 2 <= v <= 64, "in [2, 64]"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"), "data.global_batch_size": (lambda v: v >= 0, ">= 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"), "data.shuffle_buffer": (lambda v: v >= 1, ">= 1"),
     "data.steps_per_epoch": (lambda v: v >= 0, ">= 0"),
@@ -270,7 +279,8 @@ _RANGES = {
     "run.rerank_k": (lambda v: v >= 0, ">= 0 (0: no ITM re-ranking)"),
 }
 _CHOICES = {"run.device": ("auto", "cpu", "cuda"), "objectives.schedule": ("round_robin", "mixed"),
-            "model.compile": COMPILE_MODES, "model.compile_scope": COMPILE_SCOPES, "model.stage": STAGES}
+            "model.compile": COMPILE_MODES, "model.compile_scope": COMPILE_SCOPES, "model.stage": STAGES,
+            "model.visual": VISUAL_INPUTS}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -294,6 +304,10 @@ def validate(cfg: TrainConfig) -> None:
     if (m.layers, m.hidden, m.heads) != (0, 0, 0) and (min(m.layers, m.hidden, m.heads) == 0 or m.hidden % m.heads):
         raise ValueError(f"model.layers/hidden/heads={m.layers}/{m.hidden}/{m.heads}: all three > 0, hidden a "
                          "multiple of heads (or all 0: the init's shape)")
+    if m.image_size % m.patch_size:
+        raise ValueError(f"model.image_size={m.image_size}: must be a multiple of model.patch_size={m.patch_size}")
+    if m.vision_init and not os.path.isdir(os.path.expanduser(m.vision_init)):
+        raise ValueError(f"model.vision_init={m.vision_init}: no such folder (a ViT folder, timm or Hugging Face layout)")
     for key, path in (("data.tag_vocab", cfg.data.tag_vocab), ("data.manifest", cfg.data.manifest)):
         if path and "://" not in path and not os.path.isfile(path):
             raise ValueError(f"{key}={path}: no such file")

@@ -20,9 +20,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas import SchemaError, check_sample_types, validate_sample
-from schemas.corpus import META_MEMBER, check_published, decode_members, normalise_label
+from schemas.corpus import IMAGE_MEMBER, META_MEMBER, check_published, decode_members, image_member, normalise_label
 from vlp_train.masking import BatchBuilder
 from vlp_train.tasks import TASKS, Task
+from vlp_train.visual import load_pixels
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ BAD_SAMPLE = (ValueError, SchemaError, KeyError, TypeError)
 
 def _parse(raw: dict) -> dict:
     meta, feats = decode_members(raw)  # feats float16, as stored
-    return {"key": raw["__key__"], "meta": meta, "feats": feats,
+    return {"key": raw["__key__"], "meta": meta, "feats": feats, "image": image_member(raw),
             "where": f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"}
 
 
@@ -150,7 +151,25 @@ def _checked(parsed: dict, types_checked: bool) -> dict:
     validate_sample(parsed["meta"], parsed["feats"], where=parsed["where"], types_checked=types_checked)
     if not parsed["meta"]["sentences"]:
         raise ValueError(f"{parsed['where']}: no sentences")
-    return {k: parsed[k] for k in ("key", "meta", "feats")}
+    return {k: parsed[k] for k in ("key", "meta", "feats", "image")}
+
+
+def missing_images(where: str, visual: str) -> ValueError:
+    return ValueError(f"{where}: no image ({{key}}.{IMAGE_MEMBER} member), but model.visual={visual} trains on the "
+                      "images' pixels: build the corpus with `vlp-data build-retrieval --store-images`, or train "
+                      "with model.visual=regions")
+
+
+def with_pixels(sample: dict, where: str, image_size: int, visual: str = "patches") -> dict:
+    """The sample with its image decoded and resized to the model's square (`visual.load_pixels`),
+    in place of the encoded bytes. ValueError naming the sample when it has none or it is damaged."""
+    if sample["image"] is None:
+        raise missing_images(where, visual)
+    try:
+        pixels = load_pixels(sample["image"], image_size)
+    except ValueError as err:
+        raise ValueError(f"{where}: {IMAGE_MEMBER} member: {err}") from err
+    return {**{k: v for k, v in sample.items() if k != "image"}, "pixels": pixels}
 
 
 def decode(raw: dict) -> dict:
@@ -158,11 +177,14 @@ def decode(raw: dict) -> dict:
     return _checked(_parse(raw), types_checked=False)
 
 
-def decode_batch(raws: list[dict], feature_dim: int | None = None) -> tuple[list[dict], list[str]]:
+def decode_batch(raws: list[dict], feature_dim: int | None = None,
+                 image_size: int | None = None) -> tuple[list[dict], list[str]]:
     """What `decode` gives for each good raw sample (in order), and the errors of the bad ones. The
     schema's type check runs once over the batch; only a batch that fails it is checked again
     sample by sample, to keep the good samples and name the bad ones. `feature_dim`: the model's
-    region feature size; a sample of another (shards of two corpora given together) is a bad one."""
+    region feature size; a sample of another (shards of two corpora given together) is a bad one.
+    `image_size`: the model takes pixels: each sample's image decoded to that square (`pixels`);
+    one without an image or with a damaged one is a bad one."""
     parsed, errors = [], []
     for raw in raws:
         try:
@@ -187,6 +209,12 @@ def decode_batch(raws: list[dict], feature_dim: int | None = None) -> tuple[list
         if feature_dim and width != feature_dim:
             decoded.pop()
             errors.append(f"{p['where']}: region features of width {width}, but the model takes {feature_dim}")
+        elif image_size:
+            try:
+                decoded[-1] = with_pixels(decoded[-1], p["where"], image_size)
+            except ValueError as err:
+                decoded.pop()
+                errors.append(str(err))
     return decoded, errors
 
 
@@ -256,7 +284,7 @@ class CorpusStream(IterableDataset):
         return wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=self._unreadable)
 
     def _decode(self, raws: list[dict]) -> tuple[list[dict], list[str]]:
-        return decode_batch(raws, self.builder.feature_dim)
+        return decode_batch(raws, self.builder.feature_dim, self.builder.image_size)
 
     def _samples(self, worker: int, workers: int):
         stream = self._records(worker, workers)

@@ -33,7 +33,7 @@ def evaluate(model, builder, urls: list[str], tasks: list[Task], cfg, device, au
         views = to_device(batch["views"], device)
         for task, view in views.items():
             with autocast:
-                text, regions = encode_view(model, view)
+                text, regions, _ = encode_view(model, view)
             labels = view["mlm_targets"]
             keep = labels != IGNORE
             predicted = model.mlm_logits(gather_positions(text, view["mlm_positions"])).argmax(-1)

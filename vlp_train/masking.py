@@ -40,9 +40,28 @@ from vlp_train.tasks import IGNORE, Task
 RT_MASKING = ("both", "one")
 # the view fields whose dim 1 is the region (dim 0 is the batch in every field)
 REGION_FIELDS = frozenset({"features", "zeroed_regions", "locations", "region_mask", "mrc_labels"})
+# the view fields of a fixed shape but for the batch (dim 0): the regions, and the images' pixels
+FIXED_SHAPE_FIELDS = REGION_FIELDS | {"pixels"}
 # a phrase without `words` (a corpus of another writer): what linking leaves out, at its simplest
 _FUNCTION_WORDS = frozenset("a an the this that these those my your his her its our their some any".split())
 _BRACKETED = re.compile(r"^\[.*\]$")  # [CLS], [unused17], ...: not words
+
+
+class Views(dict):
+    """A batch's {task: view}. The DataLoader's pinning thread calls `pin_memory` on it: a tensor
+    several views share (the batch's pixels) is pinned once, so `step.to_device` copies it once,
+    where torch's generic pinning would make one pinned copy per view."""
+
+    def pin_memory(self, device=None):
+        pinned = {}
+
+        def pin(value):
+            if not torch.is_tensor(value):
+                return value
+            if id(value) not in pinned:
+                pinned[id(value)] = (value, value.pin_memory())
+            return pinned[id(value)][1]
+        return Views({task: {k: pin(v) for k, v in view.items()} for task, view in self.items()})
 
 
 def replacement_ids(tokenizer) -> np.ndarray:
@@ -125,14 +144,17 @@ def _configured_backend(tokenizer, max_length: int):
 
 class BatchBuilder:
     def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives,
-                 pad_regions: bool = False, feature_dim: int | None = None, views: dict | None = None):
+                 pad_regions: bool = False, feature_dim: int | None = None, views: dict | None = None,
+                 image_size: int | None = None):
         """`pad_regions`: every batch has `max_regions` region slots (padding masked out), not the
         most of its images; a step compiled whole then sees one region count (compile.CompiledStep).
         `feature_dim`: the model's region feature size (the loader skips samples of another).
         `views`: {task: fn(builder, samples, sentences, rng) -> view}, a family's own view of a task
-        (families.Family.views) in place of the one built here."""
+        (families.Family.views) in place of the one built here.
+        `image_size`: the model takes pixels (model.visual patches or both): every view carries
+        `pixels`, uint8 [B, image_size, image_size, 3], the same tensor in each view of a batch."""
         self.views = dict(views or {})
-        self.feature_dim = feature_dim
+        self.feature_dim, self.image_size = feature_dim, image_size
         self.tok = tokenizer
         self.tag_index = tag_index
         self.max_text_len, self.max_regions, self.pad_regions = max_text_len, max_regions, pad_regions
@@ -359,7 +381,10 @@ class BatchBuilder:
                 raise ValueError(f"a batch of text alone has no view for the tasks {list(tasks)}")
             return {Task.TEXT_ONLY: self.text_only([s["text"] for s in samples], rng)}
         sentences = [rng.choice(s["meta"]["sentences"]) for s in samples]
-        views = {}
+        # uint8 as decoded: a quarter of float32's bytes through the workers' shared memory and the
+        # copy to the device, where the patch embedding normalises them
+        pixels = torch.from_numpy(np.stack([s["pixels"] for s in samples])) if self.image_size else None
+        views = Views()
         for task in map(Task, tasks):
             if task in self.views:
                 views[task] = self.views[task](self, samples, sentences, rng)
@@ -381,4 +406,8 @@ class BatchBuilder:
                 views[task] = self.image_sentence(samples, sentences, rng)
             else:
                 raise ValueError(f"no view for task {task!r}")
+        if pixels is not None:  # every view of the batch, a family's own too: one tensor, shared
+            for view in views.values():
+                if "features" in view or "region_mask" in view:  # an image's view (not text alone)
+                    view["pixels"] = pixels
         return views

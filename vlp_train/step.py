@@ -31,12 +31,18 @@ class Pretraining(nn.Module):
 
 
 def to_device(views: dict, device: torch.device) -> dict:
-    """Views to the device; region features travel as float16 and are widened there."""
+    """Views to the device; region features travel as float16 and are widened there (pixels
+    travel as uint8; the patch embedding normalises them). A tensor shared by several views (a
+    batch's pixels) is copied once."""
+    moved = {}
+
     def move(value):
         if not torch.is_tensor(value):
             return value
-        value = value.to(device, non_blocking=True)
-        return value.float() if value.dtype == torch.float16 else value
+        if id(value) not in moved:
+            copied = value.to(device, non_blocking=True)
+            moved[id(value)] = (value, copied.float() if copied.dtype == torch.float16 else copied)
+        return moved[id(value)][1]
     return {task: {k: move(v) for k, v in view.items()} for task, view in views.items()}
 
 

@@ -26,6 +26,8 @@ class Family:
     # views of its own for some tasks, built in the loader: fn(cfg) -> {task: fn(builder, samples,
     # sentences, rng) -> view}, replacing BatchBuilder's view of that task; None: BatchBuilder's
     views: Callable | None = None
+    # what its model can see of an image (model.visual): detector regions, and/or image patches
+    visual_inputs: tuple[str, ...] = ("regions",)
 
     @property
     def tasks(self) -> tuple[Task, ...]:

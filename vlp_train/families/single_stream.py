@@ -1,15 +1,23 @@
 """μ-VLA's single-stream model (`model.arch=single_stream`): one BERT over [CLS] text [SEP] +
-regions, with the pre-training heads; the three granularities of the paper.
+the image (`model.visual`: its detector regions, its 16x16 patches, or both), with the
+pre-training heads; the three granularities of the paper.
+
+On patches a region is the set of patches its box covers (`visual.box_patches`): masking a region
+masks those patches (and zeroes its features in `both`), and the region's state, which MRC, MRFR
+and p-MRTC read, is the mean of its patches' states (in `both`, averaged with its region token's).
 
 The model returns features; the objectives (vlp_train/objectives/) compute the losses.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
+from vlp_train.config import VISUAL_INPUTS
 from vlp_train.backbone import BertBackbone, HeadTransform, bert_config, load_bert_init
 from vlp_train.evaluate import evaluate
 from vlp_train.families import Family, register
@@ -17,28 +25,37 @@ from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.tasks import Task
-from vlp_train.visual import RegionEmbedding
+from vlp_train.visual import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, pool_regions, read_vit
 
 ARCH = "single_stream"
+log = logging.getLogger(__name__)
 
 
 class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
-    """Features of [CLS] text [SEP] regions, and the heads:
+    """Features of [CLS] text [SEP] + regions / [visual CLS] patches / both, and the heads:
     MLM (transform + decoder tied to the word embeddings; also the region-to-token head of p-MRTC),
-    MRC over the corpus's tags, MRFR back to the feature space, ITM on [CLS]."""
+    MRC over the corpus's tags, MRFR back to the feature space (on patches without region
+    features, feature_dim 0: a patch's normalised pixels), ITM on [CLS]."""
 
     arch = ARCH
     tag_rows = ("mrc.1.weight", "mrc.1.bias")  # rows by tag: remapped by name when a new corpus's tags differ
 
-    def __init__(self, bert_config, feature_dim: int, tags: list[str]):
+    def __init__(self, bert_config, feature_dim: int, tags: list[str], visual: str = "regions", image_size: int = 384,
+                 patch_size: int = 16, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
         super().__init__()
+        if visual not in VISUAL_INPUTS:
+            raise ValueError(f"model.visual={visual!r}: expected one of {VISUAL_INPUTS}")
         self.bert = BertBackbone(bert_config)
         h, eps = bert_config.hidden_size, bert_config.layer_norm_eps
-        self.region = RegionEmbedding(feature_dim, bert_config, self.bert.embeddings.token_type_embeddings)
+        token_type = self.bert.embeddings.token_type_embeddings
+        self.visual = visual
+        self.region = RegionEmbedding(feature_dim, bert_config, token_type) if visual != "patches" else None
+        self.patches = PatchEmbedding(h, image_size, patch_size, token_type, eps, bert_config.hidden_dropout_prob,
+                                      pixel_mean, pixel_std) if visual != "regions" else None
         self.mlm_transform = HeadTransform(h, eps)
         self.mlm_bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
         self.mrc = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, max(len(tags), 1)))
-        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, feature_dim))
+        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, feature_dim or 3 * patch_size ** 2))
         self.itm = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 2))
         self.feature_dim, self.tags = feature_dim, list(tags)
         self._init_new(bert_config.initializer_range)
@@ -47,8 +64,13 @@ class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
     def num_tags(self) -> int:
         return len(self.tags)
 
+    @property
+    def regresses_pixels(self) -> bool:
+        """MRFR's target: the masked patches' pixels when the corpus has no region features."""
+        return self.patches is not None and not self.feature_dim
+
     def _init_new(self, std: float):
-        for module in (self.region, self.mlm_transform, self.mrc, self.mrfr, self.itm):
+        for module in (self.region or nn.Identity(), self.mlm_transform, self.mrc, self.mrfr, self.itm):
             for m in module.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=std)
@@ -57,11 +79,18 @@ class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
     # -- what from_pretrained needs to rebuild it ------------------------------------------------
 
     def vlp_config(self) -> dict:
-        return {"feature_dim": self.feature_dim, "tags": self.tags}
+        config = {"feature_dim": self.feature_dim, "tags": self.tags, "visual": self.visual}
+        if self.patches is not None:
+            config.update(image_size=self.patches.image_size, patch_size=self.patches.patch_size,
+                          pixel_mean=self.patches.mean.flatten().tolist(), pixel_std=self.patches.std.flatten().tolist())
+        return config
 
     @classmethod
     def from_vlp_config(cls, bert_config, section: dict) -> "SingleStreamModel":
-        return cls(bert_config, section["feature_dim"], section["tags"])
+        # a model saved before model.visual existed is a regions model
+        return cls(bert_config, section["feature_dim"], section["tags"], section.get("visual", "regions"),
+                   section.get("image_size", 384), section.get("patch_size", 16),
+                   tuple(section.get("pixel_mean", IMAGENET_MEAN)), tuple(section.get("pixel_std", IMAGENET_STD)))
 
     def set_layer_call(self, call) -> None:
         """How each transformer layer is called (compile.CompiledLayers swaps in a compiled one)."""
@@ -69,12 +98,44 @@ class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
 
     # -- features and heads --------------------------------------------------------------------
 
-    def forward(self, input_ids, text_mask, features, locations, region_mask):
-        """-> (text states [B, T, D], region states [B, R, D])."""
-        text = self.bert.embeddings(input_ids)
-        regions = self.region(features, locations)
-        hidden = self.bert.encode(torch.cat([text, regions], 1), torch.cat([text_mask, region_mask], 1))
-        return hidden[:, :input_ids.shape[1]], hidden[:, input_ids.shape[1]:]
+    def forward(self, input_ids, text_mask, features, locations, region_mask, pixels=None, masked_regions=None):
+        """-> (text states [B, T, D], region states [B, R, D]); see `encode`."""
+        text, regions, _ = self.encode(input_ids, text_mask, features, locations, region_mask, pixels, masked_regions)
+        return text, regions
+
+    def region_patches(self, locations, region_mask):
+        """[B, R, N] bool: the patches under each (real) region; `locations` as masking.locations."""
+        return box_patches(locations, self.patches.grid) & region_mask.unsqueeze(-1)
+
+    def masked_patches(self, locations, region_mask, masked_regions):
+        """[B, N] bool: the patches under any masked region."""
+        return (self.region_patches(locations, region_mask) & masked_regions.unsqueeze(-1)).any(1)
+
+    def encode(self, input_ids, text_mask, features, locations, region_mask, pixels=None, masked_regions=None):
+        """-> (text states [B, T, D], region states [B, R, D], patch states [B, 1 + N, D] with the
+        visual [CLS] first, or None without patches). `features` are the region features the model
+        sees (zeroed where masked: objectives.input_features); `masked_regions` [B, R]: the regions
+        whose patches the model does not see (patches, both). A region's state is its token's
+        (regions), the mean of its patches' (patches), or the mean of the two (both)."""
+        parts, masks = [self.bert.embeddings(input_ids)], [text_mask]
+        if self.region is not None:
+            parts.append(self.region(features, locations))
+            masks.append(region_mask)
+        if self.patches is not None:
+            if pixels is None:
+                raise ValueError(f"model.visual={self.visual} needs the images' pixels, and this batch has none")
+            hidden_patches = None if masked_regions is None else self.masked_patches(locations, region_mask, masked_regions)
+            parts.append(self.patches(pixels, hidden_patches))
+            masks.append(text_mask.new_ones(pixels.shape[0], 1 + self.patches.num_patches))
+        hidden = self.bert.encode(torch.cat(parts, 1), torch.cat(masks, 1))
+        t = input_ids.shape[1]
+        text, visual = hidden[:, :t], hidden[:, t:]
+        if self.patches is None:
+            return text, visual, None
+        patches = visual[:, visual.shape[1] - 1 - self.patches.num_patches:]
+        pooled = pool_regions(patches[:, 1:], self.region_patches(locations, region_mask))
+        regions = pooled if self.region is None else (visual[:, :region_mask.shape[1]] + pooled) / 2
+        return text, regions, patches
 
     def mlm_logits(self, states):
         """Over the BERT vocabulary, decoder tied to the word embeddings (text and p-MRTC)."""
@@ -87,12 +148,33 @@ class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
 def build(cfg_model, feature_dim: int, tags: list[str]) -> SingleStreamModel:
     """A model initialised as model.init says (vlp_train/backbone.py, vlp_train/pretrained.py)."""
     kind, folder = pretrained.resolve_init(cfg_model.init)
+    vit = read_vit(cfg_model.vision_init) if cfg_model.vision_init and cfg_model.visual != "regions" else None
+    if cfg_model.vision_init and vit is None:
+        log.warning("model.vision_init %s is not used: model.visual=regions has no patch embedding", cfg_model.vision_init)
     if kind == "vlp":
-        return pretrained.init_from(folder, SingleStreamModel, cfg_model, feature_dim, tags)
-    model = SingleStreamModel(bert_config(cfg_model, folder), feature_dim, tags)
+        model = pretrained.init_from(folder, SingleStreamModel, cfg_model, feature_dim, tags)
+        saved = (model.visual, *((model.patches.image_size, model.patches.patch_size) if model.patches else ()))
+        asked = (cfg_model.visual, *((cfg_model.image_size, cfg_model.patch_size) if cfg_model.visual != "regions" else ()))
+        if saved != asked:
+            raise ValueError(f"model.init {folder} sees images as {_describe(saved)}, but model.visual/image_size/"
+                             f"patch_size ask for {_describe(asked)}: set them as the saved model has them")
+        if vit is not None:
+            log.warning("model.vision_init %s is not used: model.init %s holds the whole model, patch embedding "
+                        "included", cfg_model.vision_init, folder)
+        return model
+    mean, std = (vit[1]["mean"], vit[1]["std"]) if vit else (IMAGENET_MEAN, IMAGENET_STD)
+    model = SingleStreamModel(bert_config(cfg_model, folder), feature_dim, tags, cfg_model.visual,
+                              cfg_model.image_size, cfg_model.patch_size, mean, std)
     if folder is not None:
         load_bert_init(model.bert, model.mlm_transform, model.mlm_bias, folder)
+    if vit is not None:
+        model.patches.load_vit(vit[0], f"model.vision_init {cfg_model.vision_init}")
+        log.info("initialised the patch embedding from the ViT in %s", cfg_model.vision_init)
     return model
+
+
+def _describe(visual: tuple) -> str:
+    return visual[0] if len(visual) == 1 else f"{visual[0]} ({visual[1]} px images, {visual[2]} px patches)"
 
 
 @torch.no_grad()
@@ -105,7 +187,7 @@ def match_probability(model: SingleStreamModel, view: dict) -> torch.Tensor:
     model.eval()
     try:
         text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
-                        view["locations"], view["region_mask"])
+                        view["locations"], view["region_mask"], view.get("pixels"))
     finally:
         model.train(was_training)
     return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
@@ -113,5 +195,6 @@ def match_probability(model: SingleStreamModel, view: dict) -> torch.Tensor:
 
 FAMILY = register(Family(
     name=ARCH, model_class=SingleStreamModel, build=build, evaluate=evaluate, match_probability=match_probability,
+    visual_inputs=VISUAL_INPUTS,
     objectives={Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,
                 Task.IMAGE_SENTENCE: image_sentence_losses}))

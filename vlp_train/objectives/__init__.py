@@ -13,8 +13,12 @@ def input_features(view):
 
 
 def encode_view(model, view):
-    """(text states, region states) of a view's masked input."""
-    return model(view["input_ids"], view["text_mask"], input_features(view), view["locations"], view["region_mask"])
+    """(text states, region states, patch states or None) of a view's masked input: its regions'
+    features zeroed and, on patches, the patches under them hidden (`zeroed_regions`)."""
+    inputs = (view["input_ids"], view["text_mask"], input_features(view), view["locations"], view["region_mask"])
+    if "pixels" not in view:  # regions: (text, regions), as every family's forward gives them
+        return (*model(*inputs), None)
+    return model.encode(*inputs, view["pixels"], view.get("zeroed_regions"))
 
 
 def per_sample_mean(values, mask):

@@ -6,8 +6,8 @@ import vlp_train.objectives as obj
 
 
 def image_sentence_losses(model, view):
-    text, regions = obj.encode_view(model, view)
+    text, regions, patches = obj.encode_view(model, view)
     itm_logits = model.itm_logits(text)
     losses = {"itm": F.cross_entropy(itm_logits.float(), view["itm_labels"], reduction="none"),
               "mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"])}
-    return losses, {"text": text, "regions": regions, "itm_logits": itm_logits}
+    return losses, {"text": text, "regions": regions, "patches": patches, "itm_logits": itm_logits}

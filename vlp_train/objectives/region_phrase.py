@@ -6,7 +6,7 @@ import vlp_train.objectives as obj
 
 
 def region_phrase_losses(model, view):
-    text, regions = obj.encode_view(model, view)
+    text, regions, patches = obj.encode_view(model, view)
     losses = {"mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"]),
               "mrtc": obj.phrase_token_losses(model, regions, view["mrtc_positions"], view["mrtc_targets"])}
-    return losses, {"text": text, "regions": regions}
+    return losses, {"text": text, "regions": regions, "patches": patches}
