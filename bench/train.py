@@ -3,6 +3,7 @@
     python bench/train.py --device cuda    # one H100: the `base` config, 12 x 768, batch 480, 12 workers
     python bench/train.py --device cpu     # 2 CPU cores: the same data shape, a 2 x 256 model, batch 32, 2 workers
     python bench/train.py --device cpu --only loader --batch-size 480 --num-workers 2   # the base loader here
+    python bench/train.py --device cpu --visual patches      # the patch model (model.visual=patches), images in the shards
 
 The base data shape (36 regions x 2048-d, text up to 40 tokens) is kept everywhere; on CPU the
 defaults shrink the model, batch and workers (each flag overrides). The shape measured is printed
@@ -70,6 +71,7 @@ DATA = os.environ.get("VLP_BENCH_DATA") or os.path.join(os.path.dirname(os.path.
 TARGET_SAMPLES_PER_S = 8000  # base config, one H100 (the issue's goal)
 SENTENCES_PER_IMAGE = 5
 CORPUS_VERSION = 1  # bump when the synthetic samples change, so cached corpora are rebuilt
+STORED_IMAGE_SIZE = 384  # --visual patches/both: images stored as build-retrieval --store-images does by default
 
 COCO = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
         "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
@@ -148,12 +150,31 @@ def synthetic_sample(i: int, rng: random.Random, nprng: np.random.Generator, reg
     return meta, feats.astype(np.float16)
 
 
-def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int = 1000) -> str:
-    """bench/data/train-<shape>/{shards/corpus-*.tar, tag_vocab.json}, written once; the shards glob."""
+def synthetic_image(meta: dict, rng: random.Random, pool: list[np.ndarray], stored: int) -> tuple[dict, bytes]:
+    """The sample with its image as `build-retrieval --store-images` stores it: one of the bundled
+    photos (bench/decode.py), a random crop of it resized to the sample's width x height, encoded by
+    schemas.corpus.encode_image at `stored` px on the longer side."""
+    import cv2
+
+    from schemas import SCHEMA_VERSION
+    from schemas.corpus import IMAGE_SIZE_FIELD, encode_image, stored_image_size
+    photo = rng.choice(pool)
+    h, w = photo.shape[:2]
+    top, left = rng.randrange(h // 4), rng.randrange(w // 4)
+    picture = cv2.resize(np.ascontiguousarray(photo[top:top + 3 * h // 4, left:left + 3 * w // 4]),
+                         (meta["width"], meta["height"]), interpolation=cv2.INTER_AREA)
+    stored_size = stored_image_size(meta["width"], meta["height"], stored)
+    return {**meta, "schema_version": SCHEMA_VERSION, IMAGE_SIZE_FIELD: list(stored_size)}, encode_image(picture, stored)
+
+
+def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int = 1000, stored_images: int = 0) -> str:
+    """bench/data/train-<shape>/{shards/corpus-*.tar, tag_vocab.json}, written once; the shards glob.
+    `stored_images` > 0: each sample carries its image (`{key}.jpg`), that many px on the longer side."""
     from schemas.corpus import sample_key, sample_members, tar_bytes
     from schemas import validate_sample
 
-    folder = os.path.join(DATA, f"train-v{CORPUS_VERSION}-n{images}-r{regions}-d{feature_dim}-k{SENTENCES_PER_IMAGE}")
+    folder = os.path.join(DATA, f"train-v{CORPUS_VERSION}-n{images}-r{regions}-d{feature_dim}-k{SENTENCES_PER_IMAGE}"
+                                + (f"-i{stored_images}" if stored_images else ""))
     shards = os.path.join(folder, "shards")
     if os.path.exists(os.path.join(folder, "done")):
         return os.path.join(shards, "*.tar")
@@ -161,12 +182,18 @@ def synthetic_corpus(images: int, regions: int, feature_dim: int, per_shard: int
     os.makedirs(shards, exist_ok=True)
     rng, nprng = random.Random(0), np.random.default_rng(0)
     prototypes = nprng.standard_normal((len(COCO), feature_dim), dtype=np.float32) * 2
+    if stored_images:
+        from bench.decode import photos
+        pool, image_rng = list(photos().values()), random.Random(1)
     for s in range(0, images, per_shard):
         samples = [synthetic_sample(i, rng, nprng, regions, prototypes) for i in range(s, min(images, s + per_shard))]
         members = []
         for meta, feats in sorted(samples, key=lambda mf: sample_key(mf[0]["image_id"])):
+            image = None
+            if stored_images:
+                meta, image = synthetic_image(meta, image_rng, pool, stored_images)
             validate_sample(meta, feats, where=meta["image_id"])
-            members += sample_members(sample_key(meta["image_id"]), meta, feats)
+            members += sample_members(sample_key(meta["image_id"]), meta, feats, image)
         path = os.path.join(shards, "corpus-%06d.tar" % (s // per_shard))
         with open(path + ".tmp", "wb") as f:
             f.write(tar_bytes(members))
@@ -196,6 +223,8 @@ def build_config(args):
     cfg.data.resampled = True
     cfg.data.steps_per_epoch = 10**6
     cfg.model.max_regions = args.regions
+    cfg.model.visual = args.visual
+    cfg.model.image_size = args.image_size or cfg.model.image_size
     cfg.objectives.schedule = args.schedule
     cfg.run.device = args.device
     return cfg
@@ -433,6 +462,9 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, help="model override (default: the preset's; 4 on CPU)")
     parser.add_argument("--feature-dim", type=int, default=2048, help="region feature size")
     parser.add_argument("--regions", type=int, default=36, help="regions per image")
+    parser.add_argument("--visual", choices=["regions", "patches", "both"], default="regions",
+                        help="model.visual; patches/both: the synthetic samples carry images (stored at 384 px)")
+    parser.add_argument("--image-size", type=int, default=None, help="model.image_size (default: the preset's)")
     parser.add_argument("--images", type=int, help="synthetic corpus size (default 10000; 1000 on CPU)")
     parser.add_argument("--schedule", choices=["round_robin", "mixed"], default="round_robin")
     parser.add_argument("--itm-weighting", choices=["on", "off"], default="on",
@@ -489,13 +521,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # build_model warns that a fresh shape is randomly initialised
     cfg = build_config(args)
-    shards = synthetic_corpus(args.images, args.regions, args.feature_dim)
+    shards = synthetic_corpus(args.images, args.regions, args.feature_dim,
+                              stored_images=STORED_IMAGE_SIZE if args.visual != "regions" else 0)
     trainer = Trainer(cfg, shards)
     shape = {"layers": trainer.model.bert.config.num_hidden_layers, "hidden": trainer.model.bert.config.hidden_size,
              "heads": trainer.model.bert.config.num_attention_heads, "parameters": trainer.parameters,
              "regions": args.regions, "feature_dim": args.feature_dim, "text_len": cfg.model.max_text_len,
              "batch": cfg.data.batch_size, "num_workers": cfg.data.num_workers, "shuffle_buffer": cfg.data.shuffle_buffer,
-             "images": args.images}
+             "images": args.images, "visual": cfg.model.visual}
+    if cfg.model.visual != "regions":
+        shape.update(image_size=cfg.model.image_size, patch_size=cfg.model.patch_size,
+                     patches=(cfg.model.image_size // cfg.model.patch_size) ** 2)
     print(f"measuring {args.preset} on {args.device}: " + ", ".join(f"{k} {v}" for k, v in shape.items())
           + f"; schedule {args.schedule}, ITM weighting {args.itm_weighting}, compile {trainer.compiled}")
     result = {"device": device_name(args.device), "command": "python " + " ".join(sys.argv if argv is None else

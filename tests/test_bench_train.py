@@ -53,7 +53,7 @@ def test_all_three_measurements(results):
     assert result["schedule"] == "round_robin" and result["steps"] == 3
     assert result["shape"] == {"layers": 1, "hidden": 32, "heads": 2, "parameters": result["shape"]["parameters"],
                                "regions": 36, "feature_dim": 64, "text_len": 40, "batch": 8, "num_workers": 1,
-                               "shuffle_buffer": 8, "images": 32}
+                               "shuffle_buffer": 8, "images": 32, "visual": "regions"}
     for part in ("loader", "step", "e2e"):
         assert result[f"{part}_samples_per_s"] > 0
         assert all(rate > 0 for rate in result[part]["windows_samples_per_s"])
@@ -81,6 +81,16 @@ def test_flops_count_the_itm_weight_forward_and_nothing_is_timed(results):
     for task in ("rp", "is"):  # the weight is one more forward, without the heads' backward
         assert 0 < on[task] - off[task] < off[task] / 2, (task, on, off)
     assert not {"loader", "step", "e2e"} & set(read(results, "train_cpu_flops"))
+
+
+def test_the_patch_models_step_and_loader_on_shards_with_images(results):
+    result = bench_train.main(TINY + ["--visual", "patches", "--image-size", "32", "--only", "e2e",
+                                      "--results-name", "patches"])
+    assert result["shape"]["visual"] == "patches" and result["shape"]["patches"] == 4
+    assert read(results, "patches")["e2e_samples_per_s"] > 0  # the loader decoded the images, the step ran on them
+    gflops = {size: bench_train.main(TINY + ["--visual", "patches", "--image-size", str(size), "--only", "flops"])
+              ["flops"]["mean_gflops_per_sample"] for size in (32, 64)}
+    assert gflops[64] > gflops[32] > 0  # 16 patches cost more than 4: the patches are in the sequence
 
 
 def test_compile_benchmark_names_other_shapes_apart_from_the_default_run():

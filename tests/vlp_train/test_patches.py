@@ -1,11 +1,8 @@
 """The patch input end to end: the loader's pixels, shards without images, the granularities on
 patches (a masked region hides its patches), vision_init, save/load, and short training runs with
 model.visual=patches and both (resume exact)."""
-import io
 import json
 import os
-import random
-import tarfile
 
 import numpy as np
 import pytest
