@@ -15,7 +15,8 @@ Candidates:
 - `pil`: Pillow, full decode, `resize(BILINEAR)`;
 - `pil_draft`: Pillow with `Image.draft`, which makes libjpeg decode at a reduced DCT scale (1/2,
   1/4, 1/8) while the result stays >= the target, then the resize;
-- `opencv`: `cv2.imdecode` (libjpeg-turbo), BGR -> RGB, `cv2.resize` (INTER_AREA shrinking);
+- `opencv`: `cv2.imdecode` (libjpeg-turbo), BGR -> RGB, `cv2.resize` (the loader's `resize_square`:
+  bilinear, area averaging where a side shrinks 2x or more);
 - `opencv_reduced`: the same with `IMREAD_REDUCED_COLOR_2/4/8` when the scaled image stays >= the target;
 - `simplejpeg_opencv`: simplejpeg (libjpeg-turbo, PyPI wheel) with `min_width/min_height` (the
   reduced DCT scale) and fast DCT/upsampling, then `cv2.resize`: `vlp_train.visual.load_pixels`, the loader's;
@@ -85,9 +86,8 @@ def pil(data: bytes, size: int, draft: bool = False) -> np.ndarray:
 
 
 def _cv2_resize(array: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-    shrinking = array.shape[0] > size or array.shape[1] > size
-    return cv2.resize(array, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    from vlp_train.visual import resize_square  # the loader's resize, so the decoders are compared alone
+    return resize_square(array, size)
 
 
 def opencv(data: bytes, size: int, reduced: bool = False) -> np.ndarray:

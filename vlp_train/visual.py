@@ -200,19 +200,27 @@ def pool_regions(patch_states: torch.Tensor, region_patches: torch.Tensor) -> to
 def load_pixels(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> uint8 [size, size, 3] RGB, the whole image resized to the square
     (aspect not kept; see the module's note on geometry). JPEG through simplejpeg (libjpeg-turbo)
-    at the smallest DCT scale that still gives at least `size` on both sides, then one bilinear
-    resize with OpenCV; the fastest pair measured (bench/decode.py, docs/benchmarks.md). Any other
-    format through PIL. ValueError when the bytes are not an image."""
-    import cv2
-
+    at the smallest DCT scale (of libjpeg-turbo's eighths) that still gives at least `size` on both
+    sides, then one OpenCV resize (`resize_square`); the fastest pair measured (bench/decode.py,
+    docs/benchmarks.md). Any other format through PIL. ValueError when the bytes are not an image."""
     try:
         array = _decode_jpeg(data, size) if data[:3] == b"\xff\xd8\xff" else _decode_other(data)
     except Exception as err:  # damaged bytes raise anything from the codec
         raise ValueError(f"undecodable image: {type(err).__name__}: {err}") from err
+    return resize_square(array, size)
+
+
+def resize_square(array: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [h, w, 3] -> [size, size, 3]. Bilinear, or area averaging where a side shrinks by 2x or
+    more (bilinear would alias there). After a reduced-scale JPEG decode the rest of the shrink is
+    under 2x: area averaging at such a factor took 20x bilinear's time (1.3 ms vs 59 us, 384 x 288
+    -> 224, bench/decode.py's machine) for no visible gain."""
+    import cv2
+
     if array.shape[:2] == (size, size):
         return np.ascontiguousarray(array)
-    shrinking = array.shape[0] > size or array.shape[1] > size
-    return cv2.resize(array, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    far = array.shape[0] >= 2 * size or array.shape[1] >= 2 * size
+    return cv2.resize(array, (size, size), interpolation=cv2.INTER_AREA if far else cv2.INTER_LINEAR)
 
 
 def _decode_jpeg(data: bytes, size: int) -> np.ndarray:
