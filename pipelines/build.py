@@ -24,6 +24,7 @@ from pipelines.images import STORED_IMAGE, ReadStoredImages
 from pipelines.io import BOXES_CLIPPED, REGIONS_DROPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
 from pipelines.retrieve import RetrieveTopK, ShardCorpus
+from pipelines.store import EmbedCorpus
 from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
 from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
                               rejected_jsonl, rejected_sort_key, write_bytes)
@@ -306,8 +307,8 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
     stats.append(sentences | "StatSentences" >> beam.Map(lambda _: ("sentences", 1)))
     stats.append(corpus_read["counts"])
     corpus = (sentences
-              | "KeyByIdText" >> beam.Map(lambda st: (st, st[1]))
-              | "EmbedCorpus" >> EmbedSentences(options.embed)
+              # with --embeddings, only sentences the store lacks are embedded
+              | "EmbedCorpus" >> EmbedCorpus(options.embed, options.embeddings)
               # written in shards under the staging folder; only their file names travel to the workers
               | "ShardCorpus" >> ShardCorpus(posixpath.join(out, CORPUS_SPILL), options.retrieve))
     _ = (sentences | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})

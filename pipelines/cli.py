@@ -82,6 +82,9 @@ def main(verbose: bool):
               help="ivf, ivfpq: sentences in the training sample.")
 @click.option("--corpus-shard-rows", default=RetrieveOptions.corpus_shard_rows, show_default=True, type=click.IntRange(1),
               help="The corpus is written and searched in shards of about this many sentences; a worker maps one at a time.")
+@click.option("--embeddings", "embeddings_dir",
+              help="Embedding store (folder, local or gs://): corpus embeddings kept by model fingerprint and "
+                   "sentence id, reused by later builds (only sentences it lacks are embedded, then added).")
 @click.option("--split-sentences", is_flag=True, help="Split book-like text (paragraphs) into sentences with spaCy.")
 @click.option("--max-chars", default=512, show_default=True, type=click.IntRange(1), help="Drop longer sentences (counted, dead-lettered).")
 @click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="At most this many regions per image, highest score first (the detector's, and precomputed --detections').")
@@ -105,7 +108,7 @@ def main(verbose: bool):
                                    "names DIR/{id}, else DIR/{id}.jpg/.jpeg/.png/.webp (local or gs://).")
 @click.pass_context
 def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, batch_size, device, index_type,
-                    nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
+                    nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, embeddings_dir, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
                     spacy_model, word_vectors, trust_pickled_vectors, link_threshold, samples_per_shard,
                     table_rows_per_file, no_shards, store_images, image_size, image_root):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
@@ -139,7 +142,7 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         click.echo(f"no inputs given: using the bundled sample ({images}, {text})")
 
     options = BuildOptions(
-        output=output, detections=detections, images=images, text=text, shards=not no_shards,
+        output=output, detections=detections, images=images, text=text, shards=not no_shards, embeddings=embeddings_dir,
         store_images=store_images, image_size=image_size, image_root=image_root,
         text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
         embed=EmbedOptions(model=sbert_model, batch_size=batch_size or (1024 if device == "cuda" else 256), device=device),
@@ -174,7 +177,7 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
     stats = build.read_stats(build.staging_dir(options.output))
     _check_run(stats, options)
     build.publish(options.output, build.BUILD_ENTRIES)
-    _print_summary(stats, result, elapsed, options.output)
+    _print_summary(stats, result, elapsed, options)
     return stats
 
 
@@ -213,7 +216,8 @@ def _check_run(stats: dict, options: BuildOptions) -> None:
                        f"with, or an empty index); {where}")
 
 
-def _print_summary(stats: dict, result, elapsed: float, output: str) -> None:
+def _print_summary(stats: dict, result, elapsed: float, options: BuildOptions) -> None:
+    output = options.output
     click.echo(f"done in {elapsed:.1f}s -> {output}")
     click.echo(f"  images: {stats['images_in']} in, {stats['images_out']} out; sentences: {stats['sentences']}; "
                f"retrievals: {stats['retrievals']} (mean score {stats['mean_retrieval_score']:.3f})")
@@ -224,9 +228,27 @@ def _print_summary(stats: dict, result, elapsed: float, output: str) -> None:
         click.echo(f"  shards: {stats['shards']}; phrases per sentence: {stats['phrases_per_sentence']:.2f}; "
                    f"link rate: {stats['link_rate']:.2f}")
     click.echo(f"  rejected: {stats['rejected_total']}" + "".join(f"\n    {k}: {v}" for k, v in stats["rejected"].items()))
+    if options.embeddings:
+        store = counter_totals(result, "embedding_store")
+        click.echo(f"  embedding store {options.embeddings}: {store.get('sentences_reused', 0)} sentences reused, "
+                   f"{store.get('sentences_embedded', 0)} embedded and added"
+                   + (f", {store['unreadable_files']} unreadable file(s) skipped" if store.get("unreadable_files") else ""))
     stage_s = stage_times(result)
     if stage_s:
         click.echo("  time per stage (summed over workers): " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()))
+
+
+def counter_totals(result, namespace: str) -> dict[str, int]:
+    """A namespace's Beam counters summed over steps, by name (empty where the runner reports none)."""
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+        counters = result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]
+    except Exception:  # some runners report no metrics
+        return {}
+    totals: dict[str, int] = {}
+    for c in counters:
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+    return totals
 
 
 def stage_times(result) -> dict[str, float]:

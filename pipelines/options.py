@@ -80,6 +80,7 @@ class BuildOptions:
     images: str | None = None         # path/glob of images or WebDataset tars of images
     text: str | None = None           # path/glob of the text corpus (.txt, .txt.gz, .parquet)
     shards: bool = True               # write WebDataset shards (needs region features)
+    embeddings: str | None = None     # embedding store: corpus vectors kept by (model fingerprint, sentence_id)
     store_images: bool = False        # each shard sample also carries its image, `{key}.jpg` (schemas.corpus)
     image_size: int = IMAGE_SIZE      # --store-images: longer side of the stored image (never enlarged)
     image_root: str | None = None     # --store-images with --detections: the folder the images are read from

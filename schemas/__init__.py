@@ -50,6 +50,13 @@ SENTENCES = _versioned("sentences", [
     pa.field("text", pa.string(), nullable=False),
 ])
 
+# The embedding store (pipelines/store.py, `--embeddings DIR`): a sentence's corpus embedding
+# (L2-normalised float32), in DIR/<model fingerprint>/embeddings-*.parquet. Not a corpus output.
+EMBEDDINGS = _versioned("embeddings", [
+    pa.field("sentence_id", pa.string(), nullable=False),
+    pa.field("vector", pa.list_(pa.float32()), nullable=False),
+])
+
 # Top-K sentences per image; rank 0 is the best; score is the cosine similarity; query is the
 # tag string the image searched with (schemas.corpus.tag_query; null in files written before it).
 RETRIEVALS = _versioned("retrievals", [

@@ -1,0 +1,128 @@
+"""The embedding store (--embeddings DIR): corpus embeddings kept by (model fingerprint,
+sentence_id), reused across builds; a changed model invalidates by fingerprint."""
+import glob
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from click.testing import CliRunner
+
+import schemas
+from pipelines import store
+from pipelines.io import stable_id
+from pipelines.options import EmbedOptions
+from pipelines.store import EmbedCorpus, folder_digest, model_fingerprint
+
+from .conftest import RUNNER, SOFA_SENTENCES
+from .test_cli_retrieval import file_bytes
+
+EXTRA = ["A dog runs across the beach.", "Two children fly a kite in the park.", "A chef slices onions."]
+
+
+def _embed(texts, folder, tmp_path, name):
+    """One pipeline run of EmbedCorpus; returns ({id: vector}, the store counters)."""
+    out = tmp_path / f"{name}.npz"
+    pipeline = TestPipeline(runner=RUNNER)
+    _ = (pipeline | beam.Create([(stable_id(t), t) for t in texts])
+         | EmbedCorpus(EmbedOptions(batch_size=2), str(folder))
+         | beam.combiners.ToList()
+         | beam.Map(lambda rows: np.savez(out, **{sid: v for (sid, _), v in rows})))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
+                if c.key.metric.namespace == store.NAMESPACE}
+    with np.load(out) as loaded:
+        return {k: loaded[k] for k in loaded.files}, counters
+
+
+def test_a_second_build_embeds_nothing_a_third_only_new_sentences(tmp_path):
+    folder = tmp_path / "store"
+    first, counts = _embed(SOFA_SENTENCES, folder, tmp_path, "first")
+    assert counts.get("sentences_embedded") == len(SOFA_SENTENCES) and not counts.get("sentences_reused")
+    (model_dir,) = os.listdir(folder)
+    assert model_dir == model_fingerprint(EmbedOptions(batch_size=2))
+    assert len(glob.glob(str(folder / model_dir / "embeddings-*.parquet"))) == 1
+
+    second, counts = _embed(SOFA_SENTENCES, folder, tmp_path, "second")
+    assert counts.get("sentences_reused") == len(SOFA_SENTENCES) and not counts.get("sentences_embedded")
+    assert sorted(second) == sorted(first)
+    for sid, vector in first.items():
+        assert vector.dtype == np.float32 and vector.tobytes() == second[sid].tobytes()  # bit for bit
+
+    third, counts = _embed(SOFA_SENTENCES + EXTRA, folder, tmp_path, "third")
+    assert counts.get("sentences_reused") == len(SOFA_SENTENCES) and counts.get("sentences_embedded") == len(EXTRA)
+    assert all(third[sid].tobytes() == v.tobytes() for sid, v in first.items())
+    added = glob.glob(str(folder / model_dir / "embeddings-*.parquet"))
+    assert len(added) == 2  # the new sentences went into a file of their own
+    rows = [r for f in added for r in schemas.read_table(f, schemas.EMBEDDINGS).to_pylist()]
+    assert sorted(r["sentence_id"] for r in rows) == sorted(stable_id(t) for t in SOFA_SENTENCES + EXTRA)
+
+
+def _fake_store_file(folder, texts, value):
+    """A store file written by hand: vectors no model gives, so a reuse is unmistakable."""
+    store._store_file((0, [(stable_id(t), np.full(384, value, np.float32)) for t in texts]), str(folder))
+
+
+def test_another_model_does_not_read_this_ones_vectors(tmp_path, monkeypatch):
+    folder = tmp_path / "store"
+    _fake_store_file(folder / model_fingerprint(EmbedOptions()), SOFA_SENTENCES, 0.5)
+    monkeypatch.setattr(store, "model_fingerprint", lambda options: "another-model")
+    vectors, counts = _embed(SOFA_SENTENCES, folder, tmp_path, "other")
+    assert counts.get("sentences_embedded") == len(SOFA_SENTENCES) and not counts.get("sentences_reused")
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors.values())  # embedded, not the stored 0.5s
+    assert sorted(os.listdir(folder)) == sorted([model_fingerprint(EmbedOptions()), "another-model"])
+
+
+def test_an_unreadable_store_file_is_skipped_counted_and_its_sentences_embedded_again(tmp_path):
+    folder = tmp_path / "store"
+    model_dir = folder / model_fingerprint(EmbedOptions())
+    _fake_store_file(model_dir, SOFA_SENTENCES[:2], 0.25)
+    (model_dir / "embeddings-damaged.parquet").write_bytes(b"garbage!")
+    vectors, counts = _embed(SOFA_SENTENCES, folder, tmp_path, "again")
+    assert counts.get("unreadable_files") == 1
+    assert counts.get("sentences_reused") == 2 and counts.get("sentences_embedded") == len(SOFA_SENTENCES) - 2
+    assert all((vectors[stable_id(t)] == 0.25).all() for t in SOFA_SENTENCES[:2])  # read from the store
+
+
+def test_the_fingerprint_follows_the_model_files_and_how_it_runs(tmp_path):
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "weights.bin").write_bytes(b"\x00" * 16)
+    digest = folder_digest(str(model))
+    (model / ".cache").mkdir()
+    (model / ".cache" / "export.onnx").write_bytes(b"x")  # a cache kept inside: not the model
+    assert folder_digest(str(model)) == digest
+    (model / "sub" / "weights.bin").write_bytes(b"\x00" * 15 + b"\x01")
+    assert folder_digest(str(model)) != digest
+    cpu = model_fingerprint(EmbedOptions(model=str(model)))
+    assert cpu == model_fingerprint(EmbedOptions(model=str(model), batch_size=7, fp16=False))  # fp16 is CUDA's only
+    assert cpu != model_fingerprint(EmbedOptions(model=str(model), device="cuda"))
+    assert model_fingerprint(EmbedOptions(model=str(model), device="cuda")) != \
+        model_fingerprint(EmbedOptions(model=str(model), device="cuda", fp16=False))
+
+
+@pytest.mark.slow
+def test_a_build_with_another_k_reuses_the_store_and_writes_what_a_build_without_it_writes(tmp_path):
+    from pipelines.cli import main
+
+    from .test_cli_retrieval import DETECTIONS
+    from .conftest import write_jsonl
+    dets = write_jsonl(tmp_path / "detections.jsonl", DETECTIONS)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(SOFA_SENTENCES + EXTRA) + "\n", encoding="utf-8")
+    build = lambda out, *extra: CliRunner().invoke(main, [  # noqa: E731
+        "build-retrieval", "--detections", dets, "--text", str(text), "--output", str(tmp_path / out), "--no-shards",
+        "--batch-size", "4", *extra])
+    store_dir = str(tmp_path / "store")
+    first = build("first", "--k", "3", "--embeddings", store_dir)
+    assert first.exit_code == 0, first.output
+    assert f"0 sentences reused, {len(SOFA_SENTENCES) + len(EXTRA)} embedded and added" in first.output
+    second = build("second", "--k", "2", "--embeddings", store_dir)
+    assert second.exit_code == 0, second.output
+    assert f"{len(SOFA_SENTENCES) + len(EXTRA)} sentences reused, 0 embedded" in second.output
+    plain = build("plain", "--k", "2")
+    assert plain.exit_code == 0, plain.output
+    assert file_bytes(tmp_path / "second") == file_bytes(tmp_path / "plain")
