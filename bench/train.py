@@ -4,6 +4,15 @@
     python bench/train.py --device cpu     # 2 CPU cores: the same data shape, a 2 x 256 model, batch 32, 2 workers
     python bench/train.py --device cpu --only loader --batch-size 480 --num-workers 2   # the base loader here
     python bench/train.py --device cpu --visual patches      # the patch model (model.visual=patches), images in the shards
+    python bench/train.py --device cpu --preset vlmo-base --only step --results-name train_cpu_vlmo  # VLMo's step
+
+VLMo (`--preset vlmo-base`/`vlmo-debug`): the step is VLMo's image-text step (ITC over the batch,
+ITM on three fusion passes with hard negatives, MLM on a fourth), a sample is one image with its
+sentence; the same `--layers/--hidden/--heads` as a single-stream run compare the two at one size.
+Its `retrieval` part (also `--only retrieval`) times the scoring of zero-shot retrieval: the
+dual encoder (each query and candidate encoded once, then dot products) against ITM (one fusion
+pass per query-candidate pair), per pair and per 1,000 queries over a 1,000-candidate gallery,
+and with ITM re-ranking the dual encoder's top 16.
 
 The base data shape (36 regions x 2048-d, text up to 40 tokens) is kept everywhere; on CPU the
 defaults shrink the model, batch and workers (each flag overrides). The shape measured is printed
@@ -65,7 +74,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as vlp-train: the lo
 from bench.data import ADJECTIVES, PLACES, VERBS  # noqa: E402
 from bench.env import device_name, peak_rss_mb, results_folder, results_name, write_result  # noqa: E402
 from vlp_train.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
-from vlp_train.tasks import TASKS  # noqa: E402
 
 DATA = os.environ.get("VLP_BENCH_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TARGET_SAMPLES_PER_S = 8000  # base config, one H100 (the issue's goal)
@@ -280,7 +288,7 @@ class Trainer:
 
 def samples_in(batch: dict) -> int:
     """(regions, text) sequences in a batch: images x views (1 view round-robin, 3 mixed)."""
-    return sum(int(view["input_ids"].shape[0]) for view in batch["views"].values())
+    return sum(int(view["active"].shape[0]) for view in batch["views"].values())
 
 
 # -- measurements ---------------------------------------------------------------------------------
@@ -375,7 +383,7 @@ def flops_per_sample(trainer: Trainer, prebuilt: list[dict], weighting: bool) ->
             with FlopCounterMode(display=False) as counter:
                 loss, _, _ = compute_loss(meta_step, {task: view}, weighting, nullcontext())
                 loss.backward()
-            per_task[task] = counter.get_total_flops() / int(view["input_ids"].shape[0])
+            per_task[task] = counter.get_total_flops() / int(view["active"].shape[0])
     return per_task
 
 
@@ -447,13 +455,49 @@ def bench_e2e(trainer: Trainer, args) -> dict:
     return result
 
 
+RETRIEVAL_GALLERY = 1000  # candidates a query is scored against
+RERANK_K = 16              # the dual encoder's top k that ITM re-scores (run.rerank_k's default)
+
+
+def bench_retrieval(trainer: Trainer, args) -> dict:
+    """VLMo's zero-shot retrieval scoring: the dual encoder against ITM, timed on the step's
+    batches with the model in eval mode (no gradient): per image and per text encoded alone, per
+    fusion pair, and from them per 1,000 queries over a gallery of RETRIEVAL_GALLERY."""
+    from vlp_train.tasks import Task
+    torch, model = trainer.torch, trainer.model
+    view = next(b["views"][Task.IMAGE_TEXT] for b in one_of_each_view(trainer, args) if Task.IMAGE_TEXT in b["views"])
+    rows = int(view["active"].shape[0])
+    model.eval()
+
+    def timed(fn) -> float:
+        """Seconds per call: the median of `repeats` windows of `steps` calls, after `warmup`."""
+        with torch.no_grad():
+            result = measure(lambda: (fn(), 1)[1], args.warmup, args.steps, args.repeats, trainer.sync)
+        return 1 / result["samples_per_s"]
+    with trainer.autocast:
+        image_s = timed(lambda: model.image_features(model.encode_image(view["features"], view["locations"],
+                                                                        view["region_mask"]))) / rows
+        text_s = timed(lambda: model.text_features(model.encode_text(view["clean_ids"], view["text_mask"]))) / rows
+        pair_s = timed(lambda: model.itm_logits(model(view["clean_ids"], view["text_mask"], view["features"],
+                                                      view["locations"], view["region_mask"])[0])) / rows
+    model.train()
+    encode_s = (image_s + text_s) / 2  # a query or candidate of either modality, on average
+    dual_1k = 1000 * encode_s + RETRIEVAL_GALLERY * encode_s  # the candidates once, then one matrix product
+    return {"rows": rows, "gallery": RETRIEVAL_GALLERY, "rerank_k": RERANK_K,
+            "image_encode_ms": image_s * 1e3, "text_encode_ms": text_s * 1e3, "itm_pair_ms": pair_s * 1e3,
+            "dual_encoder_s_per_1k_queries": dual_1k,
+            "itm_s_per_1k_queries": 1000 * RETRIEVAL_GALLERY * pair_s,
+            "itm_rerank_s_per_1k_queries": dual_1k + 1000 * RERANK_K * pair_s,
+            "samples_per_s": 1 / pair_s}
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    parser.add_argument("--preset", choices=["base", "debug"], default="base")
+    parser.add_argument("--preset", choices=["base", "debug", "vlmo-base", "vlmo-debug"], default="base")
     parser.add_argument("--batch-size", type=int, help="images per batch (default: the preset's; 32 on CPU)")
     parser.add_argument("--num-workers", type=int, help="loader processes (default: the preset's; 2 on CPU)")
     parser.add_argument("--shuffle-buffer", type=int, help="samples per worker (default: the preset's; 256 on CPU)")
@@ -476,7 +520,7 @@ def parse_args(argv=None):
                                                     "round_robin rounds it up to whole rounds of the three tasks")
     parser.add_argument("--warmup", type=int, help="batches before timing (default 30; 3 on CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
-    parser.add_argument("--only", choices=["loader", "step", "e2e", "flops"],
+    parser.add_argument("--only", choices=["loader", "step", "e2e", "flops", "retrieval"],
                         help="one measurement; flops: count the step's FLOPs per sample, time nothing")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the step measurement, profile this many steps with torch.profiler")
@@ -501,7 +545,9 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.schedule == "round_robin":  # every window holds the same mix of granularities
-        args.steps = -(-args.steps // len(TASKS)) * len(TASKS)
+        from vlp_train.data import enabled_tasks
+        tasks = len(enabled_tasks(preset.objectives, preset.model.stage))
+        args.steps = -(-args.steps // tasks) * tasks
     return args
 
 
@@ -524,8 +570,9 @@ def main(argv=None) -> dict:
     shards = synthetic_corpus(args.images, args.regions, args.feature_dim,
                               stored_images=STORED_IMAGE_SIZE if args.visual != "regions" else 0)
     trainer = Trainer(cfg, shards)
-    shape = {"layers": trainer.model.bert.config.num_hidden_layers, "hidden": trainer.model.bert.config.hidden_size,
-             "heads": trainer.model.bert.config.num_attention_heads, "parameters": trainer.parameters,
+    bert = trainer.model.bert_config()
+    shape = {"layers": bert.num_hidden_layers, "hidden": bert.hidden_size,
+             "heads": bert.num_attention_heads, "parameters": trainer.parameters,
              "regions": args.regions, "feature_dim": args.feature_dim, "text_len": cfg.model.max_text_len,
              "batch": cfg.data.batch_size, "num_workers": cfg.data.num_workers, "shuffle_buffer": cfg.data.shuffle_buffer,
              "images": args.images, "visual": cfg.model.visual}
@@ -539,10 +586,12 @@ def main(argv=None) -> dict:
               "preset": args.preset, "shape": shape, "schedule": args.schedule,
               "tasks": trainer.tasks, "itm_weighting": args.itm_weighting == "on", "compile": trainer.compiled,
               "autocast": "bf16" if args.device == "cuda" else None,
-              "sample": "one (regions, text) sequence through the model with its objectives; "
-                        + ("a batch holds one granularity (rt, rp, is in turn), so a batch of B images is B samples"
-                           if args.schedule == "round_robin" else
-                           "a batch holds all three granularities of its B images, so 3B samples"),
+              "sample": ("one image with its sentence through VLMo's image-text step (ITC, ITM on 3 fusion passes, "
+                         "MLM on a 4th)" if cfg.model.arch == "vlmo" else
+                         "one (regions, text) sequence through the model with its objectives; "
+                         + ("a batch holds one granularity (rt, rp, is in turn), so a batch of B images is B samples"
+                            if args.schedule == "round_robin" else
+                            "a batch holds all three granularities of its B images, so 3B samples")),
               "differs_from_preset": differs_from_preset(args.preset, shape),
               "torch_threads": trainer.torch.get_num_threads(), "load_average_at_start": load_average,
               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
@@ -551,7 +600,10 @@ def main(argv=None) -> dict:
     if args.only == "flops":
         result["flops"] = bench_flops(trainer, args)
         print("flops:", json.dumps(result["flops"]))
-    for part, fn in (("loader", bench_loader), ("step", bench_step), ("e2e", bench_e2e)):
+    parts = [("loader", bench_loader), ("step", bench_step), ("e2e", bench_e2e)]
+    if cfg.model.arch == "vlmo":
+        parts.append(("retrieval", bench_retrieval))
+    for part, fn in parts:
         if args.only in (None, part):
             result[part] = fn(trainer, args)
             result[f"{part}_samples_per_s"] = result[part]["samples_per_s"]

@@ -106,3 +106,16 @@ def test_compile_benchmark_names_other_shapes_apart_from_the_default_run():
     assert bench_compile.results_name(wider, every, {**shape, "hidden": 512}) == \
         "compile_cpu_2x512_4heads_batch32_" + "_".join(every)
     assert bench_compile.results_name(default, ["layers"], shape) == "compile_cpu_2x256_4heads_batch32_layers"
+
+
+def test_vlmo_step_and_retrieval_scoring(results):
+    vlmo = TINY + ["--layers", "3", "--preset", "vlmo-debug"]  # VL-FFN in the top 2 of 3
+    result = bench_train.main(vlmo + ["--only", "step", "--results-name", "vlmo"])
+    assert result["tasks"] == ["vl"] and result["step_samples_per_s"] > 0
+    assert result["step"]["model_gflops_per_sample"]["vl"] > 0
+    scoring = bench_train.main(vlmo + ["--only", "retrieval", "--results-name", "vlmo_r"])
+    retrieval = scoring["retrieval"]
+    assert retrieval["itm_pair_ms"] > 0 and retrieval["image_encode_ms"] > 0 and retrieval["text_encode_ms"] > 0
+    # scoring a gallery of 1,000 by ITM is 1,000 fusion passes a query; the dual encoder encodes each item once
+    assert retrieval["itm_s_per_1k_queries"] == pytest.approx(1000 * 1000 * retrieval["itm_pair_ms"] / 1e3)
+    assert retrieval["dual_encoder_s_per_1k_queries"] < retrieval["itm_rerank_s_per_1k_queries"]
