@@ -31,12 +31,14 @@ def builder():
     return BatchBuilder(tokenizer, {t: i for i, t in enumerate(sorted(TAGS))}, 40, 36, ObjectiveConfig())
 
 
-def tiny_model(regions_dim=DIM, fusion_layers=1) -> VLMAEModel:
+def tiny_model(regions_dim=DIM, fusion_layers=1, patches: bool = False) -> VLMAEModel:
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)
+    pixels = {"visual": "patches", "image_size": 32, "patch_size": 8, "pixel_mean": [0.5] * 3,
+              "pixel_std": [0.25] * 3} if patches else {}
     return VLMAEModel(config, {"feature_dim": regions_dim, "tags": sorted(TAGS), "fusion_layers": fusion_layers,
-                               "vision": [2, 32, 2], "decoder": [1, 16, 2]})
+                               "vision": [2, 32, 2], "decoder": [1, 16, 2], **pixels})
 
 
 def grid_sample(i: int, links: list[tuple[int, float]], n: int = 8) -> dict:
@@ -58,10 +60,14 @@ def grid_sample(i: int, links: list[tuple[int, float]], n: int = 8) -> dict:
     return {"key": f"g{i}", "meta": meta, "feats": feats}
 
 
-def view_of(builder, samples, seed=0, mask_ratio=0.5):
+def view_of(builder, samples, seed=0, mask_ratio=0.5, grid=0):
+    """The pair view; with `grid`, of 32 x 32 images in grid x grid patches (random pixels)."""
     rng = random.Random(seed)
     sentences = [s["meta"]["sentences"][0] for s in samples]
-    view = pair_view(builder, samples, sentences, rng, mask_ratio=mask_ratio)
+    view = pair_view(builder, samples, sentences, rng, mask_ratio=mask_ratio, grid=grid)
+    if grid:
+        view["pixels"] = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (len(samples), 32, 32, 3),
+                                                                                 dtype=np.uint8))
     return {k: (v.float() if torch.is_tensor(v) and v.dtype == torch.float16 else v) for k, v in view.items()}
 
 
@@ -87,6 +93,42 @@ def test_the_image_encoder_sees_only_the_visible_elements(builder, ratio):
         torch.testing.assert_close(tokens[0][i], everything[i, view["visible"][i]])
         # each visible element is one the view does not hide, and the hidden ones are the rest
         assert not view["hidden"][i, view["visible"][i]].any()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
+def test_on_patches_the_image_encoder_sees_only_the_visible_patches(builder, ratio):
+    """32 x 32 images in 8 px patches: N = 16; the encoder's sequence is (1 - ratio) N + 1."""
+    samples = [grid_sample(i, [(1, 0.9)]) for i in range(3)]
+    view = view_of(builder, samples, mask_ratio=ratio, grid=4)
+    kept = int(16 * (1 - ratio))
+    model = tiny_model(patches=True)
+    lengths = []
+    for block in model.vision.blocks:
+        block.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    states, _ = model.encode_image(view, visible=True)
+    assert states.shape[1] == kept + 1 and lengths == [kept + 1] * len(model.vision.blocks)
+    assert view["hidden"].shape == (3, 16) and view["hidden"].sum(1).tolist() == [16 - kept] * 3
+    losses, _ = pair_losses(model.train(), view)
+    assert all(bool(torch.isfinite(v).all()) for v in losses.values())
+    assert (losses["rmim"] > 0).all() == (ratio > 0)
+
+
+def test_on_patches_rmim_covers_the_hidden_patches_whose_centre_is_in_a_linked_box(builder):
+    """A 400 x 100 image in 4 x 4 patches (each 100 x 25 of it; centres at x 50, 150, 250, 350):
+    the link to region 1 (x 50-100) holds column 0, the one to region 8 (x 0-200) columns 0 and 1.
+    RMIM's weights are 1 exactly on the hidden patches of columns 0-1, and its target is the hidden
+    patches' pixels."""
+    samples = [grid_sample(0, [(1, 0.9), (8, 0.6)])]
+    view = view_of(builder, samples, seed=5, grid=4)
+    inside = torch.tensor([c in (0, 1) for r in range(4) for c in range(4)])
+    torch.testing.assert_close(view["rmim_weight"][0], (view["hidden"][0] & inside).float())
+    assert 0 < view["rmim_weight"].sum() < view["hidden"].sum()
+    model = tiny_model(patches=True)
+    targets = model.vision.tokens.targets(view)
+    assert targets.shape == (1, 16, 8 * 8 * 3)
+    # patch (row 1, column 2) is pixels [8:16, 16:24], normalised by the model's mean and std
+    expected = (view["pixels"][0, 8:16, 16:24].float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(targets[0, 1 * 4 + 2], expected.reshape(-1))
 
 
 def test_visible_elements_draws_per_sample_and_keeps_at_least_one():

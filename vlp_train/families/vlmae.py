@@ -124,6 +124,78 @@ class RegionTokens(nn.Module):
     def forward(self, view, features=None):
         return self.feature(view["features"] if features is None else features) + self.location(view["locations"])
 
+    def mask(self, view):
+        """[B, N] True for a real element (regions are padded to the batch's most)."""
+        return view["region_mask"]
+
+    def positions(self, view):
+        """[B, N, 5]: where each element is, as masking.locations gives a box."""
+        return view["locations"]
+
+    def targets(self, view):
+        """What RMIM reconstructs: the regions' original features (MRFR's target)."""
+        return view["features"]
+
+
+class _PatchProjection(nn.Module):
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+
+class PatchTokens(nn.Module):
+    """The image's elements as patch_size patches of the image_size square image (`pixels`, uint8
+    [B, S, S, 3] from the loader): timm's `patch_embed.proj` and `pos_embed` (whose first row is the
+    [CLS]'s), so a ViT's embedding loads by name. Pixels are normalised here, on the device."""
+
+    def __init__(self, width: int, image_size: int, patch_size: int, mean, std):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"model.image_size={image_size} is not a multiple of model.patch_size={patch_size}")
+        self.image_size, self.patch_size, self.grid = image_size, patch_size, image_size // patch_size
+        self.patch_embed = _PatchProjection(width, patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, width))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("cells", torch.from_numpy(patch_cells(self.grid)), persistent=False)
+
+    def normalise(self, pixels):
+        return (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+
+    def forward(self, view, features=None):
+        if features is not None and features is not view.get("features"):
+            raise ValueError("vlmae on patches: region masking of the μ-VLA granularities is not supported")
+        pixels = view.get("pixels")
+        if pixels is None:
+            raise ValueError("model.visual=patches needs the images' pixels, and this batch has none")
+        x = self.patch_embed.proj(self.normalise(pixels)).flatten(2).transpose(1, 2)
+        return x + self.pos_embed[:, 1:].to(x.dtype)
+
+    @property
+    def cls_position(self):
+        return self.pos_embed[:, :1]
+
+    def mask(self, view):
+        pixels = view["pixels"]
+        return torch.ones(pixels.shape[0], self.grid ** 2, dtype=torch.bool, device=pixels.device)
+
+    def positions(self, view):
+        return self.cells.expand(view["pixels"].shape[0], -1, -1)
+
+    def targets(self, view):
+        """Each patch's (normalised) pixels, [B, N, patch * patch * 3], row-major as the patches."""
+        x = self.normalise(view["pixels"])
+        b, p, g = x.shape[0], self.patch_size, self.grid
+        return x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * 3)
+
+
+def patch_cells(grid: int) -> np.ndarray:
+    """[grid * grid, 5]: each patch as a box ([x1, y1, x2, y2] fractions of the image, area), row-major."""
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    x1, y1 = cols.ravel() / grid, rows.ravel() / grid
+    return np.stack([x1, y1, x1 + 1 / grid, y1 + 1 / grid, np.full(grid * grid, 1 / grid ** 2)], 1).astype(np.float32)
+
 
 class ImageEncoder(nn.Module):
     """ViT over [I_CLS] + the image's elements, or only the visible ones (`visible` [B, K] indices,
@@ -140,12 +212,13 @@ class ImageEncoder(nn.Module):
 
     def forward(self, view, visible: bool = False, features=None):
         """-> (states [B, 1 + N or K, W], mask [B, 1 + N or K]); position 0 is [I_CLS]."""
-        x, mask = self.tokens(view, features), view["region_mask"]
+        x, mask = self.tokens(view, features), self.tokens.mask(view)
         if visible:
             index = view["visible"]
             x = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             mask = view["visible_mask"]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
+        cls = self.cls_token + getattr(self.tokens, "cls_position", 0)
+        x = torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
         mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
         attn_mask = mask[:, None, None, :]
         for block in self.blocks:
@@ -179,19 +252,20 @@ class ImageDecoder(nn.Module):
         self.head = nn.Linear(width, target_dim)
         self.call_layer = call_layer
 
-    def forward(self, image_states, view, text_states, text_mask):
-        """image_states [B, 1 + K, W] (the encoder's, visible only) -> predictions [B, N, target]."""
-        b, slots = view["region_mask"].shape
+    def forward(self, image_states, view, text_states, text_mask, positions, element_mask):
+        """image_states [B, 1 + K, W] (the encoder's, visible only); positions [B, N, 5] and
+        element_mask [B, N] of every element -> predictions [B, N, target]."""
+        b, slots = element_mask.shape
         visible = self.image_in(image_states[:, 1:])
         # the visible elements back at their places, a mask token at the others; the padding of
         # `visible` goes to a spare slot past the end, dropped
         index = torch.where(view["visible_mask"], view["visible"], slots).unsqueeze(-1).expand_as(visible)
         grid = self.mask_token.to(visible.dtype).expand(b, slots + 1, -1).scatter(1, index, visible)[:, :slots]
-        grid = grid + self.location(view["locations"])
+        grid = grid + self.location(positions)
         image = torch.cat([self.image_in(image_states[:, :1]), grid], 1) + self.modality.weight[1]
         text = self.text_in(text_states) + self.modality.weight[0]
         x = torch.cat([image, text], 1)
-        mask = torch.cat([torch.ones_like(view["region_mask"][:, :1]), view["region_mask"], text_mask], 1)
+        mask = torch.cat([torch.ones_like(element_mask[:, :1]), element_mask, text_mask], 1)
         attn_mask = mask[:, None, None, :]
         for block in self.blocks:
             x = self.call_layer(block, x, attn_mask)
@@ -212,7 +286,8 @@ class VLMAEModel(pretrained.PretrainedModel, nn.Module):
 
     def __init__(self, bert_config, spec: dict):
         """`spec`: feature_dim, tags, fusion_layers, vision [layers, width, heads], decoder [layers,
-        width, heads] (what vlp_config() saves)."""
+        width, heads], visual (regions | patches) and for patches image_size, patch_size, pixel_mean,
+        pixel_std (what vlp_config() saves)."""
         super().__init__()
         self.spec = dict(spec)
         h, eps = bert_config.hidden_size, bert_config.layer_norm_eps
@@ -230,8 +305,16 @@ class VLMAEModel(pretrained.PretrainedModel, nn.Module):
         self.bert = BertBackbone(bert_config)
         for i in range(self.text_layers, layers):
             self.bert.encoder.layer[i] = FusionLayer(bert_config, v_width)
-        self.vision = ImageEncoder(RegionTokens(spec["feature_dim"], v_width), v_width, v_layers, v_heads)
-        self.decoder = ImageDecoder(v_width, h, d_width, d_layers, d_heads, spec["feature_dim"])
+        self.visual = spec.get("visual", "regions")
+        if self.visual == "regions":
+            tokens, target_dim = RegionTokens(spec["feature_dim"], v_width), spec["feature_dim"]
+        elif self.visual == "patches":
+            tokens = PatchTokens(v_width, spec["image_size"], spec["patch_size"], spec["pixel_mean"], spec["pixel_std"])
+            target_dim = 3 * spec["patch_size"] ** 2
+        else:
+            raise ValueError(f"model.visual={self.visual!r}: vlmae sees an image as regions or as patches (not both)")
+        self.vision = ImageEncoder(tokens, v_width, v_layers, v_heads)
+        self.decoder = ImageDecoder(v_width, h, d_width, d_layers, d_heads, target_dim)
         self.vision_proj = nn.Linear(v_width, self.CONTRAST_DIM)
         self.text_proj = nn.Linear(h, self.CONTRAST_DIM)
         self.itc_log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learnable temperature
@@ -292,7 +375,10 @@ class VLMAEModel(pretrained.PretrainedModel, nn.Module):
     # -- what from_pretrained needs --------------------------------------------------------------
 
     def vlp_config(self) -> dict:
-        return {k: self.spec[k] for k in ("feature_dim", "tags", "fusion_layers", "vision", "decoder")}
+        keys = ("feature_dim", "tags", "fusion_layers", "vision", "decoder", "visual")
+        if self.visual == "patches":
+            keys += ("image_size", "patch_size", "pixel_mean", "pixel_std")
+        return {k: self.spec[k] for k in keys if k in self.spec}
 
     @classmethod
     def from_vlp_config(cls, bert_config, section: dict) -> "VLMAEModel":
@@ -324,13 +410,22 @@ class VLMAEModel(pretrained.PretrainedModel, nn.Module):
     def encode_image(self, view, visible: bool = False, momentum: bool = False, features=None):
         return (self.momentum_vision if momentum else self.vision)(view, visible, features)
 
-    def forward(self, input_ids, text_mask, features, locations, region_mask):
+    def forward(self, input_ids, text_mask, features, locations, region_mask, pixels=None):
         """The μ-VLA granularities' interface: (fused text states [B, T, H], region states [B, R, H])
-        over every region (no MAE masking; zeroed regions are the view's)."""
-        view = {"features": features, "locations": locations, "region_mask": region_mask}
+        over the whole image (no MAE masking; zeroed regions are the view's)."""
+        text, regions, _ = self.encode(input_ids, text_mask, features, locations, region_mask, pixels)
+        return text, regions
+
+    def encode(self, input_ids, text_mask, features, locations, region_mask, pixels=None, masked_regions=None):
+        """(fused text states, region states or None on patches, image states [B, 1 + N, W])."""
+        if self.visual == "patches" and masked_regions is not None:
+            raise ValueError("vlmae on patches trains the image-text task and image-sentence; the region-tag and "
+                             "region-phrase granularities (regions masked on patches) need model.visual=regions")
+        view = {"features": features, "locations": locations, "region_mask": region_mask, "pixels": pixels}
         image, image_mask = self.encode_image(view)
         text = self.fuse(self.encode_text(input_ids, text_mask), text_mask, image, image_mask)
-        return text, self.image_to_text(image[:, 1:])
+        regions = self.image_to_text(image[:, 1:]) if self.visual == "regions" else None
+        return text, regions, image
 
     # -- heads ----------------------------------------------------------------------------------
 
@@ -349,14 +444,50 @@ def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMAEModel:
     if kind == "vlp":
         return pretrained.init_from(folder, VLMAEModel, cfg_model, feature_dim, tags)
     config = bert_config(cfg_model, folder)
+    visual, vision_init = getattr(cfg_model, "visual", "regions"), getattr(cfg_model, "vision_init", None)
     spec = {"feature_dim": feature_dim, "tags": list(tags), "fusion_layers": cfg_model.fusion_layers,
             "vision": list(_vision_shape(cfg_model, config)),
-            "decoder": [cfg_model.decoder_layers, cfg_model.decoder_hidden, cfg_model.decoder_heads]}
+            "decoder": [cfg_model.decoder_layers, cfg_model.decoder_hidden, cfg_model.decoder_heads], "visual": visual}
+    vit = None
+    if vision_init:
+        from vlp_train.visual import read_vit
+        vit = read_vit(vision_init)
+    if visual == "patches":
+        from vlp_train.visual import IMAGENET_MEAN, IMAGENET_STD
+        spec.update(image_size=cfg_model.image_size, patch_size=cfg_model.patch_size,
+                    pixel_mean=list(vit[1]["mean"] if vit else IMAGENET_MEAN),
+                    pixel_std=list(vit[1]["std"] if vit else IMAGENET_STD))
     model = VLMAEModel(config, spec)
     if folder is not None:
         load_bert_init(model.bert, model.mlm_transform, model.mlm_bias, folder, new=("crossattention",))
-        model.copy_to_momentum()
+    if vit is not None:
+        load_vit(model, vit[0], vision_init)
+    model.copy_to_momentum()
     return model
+
+
+def load_vit(model: VLMAEModel, weights: dict, where: str) -> None:
+    """The image encoder from a ViT's weights (timm's names, `visual.read_vit`): its blocks, final
+    norm and [CLS]; on patches its patch projection and position embeddings too (resized to this
+    grid). A ViT of another width or depth is an error naming the folder."""
+    encoder = model.vision
+    state = {k: v for k, v in weights.items() if k.startswith(("blocks.", "norm.")) or k == "cls_token"}
+    if model.visual == "patches":
+        from vlp_train.visual import resize_pos_embed
+        tokens = encoder.tokens
+        for name in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+            state[f"tokens.{name}"] = weights[name]
+        pos = weights["pos_embed"]
+        state["tokens.pos_embed"] = resize_pos_embed(pos, tokens.grid, f"model.vision_init {where}")
+    ours = encoder.state_dict()
+    wrong = [k for k, v in state.items() if k not in ours or ours[k].shape != v.shape]
+    missing = [k for k in ours if k.startswith(("blocks.", "norm.")) and k not in state]
+    if wrong or missing:
+        raise ValueError(f"model.vision_init {where}: a ViT that does not fit the image encoder "
+                         f"({len(encoder.blocks)} x {encoder.norm.normalized_shape[0]}): "
+                         f"{(wrong + missing)[:4]} (set model.vision_layers/hidden/heads to the ViT's)")
+    encoder.load_state_dict(state, strict=False)
+    log.info("initialised the image encoder from the ViT in %s", where)
 
 
 # -- the pair view (built in the loader) -----------------------------------------------------------
@@ -390,35 +521,41 @@ def relevant_weights(centres: np.ndarray, real: np.ndarray, boxes: list, similar
     return weights * real
 
 
-def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5) -> dict:
+def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5, grid: int = 0) -> dict:
     """VLMAE's view of (image, retrieved sentence): the clean sentence (ITC, ITM, the decoder's
     text) and a 15%-masked copy (MLM, 80/10/10); the image's visible elements (MAE masking, ratio
-    `mask_ratio`) and RMIM's weight of each hidden element (inside the linked boxes); text keys."""
-    feats, locs, rmask, _ = builder._regions(samples)
+    `mask_ratio`) and RMIM's weight of each hidden element (inside the linked boxes); text keys.
+    The elements are the regions, or with `grid` the grid x grid patches (the loader adds `pixels`)."""
+    feats, locs, regions, _ = builder._regions(samples)
+    elements = np.ones((len(samples), grid * grid), bool) if grid else regions
     ids, tmask, _ = builder._tokenize([s["text"] for s in sentences])
     clean_ids = ids.copy()
     mlm = np.full(ids.shape, IGNORE, np.int64)
     for i in range(len(samples)):
         builder._mask_tokens(ids, mlm, i, builder._random_positions(builder._text_candidates(ids[i], tmask[i]),
                                                                       builder.obj.mlm_prob, rng), rng)
-    visible, visible_mask = visible_elements([int(r.sum()) for r in rmask], mask_ratio, rng)
-    hidden = rmask.copy()
+    visible, visible_mask = visible_elements([int(r.sum()) for r in elements], mask_ratio, rng)
+    hidden = elements.copy()
     for i in range(len(samples)):
         hidden[i, visible[i][visible_mask[i]]] = False
-    rmim = np.zeros(rmask.shape, np.float32)
+    rmim = np.zeros(elements.shape, np.float32)
+    cells = patch_cells(grid) if grid else None
     for i, (sample, sentence) in enumerate(zip(samples, sentences)):
-        meta, n = sample["meta"], int(rmask[i].sum())
-        boxes = np.asarray(meta["boxes"][:n], np.float32).reshape(-1, 4)
-        centres = np.zeros((rmask.shape[1], 2), np.float32)
-        centres[:n] = (boxes[:, :2] + boxes[:, 2:]) / 2
+        meta, n = sample["meta"], int(regions[i].sum())
+        if grid:  # patch centres in the boxes' coordinates (the image is resized to the square whole)
+            centres = (cells[:, :2] + cells[:, 2:4]) / 2 * np.array([meta["width"], meta["height"]], np.float32)
+        else:
+            boxes = np.asarray(meta["boxes"][:n], np.float32).reshape(-1, 4)
+            centres = np.zeros((elements.shape[1], 2), np.float32)
+            centres[:n] = (boxes[:, :2] + boxes[:, 2:]) / 2
         links = [p for p in sentence["phrases"] if p.get("region") is not None and p["region"] < n]
-        rmim[i] = relevant_weights(centres, rmask[i], [meta["boxes"][p["region"]] for p in links],
+        rmim[i] = relevant_weights(centres, elements[i], [meta["boxes"][p["region"]] for p in links],
                                    [p["similarity"] for p in links], builder.obj.rmim_link_weight) * hidden[i]
     positions, targets = label_positions(mlm)
     obj = builder.obj
     return {"task": PAIR_TASK, **builder._tensors(
         input_ids=ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets, clean_ids=clean_ids,
-        features=feats, locations=locs, region_mask=rmask, visible=visible, visible_mask=visible_mask,
+        features=feats, locations=locs, region_mask=regions, visible=visible, visible_mask=visible_mask,
         hidden=hidden, rmim_weight=rmim, text_keys=np.array([text_key(s["text"]) for s in sentences], np.int64),
         active=np.ones(len(samples), bool)),
         "momentum": float(obj.momentum), "distill_alpha": float(obj.distill_alpha), "rmim_norm": bool(obj.rmim_norm)}
@@ -426,7 +563,9 @@ def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5) -> dict
 
 def views(cfg) -> dict:
     import functools
-    return {PAIR_TASK: functools.partial(pair_view, mask_ratio=cfg.model.mask_ratio)}
+    patches = getattr(cfg.model, "visual", "regions") == "patches"
+    return {PAIR_TASK: functools.partial(pair_view, mask_ratio=cfg.model.mask_ratio,
+                                         grid=cfg.model.image_size // cfg.model.patch_size if patches else 0)}
 
 
 # -- the pair objectives ----------------------------------------------------------------------------
@@ -505,8 +644,9 @@ def pair_losses(model: VLMAEModel, view: dict):
     mlm = masked_token_losses(model, masked, view["mlm_positions"], view["mlm_targets"])
 
     # RMIM: the decoder over visible states, mask tokens and the clean text states
-    predictions = model.decoder(image, view, text, view["text_mask"])
-    rmim = rmim_losses(predictions, view["features"], view["rmim_weight"], view["rmim_norm"])
+    tokens = model.vision.tokens
+    predictions = model.decoder(image, view, text, view["text_mask"], tokens.positions(view), tokens.mask(view))
+    rmim = rmim_losses(predictions, tokens.targets(view), view["rmim_weight"], view["rmim_norm"])
 
     # IFR: the visible [I_CLS], projected, to the momentum encoder's [I_CLS] of the full image
     ifr = (model.ifr(image[:, 0]).float() - full_image[:, 0].float()).abs().mean(-1)
@@ -522,7 +662,7 @@ def match_probability(model: VLMAEModel, view: dict) -> torch.Tensor:
     model.eval()
     try:
         text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
-                        view["locations"], view["region_mask"])
+                        view["locations"], view["region_mask"], view.get("pixels"))
     finally:
         model.train(was_training)
     return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
