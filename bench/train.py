@@ -475,11 +475,12 @@ def bench_retrieval(trainer: Trainer, args) -> dict:
             result = measure(lambda: (fn(), 1)[1], args.warmup, args.steps, args.repeats, trainer.sync)
         return 1 / result["samples_per_s"]
     with trainer.autocast:
+        pixels = view.get("pixels")
         image_s = timed(lambda: model.image_features(model.encode_image(view["features"], view["locations"],
-                                                                        view["region_mask"]))) / rows
+                                                                        view["region_mask"], pixels))) / rows
         text_s = timed(lambda: model.text_features(model.encode_text(view["clean_ids"], view["text_mask"]))) / rows
         pair_s = timed(lambda: model.itm_logits(model(view["clean_ids"], view["text_mask"], view["features"],
-                                                      view["locations"], view["region_mask"])[0])) / rows
+                                                      view["locations"], view["region_mask"], pixels)[0])) / rows
     model.train()
     encode_s = (image_s + text_s) / 2  # a query or candidate of either modality, on average
     dual_1k = 1000 * encode_s + RETRIEVAL_GALLERY * encode_s  # the candidates once, then one matrix product

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from vlp_train.data import CorpusStream
-from vlp_train.objectives import gather_positions, input_features
+from vlp_train.objectives import gather_positions
+from vlp_train.objectives.vlmo import image_only_regression
 from vlp_train.step import to_device
 from vlp_train.tasks import IGNORE, Task
 
@@ -65,7 +66,7 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
     stream.set_position(0, 0, None)
     was_training = model.training
     model.eval()
-    pairs = {name: [] for name in ("ids", "text_mask", "features", "locations", "region_mask", "keys")}
+    pairs = {name: [] for name in ("ids", "text_mask", "features", "locations", "region_mask", "keys")}  # + pixels
     image_features, text_features, hits, regression = [], [], {"sentence_mlm": [0, 0], "text_mlm": [0, 0]}, [0.0, 0]
     dual_s = 0.0
     for n, batch in enumerate(stream):
@@ -76,15 +77,17 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
         started = time.perf_counter()
         with autocast:
             image_features.append(model.image_features(model.encode_image(
-                view["features"], view["locations"], view["region_mask"])).cpu())
+                view["features"], view["locations"], view["region_mask"], view.get("pixels"))).cpu())
             text_features.append(model.text_features(model.encode_text(view["clean_ids"], view["text_mask"])).cpu())
         dual_s += time.perf_counter() - started
         for name, field in (("ids", "clean_ids"), ("text_mask", "text_mask"), ("features", "features"),
-                            ("locations", "locations"), ("region_mask", "region_mask"), ("keys", "text_keys")):
-            pairs[name].append(view[field])
+                            ("locations", "locations"), ("region_mask", "region_mask"), ("keys", "text_keys"),
+                            ("pixels", "pixels")):
+            if field in view:
+                pairs.setdefault(name, []).append(view[field])
         with autocast:
             text, _ = model(view["input_ids"], view["text_mask"], view["features"], view["locations"],
-                            view["region_mask"])
+                            view["region_mask"], view.get("pixels"))
         _count_mlm(model, text, view, hits["sentence_mlm"])
         if Task.TEXT_ONLY in views:
             text_view = views[Task.TEXT_ONLY]
@@ -94,12 +97,9 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
         if Task.IMAGE_ONLY in views:
             image_view = views[Task.IMAGE_ONLY]
             with autocast:
-                regions = model.encode_image(input_features(image_view), image_view["locations"],
-                                             image_view["region_mask"])[:, 1:]
-            squared = (model.mrfr(regions).float() - image_view["features"].float()).pow(2).mean(-1)
-            masked = image_view["zeroed_regions"]
-            regression[0] += squared[masked].sum().item()
-            regression[1] += int(masked.sum().item())
+                error, _ = image_only_regression(model, image_view)  # per sample: the mean over its masked ones
+            regression[0] += error.sum().item()
+            regression[1] += error.shape[0]
     result = {f"{name}_acc": right / total for name, (right, total) in hits.items() if total}
     if regression[1]:
         result["region_regression_mse"] = regression[0] / regression[1]
@@ -139,10 +139,12 @@ def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> di
         ids, text_mask = _pad_cat(pairs["ids"]), _pad_cat(pairs["text_mask"], False)
         features, locations = _pad_cat(pairs["features"]), _pad_cat(pairs["locations"])
         region_mask = _pad_cat(pairs["region_mask"], False)
+        pixels = torch.cat(pairs["pixels"]) if pairs.get("pixels") else None
 
         def inputs(text_rows, image_rows):
             text_rows, image_rows = text_rows.to(device), image_rows.to(device)
-            return ids[text_rows], text_mask[text_rows], features[image_rows], locations[image_rows], region_mask[image_rows]
+            return (ids[text_rows], text_mask[text_rows], features[image_rows], locations[image_rows],
+                    region_mask[image_rows], pixels[image_rows] if pixels is not None else None)
         started = time.perf_counter()
         reranked = {"i2t": rerank_scores(model, scores, k, lambda q, c: inputs(c, q), cfg.data.batch_size, autocast),
                     "t2i": rerank_scores(model, scores.T, k, lambda q, c: inputs(q, c), cfg.data.batch_size, autocast)}

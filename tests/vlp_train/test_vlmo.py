@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 import schemas
@@ -20,17 +21,17 @@ from vlp_train.step import compute_loss, to_device
 from vlp_train.tasks import Task
 from vlp_train.train import optimizer_step, train
 
-from .conftest import TINY_MODEL, write_shards
+from .conftest import TINY_MODEL, TINY_PATCHES, write_shards
 
 VLMO = TINY_MODEL + ["model.vl_layers=1", "data.batch_size=8", "run.log_every=1", "run.eval_batches=1",
                      "run.rerank_k=4"]
 
 
-def small_model(layers=4, vl_layers=2, stage="vl"):
+def small_model(layers=4, vl_layers=2, stage="vl", **visual):
     from transformers import BertConfig
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
-    return VLMoModel(config, feature_dim=6, tags=["cat", "dog"], vl_layers=vl_layers, stage=stage)
+    return VLMoModel(config, feature_dim=6, tags=["cat", "dog"], vl_layers=vl_layers, stage=stage, **visual)
 
 
 def write_sentences(corpus: str, texts: list[str], files: int = 1) -> str:
@@ -283,3 +284,73 @@ def test_vlmo_and_mu_vla_train_together_with_the_curriculum_weighting_both(tmp_p
     assert {"rt/mrc", "rp/mrtc", "is/itm", "vl/itc", "vl/itm", "vl/mlm"} <= set(named)
     assert set(weights) == {Task.IMAGE_SENTENCE, Task.IMAGE_TEXT}
     assert ((weights[Task.IMAGE_TEXT] > 0) & (weights[Task.IMAGE_TEXT] < 1)).all()
+
+
+@pytest.mark.parametrize("visual,image_tokens", [("patches", 1 + 4), ("both", 1 + 3 + 4)])
+def test_patches_take_the_vision_expert_as_regions_do(visual, image_tokens):
+    model = small_model(layers=3, vl_layers=1, visual=visual, image_size=32, patch_size=16).eval()  # 2 x 2 patches
+    used = []
+    for index, layer in enumerate(model.layers):
+        for name in (V, L, VL):
+            if getattr(layer, name) is not None:
+                getattr(layer, name).register_forward_hook(
+                    lambda m, args, out, i=index, n=name: used.append((i, n, args[0].shape[1])))
+    ids, text_mask = torch.randint(5, 100, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    features, region_mask = torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool)
+    locations = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0, 0.25], [0.0, 0.0, 1.0, 1.0, 1.0]]).expand(2, 3, 5)
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    image = model.encode_image(features, locations, region_mask, pixels)
+    assert image.shape[1] == image_tokens and used == [(i, V, image_tokens) for i in range(3)]
+    used.clear()
+    text, regions, patches = model.encode(ids, text_mask, features, locations, region_mask, pixels)
+    assert used == [(0, L, 5), (0, V, image_tokens), (1, L, 5), (1, V, image_tokens), (2, VL, 5 + image_tokens)]
+    assert regions.shape == (2, 3, 32) and patches.shape == (2, 1 + 4, 32)
+    # a region on patches is the mean of its patches' states: the first box covers the top-left patch only
+    if visual == "patches":
+        torch.testing.assert_close(regions[:, 0], patches[:, 1])
+        torch.testing.assert_close(regions[:, 2], patches[:, 1:].mean(1))
+
+
+def test_the_vit_gives_the_patch_embedding_and_each_layers_vision_expert(tmp_path):
+    from vlp_train.families.vlmo import load_vit_weights
+    from vlp_train.visual import read_vit
+    from .test_visual import hf_vit
+    hf_vit(str(tmp_path / "vit"), image_size=32, patch=8, hidden=32, layers=2)
+    weights, info = read_vit(str(tmp_path / "vit"))
+    model = small_model(layers=2, vl_layers=1, visual="patches", image_size=32, patch_size=8).eval()
+    before_l = model.layers[1].l_ffn.intermediate.dense.weight.clone()
+    load_vit_weights(model, weights, info, "vit")
+    torch.testing.assert_close(model.patches.cls_token, weights["cls_token"])
+    x = F.layer_norm(torch.randn(4, 32), (32,))  # what the FFN sees in both: a normalised input
+    for i, layer in enumerate(model.layers):
+        normed = x * weights[f"blocks.{i}.norm2.weight"] + weights[f"blocks.{i}.norm2.bias"]
+        vit_mlp = F.linear(F.gelu(F.linear(normed, weights[f"blocks.{i}.mlp.fc1.weight"], weights[f"blocks.{i}.mlp.fc1.bias"])),
+                           weights[f"blocks.{i}.mlp.fc2.weight"], weights[f"blocks.{i}.mlp.fc2.bias"])
+        ours = layer.v_ffn.output.dense(F.gelu(layer.v_ffn.intermediate.dense(x)))
+        torch.testing.assert_close(ours, vit_mlp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.layers[1].l_ffn.intermediate.dense.weight, before_l)  # the language side untouched
+
+
+def test_vlmo_on_patches_trains_the_vl_and_vision_stages(tmp_path):
+    shards = write_shards(str(tmp_path / "c"), n_images=32, per_shard=16, images=96)
+    for stage, task in (("vl", Task.IMAGE_TEXT), ("vision", Task.IMAGE_ONLY)):
+        cfg = load_config("vlmo-debug", TINY_PATCHES + VLMO[len(TINY_MODEL):] + [
+            "model.visual=patches", f"model.stage={stage}", "optim.lr=1e-2", "optim.warmup_ratio=0"])
+        cfg.data.shards, cfg.run.output = shards, str(tmp_path / stage)
+        run = build_run(cfg)
+        batch = next(iter(run.dataset))
+        views = to_device(batch["views"], run.device)
+        assert list(views) == [task] and views[task]["pixels"].shape[1:] == (64, 64, 3)
+        before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+        loss, named, _ = compute_loss(run.step_module, views, False, run.autocast)
+        assert torch.isfinite(loss) and all(torch.isfinite(v[0]) for v in named.values())
+        loss.backward()
+        optimizer_step(run, loss)
+        after = dict(run.model.named_parameters())
+        assert not torch.equal(before["patches.patch_embed.proj.weight"], after["patches.patch_embed.proj.weight"])
+        frozen_in_vision = "layers.0.l_ffn.intermediate.dense.weight"
+        assert torch.equal(before[frozen_in_vision], after[frozen_in_vision]) == (stage == "vision")
+        from vlp_train.train import evaluate_run
+        evaluation = evaluate_run(run)  # retrieval and re-ranking over the held-out pairs' pixels
+        assert 0 <= evaluation["i2t_itm_r1"] <= 1 and evaluation["pairs"] > 0
+        assert ("region_regression_mse" in evaluation) == (stage == "vision")

@@ -8,9 +8,11 @@ paper's F), the vision-language expert (VL-FFN). Routing (`MultiwayLayer.experts
 - an image-text pair ([text] + [I_CLS] + regions): below the top F layers text positions take
   the L-FFN and image positions the V-FFN; in the top F layers every position takes the VL-FFN.
 
-Visual input: region features (`model.visual=regions`, V-FFN over regions), with [I_CLS] a
-learned vector in front of them; [T_CLS] is BERT's [CLS]. Contrast: [CLS] states -> linear
-projection -> L2 normalisation, with a learnable temperature.
+Visual input (`model.visual`): region features (regions: V-FFN over regions, [I_CLS] a learned
+vector in front of them), 16x16 patches of the image (patches, the paper's setting: the patch
+embedding's [CLS] is [I_CLS]; `model.vision_init` a ViT for the patch embedding and the V-FFN), or
+both. [T_CLS] is BERT's [CLS]. Contrast: [CLS] states -> linear projection -> L2 normalisation,
+with a learnable temperature.
 
 Layers are BERT's (post-LayerNorm, each expert its own LayerNorm as in VLMo), initialised from
 the init BERT (the bundled MiniLM by default): the shared attention from BERT's attention and
@@ -22,11 +24,12 @@ Objectives (vlp_train/objectives/contrastive.py holds ITC and hard-negative samp
 - `vl` (image-text): ITC over the global batch (V/L experts, unimodal passes), ITM on the fusion
   [T_CLS] with a hard negative image and text per sample drawn from the ITC similarities over the
   global batch, MLM on the fusion encoder;
-- `img` (the vision stage): masked region-feature regression through the V-FFN alone;
+- `img` (the vision stage): masked region-feature regression through the V-FFN alone (on patches:
+  the patches under masked regions hidden; without region features, their pixels regressed);
 - `txt` (the language stage): MLM through the L-FFN alone.
 
-Stages (`model.stage`): vision trains the attention, V-FFN, region embedding, [I_CLS] and the
-regression head; language trains the text embeddings, L-FFN and MLM head (attention frozen); vl
+Stages (`model.stage`): vision trains the attention, V-FFN, region / patch embedding, [I_CLS]
+and the regression head; language trains the text embeddings, L-FFN and MLM head (attention frozen); vl
 trains everything. `set_stage` sets which parameters train.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
+from vlp_train.config import VISUAL_INPUTS
 from vlp_train.backbone import BertEmbeddings, HeadTransform, _Attention, _Intermediate, _Output, bert_config, read_weights
 from vlp_train.families import Family, register
 from vlp_train.objectives.image_sentence import image_sentence_losses
@@ -45,7 +49,8 @@ from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.objectives.vlmo import image_only_losses, image_text_losses, text_only_losses
 from vlp_train.tasks import Task
-from vlp_train.visual import RegionEmbedding
+from vlp_train.visual import (IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, pool_regions,
+                              read_vit)
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +116,27 @@ class VLMoModel(pretrained.PretrainedModel, nn.Module):
     arch = ARCH
     tag_rows = ("mrc.1.weight", "mrc.1.bias")
 
-    def __init__(self, bert_config, feature_dim: int, tags: list[str], vl_layers: int, stage: str = "vl"):
+    def __init__(self, bert_config, feature_dim: int, tags: list[str], vl_layers: int, stage: str = "vl",
+                 visual: str = "regions", image_size: int = 384, patch_size: int = 16, pixel_mean=IMAGENET_MEAN,
+                 pixel_std=IMAGENET_STD):
         super().__init__()
         layers = bert_config.num_hidden_layers
         if not 0 <= vl_layers <= layers:
             raise ValueError(f"model.vl_layers={vl_layers}: VLMo's VL-FFN layers must be 0..{layers} (model layers)")
+        if visual not in VISUAL_INPUTS:
+            raise ValueError(f"model.visual={visual!r}: expected one of {VISUAL_INPUTS}")
         self.config = bert_config
         h, eps = bert_config.hidden_size, bert_config.layer_norm_eps
         self.embeddings = BertEmbeddings(bert_config)
         self.layers = nn.ModuleList(MultiwayLayer(bert_config, vl_expert=i >= layers - vl_layers) for i in range(layers))
-        self.region = RegionEmbedding(feature_dim, bert_config, self.embeddings.token_type_embeddings)
-        self.image_cls = nn.Parameter(torch.zeros(h))  # [I_CLS], in front of the regions
+        token_type = self.embeddings.token_type_embeddings
+        self.visual = visual
+        self.region = RegionEmbedding(feature_dim, bert_config, token_type) if visual != "patches" else None
+        self.patches = PatchEmbedding(h, image_size, patch_size, token_type, eps, bert_config.hidden_dropout_prob,
+                                      pixel_mean, pixel_std) if visual != "regions" else None
+        # [I_CLS]: a learned vector in front of the regions; on patches the patch embedding's
+        # visual [CLS] (a ViT's, with model.vision_init)
+        self.image_cls = nn.Parameter(torch.zeros(h)) if self.patches is None else None
         # contrast: [CLS] -> linear -> L2 (vlp_train/objectives/contrastive.py)
         self.image_proj = nn.Linear(h, h, bias=False)
         self.text_proj = nn.Linear(h, h, bias=False)
@@ -131,7 +146,7 @@ class VLMoModel(pretrained.PretrainedModel, nn.Module):
         self.mlm_transform = HeadTransform(h, eps)
         self.mlm_bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
         self.mrc = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, max(len(tags), 1)))
-        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, feature_dim))
+        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, feature_dim or 3 * patch_size ** 2))
         self.feature_dim, self.tags, self.vl_layers = feature_dim, list(tags), vl_layers
         self._init_new(bert_config.initializer_range)
         self.set_stage(stage)
@@ -140,15 +155,21 @@ class VLMoModel(pretrained.PretrainedModel, nn.Module):
     def num_tags(self) -> int:
         return len(self.tags)
 
+    @property
+    def regresses_pixels(self) -> bool:
+        """The regression target of a masked region: its hidden patches' pixels when the corpus has no region features."""
+        return self.patches is not None and not self.feature_dim
+
     def _init_new(self, std: float):
-        for module in (self.embeddings, self.layers, self.region, self.image_proj, self.text_proj, self.itm,
-                       self.mlm_transform, self.mrc, self.mrfr):
+        for module in (self.embeddings, self.layers, self.region or nn.Identity(), self.image_proj, self.text_proj,
+                       self.itm, self.mlm_transform, self.mrc, self.mrfr):
             for m in module.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(m.weight, std=std)
                     if getattr(m, "bias", None) is not None:
                         nn.init.zeros_(m.bias)
-        nn.init.normal_(self.image_cls, std=std)
+        if self.image_cls is not None:
+            nn.init.normal_(self.image_cls, std=std)
 
     # -- stages --------------------------------------------------------------------------------
 
@@ -158,7 +179,7 @@ class VLMoModel(pretrained.PretrainedModel, nn.Module):
         if stage == "vl":
             return names
         if stage == "vision":  # attention + V-FFN on images alone
-            keep = (".attention.", f".{V}.", "region.", "image_cls", "mrfr.")
+            keep = (".attention.", f".{V}.", "region.", "patches.", "image_cls", "mrfr.")
         elif stage == "language":  # L-FFN (and the text embeddings and MLM head); attention frozen
             keep = (f".{L}.", "embeddings.word_embeddings", "embeddings.position_embeddings",
                     "embeddings.LayerNorm", "mlm_transform.", "mlm_bias")
@@ -180,48 +201,97 @@ class VLMoModel(pretrained.PretrainedModel, nn.Module):
         return self.config
 
     def vlp_config(self) -> dict:
-        return {"feature_dim": self.feature_dim, "tags": self.tags, "vl_layers": self.vl_layers, "visual": "regions"}
+        config = {"feature_dim": self.feature_dim, "tags": self.tags, "vl_layers": self.vl_layers, "visual": self.visual}
+        if self.patches is not None:
+            config.update(image_size=self.patches.image_size, patch_size=self.patches.patch_size,
+                          pixel_mean=self.patches.mean.flatten().tolist(), pixel_std=self.patches.std.flatten().tolist())
+        return config
 
     @classmethod
     def from_vlp_config(cls, bert_config, section: dict) -> "VLMoModel":
-        return cls(bert_config, section["feature_dim"], section["tags"], section["vl_layers"])
+        return cls(bert_config, section["feature_dim"], section["tags"], section["vl_layers"], "vl",
+                   section.get("visual", "regions"), section.get("image_size", 384), section.get("patch_size", 16),
+                   tuple(section.get("pixel_mean", IMAGENET_MEAN)), tuple(section.get("pixel_std", IMAGENET_STD)))
 
     def set_layer_call(self, call) -> None:
         """compile.CompiledLayers compiles BERT's layer call; a multiway layer takes a mode, so VLMo's
         layers stay eager under model.compile_scope=layers (compile_scope=step compiles them)."""
 
     # -- encoders ----------------------------------------------------------------------------
+    # The image is [I_CLS] + regions (model.visual=regions), the patch embedding's [CLS] + patches
+    # (patches), or [CLS] + regions + patches (both). A region's state is its token's, the mean of
+    # its patches' states, or the mean of the two (as the single-stream model's).
 
-    def image_embedding(self, features, locations, region_mask):
-        """([I_CLS] + regions) [B, 1 + R, D] and its padding mask."""
-        regions = self.region(features, locations)
-        cls = self.image_cls.to(regions.dtype).expand(regions.shape[0], 1, -1)
-        mask = torch.cat([torch.ones_like(region_mask[:, :1]), region_mask], 1)
-        return torch.cat([cls, regions], 1), mask
+    def image_embedding(self, features, locations, region_mask, pixels=None, masked_regions=None):
+        """The image's input sequence [B, 1 + ..., D], [I_CLS] first, and its padding mask.
+        `masked_regions` [B, R]: regions whose patches are hidden (the patch embedding's mask token)."""
+        parts, masks = [], []
+        if self.patches is not None:
+            if pixels is None:
+                raise ValueError(f"model.visual={self.visual} needs the images' pixels, and this batch has none")
+            hidden = None if masked_regions is None else self.masked_patches(locations, region_mask, masked_regions)
+            patches = self.patches(pixels, hidden)  # [CLS] + patches
+            cls, patches = patches[:, :1], patches[:, 1:]
+        if self.region is not None:
+            regions = self.region(features, locations)
+            if self.patches is None:
+                cls = self.image_cls.to(regions.dtype).expand(regions.shape[0], 1, -1)
+            parts.append(regions)
+            masks.append(region_mask)
+        if self.patches is not None:
+            parts.append(patches)
+            masks.append(region_mask.new_ones(patches.shape[:2]))
+        mask = torch.cat([region_mask.new_ones(region_mask.shape[0], 1)] + masks, 1)
+        return torch.cat([cls] + parts, 1), mask
 
-    def encode(self, hidden, padding_mask, mode: str, text_len: int = 0):
+    def region_patches(self, locations, region_mask):
+        """[B, R, N] bool: the patches under each (real) region."""
+        return box_patches(locations, self.patches.grid) & region_mask.unsqueeze(-1)
+
+    def masked_patches(self, locations, region_mask, masked_regions):
+        """[B, N] bool: the patches under any masked region."""
+        return (self.region_patches(locations, region_mask) & masked_regions.unsqueeze(-1)).any(1)
+
+    def image_parts(self, image_states, locations, region_mask):
+        """An image's states ([I_CLS] first) -> (region states [B, R, D], patch states [B, 1 + N, D]
+        with [I_CLS] first, or None without patches)."""
+        regions = region_mask.shape[1] if self.region is not None else 0
+        if self.patches is None:
+            return image_states[:, 1:1 + regions], None
+        patches = torch.cat([image_states[:, :1], image_states[:, 1 + regions:]], 1)
+        pooled = pool_regions(patches[:, 1:], self.region_patches(locations, region_mask))
+        return (pooled if self.region is None else (image_states[:, 1:1 + regions] + pooled) / 2), patches
+
+    def run_layers(self, hidden, padding_mask, mode: str, text_len: int = 0):
         attn_mask = padding_mask[:, None, None, :]
         for layer in self.layers:
             hidden = layer(hidden, attn_mask, mode, text_len)
         return hidden
 
-    def encode_image(self, features, locations, region_mask):
-        """Image alone (V-FFN in every layer) -> [B, 1 + R, D], [I_CLS] first."""
-        hidden, mask = self.image_embedding(features, locations, region_mask)
-        return self.encode(hidden, mask, IMAGE)
+    def encode_image(self, features, locations, region_mask, pixels=None, masked_regions=None):
+        """Image alone (V-FFN in every layer) -> [B, 1 + ..., D], [I_CLS] first."""
+        hidden, mask = self.image_embedding(features, locations, region_mask, pixels, masked_regions)
+        return self.run_layers(hidden, mask, IMAGE)
 
     def encode_text(self, input_ids, text_mask):
         """Text alone (L-FFN in every layer) -> [B, T, D], [T_CLS] first."""
-        return self.encode(self.embeddings(input_ids), text_mask, TEXT)
+        return self.run_layers(self.embeddings(input_ids), text_mask, TEXT)
 
-    def forward(self, input_ids, text_mask, features, locations, region_mask):
-        """The fusion encoder over pairs -> (text states [B, T, D], region states [B, R, D]); the
-        single-stream model's interface, so μ-VLA's objectives run on it unchanged."""
+    def encode(self, input_ids, text_mask, features, locations, region_mask, pixels=None, masked_regions=None):
+        """The fusion encoder over pairs -> (text states [B, T, D], region states [B, R, D], patch
+        states [B, 1 + N, D] or None): the single-stream model's `encode`, so μ-VLA's objectives
+        run on it unchanged."""
         text = self.embeddings(input_ids)
-        image, image_mask = self.image_embedding(features, locations, region_mask)
+        image, image_mask = self.image_embedding(features, locations, region_mask, pixels, masked_regions)
         t = input_ids.shape[1]
-        hidden = self.encode(torch.cat([text, image], 1), torch.cat([text_mask, image_mask], 1), PAIR, t)
-        return hidden[:, :t], hidden[:, t + 1:]
+        hidden = self.run_layers(torch.cat([text, image], 1), torch.cat([text_mask, image_mask], 1), PAIR, t)
+        regions, patches = self.image_parts(hidden[:, t:], locations, region_mask)
+        return hidden[:, :t], regions, patches
+
+    def forward(self, input_ids, text_mask, features, locations, region_mask, pixels=None, masked_regions=None):
+        """The fusion encoder -> (text states, region states); see `encode`."""
+        text, regions, _ = self.encode(input_ids, text_mask, features, locations, region_mask, pixels, masked_regions)
+        return text, regions
 
     def image_features(self, image_states):
         return F.normalize(self.image_proj(image_states[:, 0]).float(), dim=-1)
@@ -274,20 +344,65 @@ def load_bert_weights(model: VLMoModel, folder: str) -> None:
 
 
 def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMoModel:
-    """A model initialised as model.init says, training what model.stage trains."""
+    """A model initialised as model.init says (and model.vision_init on patches), training what
+    model.stage trains."""
     kind, folder = pretrained.resolve_init(cfg_model.init)
+    vit = read_vit(cfg_model.vision_init) if cfg_model.vision_init and cfg_model.visual != "regions" else None
+    if cfg_model.vision_init and vit is None:
+        log.warning("model.vision_init %s is not used: model.visual=regions has no patch embedding", cfg_model.vision_init)
     if kind == "vlp":
         model = pretrained.init_from(folder, VLMoModel, cfg_model, feature_dim, tags)
-        if model.vl_layers != cfg_model.vl_layers:
-            raise ValueError(f"model.init {folder} has VL-FFN in its top {model.vl_layers} layers, but model.vl_layers "
-                             f"is {cfg_model.vl_layers}")
+        saved = (model.vl_layers, model.visual, *((model.patches.image_size, model.patches.patch_size)
+                                                   if model.patches else ()))
+        asked = (cfg_model.vl_layers, cfg_model.visual, *((cfg_model.image_size, cfg_model.patch_size)
+                                                          if cfg_model.visual != "regions" else ()))
+        if saved != asked:
+            raise ValueError(f"model.init {folder} is a VLMo of (vl_layers, visual, image_size, patch_size) {saved}, "
+                             f"but the run's model.* ask for {asked}: set them as the saved model has them")
+        if vit is not None:
+            log.warning("model.vision_init %s is not used: model.init %s holds the whole model", cfg_model.vision_init,
+                        folder)
     else:
-        config = bert_config(cfg_model, folder)
-        model = VLMoModel(config, feature_dim, tags, cfg_model.vl_layers)
+        mean, std = (vit[1]["mean"], vit[1]["std"]) if vit else (IMAGENET_MEAN, IMAGENET_STD)
+        model = VLMoModel(bert_config(cfg_model, folder), feature_dim, tags, cfg_model.vl_layers, "vl",
+                          cfg_model.visual, cfg_model.image_size, cfg_model.patch_size, mean, std)
         if folder is not None:
             load_bert_weights(model, folder)
+        if vit is not None:
+            load_vit_weights(model, vit[0], vit[1], cfg_model.vision_init)
     model.set_stage(cfg_model.stage)
     return model
+
+
+def load_vit_weights(model: VLMoModel, weights: dict, info: dict, where: str) -> None:
+    """A ViT (visual.read_vit's timm names) into the vision side: the patch embedding ([CLS], position
+    embeddings resized to the model's grid) and, when the ViT has the model's depth, each block's MLP
+    into the V-FFN of that layer. The ViT's blocks are pre-LayerNorm and ours post-LayerNorm: the
+    MLP sees a normalised input in both, so the block's norm2 affine is folded into the first linear
+    layer (W diag(gamma), W beta + b). The shared attention stays the init BERT's (the language side
+    needs it; VLMo's vision stage then trains it on images)."""
+    model.patches.load_vit(weights, f"model.vision_init {where}")
+    blocks = sum(1 for k in weights if k.startswith("blocks.") and k.endswith(".mlp.fc1.weight"))
+    if blocks != len(model.layers):
+        log.warning("model.vision_init %s: a ViT of %d blocks and a model of %d layers: only its patch embedding is "
+                    "used, the V-FFN starts from the init BERT's FFN", where, blocks, len(model.layers))
+        return
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            fc1_w, fc1_b = weights[f"blocks.{i}.mlp.fc1.weight"], weights[f"blocks.{i}.mlp.fc1.bias"]
+            gamma, beta = weights.get(f"blocks.{i}.norm2.weight"), weights.get(f"blocks.{i}.norm2.bias")
+            if gamma is not None:
+                fc1_b = fc1_b + fc1_w @ beta
+                fc1_w = fc1_w * gamma[None, :]
+            ffn = layer.v_ffn
+            if fc1_w.shape != ffn.intermediate.dense.weight.shape:
+                raise ValueError(f"model.vision_init {where}: block {i}'s MLP is {tuple(fc1_w.shape)}, the model's "
+                                 f"FFN {tuple(ffn.intermediate.dense.weight.shape)}")
+            ffn.intermediate.dense.weight.copy_(fc1_w)
+            ffn.intermediate.dense.bias.copy_(fc1_b)
+            ffn.output.dense.weight.copy_(weights[f"blocks.{i}.mlp.fc2.weight"])
+            ffn.output.dense.bias.copy_(weights[f"blocks.{i}.mlp.fc2.bias"])
+    log.info("initialised VLMo's patch embedding and V-FFN from the ViT in %s", where)
 
 
 @torch.no_grad()
@@ -297,7 +412,7 @@ def match_probability(model: VLMoModel, view: dict) -> torch.Tensor:
     model.eval()
     try:
         text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
-                        view["locations"], view["region_mask"])
+                        view["locations"], view["region_mask"], view.get("pixels"))
     finally:
         model.train(was_training)
     return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
@@ -310,6 +425,7 @@ def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
 
 FAMILY = register(Family(
     name=ARCH, model_class=VLMoModel, build=build, evaluate=evaluate, match_probability=match_probability,
+    visual_inputs=VISUAL_INPUTS,
     objectives={Task.IMAGE_TEXT: image_text_losses, Task.IMAGE_ONLY: image_only_losses,
                 Task.TEXT_ONLY: text_only_losses, Task.REGION_TAG: region_tag_losses,
                 Task.REGION_PHRASE: region_phrase_losses, Task.IMAGE_SENTENCE: image_sentence_losses}))

@@ -7,7 +7,9 @@
   and its image. VLMo's sum is 0.25 MLM + ITC + ITM; here each has weight 1, as every other
   named loss of the trainer (docs/trainer.md).
 - image alone (`img`, the vision stage): the masked regions' features regressed (L2) from the
-  V-FFN encoder, through the MRFR head (BEiT's visual tokens need a tokenizer we do not have).
+  V-FFN encoder, through the MRFR head (BEiT's visual tokens need a tokenizer we do not have); on
+  patches the patches under a masked region are hidden, and without region features each hidden
+  patch regresses its own normalised pixels.
 - text alone (`txt`, the language stage): MLM through the L-FFN encoder.
 """
 import torch
@@ -19,8 +21,9 @@ from vlp_train.objectives.contrastive import gather_padded, hard_negatives, itc_
 
 def image_text_losses(model, view):
     features, locations, region_mask = view["features"], view["locations"], view["region_mask"]
+    pixels = view.get("pixels")  # model.visual patches / both
     keys = view["text_keys"]
-    image_states = model.encode_image(features, locations, region_mask)
+    image_states = model.encode_image(features, locations, region_mask, pixels)
     text_states = model.encode_text(view["clean_ids"], view["text_mask"])
     contrast = itc_losses(model.image_features(image_states), model.text_features(text_states), model.logit_scale,
                           text_keys=keys)
@@ -33,12 +36,13 @@ def image_text_losses(model, view):
     all_features = gather_padded(features)[0]
     all_locations = gather_padded(locations)[0]
     all_region_mask = gather_padded(region_mask, pad_value=False)[0]
+    all_pixels = gather_padded(pixels)[0] if pixels is not None else None
     batch = features.shape[0]
     own = contrast.offset + torch.arange(batch, device=features.device)
     text_rows = torch.cat([own, own, negative_text])
     image_rows = torch.cat([own, negative_image, own])
     fused_text, _ = model(ids[text_rows], text_mask[text_rows], all_features[image_rows], all_locations[image_rows],
-                          all_region_mask[image_rows])
+                          all_region_mask[image_rows], all_pixels[image_rows] if all_pixels is not None else None)
     itm_logits = model.itm_logits(fused_text)
     labels = torch.cat([torch.ones(batch, dtype=torch.long, device=features.device),
                         torch.zeros(2 * batch, dtype=torch.long, device=features.device)])
@@ -46,17 +50,33 @@ def image_text_losses(model, view):
     counted = torch.stack([torch.ones_like(valid), valid, valid]).float()  # a sample without a negative: its pair only
     itm = (pair_losses * counted).sum(0) / counted.sum(0)
 
-    masked_text, _ = model(view["input_ids"], view["text_mask"], features, locations, region_mask)
+    masked_text, _ = model(view["input_ids"], view["text_mask"], features, locations, region_mask, pixels)
     mlm = obj.masked_token_losses(model, masked_text, view["mlm_positions"], view["mlm_targets"])
     return {"itc": contrast.losses, "itm": itm, "mlm": mlm}, {"itm_logits": itm_logits[:batch]}
 
 
-def image_only_losses(model, view):
-    hidden = model.encode_image(obj.input_features(view), view["locations"], view["region_mask"])
-    regions = hidden[:, 1:]  # after [I_CLS]
-    # the target is the view's clean features; the model saw them zeroed at `zeroed_regions`
+def image_only_regression(model, view):
+    """(per-sample regression error of the masked regions, region states): the image alone with its
+    masked regions' features zeroed and (on patches) the patches under them hidden, regressed to
+    the regions' features, or without region features each hidden patch to its own pixels."""
+    locations, region_mask, zeroed = view["locations"], view["region_mask"], view["zeroed_regions"]
+    pixels = view.get("pixels")
+    hidden = model.encode_image(obj.input_features(view), locations, region_mask, pixels,
+                                zeroed if pixels is not None else None)
+    regions, patches = model.image_parts(hidden, locations, region_mask)
+    if getattr(model, "regresses_pixels", False):
+        masked = model.masked_patches(locations, region_mask, zeroed)
+        target = model.patches.patch_pixels(pixels)
+        squared = (model.mrfr(patches[:, 1:]).float() - target).pow(2).mean(-1)
+        return obj.per_sample_mean(squared, masked), regions
+    # the target is the view's clean features; the model saw them zeroed (or their patches hidden)
     squared = (model.mrfr(regions).float() - view["features"].float()).pow(2).mean(-1)
-    return {"mrfr": obj.per_sample_mean(squared, view["zeroed_regions"])}, {"regions": regions}
+    return obj.per_sample_mean(squared, zeroed), regions
+
+
+def image_only_losses(model, view):
+    error, regions = image_only_regression(model, view)
+    return {"mrfr": error}, {"regions": regions}
 
 
 def text_only_losses(model, view):
