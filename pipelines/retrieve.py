@@ -179,9 +179,11 @@ def local_paths(files: CorpusFiles) -> list[str]:
 def corpus_cache_dir(files: CorpusFiles) -> str:
     """This machine's cache folder for a remote corpus. The fingerprint covers only the sentence
     ids (another embedding model gives the same one), so the remote files' path, size and time
-    are in the key too: a rewritten file is never served from a stale copy."""
+    are in the key too: a rewritten file is never served from a stale copy. The index file is
+    not in the key (it is written after the vectors, from them), so the copy made where a shard
+    was indexed serves its search too."""
     stamps = [(m.path, m.size_in_bytes, m.last_updated_in_seconds)
-              for result in FileSystems.match(files.paths) for m in result.metadata_list]
+              for result in FileSystems.match([files.vectors_path, files.rows_path]) for m in result.metadata_list]
     source = hashlib.sha1(repr(stamps).encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "vlp-data-corpus", f"{files.fingerprint}-{source}")
 

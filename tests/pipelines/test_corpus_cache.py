@@ -151,3 +151,22 @@ def test_processes_loading_at_once_download_once(remote, monkeypatch):
     for corpus in loaded:
         _assert_mapped_equal(corpus, original)
     assert len(FakeRemoteFileSystem.opened) == 2  # one download of each file, the others waited
+
+
+def test_a_remote_shard_index_is_copied_with_the_shard_and_memory_mapped(remote, tmp_path):
+    import faiss
+
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import add_shard_to_index, load_index, train_once
+
+    original = _corpus("f1", size=200)
+    files = spill_corpus(original, remote)
+    trained = train_once([(f"r{i:03d}", v) for i, v in enumerate(original.vectors)], remote,
+                         RetrieveOptions(index="ivf", nlist=4))
+    indexed = add_shard_to_index(files, trained)
+    assert indexed.index_path.startswith(remote) and indexed.index_path in indexed.paths
+    index = load_index(indexed)
+    assert index.ntotal == 200
+    assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists), faiss.OnDiskInvertedLists)
+    (entry,) = _cache_entries(tmp_path)
+    assert os.path.basename(indexed.index_path) in os.listdir(tmp_path / "machine-tmp" / "vlp-data-corpus" / entry)
