@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/retrieval.py
+	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/loader_parts.py
 	$(BIN)/python bench/compile.py
 	$(BIN)/python bench/shard_keys.py
