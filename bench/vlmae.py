@@ -1,18 +1,19 @@
 """The VLMAE step at several mask ratios: what MAE's masking saves (the paper: 49.6 vs ALBEF's
 60.5 GMACs a pair at mask ratio 0.5).
 
-    python bench/vlmae.py --device cpu                   # 2 CPU cores: a reduced model, batch 16
-    python bench/vlmae.py --device cuda                  # vlmae-base's shape (12 x 768 text and image encoders, 4 x 512 decoder)
-    python bench/vlmae.py --device cpu --mask-ratios 0,0.5,0.75 --batch-size 32
+    python bench/vlmae.py --device cpu                   # 2 CPU cores: a reduced model, batch 16, regions
+    python bench/vlmae.py --device cpu --visual patches  # the same on 128 px images in 16 px patches (64 a image)
+    python bench/vlmae.py --device cuda --visual patches # vlmae-base's shape (12 x 768 text and image encoders, 4 x 512 decoder, 256 px)
 
 For each mask ratio: the model step of `vlp-train run` (`vlp_train.components.build_run` with the
 preset, AdamW, `compute_loss`, backward, clipping, optimizer step; batches built beforehand and on
 the device, so no loader cost) on the synthetic corpus of bench/train.py (36 regions of 2048-d
-features, 5 sentences with linked phrases an image), VLMAE's pair task alone; samples/s as the
+features, 5 sentences with linked phrases an image; with `--visual patches` each sample carries its
+image as --store-images stores it), VLMAE's pair task alone; samples/s as the
 median of `--repeats` windows of `--steps` steps after `--warmup`, and the model FLOPs per sample
 (forward and backward, matrix products and attention, torch's FlopCounterMode on one real step).
 The whole image is always seen by the momentum image encoder, so its cost stays at every ratio.
-Writes bench/results/vlmae_<device>.json.
+Writes bench/results/vlmae_<device>_<visual>.json.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--mask-ratios", default="0,0.5,0.75")
+    parser.add_argument("--visual", choices=["regions", "patches"], default="regions")
+    parser.add_argument("--image-size", type=int, help="patches: the square side (default 128 on CPU, 256 on CUDA)")
     parser.add_argument("--batch-size", type=int, help="pairs per step (default: 16 on CPU, 128 on CUDA)")
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--feature-dim", type=int, default=2048)
@@ -53,7 +56,8 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (16 if cpu else 128)
     args.steps = args.steps or (3 if cpu else 20)
     args.warmup = args.warmup or (2 if cpu else 10)
-    args.results_name = args.results_name or results_name(f"vlmae_{args.device}", None)
+    args.image_size = args.image_size or (128 if cpu else 256)
+    args.results_name = args.results_name or results_name(f"vlmae_{args.device}_{args.visual}", None)
     return args
 
 
@@ -65,7 +69,7 @@ def vlmae_config(args, mask_ratio: float):
         preset="vlmae-base", layers=4 if cpu else None, hidden=256 if cpu else None, heads=4 if cpu else None,
         feature_dim=args.feature_dim, compile="auto", compile_scope="layers", batch_size=args.batch_size,
         num_workers=0, shuffle_buffer=args.batch_size, regions=args.regions, schedule="round_robin",
-        device=args.device)
+        device=args.device, visual=args.visual, image_size=args.image_size)
     cfg = build_config(shape)
     if cpu:
         cfg.model.vision_layers, cfg.model.vision_hidden, cfg.model.vision_heads = 4, 256, 4
@@ -94,10 +98,13 @@ def main(argv=None) -> dict:
     load_average = os.getloadavg()[0]
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    shards = synthetic_corpus(args.images, args.regions, args.feature_dim)
+    from bench.train import STORED_IMAGE_SIZE
+    shards = synthetic_corpus(args.images, args.regions, args.feature_dim,
+                              stored_images=STORED_IMAGE_SIZE if args.visual == "patches" else 0)
     result = {"device": device_name(args.device), "load_average_at_start": load_average,
               "command": "python " + " ".join(sys.argv if argv is None else ["bench/vlmae.py", *argv]),
-              "batch": args.batch_size, "regions": args.regions, "feature_dim": args.feature_dim, "ratios": {}}
+              "batch": args.batch_size, "regions": args.regions, "feature_dim": args.feature_dim, "visual": args.visual,
+              "image_size": args.image_size if args.visual == "patches" else None, "ratios": {}}
     for ratio in [float(r) for r in args.mask_ratios.split(",")]:
         trainer = Trainer(vlmae_config(args, ratio), shards)
         model = trainer.model
@@ -106,6 +113,7 @@ def main(argv=None) -> dict:
                            "hidden": model.bert.config.hidden_size, "vision": model.spec["vision"],
                            "decoder": model.spec["decoder"], "parameters": trainer.parameters}
         visible = [int(b["views"]["vl"]["visible_mask"].sum(1).float().mean()) for b in prebuilt]
+        elements = int(prebuilt[0]["views"]["vl"]["hidden"].shape[1])
         state = {"i": 0}
 
         def next_samples():
@@ -116,14 +124,15 @@ def main(argv=None) -> dict:
         timed = measure(next_samples, args.warmup, args.steps, args.repeats, trainer.sync)
         flops = flops_per_sample(trainer, prebuilt[0]["views"])
         entry = {"samples_per_s": timed["samples_per_s"], "gflops_per_sample": flops / 1e9,
-                 "visible_regions_per_image": visible[0], "timing": timed, "peak_rss_mb": peak_rss_mb()}
+                 "visible_per_image": visible[0], "elements_per_image": elements, "timing": timed,
+                 "peak_rss_mb": peak_rss_mb()}
         if trainer.device.type == "cuda":
             import torch
             entry["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
         result["ratios"][str(ratio)] = entry
         print(f"mask ratio {ratio}: {entry['samples_per_s']:.1f} pairs/s, {entry['gflops_per_sample']:.2f} GFLOPs/pair, "
-              f"{visible[0]} of {args.regions} regions visible", flush=True)
+              f"{visible[0]} of {elements} {args.visual} visible", flush=True)
         write_result(args.results_name, result)
     return result
 

@@ -382,7 +382,8 @@ def vlmae_debug() -> TrainConfig:
 
 def vlmae_base() -> TrainConfig:
     """The paper's VLMAE: BERT-base (6 text + 6 fusion layers; model.init a bert-base-uncased folder,
-    or "random"), a 12 x 768 image encoder (ViT-B/16 shape), the 4 x 512 decoder, mask ratio 0.5,
+    or "random"), a 12 x 768 image encoder (ViT-B/16 on 256 px patches: a --store-images corpus;
+    model.vision_init a ViT folder), the 4 x 512 decoder, mask ratio 0.5,
     momentum 0.995, distillation alpha 0.4; a global batch of 512, lr 1e-4, weight decay 0.02,
     30 epochs."""
     cfg = _vlmae(base())
@@ -390,6 +391,7 @@ def vlmae_base() -> TrainConfig:
     cfg.model.decoder_layers, cfg.model.decoder_hidden, cfg.model.decoder_heads = 4, 512, 8
     cfg.data.global_batch_size = cfg.data.batch_size = 512
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs = 1e-4, 0.02, 30
+    cfg.model.visual, cfg.model.image_size, cfg.model.patch_size = "patches", 256, 16  # the paper's 256 px
     return cfg
 
 

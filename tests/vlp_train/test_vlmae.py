@@ -273,3 +273,24 @@ def test_region_feature_vlmae_learns_on_a_corpus_without_images(tmp_path):
                        weights_only=True)["model"]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, state[key])
+
+
+def test_vlmae_on_patches_trains_on_a_corpus_with_images(tmp_path, image_corpus):
+    """A debug run on shards with images (schema 2, `--store-images`' members): the image encoder
+    over the visible patches, RMIM on their pixels; it exports and reloads whole. The same run on
+    the conftest corpus (no images) stops at start, saying how to get them."""
+    from vlp_train.pretrained import load
+
+    common = ["model.visual=patches", "model.image_size=32", "model.patch_size=8", "data.batch_size=8",
+              "optim.max_steps=4", "optim.epochs=4", "run.eval_batches=1"]
+    cfg = config(image_corpus, tmp_path / "run", *common)
+    summary = train(cfg)
+    logged = [r for r in rows(cfg.run.output) if "loss" in r]
+    assert len(logged) == 4 and all(np.isfinite(r["vl/rmim"]) and r["vl/rmim"] > 0 for r in logged)
+    model = load(os.path.join(cfg.run.output, "hf"))
+    assert model.visual == "patches" and model.vision.tokens.grid == 4
+    assert np.isfinite(summary["eval"]["rmim"])
+    no_images = write_shards(str(tmp_path / "c"), n_images=16, per_shard=16)
+    with pytest.raises(ValueError, match="store-images"):
+        train(config(no_images, tmp_path / "run2", *common))
+

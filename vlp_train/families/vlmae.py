@@ -736,6 +736,6 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
 
 FAMILY = register(Family(
     name=ARCH, model_class=VLMAEModel, build=build, evaluate=evaluate, match_probability=match_probability,
-    views=views,
+    views=views, visual_inputs=("regions", "patches"),
     objectives={PAIR_TASK: pair_losses, Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,
                 Task.IMAGE_SENTENCE: image_sentence_losses}))
