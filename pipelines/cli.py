@@ -296,12 +296,22 @@ def _root_message(err: BaseException) -> str:
 @click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--detections-per-file", default=ShardOptions.detections_per_file, show_default=True, type=click.IntRange(1),
               help="About this many images' detections (with region features) per Parquet file.")
+@click.option("--regions", default="detected", show_default=True, type=click.Choice(["detected", "grid"]),
+              help="detected: the detector's boxes and tags; grid: for images where a detector finds nothing "
+                   "(synthetic shapes), the whole image plus a --grid-size x --grid-size grid of boxes, pooled "
+                   "from the same feature maps, with no tags (label 'region').")
+@click.option("--grid-size", default=3, show_default=True, type=click.IntRange(1, 16), help="--regions grid: cells per side.")
 @click.pass_context
-def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_threshold, detections_per_file):
+def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_threshold, detections_per_file, regions,
+           grid_size):
     """Run only the detector: images -> detections Parquet (with region features), reusable
-    as `build-retrieval --detections`."""
+    as `build-retrieval --detections` and by `vlp-train finetune --detections`."""
     from pipelines import build
-    options = DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions)
+    if regions == "grid" and grid_size * grid_size + 1 > max_regions:
+        raise click.UsageError(f"--regions grid with --grid-size {grid_size} makes {grid_size * grid_size + 1} regions "
+                               f"an image, more than --max-regions {max_regions}")
+    options = DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions,
+                            regions=regions, grid_size=grid_size)
     pipeline = build.build_detect_pipeline(images, output, options, ctx.args, detections_per_file)
     if is_dry_run(pipeline):
         _run(pipeline)

