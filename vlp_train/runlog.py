@@ -115,11 +115,12 @@ class RunLogger:
         self._jsonl.write(json.dumps(row, sort_keys=True) + "\n")
         self._jsonl.flush()
 
-    def flush(self, window: MetricsWindow, step: int, epoch: int, lr: float, weighting: bool) -> dict | None:
+    def flush(self, window: MetricsWindow, step: int, epoch: int, lr: float, extra: dict | None = None) -> dict | None:
+        """A log row of the window; `extra`: what the job adds (pre-training: itm_weighting)."""
         metrics = window.row()
         if metrics is None:
             return None
-        row = {"step": step, "epoch": epoch, "lr": lr, "itm_weighting": weighting, **metrics}
+        row = {"step": step, "epoch": epoch, "lr": lr, **(extra or {}), **metrics}
         self.bad_samples += window.bad
         self._write(row)
         for k, v in row.items():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -36,21 +38,59 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         step, epoch, start_batch = load_state(run, state)
     logger = start_logging(run, resumed_at=step if state is not None else None)
 
+    def batches(epoch: int, start_batch: int):
+        run.dataset.set_position(epoch, start_batch, run.batches_of(epoch) if cfg.data.resampled else None,
+                                 task_offset=sum(run.batches_of(e) for e in range(epoch)))
+        return make_loader(run.dataset, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
+
+    def batch_loss(batch: dict, epoch: int):
+        loss, named, _ = compute_loss(run.step_module, to_device(batch["views"], run.device),
+                                      weighted_tasks(epoch, cfg.objectives), run.autocast)
+        return loss, named
+
+    hooks = LoopHooks(batches=batches, loss=batch_loss, evaluate=lambda: evaluate_run(run),
+                      row_extra=lambda epoch: {"itm_weighting": bool(weighted_tasks(epoch, cfg.objectives))})
+    step, epoch, start_batch, last_eval, stopped = run_loop(run, hooks, logger, step, epoch, start_batch)
+    summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval}
+    if stopped:
+        return summary
+    save_checkpoint(run, step, epoch, start_batch)
+    if not run.dist.main:
+        return summary
+    summary["eval"] = evaluate_run(run)
+    logger.eval(step, summary["eval"])
+    run.model.save_pretrained(os.path.join(cfg.run.output, EXPORT_FOLDER), run.tokenizer)
+    logger.close()
+    summary["bad_samples"] = logger.bad_samples
+    return summary
+
+
+@dataclass
+class LoopHooks:
+    """What a loop over epochs of batches needs from the job it trains (pre-training, fine-tuning)."""
+    batches: Callable[[int, int], Iterable[dict]]  # (epoch, first batch) -> batches, each with "index" (its
+    #                                                 position in the epoch), "keys" and "bad_samples"
+    loss: Callable[[dict, int], tuple]             # (batch, epoch) -> (scalar loss, named [sum, count] means)
+    evaluate: Callable[[], dict]                   # held-out metrics (rank 0)
+    row_extra: Callable[[int], dict] = lambda epoch: {}  # epoch -> what each log row adds
+
+
+def run_loop(run, hooks: LoopHooks, logger: RunLogger | None, step: int, epoch: int, start_batch: int):
+    """The loop: step -> log -> eval -> save, from (step, epoch, batch in epoch) until
+    run.total_steps or run.cfg.run.stop_after. `run`: model, optimizer, scheduler, step_module,
+    dist, grad_accum, total_steps, cfg (a Run, or fine-tuning's). Returns (step, epoch, batch in
+    epoch, the last evaluation, whether it stopped early)."""
+    cfg = run.cfg
     progress = tqdm(total=run.total_steps, initial=step, desc="train", disable=not run.dist.main, dynamic_ncols=True)
     with progress as bar:  # closed also when the run stops with an error
         last_eval, stopped, window, skipped_in_a_row = None, False, MetricsWindow(), 0
         run.model.train()
         while step < run.total_steps and not stopped:
-            weighting = weighted_tasks(epoch, cfg.objectives)
-            run.dataset.set_position(epoch, start_batch, run.batches_of(epoch) if cfg.data.resampled else None,
-                                     task_offset=sum(run.batches_of(e) for e in range(epoch)))
-            loader = make_loader(run.dataset, cfg.data.num_workers, pin_memory=run.device.type == "cuda")
             batch_in_epoch, micro, any_batch = start_batch, 0, False
-            for batch in distributed.synchronised(loader, run.dist):
+            for batch in distributed.synchronised(hooks.batches(epoch, start_batch), run.dist):
                 any_batch = True
                 with distributed.accumulating(run.step_module, completes_step=(micro + 1) % run.grad_accum == 0):
-                    loss, named, _ = compute_loss(run.step_module, to_device(batch["views"], run.device), weighting,
-                                                  run.autocast)
+                    loss, named = hooks.loss(batch, epoch)
                     (loss / run.grad_accum).backward()
                 batch_in_epoch, micro = batch["index"] + 1, micro + 1
                 window.add(loss, named, len(batch["keys"]) * run.dist.world, batch["bad_samples"], batch["keys"])
@@ -64,12 +104,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                 if step % cfg.run.log_every == 0 or step == run.total_steps:
                     skipped_in_a_row = check_skipped(window, skipped_in_a_row, cfg.run.max_skipped_steps, logger)
                     lr = run.scheduler.get_last_lr()[0]
-                    row = logger.flush(window, step, epoch, lr, bool(weighting)) if logger else None
+                    row = logger.flush(window, step, epoch, lr, hooks.row_extra(epoch)) if logger else None
                     if row:
                         bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
                     window = MetricsWindow()
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0 and run.dist.main:
-                    last_eval = evaluate_run(run)
+                    last_eval = hooks.evaluate()
                     logger.eval(step, last_eval)
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
                     save_checkpoint(run, step, epoch, batch_in_epoch)
@@ -89,21 +129,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                 epoch, start_batch = epoch + 1, 0
                 continue
             start_batch = batch_in_epoch
-    summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval}
-    if stopped:
-        return summary
-    save_checkpoint(run, step, epoch, start_batch)
-    if not run.dist.main:
-        return summary
-    summary["eval"] = evaluate_run(run)
-    logger.eval(step, summary["eval"])
-    run.model.save_pretrained(os.path.join(cfg.run.output, EXPORT_FOLDER), run.tokenizer)
-    logger.close()
-    summary["bad_samples"] = logger.bad_samples
-    return summary
+    return step, epoch, start_batch, last_eval, stopped
 
 
-def optimizer_step(run: Run, loss: torch.Tensor) -> torch.Tensor:
+def optimizer_step(run, loss: torch.Tensor) -> torch.Tensor:
     """Clip, step, schedule. A step whose loss or gradient is not finite leaves the weights and the
     optimizer's moments as they were: the fused AdamW skips its update on the device when told
     `found_inf` (as under AMP's GradScaler), so no host sync is needed here. Returns that flag."""
@@ -141,18 +170,19 @@ def evaluate_run(run: Run) -> dict:
     return run.family.evaluate(run.model, run.builder, run.eval_urls, run.tasks, run.cfg, run.device, run.autocast)
 
 
-def resume_state(ckpt_dir: str) -> tuple[dict, TrainConfig]:
-    """The newest readable checkpoint and the config it was saved with: the run continues with its own config."""
+def resume_state(ckpt_dir: str, config_class=TrainConfig):
+    """The newest readable checkpoint and the config it was saved with (a `config_class`): the run
+    continues with its own config."""
     found = checkpoint.load_latest(ckpt_dir)
     if found is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}")
     path, state = found
-    cfg = TrainConfig.from_dict(state["config"])
+    cfg = config_class.from_dict(state["config"])
     log.info("resuming from %s (step %d)", path, state["step"])
     return state, cfg
 
 
-def load_state(run: Run, state: dict) -> tuple[int, int, int]:
+def load_state(run, state: dict) -> tuple[int, int, int]:
     """Model, optimizer, scheduler and RNG from a checkpoint -> (step, epoch, batch in epoch). The
     loader position counts batches of one rank: it means the same data only with the same ranks and
     micro-batches, so another layout is refused rather than resumed on other samples."""
@@ -185,7 +215,7 @@ def start_logging(run: Run, resumed_at: int | None) -> RunLogger | None:
     return RunLogger(run.cfg.run.output, resumed_at)
 
 
-def save_checkpoint(run: Run, step: int, epoch: int, batch: int) -> None:
+def save_checkpoint(run, step: int, epoch: int, batch: int) -> None:
     """Rank 0 writes the checkpoint; every rank calls this, to hand in its own RNG state."""
     position = {"epoch": epoch, "batch": batch, "world": run.dist.world, "batch_size": run.batch_size,
                 "grad_accum": run.grad_accum}
