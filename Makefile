@@ -48,6 +48,7 @@ chromium:
 bench: setup
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/loader_parts.py

@@ -90,5 +90,72 @@ def report(run_dir, out_dir, overwrite):
         raise click.ClickException(str(err)) from err
 
 
+FINETUNE_TASKS = ["vqa", "nlvr2", "snli-ve", "refcoco+", "retrieval", "easy-vqa"]
+
+
+@main.command("finetune")
+@click.option("--task", required=True, type=click.Choice(FINETUNE_TASKS), help="The downstream task (its preset: "
+              "the literature's epochs, lr and batch).")
+@click.option("--init", default=None, help="Start from: a run folder or its hf/ export (the whole pre-trained model), "
+              "a HF BERT folder, or 'random' [default: the bundled MiniLM].")
+@click.option("--data", default="", help="The dataset's folder in its public release layout (easy-vqa: the "
+              "installed package's data by default).")
+@click.option("--detections", default=None, help="Detections of the dataset's images: glob or comma list of "
+              "vlp-data detect Parquet or JSON Lines files.")
+@click.option("--output", default="vlp-ft", show_default=True, help="Fine-tuning folder: logs, checkpoints, best/.")
+@click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set optim.lr=5e-5 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in an --output that holds an earlier fine-tuning.")
+def finetune_cmd(task, init, data, detections, output, overrides, resume, overwrite):
+    """Fine-tune on a downstream task; the best epoch by the validation metric is kept (OUTPUT/best)."""
+    from vlp_train.finetune.config import load_config
+    from vlp_train.finetune.train import finetune
+
+    try:
+        cfg = load_config(task, list(overrides) + ([f"model.init={init}"] if init else []))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    cfg.run.output = output
+    cfg.data.data = data or cfg.data.data
+    cfg.data.detections = detections or cfg.data.detections
+    if not resume and not cfg.data.detections:
+        raise click.UsageError("--detections is required (vlp-data detect over the dataset's images)")
+    try:
+        summary = finetune(cfg, resume=resume, overwrite=overwrite)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{summary['steps']} steps -> {output}")
+    if summary.get("best"):
+        best = summary["best"]
+        click.echo(f"best (step {best['step']}): " + json.dumps(_rounded(best["metrics"])))
+        click.echo(f"model: {os.path.join(output, 'best')}; metrics: {os.path.join(output, 'metrics.json')}")
+
+
+@main.command("evaluate")
+@click.option("--task", required=True, type=click.Choice(FINETUNE_TASKS))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A fine-tuning folder (its best/ model).")
+@click.option("--data", default="", help="The dataset's folder (easy-vqa: the installed package's data by default).")
+@click.option("--split", required=True, help="The split to score (e.g. val, test, dev, testA).")
+@click.option("--detections", required=True, help="Detections of the split's images (glob or comma list).")
+@click.option("--max-examples", default=0, show_default=True, type=click.IntRange(0), help="Score the first N only (0: all).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--output", default=None, help="Metrics file [default: MODEL/metrics-SPLIT.json].")
+def evaluate_cmd(task, model_dir, data, split, detections, max_examples, batch_size, device, output):
+    """Score a fine-tuned model on a split: prints the metrics and writes them as JSON."""
+    from vlp_train.finetune.train import evaluate
+
+    try:
+        result = evaluate(task, model_dir, data, split, detections, device, max_examples, batch_size, output)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(_rounded(result), sort_keys=True))
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

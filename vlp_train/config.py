@@ -121,25 +121,25 @@ class RunConfig:
     rerank_k: int = 16               # VLMo's evaluation: ITM re-ranks each query's top k of the dual encoder (0: off)
 
 
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+class Sections:
+    """A config made of dataclass sections (the trainer's, fine-tuning's): to and from a plain dict
+    (config.json, a checkpoint's config)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{f.name: _section(f.name)(**d[f.name]) for f in dataclasses.fields(cls)})
+    def from_dict(cls, d: dict):
+        return cls(**{f.name: type(f.default_factory())(**d[f.name]) for f in dataclasses.fields(cls)})
 
 
-def _section(name: str):
-    return {"model": ModelConfig, "data": DataConfig, "objectives": ObjectiveConfig,
-            "optim": OptimConfig, "run": RunConfig}[name]
+@dataclass
+class TrainConfig(Sections):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 def debug() -> TrainConfig:
@@ -236,7 +236,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2 or not hasattr(cfg, parts[0]) or not hasattr(getattr(cfg, parts[0]), parts[1]):
-            raise ValueError(f"--set {key!r}: unknown key (sections: model, data, objectives, optim, run)")
+            sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+            raise ValueError(f"--set {key!r}: unknown key (sections: {sections})")
         section = getattr(cfg, parts[0])
         optional = "None" in str({f.name: f.type for f in dataclasses.fields(section)}[parts[1]])
         if optional and value.lower() in ("none", "null"):  # e.g. model.init=none: back to the bundled model
@@ -274,6 +275,12 @@ _RANGES = {
     "optim.max_steps": (lambda v: v >= 0, ">= 0"),
     "run.log_every": (lambda v: v >= 1, ">= 1"), "run.eval_every": (lambda v: v >= 0, ">= 0 (0: at the end)"),
     "run.save_every": (lambda v: v >= 0, ">= 0 (0: at the end)"), "run.eval_batches": (lambda v: v >= 1, ">= 1"),
+    # fine-tuning's own keys (vlp_train/finetune/config.py)
+    "data.max_examples": (lambda v: v >= 0, ">= 0 (0: all)"), "data.max_eval_examples": (lambda v: v >= 0, ">= 0 (0: all)"),
+    "data.eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "task.head_hidden_scale": (lambda v: v >= 1, ">= 1"), "task.head_lr_scale": (lambda v: v > 0, "> 0"),
+    "task.answer_min_count": (lambda v: v >= 1, ">= 1"), "task.candidates": (lambda v: v >= 1, ">= 1"),
+    "task.iou_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "run.stop_after": (lambda v: v >= 0, ">= 0"), "run.dist_timeout_s": (lambda v: v >= 1, ">= 1"), "run.max_skipped_steps": (lambda v: v >= 0, ">= 0 (0: never stop)"),
     "model.vl_layers": (lambda v: v >= 0, ">= 0 (VLMo: at most model.layers)"),
     "run.rerank_k": (lambda v: v >= 0, ">= 0 (0: no ITM re-ranking)"),
@@ -285,11 +292,21 @@ _CHOICES = {"run.device": ("auto", "cpu", "cuda"), "objectives.schedule": ("roun
 
 def validate(cfg: TrainConfig) -> None:
     """Every key's type, range and choices, and the files it names; ValueError naming the key."""
+    check_keys(cfg)
+    check_model(cfg.model)
+    for key, path in (("data.tag_vocab", cfg.data.tag_vocab), ("data.manifest", cfg.data.manifest)):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise ValueError(f"{key}={path}: no such file")
+
+
+def check_keys(cfg) -> None:
+    """Every key's type, range (_RANGES) and choices (_CHOICES) of a config of dataclass sections
+    (the trainer's, fine-tuning's); ValueError naming the key."""
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for f in dataclasses.fields(values):
             key, value = f"{section.name}.{f.name}", getattr(values, f.name)
-            expected = type(getattr(_section(section.name)(), f.name))
+            expected = type(getattr(type(values)(), f.name))
             if expected in (int, float, bool) and not (isinstance(value, expected) or
                                                        (expected is float and isinstance(value, int))) \
                     or isinstance(value, bool) and expected is not bool:
@@ -300,7 +317,10 @@ def validate(cfg: TrainConfig) -> None:
                 raise ValueError(f"{key}={value!r}: must be {_RANGES[key][1]}")
             if key in _CHOICES and value not in _CHOICES[key]:
                 raise ValueError(f"{key}={value!r}: expected one of {_CHOICES[key]}")
-    m = cfg.model
+
+
+def check_model(m: ModelConfig) -> None:
+    """The model section's checks across keys (shape; patches)."""
     if (m.layers, m.hidden, m.heads) != (0, 0, 0) and (min(m.layers, m.hidden, m.heads) == 0 or m.hidden % m.heads):
         raise ValueError(f"model.layers/hidden/heads={m.layers}/{m.hidden}/{m.heads}: all three > 0, hidden a "
                          "multiple of heads (or all 0: the init's shape)")
@@ -308,9 +328,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"model.image_size={m.image_size}: must be a multiple of model.patch_size={m.patch_size}")
     if m.vision_init and not os.path.isdir(os.path.expanduser(m.vision_init)):
         raise ValueError(f"model.vision_init={m.vision_init}: no such folder (a ViT folder, timm or Hugging Face layout)")
-    for key, path in (("data.tag_vocab", cfg.data.tag_vocab), ("data.manifest", cfg.data.manifest)):
-        if path and "://" not in path and not os.path.isfile(path):
-            raise ValueError(f"{key}={path}: no such file")
 
 
 def check_init(cfg: TrainConfig, preset: str = "") -> None:

@@ -1,0 +1,90 @@
+"""A downstream split as model inputs: its examples (formats/), their images' regions (regions.py),
+batches built by the trainer's BatchBuilder (the same tokenisation, region order, locations and
+padding as pre-training) in an order fixed by (seed, epoch): the loader position (epoch, batch)
+is enough to resume exactly."""
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from vlp_train.finetune.regions import DetectionIndex, Regions, load_regions, match_images
+
+log = logging.getLogger(__name__)
+
+
+class SplitData:
+    """The examples of a split that have regions for every image they name."""
+
+    def __init__(self, task, read, index: DetectionIndex, max_regions: int, max_examples: int = 0):
+        self.task = task
+        self.split = read.split
+        examples = list(read.examples)
+        if max_examples and len(examples) > max_examples:
+            log.warning("%s %s: the first %d of %d examples (data.max_examples)", task.name, read.split,
+                        max_examples, len(examples))
+            examples = examples[:max_examples]
+        keys = list(dict.fromkeys(k for e in examples for k in e.image_ids))
+        detection_of = match_images(index, keys, f"{task.name} {read.split}")
+        regions = load_regions(index, set(detection_of.values()), max_regions)
+        self.regions: dict[str, Regions] = {key: regions[d] for key, d in detection_of.items() if d in regions}
+        self.examples = [e for e in examples if all(k in self.regions for k in e.image_ids)]
+        self.left_out = len(examples) - len(self.examples)
+        if not self.examples:
+            raise ValueError(f"{task.name} {read.split}: no example has regions for its images (see the warnings above)")
+        if self.left_out:
+            log.warning("%s %s: %d of %d examples left out (images without usable detections)", task.name,
+                        read.split, self.left_out, len(examples))
+
+    @property
+    def feature_dim(self) -> int:
+        return next(iter(self.regions.values())).feats.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+class Collate:
+    """Example indices -> a batch: {"keys", "inputs": the model's tensors, "targets" [B, labels]}.
+    An NLVR2 pair puts every example's first images, then their second images, in one stacked
+    batch of 2B sequences (the same text with each)."""
+
+    def __init__(self, data: SplitData, builder, label_index: dict[str, int]):
+        self.data, self.builder, self.label_index = data, builder, label_index
+
+    def __call__(self, indices: list[int]) -> dict:
+        examples = [self.data.examples[i] for i in indices]
+        images = self.data.task.images
+        texts = [e.text for e in examples] * images
+        samples = [self.data.regions[e.image_ids[k]].sample() for k in range(images) for e in examples]
+        ids, text_mask, _ = self.builder._tokenize(texts)
+        feats, locs, region_mask, _ = self.builder._regions(samples)
+        inputs = self.builder._tensors(input_ids=ids, text_mask=text_mask, features=feats, locations=locs,
+                                       region_mask=region_mask)
+        targets = torch.stack([self.data.task.target(e, self.label_index) for e in examples]) \
+            if self.label_index is not None else None
+        return {"keys": [e.example_id for e in examples], "inputs": inputs, "targets": targets, "bad_samples": 0}
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's examples of an epoch, in its order: a permutation drawn from (seed, epoch), split by rank."""
+    order = list(range(n))
+    random.Random(f"{seed}/finetune/{epoch}").shuffle(order)
+    return order[rank::world]
+
+
+def batch_indices(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def loader(data: SplitData, collate: Collate, batches: list[list[int]], start_batch: int, num_workers: int,
+           seed: int, pin_memory: bool = False):
+    """Batches from `start_batch` on, each with its "index" in the epoch."""
+    def numbered(positions):
+        batch = collate([i for p in positions for i in batches[p]])
+        return {**batch, "index": positions[0]}
+
+    chunks = [[p] for p in range(start_batch, len(batches))]
+    return torch.utils.data.DataLoader(chunks, batch_size=None, collate_fn=numbered, num_workers=num_workers,
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,157 @@
+"""Downstream tasks, registered by name (`--task`): how each reads its dataset (the readers in
+formats/), its label space, its head, its per-sample loss, its predictions and its metrics. The
+harness (finetune/train.py) knows none of them by name.
+
+Adding one: a `FinetuneTask(...)` passed to `register`, with a preset in finetune/config.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vlp_train.finetune.heads import ClassifierHead
+
+
+@dataclass(frozen=True)
+class FinetuneTask:
+    name: str
+    read: Callable          # (data folder, split) -> formats.common.ReadResult
+    labels: Callable        # (train ReadResult, cfg) -> the label names (a classifier's outputs), saved with the model
+    target: Callable        # (Example, label index {name: i}) -> a float tensor [labels] (soft scores / one-hot)
+    score: Callable         # ({example_id: prediction}, examples) -> metrics dict
+    metric: str             # the key of `score`'s dict that picks the best checkpoint (higher is better)
+    images: int = 1         # images an example (NLVR2: 2, the pair model)
+    loss: str = "bce"       # bce: binary cross-entropy over the labels x their count (VQA's); ce: softmax
+    decode: Callable = lambda label: label  # a label name -> the prediction the metric compares (NLVR2: a bool)
+
+    def head(self, hidden: int, labels: int, scale: int) -> ClassifierHead:
+        return ClassifierHead(hidden * self.images, hidden * scale, labels)
+
+    def sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B]."""
+        if self.loss == "bce":  # summed over the labels: the mean x labels of the literature's VQA loss
+            return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").sum(-1)
+        return F.cross_entropy(logits.float(), targets.argmax(-1), reduction="none")
+
+
+TASKS: dict[str, FinetuneTask] = {}
+
+
+def register(task: FinetuneTask) -> FinetuneTask:
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def task_of(name: str) -> FinetuneTask:
+    if name not in TASKS:
+        raise ValueError(f"--task {name!r}: not available (choose from {sorted(TASKS)})")
+    return TASKS[name]
+
+
+def one_hot(label: str, index: dict[str, int]) -> torch.Tensor:
+    target = torch.zeros(len(index))
+    if label in index:  # a label unseen in train: no positive (it cannot be predicted)
+        target[index[label]] = 1.0
+    return target
+
+
+# -- easy-vqa: the package's questions, 13 answers, exact-match accuracy -------------------------------
+
+def _easy_vqa_read(data: str, split: str):
+    from vlp_train.finetune.formats import easy_vqa
+    return easy_vqa.read(split, data or None)
+
+
+def _easy_vqa_labels(train, cfg) -> list[str]:
+    from vlp_train.finetune.formats import easy_vqa
+    return easy_vqa.answers(cfg.data.data or None)
+
+
+def _accuracy(predictions: dict, examples) -> dict:
+    from vlp_train.finetune.metrics import accuracy
+    return {"accuracy": accuracy(predictions, examples)}
+
+
+register(FinetuneTask(
+    name="easy-vqa", read=_easy_vqa_read, labels=_easy_vqa_labels, target=lambda e, index: one_hot(e.target, index),
+    score=_accuracy, metric="accuracy", loss="bce"))
+
+
+# -- VQA v2: answers seen >= task.answer_min_count times in train, soft scores, official accuracy ------
+
+def _vqa_read(data: str, split: str):
+    from vlp_train.finetune.formats import vqa
+    return vqa.read(data, split)
+
+
+def _vqa_labels(train, cfg) -> list[str]:
+    from vlp_train.finetune.formats.vqa import AnswerVocab
+    return AnswerVocab.build(train.examples, cfg.task.answer_min_count).answers
+
+
+def _vqa_target(example, index: dict[str, int]) -> torch.Tensor:
+    from vlp_train.finetune.formats.vqa import AnswerVocab
+    vocab = _vocab_cache.get(id(index))
+    if vocab is None:
+        vocab = _vocab_cache[id(index)] = AnswerVocab(index)
+    target = torch.zeros(len(index))
+    for label, score in vocab.soft_scores(example.target).items():
+        target[label] = score
+    return target
+
+
+_vocab_cache: dict[int, object] = {}
+
+
+def _vqa_score(predictions: dict, examples) -> dict:
+    from vlp_train.finetune.metrics import vqa_scores
+    scores = vqa_scores(predictions, examples)
+    return {"accuracy": scores["overall"], **{f"accuracy/{k}": v for k, v in scores["per_answer_type"].items()}}
+
+
+register(FinetuneTask(
+    name="vqa", read=_vqa_read, labels=_vqa_labels, target=_vqa_target, score=_vqa_score, metric="accuracy",
+    loss="bce"))
+
+
+# -- SNLI-VE: image + hypothesis -> entailment / neutral / contradiction, 3-way accuracy ---------------
+
+def _snli_ve_read(data: str, split: str):
+    from vlp_train.finetune.formats import snli_ve
+    return snli_ve.read(data, split)
+
+
+def _snli_ve_labels(train, cfg) -> list[str]:
+    from vlp_train.finetune.formats.snli_ve import LABELS
+    return list(LABELS)
+
+
+register(FinetuneTask(
+    name="snli-ve", read=_snli_ve_read, labels=_snli_ve_labels, target=lambda e, index: one_hot(e.target, index),
+    score=_accuracy, metric="accuracy", loss="ce"))
+
+
+# -- NLVR2: the pair model (each image with the sentence; both [CLS] states into the classifier) ------
+
+NLVR2_LABELS = ["false", "true"]
+
+
+def _nlvr2_read(data: str, split: str):
+    from vlp_train.finetune.formats import nlvr2
+    return nlvr2.read(data, split)
+
+
+def _nlvr2_score(predictions: dict, examples) -> dict:
+    from vlp_train.finetune.metrics import nlvr2_scores
+    return nlvr2_scores(predictions, examples)
+
+
+register(FinetuneTask(
+    name="nlvr2", read=_nlvr2_read, labels=lambda train, cfg: list(NLVR2_LABELS),
+    target=lambda e, index: one_hot(NLVR2_LABELS[int(e.target)], index), score=_nlvr2_score, metric="accuracy",
+    images=2, loss="ce", decode=lambda label: label == "true"))

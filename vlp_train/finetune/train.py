@@ -1,0 +1,333 @@
+"""`vlp-train finetune` and `vlp-train evaluate`: a pre-trained model (or a BERT folder, or random
+weights, as baselines) with a task head, trained by the pre-training loop (train.run_loop: the
+same steps, gradient accumulation, skipped non-finite steps, logging, checkpoints and exact
+resume), evaluated on the validation split after every epoch; the best epoch's model is kept.
+
+The fine-tuning folder (--output):
+  config.json, log.jsonl, tensorboard/, checkpoints/   as a pre-training run's
+  best/          the best model: a whole-model folder (pretrained.save_pretrained: usable as --init)
+                 plus head.safetensors and task.json (task, labels, the metric and its step)
+  metrics.json   the best evaluation (and `vlp-train evaluate` writes its own beside it)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlp_train import distributed
+from vlp_train.components import lr_lambda, make_optimizer, pick_device, seed_everything
+from vlp_train.finetune.config import FinetuneConfig, dumps, validate
+from vlp_train.finetune.data import Collate, SplitData, batch_indices, epoch_order, loader
+from vlp_train.finetune.heads import init_head
+from vlp_train.finetune.regions import DetectionIndex
+from vlp_train.finetune.tasks import FinetuneTask, task_of
+from vlp_train.masking import BatchBuilder
+from vlp_train.runlog import RunLogger, prepare_run_folder
+from vlp_train.step import to_device
+from vlp_train.train import LoopHooks, load_state, resume_state, run_loop, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+BEST = "best"
+HEAD_WEIGHTS = "head.safetensors"
+TASK_FILE = "task.json"
+METRICS = "metrics.json"
+
+
+class TaskModel(nn.Module):
+    """The pre-trained model and a task head over its [CLS] state (both images' [CLS] states,
+    concatenated, for a pair task)."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, images: int = 1):
+        super().__init__()
+        self.model, self.head, self.images = model, head, images
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        text, _ = self.model(inputs["input_ids"], inputs["text_mask"], inputs["features"], inputs["locations"],
+                             inputs["region_mask"])
+        cls = text[:, 0]
+        if self.images > 1:  # [images x B, D] -> [B, images x D]
+            cls = torch.cat(cls.chunk(self.images), dim=-1)
+        return self.head(cls)
+
+
+@dataclass
+class FinetuneRun:
+    """What run_loop, save_checkpoint and load_state need (the names of components.Run)."""
+    cfg: FinetuneConfig
+    task: FinetuneTask
+    device: torch.device
+    dist: distributed.Distributed
+    tokenizer: object
+    builder: BatchBuilder
+    labels: list[str]
+    train: SplitData
+    val: SplitData
+    model: TaskModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step_module: nn.Module
+    autocast: object
+    batch_size: int
+    grad_accum: int
+    total_steps: int
+    steps_per_epoch: int
+
+
+def read_split(task: FinetuneTask, cfg: FinetuneConfig, split: str):
+    result = task.read(cfg.data.data, split)
+    log.info("%s", result.summary())
+    return result
+
+
+def backbone(cfg: FinetuneConfig, feature_dim: int):
+    """The model to fine-tune, as model.init says: a run or saved model folder (the whole
+    pre-trained model, its family from the folder), a HF BERT folder, None (the bundled MiniLM)
+    or "random"."""
+    from vlp_train.families import family_of
+    from vlp_train.pretrained import init_from, read_config, resolve_init
+
+    kind, folder = resolve_init(cfg.model.init)
+    if kind == "vlp":
+        _, section = read_config(folder)
+        cfg.model.arch = section["arch"]
+        return init_from(folder, family_of(section["arch"]).model_class, cfg.model, feature_dim,
+                         list(section.get("tags", [])))
+    return family_of(cfg.model.arch).build(cfg.model, feature_dim, [])
+
+
+def make_builder(tokenizer, cfg: FinetuneConfig, feature_dim: int) -> BatchBuilder:
+    from vlp_train.config import ObjectiveConfig
+    return BatchBuilder(tokenizer, {}, cfg.model.max_text_len, cfg.model.max_regions, ObjectiveConfig(),
+                        feature_dim=feature_dim)
+
+
+def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
+    from transformers import BertTokenizerFast
+
+    from vlp_train.config import per_rank_batch
+    from vlp_train.pretrained import tokenizer_folder
+
+    validate(cfg)
+    if not cfg.data.detections:
+        raise ValueError("--detections is required: the regions of the dataset's images (vlp-data detect output)")
+    task = task_of(cfg.task.name)
+    device = pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = distributed.setup_distributed(device.type, cfg.run.dist_timeout_s)
+    seed_everything(cfg.run.seed + dist_info.rank)
+    index = DetectionIndex(cfg.data.detections)
+    train_read = read_split(task, cfg, cfg.data.train_split)
+    labels = task.labels(train_read, cfg)
+    train = SplitData(task, train_read, index, cfg.model.max_regions, cfg.data.max_examples)
+    val = SplitData(task, read_split(task, cfg, cfg.data.eval_split), index, cfg.model.max_regions,
+                    cfg.data.max_eval_examples)
+    tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
+    builder = make_builder(tokenizer, cfg, train.feature_dim)
+    batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)
+    steps_per_epoch = max(1, len(batch_indices(epoch_order(len(train), 0, 0, dist_info.rank, dist_info.world),
+                                               batch_size)) // grad_accum)
+    total_steps = steps_per_epoch * cfg.optim.epochs if cfg.optim.epochs else cfg.optim.max_steps
+    total_steps = min(total_steps, cfg.optim.max_steps or total_steps)
+    if not cfg.run.eval_every:
+        cfg.run.eval_every = steps_per_epoch  # evaluate (and keep the best) at each epoch's end
+    pretrained = backbone(cfg, train.feature_dim)
+    bert_config = pretrained.bert_config()  # every family's: its transformer's shape
+    head = init_head(task.head(bert_config.hidden_size, len(labels), cfg.task.head_hidden_scale),
+                     bert_config.initializer_range)
+    model = TaskModel(pretrained, head, task.images).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    if cfg.task.head_lr_scale != 1.0:
+        scale_head_lr(optimizer, model, cfg.optim.lr * cfg.task.head_lr_scale)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio))
+    step_module = distributed.wrap(model, dist_info, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return FinetuneRun(cfg=cfg, task=task, device=device, dist=dist_info, tokenizer=tokenizer, builder=builder,
+                       labels=labels, train=train, val=val, model=model, optimizer=optimizer, scheduler=scheduler,
+                       step_module=step_module, autocast=autocast, batch_size=batch_size, grad_accum=grad_accum,
+                       total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def scale_head_lr(optimizer, model: TaskModel, lr: float) -> None:
+    """The head's parameters in groups of their own at `lr` (weight decay as their group had)."""
+    head = {id(p) for p in model.head.parameters()}
+    for group in list(optimizer.param_groups):
+        mine = [p for p in group["params"] if id(p) in head]
+        if mine:
+            group["params"] = [p for p in group["params"] if id(p) not in head]
+            optimizer.add_param_group({"params": mine, "weight_decay": group["weight_decay"], "lr": lr})
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Fine-tune (or resume) into cfg.run.output. Returns {"steps", "best": metrics at the best epoch}."""
+    out = cfg.run.output
+    state = None
+    if not resume and int(os.environ.get("RANK", "0")) == 0:
+        prepare_run_folder(out, overwrite)
+        for name in (BEST, METRICS):
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                import shutil
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    if resume:
+        stop_after = cfg.run.stop_after
+        state, cfg = resume_state(os.path.join(out, "checkpoints"), FinetuneConfig)
+        cfg.run.stop_after = stop_after
+    run = build_finetune(cfg)
+    step, epoch, start_batch = 0, 0, 0
+    if state is not None:
+        step, epoch, start_batch = load_state(run, state)
+    logger = None
+    if run.dist.main:
+        os.makedirs(out, exist_ok=True)
+        if state is None:
+            with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+                f.write(dumps(cfg))
+        log.info("fine-tuning %s on %s: %d train / %d %s examples, %d labels, %d steps", cfg.model.init or "MiniLM",
+                 cfg.task.name, len(run.train), len(run.val), cfg.data.eval_split, len(run.labels), run.total_steps)
+        logger = RunLogger(out, step if state is not None else None)
+    best = read_best(out) if state is not None else None
+    collate = Collate(run.train, run.builder, {label: i for i, label in enumerate(run.labels)})
+
+    def batches(epoch: int, start_batch: int):
+        order = epoch_order(len(run.train), cfg.run.seed, epoch, run.dist.rank, run.dist.world)
+        return loader(run.train, collate, batch_indices(order, run.batch_size), start_batch, cfg.data.num_workers,
+                      cfg.run.seed, pin_memory=run.device.type == "cuda")
+
+    def batch_loss(batch: dict, epoch: int):
+        inputs = to_device({"x": batch["inputs"]}, run.device)["x"]
+        with run.autocast:
+            logits = run.step_module(inputs)
+        losses = run.task.sample_loss(logits, batch["targets"].to(run.device))
+        loss = losses.mean()
+        return loss, {f"{run.task.name}/loss": torch.stack([losses.detach().sum(), torch.tensor(
+            float(len(losses)), device=losses.device)])}
+
+    def evaluate_and_keep(at: int) -> dict:
+        nonlocal best
+        metrics, _ = predict_split(run.model, run.task, run.val, run.builder, run.labels, cfg, run.device,
+                                   run.autocast)
+        if best is None or metrics[run.task.metric] > best["metrics"][run.task.metric]:
+            best = {"step": at, "metrics": metrics}
+            save_best(run, at, metrics)
+        return metrics
+
+    # the step being evaluated: the scheduler steps once per optimizer step
+    hooks = LoopHooks(batches=batches, loss=batch_loss, evaluate=lambda: evaluate_and_keep(run.scheduler.last_epoch))
+    step, epoch, start_batch, last_eval, stopped = run_loop(run, hooks, logger, step, epoch, start_batch)
+    summary = {"steps": step, "stopped": stopped}
+    if stopped:
+        return summary
+    save_checkpoint(run, step, epoch, start_batch)
+    if not run.dist.main:
+        return summary
+    if cfg.run.eval_every and step % cfg.run.eval_every:  # the last steps were not evaluated yet
+        logger.eval(step, evaluate_and_keep(step))
+    logger.close()
+    summary["best"] = best
+    with open(os.path.join(out, METRICS), "w", encoding="utf-8") as f:
+        json.dump({"task": cfg.task.name, "split": cfg.data.eval_split, "examples": len(run.val),
+                   "best_step": best["step"], **best["metrics"]}, f, indent=1, sort_keys=True)
+    return summary
+
+
+def read_best(out: str) -> dict | None:
+    path = os.path.join(out, BEST, TASK_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return {"step": saved["step"], "metrics": saved["metrics"]}
+
+
+def save_best(run: FinetuneRun, step: int, metrics: dict) -> None:
+    """The best model so far into best/ (written beside, then swapped in whole)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    out = run.cfg.run.output
+    tmp, final = os.path.join(out, BEST + ".tmp"), os.path.join(out, BEST)
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    run.model.model.save_pretrained(tmp, run.tokenizer)
+    save_file({k: v.detach().cpu().contiguous() for k, v in run.model.head.state_dict().items()},
+              os.path.join(tmp, HEAD_WEIGHTS))
+    with open(os.path.join(tmp, TASK_FILE), "w", encoding="utf-8") as f:
+        json.dump({"task": run.task.name, "labels": run.labels, "head_hidden_scale": run.cfg.task.head_hidden_scale,
+                   "max_text_len": run.cfg.model.max_text_len, "max_regions": run.cfg.model.max_regions,
+                   "step": step, "metric": run.task.metric, "metrics": metrics}, f, indent=1)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+@torch.no_grad()
+def predict_split(model: TaskModel, task: FinetuneTask, data: SplitData, builder, labels: list[str], cfg,
+                  device, autocast) -> tuple[dict, dict]:
+    """(metrics, {example_id: prediction}) of a split: the top label of each example."""
+    was_training = model.training
+    model.eval()
+    collate = Collate(data, builder, None)
+    predictions = {}
+    for start in range(0, len(data), cfg.data.eval_batch_size):
+        batch = collate(list(range(start, min(len(data), start + cfg.data.eval_batch_size))))
+        inputs = to_device({"x": batch["inputs"]}, device)["x"]
+        with autocast:
+            logits = model(inputs)
+        for key, label in zip(batch["keys"], logits.float().argmax(-1).tolist()):
+            predictions[key] = task.decode(labels[label])
+    model.train(was_training)
+    return task.score(predictions, data.examples), predictions
+
+
+def load_finetuned(folder: str, device):
+    """(TaskModel, task, labels, saved task.json) from a fine-tuning folder's best/ (or that folder)."""
+    from safetensors.torch import load_file
+
+    from vlp_train import pretrained
+    path = os.path.join(folder, BEST) if os.path.isdir(os.path.join(folder, BEST)) else folder
+    if not os.path.isfile(os.path.join(path, TASK_FILE)):
+        raise FileNotFoundError(f"--model {folder}: no fine-tuned model ({BEST}/{TASK_FILE}); a fine-tuning writes it "
+                                "at its first evaluation")
+    with open(os.path.join(path, TASK_FILE), encoding="utf-8") as f:
+        saved = json.load(f)
+    task = task_of(saved["task"])
+    model = pretrained.load(path)
+    head = task.head(model.bert_config().hidden_size, len(saved["labels"]), saved["head_hidden_scale"])
+    head.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS)))
+    return TaskModel(model, head, task.images).to(device).eval(), task, saved["labels"], saved
+
+
+def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: str, device: str = "auto",
+             max_examples: int = 0, batch_size: int = 64, output: str | None = None) -> dict:
+    """Metrics of a fine-tuned model on a split; written to `output` (default MODEL/metrics-SPLIT.json)."""
+    from transformers import BertTokenizerFast
+
+    from vlp_train.pretrained import model_folder
+    torch_device = pick_device(device, 0)
+    model, task, labels, saved = load_finetuned(model_dir, torch_device)
+    if task.name != task_name:
+        raise ValueError(f"--model {model_dir} is fine-tuned for {task.name}, not {task_name}")
+    cfg = FinetuneConfig()
+    cfg.task.name, cfg.data.data, cfg.data.detections = task_name, data, detections
+    cfg.data.eval_batch_size, cfg.model.max_text_len = batch_size, saved["max_text_len"]
+    cfg.model.max_regions = saved["max_regions"]
+    split_data = SplitData(task, read_split(task, cfg, split), DetectionIndex(detections), cfg.model.max_regions,
+                           max_examples)
+    path = os.path.join(model_dir, BEST) if os.path.isdir(os.path.join(model_dir, BEST)) else model_folder(model_dir)
+    builder = make_builder(BertTokenizerFast.from_pretrained(path), cfg, split_data.feature_dim)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch_device.type == "cuda" else nullcontext()
+    metrics, predictions = predict_split(model, task, split_data, builder, labels, cfg, torch_device, autocast)
+    result = {"task": task.name, "split": split, "examples": len(split_data), "left_out": split_data.left_out,
+              **metrics}
+    output = output or os.path.join(model_dir, f"metrics-{split}.json")
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+    return result
