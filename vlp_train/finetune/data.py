@@ -62,8 +62,15 @@ class Collate:
         feats, locs, region_mask, _ = self.builder._regions(samples)
         inputs = self.builder._tensors(input_ids=ids, text_mask=text_mask, features=feats, locations=locs,
                                        region_mask=region_mask)
-        targets = torch.stack([self.data.task.target(e, self.label_index) for e in examples]) \
-            if self.label_index is not None else None
+        targets = None
+        if self.label_index is not None:
+            rows = [self.data.task.target(e, self.label_index, [self.data.regions[k] for k in e.image_ids])
+                    for e in examples]
+            targets = torch.zeros(len(rows), max(len(r) for r in rows))  # region targets: padded to the batch's
+            for i, row in enumerate(rows):
+                targets[i, :len(row)] = row[:targets.shape[1]]
+            if self.data.task.regions:
+                targets = targets[:, :region_mask.shape[1]]
         return {"keys": [e.example_id for e in examples], "inputs": inputs, "targets": targets, "bad_samples": 0}
 
 

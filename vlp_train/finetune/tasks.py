@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlp_train.finetune.heads import ClassifierHead
+from vlp_train.finetune.heads import ClassifierHead, RegionScoreHead
 
 
 @dataclass(frozen=True)
@@ -20,20 +20,27 @@ class FinetuneTask:
     name: str
     read: Callable          # (data folder, split) -> formats.common.ReadResult
     labels: Callable        # (train ReadResult, cfg) -> the label names (a classifier's outputs), saved with the model
-    target: Callable        # (Example, label index {name: i}) -> a float tensor [labels] (soft scores / one-hot)
+    target: Callable        # (Example, label index {name: i}, its images' Regions) -> float tensor [labels]
+    #                         (soft scores / one-hot; a region task: [its regions], padded by the batch)
     score: Callable         # ({example_id: prediction}, examples) -> metrics dict
     metric: str             # the key of `score`'s dict that picks the best checkpoint (higher is better)
     images: int = 1         # images an example (NLVR2: 2, the pair model)
     loss: str = "bce"       # bce: binary cross-entropy over the labels x their count (VQA's); ce: softmax
     decode: Callable = lambda label: label  # a label name -> the prediction the metric compares (NLVR2: a bool)
+    regions: bool = False   # the head scores each region ([B, R]; RefCOCO+), not a label ([B, labels])
 
-    def head(self, hidden: int, labels: int, scale: int) -> ClassifierHead:
+    def head(self, hidden: int, labels: int, scale: int):
+        if self.regions:
+            return RegionScoreHead(hidden)
         return ClassifierHead(hidden * self.images, hidden * scale, labels)
 
     def sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-sample loss [B]."""
         if self.loss == "bce":  # summed over the labels: the mean x labels of the literature's VQA loss
             return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").sum(-1)
+        if self.regions:  # softmax over the image's regions (padding at -inf) against the target distribution
+            log_probs = torch.log_softmax(logits.float(), -1).masked_fill(targets == 0, 0.0)
+            return -(targets * log_probs).sum(-1)
         return F.cross_entropy(logits.float(), targets.argmax(-1), reduction="none")
 
 
@@ -53,7 +60,7 @@ def task_of(name: str) -> FinetuneTask:
     return TASKS[name]
 
 
-def one_hot(label: str, index: dict[str, int]) -> torch.Tensor:
+def one_hot(label: str, index: dict[str, int], regions=None) -> torch.Tensor:
     target = torch.zeros(len(index))
     if label in index:  # a label unseen in train: no positive (it cannot be predicted)
         target[index[label]] = 1.0
@@ -78,7 +85,7 @@ def _accuracy(predictions: dict, examples) -> dict:
 
 
 register(FinetuneTask(
-    name="easy-vqa", read=_easy_vqa_read, labels=_easy_vqa_labels, target=lambda e, index: one_hot(e.target, index),
+    name="easy-vqa", read=_easy_vqa_read, labels=_easy_vqa_labels, target=lambda e, index, regions: one_hot(e.target, index),
     score=_accuracy, metric="accuracy", loss="bce"))
 
 
@@ -94,7 +101,7 @@ def _vqa_labels(train, cfg) -> list[str]:
     return AnswerVocab.build(train.examples, cfg.task.answer_min_count).answers
 
 
-def _vqa_target(example, index: dict[str, int]) -> torch.Tensor:
+def _vqa_target(example, index: dict[str, int], regions=None) -> torch.Tensor:
     from vlp_train.finetune.formats.vqa import AnswerVocab
     vocab = _vocab_cache.get(id(index))
     if vocab is None:
@@ -132,7 +139,7 @@ def _snli_ve_labels(train, cfg) -> list[str]:
 
 
 register(FinetuneTask(
-    name="snli-ve", read=_snli_ve_read, labels=_snli_ve_labels, target=lambda e, index: one_hot(e.target, index),
+    name="snli-ve", read=_snli_ve_read, labels=_snli_ve_labels, target=lambda e, index, regions: one_hot(e.target, index),
     score=_accuracy, metric="accuracy", loss="ce"))
 
 
@@ -153,5 +160,32 @@ def _nlvr2_score(predictions: dict, examples) -> dict:
 
 register(FinetuneTask(
     name="nlvr2", read=_nlvr2_read, labels=lambda train, cfg: list(NLVR2_LABELS),
-    target=lambda e, index: one_hot(NLVR2_LABELS[int(e.target)], index), score=_nlvr2_score, metric="accuracy",
+    target=lambda e, index, regions: one_hot(NLVR2_LABELS[int(e.target)], index), score=_nlvr2_score, metric="accuracy",
     images=2, loss="ce", decode=lambda label: label == "true"))
+
+
+# -- RefCOCO+: a score per detected region for the expression; right when the top region's box has
+# IoU >= task.iou_threshold with the referred object's (the "det" setting: the detections' boxes) ----
+
+def _refcoco_read(data: str, split: str):
+    from vlp_train.finetune.formats import refcoco
+    return refcoco.read(data, split)
+
+
+def _refcoco_target(example, index, regions) -> torch.Tensor:
+    """The region of largest IoU with the referred object's box (the detector's best proposal)."""
+    from vlp_train.finetune.metrics import box_iou
+    ious = torch.tensor([box_iou(box, example.target.box) for box in regions[0].boxes])
+    target = torch.zeros(len(ious))
+    target[int(ious.argmax())] = 1.0
+    return target
+
+
+def _refcoco_score(predictions: dict, examples) -> dict:
+    from vlp_train.finetune.metrics import refcoco_accuracy
+    return {"accuracy": refcoco_accuracy(predictions, examples)}
+
+
+register(FinetuneTask(
+    name="refcoco+", read=_refcoco_read, labels=lambda train, cfg: [], target=_refcoco_target,
+    score=_refcoco_score, metric="accuracy", loss="regions", regions=True))

@@ -44,13 +44,15 @@ class TaskModel(nn.Module):
     """The pre-trained model and a task head over its [CLS] state (both images' [CLS] states,
     concatenated, for a pair task)."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, images: int = 1):
+    def __init__(self, model: nn.Module, head: nn.Module, images: int = 1, regions: bool = False):
         super().__init__()
-        self.model, self.head, self.images = model, head, images
+        self.model, self.head, self.images, self.regions = model, head, images, regions
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        text, _ = self.model(inputs["input_ids"], inputs["text_mask"], inputs["features"], inputs["locations"],
-                             inputs["region_mask"])
+        text, region_states = self.model(inputs["input_ids"], inputs["text_mask"], inputs["features"],
+                                         inputs["locations"], inputs["region_mask"])
+        if self.regions:  # a score per region [B, R]
+            return self.head(region_states, inputs["region_mask"])
         cls = text[:, 0]
         if self.images > 1:  # [images x B, D] -> [B, images x D]
             cls = torch.cat(cls.chunk(self.images), dim=-1)
@@ -140,7 +142,7 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     bert_config = pretrained.bert_config()  # every family's: its transformer's shape
     head = init_head(task.head(bert_config.hidden_size, len(labels), cfg.task.head_hidden_scale),
                      bert_config.initializer_range)
-    model = TaskModel(pretrained, head, task.images).to(device)
+    model = TaskModel(pretrained, head, task.images, task.regions).to(device)
     optimizer = make_optimizer(model, cfg, device)
     if cfg.task.head_lr_scale != 1.0:
         scale_head_lr(optimizer, model, cfg.optim.lr * cfg.task.head_lr_scale)
@@ -281,8 +283,11 @@ def predict_split(model: TaskModel, task: FinetuneTask, data: SplitData, builder
         inputs = to_device({"x": batch["inputs"]}, device)["x"]
         with autocast:
             logits = model(inputs)
-        for key, label in zip(batch["keys"], logits.float().argmax(-1).tolist()):
-            predictions[key] = task.decode(labels[label])
+        for i, (key, top) in enumerate(zip(batch["keys"], logits.float().argmax(-1).tolist())):
+            if task.regions:  # the top region's box
+                predictions[key] = data.regions[data.examples[start + i].image_ids[0]].boxes[top]
+            else:
+                predictions[key] = task.decode(labels[top])
     model.train(was_training)
     return task.score(predictions, data.examples), predictions
 
@@ -302,7 +307,7 @@ def load_finetuned(folder: str, device):
     model = pretrained.load(path)
     head = task.head(model.bert_config().hidden_size, len(saved["labels"]), saved["head_hidden_scale"])
     head.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS)))
-    return TaskModel(model, head, task.images).to(device).eval(), task, saved["labels"], saved
+    return TaskModel(model, head, task.images, task.regions).to(device).eval(), task, saved["labels"], saved
 
 
 def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: str, device: str = "auto",

@@ -195,3 +195,50 @@ def test_other_classification_tasks_run_end_to_end(tmp_path, task, write, splits
     assert summary["steps"] == 3 and set(summary["best"]["metrics"]) == metrics
     result = evaluate(task, str(tmp_path / "ft"), str(tmp_path), "dev", detections)
     assert result["examples"] == 12 and result["accuracy"] == summary["best"]["metrics"]["accuracy"]
+
+
+def write_refcoco(folder, images_per_split=8):
+    """refcoco+/refs(unc).json (the JSON conversion of refs(unc).p) + instances.json, and detections
+    of 3 boxes an image, one of them the referred object's, whose features stand out."""
+    refs, images, annotations, rows = [], [], [], []
+    rng = np.random.default_rng(3)
+    for n, split in enumerate(("train", "val")):
+        for i in range(images_per_split):
+            image_id = 100 * (n + 1) + i
+            images.append({"id": image_id, "file_name": f"COCO_train2014_{image_id:012d}.jpg", "height": 100,
+                           "width": 100})
+            annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, "bbox": [10, 10, 30, 30],
+                                "area": 900.0, "segmentation": [], "iscrowd": 0})
+            refs.append({"ref_id": image_id, "ann_id": image_id, "image_id": image_id, "category_id": 1,
+                         "split": split, "sent_ids": [image_id],
+                         "sentences": [{"sent_id": image_id, "sent": "the marked one", "raw": "The marked one",
+                                        "tokens": ["the", "marked", "one"]}], "file_name": "x.jpg"})
+            boxes = [[50.0, 50.0, 90.0, 90.0], [10.0, 10.0, 40.0, 40.0], [0.0, 60.0, 30.0, 100.0]]
+            order = rng.permutation(3).tolist()
+            features = 0.1 * rng.standard_normal((3, DIM))
+            features[order.index(1)] += 3.0  # the referred object's region
+            rows.append({"image_id": f"train2014/COCO_train2014_{image_id:012d}.jpg", "width": 100, "height": 100,
+                         "boxes": [boxes[j] for j in order], "labels": ["person"] * 3, "scores": [0.9, 0.8, 0.7],
+                         "features": features.tolist()})
+    (folder / "refcoco+").mkdir()
+    (folder / "refcoco+" / "refs(unc).json").write_text(json.dumps(refs))
+    (folder / "refcoco+" / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "person"}]}))
+    pq.write_table(pa.Table.from_pylist(rows), folder / "det.parquet")
+    return str(folder / "det.parquet")
+
+
+def test_refcoco_scores_regions_and_picks_the_referred_box(tmp_path):
+    """RefCOCO+ (det setting): the target is the detection of largest IoU with the referred box; the
+    prediction is the top-scored region's box, right at IoU >= 0.5. The referred regions' features
+    stand out here, so a few steps learn to pick them."""
+    from vlp_train.finetune.train import evaluate, finetune
+
+    detections = write_refcoco(tmp_path)
+    cfg = load_config("refcoco+", TINY + ["optim.epochs=8", "optim.lr=3e-3", "data.batch_size=4"])
+    cfg.run.output, cfg.data.detections, cfg.data.data = str(tmp_path / "ft"), detections, str(tmp_path)
+    summary = finetune(cfg)
+    assert summary["steps"] == 16
+    result = evaluate("refcoco+", str(tmp_path / "ft"), str(tmp_path), "val", detections)
+    assert result["examples"] == 8 and result["accuracy"] == summary["best"]["metrics"]["accuracy"]
+    assert result["accuracy"] > 100 / 3 + 20  # chance: one region in three
