@@ -142,12 +142,15 @@ def finetune_cmd(task, init, data, detections, output, overrides, resume, overwr
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--output", default=None, help="Metrics file [default: MODEL/metrics-SPLIT.json].")
-def evaluate_cmd(task, model_dir, data, split, detections, max_examples, batch_size, device, output):
+@click.option("--candidates", default=16, show_default=True, type=click.IntRange(1),
+              help="retrieval: ITM re-ranks each query's top K of the first stage (sentence-BERT of the image's tags).")
+def evaluate_cmd(task, model_dir, data, split, detections, max_examples, batch_size, device, output, candidates):
     """Score a fine-tuned model on a split: prints the metrics and writes them as JSON."""
     from vlp_train.finetune.train import evaluate
 
     try:
-        result = evaluate(task, model_dir, data, split, detections, device, max_examples, batch_size, output)
+        result = evaluate(task, model_dir, data, split, detections, device, max_examples, batch_size, output,
+                          candidates)
     except (OSError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(_rounded(result), sort_keys=True))

@@ -55,6 +55,8 @@ class Collate:
 
     def __call__(self, indices: list[int]) -> dict:
         examples = [self.data.examples[i] for i in indices]
+        if self.data.task.pairs is not None and self.label_index is not None:
+            return self.pairs(examples)
         images = self.data.task.images
         texts = [e.text for e in examples] * images
         samples = [self.data.regions[e.image_ids[k]].sample() for k in range(images) for e in examples]
@@ -71,6 +73,18 @@ class Collate:
                 targets[i, :len(row)] = row[:targets.shape[1]]
             if self.data.task.regions:
                 targets = targets[:, :region_mask.shape[1]]
+        return {"keys": [e.example_id for e in examples], "inputs": inputs, "targets": targets, "bad_samples": 0}
+
+    def pairs(self, examples: list) -> dict:
+        """A batch of a pair task's training pairs (retrieval: matched and mismatched caption-image pairs)."""
+        pairs = self.data.task.pairs(examples)
+        ids, text_mask, _ = self.builder._tokenize([e.text for e, _, _ in pairs])
+        feats, locs, region_mask, _ = self.builder._regions([self.data.regions[image].sample() for _, image, _ in pairs])
+        inputs = self.builder._tensors(input_ids=ids, text_mask=text_mask, features=feats, locations=locs,
+                                       region_mask=region_mask)
+        targets = torch.zeros(len(pairs), len(self.label_index))
+        for i, (_, _, label) in enumerate(pairs):
+            targets[i, self.label_index[label]] = 1.0
         return {"keys": [e.example_id for e in examples], "inputs": inputs, "targets": targets, "bad_samples": 0}
 
 
@@ -95,3 +109,4 @@ def loader(data: SplitData, collate: Collate, batches: list[list[int]], start_ba
     chunks = [[p] for p in range(start_batch, len(batches))]
     return torch.utils.data.DataLoader(chunks, batch_size=None, collate_fn=numbered, num_workers=num_workers,
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+

@@ -28,8 +28,13 @@ class FinetuneTask:
     loss: str = "bce"       # bce: binary cross-entropy over the labels x their count (VQA's); ce: softmax
     decode: Callable = lambda label: label  # a label name -> the prediction the metric compares (NLVR2: a bool)
     regions: bool = False   # the head scores each region ([B, R]; RefCOCO+), not a label ([B, labels])
+    pairs: Callable | None = None    # training pairs of a batch: (examples) -> [(example, image key, label name)]
+    #                                  (retrieval: each caption with its image and with another one)
+    predict: Callable | None = None  # evaluation of its own: (model, data, builder, cfg, device, autocast) -> (metrics, predictions)
 
     def head(self, hidden: int, labels: int, scale: int):
+        if self.pairs is not None:  # the pre-trained model's own ITM head scores a pair
+            return None
         if self.regions:
             return RegionScoreHead(hidden)
         return ClassifierHead(hidden * self.images, hidden * scale, labels)
@@ -189,3 +194,75 @@ def _refcoco_score(predictions: dict, examples) -> dict:
 register(FinetuneTask(
     name="refcoco+", read=_refcoco_read, labels=lambda train, cfg: [], target=_refcoco_target,
     score=_refcoco_score, metric="accuracy", loss="regions", regions=True))
+
+
+# -- retrieval (Karpathy splits): ITM fine-tuned on each caption with its image and with another
+# image of the batch; evaluated by re-ranking a first stage's top `task.candidates` with ITM --------
+
+MATCH_LABELS = ["no", "match"]
+
+
+def _retrieval_read(data: str, split: str):
+    from vlp_train.finetune.formats import retrieval
+    return retrieval.read(data, split)
+
+
+def retrieval_pairs(examples) -> list:
+    """Each caption with its image (match) and with the next example's image (no match, unless it
+    is the same image)."""
+    pairs = [(e, e.image_ids[0], "match") for e in examples]
+    for i, e in enumerate(examples):
+        other = examples[(i + 1) % len(examples)].image_ids[0]
+        pairs.append((e, other, "match" if other == e.image_ids[0] else "no"))
+    return pairs
+
+
+def tag_text(regions) -> str:
+    """An image's query text: its tags in the corpus's order (what corpus building searches with)."""
+    from schemas.corpus import tag_order
+    return " ".join(tag_order(regions.tags, list(range(len(regions.tags), 0, -1))))
+
+
+@torch.no_grad()
+def retrieval_predict(model, data, builder, cfg, device, autocast) -> tuple[dict, dict]:
+    """First stage: sentence-BERT (the bundled MiniLM, as corpus building) of each image's tags
+    against each caption; the top `task.candidates` images of each caption and captions of each
+    image are scored by ITM (the match probability); the rest rank last. R@1/5/10 both ways."""
+    import numpy as np
+
+    from pipelines.encoding import encode, load_sentence_model
+    from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
+    from vlp_train.step import to_device
+
+    images, text_image = retrieval_index(data.examples)
+    sbert = load_sentence_model(None, "cuda" if device.type == "cuda" else "cpu")
+    image_vectors = encode(sbert, [tag_text(data.regions[k]) for k in images], 256)
+    text_vectors = encode(sbert, [e.text for e in data.examples], 256)
+    first = image_vectors @ text_vectors.T  # [images, texts]
+    k = min(cfg.task.candidates, len(images), len(data.examples))
+    pairs = set()
+    for t in range(first.shape[1]):
+        pairs.update((int(i), t) for i in np.argsort(-first[:, t], kind="stable")[:k])
+    for i in range(first.shape[0]):
+        pairs.update((i, int(t)) for t in np.argsort(-first[i], kind="stable")[:k])
+    scores = np.full(first.shape, -np.inf)
+    pairs = sorted(pairs)
+    for start in range(0, len(pairs), cfg.data.eval_batch_size):
+        chunk = pairs[start:start + cfg.data.eval_batch_size]
+        ids, text_mask, _ = builder._tokenize([data.examples[t].text for _, t in chunk])
+        feats, locs, region_mask, _ = builder._regions([data.regions[images[i]].sample() for i, _ in chunk])
+        inputs = to_device({"x": builder._tensors(input_ids=ids, text_mask=text_mask, features=feats,
+                                                  locations=locs, region_mask=region_mask)}, device)["x"]
+        with autocast:
+            logits = model(inputs)
+        for (i, t), p in zip(chunk, torch.softmax(logits.float(), -1)[:, 1].tolist()):
+            scores[i, t] = p
+    metrics = retrieval_recalls(scores, text_image)
+    top = scores.argmax(0)
+    return metrics, {e.example_id: images[int(top[t])] for t, e in enumerate(data.examples)}
+
+
+register(FinetuneTask(
+    name="retrieval", read=_retrieval_read, labels=lambda train, cfg: list(MATCH_LABELS),
+    target=lambda e, index, regions: one_hot(e.target, index), score=None, metric="rmean", loss="ce",
+    pairs=retrieval_pairs, predict=retrieval_predict))

@@ -53,6 +53,8 @@ class TaskModel(nn.Module):
                                          inputs["locations"], inputs["region_mask"])
         if self.regions:  # a score per region [B, R]
             return self.head(region_states, inputs["region_mask"])
+        if self.head is None:  # a pair's match: the pre-trained model's ITM head
+            return self.model.itm_logits(text)
         cls = text[:, 0]
         if self.images > 1:  # [images x B, D] -> [B, images x D]
             cls = torch.cat(cls.chunk(self.images), dim=-1)
@@ -140,11 +142,11 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
         cfg.run.eval_every = steps_per_epoch  # evaluate (and keep the best) at each epoch's end
     pretrained = backbone(cfg, train.feature_dim)
     bert_config = pretrained.bert_config()  # every family's: its transformer's shape
-    head = init_head(task.head(bert_config.hidden_size, len(labels), cfg.task.head_hidden_scale),
-                     bert_config.initializer_range)
+    head = task.head(bert_config.hidden_size, len(labels), cfg.task.head_hidden_scale)
+    head = head and init_head(head, bert_config.initializer_range)
     model = TaskModel(pretrained, head, task.images, task.regions).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    if cfg.task.head_lr_scale != 1.0:
+    if cfg.task.head_lr_scale != 1.0 and head is not None:
         scale_head_lr(optimizer, model, cfg.optim.lr * cfg.task.head_lr_scale)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio))
     step_module = distributed.wrap(model, dist_info, device)
@@ -259,8 +261,9 @@ def save_best(run: FinetuneRun, step: int, metrics: dict) -> None:
     if os.path.isdir(tmp):
         shutil.rmtree(tmp)
     run.model.model.save_pretrained(tmp, run.tokenizer)
-    save_file({k: v.detach().cpu().contiguous() for k, v in run.model.head.state_dict().items()},
-              os.path.join(tmp, HEAD_WEIGHTS))
+    if run.model.head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.model.head.state_dict().items()},
+                  os.path.join(tmp, HEAD_WEIGHTS))
     with open(os.path.join(tmp, TASK_FILE), "w", encoding="utf-8") as f:
         json.dump({"task": run.task.name, "labels": run.labels, "head_hidden_scale": run.cfg.task.head_hidden_scale,
                    "max_text_len": run.cfg.model.max_text_len, "max_regions": run.cfg.model.max_regions,
@@ -273,9 +276,15 @@ def save_best(run: FinetuneRun, step: int, metrics: dict) -> None:
 @torch.no_grad()
 def predict_split(model: TaskModel, task: FinetuneTask, data: SplitData, builder, labels: list[str], cfg,
                   device, autocast) -> tuple[dict, dict]:
-    """(metrics, {example_id: prediction}) of a split: the top label of each example."""
+    """(metrics, {example_id: prediction}) of a split: the top label (or region) of each example; a
+    task with an evaluation of its own (retrieval's re-ranking) runs that."""
     was_training = model.training
     model.eval()
+    if task.predict is not None:
+        try:
+            return task.predict(model, data, builder, cfg, device, autocast)
+        finally:
+            model.train(was_training)
     collate = Collate(data, builder, None)
     predictions = {}
     for start in range(0, len(data), cfg.data.eval_batch_size):
@@ -306,12 +315,13 @@ def load_finetuned(folder: str, device):
     task = task_of(saved["task"])
     model = pretrained.load(path)
     head = task.head(model.bert_config().hidden_size, len(saved["labels"]), saved["head_hidden_scale"])
-    head.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS)))
+    if head is not None:
+        head.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS)))
     return TaskModel(model, head, task.images, task.regions).to(device).eval(), task, saved["labels"], saved
 
 
 def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: str, device: str = "auto",
-             max_examples: int = 0, batch_size: int = 64, output: str | None = None) -> dict:
+             max_examples: int = 0, batch_size: int = 64, output: str | None = None, candidates: int = 16) -> dict:
     """Metrics of a fine-tuned model on a split; written to `output` (default MODEL/metrics-SPLIT.json)."""
     from transformers import BertTokenizerFast
 
@@ -323,7 +333,7 @@ def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: 
     cfg = FinetuneConfig()
     cfg.task.name, cfg.data.data, cfg.data.detections = task_name, data, detections
     cfg.data.eval_batch_size, cfg.model.max_text_len = batch_size, saved["max_text_len"]
-    cfg.model.max_regions = saved["max_regions"]
+    cfg.model.max_regions, cfg.task.candidates = saved["max_regions"], candidates
     split_data = SplitData(task, read_split(task, cfg, split), DetectionIndex(detections), cfg.model.max_regions,
                            max_examples)
     path = os.path.join(model_dir, BEST) if os.path.isdir(os.path.join(model_dir, BEST)) else model_folder(model_dir)
