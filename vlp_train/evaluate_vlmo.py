@@ -6,8 +6,9 @@ fusion MLM accuracy; the stages' own measures (the vision stage's region-feature
 error, the language stage's text-only MLM accuracy); and, when μ-VLA's granularities train beside
 VLMo's, the single-stream evaluation of them on the fusion encoder.
 
-A text is a positive of every image that retrieved it (texts are compared by `text_keys`), so
-two images that retrieved the same sentence both count as right answers."""
+A text is a right answer for every image that retrieved it, among its K (texts are compared by
+their keys, `masking.text_key`): the gallery's text of image i is one of i's sentences, and it may
+be one of another image's too."""
 from __future__ import annotations
 
 import time
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from vlp_train.data import CorpusStream
 from vlp_train.objectives import gather_positions
+from vlp_train.objectives.contrastive import NO_KEY, in_sets
 from vlp_train.objectives.vlmo import image_only_regression
 from vlp_train.step import to_device
 from vlp_train.tasks import IGNORE, Task
@@ -82,7 +84,7 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
         dual_s += time.perf_counter() - started
         for name, field in (("ids", "clean_ids"), ("text_mask", "text_mask"), ("features", "features"),
                             ("locations", "locations"), ("region_mask", "region_mask"), ("keys", "text_keys"),
-                            ("pixels", "pixels")):
+                            ("retrieved", "retrieved_keys"), ("pixels", "pixels")):
             if field in view:
                 pairs.setdefault(name, []).append(view[field])
         with autocast:
@@ -125,6 +127,8 @@ def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> di
     count = images.shape[0]
     keys = torch.cat(pairs["keys"]).cpu()
     positive = keys[:, None] == keys[None, :]      # image i x text j: j is (a copy of) i's sentence
+    if pairs.get("retrieved"):                     # ... or another of the sentences i retrieved
+        positive |= in_sets(keys, _pad_cat(pairs["retrieved"], NO_KEY).cpu())
     started = time.perf_counter()
     scores = images @ texts.T                       # [images, texts]
     dual_s += time.perf_counter() - started

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from schemas.corpus import normalise_label, tag_order
+from vlp_train.objectives.contrastive import NO_KEY
 from vlp_train.tasks import IGNORE, Task
 
 RT_MASKING = ("both", "one")
@@ -73,7 +74,8 @@ def replacement_ids(tokenizer) -> np.ndarray:
 
 def text_key(text: str) -> int:
     """An integer per text, equal for equal texts (ITC's positives, ITM's excluded negatives)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+    key = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+    return key if key != NO_KEY else key + 1  # NO_KEY pads a set of keys
 
 
 def tag_spans(tags: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -345,15 +347,22 @@ class BatchBuilder:
     def image_text(self, samples, sentences, rng: random.Random) -> dict:
         """VLMo's image-text view: each image with its retrieved sentence (the positive pair; the
         negatives of ITC and ITM are the other samples of the global batch), the sentence's MLM
-        masking, and a key per text (equal texts, equal keys) so that two images that retrieved
-        the same sentence are not each other's negatives."""
+        masking, a key per text (equal texts, equal keys) and the keys of each image's K retrieved
+        sentences, so that an image is never contrasted with a sentence it retrieved (two images
+        that retrieved the same sentence are not each other's negatives)."""
         feats, locs, rmask, _ = self._regions(samples)
         texts = [s["text"] for s in sentences]
         ids, clean_ids, tmask, positions, targets = self._mlm(texts, rng)
         keys = np.array([text_key(t) for t in texts], np.int64)
+        # each image's K retrieved sentences: none of them is a negative of the image
+        retrieved = [[text_key(s["text"]) for s in sample["meta"]["sentences"]] for sample in samples]
+        retrieved_keys = np.full((len(samples), max(map(len, retrieved))), NO_KEY, np.int64)
+        for i, row in enumerate(retrieved):
+            retrieved_keys[i, :len(row)] = row
         return {"task": Task.IMAGE_TEXT, **self._tensors(
             input_ids=ids, clean_ids=clean_ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets,
-            features=feats, locations=locs, region_mask=rmask, text_keys=keys, active=np.ones(len(samples), bool))}
+            features=feats, locations=locs, region_mask=rmask, text_keys=keys, retrieved_keys=retrieved_keys,
+            active=np.ones(len(samples), bool))}
 
     def image_only(self, samples, rng: random.Random) -> dict:
         """The vision stage's view: regions alone, 15% (objectives.region_mask_prob, at least one

@@ -112,3 +112,24 @@ def test_a_sample_whose_every_other_text_is_its_own_has_no_negative():
     contrast = itc_losses(images, texts, torch.tensor(LOGIT_SCALE_INIT), text_keys=keys)
     _, _, valid = hard_negatives(contrast, keys)
     assert not valid.any()
+
+
+def test_a_text_an_image_retrieved_is_its_positive_both_ways_and_never_its_negative():
+    from vlp_train.objectives.contrastive import NO_KEY
+    images, texts = _features(4, seed=5)
+    text_keys = torch.tensor([10, 11, 12, 13])
+    # image 0 also retrieved sample 2's sentence; the others only their own
+    image_keys = torch.tensor([[10, 12], [11, NO_KEY], [12, NO_KEY], [13, NO_KEY]])
+    contrast = itc_losses(images, texts, torch.tensor(1.0), text_keys=text_keys, image_keys=image_keys)
+    logits = images @ texts.T * torch.e
+    i2t = torch.eye(4)
+    i2t[0] = torch.tensor([0.5, 0, 0.5, 0])
+    t2i = torch.eye(4)
+    t2i[2] = torch.tensor([0.5, 0, 0.5, 0])  # text 2 belongs to image 2 and to image 0
+    expected = -((i2t * F.log_softmax(logits, 1)).sum(1) + (t2i * F.log_softmax(logits.T, 1)).sum(1)) / 2
+    torch.testing.assert_close(contrast.losses, expected, rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        neg_text, neg_image, valid = hard_negatives(contrast, generator=g)
+        assert valid.all() and neg_text[0] not in (0, 2) and neg_image[2] not in (0, 2)
+        assert (neg_text != torch.arange(4)).all() and (neg_image != torch.arange(4)).all()

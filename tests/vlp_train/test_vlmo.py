@@ -228,6 +228,8 @@ def _vl_view(rows: int, seed: int) -> dict:
             "mlm_positions": torch.ones(rows, 2, dtype=torch.long), "mlm_targets": labels,
             "features": torch.randn(rows, 3 + seed % 2, 6, generator=g), "locations": torch.rand(rows, 3 + seed % 2, 5),
             "region_mask": torch.ones(rows, 3 + seed % 2, dtype=torch.bool), "text_keys": torch.arange(rows) + 10 * seed,
+            # rank 0's images also retrieved rank 1's first sentence (key 10): sets of 2 and of 1 across ranks
+            "retrieved_keys": torch.stack([torch.arange(rows) + 10 * seed] + ([torch.full((rows,), 10)] if seed == 0 else []), 1),
             "active": torch.ones(rows, dtype=torch.bool)}
 
 

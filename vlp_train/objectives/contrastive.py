@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's and VLMo's initial temperature 0.07
 MAX_LOGIT_SCALE = 100.0                # CLIP's cap on exp(scale); VLMo leaves it unclamped
+NO_KEY = -(2 ** 63)                    # pads a set of text keys (masking.text_key never gives it)
 
 
 def _world():
@@ -67,12 +68,15 @@ def gather_padded(x: torch.Tensor, pad_value=0, with_grad: bool = False) -> tupl
 @dataclass
 class Contrast:
     """What ITC computed: per-sample losses of the local samples, and (detached, for hard
-    negatives) the scaled similarities of the local rows against the global batch's columns."""
+    negatives) the scaled similarities of the local rows against the global batch's columns and
+    which columns are each row's positives."""
     losses: torch.Tensor          # [B] (image-to-text + text-to-image) / 2 of each local sample
     image_to_text: torch.Tensor   # [B, N] local images x global texts, detached
     text_to_image: torch.Tensor   # [B, N] local texts x global images, detached
     offset: int                   # the local samples' first column in the global batch
     text_keys: torch.Tensor | None  # [N] global text keys (None: every text distinct)
+    positive_image_to_text: torch.Tensor | None = None  # [B, N] bool: the texts each local image counts as its own
+    positive_text_to_image: torch.Tensor | None = None  # [B, N] bool: the images each local text counts as its own
 
 
 def logit_scale_of(log_scale: torch.Tensor) -> torch.Tensor:
@@ -91,16 +95,25 @@ def positives(keys_local: torch.Tensor | None, keys_global: torch.Tensor | None,
     return own | (keys_local[:, None] == keys_global[None, :])
 
 
+def in_sets(keys: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """keys [Q], sets [S, K] -> [S, Q] bool: key q is in set s."""
+    return (keys[None, :, None] == sets[:, None, :]).any(-1)
+
+
 def itc_losses(image_features: torch.Tensor, text_features: torch.Tensor, log_scale: torch.Tensor,
                text_keys: torch.Tensor | None = None, soft_targets: tuple | None = None,
-               alpha: float = 0.0) -> Contrast:
+               alpha: float = 0.0, image_keys: torch.Tensor | None = None) -> Contrast:
     """Image-text contrast over the global batch. image_features, text_features [B, D]: the
     local samples' L2-normalised projections (sample i's image and its text are a pair);
     log_scale: the learnable log of the inverse temperature. text_keys [B] (optional): equal for
     equal texts; columns of the same text are positives too (target spread evenly over them).
-    soft_targets (optional, ALBEF's momentum distillation): (image-to-text, text-to-image)
-    distributions [B, N] over the global columns; the target is (1 - alpha) x the hard target +
-    alpha x these (alpha 0: plain ITC). Logits and cross-entropy in float32."""
+    image_keys [B, K] (optional, with text_keys): the keys of the texts each image counts as its
+    own (in our corpus its K retrieved sentences; padded with NO_KEY): those are positives of the
+    image too, both ways. soft_targets (optional, ALBEF's momentum distillation): (image-to-text,
+    text-to-image) distributions [B, N] over the global columns; the target is (1 - alpha) x the
+    hard target + alpha x these (alpha 0: plain ITC). Logits and cross-entropy in float32."""
+    if image_keys is not None and text_keys is None:
+        raise ValueError("itc_losses: image_keys (the texts each image counts as its own) need the text_keys")
     all_text, offset, _ = gather_padded(text_features, with_grad=True)
     all_image, _, _ = gather_padded(image_features, with_grad=True)
     keys = gather_padded(text_keys)[0] if text_keys is not None else None
@@ -108,34 +121,46 @@ def itc_losses(image_features: torch.Tensor, text_features: torch.Tensor, log_sc
     image_to_text = scale * image_features.float() @ all_text.float().T   # [B, N]
     text_to_image = scale * text_features.float() @ all_image.float().T   # [B, N]
     rows, columns = image_to_text.shape
-    hard = positives(text_keys, keys, offset, rows, columns, image_to_text.device).float()
-    hard = hard / hard.sum(1, keepdim=True)
-    targets_i2t = targets_t2i = hard  # text keys are symmetric: the same positives both ways
+    positive_i2t = positives(text_keys, keys, offset, rows, columns, image_to_text.device)
+    positive_t2i = positive_i2t  # text keys alone are symmetric: the same positives both ways
+    if image_keys is not None:
+        all_sets = gather_padded(image_keys, pad_value=NO_KEY)[0]
+        positive_i2t = positive_i2t | in_sets(keys, image_keys)              # global texts in a local image's set
+        positive_t2i = positive_t2i | in_sets(text_keys, all_sets).T        # a local text in a global image's set
+    targets_i2t = positive_i2t.float() / positive_i2t.sum(1, keepdim=True)
+    targets_t2i = positive_t2i.float() / positive_t2i.sum(1, keepdim=True)
     if soft_targets is not None and alpha:
-        targets_i2t = (1 - alpha) * hard + alpha * soft_targets[0].float()
-        targets_t2i = (1 - alpha) * hard + alpha * soft_targets[1].float()
+        targets_i2t = (1 - alpha) * targets_i2t + alpha * soft_targets[0].float()
+        targets_t2i = (1 - alpha) * targets_t2i + alpha * soft_targets[1].float()
     loss_i2t = -(targets_i2t * F.log_softmax(image_to_text, dim=1)).sum(1)
     loss_t2i = -(targets_t2i * F.log_softmax(text_to_image, dim=1)).sum(1)
-    return Contrast((loss_i2t + loss_t2i) / 2, image_to_text.detach(), text_to_image.detach(), offset, keys)
+    return Contrast((loss_i2t + loss_t2i) / 2, image_to_text.detach(), text_to_image.detach(), offset, keys,
+                    positive_i2t, positive_t2i)
 
 
 def hard_negatives(contrast: Contrast, text_keys: torch.Tensor | None = None,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each local sample, one negative text for its image and one negative image for its text,
     drawn from the global batch in proportion to the softmax of the ITC similarities (VLMo's global
-    hard-negative mining), never the positive and never a sample with the same text.
+    hard-negative mining), never a positive of ITC: not the sample itself, not a sample of the
+    same text, not a text the image counts as its own (`itc_losses`' text_keys and image_keys).
     -> (negative text column [B], negative image column [B], valid [B]); columns index the global
-    batch; `valid` is False for a sample whose every other column has its text (nothing to draw)."""
+    batch; `valid` is False for a sample with nothing to draw on either side. (`text_keys`: for
+    a contrast made without its positives, the keys given to itc_losses.)"""
     rows, columns = contrast.image_to_text.shape
-    excluded = positives(text_keys, contrast.text_keys, contrast.offset, rows, columns, contrast.image_to_text.device)
-    valid = ~excluded.all(1)
+    if contrast.positive_image_to_text is None:
+        excluded = positives(text_keys, contrast.text_keys, contrast.offset, rows, columns,
+                             contrast.image_to_text.device)
+        contrast.positive_image_to_text = contrast.positive_text_to_image = excluded
+    valid = ~contrast.positive_image_to_text.all(1) & ~contrast.positive_text_to_image.all(1)
     picks = []
-    for similarities in (contrast.image_to_text, contrast.text_to_image):
+    for similarities, excluded in ((contrast.image_to_text, contrast.positive_image_to_text),
+                                   (contrast.text_to_image, contrast.positive_text_to_image)):
         weights = F.softmax(similarities.float(), dim=1).masked_fill(excluded, 0.0)
         # a row with nothing to draw, or whose every weight underflowed to 0, draws evenly from the
         # allowed columns (an invalid row draws any column; `valid` says to ignore it)
         fallback = (~excluded).float()
-        fallback[~valid] = 1.0
+        fallback[excluded.all(1)] = 1.0
         empty = weights.sum(1, keepdim=True) <= 0
         weights = torch.where(empty, fallback, weights)
         picks.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))

@@ -26,7 +26,7 @@ def image_text_losses(model, view):
     image_states = model.encode_image(features, locations, region_mask, pixels)
     text_states = model.encode_text(view["clean_ids"], view["text_mask"])
     contrast = itc_losses(model.image_features(image_states), model.text_features(text_states), model.logit_scale,
-                          text_keys=keys)
+                          text_keys=keys, image_keys=view.get("retrieved_keys"))
 
     # ITM: each sample's pair, its text with a hard negative image, its image with a hard negative
     # text; the negatives may come from any rank, so every rank's inputs are gathered (no gradient)
