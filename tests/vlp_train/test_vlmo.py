@@ -356,3 +356,25 @@ def test_vlmo_on_patches_trains_the_vl_and_vision_stages(tmp_path):
         evaluation = evaluate_run(run)  # retrieval and re-ranking over the held-out pairs' pixels
         assert 0 <= evaluation["i2t_itm_r1"] <= 1 and evaluation["pairs"] > 0
         assert ("region_regression_mse" in evaluation) == (stage == "vision")
+
+
+def test_the_text_stream_resumed_at_a_batch_gives_the_rest_of_the_epoch_as_it_was(tmp_path):
+    from schemas.corpus import bundled_minilm_path
+    from transformers import BertTokenizerFast
+    from vlp_train.masking import BatchBuilder
+    from vlp_train.text_corpus import TextStream, text_corpus_files
+    corpus = str(tmp_path / "c")
+    write_sentences(corpus, [f"sentence number {i} is here" for i in range(37)], files=2)
+    files = text_corpus_files(os.path.join(corpus, "sentences"), [])
+    cfg = load_config("vlmo-debug", ["model.stage=language"])
+    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_minilm_path()), {}, 16, 4, cfg.objectives)
+    stream = TextStream(files, builder, 4, [Task.TEXT_ONLY], "round_robin", 16, seed=3)
+    stream.set_position(1)
+    whole = [(b["index"], b["keys"], b["views"][Task.TEXT_ONLY]["input_ids"]) for b in stream]
+    assert sorted(k for _, keys, _ in whole for k in keys) == sorted(f"s{f}-{i}" for f in (0, 1) for i in range(19 - f))
+    stream.set_position(1, start_batch=3)
+    resumed = [(b["index"], b["keys"], b["views"][Task.TEXT_ONLY]["input_ids"]) for b in stream]
+    assert [(i, k) for i, k, _ in resumed] == [(i, k) for i, k, _ in whole[3:]]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(resumed, whole[3:]))  # the same masks too
+    stream.set_position(2)
+    assert [k for _, k, _ in whole] != [b["keys"] for b in stream]  # another epoch, another order
