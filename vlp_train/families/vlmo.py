@@ -5,7 +5,7 @@ Every layer has one self-attention shared by all modalities and a modality-switc
 vision expert (V-FFN), the language expert (L-FFN) and, in the top `model.vl_layers` layers (the
 paper's F), the vision-language expert (VL-FFN). Routing (`MultiwayLayer.experts_of`):
 - image alone: V-FFN in every layer; text alone: L-FFN in every layer;
-- an image-text pair ([text] + [I_CLS] + regions): below the top F layers text positions take
+- an image-text pair ([text] + [I_CLS] + the image's tokens): below the top F layers text positions take
   the L-FFN and image positions the V-FFN; in the top F layers every position takes the VL-FFN.
 
 Visual input (`model.visual`): region features (regions: V-FFN over regions, [I_CLS] a learned
@@ -29,8 +29,8 @@ Objectives (vlp_train/objectives/contrastive.py holds ITC and hard-negative samp
 - `txt` (the language stage): MLM through the L-FFN alone.
 
 Stages (`model.stage`): vision trains the attention, V-FFN, region / patch embedding, [I_CLS]
-and the regression head; language trains the text embeddings, L-FFN and MLM head (attention frozen); vl
-trains everything. `set_stage` sets which parameters train.
+and the regression head; language trains the text embeddings, L-FFN and MLM head (attention
+frozen); vl trains everything. `set_stage` sets which parameters train.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
-from vlp_train.config import VISUAL_INPUTS
 from vlp_train.backbone import BertEmbeddings, HeadTransform, _Attention, _Intermediate, _Output, bert_config, read_weights
+from vlp_train.config import VISUAL_INPUTS
 from vlp_train.families import Family, register
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
