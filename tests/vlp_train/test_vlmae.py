@@ -220,11 +220,12 @@ def config(shards, out, *overrides):
     return cfg
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_vlmae_run_matches_an_uninterrupted_one(tmp_path):
     """The momentum encoders are in the checkpoint: a resumed run's losses (whose IFR and ITC
     targets come from them) equal the uninterrupted run's, and they end equal."""
     shards = write_shards(str(tmp_path / "c"), n_images=48, per_shard=16)
-    common = ["optim.max_steps=6", "optim.epochs=4", "data.batch_size=8"]
+    common = ["optim.max_steps=6", "optim.epochs=4", "data.batch_size=8", "run.eval_batches=1"]
     whole = config(shards, tmp_path / "whole", *common)
     train(whole)
     broken = config(shards, tmp_path / "broken", *common, "run.save_every=3", "run.stop_after=4")

@@ -385,9 +385,14 @@ class VLMAEModel(pretrained.PretrainedModel, nn.Module):
         return cls(bert_config, section)
 
     def set_layer_call(self, call) -> None:
-        """The text encoder's, image encoder's and decoder's layers go through `call` (compiled);
-        the fusion layers (with their cross-attention) run eagerly."""
-        self.bert.call_layer = self.vision.call_layer = self.decoder.call_layer = call
+        """The text encoders', image encoders' and decoder's layers go through `call` (compiled);
+        the fusion layers (with their cross-attention) run eagerly. Three layer kinds (BERT's, the
+        ViT's, the decoder's), each with a training, a momentum (no-grad) and an evaluation graph."""
+        if call is not call_layer:
+            from vlp_train.compile import allow_graphs
+            allow_graphs(12)
+        self.bert.call_layer = self.vision.call_layer = self.momentum_vision.call_layer = call
+        self.decoder.call_layer = call
 
     # -- the encoders ----------------------------------------------------------------------------
 
@@ -643,15 +648,19 @@ def pair_losses(model: VLMAEModel, view: dict):
     masked = model.fuse(model.encode_text(view["input_ids"], view["text_mask"]), view["text_mask"], image, image_mask)
     mlm = masked_token_losses(model, masked, view["mlm_positions"], view["mlm_targets"])
 
-    # RMIM: the decoder over visible states, mask tokens and the clean text states
+    losses = {**reconstruction_losses(model, view, image, text, full_image), "itc": contrast.losses,
+              "itm": itm_loss, "mlm": mlm}
+    return losses, {"itm_logits": model.itm_logits(fused[:b])}
+
+
+def reconstruction_losses(model: VLMAEModel, view: dict, image, text, full_image) -> dict:
+    """RMIM: the decoder over the visible states, mask tokens and the clean text states; IFR: the
+    visible [I_CLS], projected, to the momentum encoder's [I_CLS] of the whole image."""
     tokens = model.vision.tokens
     predictions = model.decoder(image, view, text, view["text_mask"], tokens.positions(view), tokens.mask(view))
     rmim = rmim_losses(predictions, tokens.targets(view), view["rmim_weight"], view["rmim_norm"])
-
-    # IFR: the visible [I_CLS], projected, to the momentum encoder's [I_CLS] of the full image
     ifr = (model.ifr(image[:, 0]).float() - full_image[:, 0].float()).abs().mean(-1)
-    losses = {"rmim": rmim, "ifr": ifr, "itc": contrast.losses, "itm": itm_loss, "mlm": mlm}
-    return losses, {"itm_logits": model.itm_logits(fused[:b])}
+    return {"rmim": rmim, "ifr": ifr}
 
 
 @torch.no_grad()
@@ -677,7 +686,7 @@ def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
 
     stream = CorpusStream(urls, builder, cfg.data.batch_size, [PAIR_TASK], "mixed", 1, seed=12345)
     stream.set_position(0, 0, None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # hard negatives draw
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # never shift training's RNG
         return _evaluate(model, stream, cfg, device, autocast)
 
 
@@ -695,10 +704,12 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
             break
         view = to_device(batch["views"], device)[PAIR_TASK]
         with autocast:
-            named, _ = pair_losses(model, view)
+            # no collective here: evaluation runs on rank 0 alone (pair_losses gathers over ranks)
+            text = model.encode_text(view["clean_ids"], view["text_mask"])
+            visible, _ = model.encode_image(view, visible=True)
+            named = reconstruction_losses(model, view, visible, text, model.encode_image(view, momentum=True)[0])
             for name in losses:
                 losses[name] += named[name].float().tolist()
-            text = model.encode_text(view["clean_ids"], view["text_mask"])
             full, full_mask = model.encode_image(view)
             image_feat = F.normalize(model.vision_proj(full[:, 0]).float(), dim=-1)
             text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)
