@@ -230,16 +230,16 @@ def _synthetic_retrieval():
     import apache_beam as beam
 
     from pipelines.options import RetrieveOptions
-    from pipelines.retrieve import CollectCorpus, RetrieveTopK
+    from pipelines.retrieve import CollectCorpus, RetrieveTopK, ShardCorpus
 
     class GatherOnly(CollectCorpus):
         def extract_output(self, acc):
             return len(acc[0])
 
     class SyntheticRetrieval(beam.PTransform):
-        """chunk numbers -> corpus rows and queries made in the pipeline -> CollectCorpus ->
-        RetrieveTopK, as build.py wires them (the corpus written to `spill_dir`, its file names the
-        side input). Without `spill_dir` it is the 'empty' pipeline: the same rows gathered by
+        """chunk numbers -> corpus rows and queries made in the pipeline -> ShardCorpus ->
+        RetrieveTopK, as build.py wires them (the corpus written in shards to `spill_dir`, their
+        file names the side input; one shard at this size, the default --corpus-shard-rows). Without `spill_dir` it is the 'empty' pipeline: the same rows gathered by
         CollectCorpus's accumulators, then dropped, so sorting the corpus, writing its files and
         loading them count as the stage's."""
 
@@ -253,7 +253,7 @@ def _synthetic_retrieval():
             if not self._spill_dir:
                 sizes = rows | beam.CombineGlobally(GatherOnly()).without_defaults()
                 return (sizes, queries | "Keys" >> beam.Keys()) | beam.Flatten()
-            corpus = rows | beam.CombineGlobally(CollectCorpus(spill_dir=self._spill_dir))
+            corpus = rows | ShardCorpus(self._spill_dir, RetrieveOptions(k=K))
             return queries | RetrieveTopK(corpus, RetrieveOptions(k=K))
     return SyntheticRetrieval
 

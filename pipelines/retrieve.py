@@ -314,7 +314,10 @@ def _options_tag(options: RetrieveOptions) -> str:
 
 
 def train_once(sample: list, directory: str, options: RetrieveOptions) -> str:
-    """[(rank, vector)] (the training sample, in rank order) -> the path of the trained, empty index."""
+    """[(rank, vector)] (the training sample, in rank order) -> the path of the trained, empty index
+    ("" for an empty corpus, which has no shards to index: the run stops on its zero sentences)."""
+    if not sample:
+        return ""
     start = time.perf_counter()
     vectors = np.stack([np.asarray(v, dtype=np.float32) for _, v in sample])
     index = train_index(vectors, options)

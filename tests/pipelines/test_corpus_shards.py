@@ -159,3 +159,12 @@ def test_pq_bytes_must_divide_the_width():
     with pytest.raises(ValueError, match="--pq-bytes 5 must divide the embedding width 16"):
         search.train_index(_unit(np.random.default_rng(0).standard_normal((300, 16))),
                            RetrieveOptions(index="ivfpq", nlist=2, pq_bytes=5))
+
+
+def test_an_empty_corpus_trains_nothing_and_gets_no_hits(tmp_path, pipeline):
+    options = RetrieveOptions(k=K, index="ivf", nlist=4)
+    shards = pipeline | "Corpus" >> beam.Create([]) | ShardCorpus(str(tmp_path / "spill"), options)
+    hits = pipeline | "Queries" >> beam.Create([("q", np.ones(DIM, np.float32) / 4)]) | RetrieveTopK(shards, options)
+    assert_that(hits, equal_to([]))
+    pipeline.run()
+    assert not glob.glob(str(tmp_path / "spill" / "*.faiss"))
