@@ -87,7 +87,9 @@ def main(argv=None) -> dict:
     chunks = [c for c in chunks if len(c) == args.batch_size]
     cycle = itertools.cycle(chunks)
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    result = {"device": device_name(args.device), "task": "easy-vqa", "batch_size": args.batch_size,
+    result = {"device": device_name(args.device), "command": "python " + " ".join(sys.argv if argv is None else
+                                                                                 ["bench/finetune.py", *argv]),
+              "load_average_at_start": os.getloadavg()[0], "task": "easy-vqa", "batch_size": args.batch_size,
               "regions": args.regions, "text_tokens_max": cfg.model.max_text_len,
               "model": "{0.num_hidden_layers} x {0.hidden_size}".format(run.model.model.bert_config()),
               "torch_threads": torch.get_num_threads()}
