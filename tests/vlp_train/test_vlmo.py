@@ -199,6 +199,7 @@ def test_the_three_stages_run_one_after_another_each_from_the_last(tmp_path):
         args += ["--set", item]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    assert "BertModel" not in result.output  # a VLMo's weights are not a BertModel's
     models = {}
     for stage in ("vision", "language", "vl"):
         with open(os.path.join(out, stage, "config.json")) as f:
