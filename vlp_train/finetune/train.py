@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vlp_train import distributed
+from vlp_train.compile import CompiledLayers, compile_scope
 from vlp_train.components import lr_lambda, make_optimizer, pick_device, seed_everything
 from vlp_train.finetune.config import FinetuneConfig, dumps, validate
 from vlp_train.finetune.data import Collate, SplitData, batch_indices, epoch_order, loader
@@ -144,6 +145,12 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     bert_config = pretrained.bert_config()  # every family's: its transformer's shape
     head = task.head(bert_config.hidden_size, len(labels), cfg.task.head_hidden_scale)
     head = head and init_head(head, bert_config.initializer_range)
+    scope = compile_scope(cfg, device)
+    if scope == "step":
+        raise ValueError("model.compile_scope=step: fine-tuning compiles the transformer layer (model.compile_scope="
+                         "layers, the default); the whole step is compiled for pre-training only")
+    if scope == "layers":  # one compiled layer serves every layer (compile.CompiledLayers), as in pre-training
+        pretrained.set_layer_call(CompiledLayers())
     model = TaskModel(pretrained, head, task.images, task.regions).to(device)
     optimizer = make_optimizer(model, cfg, device)
     if cfg.task.head_lr_scale != 1.0 and head is not None:

@@ -280,3 +280,28 @@ def test_retrieval_fine_tunes_itm_and_reranks_the_first_stage(tmp_path):
     assert one["examples"] == 8 and one["ir@1"] == 100.0
     every = evaluate("retrieval", str(tmp_path / "ft"), str(tmp_path), "test", detections, candidates=8)
     assert every["rmean"] == pytest.approx(summary["best"]["metrics"]["rmean"])
+
+
+def test_compiled_layers_as_in_pre_training(tmp_path, detections):
+    """model.compile=on: the transformer layer compiled once for all (compile.CompiledLayers), the
+    task model's output as the eager one's; the whole-step scope is refused."""
+    from vlp_train.compile import CompiledLayers
+    from vlp_train.finetune.data import Collate
+    from vlp_train.finetune.train import build_finetune
+    from vlp_train.step import to_device
+
+    outputs = []
+    for mode in ("off", "on"):
+        cfg = tiny_config(tmp_path / mode, detections, f"model.compile={mode}")
+        run = build_finetune(cfg)
+        assert isinstance(run.model.model.bert.call_layer, CompiledLayers) == (mode == "on")
+        run.model.eval()
+        batch = Collate(run.train, run.builder, {label: i for i, label in enumerate(run.labels)})(list(range(8)))
+        torch.manual_seed(0)
+        run.model.head.apply(lambda m: torch.nn.init.normal_(m.weight) if isinstance(m, torch.nn.Linear) else None)
+        run.model.model.load_state_dict(outputs[0][1]) if outputs else None
+        outputs.append((run.model(to_device({"x": batch["inputs"]}, run.device)["x"]).detach(),
+                        run.model.model.state_dict()))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="compile_scope=step"):
+        build_finetune(tiny_config(tmp_path / "step", detections, "model.compile=on", "model.compile_scope=step"))
