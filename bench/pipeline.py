@@ -253,7 +253,8 @@ def _synthetic_retrieval():
             if not self._spill_dir:
                 sizes = rows | beam.CombineGlobally(GatherOnly()).without_defaults()
                 return (sizes, queries | "Keys" >> beam.Keys()) | beam.Flatten()
-            corpus = rows | ShardCorpus(self._spill_dir, RetrieveOptions(k=K))
+            count = chunks | "RowCount" >> beam.Map(lambda _: CHUNK) | "SumRows" >> beam.CombineGlobally(sum)
+            corpus = rows | ShardCorpus(self._spill_dir, RetrieveOptions(k=K), row_count=count)
             return queries | RetrieveTopK(corpus, RetrieveOptions(k=K))
     return SyntheticRetrieval
 

@@ -310,7 +310,8 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
               # with --embeddings, only sentences the store lacks are embedded
               | "EmbedCorpus" >> EmbedCorpus(options.embed, options.embeddings)
               # written in shards under the staging folder; only their file names travel to the workers
-              | "ShardCorpus" >> ShardCorpus(posixpath.join(out, CORPUS_SPILL), options.retrieve))
+              | "ShardCorpus" >> ShardCorpus(posixpath.join(out, CORPUS_SPILL), options.retrieve,
+                                             row_count=sentences | "CountSentences" >> beam.combiners.Count.Globally()))
     _ = (sentences | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})
          | "WriteSentences" >> WriteTable(out, "sentences", schemas.SENTENCES, lambda r: r["sentence_id"],
                                           options.shard.table_rows_per_file))

@@ -365,15 +365,19 @@ class TrainIndexOnce(beam.PTransform):
 
 class ShardCorpus(beam.PTransform):
     """((sentence_id, text), vector) -> one CorpusFiles per corpus shard, written under `directory`
-    (and, unless the index is flat, with its index file). No worker holds more than one shard."""
+    (and, unless the index is flat, with its index file). No worker holds more than one shard.
+    `row_count`: a singleton PCollection of the number of rows, where it is known upstream."""
 
-    def __init__(self, directory: str, options: RetrieveOptions = RetrieveOptions()):
+    def __init__(self, directory: str, options: RetrieveOptions = RetrieveOptions(), row_count=None):
         super().__init__()
-        self._directory, self._options = directory, options
+        self._directory, self._options, self._row_count = directory, options, row_count
 
     def expand(self, rows):
         shard_rows = self._options.corpus_shard_rows
-        count = rows | "CountCorpus" >> beam.combiners.Count.Globally()
+        # Given the count from upstream (the sentences, before embedding), the rows flow on into
+        # their shard's accumulator; counting the rows themselves would make the runner store
+        # every embedded row (pickled one by one) until the count is known.
+        count = self._row_count or rows | "CountCorpus" >> beam.combiners.Count.Globally()
         shards = (rows
                   | "KeyByShard" >> beam.Map(lambda row, n: (corpus_shard_of(row[0][0], n, shard_rows), row),
                                              n=beam.pvalue.AsSingleton(count))
