@@ -216,6 +216,10 @@ def validate_sample(sample: dict, feats=None, where: str = "sample", types_check
         if extra:
             raise SchemaError(f"{where}: unknown field(s) {sorted(extra)} in sentence {s.get('sentence_id')}")
     n = len(sample["boxes"])
+    # Arrow's list items are nullable: a null box, coordinate, tag or score passes the type check
+    for name in ("boxes", "tags", "scores"):
+        if any(v is None for v in sample[name]) or name == "boxes" and any(c is None for b in sample[name] for c in b):
+            raise SchemaError(f"{where}: {name} hold a null")
     if not (len(sample["tags"]) == len(sample["scores"]) == n):
         raise SchemaError(f"{where}: boxes/tags/scores lengths differ ({n}, {len(sample['tags'])}, {len(sample['scores'])})")
     if feats is not None:

@@ -62,6 +62,11 @@ def test_validate_sample_accepts_a_good_sample_and_names_problems():
         schemas.validate_sample(_sample(), np.zeros((2, 4), np.float16))
     with pytest.raises(schemas.SchemaError, match="dtype float32"):
         schemas.validate_sample(_sample(), np.zeros((1, 4), np.float32))
+    for field, value in (("boxes", [None]), ("boxes", [[0.0, None, 5.0, 5.0]]), ("tags", [None]), ("scores", [None])):
+        null = _sample()
+        null[field] = value
+        with pytest.raises(schemas.SchemaError, match=f"{field} hold a null"):
+            schemas.validate_sample(null)
     bad_region = _sample()
     bad_region["sentences"][0]["phrases"][0]["region"] = 3
     with pytest.raises(schemas.SchemaError, match="links to region 3 of 1"):
