@@ -70,10 +70,10 @@ def run_ours(args) -> dict:
         start = time.perf_counter()
         result = _run(build.build_retrieval_pipeline(options, args.beam_args))
         seconds = time.perf_counter() - start
-        stats = build.read_stats(build.staging_dir(out))
+        stats = build.read_stats(out)  # the pipeline published it as its last step
         stage_s = stage_times(result)
         shard_bytes = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in
-                          os.walk(os.path.join(build.staging_dir(out), "shards")) for f in files)
+                          os.walk(os.path.join(out, "shards")) for f in files)
     queries = _counter(result, "embed", "texts") - stats["sentences"]
     return {
         "seconds": seconds, "images_per_s": args.images / seconds, "stage_seconds": stage_s,

@@ -97,7 +97,7 @@ def _retrieval_rows(element):
         yield {"image_id": image_id, "query": query, **hit}
 
 
-NO_FEATURES = "no region features"  # shards need them: such an image stops the run (cli._check_run)
+NO_FEATURES = "no region features"  # shards need them: such an image stops the run (run_problem)
 
 
 def _check_features(detection: dict):
@@ -362,6 +362,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
          | "SumStats" >> beam.CombinePerKey(sum)
          | "StatsDict" >> beam.combiners.ToDict()
          | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_stats(totals, options))))
+    publish_when_done(p, options.output, BUILD_ENTRIES, check=BuildCheck(options))
     return p
 
 
@@ -408,6 +409,7 @@ def build_detect_pipeline(images: str, output: str, options, beam_args: list[str
                                            detections_per_file))
     _ = ((read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
          | "WriteRejected" >> write_rejected(out, DETECT_REJECTED))
+    publish_when_done(p, output, DETECT_ENTRIES)
     return p
 
 
@@ -535,6 +537,92 @@ def publish(output: str, entries: tuple[str, ...]) -> None:
     moving = [r for r in (_relative(staged, f) for f in staged_files) if _in_entries(r, entries)]  # not the corpus spill
     write_bytes(posixpath.join(staged, PUBLISH_JOURNAL), json_bytes({"entries": list(entries), "moving": moving}))
     finish_publish(output)
+
+
+class BuildCheckError(RuntimeError):
+    """The run finished but made nothing usable (no sentences, no valid image, ...): it fails in the
+    publish step, which then moves nothing, so OUTPUT keeps the previous run's corpus."""
+
+
+def run_problem(stats: dict, options: BuildOptions) -> str | None:
+    """What makes a finished build unusable, in one line (None: publish it)."""
+    where = f"see {options.output}/{STAGING}/rejected/ for the dead-lettered records"
+    if stats["sentences"] == 0:
+        return f"the text corpus gave zero valid sentences ({options.text}); {where}"
+    if stats["images_valid"] == 0:
+        return f"zero valid images in {options.detections or options.images}; {where}"
+    no_features = stats["rejected"].get(f"shards: {NO_FEATURES}", 0)
+    if no_features:
+        return (f"{no_features} image(s) have no region features, which shards need: give detections with "
+                f"features, use --images to run the detector, or pass --no-shards for retrievals only")
+    not_stored = sum(v for k, v in stats["rejected"].items() if k.startswith("store_images:"))
+    if options.store_images and not_stored and stats["images_retrieved"] == 0:
+        return (f"none of the {stats['images_valid']} valid image(s) could be stored ({not_stored} "
+                f"dead-lettered reading them from --image-root {options.image_root}: check the folder and "
+                f"how image ids name files, docs/corpus-format.md); {where}")
+    if stats["images_retrieved"] == 0:
+        return (f"none of the {stats['images_valid']} valid image(s) got a retrieval (no tags to query "
+                f"with, or an empty index); {where}")
+    return None
+
+
+class BuildCheck:
+    """The publish step's check of a build: its staged stats.json must describe a usable corpus."""
+
+    def __init__(self, options: BuildOptions):
+        self._options = options
+
+    def __call__(self, output: str) -> None:
+        problem = run_problem(read_stats(staging_dir(output)), self._options)
+        if problem:
+            raise BuildCheckError(problem)
+
+
+def final_outputs(pipeline: beam.Pipeline) -> list:
+    """Every PCollection of the graph that no step reads (as main or side input): the writes' and
+    the stats file's results. When all of them are complete, every step has finished."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    class Outputs(PipelineVisitor):
+        def __init__(self):
+            self.produced, self.read = [], set()
+
+        def visit_transform(self, node):
+            self.read.update(id(pc) for pc in node.inputs)
+            self.read.update(id(side.pvalue) for side in node.side_inputs)
+            self.produced.extend(pc for pc in node.outputs.values() if isinstance(pc, beam.PCollection))
+
+    visitor = Outputs()
+    pipeline.visit(visitor)
+    return [pc for pc in visitor.produced if id(pc) not in visitor.read]
+
+
+def publish_when_done(pipeline: beam.Pipeline, output: str, entries: tuple[str, ...], check=None) -> None:
+    """The pipeline's last step: once every other step has finished (the graph's final outputs,
+    `final_outputs`, are all complete: a global combine of them fires only then), check the run
+    (`check(output)` raises to refuse it) and publish OUTPUT/.staging into OUTPUT. It runs inside
+    the job, so any runner, a Dataflow flex template included, ends with the output in place
+    without a process waiting for the job. Call it after the graph is complete."""
+    finals = final_outputs(pipeline)
+    done = [pc | f"Finished{i}" >> beam.Map(lambda _: 1) for i, pc in enumerate(finals)]
+    _ = (tuple(done) | "AllFinished" >> beam.Flatten()
+         | "CountFinished" >> beam.CombineGlobally(sum)
+         | "Publish" >> beam.Map(_publish_step, output=output, entries=entries, check=check))
+
+
+def _publish_step(_, output: str, entries: tuple[str, ...], check=None) -> None:
+    """Check and publish; safe to run again (a runner may retry the step): a swap already
+    recorded is finished, not started over; with nothing staged an earlier try has published."""
+    if FileSystems.exists(posixpath.join(staging_dir(output), PUBLISH_JOURNAL)):
+        finish_publish(output)
+        return
+    if not _match(posixpath.join(staging_dir(output), "**")):
+        log.info("nothing staged in %s: published by an earlier try of this step", output)
+        return
+    if check is not None:
+        check(output)
+    publish(output, entries)
+    log.info("published %s", output)
 
 
 def _relative(folder: str, path: str) -> str:

@@ -19,8 +19,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pipelines.io import check_patterns_match, is_local  # noqa: E402
 from schemas.corpus import IMAGE_SIZE, SPACY_MODEL  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
-from pipelines.options import (INDEX_TYPES, BuildOptions, DetectOptions, EmbedOptions, LinkOptions,  # noqa: E402
-                               PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
+from pipelines.onnx_encoder import CACHE_ENV  # noqa: E402
+from pipelines.options import (CPU_SBERT_BACKEND, INDEX_TYPES, SBERT_BACKENDS, BuildOptions, DetectOptions,  # noqa: E402
+                               EmbedOptions, LinkOptions, PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
 
 BEAM_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -29,6 +30,8 @@ class RunError(click.ClickException):
     """A failure the user can act on: printed as one clear message, exit code 1."""
 
 
+WAIT_HELP = ("Wait for the job and print its summary. --no-wait returns once a remote runner has accepted the "
+             "job (a Dataflow flex template launch must): the job checks and publishes its output itself.")
 OVERWRITE_HELP = ("Write into a non-empty --output folder that vlp-data did not write; its files named like "
                   "the outputs (stats.json, shards/, ...) are replaced.")
 
@@ -40,6 +43,34 @@ def claim_output(output: str, overwrite: bool) -> None:
         build.claim_output(output, overwrite)
     except build.OutputError as err:
         raise RunError(str(err)) from err
+
+
+# Runners that run on this machine; any other (DataflowRunner, a portable job server, ...) runs the
+# job elsewhere, where this machine's paths do not exist.
+LOCAL_RUNNERS = {"fnapirunner", "directrunner", "bundlebaseddirectrunner", "switchingdirectrunner", "prismrunner"}
+
+
+def runner_name(beam_args: list[str]) -> str:
+    from pipelines.build import beam_options
+    from apache_beam.options.pipeline_options import StandardOptions
+    runner = beam_options(beam_args).view_as(StandardOptions).runner
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def is_remote_runner(beam_args: list[str]) -> bool:
+    return runner_name(beam_args).rsplit(".", 1)[-1].lower() not in LOCAL_RUNNERS
+
+
+def check_paths_reachable(beam_args: list[str], paths: dict[str, str | None]) -> None:
+    """A remote runner's workers cannot read or write this machine's files: every path given
+    must be on a shared store (gs://, s3://, ...)."""
+    if not is_remote_runner(beam_args):
+        return
+    for flag, path in paths.items():
+        local = [p for p in (path or "").split(",") if p and is_local(p)]
+        if local:
+            raise RunError(f"{flag} {local[0]!r} is a path on this machine, but --runner {runner_name(beam_args)} runs "
+                           f"the job on other machines: give a gs:// (or other shared) path")
 
 
 def check_inputs(patterns: dict[str, str | None]) -> None:
@@ -67,6 +98,10 @@ def main(verbose: bool):
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Sentences retrieved per image.")
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
+@click.option("--sbert-backend", type=click.Choice(SBERT_BACKENDS),
+              help=f"How sentences are embedded: torch, or ONNX Runtime fp32 / int8 weights (cpu only; exported from "
+                   f"the model folder on first use and cached under ${CACHE_ENV} or ~/.cache/vlp-data) "
+                   f"[default: {CPU_SBERT_BACKEND} on cpu, torch on cuda].")
 @click.option("--batch-size", type=click.IntRange(1), help="Sentences per embedding batch [default: 256 on cpu, 1024 on cuda].")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where to embed and search.")
 @click.option("--index", "index_type", default="flat", show_default=True, type=click.Choice(list(INDEX_TYPES)),
@@ -106,18 +141,19 @@ def main(verbose: bool):
               help="--store-images: the stored image's longer side in pixels (smaller images are not enlarged).")
 @click.option("--image-root", help="--store-images with --detections: the folder holding the images; an image id "
                                    "names DIR/{id}, else DIR/{id}.jpg/.jpeg/.png/.webp (local or gs://).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
 @click.pass_context
-def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, batch_size, device, index_type,
+def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, sbert_backend, batch_size, device, index_type,
                     nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, embeddings_dir, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
                     spacy_model, word_vectors, trust_pickled_vectors, link_threshold, samples_per_shard,
-                    table_rows_per_file, no_shards, store_images, image_size, image_root):
+                    table_rows_per_file, no_shards, store_images, image_size, image_root, wait):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
     regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
     if detections and images:
         raise click.UsageError("give --detections or --images, not both")
     sample = not (detections or images or text)
-    if sample and not is_local(output):
-        raise click.UsageError("the bundled sample runs locally: give a local --output, or your own inputs")
+    if sample and (not is_local(output) or is_remote_runner(ctx.args)):
+        raise click.UsageError("the bundled sample runs locally: give a local --output and runner, or your own inputs")
     if not sample and not text:
         raise click.UsageError("--text is required when --detections or --images is given")
     if not sample and not (detections or images):
@@ -133,7 +169,15 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         raise click.UsageError("--store-images writes the images into the shards: it cannot go with --no-shards")
     if image_root and is_local(image_root) and not os.path.isdir(image_root):
         raise click.UsageError(f"--image-root {image_root!r} is not a folder")
+    embed = EmbedOptions(model=sbert_model, batch_size=batch_size or (1024 if device == "cuda" else 256), device=device,
+                         backend=sbert_backend)
+    try:
+        embed.resolved_backend()
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    check_paths_reachable(ctx.args, {"--output": output, "--detections": detections, "--images": images, "--text": text})
     if not is_dry_run_args(ctx.args):
+        check_inputs({"--detections": detections, "--images": images, "--text": text})
         claim_output(output, overwrite)  # before the sample is written into it
     if sample:
         from pipelines.sample import prepare_sample
@@ -145,7 +189,7 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         output=output, detections=detections, images=images, text=text, shards=not no_shards, embeddings=embeddings_dir,
         store_images=store_images, image_size=image_size, image_root=image_root,
         text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
-        embed=EmbedOptions(model=sbert_model, batch_size=batch_size or (1024 if device == "cuda" else 256), device=device),
+        embed=embed,
         retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device, pq_bytes=pq_bytes,
                                  train_rows=index_train_rows, corpus_shard_rows=corpus_shard_rows),
         detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
@@ -153,11 +197,12 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         link=LinkOptions(word_vectors=word_vectors, trust_pickle=trust_pickled_vectors, threshold=link_threshold),
         shard=ShardOptions(samples_per_shard=samples_per_shard, table_rows_per_file=table_rows_per_file),
     )
-    run_build(options, ctx.args)
+    run_build(options, ctx.args, wait=wait)
 
 
-def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
-    """Build, run, check and publish; prints the summary. Returns stats.json's content."""
+def run_build(options: BuildOptions, beam_args: list[str], wait: bool = True) -> dict:
+    """Build and run; the pipeline checks and publishes its own output as its last step. Prints
+    the summary. Returns stats.json's content ({} for a dry run or a job not waited for)."""
     from pipelines import build
 
     try:
@@ -168,17 +213,45 @@ def run_build(options: BuildOptions, beam_args: list[str]) -> dict:
         _run(pipeline)  # the runner translates and validates the whole job, then stops
         click.echo("dry run: the job was built and validated by the runner, not submitted")
         return {}
-    check_inputs({"--detections": options.detections, "--images": options.images, "--text": options.text})
     build.clear_staging(options.output)
     click.echo(f"running build-retrieval on {pipeline.options.get_all_options()['runner']} ...")
+    if not wait:
+        _submit(pipeline, options.output)
+        return {}
     start = time.perf_counter()
-    result = _run(pipeline, progress=True)
+    try:
+        result = _run(pipeline, progress=True)
+    except RunError:
+        _raise_run_problem(options)
+        raise
     elapsed = time.perf_counter() - start
-    stats = build.read_stats(build.staging_dir(options.output))
-    _check_run(stats, options)
-    build.publish(options.output, build.BUILD_ENTRIES)
+    stats = build.read_stats(options.output)  # published by the pipeline's last step
     _print_summary(stats, result, elapsed, options)
     return stats
+
+
+def _raise_run_problem(options: BuildOptions) -> None:
+    """After a failed run: where the publish step refused the run, its one-line reason (from the
+    staged stats, which any runner leaves), instead of the runner's wrapped error."""
+    from pipelines import build
+    try:
+        stats = build.read_stats(build.staging_dir(options.output))
+    except Exception:  # the run failed before its stats were written: the runner's error says why
+        return
+    problem = build.run_problem(stats, options)
+    if problem:
+        raise RunError(problem)
+
+
+def _submit(pipeline, output: str):
+    """Start the job and return at once (a flex template launch must not wait for the job)."""
+    try:
+        result = pipeline.run()
+    except Exception as err:
+        raise RunError(f"the pipeline failed: {_root_message(err)}") from err
+    job = getattr(result, "job_id", None)
+    click.echo(f"submitted{f' job {job()}' if callable(job) else ''}: it publishes into {output} when it succeeds")
+    return result
 
 
 def _run(pipeline, progress: bool = False):
@@ -193,27 +266,6 @@ def _run(pipeline, progress: bool = False):
     except Exception as err:  # Beam wraps worker errors; show the root cause, not a 200-line trace
         raise RunError(f"the pipeline failed: {_root_message(err)}") from err
     return result
-
-
-def _check_run(stats: dict, options: BuildOptions) -> None:
-    where = f"see {options.output}/.staging/rejected/ for the dead-lettered records"
-    if stats["sentences"] == 0:
-        raise RunError(f"the text corpus gave zero valid sentences ({options.text}); {where}")
-    if stats["images_valid"] == 0:
-        raise RunError(f"zero valid images in {options.detections or options.images}; {where}")
-    from pipelines.build import NO_FEATURES
-    no_features = stats["rejected"].get(f"shards: {NO_FEATURES}", 0)
-    if no_features:
-        raise RunError(f"{no_features} image(s) have no region features, which shards need: give detections with "
-                       f"features, use --images to run the detector, or pass --no-shards for retrievals only")
-    not_stored = sum(v for k, v in stats["rejected"].items() if k.startswith("store_images:"))
-    if options.store_images and not_stored and stats["images_retrieved"] == 0:
-        raise RunError(f"none of the {stats['images_valid']} valid image(s) could be stored ({not_stored} "
-                       f"dead-lettered reading them from --image-root {options.image_root}: check the folder and "
-                       f"how image ids name files, docs/corpus-format.md); {where}")
-    if stats["images_retrieved"] == 0:
-        raise RunError(f"none of the {stats['images_valid']} valid image(s) got a retrieval (no tags to query "
-                       f"with, or an empty index); {where}")
 
 
 def _print_summary(stats: dict, result, elapsed: float, options: BuildOptions) -> None:
@@ -301,12 +353,14 @@ def _root_message(err: BaseException) -> str:
                    "(synthetic shapes), the whole image plus a --grid-size x --grid-size grid of boxes, pooled "
                    "from the same feature maps, with no tags (label 'region').")
 @click.option("--grid-size", default=3, show_default=True, type=click.IntRange(1, 16), help="--regions grid: cells per side.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
 @click.pass_context
 def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_threshold, detections_per_file, regions,
-           grid_size):
+           grid_size, wait):
     """Run only the detector: images -> detections Parquet (with region features), reusable
     as `build-retrieval --detections` and by `vlp-train finetune --detections`."""
     from pipelines import build
+    check_paths_reachable(ctx.args, {"--output": output, "--images": images})
     if regions == "grid" and grid_size * grid_size + 1 > max_regions:
         raise click.UsageError(f"--regions grid with --grid-size {grid_size} makes {grid_size * grid_size + 1} regions "
                                f"an image, more than --max-regions {max_regions}")
@@ -317,12 +371,14 @@ def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_thre
         _run(pipeline)
         click.echo("dry run: the job was built and validated by the runner, not submitted")
         return
-    claim_output(output, overwrite)
     check_inputs({"--images": images})
+    claim_output(output, overwrite)
     build.clear_staging(output)
+    if not wait:
+        _submit(pipeline, output)
+        return
     start = time.perf_counter()
-    _run(pipeline, progress=True)
-    build.publish(output, build.DETECT_ENTRIES)
+    _run(pipeline, progress=True)  # the pipeline publishes as its last step
     click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
 
 

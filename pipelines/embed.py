@@ -15,27 +15,28 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines.batching import StableBatches
-from pipelines.encoding import encode, load_sentence_model
+from pipelines.encoding import encode, load_sentence_encoder
 from pipelines.metrics import add_stage_time
 from pipelines.options import EmbedOptions
 
 log = logging.getLogger(__name__)
 
 
-_MODELS: dict = {}  # (model, device, fp16) -> the loaded model of this process
+_MODELS: dict = {}  # (model, device, fp16, backend) -> the loaded model of this process
 _MODELS_LOCK = threading.Lock()
 
 
 def process_model(options: EmbedOptions):
     """One sentence model per worker process for every EmbedSentences of the pipeline (the corpus
     and the images' tag strings): RunInference shares a model only within one transform."""
-    key = (options.model, options.device, options.fp16)
+    backend = options.resolved_backend()
+    key = (options.model, options.device, options.fp16, backend)
     with _MODELS_LOCK:
         if key not in _MODELS:
             start = time.perf_counter()
-            _MODELS[key] = load_sentence_model(options.model, options.device, options.fp16)
-            log.info("loaded sentence model %s on %s in %.1fs", options.model or "all-MiniLM-L6-v2",
-                     options.device, time.perf_counter() - start)
+            _MODELS[key] = load_sentence_encoder(options.model, options.device, options.fp16, backend)
+            log.info("loaded sentence model %s (%s) on %s in %.1fs", options.model or "all-MiniLM-L6-v2",
+                     backend, options.device, time.perf_counter() - start)
         return _MODELS[key]
 
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pipelines.onnx_encoder import ONNX_BACKENDS, OnnxSentenceEncoder
 from schemas.corpus import bundled_minilm_path
 
 
@@ -44,6 +45,32 @@ def load_sentence_model(path: str | None, device: str = "cpu", fp16: bool = True
     return model
 
 
+def sentence_tokenizer(model) -> tuple[object, int]:
+    """A sentence-transformers model's tokenizer and max_seq_length: every backend tokenises
+    with these (`token_ids`), so the backends see the same tokens."""
+    from sentence_transformers.models import Transformer
+
+    first = list(model)[0]
+    if not isinstance(first, Transformer):
+        raise TypeError(f"the sentence model's first module is a {type(first).__name__}, not a Transformer")
+    return first.tokenizer, model.max_seq_length
+
+
+def token_ids(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, truncated to `max_length`, unpadded (the caller pads per batch)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
+                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+
+def load_sentence_encoder(path: str | None, device: str = "cpu", fp16: bool = True, backend: str = "torch"):
+    """What `encode` takes for `backend`: the SentenceTransformer itself (torch), or an
+    OnnxSentenceEncoder made from it (onnx, onnx-int8: CPU only; the export is cached)."""
+    if backend not in ONNX_BACKENDS:
+        return load_sentence_model(path, device, fp16)
+    model = load_sentence_model(path, "cpu")
+    return OnnxSentenceEncoder.from_model(model, path or default_sbert_path(), backend)
+
+
 def one_ahead(fn: Callable, items: Iterable) -> Iterator:
     """map(fn, items), computing the next result in a background thread while the caller works
     on the current one (the Rust tokenizer releases the GIL)."""
@@ -74,9 +101,8 @@ class MeanPoolingEncoder:
                 and modules[1].get_config_dict().get("pooling_mode") == "mean"
                 and all(isinstance(m, Normalize) for m in modules[2:])):
             raise TypeError("not a Transformer + mean Pooling (+ Normalize) model")
-        self._tokenizer = modules[0].tokenizer
+        self._tokenizer, self._max_length = sentence_tokenizer(model)
         self._encoder = modules[0].auto_model
-        self._max_length = model.max_seq_length
         self._pad_id = self._tokenizer.pad_token_id or 0
         self._device = next(self._encoder.parameters()).device
         self._chunk_batches = chunk_batches
@@ -85,8 +111,7 @@ class MeanPoolingEncoder:
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
         with self._tokenizer_lock:
-            ids = self._tokenizer(list(texts), truncation=True, max_length=self._max_length, padding=False,
-                                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            ids = token_ids(self._tokenizer, texts, self._max_length)
         return ids, np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
 
     def chunk_size(self, batch_size: int) -> int:
@@ -132,8 +157,11 @@ class MeanPoolingEncoder:
 
 
 def encode(model, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Normalised float32 embeddings [len(texts), dim]: the direct mean-pooling path where the
-    model has that shape, else `SentenceTransformer.encode` (which also sorts by length)."""
+    """Normalised float32 embeddings [len(texts), dim]: ONNX Runtime for an `OnnxSentenceEncoder`;
+    for a torch model the direct mean-pooling path where the model has that shape, else
+    `SentenceTransformer.encode` (which also sorts by length)."""
+    if isinstance(model, OnnxSentenceEncoder):
+        return model.encode(texts, batch_size)
     fast = getattr(model, "_vlp_fast_encoder", None)
     if fast is None:
         try:

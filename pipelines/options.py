@@ -14,12 +14,29 @@ class TextOptions:
     spacy_model: str = SPACY_MODEL
 
 
+# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md): ONNX Runtime fp32 gives
+# torch's vectors (the same top-5) faster; int8 is faster still but changes a share of the top-5.
+CPU_SBERT_BACKEND = "onnx"
+SBERT_BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
 @dataclass(frozen=True)
 class EmbedOptions:
     model: str | None = None        # a sentence-transformers folder; None = bundled all-MiniLM-L6-v2
     batch_size: int = 256
     device: str = "cpu"             # cpu | cuda
     fp16: bool = True               # only on cuda
+    backend: str | None = None      # torch | onnx | onnx-int8 (CPU only); None = CPU_SBERT_BACKEND on cpu, torch on cuda
+
+    def resolved_backend(self) -> str:
+        if self.backend is None:
+            return CPU_SBERT_BACKEND if self.device == "cpu" else "torch"
+        if self.backend not in SBERT_BACKENDS:
+            raise ValueError(f"--sbert-backend {self.backend!r}: one of {', '.join(SBERT_BACKENDS)}")
+        if self.backend != "torch" and self.device != "cpu":
+            raise ValueError(f"--sbert-backend {self.backend} runs on the CPU; with --device {self.device} "
+                             f"use --sbert-backend torch")
+        return self.backend
 
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq")

@@ -52,12 +52,12 @@ def folder_digest(folder: str) -> str:
 
 def model_fingerprint(options: EmbedOptions) -> str:
     """What a stored vector depends on: the model's files, and how it runs (CPU float32, or CUDA
-    in float16 / float32; the encoder backend where the options name one)."""
+    in float16 / float32; the encoder backend: torch, onnx or onnx-int8)."""
     from pipelines.encoding import default_sbert_path
     folder = options.model or default_sbert_path()
     cuda = options.device.startswith("cuda")
     runs = {"device": "cuda" if cuda else "cpu", "fp16": bool(options.fp16 and cuda),
-            "backend": getattr(options, "backend", "torch")}
+            "backend": options.resolved_backend()}
     return hashlib.sha256(f"{folder_digest(folder)}|{sorted(runs.items())}".encode()).hexdigest()[:32]
 
 

@@ -143,13 +143,44 @@ def test_shards_need_features(inputs, tmp_path):
     assert "have no region features" in result.output and "--no-shards" in result.output
 
 
-def test_dataflow_dry_run_builds_offline(inputs, tmp_path):
-    dets, text = inputs
-    result = build(dets, text, "gs://example-bucket/vlp-out", "--runner", "DataflowRunner", "--dry_run=True",
-                   "--project", "example-project", "--region", "us-central1",
-                   "--temp_location", "gs://example-bucket/tmp")
+DATAFLOW = ["--runner", "DataflowRunner", "--project", "example-project", "--region", "us-central1",
+            "--temp_location", "gs://example-bucket/tmp"]
+
+
+def test_dataflow_dry_run_builds_offline():
+    result = build("gs://example-bucket/d.jsonl", "gs://example-bucket/t.txt", "gs://example-bucket/vlp-out",
+                   *DATAFLOW, "--dry_run=True")
     assert result.exit_code == 0, result.output
     assert "dry run" in result.output
+
+
+def test_the_flex_template_entry_point_builds_its_job_in_a_dry_run():
+    """deploy/flex_main.py as the template launcher runs it (parameters as --name=value, no
+    --runner): the job is built and validated for Dataflow, and the launcher would not wait."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    args = ["--detections=gs://example-bucket/d.jsonl", "--text=gs://example-bucket/t.txt",
+            "--output=gs://example-bucket/vlp-out", "--project=example-project", "--region=us-central1",
+            "--temp_location=gs://example-bucket/tmp", "--dry_run=True"]
+    done = subprocess.run([sys.executable, str(root / "deploy" / "flex_main.py"), *args], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dry run: the job was built and validated" in done.stdout
+    from deploy.flex_main import launcher_args
+    assert launcher_args(args)[:2] == ["build-retrieval", "--no-wait"] and "--runner=DataflowRunner" in launcher_args(args)
+    assert "--runner=DataflowRunner" not in launcher_args(["--runner=FnApiRunner"])
+
+
+@pytest.mark.parametrize("flag, value", [("--output", "vlp-out"), ("--text", "corpus.txt"),
+                                         ("--detections", "gs://b/d.jsonl,local-detections.jsonl")])
+def test_a_local_path_with_a_remote_runner_fails_in_one_line(flag, value):
+    paths = {"--detections": "gs://b/d.jsonl", "--text": "gs://b/t.txt", "--output": "gs://b/out", flag: value}
+    result = build(paths["--detections"], paths["--text"], paths["--output"], *DATAFLOW, "--dry_run=True")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert f"{flag} '{value.split(',')[-1]}' is a path on this machine, but --runner DataflowRunner" in line
 
 
 def test_ivf_index_and_a_given_sbert_folder(inputs, tmp_path):

@@ -24,7 +24,7 @@ def test_embed_transform_matches_the_model_and_is_normalised(pipeline, model):
     texts = SOFA_SENTENCES + ["sofa woman"]
     expected = encode(model, texts, 32)
     out = (pipeline | beam.Create(list(enumerate(texts)))
-           | EmbedSentences(EmbedOptions(batch_size=2), group_batches=1)  # several groups
+           | EmbedSentences(EmbedOptions(batch_size=2, backend="torch"), group_batches=1)  # several groups
            | beam.combiners.ToList())
 
     def check(results):
@@ -44,7 +44,7 @@ def test_the_corpus_and_tag_string_embeddings_share_one_model_per_process(pipeli
 
     loads = []
     monkeypatch.setattr(embed, "_MODELS", {})
-    monkeypatch.setattr(embed, "load_sentence_model", lambda *a: loads.append(a) or load_sentence_model(*a))
+    monkeypatch.setattr(embed, "load_sentence_encoder", lambda *a: loads.append(a) or load_sentence_model(*a[:3]))
     corpus = pipeline | "Corpus" >> beam.Create(list(enumerate(SOFA_SENTENCES))) | "EmbedCorpus" >> EmbedSentences()
     tags = pipeline | "Tags" >> beam.Create([("img", "sofa woman")]) | "EmbedQueries" >> EmbedSentences()
     assert_that(corpus | "CountCorpus" >> beam.combiners.Count.Globally(), equal_to([len(SOFA_SENTENCES)]),

@@ -1,5 +1,6 @@
 """Publishing a staged run: whole-entry replacement per command, and a crash part way through
 the swap finished by the next run (never a mix of two runs)."""
+import json
 import os
 
 import pytest
@@ -183,3 +184,68 @@ def test_on_an_object_store_a_crash_during_the_swap_is_refused_by_readers_and_fi
     build.clear_staging(store)  # what the next run does first
     check_published(store, exists=FileSystems.exists)
     assert {rel: objectstore.OBJECTS[f"{store}/{rel}"].decode() for rel in objectstore.names(store + "/")} == EXPECTED
+
+
+# The publish is the pipeline's own last step (any runner, a flex template included, ends with the
+# output in place): it runs after every other step, and a retried step neither redoes nor undoes it.
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["retrievals-only", "shards"])
+def test_the_publish_step_runs_after_every_other_step(tmp_path, shards):
+    from pipelines.options import BuildOptions
+    options = BuildOptions(output=str(tmp_path / "out"), detections=str(tmp_path / "d.jsonl"),
+                           text=str(tmp_path / "t.txt"), shards=shards)
+    pipeline = build.build_retrieval_pipeline(options, [])
+    (final,) = build.final_outputs(pipeline)  # every other step's output is read by something
+    assert final.producer.full_label == "Publish"
+    upstream, todo = set(), [final.producer]
+    while todo:  # every step the publish step waits for, through main and side inputs
+        node = todo.pop()
+        if node.full_label in upstream:
+            continue
+        upstream.add(node.full_label)
+        todo += [p for p in [pc.producer for pc in node.inputs] + [side.pvalue.producer for side in node.side_inputs]
+                 if p is not None]  # the pipeline's start has no producer
+    writes = {label for label in upstream if label.rsplit("/", 1)[-1].startswith("Write")}
+    expected = {"WriteSentences", "WriteRetrievals", "WriteRejected", "WriteStats"} | (
+        {"WriteShards", "WriteManifest", "WriteLinks", "WriteTagVocab"} if shards else set())
+    assert expected <= {label.split("/")[0] for label in writes}
+    from pipelines.options import DetectOptions
+    detect = build.build_detect_pipeline(str(tmp_path / "*.jpg"), str(tmp_path / "det"), DetectOptions(), [])
+    assert [pc.producer.full_label for pc in build.final_outputs(detect)] == ["Publish"]
+
+
+def test_a_retried_publish_step_finishes_or_leaves_the_published_run(tmp_path, monkeypatch):
+    out = staged_run(tmp_path)
+    build._publish_step(1, out, build.BUILD_ENTRIES)
+    assert tree(out) == EXPECTED
+    build._publish_step(1, out, build.BUILD_ENTRIES)  # a retry after it had published: nothing to do
+    assert tree(out) == EXPECTED
+
+    out = staged_run(tmp_path / "again")
+    real_replace, calls = os.replace, []
+
+    def killed_after_two(source, target):
+        if len(calls) == 3:  # the journal, then two moves
+            raise KeyboardInterrupt("the worker died")
+        calls.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(build.os, "replace", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build._publish_step(1, out, build.BUILD_ENTRIES)
+    monkeypatch.setattr(build.os, "replace", real_replace)
+    build._publish_step(1, out, build.BUILD_ENTRIES)  # the retry finishes the recorded swap
+    assert tree(out) == EXPECTED
+
+
+def test_the_publish_step_refuses_an_unusable_run_and_moves_nothing(tmp_path):
+    from pipelines.options import BuildOptions
+    out = staged_run(tmp_path)
+    stats = {"sentences": 0, "images_valid": 3, "images_retrieved": 0, "rejected": {}}
+    write(build.staging_dir(out), {"stats.json": json.dumps(stats)})
+    check = build.BuildCheck(BuildOptions(output=out, text="corpus.txt"))
+    with pytest.raises(build.BuildCheckError, match="the text corpus gave zero valid sentences"):
+        build._publish_step(1, out, build.BUILD_ENTRIES, check=check)
+    assert tree(out) == {**OLD, **{f"{build.STAGING}/{rel}": c for rel, c in NEW.items()},
+                         f"{build.STAGING}/stats.json": json.dumps(stats)}

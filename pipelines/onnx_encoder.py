@@ -1,0 +1,199 @@
+"""Sentence-BERT on ONNX Runtime for CPU embedding (`--sbert-backend onnx | onnx-int8`).
+
+The ONNX model is exported from the user's own sentence-transformers folder on first use
+(`torch.onnx.export` of the model's modules as one graph: (input_ids, attention_mask) -> sentence
+embedding) and cached; `onnx-int8` is that export with the weights of its MatMuls quantised to
+int8 per output channel (`onnxruntime.quantization.quantize_dynamic`; activations stay float and
+are quantised on the fly). Quantising every MatMul per tensor is as fast but moves the vectors
+much further (cosine 0.96 to fp32 against 0.99, see docs/benchmarks.md).
+
+Texts are tokenised exactly as the torch path does (`encoding.token_ids`: the model's own
+tokenizer and max_seq_length), so the backends differ only in the arithmetic.
+
+No Beam and no torch at import time: the torch model is only needed to export (once per cache).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ONNX_BACKENDS = ("onnx", "onnx-int8")
+# Part of every cache key: raise it when the export or the quantisation changes, so that files
+# made by an older version are not reused.
+EXPORT_FORMAT = 1
+OPSET = 17
+MODEL_FILE = "model.onnx"
+CACHE_ENV = "VLP_CACHE_DIR"  # where exports are kept; default ~/.cache/vlp-data
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vlp-data")
+
+
+def cache_key(folder: str, backend: str) -> str:
+    """The cache folder's name: the model folder's content digest (a changed weight, tokenizer or
+    config file gives another; a copy of the folder elsewhere the same), the backend, and the
+    versions the file depends on (the exporter's and the quantiser's)."""
+    import onnxruntime
+    import torch
+
+    from pipelines.store import folder_digest
+    versions = f"{EXPORT_FORMAT}|{OPSET}|{torch.__version__}|{onnxruntime.__version__ if backend == 'onnx-int8' else ''}"
+    tag = hashlib.sha256(versions.encode("utf-8")).hexdigest()[:8]
+    return f"{folder_digest(folder)[:32]}-{backend}-{tag}"
+
+
+def sentence_graph(model):
+    """The sentence-transformers modules as one torch module of (input_ids, attention_mask): the
+    transformer, its pooling and (where the model has one) its Normalize, whatever they are."""
+    import torch
+
+    class SentenceGraph(torch.nn.Module):
+        def __init__(self, st_model):
+            super().__init__()
+            self.st_model = st_model
+
+        def forward(self, input_ids, attention_mask):
+            return self.st_model({"input_ids": input_ids, "attention_mask": attention_mask})["sentence_embedding"]
+
+    return SentenceGraph(model).eval()
+
+
+def export_onnx(model, path: str) -> None:
+    """The sentence-transformers `model` -> an fp32 ONNX file at `path`, batch and sequence dynamic."""
+    import torch
+
+    example = torch.ones((2, 8), dtype=torch.long)
+    # the tracer warns about the model's shape checks (always true here: the mask is as long as the ids)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            sentence_graph(model).cpu(), (example, example), path, dynamo=False, opset_version=OPSET,
+            input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                          "sentence_embedding": {0: "batch"}})
+
+
+def quantize_int8(source: str, path: str) -> None:
+    """fp32 ONNX -> int8 weights of the MatMuls with a constant (weight) operand, per output channel;
+    attention's activation x activation MatMuls stay float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def not_the_preprocessing_hint(record):  # logged on the root logger at every call; it does not apply here
+        return "pre-process" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(not_the_preprocessing_hint)
+    try:
+        quantize_dynamic(source, path, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.removeFilter(not_the_preprocessing_hint)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock across processes (the SDK processes of one worker export once, not each)."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = None) -> str:
+    """The ONNX file of `backend` for the sentence-transformers `model` loaded from `folder`: made
+    on first use and kept under the cache folder by the folder's fingerprint. Each file is written
+    into a private temporary folder and renamed into place whole, so a killed or concurrent export
+    never leaves a half file where a reader looks; a lock makes concurrent processes wait for one
+    export instead of each making its own."""
+    if backend not in ONNX_BACKENDS:
+        raise ValueError(f"not an ONNX backend: {backend!r} (one of {', '.join(ONNX_BACKENDS)})")
+    root = cache_dir or cache_root()
+    os.makedirs(root, exist_ok=True)
+    key = cache_key(folder, backend)
+    final = os.path.join(root, key, MODEL_FILE)
+    if os.path.exists(final):
+        return final
+    source = cached_onnx_model(model, folder, "onnx", root) if backend == "onnx-int8" else None
+    with _locked(os.path.join(root, key + ".lock")):
+        if os.path.exists(final):  # another process made it while this one waited
+            return final
+        start = time.perf_counter()
+        work = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+        try:
+            made = os.path.join(work, MODEL_FILE)
+            if source is None:
+                export_onnx(model, made)
+            else:
+                quantize_int8(source, made)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(made, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log.info("made the %s model of %s in %.1fs: %s", backend, folder, time.perf_counter() - start, final)
+    return final
+
+
+class OnnxSentenceEncoder:
+    """Normalised float32 sentence embeddings from an ONNX file, tokenised as the torch path
+    (`encoding.token_ids`), texts sorted by length within each call (little padding)."""
+
+    def __init__(self, onnx_path: str, tokenizer, max_length: int, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.path = onnx_path
+        self._session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        self._tokenizer, self._max_length = tokenizer, max_length
+        self._pad_id = tokenizer.pad_token_id or 0
+        self._tokenizer_lock = threading.Lock()  # the HF tokenizer sets truncation per call
+
+    @classmethod
+    def from_model(cls, model, folder: str, backend: str, threads: int | None = None,
+                   cache_dir: str | None = None) -> OnnxSentenceEncoder:
+        from pipelines.encoding import sentence_tokenizer
+        tokenizer, max_length = sentence_tokenizer(model)
+        return cls(cached_onnx_model(model, folder, backend, cache_dir), tokenizer, max_length, threads)
+
+    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        from pipelines.encoding import token_ids
+
+        if not texts:
+            return np.zeros((0, self._session.get_outputs()[0].shape[1]), dtype=np.float32)
+        with self._tokenizer_lock:
+            ids = token_ids(self._tokenizer, list(texts), self._max_length)
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        out = None  # [texts, dim] once the first batch gives the width
+        for start in range(0, len(ids), batch_size):
+            rows = order[start:start + batch_size]
+            width = int(lengths[rows[0]])
+            batch = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+            for r, i in enumerate(rows):
+                batch[r, :lengths[i]] = ids[i]
+            attention = (np.arange(width)[None, :] < lengths[rows][:, None]).astype(np.int64)
+            vectors = self._session.run(None, {"input_ids": batch, "attention_mask": attention})[0]
+            if out is None:
+                out = np.empty((len(ids), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+        # the torch path always normalises; a model without a Normalize module is normalised here
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
