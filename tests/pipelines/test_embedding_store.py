@@ -102,6 +102,9 @@ def test_the_fingerprint_follows_the_model_files_and_how_it_runs(tmp_path):
     assert cpu != model_fingerprint(EmbedOptions(model=str(model), device="cuda"))
     assert model_fingerprint(EmbedOptions(model=str(model), device="cuda")) != \
         model_fingerprint(EmbedOptions(model=str(model), device="cuda", fp16=False))
+    # each --sbert-backend gives other vectors; the CPU default is named as what it resolves to
+    backends = {b: model_fingerprint(EmbedOptions(model=str(model), backend=b)) for b in ("torch", "onnx", "onnx-int8")}
+    assert len(set(backends.values())) == 3 and cpu == backends[EmbedOptions().resolved_backend()]
 
 
 @pytest.mark.slow
