@@ -4,11 +4,20 @@ rename is copy + delete per object, and deleting a name that matches no object d
 from __future__ import annotations
 
 import io
+import time
 
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata, FileSystem
 
 SCHEME = "objstore"
 OBJECTS: dict[str, bytes] = {}  # class-wide: Beam makes a new FileSystem instance per call
+# When each object was last written (GCS's `updated`): a rewritten object gets a new time, so a
+# cache keyed by (path, size, time) never serves the content of an earlier run of the same size.
+UPDATED: dict[str, float] = {}
+
+
+def _store(path: str, data: bytes) -> None:
+    OBJECTS[path] = data
+    UPDATED[path] = time.time()
 
 
 class _Upload(io.BytesIO):
@@ -18,7 +27,7 @@ class _Upload(io.BytesIO):
 
     def close(self):
         if not self.closed:
-            OBJECTS[self._path] = self.getvalue()  # visible only once complete, like an upload
+            _store(self._path, self.getvalue())  # visible only once complete, like an upload
         super().close()
 
 
@@ -43,7 +52,7 @@ class ObjectStoreFileSystem(FileSystem):
     def _list(self, dir_or_prefix):
         for path, data in sorted(OBJECTS.items()):
             if path.startswith(dir_or_prefix):
-                yield FileMetadata(path, len(data))
+                yield FileMetadata(path, len(data), UPDATED.get(path, 0.0))
 
     def create(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
         return _Upload(path)
@@ -55,11 +64,11 @@ class ObjectStoreFileSystem(FileSystem):
 
     def copy(self, source_file_names, destination_file_names):
         for source, destination in zip(source_file_names, destination_file_names):
-            OBJECTS[destination] = OBJECTS[source]
+            _store(destination, OBJECTS[source])
 
     def rename(self, source_file_names, destination_file_names):
         for source, destination in zip(source_file_names, destination_file_names):
-            OBJECTS[destination] = OBJECTS.pop(source)
+            _store(destination, OBJECTS.pop(source))
 
     def exists(self, path):
         return path in OBJECTS
@@ -68,13 +77,13 @@ class ObjectStoreFileSystem(FileSystem):
         return len(OBJECTS[path])
 
     def last_updated(self, path):
-        return 0.0
+        return UPDATED.get(path, 0.0)
 
     def checksum(self, path):
         return str(hash(OBJECTS[path]))
 
     def metadata(self, path):
-        return FileMetadata(path, len(OBJECTS[path]))
+        return FileMetadata(path, len(OBJECTS[path]), UPDATED.get(path, 0.0))
 
     def delete(self, paths):
         for path in paths:
@@ -87,7 +96,7 @@ class ObjectStoreFileSystem(FileSystem):
 
 
 def put(path: str, data: bytes = b"x") -> None:
-    OBJECTS[path] = data
+    _store(path, data)
 
 
 def names(prefix: str) -> list[str]:

@@ -145,6 +145,8 @@ def test_a_killed_export_leaves_no_file_and_the_next_use_exports(tiny_model_fold
 def test_the_embed_transform_runs_the_onnx_backends(pipeline, minilm, monkeypatch, tmp_path, backend):
     """EmbedOptions() on cpu embeds with ONNX Runtime fp32 (the CPU default): torch's vectors;
     onnx-int8 gives the quantised model's, close to torch's."""
+    import pipelines.embed as embed
+    monkeypatch.setattr(embed, "_MODELS", {})  # not an encoder an earlier test loaded in this process
     monkeypatch.setenv(onnx_encoder.CACHE_ENV, str(tmp_path))
     texts = SOFA_SENTENCES + ["sofa woman"]
     options = EmbedOptions(batch_size=4, backend=backend)

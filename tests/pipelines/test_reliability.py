@@ -174,6 +174,8 @@ def test_build_refuses_a_kv_file_before_the_pipeline_runs(tmp_path):
 
     from pipelines.cli import main
     (tmp_path / "vectors.kv").write_bytes(b"not even read")
+    (tmp_path / "d.jsonl").write_text("")  # inputs that exist: the input checks come first
+    (tmp_path / "t.txt").write_text("")
     result = CliRunner().invoke(main, ["build-retrieval", "--detections", str(tmp_path / "d.jsonl"), "--text",
                                        str(tmp_path / "t.txt"), "--output", str(tmp_path / "out"),
                                        "--word-vectors", str(tmp_path / "vectors.kv")])
