@@ -225,13 +225,13 @@ def test_a_retried_publish_step_finishes_or_leaves_the_published_run(tmp_path, m
     out = staged_run(tmp_path / "again")
     real_replace, calls = os.replace, []
 
-    def killed_after_two(source, target):
-        if len(calls) == 3:  # the journal, then two moves
+    def killed_after_the_shards_moved(source, target):
+        if len(calls) == 4:  # the journal; old links and shards parked; the new shards moved in
             raise KeyboardInterrupt("the worker died")
         calls.append(target)
         real_replace(source, target)
 
-    monkeypatch.setattr(build.os, "replace", killed_after_two)
+    monkeypatch.setattr(build.os, "replace", killed_after_the_shards_moved)
     with pytest.raises(KeyboardInterrupt):
         build._publish_step(1, out, build.BUILD_ENTRIES)
     monkeypatch.setattr(build.os, "replace", real_replace)
