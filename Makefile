@@ -55,6 +55,8 @@ bench: setup
 	$(BIN)/python bench/compile.py
 	$(BIN)/python bench/shard_keys.py
 	$(BIN)/python bench/store_images.py
+	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/train.py --visual patches   # -> train_<device>_patches384.json
 
 clean:
 	rm -rf vlp-out vlp-run .pytest_cache

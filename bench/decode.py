@@ -27,7 +27,8 @@ Candidates:
 Every candidate's output is compared with `pil`'s (mean absolute difference, of 255) so a fast one
 that decodes worse is seen. One thread (OpenCV told so; the others are single-threaded), median
 over `--repeats` passes of each candidate's mean time per image (and the fastest pass: on a
-machine shared with other work, the closest to the uncontended cost). Also timed: normalising one
+machine shared with other work, the closest to the uncontended cost); the candidates take turns
+within each pass, so a change in the machine's load falls on all of them alike. Also timed: normalising one
 image in the worker (float32, CHW, ImageNet mean/std) against shipping the uint8 (what the
 trainer does: the patch embedding normalises on the device), and the bytes each puts through the
 workers' shared memory. Writes bench/results/decode_cpu.json.
@@ -143,10 +144,11 @@ CANDIDATES = {"pil": pil, "pil_draft": lambda d, s: pil(d, s, draft=True), "open
               "simplejpeg_pil": simplejpeg_pil, "pyturbojpeg": pyturbojpeg}
 
 
-def time_per_image(fn, images: list[bytes], size: int, repeats: int) -> list[float]:
+def time_per_image(fn, images: list[bytes], size: int, repeats: int, warm: bool = True) -> list[float]:
     """Mean microseconds per image of each of `repeats` passes (after one pass of warm-up)."""
-    for data in images:
-        fn(data, size)
+    if warm:
+        for data in images:
+            fn(data, size)
     passes = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -181,25 +183,31 @@ def main(argv=None) -> dict:
               "images": len(images), "mean_jpeg_kb": statistics.mean(len(d) for d in images) / 1024,
               "repeats": args.repeats, "us_per_image": {}, "images_per_s_per_core": {}, "mean_abs_diff_vs_pil": {},
               "skipped": {}}
+    runnable = {}
     for name in chosen:
-        fn = CANDIDATES[name]
         try:
-            fn(images[0], sizes[0])
+            CANDIDATES[name](images[0], sizes[0])
+            runnable[name] = CANDIDATES[name]
         except Exception as err:  # a candidate that does not run here (pyturbojpeg without libturbojpeg)
             result["skipped"][name] = f"{type(err).__name__}: {err}"
             print(f"{name}: skipped ({result['skipped'][name]})")
-            continue
-        for size in sizes:
-            passes = time_per_image(fn, images, size, args.repeats)
-            us = statistics.median(passes)
-            diff = statistics.mean(float(np.abs(fn(d, size).astype(np.int16) - pil(d, size).astype(np.int16)).mean())
-                                   for d in images)
-            key = f"{name}@{size}"
-            result["us_per_image"][key] = us
-            result.setdefault("fastest_pass_us_per_image", {})[key] = min(passes)
-            result["images_per_s_per_core"][key] = 1e6 / us
-            result["mean_abs_diff_vs_pil"][key] = diff
-            print(f"{key:28s} {us:8.0f} us/image  {1e6 / us:7.0f} images/s/core  |diff| vs pil {diff:.2f}")
+    # passes outermost, candidates in turn within each: on a machine shared with other work, every
+    # candidate sees the same drift in load, so their medians compare
+    keys = [(name, size) for size in sizes for name in runnable]
+    passes = {key: [] for key in keys}
+    for _ in range(args.repeats):
+        for name, size in keys:
+            passes[(name, size)] += time_per_image(runnable[name], images, size, 1, warm=False)
+    for name, size in keys:
+        fn, us, key = runnable[name], statistics.median(passes[(name, size)]), f"{name}@{size}"
+        diff = statistics.mean(float(np.abs(fn(d, size).astype(np.int16) - pil(d, size).astype(np.int16)).mean())
+                               for d in images)
+        result["us_per_image"][key] = us
+        result.setdefault("fastest_pass_us_per_image", {})[key] = min(passes[(name, size)])
+        result["images_per_s_per_core"][key] = 1e6 / us
+        result["mean_abs_diff_vs_pil"][key] = diff
+        print(f"{key:28s} {us:8.0f} us/image (fastest pass {min(passes[(name, size)]):6.0f})  {1e6 / us:7.0f} "
+              f"images/s/core  |diff| vs pil {diff:.2f}")
     pixels = simplejpeg_opencv(images[0], 384)
     normalise = statistics.median(time_per_image(lambda d, s: normalise_in_worker(pixels), [b""] * 50, 384, args.repeats))
     result["normalise_in_worker_us_384"] = normalise

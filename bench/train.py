@@ -533,9 +533,10 @@ def parse_args(argv=None):
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.results_name = args.results_name or results_name(f"train_{args.device}", args.only)
     from vlp_train.config import load_config
     preset = load_config(args.preset)
+    visual = "" if args.visual == "regions" else f"_{args.visual}{args.image_size or preset.model.image_size}"
+    args.results_name = args.results_name or results_name(f"train_{args.device}{visual}", args.only)
     reduced = args.device == "cpu"  # a 2-core CPU cannot train the base shape in a benchmark's time
     defaults = {"batch_size": 32 if reduced else preset.data.batch_size,
                 "num_workers": 2 if reduced else preset.data.num_workers,
