@@ -200,8 +200,8 @@ def pool_regions(patch_states: torch.Tensor, region_patches: torch.Tensor) -> to
 def load_pixels(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> uint8 [size, size, 3] RGB, the whole image resized to the square
     (aspect not kept; see the module's note on geometry). JPEG through simplejpeg (libjpeg-turbo)
-    at the smallest DCT scale (of libjpeg-turbo's eighths) that still gives at least `size` on both
-    sides, then one OpenCV resize (`resize_square`); the fastest pair measured (bench/decode.py,
+    at the smallest power-of-two DCT scale that still gives at least `size` on both sides, then
+    one OpenCV resize (`resize_square`); the fastest pair measured (bench/decode.py,
     docs/benchmarks.md). Any other format through PIL. ValueError when the bytes are not an image."""
     try:
         array = _decode_jpeg(data, size) if data[:3] == b"\xff\xd8\xff" else _decode_other(data)
@@ -226,9 +226,13 @@ def resize_square(array: np.ndarray, size: int) -> np.ndarray:
 def _decode_jpeg(data: bytes, size: int) -> np.ndarray:
     import simplejpeg
 
-    # min_width/min_height: libjpeg-turbo decodes at the smallest scale (1/8 .. 1) keeping both sides >= size
+    # libjpeg-turbo decodes at a reduced DCT scale: the smallest of 1/8, 1/4, 1/2 that keeps both
+    # sides >= size, else whole. Only powers of two: its other eighths (7/8 for 384 -> 224) run a
+    # slower path than a whole decode and a resize (bench/decode.py, docs/benchmarks.md).
+    width, height, _, _ = simplejpeg.decode_jpeg_header(data)
+    factor = next((f for f in (8, 4, 2) if width >= f * size and height >= f * size), 1)
     return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True,
-                                  min_width=size, min_height=size)
+                                  min_width=-(-width // factor), min_height=-(-height // factor))
 
 
 def _decode_other(data: bytes) -> np.ndarray:
