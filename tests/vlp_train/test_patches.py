@@ -69,10 +69,10 @@ def test_patches_on_shards_without_images_stop_at_start_naming_the_shard_and_the
     assert build_run(cfg).builder.image_size is None  # the same shards train regions
 
 
-def test_a_family_without_a_patch_input_refuses_patches(image_shards, tmp_path):
-    cfg = config(image_shards, tmp_path / "run")
-    cfg.model.arch = "vlmo"
-    with pytest.raises(ValueError, match="model.arch=vlmo takes model.visual=regions, not patches"):
+def test_a_family_refuses_a_visual_input_it_does_not_take(image_shards, tmp_path):
+    cfg = config(image_shards, tmp_path / "run", visual="both")
+    cfg.model.arch = "vlmae"  # it takes regions or patches (families/vlmae.py), not both at once
+    with pytest.raises(ValueError, match="model.arch=vlmae takes model.visual=regions or patches, not both"):
         build_run(cfg)
 
 
