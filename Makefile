@@ -50,6 +50,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/retrieval.py
+	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/loader_parts.py
 	$(BIN)/python bench/compile.py
