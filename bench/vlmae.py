@@ -4,8 +4,10 @@
     python bench/vlmae.py --device cpu                   # 2 CPU cores: a reduced model, batch 16, regions
     python bench/vlmae.py --device cpu --visual patches  # the same on 128 px images in 16 px patches (64 a image)
     python bench/vlmae.py --device cuda --visual patches # vlmae-base's shape (12 x 768 text and image encoders, 4 x 512 decoder, 256 px)
+    python bench/vlmae.py --device cpu --visual patches --shape base --flops-only --batch-size 2   # base's FLOPs here
 
-For each mask ratio: the model step of `vlp-train run` (`vlp_train.components.build_run` with the
+For each mask ratio (their timed windows interleaved, so that on a shared machine each meets the
+same load): the model step of `vlp-train run` (`vlp_train.components.build_run` with the
 preset, AdamW, `compute_loss`, backward, clipping, optimizer step; batches built beforehand and on
 the device, so no loader cost) on the synthetic corpus of bench/train.py (36 regions of 2048-d
 features, 5 sentences with linked phrases an image; with `--visual patches` each sample carries its
@@ -22,7 +24,9 @@ import copy
 import json
 import logging
 import os
+import statistics
 import sys
+import time
 from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.env import device_name, peak_rss_mb, results_name, write_result  # noqa: E402
-from bench.train import Trainer, build_config, measure, synthetic_corpus  # noqa: E402
+from bench.train import Trainer, build_config, synthetic_corpus  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--mask-ratios", default="0,0.5,0.75")
     parser.add_argument("--visual", choices=["regions", "patches"], default="regions")
-    parser.add_argument("--image-size", type=int, help="patches: the square side (default 128 on CPU, 256 on CUDA)")
+    parser.add_argument("--image-size", type=int, help="patches: the square side (default 128 in the reduced shape, 256 in base)")
     parser.add_argument("--batch-size", type=int, help="pairs per step (default: 16 on CPU, 128 on CUDA)")
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--feature-dim", type=int, default=2048)
@@ -48,23 +52,30 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, help="steps before timing (default 2 on CPU, 10 on CUDA)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results-name", default=None)
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count the FLOPs per pair (forward, and forward + backward) of one step, time nothing: "
+                             "with --shape base, vlmae-base's shape on a CPU")
+    parser.add_argument("--shape", choices=["reduced", "base"], help="default: reduced on CPU, base on CUDA")
     args = parser.parse_args(argv)
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu = args.device == "cpu"
+    args.shape = args.shape or ("reduced" if cpu else "base")
     args.batch_size = args.batch_size or (16 if cpu else 128)
     args.steps = args.steps or (3 if cpu else 20)
     args.warmup = args.warmup or (2 if cpu else 10)
-    args.image_size = args.image_size or (128 if cpu else 256)
-    args.results_name = args.results_name or results_name(f"vlmae_{args.device}_{args.visual}", None)
+    args.image_size = args.image_size or (128 if args.shape == "reduced" else 256)
+    other_shape = f"_{args.shape}" if args.shape != ("reduced" if cpu else "base") else ""
+    args.results_name = args.results_name or results_name(f"vlmae_{args.device}_{args.visual}{other_shape}",
+                                                          "flops" if args.flops_only else None)
     return args
 
 
 def vlmae_config(args, mask_ratio: float):
     """vlmae-base's shape on CUDA; on CPU 4 x 256 text (2 text + 2 fusion layers), a 4 x 256 image
     encoder and a 2 x 128 decoder."""
-    cpu = args.device == "cpu"
+    cpu = args.shape == "reduced"
     shape = argparse.Namespace(
         preset="vlmae-base", layers=4 if cpu else None, hidden=256 if cpu else None, heads=4 if cpu else None,
         feature_dim=args.feature_dim, compile="auto", compile_scope="layers", batch_size=args.batch_size,
@@ -78,8 +89,8 @@ def vlmae_config(args, mask_ratio: float):
     return cfg
 
 
-def flops_per_sample(trainer: Trainer, views: dict) -> float:
-    """Model FLOPs of one step (forward + backward) per pair, on a copy of the model."""
+def flops_per_sample(trainer: Trainer, views: dict, backward: bool = True) -> float:
+    """Model FLOPs of one step (forward, + backward) per pair, on a copy of the model."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -87,7 +98,8 @@ def flops_per_sample(trainer: Trainer, views: dict) -> float:
     step = Pretraining(copy.deepcopy(trainer.model), trainer.run.family)
     with FlopCounterMode(display=False) as counter:
         loss, _, _ = compute_loss(step, views, False, nullcontext())
-        loss.backward()
+        if backward:
+            loss.backward()
     batch = next(iter(views.values()))["input_ids"].shape[0]
     del step
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -105,35 +117,59 @@ def main(argv=None) -> dict:
               "command": "python " + " ".join(sys.argv if argv is None else ["bench/vlmae.py", *argv]),
               "batch": args.batch_size, "regions": args.regions, "feature_dim": args.feature_dim, "visual": args.visual,
               "image_size": args.image_size if args.visual == "patches" else None, "ratios": {}}
-    for ratio in [float(r) for r in args.mask_ratios.split(",")]:
+    ratios = [float(r) for r in args.mask_ratios.split(",")]
+    runs = {}
+    for ratio in ratios:
         trainer = Trainer(vlmae_config(args, ratio), shards)
         model = trainer.model
         prebuilt = trainer.prebuilt(2)
         result["shape"] = {"text_layers": model.text_layers, "fusion_layers": model.fusion_layers,
                            "hidden": model.bert.config.hidden_size, "vision": model.spec["vision"],
                            "decoder": model.spec["decoder"], "parameters": trainer.parameters}
-        visible = [int(b["views"]["vl"]["visible_mask"].sum(1).float().mean()) for b in prebuilt]
-        elements = int(prebuilt[0]["views"]["vl"]["hidden"].shape[1])
-        state = {"i": 0}
-
-        def next_samples():
-            batch = prebuilt[state["i"] % len(prebuilt)]
-            state["i"] += 1
-            trainer.step(batch["views"], False)
-            return int(batch["views"]["vl"]["input_ids"].shape[0])
-        timed = measure(next_samples, args.warmup, args.steps, args.repeats, trainer.sync)
-        flops = flops_per_sample(trainer, prebuilt[0]["views"])
-        entry = {"samples_per_s": timed["samples_per_s"], "gflops_per_sample": flops / 1e9,
-                 "visible_per_image": visible[0], "elements_per_image": elements, "timing": timed,
-                 "peak_rss_mb": peak_rss_mb()}
-        if trainer.device.type == "cuda":
-            import torch
-            entry["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
+        entry = {"visible_per_image": int(prebuilt[0]["views"]["vl"]["visible_mask"].sum(1).float().mean()),
+                 "elements_per_image": int(prebuilt[0]["views"]["vl"]["hidden"].shape[1]),
+                 "gflops_per_sample": flops_per_sample(trainer, prebuilt[0]["views"]) / 1e9,
+                 "forward_gflops_per_sample": flops_per_sample(trainer, prebuilt[0]["views"], False) / 1e9}
         result["ratios"][str(ratio)] = entry
-        print(f"mask ratio {ratio}: {entry['samples_per_s']:.1f} pairs/s, {entry['gflops_per_sample']:.2f} GFLOPs/pair, "
-              f"{visible[0]} of {elements} {args.visual} visible", flush=True)
+        print(f"mask ratio {ratio}: {entry['gflops_per_sample']:.2f} GFLOPs/pair forward + backward, "
+              f"{entry['forward_gflops_per_sample']:.2f} forward; {entry['visible_per_image']} of "
+              f"{entry['elements_per_image']} {args.visual} visible", flush=True)
         write_result(args.results_name, result)
+        if not args.flops_only:
+            runs[ratio] = (trainer, prebuilt)
+    if args.flops_only:
+        return result
+    # the ratios' windows interleaved (0, 0.5, 0.75, 0, 0.5, ...): on a shared machine each ratio
+    # meets the same load, so their rates compare even when the absolute figures drift
+    counters = {ratio: 0 for ratio in runs}
+
+    def steps_of(ratio: float, count: int) -> int:
+        trainer, prebuilt = runs[ratio]
+        samples = 0
+        for _ in range(count):
+            views = prebuilt[counters[ratio] % len(prebuilt)]["views"]
+            counters[ratio] += 1
+            trainer.step(views, False)
+            samples += int(views["vl"]["input_ids"].shape[0])
+        trainer.sync()
+        return samples
+    for ratio in runs:
+        steps_of(ratio, args.warmup)
+    windows = {ratio: [] for ratio in runs}
+    for _ in range(args.repeats):
+        for ratio in runs:
+            start = time.perf_counter()
+            samples = steps_of(ratio, args.steps)
+            windows[ratio].append(samples / (time.perf_counter() - start))
+    for ratio in runs:
+        entry = result["ratios"][str(ratio)]
+        entry.update(samples_per_s=statistics.median(windows[ratio]), windows_samples_per_s=windows[ratio])
+        print(f"mask ratio {ratio}: {entry['samples_per_s']:.2f} pairs/s (windows {windows[ratio]})", flush=True)
+    result["peak_rss_mb"] = peak_rss_mb()
+    if args.device == "cuda":
+        import torch
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    write_result(args.results_name, result)
     return result
 
 
