@@ -58,6 +58,8 @@ bench: setup
 	$(BIN)/python bench/store_images.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/train.py --visual patches   # -> train_<device>_patches384.json
+	$(BIN)/python bench/vlmae.py                    # VLMAE's step at mask ratios 0 / 0.5 / 0.75 (regions)
+	$(BIN)/python bench/vlmae.py --visual patches
 
 clean:
 	rm -rf vlp-out vlp-run .pytest_cache
