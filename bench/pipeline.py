@@ -243,9 +243,9 @@ def _synthetic_retrieval():
         CollectCorpus's accumulators, then dropped, so sorting the corpus, writing its files and
         loading them count as the stage's."""
 
-        def __init__(self, per_chunk: int, spill_dir: str | None = None):
+        def __init__(self, per_chunk: int, spill_dir: str | None = None, rows: int = 0):
             super().__init__()
-            self._per_chunk, self._spill_dir = per_chunk, spill_dir
+            self._per_chunk, self._spill_dir, self._rows = per_chunk, spill_dir, rows
 
         def expand(self, chunks):
             rows = chunks | "CorpusRows" >> beam.FlatMap(_corpus_rows)
@@ -253,7 +253,9 @@ def _synthetic_retrieval():
             if not self._spill_dir:
                 sizes = rows | beam.CombineGlobally(GatherOnly()).without_defaults()
                 return (sizes, queries | "Keys" >> beam.Keys()) | beam.Flatten()
-            count = chunks | "RowCount" >> beam.Map(lambda _: CHUNK) | "SumRows" >> beam.CombineGlobally(sum)
+            # the row count known before the rows are made, as build.py counts the sentences before
+            # embedding them (counted from `chunks`, the runner would store the rows until it was done)
+            count = chunks.pipeline | "RowCount" >> beam.Create([self._rows])
             corpus = rows | ShardCorpus(self._spill_dir, RetrieveOptions(k=K), row_count=count)
             return queries | RetrieveTopK(corpus, RetrieveOptions(k=K))
     return SyntheticRetrieval
@@ -333,7 +335,7 @@ def run_overhead(args) -> dict:
                    lambda: [detector.detect(np.asarray(Image.open(p).convert("RGB"))) for p in image_paths],
                    lambda: beam.Map(_read_image) | identity()),
         "phrases": (keyed_texts, lambda: ExtractNounPhrases(), lambda: extractor.extract(texts), identity),
-        "retrieve": (chunks, lambda: SyntheticRetrieval(per_chunk, spill_dir), bare_retrieve,
+        "retrieve": (chunks, lambda: SyntheticRetrieval(per_chunk, spill_dir, len(chunks) * CHUNK), bare_retrieve,
                      lambda: SyntheticRetrieval(per_chunk)),
     }
     out = {}
