@@ -55,7 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--flops-only", action="store_true",
                         help="count the FLOPs per pair (forward, and forward + backward) of one step, time nothing: "
                              "with --shape base, vlmae-base's shape on a CPU")
-    parser.add_argument("--shape", choices=["reduced", "base"], help="default: reduced on CPU, base on CUDA")
+    parser.add_argument("--shape", choices=["reduced", "base", "tiny"],
+                        help="default: reduced on CPU, base on CUDA; tiny: 1 + 1 x 32 text, 1 x 32 image encoder (tests)")
     args = parser.parse_args(argv)
     if args.device is None:
         import torch
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (16 if cpu else 128)
     args.steps = args.steps or (3 if cpu else 20)
     args.warmup = args.warmup or (2 if cpu else 10)
-    args.image_size = args.image_size or (128 if args.shape == "reduced" else 256)
+    args.image_size = args.image_size or {"reduced": 128, "base": 256, "tiny": 32}[args.shape]
     other_shape = f"_{args.shape}" if args.shape != ("reduced" if cpu else "base") else ""
     args.results_name = args.results_name or results_name(f"vlmae_{args.device}_{args.visual}{other_shape}",
                                                           "flops" if args.flops_only else None)
@@ -74,17 +75,22 @@ def parse_args(argv=None):
 
 def vlmae_config(args, mask_ratio: float):
     """vlmae-base's shape on CUDA; on CPU 4 x 256 text (2 text + 2 fusion layers), a 4 x 256 image
-    encoder and a 2 x 128 decoder."""
-    cpu = args.shape == "reduced"
+    encoder and a 2 x 128 decoder (tiny: 2 x 32, 1 x 32, 1 x 16)."""
+    tiny = args.shape == "tiny"
+    cpu = args.shape == "reduced" or tiny
+    width = 32 if tiny else 256
     shape = argparse.Namespace(
-        preset="vlmae-base", layers=4 if cpu else None, hidden=256 if cpu else None, heads=4 if cpu else None,
+        preset="vlmae-base", layers=(2 if tiny else 4) if cpu else None, hidden=width if cpu else None,
+        heads=(2 if tiny else 4) if cpu else None,
         feature_dim=args.feature_dim, compile="auto", compile_scope="layers", batch_size=args.batch_size,
         num_workers=0, shuffle_buffer=args.batch_size, regions=args.regions, schedule="round_robin",
         device=args.device, visual=args.visual, image_size=args.image_size)
     cfg = build_config(shape)
     if cpu:
-        cfg.model.vision_layers, cfg.model.vision_hidden, cfg.model.vision_heads = 4, 256, 4
-        cfg.model.decoder_layers, cfg.model.decoder_hidden, cfg.model.decoder_heads = 2, 128, 4
+        cfg.model.vision_layers, cfg.model.vision_hidden, cfg.model.vision_heads = (1, 32, 2) if tiny else (4, 256, 4)
+        cfg.model.decoder_layers, cfg.model.decoder_hidden, cfg.model.decoder_heads = (1, 16, 2) if tiny else (2, 128, 4)
+    if tiny:
+        cfg.model.patch_size = 8
     cfg.model.mask_ratio = mask_ratio
     return cfg
 
