@@ -13,7 +13,7 @@ from transformers import BertConfig, BertTokenizerFast
 
 from schemas.corpus import bundled_minilm_path
 from vlp_train.config import ObjectiveConfig, load_config
-from vlp_train.families.vlmae import (VLMAEModel, pair_losses, pair_view, rmim_losses,
+from vlp_train.families.vlmae import (PAIR_TASK, VLMAEModel, pair_losses, pair_view, rmim_losses,
                                       visible_elements)
 from vlp_train.masking import BatchBuilder
 from vlp_train.objectives.contrastive import itc_losses
@@ -295,3 +295,46 @@ def test_vlmae_on_patches_trains_on_a_corpus_with_images(tmp_path, image_corpus)
     with pytest.raises(ValueError, match="store-images"):
         train(config(no_images, tmp_path / "run2", *common))
 
+
+
+def _ddp_pair_rank(rank: int, port: int, results):
+    """One rank of a 2-rank gloo group: the pair step under DDP, ranks of different batch sizes and
+    region counts (so the visible states gathered for hard negatives are padded)."""
+    import torch.distributed as dist
+
+    from vlp_train.families import family_of
+    from vlp_train.step import Pretraining
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        tokenizer = BertTokenizerFast.from_pretrained(bundled_minilm_path())
+        builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(sorted(TAGS))}, 40, 36, ObjectiveConfig())
+        model = tiny_model()  # seeded: the same weights on both ranks
+        step = torch.nn.parallel.DistributedDataParallel(Pretraining(model, family_of("vlmae")),
+                                                         find_unused_parameters=True)
+        torch.manual_seed(rank)  # each rank its own hard-negative draws
+        samples = [grid_sample(10 * rank + i, [(1, 0.9)], n=8 if rank == 0 else 4) for i in range(3 - rank)]
+        view = view_of(builder, samples, seed=rank)
+        named, _, _ = step.train()({PAIR_TASK: view})[PAIR_TASK]
+        sum(v.mean() for v in named.values()).backward()
+        results[rank] = ({k: v.detach() for k, v in named.items()}, model.vision.blocks[0].attn.qkv.weight.grad.clone(),
+                         model.momentum_vision.blocks[0].attn.qkv.weight.detach().clone(), view["visible"].shape[1])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_pair_step_under_ddp_gathers_across_ranks_and_agrees_on_gradients():
+    import torch.multiprocessing as mp
+
+    from .test_distributed import _run_ranks
+    with mp.Manager() as manager:
+        results = manager.dict()
+        _run_ranks(_ddp_pair_rank, results, timeout=150)
+        results = dict(results)
+    assert results[0][3] != results[1][3]  # the ranks kept different numbers of elements
+    assert results[0][0]["itc"].shape == (3,) and results[1][0]["rmim"].shape == (2,)
+    assert all(torch.isfinite(v).all() for r in results.values() for v in r[0].values())
+    torch.testing.assert_close(results[0][1], results[1][1])  # DDP's averaged gradient, the same on both
+    torch.testing.assert_close(results[0][2], results[1][2])  # the momentum encoders move alike
