@@ -400,17 +400,36 @@ def build_detect_pipeline(images: str, output: str, options, beam_args: list[str
     from pipelines.detect import DetectRegions
     from pipelines.images import ReadImages
 
-    out = staging_dir(output)
     p = beam.Pipeline(options=beam_options(beam_args or []))
     read = p | "ReadImages" >> ReadImages(images)
     detected = read.images | "DetectRegions" >> DetectRegions(options)
-    _ = (detected.detections | "DetectionRows" >> beam.Map(_detection_row)
+    rejected = (read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
+    _write_detections(p, detected.detections, rejected, output, detections_per_file)
+    return p
+
+
+def build_convert_detections_pipeline(detections: str, output: str, max_regions: int,
+                                      beam_args: list[str] | None = None,
+                                      detections_per_file: int = ShardOptions.detections_per_file) -> beam.Pipeline:
+    """`vlp-data convert-detections`: detections in any format the pipeline reads (JSON Lines,
+    Parquet, VinVL / Oscar TSV) -> detections/*.parquet + rejected/, as `vlp-data detect` writes
+    them (each record validated, regions highest score first, at most `max_regions`): the one
+    layout `vlp-train finetune --detections` reads."""
+    p = beam.Pipeline(options=beam_options(beam_args or []))
+    read = p | "ReadDetections" >> ReadDetections(detections, max_regions)
+    _write_detections(p, read["detections"], read["rejected"], output, detections_per_file)
+    return p
+
+
+def _write_detections(p, detections, rejected, output: str, detections_per_file: int) -> None:
+    """Detections -> OUTPUT/detections/*.parquet (DETECTIONS), dead letters -> OUTPUT/rejected/detect/,
+    published when every write has finished."""
+    out = staging_dir(output)
+    _ = (detections | "DetectionRows" >> beam.Map(_detection_row)
          | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"],
                                            detections_per_file))
-    _ = ((read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
-         | "WriteRejected" >> write_rejected(out, DETECT_REJECTED))
+    _ = rejected | "WriteRejected" >> write_rejected(out, DETECT_REJECTED)
     publish_when_done(p, output, DETECT_ENTRIES)
-    return p
 
 
 def _build_samples(options, detections, image_hits, sentences, stats, rejected):

@@ -367,11 +367,40 @@ def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_thre
     options = DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions,
                             regions=regions, grid_size=grid_size)
     pipeline = build.build_detect_pipeline(images, output, options, ctx.args, detections_per_file)
+    _run_detections_job(pipeline, output, overwrite, {"--images": images}, wait)
+
+
+@main.command("convert-detections", context_settings=BEAM_PASSTHROUGH)
+@click.option("--detections", required=True,
+              help="Detections in any layout build-retrieval reads: JSON Lines, Parquet, VinVL predictions.tsv + "
+                   "features.tsv, Oscar/VinVL X.label.tsv / X.feature.tsv / X.hw.tsv or X.yaml (path, glob or comma list).")
+@click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1),
+              help="Regions kept per image, highest score first.")
+@click.option("--detections-per-file", default=ShardOptions.detections_per_file, show_default=True, type=click.IntRange(1),
+              help="About this many images' detections (with region features) per Parquet file.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
+@click.pass_context
+def convert_detections(ctx, detections, output, overwrite, max_regions, detections_per_file, wait):
+    """Re-write detections (e.g. VinVL's TSV files) as `vlp-data detect` writes them: validated,
+    regions highest score first, Parquet with region features; bad records dead-lettered. What
+    `vlp-train finetune --detections` reads."""
+    from pipelines import build
+    check_paths_reachable(ctx.args, {"--output": output, "--detections": detections})
+    pipeline = build.build_convert_detections_pipeline(detections, output, max_regions, ctx.args, detections_per_file)
+    _run_detections_job(pipeline, output, overwrite, {"--detections": detections}, wait)
+
+
+def _run_detections_job(pipeline, output: str, overwrite: bool, inputs: dict[str, str], wait: bool) -> None:
+    """Run (or dry-run, or submit) a job that writes OUTPUT/detections, after checking its inputs
+    match files and claiming OUTPUT."""
+    from pipelines import build
     if is_dry_run(pipeline):
         _run(pipeline)
         click.echo("dry run: the job was built and validated by the runner, not submitted")
         return
-    check_inputs({"--images": images})
+    check_inputs(inputs)
     claim_output(output, overwrite)
     build.clear_staging(output)
     if not wait:

@@ -39,6 +39,12 @@ def detection_files(pattern: str) -> list[str]:
         files += found
     if not files:
         raise FileNotFoundError(f"--detections {pattern!r}: no file matches")
+    other = [f for f in files if not f.endswith((".parquet", ".jsonl", ".jsonl.gz", ".json"))]
+    if other:  # VinVL's TSV files are joined across files (labels, features, sizes): convert them once
+        raise ValueError(f"--detections {other[0]}: fine-tuning reads the Parquet (or JSON Lines) detections "
+                         "`vlp-data detect` writes; convert other layouts (VinVL / Oscar TSV) once with "
+                         f"`vlp-data convert-detections --detections '{pattern}' --output DIR` and give "
+                         "--detections 'DIR/detections/*.parquet'")
     return files
 
 
