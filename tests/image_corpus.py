@@ -29,6 +29,25 @@ TAG_COLOURS = {"cat": (230, 40, 40), "dog": (40, 200, 60), "car": (40, 70, 230),
 _TEMPLATES = ["a {0} next to a {1}.", "the {1} and the {0} are here.", "there is a {0}."]
 
 
+def template_sentences(i: int, tags: list[str]) -> list[dict]:
+    """Sample i's retrieved sentences: the templates filled with its two tags, each tag's phrase
+    (with its determiner) linked to the tag's region."""
+    sentences = []
+    for rank, template in enumerate(_TEMPLATES):
+        text = template.format(*tags)
+        phrases = []
+        for region, tag in enumerate(tags):
+            start = text.find(tag)
+            if start < 0:
+                continue
+            det = text.rfind(" ", 0, start - 1) + 1
+            phrases.append({"text": text[det:start + len(tag)], "start": det, "end": start + len(tag), "words": [tag],
+                            "region": region, "tag": tag, "similarity": 0.9})
+        sentences.append({"sentence_id": f"s{i}-{rank}", "text": text, "rank": rank, "score": 0.8 - 0.1 * rank,
+                          "phrases": sorted(phrases, key=lambda p: p["start"])})
+    return sentences
+
+
 def _boxes(rng: random.Random, width: int, height: int, count: int) -> list[list[float]]:
     """`count` boxes of varied size inside the image; about one in three touches an edge."""
     boxes = []
@@ -67,19 +86,7 @@ def make_image_sample(i: int, rng: random.Random, prototypes: np.ndarray, width:
     feats = np.stack([prototypes[t] + 0.1 * np.random.default_rng(i * 7 + j).standard_normal(DIM)
                       for j, t in enumerate(chosen)]).astype(np.float16)
     boxes = _boxes(rng, width, height, len(tags))
-    sentences = []
-    for rank, template in enumerate(_TEMPLATES):
-        text = template.format(*tags)
-        phrases = []
-        for region, tag in enumerate(tags):
-            start = text.find(tag)
-            if start < 0:
-                continue
-            det = text.rfind(" ", 0, start - 1) + 1
-            phrases.append({"text": text[det:start + len(tag)], "start": det, "end": start + len(tag), "words": [tag],
-                            "region": region, "tag": tag, "similarity": 0.9})
-        sentences.append({"sentence_id": f"s{i}-{rank}", "text": text, "rank": rank, "score": 0.8 - 0.1 * rank,
-                          "phrases": sorted(phrases, key=lambda p: p["start"])})
+    sentences = template_sentences(i, tags)
     jpeg = encode_image(draw_image(boxes, tags, width, height, seed=i), image_size)
     meta = {"schema_version": SCHEMA_VERSION, "image_id": f"img{i:04d}.jpg", "width": width, "height": height,
             "boxes": boxes, "tags": tags, "scores": [0.9, 0.8], "sentences": sentences,

@@ -132,6 +132,44 @@ class HeadTransform(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(x)))
 
 
+class PretrainingHeads:
+    """The pre-training heads every family shares (a mixin of the family's nn.Module): MLM (transform +
+    decoder tied to the word embeddings; also p-MRTC's region-to-token head), MRC over the corpus's
+    tags, MRFR back to the region feature space (or a patch's pixels), ITM on the fused [CLS].
+    Attribute names are BERT's and the checkpoints' (mlm_transform, mlm_bias, mrc, mrfr, itm)."""
+
+    def add_pretraining_heads(self, hidden: int, eps: float, vocab_size: int, tags: list[str], regression_dim: int,
+                              itm_pooler: bool = True) -> None:
+        """`itm_pooler`: ITM through BERT's pooler (Linear + tanh) first, else one Linear."""
+        self.mlm_transform = HeadTransform(hidden, eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.mrc = nn.Sequential(HeadTransform(hidden, eps), nn.Linear(hidden, max(len(tags), 1)))
+        self.mrfr = nn.Sequential(HeadTransform(hidden, eps), nn.Linear(hidden, regression_dim))
+        self.itm = (nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 2)) if itm_pooler
+                    else nn.Linear(hidden, 2))
+        self.tags = list(tags)
+
+    @property
+    def num_tags(self) -> int:
+        return len(self.tags)
+
+    @property
+    def regresses_pixels(self) -> bool:
+        """MRFR's target: the masked patches' pixels when the corpus has no region features."""
+        return getattr(self, "patches", None) is not None and not self.feature_dim
+
+    def word_embeddings(self) -> nn.Embedding:
+        """The input word embeddings the MLM decoder is tied to."""
+        raise NotImplementedError
+
+    def mlm_logits(self, states):
+        """Over the BERT vocabulary, decoder tied to the word embeddings (text and p-MRTC)."""
+        return self.mlm_transform(states) @ self.word_embeddings().weight.T + self.mlm_bias
+
+    def itm_logits(self, text_states):
+        return self.itm(text_states[:, 0])
+
+
 def shape_of(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, config.hidden_size, config.num_attention_heads
 

@@ -8,6 +8,7 @@ import pytest
 
 from schemas import SCHEMA_VERSION
 from schemas.corpus import IMAGE_SIZE_FIELD, META_MEMBER, encode_image, sample_key, sample_members, stored_image_size, tar_bytes
+from tests.image_corpus import template_sentences
 
 TAGS = ["cat", "dog", "car", "cup", "sofa", "horse"]
 DIM = 16
@@ -19,19 +20,7 @@ def make_sample(i: int, rng: random.Random, prototypes: np.ndarray):
     feats = np.stack([prototypes[t] + 0.1 * np.random.default_rng(i * 7 + j).standard_normal(DIM)
                       for j, t in enumerate(chosen)]).astype(np.float16)
     boxes = [[10.0, 10.0, 60.0, 80.0], [50.0, 20.0, 120.0, 90.0]]
-    sentences = []
-    for rank, template in enumerate(["a {0} next to a {1}.", "the {1} and the {0} are here.", "there is a {0}."]):
-        text = template.format(*tags)
-        phrases = []
-        for region, tag in enumerate(tags):
-            start = text.find(tag)
-            if start < 0:
-                continue
-            det = text.rfind(" ", 0, start - 1) + 1
-            phrases.append({"text": text[det:start + len(tag)], "start": det, "end": start + len(tag), "words": [tag],
-                            "region": region, "tag": tag, "similarity": 0.9})
-        sentences.append({"sentence_id": f"s{i}-{rank}", "text": text, "rank": rank, "score": 0.8 - 0.1 * rank,
-                          "phrases": sorted(phrases, key=lambda p: p["start"])})
+    sentences = template_sentences(i, tags)
     meta = {"schema_version": 1, "image_id": f"img{i:04d}.jpg", "width": 160, "height": 120, "boxes": boxes,
             "tags": tags, "scores": [0.9, 0.8], "sentences": sentences}
     return meta, feats

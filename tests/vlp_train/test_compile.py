@@ -19,7 +19,8 @@ from schemas.corpus import bundled_minilm_path
 from vlp_train.backbone import call_layer
 from vlp_train.compile import LAYER_GRAPHS, STEP_GRAPHS, step_module_for
 from vlp_train.families import build_model
-from vlp_train.families.single_stream import FAMILY, match_probability
+from vlp_train.families import clean_pair_match_probability as match_probability
+from vlp_train.families.single_stream import FAMILY
 from vlp_train.masking import BatchBuilder
 from vlp_train.step import Pretraining, compute_loss, to_device
 

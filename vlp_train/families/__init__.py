@@ -34,6 +34,26 @@ class Family:
         return tuple(self.objectives)
 
 
+def clean_pair_match_probability(model, view: dict):
+    """The model's ITM match probability of each sample's clean (unmasked) pair, with dropout off:
+    a weight is the model's judgement of the pair, not a random draw (the μ-VLA curriculum's w_ITM).
+    Any family whose forward takes (ids, text mask, features, locations, region mask, pixels) and
+    returns the fused text states first. (The layer scope's no-grad eval graph is the evaluation's;
+    the step scope traces the mode switch into its graph, which torch.compile does without a break.)"""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            text = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
+                         view["locations"], view["region_mask"], view.get("pixels"))[0]
+        finally:
+            model.train(was_training)
+        return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
+
+
 FAMILIES: dict[str, Family] = {}
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
 from vlp_train.config import VISUAL_INPUTS
-from vlp_train.backbone import BertBackbone, HeadTransform, bert_config, load_bert_init
+from vlp_train.backbone import BertBackbone, PretrainingHeads, bert_config, load_bert_init
 from vlp_train.evaluate import evaluate
-from vlp_train.families import Family, register
+from vlp_train.families import Family, clean_pair_match_probability, register
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
@@ -31,7 +30,7 @@ ARCH = "single_stream"
 log = logging.getLogger(__name__)
 
 
-class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
+class SingleStreamModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     """Features of [CLS] text [SEP] + regions / [visual CLS] patches / both, and the heads:
     MLM (transform + decoder tied to the word embeddings; also the region-to-token head of p-MRTC),
     MRC over the corpus's tags, MRFR back to the feature space (on patches without region
@@ -52,22 +51,12 @@ class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
         self.region = RegionEmbedding(feature_dim, bert_config, token_type) if visual != "patches" else None
         self.patches = PatchEmbedding(h, image_size, patch_size, token_type, eps, bert_config.hidden_dropout_prob,
                                       pixel_mean, pixel_std) if visual != "regions" else None
-        self.mlm_transform = HeadTransform(h, eps)
-        self.mlm_bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
-        self.mrc = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, max(len(tags), 1)))
-        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, feature_dim or 3 * patch_size ** 2))
-        self.itm = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 2))
-        self.feature_dim, self.tags = feature_dim, list(tags)
+        self.add_pretraining_heads(h, eps, bert_config.vocab_size, tags, feature_dim or 3 * patch_size ** 2)
+        self.feature_dim = feature_dim
         self._init_new(bert_config.initializer_range)
 
-    @property
-    def num_tags(self) -> int:
-        return len(self.tags)
-
-    @property
-    def regresses_pixels(self) -> bool:
-        """MRFR's target: the masked patches' pixels when the corpus has no region features."""
-        return self.patches is not None and not self.feature_dim
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
 
     def _init_new(self, std: float):
         for module in (self.region or nn.Identity(), self.mlm_transform, self.mrc, self.mrfr, self.itm):
@@ -137,13 +126,6 @@ class SingleStreamModel(pretrained.PretrainedModel, nn.Module):
         regions = pooled if self.region is None else (visual[:, :region_mask.shape[1]] + pooled) / 2
         return text, regions, patches
 
-    def mlm_logits(self, states):
-        """Over the BERT vocabulary, decoder tied to the word embeddings (text and p-MRTC)."""
-        return self.mlm_transform(states) @ self.bert.embeddings.word_embeddings.weight.T + self.mlm_bias
-
-    def itm_logits(self, text_states):
-        return self.itm(text_states[:, 0])
-
 
 def build(cfg_model, feature_dim: int, tags: list[str]) -> SingleStreamModel:
     """A model initialised as model.init says (vlp_train/backbone.py, vlp_train/pretrained.py)."""
@@ -177,24 +159,8 @@ def _describe(visual: tuple) -> str:
     return visual[0] if len(visual) == 1 else f"{visual[0]} ({visual[1]} px images, {visual[2]} px patches)"
 
 
-@torch.no_grad()
-def match_probability(model: SingleStreamModel, view: dict) -> torch.Tensor:
-    """The model's ITM match probability of each sample's clean (unmasked) pair, with dropout off:
-    a weight is the model's judgement of the pair, not a random draw. (The layer scope's no-grad
-    eval graph is the evaluation's; the step scope traces the mode switch into its graph, which
-    torch.compile does without a break.)"""
-    was_training = model.training
-    model.eval()
-    try:
-        text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
-                        view["locations"], view["region_mask"], view.get("pixels"))
-    finally:
-        model.train(was_training)
-    return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
-
-
 FAMILY = register(Family(
-    name=ARCH, model_class=SingleStreamModel, build=build, evaluate=evaluate, match_probability=match_probability,
+    name=ARCH, model_class=SingleStreamModel, build=build, evaluate=evaluate, match_probability=clean_pair_match_probability,
     visual_inputs=VISUAL_INPUTS,
     objectives={Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,
                 Task.IMAGE_SENTENCE: image_sentence_losses}))

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
-from vlp_train.backbone import BertBackbone, BertLayer, HeadTransform, _Attention, bert_config, call_layer, \
+from vlp_train.backbone import BertBackbone, BertLayer, PretrainingHeads, _Attention, bert_config, call_layer, \
     load_bert_init
-from vlp_train.families import Family, register
+from vlp_train.families import Family, clean_pair_match_probability, register
 from vlp_train.masking import label_positions, text_key
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
@@ -279,7 +279,7 @@ def _vision_shape(cfg_model, text_config) -> tuple[int, int, int]:
             cfg_model.vision_heads or text_config.num_attention_heads)
 
 
-class VLMAEModel(pretrained.PretrainedModel, nn.Module):
+class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     arch = ARCH
     tag_rows = ("mrc.1.weight", "mrc.1.bias")
     CONTRAST_DIM = 256  # ALBEF's projection size
@@ -319,14 +319,10 @@ class VLMAEModel(pretrained.PretrainedModel, nn.Module):
         self.text_proj = nn.Linear(h, self.CONTRAST_DIM)
         self.itc_log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learnable temperature
         self.ifr = nn.Linear(v_width, v_width)  # IFR: the visible [I_CLS] projected to the full image's
-        self.itm = nn.Linear(h, 2)
-        self.mlm_transform = HeadTransform(h, eps)
-        self.mlm_bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
-        # the μ-VLA granularities on this model: image states brought to the text width, MRC, MRFR
+        # ITM, MLM and the μ-VLA granularities' heads (MRC, MRFR); image states brought to the text width for the latter
+        self.add_pretraining_heads(h, eps, bert_config.vocab_size, spec["tags"], spec["feature_dim"], itm_pooler=False)
         self.image_to_text = nn.Linear(v_width, h)
-        self.mrc = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, max(len(spec["tags"]), 1)))
-        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, spec["feature_dim"]))
-        self.feature_dim, self.tags = spec["feature_dim"], list(spec["tags"])
+        self.feature_dim = spec["feature_dim"]
         self._init_new(bert_config.initializer_range)
         self.momentum_vision = copy.deepcopy(self.vision)
         self.momentum_text = TextEncoder(self.bert.embeddings, list(self.bert.encoder.layer[:self.text_layers]))
@@ -434,12 +430,8 @@ class VLMAEModel(pretrained.PretrainedModel, nn.Module):
 
     # -- heads ----------------------------------------------------------------------------------
 
-    def mlm_logits(self, states):
-        """Over the BERT vocabulary, decoder tied to the word embeddings."""
-        return self.mlm_transform(states) @ self.bert.embeddings.word_embeddings.weight.T + self.mlm_bias
-
-    def itm_logits(self, text_states):
-        return self.itm(text_states[:, 0])
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
 
 
 def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMAEModel:
@@ -664,20 +656,6 @@ def reconstruction_losses(model: VLMAEModel, view: dict, image, text, full_image
 
 
 @torch.no_grad()
-def match_probability(model: VLMAEModel, view: dict) -> torch.Tensor:
-    """ITM match probability of each sample's clean pair over the whole image (no MAE masking),
-    dropout off: the μ-VLA curriculum's weight."""
-    was_training = model.training
-    model.eval()
-    try:
-        text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
-                        view["locations"], view["region_mask"], view.get("pixels"))
-    finally:
-        model.train(was_training)
-    return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
-
-
-@torch.no_grad()
 def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
     """Held-out pairs: in-batch image->text and text->image recall@1 of the contrast features
     (full image), ITM accuracy and ROC-AUC of each true pair against its image with the next
@@ -746,7 +724,7 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
 
 
 FAMILY = register(Family(
-    name=ARCH, model_class=VLMAEModel, build=build, evaluate=evaluate, match_probability=match_probability,
+    name=ARCH, model_class=VLMAEModel, build=build, evaluate=evaluate, match_probability=clean_pair_match_probability,
     views=views, visual_inputs=("regions", "patches"),
     objectives={PAIR_TASK: pair_losses, Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,
                 Task.IMAGE_SENTENCE: image_sentence_losses}))

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
-from vlp_train.backbone import BertEmbeddings, HeadTransform, _Attention, _Intermediate, _Output, bert_config, read_weights
+from vlp_train.backbone import BertEmbeddings, PretrainingHeads, _Attention, _Intermediate, _Output, bert_config, read_weights
 from vlp_train.config import VISUAL_INPUTS
-from vlp_train.families import Family, register
+from vlp_train.families import Family, clean_pair_match_probability, register
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
@@ -110,7 +110,7 @@ class MultiwayLayer(nn.Module):
         return torch.cat([getattr(self, name)(x[:, start:end]) for name, start, end in spans], 1)
 
 
-class VLMoModel(pretrained.PretrainedModel, nn.Module):
+class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     """Multiway transformer over regions and text, with the contrastive, ITM, MLM and region heads."""
 
     arch = ARCH
@@ -142,23 +142,14 @@ class VLMoModel(pretrained.PretrainedModel, nn.Module):
         self.text_proj = nn.Linear(h, h, bias=False)
         from vlp_train.objectives.contrastive import LOGIT_SCALE_INIT
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
-        self.itm = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, 2))  # pooler (Linear + tanh) on [T_CLS]
-        self.mlm_transform = HeadTransform(h, eps)
-        self.mlm_bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
-        self.mrc = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, max(len(tags), 1)))
-        self.mrfr = nn.Sequential(HeadTransform(h, eps), nn.Linear(h, feature_dim or 3 * patch_size ** 2))
-        self.feature_dim, self.tags, self.vl_layers = feature_dim, list(tags), vl_layers
+        # ITM through the pooler (Linear + tanh) on [T_CLS]
+        self.add_pretraining_heads(h, eps, bert_config.vocab_size, tags, feature_dim or 3 * patch_size ** 2)
+        self.feature_dim, self.vl_layers = feature_dim, vl_layers
         self._init_new(bert_config.initializer_range)
         self.set_stage(stage)
 
-    @property
-    def num_tags(self) -> int:
-        return len(self.tags)
-
-    @property
-    def regresses_pixels(self) -> bool:
-        """The regression target of a masked region: its hidden patches' pixels when the corpus has no region features."""
-        return self.patches is not None and not self.feature_dim
+    def word_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
 
     def _init_new(self, std: float):
         for module in (self.embeddings, self.layers, self.region or nn.Identity(), self.image_proj, self.text_proj,
@@ -299,13 +290,6 @@ class VLMoModel(pretrained.PretrainedModel, nn.Module):
     def text_features(self, text_states):
         return F.normalize(self.text_proj(text_states[:, 0]).float(), dim=-1)
 
-    def mlm_logits(self, states):
-        """Over the BERT vocabulary, decoder tied to the word embeddings."""
-        return self.mlm_transform(states) @ self.embeddings.word_embeddings.weight.T + self.mlm_bias
-
-    def itm_logits(self, text_states):
-        return self.itm(text_states[:, 0])
-
 
 def load_bert_weights(model: VLMoModel, folder: str) -> None:
     """A HF BERT folder into the multiway model: embeddings; each layer's attention into the shared
@@ -405,26 +389,13 @@ def load_vit_weights(model: VLMoModel, weights: dict, info: dict, where: str) ->
     log.info("initialised VLMo's patch embedding and V-FFN from the ViT in %s", where)
 
 
-@torch.no_grad()
-def match_probability(model: VLMoModel, view: dict) -> torch.Tensor:
-    """The fusion ITM's match probability of each sample's clean pair, dropout off (the curriculum's w_ITM)."""
-    was_training = model.training
-    model.eval()
-    try:
-        text, _ = model(view["clean_ids"], view.get("clean_text_mask", view["text_mask"]), view["features"],
-                        view["locations"], view["region_mask"], view.get("pixels"))
-    finally:
-        model.train(was_training)
-    return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
-
-
 def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
     from vlp_train.evaluate_vlmo import evaluate_vlmo
     return evaluate_vlmo(model, builder, urls, tasks, cfg, device, autocast)
 
 
 FAMILY = register(Family(
-    name=ARCH, model_class=VLMoModel, build=build, evaluate=evaluate, match_probability=match_probability,
+    name=ARCH, model_class=VLMoModel, build=build, evaluate=evaluate, match_probability=clean_pair_match_probability,
     visual_inputs=VISUAL_INPUTS,
     objectives={Task.IMAGE_TEXT: image_text_losses, Task.IMAGE_ONLY: image_only_losses,
                 Task.TEXT_ONLY: text_only_losses, Task.REGION_TAG: region_tag_losses,
