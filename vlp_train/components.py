@@ -63,10 +63,12 @@ def build_run(cfg: TrainConfig) -> Run:
         raise ValueError(f"model.arch={family.name} takes model.visual={' or '.join(family.visual_inputs)}, "
                          f"not {cfg.model.visual}")
     tasks = enabled_tasks(cfg.objectives, cfg.model.stage)
-    unsupported = [t for t in tasks if t not in family.tasks]
+    supported = family.patch_tasks if cfg.model.visual == "patches" and family.patch_tasks is not None else family.tasks
+    unsupported = [t for t in tasks if t not in supported]
     if unsupported:
-        raise ValueError(f"model.arch={family.name} cannot train {', '.join(unsupported)} "
-                         f"(it supports {', '.join(family.tasks)}): switch them off in objectives")
+        raise ValueError(f"model.arch={family.name} cannot train {', '.join(unsupported)} with "
+                         f"model.visual={cfg.model.visual} (it supports {', '.join(supported)}): switch them off "
+                         "in objectives")
     if family.match_probability is None and cfg.objectives.itm_weighting:
         raise ValueError(f"model.arch={family.name} gives no ITM match probability for the curriculum's weights: "
                          "set objectives.itm_weighting=false")

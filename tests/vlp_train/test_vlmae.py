@@ -296,6 +296,16 @@ def test_vlmae_on_patches_trains_on_a_corpus_with_images(tmp_path, image_corpus)
         train(config(no_images, tmp_path / "run2", *common))
 
 
+def test_region_granularities_on_patches_alone_stop_at_start(tmp_path):
+    """region-tag and region-phrase mask regions, which VLMAE on patches alone does not have: the
+    run stops before any set-up, naming the tasks, rather than at its first batch."""
+    from vlp_train.components import build_run
+
+    cfg = config(str(tmp_path / "none-*.tar"), tmp_path / "run", "model.visual=patches", "objectives.region_tag=true")
+    with pytest.raises(ValueError, match=r"cannot train rt with model.visual=patches"):
+        build_run(cfg)
+
+
 
 def _ddp_pair_rank(rank: int, port: int, results):
     """One rank of a 2-rank gloo group: the pair step under DDP, ranks of different batch sizes and

@@ -28,6 +28,8 @@ class Family:
     views: Callable | None = None
     # what its model can see of an image (model.visual): detector regions, and/or image patches
     visual_inputs: tuple[str, ...] = ("regions",)
+    # the tasks it can train on patches alone (model.visual=patches); None: all of its tasks
+    patch_tasks: tuple[Task, ...] | None = None
 
     @property
     def tasks(self) -> tuple[Task, ...]:

@@ -726,5 +726,7 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
 FAMILY = register(Family(
     name=ARCH, model_class=VLMAEModel, build=build, evaluate=evaluate, match_probability=clean_pair_match_probability,
     views=views, visual_inputs=("regions", "patches"),
+    # region-tag and region-phrase mask regions: on patches alone there are none to mask
+    patch_tasks=(PAIR_TASK, Task.IMAGE_SENTENCE),
     objectives={PAIR_TASK: pair_losses, Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,
                 Task.IMAGE_SENTENCE: image_sentence_losses}))
