@@ -208,6 +208,11 @@ def validate_sample(sample: dict, feats=None, where: str = "sample", types_check
     image_size = sample.get("image_size")
     if image_size is not None and not all(isinstance(v, int) and v > 0 for v in image_size):
         raise SchemaError(f"{where}: image_size {image_size} is not two positive pixel counts")
+    # Arrow's list items are nullable (and it reads an empty list as a struct): a null or non-object
+    # sentence or phrase, or a null phrase list, passes the type check
+    if any(not isinstance(s, dict) or not isinstance(s.get("phrases"), list)
+           or not all(isinstance(p, dict) for p in s["phrases"]) for s in sample["sentences"]):
+        raise SchemaError(f"{where}: sentences hold a null or a non-object")
     # Arrow ignores unknown keys inside nested structs: check those by hand.
     sentence_fields = {f.name for f in SAMPLE_SENTENCE}
     phrase_fields = {f.name for f in PHRASE}

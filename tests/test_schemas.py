@@ -62,10 +62,13 @@ def test_validate_sample_accepts_a_good_sample_and_names_problems():
         schemas.validate_sample(_sample(), np.zeros((2, 4), np.float16))
     with pytest.raises(schemas.SchemaError, match="dtype float32"):
         schemas.validate_sample(_sample(), np.zeros((1, 4), np.float32))
-    for field, value in (("boxes", [None]), ("boxes", [[0.0, None, 5.0, 5.0]]), ("tags", [None]), ("scores", [None])):
+    null_phrase = _sample()["sentences"]
+    null_phrase[0]["phrases"].append(None)
+    for field, value in (("boxes", [None]), ("boxes", [[0.0, None, 5.0, 5.0]]), ("tags", [None]), ("scores", [None]),
+                         ("sentences", [None]), ("sentences", [[]]), ("sentences", null_phrase)):
         null = _sample()
         null[field] = value
-        with pytest.raises(schemas.SchemaError, match=f"{field} hold a null"):
+        with pytest.raises(schemas.SchemaError, match=f"{field} hold a null"):  # (or a non-object)
             schemas.validate_sample(null)
     bad_region = _sample()
     bad_region["sentences"][0]["phrases"][0]["region"] = 3

@@ -202,8 +202,8 @@ def decode_batch(raws: list[dict], feature_dim: int | None = None,
     for p in parsed:
         try:
             decoded.append(_checked(p, types_checked))
-        except BAD_SAMPLE as err:
-            errors.append(str(err))
+        except BAD_SAMPLE as err:  # the checks name the sample; an error of Python's own does not
+            errors.append(str(err) if str(err).startswith(p["where"]) else f"{p['where']}: {type(err).__name__}: {err}")
             continue
         width = decoded[-1]["feats"].shape[1]
         if feature_dim and width != feature_dim:
