@@ -78,6 +78,16 @@ def text_key(text: str) -> int:
     return key if key != NO_KEY else key + 1  # NO_KEY pads a set of keys
 
 
+def retrieved_text_keys(samples) -> np.ndarray:
+    """[B, K] the text keys of each image's K retrieved sentences (NO_KEY-padded): ITC counts every
+    one of them as the image's positive and never as its negative (objectives.contrastive)."""
+    retrieved = [[text_key(s["text"]) for s in sample["meta"]["sentences"]] for sample in samples]
+    keys = np.full((len(samples), max(1, max(map(len, retrieved), default=0))), NO_KEY, np.int64)
+    for i, row in enumerate(retrieved):
+        keys[i, :len(row)] = row
+    return keys
+
+
 def tag_spans(tags: list[str]) -> tuple[str, list[tuple[int, int]]]:
     """The tag text ("person dining table cup") and each tag's character span in it."""
     spans, start = [], 0
@@ -354,11 +364,7 @@ class BatchBuilder:
         texts = [s["text"] for s in sentences]
         ids, clean_ids, tmask, positions, targets = self._mlm(texts, rng)
         keys = np.array([text_key(t) for t in texts], np.int64)
-        # each image's K retrieved sentences: none of them is a negative of the image
-        retrieved = [[text_key(s["text"]) for s in sample["meta"]["sentences"]] for sample in samples]
-        retrieved_keys = np.full((len(samples), max(map(len, retrieved))), NO_KEY, np.int64)
-        for i, row in enumerate(retrieved):
-            retrieved_keys[i, :len(row)] = row
+        retrieved_keys = retrieved_text_keys(samples)
         return {"task": Task.IMAGE_TEXT, **self._tensors(
             input_ids=ids, clean_ids=clean_ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets,
             features=feats, locations=locs, region_mask=rmask, text_keys=keys, retrieved_keys=retrieved_keys,

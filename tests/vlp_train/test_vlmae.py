@@ -209,6 +209,26 @@ def test_itc_with_distillation_at_alpha_zero_is_plain_itc(builder):
     assert not torch.allclose(distilled, plain)
 
 
+def test_a_sentence_an_image_retrieved_is_never_its_itc_negative(builder):
+    """Image 0 retrieved image 1's sentence too (one of its K): VLMAE's ITC counts it as image 0's
+    positive, as VLMo's does, not as a negative."""
+    model = tiny_model().eval()
+    samples = [grid_sample(i, [(k, 0.9) for k in range(i + 1)]) for i in range(4)]  # four different texts
+    samples[0]["meta"]["sentences"].append({**samples[1]["meta"]["sentences"][0], "rank": 1})
+    view = view_of(builder, samples)
+    image, _ = model.encode_image(view, visible=True)
+    text = model.encode_text(view["clean_ids"], view["text_mask"])
+    image_feat = F.normalize(model.vision_proj(image[:, 0]).float(), dim=-1)
+    text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)
+    own = itc_losses(image_feat, text_feat, model.itc_log_scale, view["text_keys"],
+                     image_keys=view["retrieved_keys"]).losses
+    plain = itc_losses(image_feat, text_feat, model.itc_log_scale, view["text_keys"]).losses
+    torch.manual_seed(0)
+    got = pair_losses(model, {**view, "distill_alpha": 0.0})[0]["itc"]
+    torch.testing.assert_close(got, own)
+    assert not torch.allclose(got[:2], plain[:2])  # images 0 and 1 (text 1 is image 0's too) change
+
+
 def rows(run_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]

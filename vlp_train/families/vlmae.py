@@ -33,7 +33,7 @@ from vlp_train import pretrained
 from vlp_train.backbone import BertBackbone, BertLayer, PretrainingHeads, _Attention, bert_config, call_layer, \
     load_bert_init
 from vlp_train.families import Family, clean_pair_match_probability, register
-from vlp_train.masking import label_positions, text_key
+from vlp_train.masking import label_positions, retrieved_text_keys, text_key
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
@@ -554,7 +554,7 @@ def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5, grid: i
         input_ids=ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets, clean_ids=clean_ids,
         features=feats, locations=locs, region_mask=regions, visible=visible, visible_mask=visible_mask,
         hidden=hidden, rmim_weight=rmim, text_keys=np.array([text_key(s["text"]) for s in sentences], np.int64),
-        active=np.ones(len(samples), bool)),
+        retrieved_keys=retrieved_text_keys(samples), active=np.ones(len(samples), bool)),
         "momentum": float(obj.momentum), "distill_alpha": float(obj.distill_alpha), "rmim_norm": bool(obj.rmim_norm)}
 
 
@@ -607,7 +607,8 @@ def pair_losses(model: VLMAEModel, view: dict):
             scale = logit_scale_of(model.itc_log_scale)
             all_m_text, all_m_image = gather_padded(m_text)[0], gather_padded(m_image)[0]
             soft = (F.softmax(scale * m_image @ all_m_text.T, 1), F.softmax(scale * m_text @ all_m_image.T, 1))
-    contrast = itc_losses(image_feat, text_feat, model.itc_log_scale, view["text_keys"], soft, alpha)
+    contrast = itc_losses(image_feat, text_feat, model.itc_log_scale, view["text_keys"], soft, alpha,
+                          image_keys=view.get("retrieved_keys"))  # an image's K retrieved sentences: never its negatives
 
     # ITM: the pair, and hard negatives from the ITC similarities (a negative text for each image,
     # a negative image for each text), on the visible image states, as the paper's ITM uses I^vis
