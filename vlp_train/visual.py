@@ -87,6 +87,11 @@ class PatchEmbedding(nn.Module):
         for p in (self.cls_token, self.pos_embed, self.mask_token):
             nn.init.trunc_normal_(p, std=0.02)
 
+    def settings(self) -> dict:
+        """What a saved model's config records to rebuild it (`patch_settings` reads it back)."""
+        return {"image_size": self.image_size, "patch_size": self.patch_size,
+                "pixel_mean": self.mean.flatten().tolist(), "pixel_std": self.std.flatten().tolist()}
+
     @property
     def num_patches(self) -> int:
         return self.grid ** 2
@@ -287,6 +292,18 @@ def _read_tensors(folder: str, what: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(binary):
         return torch.load(binary, map_location="cpu", weights_only=True)  # never unpickle a user file
     raise FileNotFoundError(f"{what} {folder}: no model.safetensors or pytorch_model.bin")
+
+
+def patch_settings(section: dict) -> tuple[int, int, tuple, tuple]:
+    """(image_size, patch_size, pixel mean, pixel std) from a saved model's config section, as
+    `PatchEmbedding.settings` wrote it (the defaults for a model saved without patches)."""
+    return (section.get("image_size", 384), section.get("patch_size", 16),
+            tuple(section.get("pixel_mean", IMAGENET_MEAN)), tuple(section.get("pixel_std", IMAGENET_STD)))
+
+
+def pixel_stats(vit) -> tuple[tuple, tuple]:
+    """The pixel mean and std a ViT was trained with (`read_vit`'s info), else ImageNet's."""
+    return (tuple(vit[1]["mean"]), tuple(vit[1]["std"])) if vit else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def read_vit(folder: str, what: str = "model.vision_init") -> tuple[dict[str, torch.Tensor], dict]:

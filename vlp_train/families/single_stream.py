@@ -24,7 +24,8 @@ from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.tasks import Task
-from vlp_train.visual import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, pool_regions, read_vit
+from vlp_train.visual import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, patch_settings, pixel_stats, \
+    pool_regions, read_vit
 
 ARCH = "single_stream"
 log = logging.getLogger(__name__)
@@ -70,16 +71,14 @@ class SingleStreamModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module)
     def vlp_config(self) -> dict:
         config = {"feature_dim": self.feature_dim, "tags": self.tags, "visual": self.visual}
         if self.patches is not None:
-            config.update(image_size=self.patches.image_size, patch_size=self.patches.patch_size,
-                          pixel_mean=self.patches.mean.flatten().tolist(), pixel_std=self.patches.std.flatten().tolist())
+            config.update(self.patches.settings())
         return config
 
     @classmethod
     def from_vlp_config(cls, bert_config, section: dict) -> "SingleStreamModel":
         # a model saved before model.visual existed is a regions model
         return cls(bert_config, section["feature_dim"], section["tags"], section.get("visual", "regions"),
-                   section.get("image_size", 384), section.get("patch_size", 16),
-                   tuple(section.get("pixel_mean", IMAGENET_MEAN)), tuple(section.get("pixel_std", IMAGENET_STD)))
+                   *patch_settings(section))
 
     def set_layer_call(self, call) -> None:
         """How each transformer layer is called (compile.CompiledLayers swaps in a compiled one)."""
@@ -144,7 +143,7 @@ def build(cfg_model, feature_dim: int, tags: list[str]) -> SingleStreamModel:
             log.warning("model.vision_init %s is not used: model.init %s holds the whole model, patch embedding "
                         "included", cfg_model.vision_init, folder)
         return model
-    mean, std = (vit[1]["mean"], vit[1]["std"]) if vit else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = pixel_stats(vit)
     model = SingleStreamModel(bert_config(cfg_model, folder), feature_dim, tags, cfg_model.visual,
                               cfg_model.image_size, cfg_model.patch_size, mean, std)
     if folder is not None:

@@ -450,10 +450,10 @@ def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMAEModel:
         from vlp_train.visual import read_vit
         vit = read_vit(vision_init)
     if visual == "patches":
-        from vlp_train.visual import IMAGENET_MEAN, IMAGENET_STD
-        spec.update(image_size=cfg_model.image_size, patch_size=cfg_model.patch_size,
-                    pixel_mean=list(vit[1]["mean"] if vit else IMAGENET_MEAN),
-                    pixel_std=list(vit[1]["std"] if vit else IMAGENET_STD))
+        from vlp_train.visual import pixel_stats
+        mean, std = pixel_stats(vit)
+        spec.update(image_size=cfg_model.image_size, patch_size=cfg_model.patch_size, pixel_mean=list(mean),
+                    pixel_std=list(std))
     model = VLMAEModel(config, spec)
     if folder is not None:
         load_bert_init(model.bert, model.mlm_transform, model.mlm_bias, folder, new=("crossattention",))

@@ -49,8 +49,8 @@ from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.objectives.vlmo import image_only_losses, image_text_losses, text_only_losses
 from vlp_train.tasks import Task
-from vlp_train.visual import (IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, pool_regions,
-                              read_vit)
+from vlp_train.visual import (IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, patch_settings,
+                              pixel_stats, pool_regions, read_vit)
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +194,13 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     def vlp_config(self) -> dict:
         config = {"feature_dim": self.feature_dim, "tags": self.tags, "vl_layers": self.vl_layers, "visual": self.visual}
         if self.patches is not None:
-            config.update(image_size=self.patches.image_size, patch_size=self.patches.patch_size,
-                          pixel_mean=self.patches.mean.flatten().tolist(), pixel_std=self.patches.std.flatten().tolist())
+            config.update(self.patches.settings())
         return config
 
     @classmethod
     def from_vlp_config(cls, bert_config, section: dict) -> "VLMoModel":
         return cls(bert_config, section["feature_dim"], section["tags"], section["vl_layers"], "vl",
-                   section.get("visual", "regions"), section.get("image_size", 384), section.get("patch_size", 16),
-                   tuple(section.get("pixel_mean", IMAGENET_MEAN)), tuple(section.get("pixel_std", IMAGENET_STD)))
+                   section.get("visual", "regions"), *patch_settings(section))
 
     def set_layer_call(self, call) -> None:
         """compile.CompiledLayers compiles BERT's layer call; a multiway layer takes a mode, so VLMo's
@@ -347,7 +345,7 @@ def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMoModel:
             log.warning("model.vision_init %s is not used: model.init %s holds the whole model", cfg_model.vision_init,
                         folder)
     else:
-        mean, std = (vit[1]["mean"], vit[1]["std"]) if vit else (IMAGENET_MEAN, IMAGENET_STD)
+        mean, std = pixel_stats(vit)
         model = VLMoModel(bert_config(cfg_model, folder), feature_dim, tags, cfg_model.vl_layers, "vl",
                           cfg_model.visual, cfg_model.image_size, cfg_model.patch_size, mean, std)
         if folder is not None:
