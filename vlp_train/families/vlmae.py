@@ -633,7 +633,8 @@ def pair_losses(model: VLMAEModel, view: dict):
     b = text.shape[0]
     labels = torch.cat([torch.ones(b, dtype=torch.long, device=text.device),
                         torch.zeros(2 * b, dtype=torch.long, device=text.device)])
-    itm = F.cross_entropy(model.itm_logits(fused).float(), labels, reduction="none").view(3, b)
+    itm_logits = model.itm_logits(fused)
+    itm = F.cross_entropy(itm_logits.float(), labels, reduction="none").view(3, b)
     itm_loss = torch.where(valid, itm.mean(0), itm[0])  # no negative to draw: the pair alone
     image, image_mask = image[:, :pad], image_mask[:, :pad]
 
@@ -643,7 +644,7 @@ def pair_losses(model: VLMAEModel, view: dict):
 
     losses = {**reconstruction_losses(model, view, image, text, full_image), "itc": contrast.losses,
               "itm": itm_loss, "mlm": mlm}
-    return losses, {"itm_logits": model.itm_logits(fused[:b])}
+    return losses, {"itm_logits": itm_logits[:b]}
 
 
 def reconstruction_losses(model: VLMAEModel, view: dict, image, text, full_image) -> dict:
