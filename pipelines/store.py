@@ -138,7 +138,9 @@ class EmbedCorpus(beam.PTransform):
                     | "CountEmbedded" >> beam.Map(_count_embedded)
                     | "KeyMissing" >> beam.Map(lambda st: (st, st[1]))
                     | "Embed" >> EmbedSentences(self._options))
-        count = embedded | "CountNew" >> beam.combiners.Count.Globally()
+        # counted before embedding (one vector each): counting the embedded rows would make the
+        # runner hold every vector until the count is known
+        count = split.missing | "CountNew" >> beam.combiners.Count.Globally()
         _ = (embedded
              | "ToStoreFile" >> beam.Map(lambda row, n: (group_of(row[0][0], n, STORE_FILE_ROWS), (row[0][0], row[1])),
                                          n=beam.pvalue.AsSingleton(count))
