@@ -33,7 +33,7 @@ from vlp_train import pretrained
 from vlp_train.backbone import BertBackbone, BertLayer, PretrainingHeads, _Attention, bert_config, call_layer, \
     load_bert_init
 from vlp_train.families import Family, clean_pair_match_probability, register
-from vlp_train.masking import label_positions, retrieved_text_keys, text_key
+from vlp_train.masking import retrieved_text_keys, text_key
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
@@ -525,12 +525,7 @@ def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5, grid: i
     The elements are the regions, or with `grid` the grid x grid patches (the loader adds `pixels`)."""
     feats, locs, regions, _ = builder._regions(samples)
     elements = np.ones((len(samples), grid * grid), bool) if grid else regions
-    ids, tmask, _ = builder._tokenize([s["text"] for s in sentences])
-    clean_ids = ids.copy()
-    mlm = np.full(ids.shape, IGNORE, np.int64)
-    for i in range(len(samples)):
-        builder._mask_tokens(ids, mlm, i, builder._random_positions(builder._text_candidates(ids[i], tmask[i]),
-                                                                      builder.obj.mlm_prob, rng), rng)
+    ids, clean_ids, tmask, positions, targets = builder._mlm([s["text"] for s in sentences], rng)
     visible, visible_mask = visible_elements([int(r.sum()) for r in elements], mask_ratio, rng)
     hidden = elements.copy()
     for i in range(len(samples)):
@@ -548,7 +543,6 @@ def pair_view(builder, samples, sentences, rng, mask_ratio: float = 0.5, grid: i
         links = [p for p in sentence["phrases"] if p.get("region") is not None and p["region"] < n]
         rmim[i] = relevant_weights(centres, elements[i], [meta["boxes"][p["region"]] for p in links],
                                    [p["similarity"] for p in links], builder.obj.rmim_link_weight) * hidden[i]
-    positions, targets = label_positions(mlm)
     obj = builder.obj
     return {"task": PAIR_TASK, **builder._tensors(
         input_ids=ids, text_mask=tmask, mlm_positions=positions, mlm_targets=targets, clean_ids=clean_ids,
