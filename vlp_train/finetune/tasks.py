@@ -219,8 +219,8 @@ def retrieval_pairs(examples) -> list:
 
 def tag_text(regions) -> str:
     """An image's query text: its tags in the corpus's order (what corpus building searches with)."""
-    from schemas.corpus import tag_order
-    return " ".join(tag_order(regions.tags, list(range(len(regions.tags), 0, -1))))
+    from schemas.corpus import tag_query
+    return tag_query(regions.tags, list(range(len(regions.tags), 0, -1)))
 
 
 @torch.no_grad()
