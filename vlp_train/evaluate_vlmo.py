@@ -78,9 +78,9 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
         view = views[Task.IMAGE_TEXT]
         started = time.perf_counter()
         with autocast:
-            image_features.append(model.image_features(model.encode_image(
-                view["features"], view["locations"], view["region_mask"], view.get("pixels"))).cpu())
-            text_features.append(model.text_features(model.encode_text(view["clean_ids"], view["text_mask"])).cpu())
+            image_features.append(model.embed_images(view["features"], view["locations"], view["region_mask"],
+                                                     view.get("pixels")).cpu())
+            text_features.append(model.embed_texts(view["clean_ids"], view["text_mask"]).cpu())
         dual_s += time.perf_counter() - started
         for name, field in (("ids", "clean_ids"), ("text_mask", "text_mask"), ("features", "features"),
                             ("locations", "locations"), ("region_mask", "region_mask"), ("keys", "text_keys"),

@@ -30,6 +30,11 @@ class Family:
     visual_inputs: tuple[str, ...] = ("regions",)
     # the tasks it can train on patches alone (model.visual=patches); None: all of its tasks
     patch_tasks: tuple[Task, ...] | None = None
+    # a dual encoder: its model's embed_images(features, locations, region_mask, pixels=None) and
+    # embed_texts(input_ids, text_mask) give the L2-normalised projected [CLS] features [B, D] of the
+    # image alone and of the text alone, and contrast_log_scale the learnable log inverse temperature
+    # of their contrast (ITC). Held-out retrieval and fine-tuned retrieval (finetune/tasks.py) rank by them
+    dual_encoder: bool = False
 
     @property
     def tasks(self) -> tuple[Task, ...]:

@@ -411,6 +411,20 @@ class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     def encode_image(self, view, visible: bool = False, momentum: bool = False, features=None):
         return (self.momentum_vision if momentum else self.vision)(view, visible, features)
 
+    # the dual encoder (families.Family.dual_encoder): the online encoders over the whole image
+    def embed_images(self, features, locations, region_mask, pixels=None):
+        """The image encoder over every element -> its projected, L2-normalised [I_CLS] [B, 256], float32."""
+        view = {"features": features, "locations": locations, "region_mask": region_mask, "pixels": pixels}
+        return F.normalize(self.vision_proj(self.encode_image(view)[0][:, 0]).float(), dim=-1)
+
+    def embed_texts(self, input_ids, text_mask):
+        """The text encoder -> its projected, L2-normalised [CLS] [B, 256], float32."""
+        return F.normalize(self.text_proj(self.encode_text(input_ids, text_mask)[:, 0]).float(), dim=-1)
+
+    @property
+    def contrast_log_scale(self) -> nn.Parameter:
+        return self.itc_log_scale
+
     def forward(self, input_ids, text_mask, features, locations, region_mask, pixels=None):
         """The μ-VLA granularities' interface: (fused text states [B, T, H], region states [B, R, H])
         over the whole image (no MAE masking; zeroed regions are the view's)."""
@@ -721,7 +735,7 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
 
 FAMILY = register(Family(
     name=ARCH, model_class=VLMAEModel, build=build, evaluate=evaluate, match_probability=clean_pair_match_probability,
-    views=views, visual_inputs=("regions", "patches"),
+    views=views, visual_inputs=("regions", "patches"), dual_encoder=True,
     # region-tag and region-phrase mask regions: on patches alone there are none to mask
     patch_tasks=(PAIR_TASK, Task.IMAGE_SENTENCE),
     objectives={PAIR_TASK: pair_losses, Task.REGION_TAG: region_tag_losses, Task.REGION_PHRASE: region_phrase_losses,

@@ -288,6 +288,19 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     def text_features(self, text_states):
         return F.normalize(self.text_proj(text_states[:, 0]).float(), dim=-1)
 
+    # the dual encoder (families.Family.dual_encoder)
+    def embed_images(self, features, locations, region_mask, pixels=None):
+        """The image alone (V-FFN) -> its projected, L2-normalised [I_CLS] [B, H], float32."""
+        return self.image_features(self.encode_image(features, locations, region_mask, pixels))
+
+    def embed_texts(self, input_ids, text_mask):
+        """The text alone (L-FFN) -> its projected, L2-normalised [T_CLS] [B, H], float32."""
+        return self.text_features(self.encode_text(input_ids, text_mask))
+
+    @property
+    def contrast_log_scale(self) -> nn.Parameter:
+        return self.logit_scale
+
 
 def load_bert_weights(model: VLMoModel, folder: str) -> None:
     """A HF BERT folder into the multiway model: embeddings; each layer's attention into the shared
@@ -394,7 +407,7 @@ def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
 
 FAMILY = register(Family(
     name=ARCH, model_class=VLMoModel, build=build, evaluate=evaluate, match_probability=clean_pair_match_probability,
-    visual_inputs=VISUAL_INPUTS,
+    visual_inputs=VISUAL_INPUTS, dual_encoder=True,
     objectives={Task.IMAGE_TEXT: image_text_losses, Task.IMAGE_ONLY: image_only_losses,
                 Task.TEXT_ONLY: text_only_losses, Task.REGION_TAG: region_tag_losses,
                 Task.REGION_PHRASE: region_phrase_losses, Task.IMAGE_SENTENCE: image_sentence_losses}))
