@@ -133,3 +133,36 @@ def test_a_text_an_image_retrieved_is_its_positive_both_ways_and_never_its_negat
         neg_text, neg_image, valid = hard_negatives(contrast, generator=g)
         assert valid.all() and neg_text[0] not in (0, 2) and neg_image[2] not in (0, 2)
         assert (neg_text != torch.arange(4)).all() and (neg_image != torch.arange(4)).all()
+
+
+def test_itm_scores_each_samples_pair_and_its_two_hard_negatives_or_its_pair_alone():
+    """The three-pair ITM both VLMo and VLMAE train (itm_with_hard_negatives): each sample's own pair
+    is a match, its text with the drawn negative image and its image with the drawn negative text
+    are mismatches; a sample with nothing to draw (every other text its own) keeps its pair only."""
+    from vlp_train.objectives.contrastive import itm_with_hard_negatives
+    images, texts = _features(4, seed=7)
+    keys = torch.tensor([0, 1, 2, 2])  # samples 2 and 3 share a text
+    contrast = itc_losses(images, texts, torch.tensor(1.0), text_keys=keys)
+    pair_score = torch.randn(4, 4, 2, generator=torch.Generator().manual_seed(1))  # logits of (text i, image j)
+    seen = []
+
+    def pair_logits(text_rows, image_rows):
+        seen.append((text_rows, image_rows))
+        return pair_score[text_rows, image_rows]
+    losses, logits = itm_with_hard_negatives(contrast, keys, pair_logits, generator=torch.Generator().manual_seed(2))
+    text_rows, image_rows = seen[0]
+    own = torch.arange(4)
+    neg_text, neg_image, valid = hard_negatives(contrast, keys, generator=torch.Generator().manual_seed(2))
+    assert valid.all()
+    assert torch.equal(text_rows, torch.cat([own, own, neg_text])) and torch.equal(image_rows, torch.cat([own, neg_image, own]))
+    assert not (keys[neg_text] == keys).any() and not (keys[neg_image] == keys).any()
+    ce = lambda logit, label: F.cross_entropy(logit[None], torch.tensor([label]))  # noqa: E731
+    expected = torch.stack([(ce(pair_score[i, i], 1) + ce(pair_score[i, neg_image[i]], 0)
+                             + ce(pair_score[neg_text[i], i], 0)) / 3 for i in range(4)])
+    torch.testing.assert_close(losses, expected)
+    torch.testing.assert_close(logits[:4], pair_score[own, own])
+
+    same = torch.tensor([5, 5, 5, 5])  # every text the same: no negative anywhere, the pair's loss alone
+    contrast = itc_losses(images, texts, torch.tensor(1.0), text_keys=same)
+    losses, _ = itm_with_hard_negatives(contrast, same, pair_logits)
+    torch.testing.assert_close(losses, torch.stack([ce(pair_score[i, i], 1) for i in range(4)]))

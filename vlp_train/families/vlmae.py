@@ -593,7 +593,7 @@ def rmim_losses(predictions, targets, weights, norm: bool):
 def pair_losses(model: VLMAEModel, view: dict):
     """RMIM + IFR + ITC (momentum-distilled) + ITM (hard negatives) + MLM, each per sample."""
     from vlp_train.objectives import masked_token_losses
-    from vlp_train.objectives.contrastive import gather_padded, hard_negatives, itc_losses, logit_scale_of
+    from vlp_train.objectives.contrastive import gather_padded, itc_losses, itm_with_hard_negatives, logit_scale_of
 
     if model.training and torch.is_grad_enabled():
         model.momentum_update(view["momentum"])
@@ -619,32 +619,18 @@ def pair_losses(model: VLMAEModel, view: dict):
                           image_keys=view.get("retrieved_keys"))  # an image's K retrieved sentences: never its negatives
 
     # ITM: the pair, and hard negatives from the ITC similarities (a negative text for each image,
-    # a negative image for each text), on the visible image states, as the paper's ITM uses I^vis
-    neg_text, neg_image, valid = hard_negatives(contrast, view["text_keys"])
-    with torch.no_grad():
-        all_image, _, _ = gather_padded(image)
-        all_image_mask = gather_padded(image_mask, pad_value=False)[0]
-        all_text, _, _ = gather_padded(text)
-        all_text_mask = gather_padded(view["text_mask"], pad_value=False)[0]
-    pad = image.shape[1]
-    if all_image.shape[1] > pad:  # another rank kept more elements: pad the local side alike
-        image = F.pad(image, (0, 0, 0, all_image.shape[1] - pad))
-        image_mask = F.pad(image_mask, (0, all_image.shape[1] - pad), value=False)
-    t_pad = text.shape[1]
-    tokens = all_text.shape[1]
-    local_text = F.pad(text, (0, 0, 0, tokens - t_pad)) if tokens > t_pad else text
-    local_mask = F.pad(view["text_mask"], (0, tokens - t_pad), value=False) if tokens > t_pad else view["text_mask"]
-    fused = model.fuse(torch.cat([local_text, local_text, all_text[neg_text]]),
-                       torch.cat([local_mask, local_mask, all_text_mask[neg_text]]),
-                       torch.cat([image, all_image[neg_image], image]),
-                       torch.cat([image_mask, all_image_mask[neg_image], image_mask]))
-    b = text.shape[0]
-    labels = torch.cat([torch.ones(b, dtype=torch.long, device=text.device),
-                        torch.zeros(2 * b, dtype=torch.long, device=text.device)])
-    itm_logits = model.itm_logits(fused)
-    itm = F.cross_entropy(itm_logits.float(), labels, reduction="none").view(3, b)
-    itm_loss = torch.where(valid, itm.mean(0), itm[0])  # no negative to draw: the pair alone
-    image, image_mask = image[:, :pad], image_mask[:, :pad]
+    # a negative image for each text), on the visible image states, as the paper's ITM uses I^vis.
+    # The states of every rank are gathered (the other ranks' as constants, the local rows keep
+    # their graph), padded to the longest text and the most visible elements.
+    all_image, _, _ = gather_padded(image)
+    all_image_mask = gather_padded(image_mask, pad_value=False)[0]
+    all_text, _, _ = gather_padded(text)
+    all_text_mask = gather_padded(view["text_mask"], pad_value=False)[0]
+
+    def pair_logits(text_rows, image_rows):
+        return model.itm_logits(model.fuse(all_text[text_rows], all_text_mask[text_rows], all_image[image_rows],
+                                           all_image_mask[image_rows]))
+    itm_loss, itm_logits = itm_with_hard_negatives(contrast, view["text_keys"], pair_logits)
 
     # MLM on the fusion learner over the masked sentence and the visible image
     masked = model.fuse(model.encode_text(view["input_ids"], view["text_mask"]), view["text_mask"], image, image_mask)
@@ -652,7 +638,7 @@ def pair_losses(model: VLMAEModel, view: dict):
 
     losses = {**reconstruction_losses(model, view, image, text, full_image), "itc": contrast.losses,
               "itm": itm_loss, "mlm": mlm}
-    return losses, {"itm_logits": itm_logits[:b]}
+    return losses, {"itm_logits": itm_logits[:text.shape[0]]}
 
 
 def reconstruction_losses(model: VLMAEModel, view: dict, image, text, full_image) -> dict:

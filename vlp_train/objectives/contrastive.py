@@ -165,3 +165,22 @@ def hard_negatives(contrast: Contrast, text_keys: torch.Tensor | None = None,
         weights = torch.where(empty, fallback, weights)
         picks.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
     return picks[0], picks[1], valid
+
+
+def itm_with_hard_negatives(contrast: Contrast, text_keys: torch.Tensor | None, pair_logits,
+                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text matching over three pairs a local sample: its own (a match), its text with a hard
+    negative image and its image with a hard negative text (mismatches), the negatives drawn from
+    the global batch by `hard_negatives`. `pair_logits(text_rows, image_rows)` -> the ITM logits
+    [3B, 2] of the pairs (text of global sample text_rows[i], image of global sample image_rows[i]):
+    the family's fusion pass (its inputs or states gathered over ranks). -> (per-sample loss [B]:
+    the mean of its three cross-entropies, or its own pair's alone when it had no negative to
+    draw; the logits [3B, 2], the own pairs first)."""
+    negative_text, negative_image, valid = hard_negatives(contrast, text_keys, generator)
+    batch = negative_text.shape[0]
+    own = contrast.offset + torch.arange(batch, device=negative_text.device)
+    logits = pair_logits(torch.cat([own, own, negative_text]), torch.cat([own, negative_image, own]))
+    labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
+    labels[:batch] = 1
+    losses = F.cross_entropy(logits.float(), labels, reduction="none").view(3, batch)
+    return torch.where(valid, losses.mean(0), losses[0]), logits

@@ -9,16 +9,23 @@ def region_tag_losses(model, view):
     text, regions, patches = obj.encode_view(model, view)
     mrc_mask = view["mrc_labels"] != -100
     losses = {"mlm": obj.masked_token_losses(model, text, view["mlm_positions"], view["mlm_targets"]),
-              "mrc": obj.per_sample_mean(obj.token_ce(model.mrc(regions), view["mrc_labels"]), mrc_mask)}
+              "mrc": obj.per_sample_mean(obj.token_ce(model.mrc(regions), view["mrc_labels"]), mrc_mask),
+              "mrfr": region_regression_losses(model, view, regions, patches)}
+    return losses, {"text": text, "regions": regions, "patches": patches}
+
+
+def region_regression_losses(model, view, regions, patches):
+    """MRFR, per sample [B]: the mean over the view's masked regions (`zeroed_regions`) of the L2
+    error (mean over dims) between the MRFR head on a region's state and the region's original
+    features (the view's clean ones: the model saw them zeroed, or their patches hidden). On
+    patches without region features (`model.regresses_pixels`) each hidden patch's state regresses
+    its own normalised pixels instead. `regions` [B, R, D] and `patches` [B, 1 + N, D] (visual
+    [CLS] first) are the states of the encoder that saw the masked view: the fusion encoder for
+    region-tag, VLMo's image-alone encoder for its vision stage."""
     if getattr(model, "regresses_pixels", False):
-        # patches without region features: each hidden patch regresses its own normalised pixels
         hidden = model.masked_patches(view["locations"], view["region_mask"], view["zeroed_regions"])
         target = model.patches.patch_pixels(view["pixels"])
         squared = (model.mrfr(patches[:, 1:]).float() - target).pow(2).mean(-1)
-        losses["mrfr"] = obj.per_sample_mean(squared, hidden)
-    else:
-        # the target is the view's clean features; the model saw them zeroed (or their patches
-        # hidden) at `zeroed_regions`
-        squared = (model.mrfr(regions).float() - view["features"].float()).pow(2).mean(-1)
-        losses["mrfr"] = obj.per_sample_mean(squared, view["zeroed_regions"])
-    return losses, {"text": text, "regions": regions, "patches": patches}
+        return obj.per_sample_mean(squared, hidden)
+    squared = (model.mrfr(regions).float() - view["features"].float()).pow(2).mean(-1)
+    return obj.per_sample_mean(squared, view["zeroed_regions"])

@@ -12,11 +12,10 @@
   patch regresses its own normalised pixels.
 - text alone (`txt`, the language stage): MLM through the L-FFN encoder.
 """
-import torch
-import torch.nn.functional as F
 
 import vlp_train.objectives as obj
-from vlp_train.objectives.contrastive import gather_padded, hard_negatives, itc_losses
+from vlp_train.objectives.contrastive import gather_padded, itc_losses, itm_with_hard_negatives
+from vlp_train.objectives.region_tag import region_regression_losses
 
 
 def image_text_losses(model, view):
@@ -30,48 +29,35 @@ def image_text_losses(model, view):
 
     # ITM: each sample's pair, its text with a hard negative image, its image with a hard negative
     # text; the negatives may come from any rank, so every rank's inputs are gathered (no gradient)
-    negative_text, negative_image, valid = hard_negatives(contrast, keys)
     ids = gather_padded(view["clean_ids"])[0]
     text_mask = gather_padded(view["text_mask"], pad_value=False)[0]
     all_features = gather_padded(features)[0]
     all_locations = gather_padded(locations)[0]
     all_region_mask = gather_padded(region_mask, pad_value=False)[0]
     all_pixels = gather_padded(pixels)[0] if pixels is not None else None
-    batch = features.shape[0]
-    own = contrast.offset + torch.arange(batch, device=features.device)
-    text_rows = torch.cat([own, own, negative_text])
-    image_rows = torch.cat([own, negative_image, own])
-    fused_text, _ = model(ids[text_rows], text_mask[text_rows], all_features[image_rows], all_locations[image_rows],
-                          all_region_mask[image_rows], all_pixels[image_rows] if all_pixels is not None else None)
-    itm_logits = model.itm_logits(fused_text)
-    labels = torch.cat([torch.ones(batch, dtype=torch.long, device=features.device),
-                        torch.zeros(2 * batch, dtype=torch.long, device=features.device)])
-    pair_losses = F.cross_entropy(itm_logits.float(), labels, reduction="none").view(3, batch)
-    counted = torch.stack([torch.ones_like(valid), valid, valid]).float()  # a sample without a negative: its pair only
-    itm = (pair_losses * counted).sum(0) / counted.sum(0)
+
+    def pair_logits(text_rows, image_rows):
+        fused_text, _ = model(ids[text_rows], text_mask[text_rows], all_features[image_rows],
+                              all_locations[image_rows], all_region_mask[image_rows],
+                              all_pixels[image_rows] if all_pixels is not None else None)
+        return model.itm_logits(fused_text)
+    itm, itm_logits = itm_with_hard_negatives(contrast, keys, pair_logits)
 
     masked_text, _ = model(view["input_ids"], view["text_mask"], features, locations, region_mask, pixels)
     mlm = obj.masked_token_losses(model, masked_text, view["mlm_positions"], view["mlm_targets"])
-    return {"itc": contrast.losses, "itm": itm, "mlm": mlm}, {"itm_logits": itm_logits[:batch]}
+    return {"itc": contrast.losses, "itm": itm, "mlm": mlm}, {"itm_logits": itm_logits[:features.shape[0]]}
 
 
 def image_only_regression(model, view):
     """(per-sample regression error of the masked regions, region states): the image alone with its
-    masked regions' features zeroed and (on patches) the patches under them hidden, regressed to
-    the regions' features, or without region features each hidden patch to its own pixels."""
+    masked regions' features zeroed and (on patches) the patches under them hidden, regressed as
+    region-tag's MRFR is (`region_regression_losses`)."""
     locations, region_mask, zeroed = view["locations"], view["region_mask"], view["zeroed_regions"]
     pixels = view.get("pixels")
     hidden = model.encode_image(obj.input_features(view), locations, region_mask, pixels,
                                 zeroed if pixels is not None else None)
     regions, patches = model.image_parts(hidden, locations, region_mask)
-    if getattr(model, "regresses_pixels", False):
-        masked = model.masked_patches(locations, region_mask, zeroed)
-        target = model.patches.patch_pixels(pixels)
-        squared = (model.mrfr(patches[:, 1:]).float() - target).pow(2).mean(-1)
-        return obj.per_sample_mean(squared, masked), regions
-    # the target is the view's clean features; the model saw them zeroed (or their patches hidden)
-    squared = (model.mrfr(regions).float() - view["features"].float()).pow(2).mean(-1)
-    return obj.per_sample_mean(squared, zeroed), regions
+    return region_regression_losses(model, view, regions, patches), regions
 
 
 def image_only_losses(model, view):
