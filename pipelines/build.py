@@ -20,9 +20,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import schemas
 from pipelines.deadletter import REJECTED, rejection
 from pipelines.embed import EmbedSentences
+from pipelines.files import is_local
 from pipelines.images import STORED_IMAGE, ReadStoredImages
-from pipelines.io import BOXES_CLIPPED, REGIONS_DROPPED, ReadCorpus, ReadDetections, is_local
 from pipelines.options import BuildOptions, ShardOptions
+from pipelines.readers.detection_record import BOXES_CLIPPED
+from pipelines.readers.detections import REGIONS_DROPPED, ReadDetections
+from pipelines.readers.text import ReadCorpus
 from pipelines.retrieve import RetrieveTopK, ShardCorpus
 from pipelines.store import EmbedCorpus
 from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query

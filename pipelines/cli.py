@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # TOKENIZERS_PARALLELISM is left to encoding.load_sentence_model, which knows the device (on for cuda)
 
-from pipelines.io import check_patterns_match, is_local  # noqa: E402
+from pipelines.files import check_patterns_match, is_local  # noqa: E402
 from schemas.corpus import IMAGE_SIZE, SPACY_MODEL  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.onnx_encoder import CACHE_ENV  # noqa: E402

@@ -12,6 +12,7 @@ import json
 import apache_beam as beam
 
 REJECTED = "rejected"  # the tag of every stage's dead-letter output
+COUNTS = "counts"  # the tag of a stage's (counter name, n) pairs that end up in stats.json
 _MAX_RECORD_CHARS = 2000
 DUPLICATE = "duplicate image_id"
 

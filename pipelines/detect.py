@@ -30,7 +30,7 @@ import numpy as np
 
 from pipelines.deadletter import REJECTED, Rejected, rejection, rejection_for
 from pipelines.images import STORED_IMAGE, stored_image
-from pipelines.io import region_order
+from pipelines.readers.detection_record import region_order
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
 from schemas.corpus import normalise_label

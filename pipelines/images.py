@@ -28,7 +28,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.deadletter import REJECTED, duplicate_rejection, rejection, rejection_for
-from pipelines.io import MatchAll, split_patterns
+from pipelines.files import MatchAll, split_patterns
 from schemas.corpus import encode_image, stored_image_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

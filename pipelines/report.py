@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import schemas
 from pipelines.deadletter import message
 from pipelines.images import common_base_directory
-from pipelines.io import split_patterns
+from pipelines.files import split_patterns
 from schemas.corpus import check_published, decode_members, sample_key
 from schemas.folders import replace_report_folder
 

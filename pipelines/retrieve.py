@@ -41,7 +41,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils.shared import Shared
 
 from pipelines.batching import group_of
-from pipelines.io import is_local
+from pipelines.files import is_local
 from pipelines.metrics import add_stage_time
 from pipelines.options import RetrieveOptions
 from pipelines.search import (Corpus, candidates_for, hit_dict, hit_order, make_searcher, rank_candidates,

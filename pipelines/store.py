@@ -26,7 +26,7 @@ from apache_beam.io import fileio
 import schemas
 from pipelines.batching import group_of
 from pipelines.embed import EmbedSentences
-from pipelines.io import open_file
+from pipelines.files import open_file
 from pipelines.options import EmbedOptions
 from pipelines.shards import write_bytes
 

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.cli import main
 from pipelines.detect import FEATURE_DIM, GRID_LABEL, YoloDetector, grid_boxes
-from pipelines.io import region_order, validate_detection
+from pipelines.readers.detection_record import region_order, validate_detection
 from pipelines.options import DetectOptions
 
 

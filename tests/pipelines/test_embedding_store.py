@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import schemas
 from pipelines import store
-from pipelines.io import stable_id
+from pipelines.files import stable_id
 from pipelines.options import EmbedOptions
 from pipelines.store import EmbedCorpus, folder_digest, model_fingerprint
 

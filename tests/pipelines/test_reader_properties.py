@@ -19,9 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
-from pipelines.deadletter import REJECTED
-from pipelines.io import (BOXES_CLIPPED, COUNTS, _clean, _join_vinvl, _ParseDetectionsFile, _ParseVinvlFile,
-                          _ReadTextFile, validate_detection)
+from pipelines.deadletter import COUNTS, REJECTED
+from pipelines.readers.detection_record import BOXES_CLIPPED, validate_detection
+from pipelines.readers.jsonl_parquet import ParseDetectionsFile
+from pipelines.readers.text import _clean, _ReadTextFile
+from pipelines.readers.vinvl import ParseVinvlFile, join_vinvl
 from pipelines.options import TextOptions
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -52,11 +54,11 @@ def split(results):
     kept, rejected = [], []
     for r in results:
         if isinstance(r, TaggedOutput):
-            assert r.tag in (REJECTED, COUNTS, _ParseVinvlFile.FEATURES, _ParseVinvlFile.SIZES), r.tag
+            assert r.tag in (REJECTED, COUNTS, ParseVinvlFile.FEATURES, ParseVinvlFile.SIZES), r.tag
             if r.tag == REJECTED:
                 assert r.value["source"] and r.value["reason"] and r.value["stage"]
                 rejected.append(r.value)
-            elif r.tag in (_ParseVinvlFile.FEATURES, _ParseVinvlFile.SIZES):
+            elif r.tag in (ParseVinvlFile.FEATURES, ParseVinvlFile.SIZES):
                 kept.append(r)
         else:
             kept.append(r)
@@ -106,7 +108,7 @@ def test_a_jsonl_detections_file_of_anything(tmp_path_factory, content, gzipped,
         data = gzip.compress(data)
         data = data[:len(data) - cut] if cut < len(data) else data  # a truncated download too
     path = write(tmp_path_factory.mktemp("d"), "d.jsonl.gz" if gzipped else "d.jsonl", data)
-    kept, _ = split(_ParseDetectionsFile().process(path))
+    kept, _ = split(ParseDetectionsFile().process(path))
     for where, det in kept:
         assert where.startswith(path + ":")
         assert_valid_detection(det)
@@ -133,7 +135,7 @@ def test_a_parquet_detections_file_of_anything(tmp_path_factory, rows, cut):
     pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), buffer)
     data = buffer.getvalue()
     path = write(tmp_path_factory.mktemp("p"), "d.parquet", data[:-cut] if cut else data)
-    kept, _ = split(_ParseDetectionsFile().process(path))
+    kept, _ = split(ParseDetectionsFile().process(path))
     for _, det in kept:
         assert_valid_detection(det)
 
@@ -161,12 +163,12 @@ def test_vinvl_files_of_anything(tmp_path_factory, predictions, features):
     feat = write(folder, "features.tsv", b"\n".join(features))
     grouped = {}
     for path in (pred, feat):
-        kept, _ = split(_ParseVinvlFile().process(path))
+        kept, _ = split(ParseVinvlFile().process(path))
         for out in kept:
             kind, (image_id, value) = ("features", out.value) if isinstance(out, TaggedOutput) else ("predictions", out)
             grouped.setdefault(image_id, {"predictions": [], "features": []})[kind].append(value)
     for image_id, both in grouped.items():
-        kept, _ = split(_join_vinvl((image_id, both)))
+        kept, _ = split(join_vinvl((image_id, both)))
         for _, det in kept:
             assert_valid_detection(det)
 
@@ -199,14 +201,14 @@ def test_oscar_vinvl_files_of_anything(tmp_path_factory, labels, features, sizes
              (("x.label.tsv", labels), ("x.feature.tsv", features), ("x.hw.tsv", sizes))]
     grouped = {}
     for path in paths:
-        kept, _ = split(_ParseVinvlFile().process(path))
+        kept, _ = split(ParseVinvlFile().process(path))
         for out in kept:
-            kind = {_ParseVinvlFile.FEATURES: "features", _ParseVinvlFile.SIZES: "sizes"}[out.tag] \
+            kind = {ParseVinvlFile.FEATURES: "features", ParseVinvlFile.SIZES: "sizes"}[out.tag] \
                 if isinstance(out, TaggedOutput) else "predictions"
             image_id, value = out.value if isinstance(out, TaggedOutput) else out
             grouped.setdefault(image_id, {"predictions": [], "features": [], "sizes": []})[kind].append(value)
     for image_id, all_three in grouped.items():
-        kept, _ = split(_join_vinvl((image_id, all_three)))
+        kept, _ = split(join_vinvl((image_id, all_three)))
         for _, det in kept:
             assert_valid_detection(det)
 

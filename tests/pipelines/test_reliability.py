@@ -9,7 +9,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.deadletter import message
 from pipelines.build import OneFeatureWidth, corpus_feature_width
-from pipelines.io import BOXES_CLIPPED, ReadDetections, validate_detection
+from pipelines.readers.detection_record import BOXES_CLIPPED, validate_detection
+from pipelines.readers.detections import ReadDetections
 
 from .conftest import write_jsonl
 

@@ -77,7 +77,7 @@ def _ids_of(path: str) -> list[str]:
 
 
 def _jsonl_records(path: str):
-    from pipelines.io import decode_line, read_lines
+    from pipelines.files import decode_line, read_lines
     for line_no, line in read_lines(path):
         if not line.strip():
             continue
@@ -90,10 +90,10 @@ def _jsonl_records(path: str):
 
 def load_regions(index: DetectionIndex, wanted: set[str], max_regions: int) -> dict[str, Regions]:
     """The regions of the detection ids in `wanted`, each record checked by the pipeline's
-    validator (pipelines.io.validate_detection), put in the corpus's region order and capped at
-    `max_regions`; a bad record is logged with its file and row and left out (its images are then
+    validator (pipelines.readers.detection_record.validate_detection), put in the corpus's region
+    order and capped at `max_regions`; a bad record is logged with its file and row and left out (its images are then
     reported missing)."""
-    from pipelines.io import keep_top_regions, validate_detection
+    from pipelines.readers.detection_record import keep_top_regions, validate_detection
 
     by_file: dict[str, set[int]] = {}
     for image_id in wanted:
@@ -122,7 +122,7 @@ def load_regions(index: DetectionIndex, wanted: set[str], max_regions: int) -> d
 def _records(path: str, rows: set[int]):
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
-        from pipelines.io import detections_columns
+        from pipelines.readers.jsonl_parquet import detections_columns
         parquet = pq.ParquetFile(path)
         columns = detections_columns(parquet.schema_arrow)
         row = 0

@@ -15,10 +15,13 @@ from click.testing import CliRunner
 
 import schemas
 from pipelines.deadletter import message
-from pipelines import io
 from pipelines.cli import main
-from pipelines.io import (ReadCorpus, ReadDetections, _first_per_image, _join_vinvl, cut_for_spacy, stable_id,
-                          validate_detection)
+from pipelines.files import stable_id
+from pipelines.readers import text as text_reader
+from pipelines.readers.detection_record import validate_detection
+from pipelines.readers.detections import ReadDetections, _first_per_image
+from pipelines.readers.text import ReadCorpus, cut_for_spacy
+from pipelines.readers.vinvl import join_vinvl
 from pipelines.options import TextOptions
 
 from .conftest import SOFA_SENTENCES, write_jsonl
@@ -97,7 +100,7 @@ def test_join_vinvl_keeps_the_same_line_whatever_the_group_order():
     predictions = [prediction(10, "dog"), prediction(9, "man")]  # line 9 < line 10, not "9" > "10"
     features = [(("f.tsv", 2), np.full((1, 4), 2.0, np.float32)), (("f.tsv", 1), np.full((1, 4), 1.0, np.float32))]
     for order in (1, -1):
-        kept, rejected = _outputs(_join_vinvl(("img1", {"predictions": predictions[::order], "features": features[::order]})))
+        kept, rejected = _outputs(join_vinvl(("img1", {"predictions": predictions[::order], "features": features[::order]})))
         assert [(d["labels"], d["features"][0, 0]) for d in kept] == [(["man"], 1.0)]
         assert rejected == [("p.tsv:10", "duplicate image_id: 'img1' in VinVL predictions also at p.tsv:9, which is kept"),
                             ("f.tsv:2", "duplicate image_id: 'img1' in VinVL features also at f.tsv:1, which is kept")]
@@ -290,7 +293,7 @@ def test_cut_for_spacy_prefers_line_breaks_then_spaces_and_loses_nothing():
 
 
 def test_paragraph_over_spacys_limit_is_cut_then_split_into_sentences(pipeline, tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "SPACY_MAX_CHARS", 250)  # the production path, at a limit a test can reach
+    monkeypatch.setattr(text_reader, "SPACY_MAX_CHARS", 250)  # the production path, at a limit a test can reach
     lined = [f"The {word} boat sails past the old mill." for word in ("red", "blue", "green", "white",
                                                                        "black", "brown", "grey", "pink")]
     one_line = " ".join(f"A {word} dog sleeps by the warm stove." for word in ("small", "tall", "big", "young",

@@ -10,7 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.io import ReadCorpus, ReadDetections, stable_id, validate_detection
+from pipelines.files import stable_id
+from pipelines.readers.detection_record import validate_detection
+from pipelines.readers.detections import ReadDetections
+from pipelines.readers.text import ReadCorpus
 from schemas.corpus import normalise_label, tag_order
 from pipelines.options import TextOptions
 
