@@ -84,8 +84,10 @@ class ObjectiveConfig:
     phrase_mask_scale: float = 1.0   # masking probability of a linked item = scale x link similarity
     itm_negative_prob: float = 0.5
     rt_masking: str = "both"         # both: tags and regions of every sample (the paper); one: one modality a sample
-    vlmo: bool = False               # VLMo's image-text task (arch vlmo): ITC + ITM with global hard negatives + MLM
-    weight_vlmo: bool = False        # the curriculum's w_ITM also weights VLMo's task, from epoch itm_weight_from_epoch
+    # the family's own image-text pair task (`vl`): VLMo's ITC + ITM with global hard negatives +
+    # MLM, VLMAE's RMIM + IFR + ITC + ITM + MLM (was objectives.vlmo, which switched VLMAE's too)
+    image_text: bool = False
+    weight_image_text: bool = False  # the curriculum's w_ITM also weights that task, from epoch itm_weight_from_epoch
     # vlmae: EMA of the momentum encoders, ALBEF's distillation share of the ITC targets, RMIM's
     # per-patch (per-region) normalised targets and its optional link-similarity weights
     momentum: float = 0.995
@@ -121,6 +123,25 @@ class RunConfig:
     rerank_k: int = 16               # VLMo's evaluation: ITM re-ranks each query's top k of the dual encoder (0: off)
 
 
+# Renamed keys: old dotted key -> its new name. The old name is still read (a run's config.json, a
+# checkpoint's config) and accepted by --set, with a warning naming the new one.
+RENAMED_KEYS = {
+    # it switched VLMAE's pair task too, not only VLMo's
+    "objectives.vlmo": "objectives.image_text",
+    "objectives.weight_vlmo": "objectives.weight_image_text",
+}
+
+
+def renamed_key(key: str, where: str) -> str:
+    """`key`, or the new name of a renamed one (with a warning saying so)."""
+    if key not in RENAMED_KEYS:
+        return key
+    new = RENAMED_KEYS[key]
+    log.warning("%s: %s is renamed %s (the family's own image-text task, `vl`: VLMo's ITC/ITM/MLM and VLMAE's "
+                "RMIM/IFR/ITC/ITM/MLM alike); read as %s. Use the new name: the old one will go.", where, key, new, new)
+    return new
+
+
 class Sections:
     """A config made of dataclass sections (the trainer's, fine-tuning's): to and from a plain dict
     (config.json, a checkpoint's config)."""
@@ -130,7 +151,16 @@ class Sections:
 
     @classmethod
     def from_dict(cls, d: dict):
-        return cls(**{f.name: type(f.default_factory())(**d[f.name]) for f in dataclasses.fields(cls)})
+        sections = {}
+        for f in dataclasses.fields(cls):
+            values = {}
+            for key, value in d[f.name].items():
+                _, name = renamed_key(f"{f.name}.{key}", "a saved config").split(".", 1)
+                if name in values or (name != key and name in d[f.name]):
+                    continue  # a config holding both names: the new one's value
+                values[name] = value
+            sections[f.name] = type(f.default_factory())(**values)
+        return cls(**sections)
 
 
 @dataclass
@@ -185,7 +215,7 @@ def vlmo(cfg: TrainConfig, layers: int, hidden: int, heads: int, vl_layers: int)
     cfg.model.vl_layers = vl_layers
     cfg.objectives.region_tag = cfg.objectives.region_phrase = cfg.objectives.image_sentence = False
     cfg.objectives.itm_weighting = False
-    cfg.objectives.vlmo = True
+    cfg.objectives.image_text = True
     return cfg
 
 
@@ -234,7 +264,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected section.key=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = renamed_key(key.strip(), f"--set {key.strip()}")
+        parts = key.split(".")
         if len(parts) != 2 or not hasattr(cfg, parts[0]) or not hasattr(getattr(cfg, parts[0]), parts[1]):
             sections = ", ".join(f.name for f in dataclasses.fields(cfg))
             raise ValueError(f"--set {key!r}: unknown key (sections: {sections})")
@@ -379,12 +410,12 @@ _RANGES.update({
 
 def _vlmae(cfg: TrainConfig) -> TrainConfig:
     """VLMAE's own objectives on the retrieved pair (the family's image-text task, switched by
-    objectives.vlmo as VLMo's: RMIM, IFR, ITC, ITM, MLM), the μ-VLA granularities and curriculum
+    objectives.image_text as VLMo's: RMIM, IFR, ITC, ITM, MLM), the μ-VLA granularities and curriculum
     weight off (switch them on by config)."""
     cfg.model.arch = "vlmae"
     cfg.objectives.region_tag = cfg.objectives.region_phrase = cfg.objectives.image_sentence = False
     cfg.objectives.itm_weighting = False
-    cfg.objectives.vlmo = True
+    cfg.objectives.image_text = True
     return cfg
 
 

@@ -19,11 +19,11 @@ def itm_weighting_on(epoch: int, objectives) -> bool:
 
 def weighted_tasks(epoch: int, objectives) -> tuple[Task, ...]:
     """The tasks whose samples are weighted by w_ITM in `epoch`: μ-VLA's region-phrase and
-    image-sentence ones (objectives.itm_weighting), and VLMo's ITC/ITM/MLM (objectives.weight_vlmo)."""
+    image-sentence ones (objectives.itm_weighting), and the family's image-text task (objectives.weight_image_text)."""
     if epoch < objectives.itm_weight_from_epoch:
         return ()
     tasks = (Task.REGION_PHRASE, Task.IMAGE_SENTENCE) if itm_weighting_on(epoch, objectives) else ()
-    return tasks + ((Task.IMAGE_TEXT,) if objectives.vlmo and objectives.weight_vlmo else ())
+    return tasks + ((Task.IMAGE_TEXT,) if objectives.image_text and objectives.weight_image_text else ())
 
 
 def sample_loss(named: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -363,7 +363,7 @@ def enabled_tasks(objectives, stage: str = "vl") -> list[Task]:
     if stage == "language":
         return [Task.TEXT_ONLY]
     flags = {Task.REGION_TAG: objectives.region_tag, Task.REGION_PHRASE: objectives.region_phrase,
-             Task.IMAGE_SENTENCE: objectives.image_sentence, Task.IMAGE_TEXT: objectives.vlmo}
+             Task.IMAGE_SENTENCE: objectives.image_sentence, Task.IMAGE_TEXT: objectives.image_text}
     tasks = [t for t in TASKS if flags.get(t)]
     if not tasks:
         raise ValueError("every objective is switched off")

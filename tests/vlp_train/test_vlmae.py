@@ -280,7 +280,7 @@ def test_region_feature_vlmae_learns_on_a_corpus_without_images(tmp_path):
     cfg = config(shards, tmp_path / "run", "data.batch_size=10", "optim.max_steps=20", "optim.epochs=20",
                  "optim.lr=2e-3", "run.eval_batches=2", "objectives.schedule=mixed", "objectives.region_tag=true",
                  "objectives.region_phrase=true", "objectives.image_sentence=true", "objectives.itm_weighting=true",
-                 "objectives.weight_vlmo=true")
+                 "objectives.weight_image_text=true")
     summary = train(cfg)
     logged = [r for r in rows(cfg.run.output) if "loss" in r]
     assert {"vl/rmim", "vl/ifr", "vl/itc", "vl/itm", "vl/mlm", "rt/mlm", "rt/mrc", "rp/mrtc", "is/itm"} <= set(logged[0])

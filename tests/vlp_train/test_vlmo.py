@@ -272,13 +272,13 @@ def test_vlmo_and_mu_vla_train_together_with_the_curriculum_weighting_both(tmp_p
     shards = write_shards(str(tmp_path / "c"), n_images=32, per_shard=16)
     cfg = load_config("vlmo-debug", VLMO + ["objectives.region_tag=true", "objectives.region_phrase=true",
                                             "objectives.image_sentence=true", "objectives.schedule=mixed",
-                                            "objectives.itm_weighting=true", "objectives.weight_vlmo=true",
+                                            "objectives.itm_weighting=true", "objectives.weight_image_text=true",
                                             "objectives.itm_weight_from_epoch=1"])
     cfg.data.shards, cfg.run.output = shards, str(tmp_path / "run")
     run = build_run(cfg)
     assert weighted_tasks(0, cfg.objectives) == ()
     assert set(weighted_tasks(1, cfg.objectives)) == {Task.REGION_PHRASE, Task.IMAGE_SENTENCE, Task.IMAGE_TEXT}
-    cfg.objectives.weight_vlmo = False
+    cfg.objectives.weight_image_text = False
     assert Task.IMAGE_TEXT not in weighted_tasks(1, cfg.objectives)
     batch = next(iter(run.dataset))
     views = to_device(batch["views"], run.device)
@@ -379,3 +379,26 @@ def test_the_text_stream_resumed_at_a_batch_gives_the_rest_of_the_epoch_as_it_wa
     assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(resumed, whole[3:]))  # the same masks too
     stream.set_position(2)
     assert [k for _, k, _ in whole] != [b["keys"] for b in stream]  # another epoch, another order
+
+
+def test_the_image_text_switch_is_read_under_its_former_vlmo_name_with_a_warning(caplog):
+    """objectives.vlmo switched VLMAE's pair task as well as VLMo's: it is objectives.image_text now
+    (weight_vlmo: weight_image_text). The old names still work, from --set and from a saved config
+    (a run's config.json, a checkpoint's), each with a warning naming the new key."""
+    from vlp_train.config import TrainConfig
+    from vlp_train.data import enabled_tasks
+
+    assert load_config("vlmo-debug").objectives.image_text and load_config("vlmae-debug").objectives.image_text
+    with caplog.at_level("WARNING"):
+        cfg = load_config("debug", ["objectives.vlmo=true", "objectives.weight_vlmo=true"])
+    assert cfg.objectives.image_text and cfg.objectives.weight_image_text
+    assert Task.IMAGE_TEXT in enabled_tasks(cfg.objectives)
+    assert "objectives.vlmo is renamed objectives.image_text" in caplog.text
+    assert "objectives.weight_vlmo is renamed objectives.weight_image_text" in caplog.text
+    saved = load_config("vlmae-debug").to_dict()
+    saved["objectives"]["vlmo"] = saved["objectives"].pop("image_text")
+    saved["objectives"]["vlmo"] = False  # an old run that switched the pair task off
+    restored = TrainConfig.from_dict(saved)
+    assert restored.objectives.image_text is False and not hasattr(restored.objectives, "vlmo")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config("debug", ["objectives.pair_task=true"])

@@ -42,8 +42,9 @@ from vlp_train.tasks import IGNORE, Task
 log = logging.getLogger(__name__)
 
 ARCH = "vlmae"
-# the task whose view and objectives are VLMAE's own: the family's image-text task (objectives.vlmo
-# switches it, as it does VLMo's; objectives.weight_vlmo weighs it by the curriculum's w_ITM)
+# the task whose view and objectives are VLMAE's own: the family's image-text task
+# (objectives.image_text switches it, as it does VLMo's; objectives.weight_image_text weighs it by
+# the curriculum's w_ITM)
 PAIR_TASK = Task.IMAGE_TEXT
 VIT_EPS = 1e-6
 
