@@ -1,11 +1,16 @@
 """A trained model as one folder: `save_pretrained(folder)` / `from_pretrained(folder)`.
 
-The folder is a Hugging Face BERT folder with more in it:
-- `config.json`: BERT's config (so `BertModel.from_pretrained(folder)` reads the backbone, for
-  those who want the text side alone) plus a `vlp` section: the format version, the model family
-  (`arch`) and what the family needs to rebuild its heads (feature size, tag vocabulary, ...);
-- `model.safetensors`: every weight of the model, heads included, the backbone under `bert.`
-  (as HF's BertForPreTraining stores it; weights shared between modules are stored once);
+The folder is laid out as a Hugging Face BERT folder, with more in it:
+- `config.json`: BERT's config of the text side (`model_type` bert) plus a `vlp` section: the
+  format version, the model family (`arch`) and what the family needs to rebuild its heads
+  (feature size, tag vocabulary, ...). `architectures` names the family's model class
+  (`SingleStreamModel`, `VLMoModel`, `VLMAEModel`): what the folder is. A single-stream export's
+  backbone is a BertModel's (under `bert.`), so `BertModel.from_pretrained(folder)` reads its text
+  side; VLMo's weights (experts) and VLMAE's (cross-attention in the fusion layers) are not a BertModel's;
+- `model.safetensors`: every weight fine-tuning or a new run loads, heads included (weights shared
+  between modules stored once); not what only training needs (a family's `not_exported`: VLMAE's
+  momentum encoders, rebuilt as copies of the online ones on load). Checkpoints keep those, for
+  exact resume;
 - the tokenizer files.
 
 `model.init` may name such a folder or a run folder (its `hf/`): the run starts from the whole model.
@@ -34,6 +39,12 @@ class PretrainedModel:
 
     arch: str = ""
     tag_rows: tuple[str, ...] = ()
+    # weights (by name prefix) a checkpoint keeps, for exact resume, but an export leaves out: what
+    # fine-tuning and a run started from the export never read; `rebuild_not_exported` remakes them
+    not_exported: tuple[str, ...] = ()
+
+    def rebuild_not_exported(self) -> None:
+        """Remake the `not_exported` weights once the exported ones are loaded."""
 
     def bert_config(self):
         """The BERT config the saved config.json starts from (what BertModel.from_pretrained reads)."""
@@ -117,9 +128,12 @@ def read_config(folder: str):
 
 
 def unique_state(model) -> dict[str, torch.Tensor]:
-    """The state dict with each shared tensor once (under its first name): safetensors stores no aliases."""
+    """The exported state dict: each shared tensor once (under its first name; safetensors stores
+    no aliases), without the weights the model does not export (`not_exported`)."""
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
+        if name.startswith(model.not_exported):
+            continue
         identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
         if identity in seen:
             continue
@@ -135,7 +149,7 @@ def save(model, folder: str, tokenizer=None) -> None:
     model = unwrap(model)
     os.makedirs(folder, exist_ok=True)
     config = model.bert_config().to_dict()
-    config["architectures"] = ["BertModel"]
+    config["architectures"] = [type(model).__name__]  # what the folder holds (see the module's docstring)
     config[SECTION] = {"format_version": FORMAT_VERSION, "arch": model.arch, **model.vlp_config()}
     tmp = os.path.join(folder, WEIGHTS + ".tmp")
     save_file(unique_state(model), tmp, metadata={"format": "pt"})
@@ -147,12 +161,16 @@ def save(model, folder: str, tokenizer=None) -> None:
 
 
 def load_weights(model, weights: dict[str, torch.Tensor], where: str) -> None:
-    """All of the model's weights from `weights`; only aliases of stored tensors may be absent."""
-    aliases = set(model.state_dict()) - set(unique_state(model))
+    """All of the model's exported weights from `weights` (only aliases of stored tensors may be
+    absent), then the rest rebuilt (`rebuild_not_exported`). Weights an export no longer carries
+    (an earlier export's momentum encoders) are passed over."""
+    weights = {k: v for k, v in weights.items() if not k.startswith(model.not_exported)}
+    skipped = set(model.state_dict()) - set(unique_state(model))  # aliases, and what is not exported
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in aliases]
+    missing = [k for k in missing if k not in skipped]
     if missing or unexpected:
         raise ValueError(f"{where}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.rebuild_not_exported()
 
 
 def load(folder: str):
@@ -162,9 +180,21 @@ def load(folder: str):
 
     folder = model_folder(folder)
     bert_config, section = read_config(folder)
-    model = family_of(section["arch"]).model_class.from_vlp_config(bert_config, section)
+    model_class = family_of(section["arch"]).model_class
+    check_architecture(folder, model_class)
+    model = model_class.from_vlp_config(bert_config, section)
     load_weights(model, read_weights(folder), folder)
     return model.eval()
+
+
+def check_architecture(folder: str, model_class) -> None:
+    """A folder whose `architectures` names another class than its family's model is refused (a
+    hand-edited or mixed-up config). `BertModel` is what exports before this check wrote for all."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        named = json.load(f).get("architectures") or []
+    if named and named != ["BertModel"] and model_class.__name__ not in named:
+        raise ValueError(f"{folder}/config.json: architectures {named} but its vlp section's arch is "
+                         f"{model_class.arch} ({model_class.__name__}): the folder's config is inconsistent")
 
 
 def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[str]):
@@ -176,6 +206,7 @@ def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[
     bert_config, section = read_config(folder)
     if section["arch"] != model_class.arch:
         raise ValueError(f"model.init {folder} holds a {section['arch']} model, but model.arch is {model_class.arch}")
+    check_architecture(folder, model_class)
     if section.get("feature_dim") != feature_dim:
         raise ValueError(f"model.init {folder} takes {section.get('feature_dim')}-d region features, "
                          f"but this corpus has {feature_dim}-d ones")

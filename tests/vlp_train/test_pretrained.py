@@ -205,3 +205,67 @@ def test_legacy_layernorm_names_load(tmp_path):
     model = build_model(load_config("debug", [f"model.init={tmp_path / 'bert'}"]).model, DIM, TAGS)
     torch.testing.assert_close(model.bert.embeddings.LayerNorm.weight, source.bert.embeddings.LayerNorm.weight)
     torch.testing.assert_close(model.mlm_transform.LayerNorm.bias, source.cls.predictions.transform.LayerNorm.bias)
+
+
+def _tiny(arch: str):
+    """A small model of each family (random weights, seeded)."""
+    from vlp_train.families.vlmae import VLMAEModel
+    from vlp_train.families.vlmo import VLMoModel
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if arch == "single_stream":
+        return SingleStreamModel(config, DIM, sorted(TAGS))
+    if arch == "vlmo":
+        return VLMoModel(config, DIM, sorted(TAGS), vl_layers=1)
+    return VLMAEModel(config, {"feature_dim": DIM, "tags": sorted(TAGS), "fusion_layers": 1, "vision": [1, 32, 2],
+                               "decoder": [1, 16, 2]})
+
+
+@pytest.mark.parametrize("arch,model_class", [("single_stream", "SingleStreamModel"), ("vlmo", "VLMoModel"),
+                                              ("vlmae", "VLMAEModel")])
+def test_each_familys_export_says_what_it_is_and_loads_as_that_family(tmp_path, arch, model_class):
+    from safetensors import safe_open
+    model = _tiny(arch).eval()
+    model.save_pretrained(str(tmp_path / "hf"))
+    with open(tmp_path / "hf" / "config.json") as f:
+        config = json.load(f)
+    assert config["architectures"] == [model_class] and config["vlp"]["arch"] == arch
+    restored = pretrained.load(str(tmp_path / "hf"))
+    assert type(restored).__name__ == model_class and restored.arch == arch
+    with safe_open(str(tmp_path / "hf" / pretrained.WEIGHTS), "pt") as f:
+        stored = set(f.keys())
+    theirs = restored.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(theirs[name], value, rtol=0, atol=0, msg=name)
+    if arch != "vlmae":
+        return
+    # VLMAE: the momentum encoders are training's, in checkpoints (the state dict), not in the export
+    assert any(k.startswith("momentum_") for k in model.state_dict())
+    assert not any(k.startswith("momentum_") for k in stored)
+
+
+def test_an_export_starts_vlmaes_momentum_encoders_as_copies_and_reads_an_older_export_that_held_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = _tiny("vlmae")
+    with torch.no_grad():  # a trained model's EMA differs from its online encoders
+        for p in model.momentum_vision.parameters():
+            p.add_(1.0)
+    model.save_pretrained(str(tmp_path / "hf"))
+    restored = pretrained.load(str(tmp_path / "hf"))
+    torch.testing.assert_close(restored.momentum_vision.blocks[0].attn.qkv.weight, model.vision.blocks[0].attn.qkv.weight)
+    # an export written before momentum encoders were left out (and `architectures` was BertModel)
+    weights = load_file(str(tmp_path / "hf" / pretrained.WEIGHTS))
+    weights.update({k: v.clone() for k, v in model.state_dict().items() if k.startswith("momentum_")})
+    save_file(weights, str(tmp_path / "hf" / pretrained.WEIGHTS))
+    with open(tmp_path / "hf" / "config.json") as f:
+        config = json.load(f)
+    config["architectures"] = ["BertModel"]
+    with open(tmp_path / "hf" / "config.json", "w") as f:
+        json.dump(config, f)
+    assert type(pretrained.load(str(tmp_path / "hf"))).__name__ == "VLMAEModel"
+    config["architectures"] = ["VLMoModel"]  # contradicts its arch: refused
+    with open(tmp_path / "hf" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="architectures.*VLMoModel.*vlmae"):
+        pretrained.load(str(tmp_path / "hf"))

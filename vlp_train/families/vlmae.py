@@ -283,6 +283,7 @@ def _vision_shape(cfg_model, text_config) -> tuple[int, int, int]:
 class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     arch = ARCH
     tag_rows = ("mrc.1.weight", "mrc.1.bias")
+    not_exported = ("momentum_",)  # the EMA copies: training's (in checkpoints), not fine-tuning's
     CONTRAST_DIM = 256  # ALBEF's projection size
 
     def __init__(self, bert_config, spec: dict):
@@ -361,6 +362,10 @@ class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
         """The momentum encoders start as copies of the online ones (after an init is loaded)."""
         online, momentum = self._momentum_pairs()
         torch._foreach_copy_(momentum, online)
+
+    def rebuild_not_exported(self) -> None:
+        """A model loaded from an export (which has no momentum encoders) starts them as copies."""
+        self.copy_to_momentum()
 
     @torch.no_grad()
     def momentum_update(self, momentum: float) -> None:
