@@ -370,7 +370,11 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
 
 
 def check_store_images(options: BuildOptions) -> None:
-    """ValueError for --store-images / --image-root / --image-size given in a way that cannot work."""
+    """ValueError for --store-images / --image-root / --image-size given in a way that cannot work
+    (the CLI asks this before it writes anything; the pipeline again when it is built)."""
+    if options.image_root and not options.detections:
+        raise ValueError("--image-root goes with --detections (and --store-images); --images are read from where "
+                         "they are")
     if options.image_root and not options.store_images:
         raise ValueError("--image-root is read only with --store-images")
     if not options.store_images:
@@ -379,11 +383,11 @@ def check_store_images(options: BuildOptions) -> None:
         raise ValueError("--store-images writes the images into the shards: it cannot go with --no-shards")
     if options.image_size < 1:
         raise ValueError(f"--image-size must be at least 1, got {options.image_size}")
-    if options.images and options.image_root:
-        raise ValueError("--image-root is for --detections; with --images the images are read from there")
     if options.detections and not options.image_root:
         raise ValueError("--store-images with --detections needs --image-root DIR, the folder the detections' "
                          "images are read from (see docs/corpus-format.md for how an image id names its file)")
+    if options.image_root and is_local(options.image_root) and not os.path.isdir(options.image_root):
+        raise ValueError(f"--image-root {options.image_root!r} is not a folder")
 
 
 def write_rejected(out: str, entry: str) -> WriteFiles:

