@@ -146,14 +146,19 @@ def finetune_cmd(task, init, data, detections, output, overrides, resume, overwr
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--output", default=None, help="Metrics file [default: MODEL/metrics-SPLIT.json].")
 @click.option("--candidates", default=16, show_default=True, type=click.IntRange(1),
-              help="retrieval: ITM re-ranks each query's top K of the first stage (sentence-BERT of the image's tags).")
-def evaluate_cmd(task, model_dir, data, split, detections, max_examples, batch_size, device, output, candidates):
+              help="retrieval fine-tuned by ITM: ITM re-ranks each query's top K of the first stage (sentence-BERT of "
+              "the image's tags).")
+@click.option("--rerank-k", default=0, show_default=True, type=click.IntRange(0),
+              help="retrieval fine-tuned as a dual encoder (ITC): ITM re-scores each query's top K of the dual encoder "
+              "(0: the dual encoder alone, as VLMo evaluates).")
+def evaluate_cmd(task, model_dir, data, split, detections, max_examples, batch_size, device, output, candidates,
+                 rerank_k):
     """Score a fine-tuned model on a split: prints the metrics and writes them as JSON."""
     from vlp_train.finetune.train import evaluate
 
     try:
         result = evaluate(task, model_dir, data, split, detections, device, max_examples, batch_size, output,
-                          candidates)
+                          candidates, rerank_k)
     except (OSError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(_rounded(result), sort_keys=True))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from vlp_train.config import (ModelConfig, OptimConfig, RunConfig, Sections, apply_overrides, check_keys,
-                              check_model)
+from vlp_train.config import (_CHOICES, _RANGES, ModelConfig, OptimConfig, RunConfig, Sections, apply_overrides,
+                              check_keys, check_model)
+from vlp_train.finetune.tasks import RETRIEVAL_OBJECTIVES
 
 
 @dataclass
@@ -29,7 +30,11 @@ class TaskConfig:
     head_hidden_scale: int = 2        # the classifier's hidden layer: scale x the model's hidden size
     head_lr_scale: float = 1.0        # the head's learning rate: optim.lr x this (VLMo's VQA head: x 20)
     answer_min_count: int = 9         # VQA: answers seen at least this often in train make the vocabulary
-    candidates: int = 16              # retrieval: first-stage top-K re-ranked by ITM
+    candidates: int = 16              # retrieval by ITM: first-stage top-K re-ranked by ITM
+    # retrieval's objective: itc (a dual encoder, as VLMo fine-tunes it), itm (the fusion ITM over a
+    # first stage's candidates), auto: itc for a family that has a dual encoder (vlmo, vlmae), else itm
+    retrieval_objective: str = "auto"
+    rerank_k: int = 0                 # retrieval by ITC: the fusion ITM re-scores each query's top k (0: the dual encoder alone)
     iou_threshold: float = 0.5        # RefCOCO+: a region is correct at IoU >= this with the ground truth
 
 
@@ -82,6 +87,10 @@ PRESETS: dict[str, dict] = {
     "easy-vqa": {"optim.epochs": 5, "optim.lr": 1e-4, "data.batch_size": 32, "task.head_lr_scale": 10.0,
                  "data.eval_split": "test", "model.max_text_len": 24},
 }
+
+_RANGES["task.rerank_k"] = (lambda v: v >= 0, ">= 0 (0: the dual encoder alone)")
+_CHOICES["task.retrieval_objective"] = RETRIEVAL_OBJECTIVES
+
 
 def load_config(task: str, overrides: list[str] | None = None) -> FinetuneConfig:
     cfg = apply_overrides(preset(task), overrides or [])

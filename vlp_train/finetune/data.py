@@ -65,7 +65,10 @@ class Collate:
         inputs = self.builder._tensors(input_ids=ids, text_mask=text_mask, features=feats, locations=locs,
                                        region_mask=region_mask)
         targets = None
-        if self.label_index is not None:
+        if self.label_index is not None and self.data.task.dual_encoder:  # ITC: each example's image key
+            from vlp_train.finetune.tasks import pair_key
+            targets = torch.tensor([pair_key(e.image_ids[0]) for e in examples], dtype=torch.long)
+        elif self.label_index is not None:
             rows = [self.data.task.target(e, self.label_index, [self.data.regions[k] for k in e.image_ids])
                     for e in examples]
             targets = torch.zeros(len(rows), max(len(r) for r in rows))  # region targets: padded to the batch's

@@ -31,9 +31,14 @@ class FinetuneTask:
     pairs: Callable | None = None    # training pairs of a batch: (examples) -> [(example, image key, label name)]
     #                                  (retrieval: each caption with its image and with another one)
     predict: Callable | None = None  # evaluation of its own: (model, data, builder, cfg, device, autocast) -> (metrics, predictions)
+    # trained as a dual encoder (families.Family.dual_encoder): the model returns each example's image
+    # and text features and the contrast's log scale, the targets [B] are each example's image key
+    # (the examples of one image are each other's positives), the loss is ITC over the (global) batch
+    dual_encoder: bool = False
+    dual_form: FinetuneTask | None = None  # this task as a dual encoder trains it (retrieval; task_for picks)
 
     def head(self, hidden: int, labels: int, scale: int):
-        if self.pairs is not None:  # the pre-trained model's own ITM head scores a pair
+        if self.pairs is not None or self.dual_encoder:  # the pre-trained model's own ITM head / projections
             return None
         if self.regions:
             return RegionScoreHead(hidden)
@@ -41,6 +46,10 @@ class FinetuneTask:
 
     def sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-sample loss [B]."""
+        if self.dual_encoder:
+            from vlp_train.objectives.contrastive import itc_losses
+            image_features, text_features, log_scale = logits
+            return itc_losses(image_features, text_features, log_scale, text_keys=targets).losses
         if self.loss == "bce":  # summed over the labels: the mean x labels of the literature's VQA loss
             return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").sum(-1)
         if self.regions:  # softmax over the image's regions (padding at -inf) against the target distribution
@@ -63,6 +72,22 @@ def task_of(name: str) -> FinetuneTask:
     if name not in TASKS:
         raise ValueError(f"--task {name!r}: not available (choose from {sorted(TASKS)})")
     return TASKS[name]
+
+
+RETRIEVAL_OBJECTIVES = ("auto", "itc", "itm")  # task.retrieval_objective
+
+
+def task_for(name: str, objective: str = "auto", dual_encoder: bool = False) -> FinetuneTask:
+    """The task `name` as a model trains it: a task with a dual-encoder form (retrieval) takes it when
+    the model's family has a dual encoder and `objective` (task.retrieval_objective) is auto or itc,
+    as VLMo fine-tunes retrieval; itm keeps the fusion ITM; itc on a family without one is refused."""
+    task = task_of(name)
+    if task.dual_form is None:
+        return task
+    if objective == "itc" and not dual_encoder:
+        raise ValueError(f"task.retrieval_objective=itc: this model's family has no dual encoder (its image and text "
+                         f"alone, projected: vlmo, vlmae); use itm (or auto)")
+    return task.dual_form if dual_encoder and objective != "itm" else task
 
 
 def one_hot(label: str, index: dict[str, int], regions=None) -> torch.Tensor:
@@ -196,7 +221,9 @@ register(FinetuneTask(
     score=_refcoco_score, metric="accuracy", loss="regions", regions=True))
 
 
-# -- retrieval (Karpathy splits): ITM fine-tuned on each caption with its image and with another
+# -- retrieval (Karpathy splits). A family with a dual encoder (VLMo, VLMAE): ITC over the batch, as
+# VLMo fine-tunes it, ranked by the dual encoder (task.rerank_k: ITM re-scores its top k). Otherwise
+# (or task.retrieval_objective=itm): ITM fine-tuned on each caption with its image and with another
 # image of the batch; evaluated by re-ranking a first stage's top `task.candidates` with ITM --------
 
 MATCH_LABELS = ["no", "match"]
@@ -262,7 +289,79 @@ def retrieval_predict(model, data, builder, cfg, device, autocast) -> tuple[dict
     return metrics, {e.example_id: images[int(top[t])] for t, e in enumerate(data.examples)}
 
 
+def pair_key(image_key: str) -> int:
+    """An integer per image (ITC's positives in a batch: the captions of one image)."""
+    from vlp_train.masking import text_key
+    return text_key(image_key)
+
+
+def recalls_of_directions(image_to_text, text_to_image, text_image) -> dict:
+    """R@K with text retrieval ranked by `image_to_text` and image retrieval by `text_to_image` (both
+    [images, texts]; they differ once each direction's top k is re-scored)."""
+    from vlp_train.finetune.metrics import retrieval_recalls
+    tr = retrieval_recalls(image_to_text, text_image)
+    ir = retrieval_recalls(text_to_image, text_image)
+    out = {**{k: v for k, v in tr.items() if k.startswith("tr@")}, **{k: v for k, v in ir.items() if k.startswith("ir@")}}
+    out["rsum"] = float(sum(out.values()))
+    out["rmean"] = out["rsum"] / (len(out) - 1)
+    return out
+
+
+@torch.no_grad()
+def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[dict, dict]:
+    """Every image of the split and every caption through the dual encoder (embed_images,
+    embed_texts), ranked by the dot products of their features: R@1/5/10 both ways over the whole
+    split. With task.rerank_k > 0 the fusion ITM re-scores each query's top k (evaluate_vlmo's
+    re-ranking; VLMo's fine-tuned retrieval is the dual encoder alone, the default)."""
+    from vlp_train.evaluate_vlmo import rerank_scores
+    from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
+    from vlp_train.step import to_device
+
+    encoder = model.model
+    images, text_image = retrieval_index(data.examples)
+    texts = [e.text for e in data.examples]
+
+    def image_inputs(keys):
+        feats, locs, region_mask, _ = builder._regions([data.regions[k].sample() for k in keys])
+        x = builder._tensors(features=feats, locations=locs, region_mask=region_mask)
+        return to_device({"x": x}, device)["x"]
+
+    def text_inputs(chunk):
+        ids, text_mask, _ = builder._tokenize(chunk)
+        return to_device({"x": builder._tensors(input_ids=ids, text_mask=text_mask)}, device)["x"]
+
+    size = cfg.data.eval_batch_size
+    image_features, text_features = [], []
+    for start in range(0, len(images), size):
+        x = image_inputs(images[start:start + size])
+        with autocast:
+            image_features.append(encoder.embed_images(x["features"], x["locations"], x["region_mask"]).float().cpu())
+    for start in range(0, len(texts), size):
+        x = text_inputs(texts[start:start + size])
+        with autocast:
+            text_features.append(encoder.embed_texts(x["input_ids"], x["text_mask"]).float().cpu())
+    scores = torch.cat(image_features) @ torch.cat(text_features).T  # [images, texts]
+    k = min(cfg.task.rerank_k, len(images), len(texts))
+    if not k:
+        metrics, image_to_text, text_to_image = retrieval_recalls(scores.numpy(), text_image), scores, scores
+    else:
+        def pair_of(text_rows, image_rows):
+            t = text_inputs([texts[i] for i in text_rows.tolist()])
+            v = image_inputs([images[i] for i in image_rows.tolist()])
+            return t["input_ids"], t["text_mask"], v["features"], v["locations"], v["region_mask"]
+        image_to_text = rerank_scores(encoder, scores, k, lambda q, c: pair_of(c, q), size, autocast)
+        text_to_image = rerank_scores(encoder, scores.T, k, lambda q, c: pair_of(q, c), size, autocast).T
+        metrics = recalls_of_directions(image_to_text.numpy(), text_to_image.numpy(), text_image)
+        metrics["rerank_k"] = k
+    top = text_to_image.argmax(0)
+    return metrics, {e.example_id: images[int(top[t])] for t, e in enumerate(data.examples)}
+
+
+RETRIEVAL_DUAL = FinetuneTask(
+    name="retrieval", read=_retrieval_read, labels=lambda train, cfg: [], target=None, score=None, metric="rmean",
+    loss="itc", predict=dual_encoder_predict, dual_encoder=True)
+
 register(FinetuneTask(
     name="retrieval", read=_retrieval_read, labels=lambda train, cfg: list(MATCH_LABELS),
     target=lambda e, index, regions: one_hot(e.target, index), score=None, metric="rmean", loss="ce",
-    pairs=retrieval_pairs, predict=retrieval_predict))
+    pairs=retrieval_pairs, predict=retrieval_predict, dual_form=RETRIEVAL_DUAL))

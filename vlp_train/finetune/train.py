@@ -27,7 +27,7 @@ from vlp_train.finetune.config import FinetuneConfig, dumps, validate
 from vlp_train.finetune.data import Collate, SplitData, batch_indices, epoch_order, loader
 from vlp_train.finetune.heads import init_head
 from vlp_train.finetune.regions import DetectionIndex
-from vlp_train.finetune.tasks import FinetuneTask, task_of
+from vlp_train.finetune.tasks import FinetuneTask, task_for, task_of
 from vlp_train.masking import BatchBuilder
 from vlp_train.runlog import RunLogger, prepare_run_folder
 from vlp_train.step import to_device
@@ -42,14 +42,22 @@ METRICS = "metrics.json"
 
 
 class TaskModel(nn.Module):
-    """The pre-trained model and a task head over its [CLS] state (both images' [CLS] states,
-    concatenated, for a pair task)."""
+    """The pre-trained model and a task head over its fusion [CLS] state (both images' [CLS] states,
+    concatenated, for a pair task); or, for a dual-encoder task, the model's image and text alone."""
 
-    def __init__(self, model: nn.Module, head: nn.Module, images: int = 1, regions: bool = False):
+    def __init__(self, model: nn.Module, head: nn.Module, images: int = 1, regions: bool = False,
+                 dual_encoder: bool = False):
         super().__init__()
         self.model, self.head, self.images, self.regions = model, head, images, regions
+        self.dual_encoder = dual_encoder
 
-    def forward(self, inputs: dict) -> torch.Tensor:
+    def forward(self, inputs: dict):
+        if self.dual_encoder:  # (image features [B, D], text features [B, D], the contrast's log scale)
+            m = self.model
+            # the scale comes out of forward (not read beside it) so that DDP counts it as used and
+            # all-reduces its gradient; `* 1` gives it a node in the graph DDP searches from the outputs
+            return (m.embed_images(inputs["features"], inputs["locations"], inputs["region_mask"]),
+                    m.embed_texts(inputs["input_ids"], inputs["text_mask"]), m.contrast_log_scale * 1)
         text, region_states = self.model(inputs["input_ids"], inputs["text_mask"], inputs["features"],
                                          inputs["locations"], inputs["region_mask"])
         if self.regions:  # a score per region [B, R]
@@ -91,20 +99,28 @@ def read_split(task: FinetuneTask, cfg: FinetuneConfig, split: str):
     return result
 
 
+def init_family(cfg: FinetuneConfig):
+    """The family of the model to fine-tune: a saved model's (model.arch set from its folder), else model.arch's."""
+    from vlp_train.families import family_of
+    from vlp_train.pretrained import read_config, resolve_init
+
+    kind, folder = resolve_init(cfg.model.init)
+    if kind == "vlp":
+        cfg.model.arch = read_config(folder)[1]["arch"]
+    return family_of(cfg.model.arch)
+
+
 def backbone(cfg: FinetuneConfig, feature_dim: int):
     """The model to fine-tune, as model.init says: a run or saved model folder (the whole
     pre-trained model, its family from the folder), a HF BERT folder, None (the bundled MiniLM)
     or "random"."""
-    from vlp_train.families import family_of
     from vlp_train.pretrained import init_from, read_config, resolve_init
 
+    family = init_family(cfg)
     kind, folder = resolve_init(cfg.model.init)
     if kind == "vlp":
-        _, section = read_config(folder)
-        cfg.model.arch = section["arch"]
-        return init_from(folder, family_of(section["arch"]).model_class, cfg.model, feature_dim,
-                         list(section.get("tags", [])))
-    return family_of(cfg.model.arch).build(cfg.model, feature_dim, [])
+        return init_from(folder, family.model_class, cfg.model, feature_dim, list(read_config(folder)[1].get("tags", [])))
+    return family.build(cfg.model, feature_dim, [])
 
 
 def make_builder(tokenizer, cfg: FinetuneConfig, feature_dim: int) -> BatchBuilder:
@@ -122,7 +138,7 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     validate(cfg)
     if not cfg.data.detections:
         raise ValueError("--detections is required: the regions of the dataset's images (vlp-data detect output)")
-    task = task_of(cfg.task.name)
+    task = task_for(cfg.task.name, cfg.task.retrieval_objective, init_family(cfg).dual_encoder)
     device = pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = distributed.setup_distributed(device.type, cfg.run.dist_timeout_s)
     seed_everything(cfg.run.seed + dist_info.rank)
@@ -151,7 +167,7 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
                          "layers, the default); the whole step is compiled for pre-training only")
     if scope == "layers":  # one compiled layer serves every layer (compile.CompiledLayers), as in pre-training
         pretrained.set_layer_call(CompiledLayers())
-    model = TaskModel(pretrained, head, task.images, task.regions).to(device)
+    model = TaskModel(pretrained, head, task.images, task.regions, task.dual_encoder).to(device)
     optimizer = make_optimizer(model, cfg, device)
     if cfg.task.head_lr_scale != 1.0 and head is not None:
         scale_head_lr(optimizer, model, cfg.optim.lr * cfg.task.head_lr_scale)
@@ -272,7 +288,8 @@ def save_best(run: FinetuneRun, step: int, metrics: dict) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in run.model.head.state_dict().items()},
                   os.path.join(tmp, HEAD_WEIGHTS))
     with open(os.path.join(tmp, TASK_FILE), "w", encoding="utf-8") as f:
-        json.dump({"task": run.task.name, "labels": run.labels, "head_hidden_scale": run.cfg.task.head_hidden_scale,
+        json.dump({"task": run.task.name, "dual_encoder": run.task.dual_encoder, "labels": run.labels,
+                   "head_hidden_scale": run.cfg.task.head_hidden_scale,
                    "max_text_len": run.cfg.model.max_text_len, "max_regions": run.cfg.model.max_regions,
                    "step": step, "metric": run.task.metric, "metrics": metrics}, f, indent=1)
     if os.path.isdir(final):
@@ -320,16 +337,22 @@ def load_finetuned(folder: str, device):
     with open(os.path.join(path, TASK_FILE), encoding="utf-8") as f:
         saved = json.load(f)
     task = task_of(saved["task"])
+    if saved.get("dual_encoder"):  # fine-tuned as a dual encoder (retrieval by ITC)
+        task = task.dual_form
     model = pretrained.load(path)
     head = task.head(model.bert_config().hidden_size, len(saved["labels"]), saved["head_hidden_scale"])
     if head is not None:
         head.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS)))
-    return TaskModel(model, head, task.images, task.regions).to(device).eval(), task, saved["labels"], saved
+    return (TaskModel(model, head, task.images, task.regions, task.dual_encoder).to(device).eval(), task,
+            saved["labels"], saved)
 
 
 def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: str, device: str = "auto",
-             max_examples: int = 0, batch_size: int = 64, output: str | None = None, candidates: int = 16) -> dict:
-    """Metrics of a fine-tuned model on a split; written to `output` (default MODEL/metrics-SPLIT.json)."""
+             max_examples: int = 0, batch_size: int = 64, output: str | None = None, candidates: int = 16,
+             rerank_k: int = 0) -> dict:
+    """Metrics of a fine-tuned model on a split; written to `output` (default MODEL/metrics-SPLIT.json).
+    Retrieval: `candidates` for a model fine-tuned by ITM (the first stage's top K it re-ranks),
+    `rerank_k` for a dual encoder (ITM re-scores each query's top k of it; 0: the dual encoder alone)."""
     from transformers import BertTokenizerFast
 
     from vlp_train.pretrained import model_folder
@@ -340,7 +363,7 @@ def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: 
     cfg = FinetuneConfig()
     cfg.task.name, cfg.data.data, cfg.data.detections = task_name, data, detections
     cfg.data.eval_batch_size, cfg.model.max_text_len = batch_size, saved["max_text_len"]
-    cfg.model.max_regions, cfg.task.candidates = saved["max_regions"], candidates
+    cfg.model.max_regions, cfg.task.candidates, cfg.task.rerank_k = saved["max_regions"], candidates, rerank_k
     split_data = SplitData(task, read_split(task, cfg, split), DetectionIndex(detections), cfg.model.max_regions,
                            max_examples)
     path = os.path.join(model_dir, BEST) if os.path.isdir(os.path.join(model_dir, BEST)) else model_folder(model_dir)

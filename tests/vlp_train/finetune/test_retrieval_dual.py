@@ -8,6 +8,9 @@ from transformers import BertConfig
 
 from vlp_train.families import FAMILIES
 from vlp_train.families.vlmo import IMAGE, TEXT, VLMoModel
+from vlp_train.finetune.config import load_config
+
+from .test_harness import write_karpathy
 
 
 def small_vlmo(layers=2, vl_layers=1) -> VLMoModel:
@@ -52,3 +55,139 @@ def test_vlmaes_dual_encoder_is_its_online_encoders_over_the_whole_image():
     ids, text_mask = torch.randint(5, 100, (3, 4)), torch.ones(3, 4, dtype=torch.bool)
     assert model.embed_texts(ids, text_mask).shape == (3, VLMAEModel.CONTRAST_DIM)
     assert model.contrast_log_scale is model.itc_log_scale
+
+
+# vlmo-debug's model: the bundled MiniLM as a multiway transformer (a random init's [CLS] states
+# hardly differ between inputs, so a dual encoder from one has nothing to rank by)
+VLMO_DEBUG = ["model.arch=vlmo", "model.vl_layers=2", "model.dropout=0.0", "run.log_every=1"]
+
+
+def vlmo_retrieval(tmp_path, *more):
+    detections = write_karpathy(tmp_path)
+    cfg = load_config("retrieval", VLMO_DEBUG + ["data.batch_size=4", "data.eval_split=test", *more])
+    cfg.run.output, cfg.data.detections, cfg.data.data = str(tmp_path / "ft"), detections, str(tmp_path)
+    return cfg
+
+
+def test_retrieval_objective_follows_the_family_and_is_validated(tmp_path):
+    from vlp_train.finetune.config import validate
+    from vlp_train.finetune.tasks import task_for
+
+    assert task_for("retrieval", "auto", dual_encoder=True).dual_encoder
+    assert task_for("retrieval", "itc", dual_encoder=True).dual_encoder
+    assert task_for("retrieval", "itm", dual_encoder=True).pairs is not None      # the fusion ITM, by choice
+    assert task_for("retrieval", "auto", dual_encoder=False).pairs is not None    # single-stream: no dual encoder
+    assert not task_for("vqa", "itc", dual_encoder=True).dual_encoder             # a retrieval key only
+    with pytest.raises(ValueError, match="no dual encoder"):
+        task_for("retrieval", "itc", dual_encoder=False)
+    with pytest.raises(ValueError, match="task.retrieval_objective"):
+        validate(load_config("retrieval", ["task.retrieval_objective=contrast"]))
+    with pytest.raises(ValueError, match="task.rerank_k"):
+        validate(load_config("retrieval", ["task.rerank_k=-1"]))
+
+
+def test_itc_fine_tuning_loss_is_the_contrast_over_the_batch_by_hand(tmp_path):
+    """A batch of 3 captions, two of one image: each caption's loss is the mean of its image's
+    softmax over the batch's texts and its text's softmax over the batch's images (scaled dot
+    products of the projected [CLS] states), the target spread over the columns of the same image."""
+    import math
+
+    from vlp_train.finetune.data import Collate
+    from vlp_train.finetune.train import build_finetune
+    from vlp_train.step import to_device
+
+    run = build_finetune(vlmo_retrieval(tmp_path))
+    assert run.task.dual_encoder and run.model.head is None
+    run.model.eval()
+    examples = run.train.examples
+    picked = [0, 1, 2]  # captions 0 and 1 are of image 0, caption 2 of image 1
+    assert examples[0].image_ids == examples[1].image_ids != examples[2].image_ids
+    batch = Collate(run.train, run.builder, {})(picked)
+    inputs = to_device({"x": batch["inputs"]}, run.device)["x"]
+    with torch.no_grad():
+        run.model.model.logit_scale.fill_(math.log(5.0))
+        outputs = run.model(inputs)
+        losses = run.task.sample_loss(outputs, batch["targets"])
+        m = run.model.model
+        image = F.normalize(m.image_proj(m.encode_image(inputs["features"], inputs["locations"],
+                                                       inputs["region_mask"])[:, 0]), dim=-1)
+        text = F.normalize(m.text_proj(m.encode_text(inputs["input_ids"], inputs["text_mask"])[:, 0]), dim=-1)
+    same = [[examples[i].image_ids == examples[j].image_ids for j in picked] for i in picked]
+    for i in range(3):
+        i2t = [5.0 * float(image[i] @ text[j]) for j in range(3)]
+        t2i = [5.0 * float(text[i] @ image[j]) for j in range(3)]
+        positives = [j for j in range(3) if same[i][j]]
+
+        def cross_entropy(logits):
+            log_total = math.log(sum(math.exp(v) for v in logits))
+            return -sum(logits[j] - log_total for j in positives) / len(positives)
+        assert float(losses[i]) == pytest.approx((cross_entropy(i2t) + cross_entropy(t2i)) / 2, rel=1e-4)
+    assert len(positives) == 1 and sum(same[0]) == 2  # caption 0's image has two positive texts
+
+
+@pytest.mark.slow
+def test_itc_fine_tuning_lowers_the_loss_and_ranks_by_the_dual_encoder(tmp_path):
+    """A few epochs of ITC lower the loss; evaluation's R@K come from the dot products of the
+    saved model's projected features over the whole split, as a direct computation gives them."""
+    import json
+
+    from vlp_train import pretrained
+    from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
+    from vlp_train.finetune.train import evaluate, finetune
+    from vlp_train.step import to_device
+
+    cfg = vlmo_retrieval(tmp_path, "optim.epochs=3", "optim.lr=1e-4", "optim.warmup_ratio=0")
+    summary = finetune(cfg)
+    assert summary["steps"] == 6  # 8 captions / 4 a batch x 3 epochs
+    rows = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
+    losses = [r["retrieval/loss"] for r in rows if "retrieval/loss" in r]
+    assert len(losses) == 6 and sum(losses[-2:]) < 0.6 * sum(losses[:2]), losses
+    saved = json.load(open(tmp_path / "ft" / "best" / "task.json"))
+    assert saved["dual_encoder"] is True
+    result = evaluate("retrieval", str(tmp_path / "ft"), str(tmp_path), "test", cfg.data.detections)
+    assert result["examples"] == 8 and result["rmean"] == pytest.approx(summary["best"]["metrics"]["rmean"])
+
+    # the same figures from the saved model's features, computed here
+    from vlp_train.finetune.data import SplitData
+    from vlp_train.finetune.regions import DetectionIndex
+    from vlp_train.finetune.tasks import task_for
+    from vlp_train.finetune.train import make_builder, read_split
+    from transformers import BertTokenizerFast
+    model = pretrained.load(str(tmp_path / "ft" / "best")).eval()
+    task = task_for("retrieval", "itc", True)
+    data = SplitData(task, read_split(task, cfg, "test"), DetectionIndex(cfg.data.detections), cfg.model.max_regions)
+    builder = make_builder(BertTokenizerFast.from_pretrained(str(tmp_path / "ft" / "best")), cfg, data.feature_dim)
+    images, text_image = retrieval_index(data.examples)
+    feats, locs, region_mask, _ = builder._regions([data.regions[k].sample() for k in images])
+    ids, text_mask, _ = builder._tokenize([e.text for e in data.examples])
+    x = to_device({"x": builder._tensors(input_ids=ids, text_mask=text_mask, features=feats, locations=locs,
+                                         region_mask=region_mask)}, torch.device("cpu"))["x"]
+    with torch.no_grad():
+        image = model.embed_images(x["features"], x["locations"], x["region_mask"])
+        text = model.embed_texts(x["input_ids"], x["text_mask"])
+    direct = retrieval_recalls((image @ text.T).numpy(), text_image)
+    assert {k: result[k] for k in direct} == pytest.approx(direct)
+    # ITM re-scoring each query's top k of the dual encoder: every candidate at k = all
+    reranked = evaluate("retrieval", str(tmp_path / "ft"), str(tmp_path), "test", cfg.data.detections, rerank_k=4)
+    assert reranked["rerank_k"] == 4 and {"tr@1", "ir@1", "rmean"} <= set(reranked)
+
+
+def test_classification_tasks_read_the_fusion_t_cls(tmp_path):
+    """A VLMo fine-tuned for a classification task: the head reads the pair's fusion pass ([T_CLS]
+    after the VL-FFN layers), not the dual encoder."""
+    from vlp_train.families.vlmo import PAIR
+    from vlp_train.finetune.train import TaskModel
+
+    model = small_vlmo()
+    modes = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda m, args, out: modes.append(args[2]))
+    task_model = TaskModel(model, torch.nn.Identity()).eval()
+    ids, text_mask = torch.randint(5, 100, (3, 5)), torch.ones(3, 5, dtype=torch.bool)
+    inputs = {"input_ids": ids, "text_mask": text_mask, "features": torch.randn(3, 2, 6),
+              "locations": torch.rand(3, 2, 5), "region_mask": torch.ones(3, 2, dtype=torch.bool)}
+    with torch.no_grad():
+        pooled = task_model(inputs)
+        fused, _ = model(ids, text_mask, inputs["features"], inputs["locations"], inputs["region_mask"])
+    assert modes[:2] == [PAIR, PAIR]
+    torch.testing.assert_close(pooled, fused[:, 0])
