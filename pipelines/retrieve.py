@@ -154,9 +154,9 @@ def load_corpus(files: CorpusFiles) -> Corpus:
     """The spilled corpus, its vectors and rows memory-mapped (read-only). A remote folder (gs://)
     is first copied to this machine once: Dataflow runs an SDK process per vCPU, and each would
     otherwise hold its own copy of the vectors in memory."""
-    vectors_path, rows_path = local_paths(files)[:2]
-    vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
-    rows = pa.ipc.open_file(pa.memory_map(rows_path)).read_all()
+    local = local_copy(files)
+    vectors = np.load(local.vectors_path, mmap_mode="r", allow_pickle=False)
+    rows = pa.ipc.open_file(pa.memory_map(local.rows_path)).read_all()
     if len(rows) != files.size or len(vectors) != files.size:
         raise ValueError(f"corpus files {files.vectors_path} / {files.rows_path} hold {len(vectors)} vectors and "
                          f"{len(rows)} rows, expected {files.size}: written by another run?")
@@ -168,12 +168,19 @@ def load_index(files: CorpusFiles):
     """The shard's IVF / IVF-PQ index, memory-mapped: its inverted lists stay in the file (in the
     page cache, shared by the machine's processes), not in each process's memory."""
     import faiss
-    return faiss.read_index(local_paths(files)[2], faiss.IO_FLAG_MMAP)
+    return faiss.read_index(local_copy(files).index_path, faiss.IO_FLAG_MMAP)
 
 
-def local_paths(files: CorpusFiles) -> list[str]:
-    """The files' local paths: themselves where the folder is local, else this machine's copies."""
-    return files.paths if is_local(files.vectors_path) else cache_locally(files)
+def local_copy(files: CorpusFiles) -> CorpusFiles:
+    """The corpus files on this machine: `files` itself where its folder is local, else the same
+    files in this machine's cache (copied there once per machine). The one place a remote shard's
+    local paths are worked out: a reader of both the corpus and its index asks once and passes
+    the result on, so the remote folder is matched once."""
+    if is_local(files.vectors_path):
+        return files
+    cache = cache_locally(files)
+    local_index = os.path.join(cache, posixpath.basename(files.index_path)) if files.index_path else None
+    return replace(files, directory=cache, index_path=local_index)
 
 
 def corpus_cache_dir(files: CorpusFiles) -> str:
@@ -188,20 +195,19 @@ def corpus_cache_dir(files: CorpusFiles) -> str:
     return os.path.join(tempfile.gettempdir(), "vlp-data-corpus", f"{files.fingerprint}-{source}")
 
 
-def cache_locally(files: CorpusFiles) -> list[str]:
-    """Local copies of the corpus files (vectors, rows, index), downloaded by one process of this
-    machine while the others wait on the folder's lock; a copy appears under its name only when complete."""
+def cache_locally(files: CorpusFiles) -> str:
+    """The folder of this machine's copies of the corpus files (vectors, rows, index), each under
+    its own name, downloaded by one process of this machine while the others wait on the folder's
+    lock; a copy appears under its name only when complete."""
     cache = corpus_cache_dir(files)
     os.makedirs(cache, exist_ok=True)
-    local = []
     with open(os.path.join(cache, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         for remote in files.paths:
             path = os.path.join(cache, posixpath.basename(remote))
             if not os.path.exists(path):
                 _download(remote, path)
-            local.append(path)
-    return local
+    return cache
 
 
 def _download(remote: str, path: str) -> None:
@@ -396,6 +402,7 @@ class ShardCorpus(beam.PTransform):
 def _load_searcher(corpus: Corpus | CorpusFiles, options: RetrieveOptions):
     start = time.perf_counter()
     if isinstance(corpus, CorpusFiles):
+        corpus = local_copy(corpus)  # once for the corpus and its index
         loaded = load_corpus(corpus)
         index = load_index(corpus) if corpus.index_path else None
     else:

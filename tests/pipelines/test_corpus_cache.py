@@ -170,3 +170,23 @@ def test_a_remote_shard_index_is_copied_with_the_shard_and_memory_mapped(remote,
     assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists), faiss.OnDiskInvertedLists)
     (entry,) = _cache_entries(tmp_path)
     assert os.path.basename(indexed.index_path) in os.listdir(tmp_path / "machine-tmp" / "vlp-data-corpus" / entry)
+
+
+def test_a_remote_shard_and_its_index_are_localised_once_for_a_search(remote, tmp_path, monkeypatch):
+    """The searcher of a remote indexed shard works out the local copies once (one match of the
+    remote folder, one lock), not once for the corpus and again for its index."""
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import _load_searcher, add_shard_to_index, train_once
+
+    original = _corpus("f2", size=200)
+    options = RetrieveOptions(index="ivf", nlist=4, nprobe=4)
+    files = spill_corpus(original, remote)
+    indexed = add_shard_to_index(files, train_once([(f"r{i:03d}", v) for i, v in enumerate(original.vectors)],
+                                                   remote, options))
+    resolved = []
+    cache_dir = retrieve.corpus_cache_dir
+    monkeypatch.setattr(retrieve, "corpus_cache_dir", lambda f: resolved.append(f) or cache_dir(f))
+    loaded, searcher = _load_searcher(indexed, options)
+    assert resolved == [indexed]
+    _assert_mapped_equal(loaded, original)
+    assert searcher is not None
