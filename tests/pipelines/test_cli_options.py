@@ -112,3 +112,22 @@ def test_the_flex_template_offers_the_index_types_the_cli_takes():
         (index,) = [p for p in json.load(f)["parameters"] if p["name"] == "index"]
     (pattern,) = index["regexes"]
     assert [t for t in (*INDEX_TYPES, "hnsw", "") if re.fullmatch(pattern, t)] == list(INDEX_TYPES)
+
+
+def test_no_inputs_build_the_bundled_sample_with_the_same_settings(tmp_path, monkeypatch):
+    """`make demo`'s command: the sample's images and text replace the inputs, its text is split into
+    sentences, every flag given still applies."""
+    from pipelines import sample
+
+    built = []
+    monkeypatch.setattr(cli, "run_build", lambda options, beam_args, wait=True: built.append(options))
+    # the sample's files themselves are the end-to-end test's (test_cli_default_and_detect)
+    monkeypatch.setattr(sample, "prepare_sample", lambda folder: (f"{folder}/images/*.jpg", f"{folder}/text.txt"))
+    out = str(tmp_path / "vlp-out")
+    result = CliRunner().invoke(main, ["build-retrieval", "--k", "4", "--output", out, "--samples-per-shard", "25"])
+    assert result.exit_code == 0, result.output
+    (options,) = built
+    assert options.images and options.text and options.images.startswith(os.path.join(out, ".sample-input"))
+    assert options.text_options.split_sentences and options.retrieve.k == 4 and options.shard.samples_per_shard == 25
+    assert options == BuildOptions(output=out, images=options.images, text=options.text,
+                                   text_options=options.text_options, retrieve=options.retrieve, shard=options.shard)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import schemas
 from pipelines.cli import main
-from tests.pipelines.test_readers import _oscar_vinvl_files
+from tests.pipelines.test_readers_detections import _oscar_vinvl_files
 
 
 def test_vinvl_files_convert_to_detections_the_finetune_harness_reads(tmp_path):

@@ -1,5 +1,5 @@
-"""Readers, continued: malformed VinVL lines, duplicates kept deterministically, strings where lists
-belong, byte-order marks, Parquet schema checks and corrupt files. Each rejection is asserted by its
+"""Detections readers, continued: malformed VinVL lines, duplicates kept deterministically, strings
+where lists belong, byte-order marks, Parquet schema checks and corrupt files. Each rejection is asserted by its
 source (file[:line]) and reason."""
 import base64
 import gzip
@@ -17,12 +17,9 @@ import schemas
 from pipelines.deadletter import message
 from pipelines.cli import main
 from pipelines.files import stable_id
-from pipelines.readers import text as text_reader
 from pipelines.readers.detection_record import validate_detection
 from pipelines.readers.detections import ReadDetections, _first_per_image
-from pipelines.readers.text import ReadCorpus, cut_for_spacy
 from pipelines.readers.vinvl import join_vinvl
-from pipelines.options import TextOptions
 
 from .conftest import SOFA_SENTENCES, write_jsonl
 
@@ -143,18 +140,6 @@ def test_string_labels_are_dead_lettered_with_file_and_line(pipeline, tmp_path):
 
 # 4. A UTF-8 byte-order mark opening a file must not stick to the first record.
 
-def test_byte_order_mark_does_not_defeat_text_deduplication(pipeline, tmp_path):
-    (tmp_path / "a.txt").write_bytes("\ufeffA cat sleeps.\nA cat sleeps.\n".encode("utf-8"))
-    with gzip.open(tmp_path / "b.txt.gz", "wb") as f:
-        f.write("\ufeffA dog runs.\n".encode("utf-8"))
-    (tmp_path / "c.txt").write_text("A dog runs.\n", encoding="utf-8")
-    out = pipeline | ReadCorpus(f"{tmp_path}/*.txt*")
-    assert_that(out["sentences"], equal_to([(stable_id(t), t) for t in ["A cat sleeps.", "A dog runs."]]), label="sentences")
-    assert_that(out["counts"] | beam.CombinePerKey(sum),
-                equal_to([("text_lines", 4), ("text_dropped_duplicate", 2)]), label="counts")
-    pipeline.run()
-
-
 def test_byte_order_mark_does_not_stick_to_detection_ids(pipeline, tmp_path):
     vinvl = tmp_path / "predictions.tsv"
     vinvl.write_bytes(b"\xef\xbb\xbf" + _prediction_line("img1", "man").encode())
@@ -224,41 +209,6 @@ def test_first_per_image_picks_by_features_too():
 
 # 7. Corrupt or truncated files are dead-lettered under their own name; the other files go on.
 
-def test_corrupt_gzip_and_parquet_text_files_are_dead_lettered(pipeline, tmp_path):
-    (tmp_path / "good.txt").write_text("A cat sleeps.\n", encoding="utf-8")
-    (tmp_path / "garbage.txt.gz").write_bytes(b"this is not gzip\n")
-    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet PAR1")
-    out = pipeline | ReadCorpus(f"{tmp_path}/*.txt*,{tmp_path}/broken.parquet")
-    assert_that(out["sentences"] | beam.Values(), equal_to(["A cat sleeps."]), label="sentences")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
-                equal_to([(f"{tmp_path}/garbage.txt.gz", "unreadable file"),
-                          (f"{tmp_path}/broken.parquet", "unreadable Parquet file")]), label="rejected")
-    pipeline.run()
-
-
-def test_parquet_damaged_mid_file_keeps_the_rows_before_and_names_the_file(pipeline, tmp_path):
-    # Parquet is read a batch of rows at a time, not loaded whole: a damaged page in the third
-    # row group costs the rows from the batch it falls in, not the file
-    texts = [f"Caption number {i} shows a cat." for i in range(1800)]
-    path = tmp_path / "captions.parquet"
-    pq.write_table(pa.table({"text": texts}), path, row_group_size=600, compression="zstd")
-    start = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
-    data = bytearray(path.read_bytes())
-    data[start + 40:start + 240] = b"\xab" * 200
-    path.write_bytes(bytes(data))
-    out = pipeline | ReadCorpus(str(path))
-
-    def the_first_row_groups(got):
-        got = sorted(got, key=lambda t: int(t.split()[2]))
-        assert 600 <= len(got) < len(texts) and got == texts[:len(got)], (len(got), got[:2])
-
-    assert_that(out["sentences"] | beam.Values() | beam.combiners.ToList(),
-                lambda lists: the_first_row_groups(lists[0]), label="kept")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
-                equal_to([(str(path), "unreadable Parquet file")]), label="rejected")
-    pipeline.run()
-
-
 def test_truncated_gzip_keeps_the_lines_before_and_names_the_file(pipeline, tmp_path):
     ids = [f"img{i:04d}-{stable_id(str(i))}.jpg" for i in range(300)]
     data = gzip.compress("".join(json.dumps({**GOOD, "image_id": i}) + "\n" for i in ids).encode())
@@ -276,40 +226,4 @@ def test_truncated_gzip_keeps_the_lines_before_and_names_the_file(pipeline, tmp_
     assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(str(truncated), "unreadable file"),
                           (f"{tmp_path}/broken.parquet", "unreadable Parquet file")]), label="rejected")
-    pipeline.run()
-
-
-# 7. With --split-sentences, a paragraph over spaCy's length limit (a book without blank lines)
-# crashed the run with spaCy's E088, naming no file. It is now cut into pieces under the limit.
-def test_cut_for_spacy_prefers_line_breaks_then_spaces_and_loses_nothing():
-    lines = "".join(f"Line {i} is short.\n" for i in range(10))  # 18-19 characters a line
-    pieces = cut_for_spacy(lines, 40)
-    assert "".join(pieces) == lines and all(len(p) <= 40 for p in pieces)
-    assert all(p.endswith("\n") for p in pieces)  # whole lines only
-    words = "one two three four five six seven"
-    assert cut_for_spacy(words, 10) == ["one two ", "three ", "four five ", "six seven"]
-    assert cut_for_spacy("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no space at all: cut anywhere
-    assert cut_for_spacy(words, 100) == [words]
-
-
-def test_paragraph_over_spacys_limit_is_cut_then_split_into_sentences(pipeline, tmp_path, monkeypatch):
-    monkeypatch.setattr(text_reader, "SPACY_MAX_CHARS", 250)  # the production path, at a limit a test can reach
-    lined = [f"The {word} boat sails past the old mill." for word in ("red", "blue", "green", "white",
-                                                                       "black", "brown", "grey", "pink")]
-    one_line = " ".join(f"A {word} dog sleeps by the warm stove." for word in ("small", "tall", "big", "young",
-                                                                             "lazy", "happy", "quiet", "wet"))
-    (tmp_path / "book.txt").write_text("\n".join(lined) + "\n\n" + one_line + "\n\nHe was not afraid.\n")
-    assert len(" ".join(lined)) > 250 and len(one_line) > 250
-    out = pipeline | ReadCorpus(str(tmp_path / "book.txt"), TextOptions(split_sentences=True))
-    texts = out["sentences"] | beam.Values()
-
-    def check(sentences):
-        assert set(lined) <= set(sentences)  # cut at line breaks: every sentence whole
-        assert "He was not afraid." in sentences
-        other = [s for s in sentences if s not in lined and s != "He was not afraid."]
-        assert sorted(" ".join(other).split()) == sorted(one_line.split())  # cut at spaces: no word lost
-
-    assert_that(texts | beam.combiners.ToList(), lambda got: check(got[0]), label="sentences")
-    assert_that(out["counts"] | beam.Filter(lambda c: c[0] == "text_paragraphs_cut") | beam.CombinePerKey(sum),
-                equal_to([("text_paragraphs_cut", 2)]), label="cut counted")
     pipeline.run()

@@ -1,6 +1,5 @@
-"""Readers: detections (JSONL / Parquet / VinVL), the text corpus, and their dead letters."""
+"""Detections readers (pipelines/readers/: JSONL / Parquet / VinVL) and their dead letters; tag order."""
 import base64
-import gzip
 import json
 
 import apache_beam as beam
@@ -10,12 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.files import stable_id
 from pipelines.readers.detection_record import validate_detection
 from pipelines.readers.detections import ReadDetections
-from pipelines.readers.text import ReadCorpus
 from schemas.corpus import normalise_label, tag_order
-from pipelines.options import TextOptions
 
 from .conftest import write_jsonl
 
@@ -150,32 +146,3 @@ def test_missing_detections_file_fails_clearly(pipeline, tmp_path):
     _ = pipeline | ReadDetections(str(tmp_path / "nothing-*.jsonl"))
     with pytest.raises(Exception, match="nothing-"):
         pipeline.run()
-
-
-def test_read_corpus_cleans_dedupes_and_dead_letters(pipeline, tmp_path):
-    (tmp_path / "a.txt").write_bytes(
-        b"A  woman   sits on a sofa.\n\n   \nA woman sits on a sofa.\n" + b"\xff\xfe broken\n" + b"x" * 40 + b"\n")
-    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as f:
-        f.write("A cat sleeps.\n")
-    pq.write_table(pa.Table.from_pylist([{"text": "A dog runs."}, {"text": None}]), tmp_path / "c.parquet")
-    out = pipeline | ReadCorpus(f"{tmp_path}/*.txt*,{tmp_path}/c.parquet", TextOptions(max_chars=30))
-    texts = ["A woman sits on a sofa.", "A cat sleeps.", "A dog runs."]
-    assert_that(out["sentences"], equal_to([(stable_id(t), t) for t in texts]), label="sentences")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"].split(":")[0])),
-                equal_to([("a.txt:5", "not valid UTF-8"), ("a.txt:6", "over-long"), ("c.parquet:row 1", "'text' is not a string")]),
-                label="rejected")
-    assert_that(out["counts"] | beam.CombinePerKey(sum),
-                equal_to([("text_lines", 9), ("text_dropped_empty", 2), ("text_dropped_duplicate", 1),
-                          ("text_dropped_overlong", 1)]), label="counts")
-    pipeline.run()
-
-
-def test_split_sentences_on_book_like_paragraphs(pipeline, tmp_path):
-    (tmp_path / "book.txt").write_text(
-        "It was a hot evening. The young man walked\nslowly towards the bridge.\n\n"
-        "He was not afraid. He was thinking.\n")
-    out = pipeline | ReadCorpus(str(tmp_path / "book.txt"), TextOptions(split_sentences=True))
-    assert_that(out["sentences"] | beam.Values(),
-                equal_to(["It was a hot evening.", "The young man walked slowly towards the bridge.",
-                          "He was not afraid.", "He was thinking."]))
-    pipeline.run()
