@@ -102,6 +102,15 @@ def batch_indices(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """The batches every rank takes in an epoch: the smallest rank's share of the n examples
+    (n // world; epoch_order gives the first n % world ranks one more) in batches of batch_size, the
+    last one partial. The same number on every rank, so every rank counts the same steps and calls
+    the same collectives; a larger share's extra batch is dropped, as pre-training's loader stops
+    every rank when the first runs out (data.CorpusStream.epoch_batches, distributed.synchronised)."""
+    return -(-(n // world) // batch_size)
+
+
 def loader(data: SplitData, collate: Collate, batches: list[list[int]], start_batch: int, num_workers: int,
            seed: int, pin_memory: bool = False):
     """Batches from `start_batch` on, each with its "index" in the epoch."""

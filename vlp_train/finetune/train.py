@@ -24,7 +24,7 @@ from vlp_train import distributed
 from vlp_train.compile import CompiledLayers, compile_scope
 from vlp_train.components import lr_lambda, make_optimizer, pick_device, seed_everything
 from vlp_train.finetune.config import FinetuneConfig, dumps, validate
-from vlp_train.finetune.data import Collate, SplitData, batch_indices, epoch_order, loader
+from vlp_train.finetune.data import Collate, SplitData, batch_indices, batches_per_epoch, epoch_order, loader
 from vlp_train.finetune.heads import init_head
 from vlp_train.finetune.regions import DetectionIndex
 from vlp_train.finetune.tasks import FinetuneTask, task_for, task_of
@@ -91,6 +91,7 @@ class FinetuneRun:
     grad_accum: int
     total_steps: int
     steps_per_epoch: int
+    epoch_batches: int        # batches a rank takes in an epoch (the same on every rank)
 
 
 def read_split(task: FinetuneTask, cfg: FinetuneConfig, split: str):
@@ -151,8 +152,12 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
     builder = make_builder(tokenizer, cfg, train.feature_dim)
     batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)
-    steps_per_epoch = max(1, len(batch_indices(epoch_order(len(train), 0, 0, dist_info.rank, dist_info.world),
-                                               batch_size)) // grad_accum)
+    epoch_batches = batches_per_epoch(len(train), batch_size, dist_info.world)
+    if epoch_batches < grad_accum:
+        raise ValueError(f"{task.name} {train.split}: {len(train)} examples over {dist_info.world} rank(s) make "
+                         f"{epoch_batches} batch(es) of {batch_size} a rank, fewer than one optimizer step "
+                         f"(optim.grad_accum={grad_accum}): use more examples or a smaller batch")
+    steps_per_epoch = epoch_batches // grad_accum
     total_steps = steps_per_epoch * cfg.optim.epochs if cfg.optim.epochs else cfg.optim.max_steps
     total_steps = min(total_steps, cfg.optim.max_steps or total_steps)
     if not cfg.run.eval_every:
@@ -177,7 +182,7 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     return FinetuneRun(cfg=cfg, task=task, device=device, dist=dist_info, tokenizer=tokenizer, builder=builder,
                        labels=labels, train=train, val=val, model=model, optimizer=optimizer, scheduler=scheduler,
                        step_module=step_module, autocast=autocast, batch_size=batch_size, grad_accum=grad_accum,
-                       total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+                       total_steps=total_steps, steps_per_epoch=steps_per_epoch, epoch_batches=epoch_batches)
 
 
 def scale_head_lr(optimizer, model: TaskModel, lr: float) -> None:
@@ -225,8 +230,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False)
 
     def batches(epoch: int, start_batch: int):
         order = epoch_order(len(run.train), cfg.run.seed, epoch, run.dist.rank, run.dist.world)
-        return loader(run.train, collate, batch_indices(order, run.batch_size), start_batch, cfg.data.num_workers,
-                      cfg.run.seed, pin_memory=run.device.type == "cuda")
+        taken = batch_indices(order, run.batch_size)[:run.epoch_batches]  # the same count on every rank
+        return loader(run.train, collate, taken, start_batch, cfg.data.num_workers, cfg.run.seed,
+                      pin_memory=run.device.type == "cuda")
 
     def batch_loss(batch: dict, epoch: int):
         inputs = to_device({"x": batch["inputs"]}, run.device)["x"]

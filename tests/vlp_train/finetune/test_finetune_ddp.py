@@ -1,0 +1,47 @@
+"""Fine-tuning on two gloo ranks: a split that does not divide over the ranks' batches gives every
+rank the same steps (the smallest share's batches), so their collectives pair up; retrieval's ITC
+gathers its features over the ranks."""
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ..test_distributed import _run_ranks
+from .test_harness import TINY, write_karpathy
+
+
+def _finetune_rank(rank: int, port: int, folder: str, detections: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two ranks on a shared machine
+    from vlp_train.finetune.config import load_config
+    from vlp_train.finetune.train import finetune
+    # 7 captions over 2 ranks: shares of 4 and 3, in batches of 3: 2 batches and 1 (one rank's extra batch dropped)
+    cfg = load_config("retrieval", TINY + ["model.arch=vlmo", "model.vl_layers=1", "data.batch_size=3",
+                                           "data.max_examples=7", "data.eval_split=test", "optim.epochs=3",
+                                           "run.device=cpu", "run.dist_timeout_s=30", "run.save_every=2"])
+    cfg.run.output, cfg.data.detections, cfg.data.data = os.path.join(folder, "ft"), detections, folder
+    try:
+        summary = finetune(cfg)
+        with open(os.path.join(folder, f"rank-{rank}.json"), "w") as f:
+            json.dump({"steps": summary["steps"], "stopped": summary["stopped"]}, f)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_uneven_split_gives_every_rank_the_same_steps(tmp_path):
+    """Before: each rank counted its own share's batches (2 and 1 an epoch here), so the ranks'
+    step counts differed and a collective waited for a rank that had finished (a hang, here the
+    30 s timeout)."""
+    detections = write_karpathy(tmp_path)
+    _run_ranks(_finetune_rank, str(tmp_path), detections, timeout=240)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == {"steps": 3, "stopped": False}
+    rows = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert sum("eval" in r for r in rows) == 3  # once an epoch
+    assert json.load(open(tmp_path / "ft" / "best" / "task.json"))["dual_encoder"] is True
