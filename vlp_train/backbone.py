@@ -54,11 +54,31 @@ class _Output(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
-class _Attention(nn.Module):
+class BertAttention(nn.Module):
+    """BERT's post-LayerNorm attention sub-layer (HF's names: `self.query/key/value`,
+    `output.dense/LayerNorm`): x attends to itself, or to `context` (a cross-attention, whose
+    key/value layers may take another width), then dropout, residual and LayerNorm."""
+
     def __init__(self, cfg):
         super().__init__()
         self.self = _SelfAttention(cfg)
         self.output = _Output(cfg.hidden_size, cfg)
+        self.heads = cfg.num_attention_heads
+        self.dropout, self.attn_dropout = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask, context=None):
+        """x [B, N, D]; attn_mask [B, 1, 1, M] True where a key is real; context [B, M, *] (None: x)."""
+        b, n, d = x.shape
+        context = x if context is None else context
+        a = self.self
+
+        def split(states):  # [B, L, D] -> [B, heads, L, D / heads]
+            return states.view(b, states.shape[1], self.heads, d // self.heads).transpose(1, 2)
+
+        ctx = F.scaled_dot_product_attention(split(a.query(x)), split(a.key(context)), split(a.value(context)),
+                                             attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        out = self.output
+        return out.LayerNorm(x + F.dropout(out.dense(ctx.transpose(1, 2).reshape(b, n, d)), self.dropout, self.training))
 
 
 class _Intermediate(nn.Module):
@@ -67,27 +87,39 @@ class _Intermediate(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
 
 
-class BertLayer(nn.Module):
+def feed_forward(block: nn.Module, x):
+    """BERT's FFN sub-layer over `block`'s `intermediate` and `output` (a BertLayer's, HF's names at
+    the layer's top level, or a FeedForward's): dense -> GELU -> dense, dropout, residual, LayerNorm."""
+    h = F.gelu(block.intermediate.dense(x))
+    return block.output.LayerNorm(x + F.dropout(block.output.dense(h), block.dropout, block.training))
+
+
+class FeedForward(nn.Module):
+    """BERT's FFN sub-layer as a module of its own (VLMo's experts), with a BERT layer's names
+    (`intermediate.dense`, `output.dense/LayerNorm`), so a BERT layer's FFN loads into it."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.heads = cfg.num_attention_heads
-        self.attention = _Attention(cfg)
         self.intermediate = _Intermediate(cfg)
         self.output = _Output(cfg.intermediate_size, cfg)
         self.dropout = cfg.hidden_dropout_prob
-        self.attn_dropout = cfg.attention_probs_dropout_prob
+
+    def forward(self, x):
+        return feed_forward(self, x)
+
+
+class BertLayer(nn.Module):
+    """HF's BertLayer: the attention sub-layer, then the FFN (`intermediate`, `output`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = _Intermediate(cfg)
+        self.output = _Output(cfg.intermediate_size, cfg)
+        self.dropout = cfg.hidden_dropout_prob
 
     def forward(self, x, attn_mask):
-        b, n, d = x.shape
-        a = self.attention.self
-        q, k, v = (lin(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for lin in (a.query, a.key, a.value))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.attn_dropout if self.training else 0.0)
-        ctx = ctx.transpose(1, 2).reshape(b, n, d)
-        out = self.attention.output
-        x = out.LayerNorm(x + F.dropout(out.dense(ctx), self.dropout, self.training))
-        h = F.gelu(self.intermediate.dense(x))
-        return self.output.LayerNorm(x + F.dropout(self.output.dense(h), self.dropout, self.training))
+        return feed_forward(self, self.attention(x, attn_mask))
 
 
 class _Encoder(nn.Module):
@@ -96,8 +128,10 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
-def call_layer(layer: nn.Module, hidden, attn_mask):
-    return layer(hidden, attn_mask)
+def call_layer(layer: nn.Module, hidden, *args):
+    """How a model calls a transformer layer (or a layer's sub-layer: VLMo's attention and experts):
+    the trainer swaps in one compiled call for all of them (compile.CompiledLayers)."""
+    return layer(hidden, *args)
 
 
 class BertBackbone(nn.Module):

@@ -39,7 +39,10 @@ def allow_graphs(count: int) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
 
 
-LAYER_GRAPHS = 8  # the layer's graphs: training, and one no-grad eval-mode graph (ITM weights, evaluation)
+# the layer's graphs: training, and one no-grad eval-mode graph (ITM weights, evaluation); VLMo: 4
+# (its attention and FFN regions, each in both); a language stage after a vision one in one process
+# (`--stage vision,language`) adds 2 more, the frozen attention's
+LAYER_GRAPHS = 8
 STEP_GRAPHS = 16  # the step's graphs: one per task set and weighting (round_robin 5, mixed 2), plus re-specialisation
 
 
@@ -55,17 +58,32 @@ class CompiledLayers:
     so one graph serves every batch from the first (unmarked, dynamo compiles a static graph first,
     and its duck sizing ties a sequence length that equals another size to it); graphs: the
     training forward/backward, and one no-grad eval-mode forward that the ITM weights (dropout off)
-    and evaluation share."""
+    and evaluation share.
+
+    VLMo's multiway layers (families/vlmo.py) call it for their two sub-layers, the shared attention
+    and the expert FFN the mode picks (`backbone.BertAttention`, `backbone.FeedForward`): an expert
+    is a module argument whose parameters dynamo lifts as inputs, so the mode and the layer choose
+    an expert without a graph of their own, and the graphs are 2 for training (attention, FFN) and
+    2 for the no-grad eval forward, whatever the mode (image, text, pair) or stage. VLMAE's layer
+    kinds each take a graph per grad mode (`VLMAEModel.set_layer_call`)."""
 
     def __init__(self, backend: str = "inductor"):
         allow_graphs(LAYER_GRAPHS)
         self.compiled = torch.compile(call_layer, backend=backend)
 
-    def __call__(self, layer: nn.Module, hidden: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        for tensor, dims in ((hidden, (0, 1)), (attn_mask, (0, 3))):  # [B, N, D], [B, 1, 1, N]
-            for dim in dims:
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
-        return self.compiled(layer, hidden, attn_mask)
+    def __call__(self, layer: nn.Module, hidden: torch.Tensor, *rest) -> torch.Tensor:
+        """`layer(hidden, *rest)`, compiled. `rest`: attention masks [B, 1, 1, N] and the states a
+        layer cross-attends to [B, M, W] (VLMAE's fusion layers), or nothing (VLMo's experts)."""
+        for tensor in (hidden, *rest):
+            if torch.is_tensor(tensor):
+                for dim in _VARYING_DIMS[tensor.ndim]:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return self.compiled(layer, hidden, *rest)
+
+
+# what varies from batch to batch in a layer's tensors, by their rank: states [B, N, D] their batch
+# and length, attention masks [B, 1, 1, N] their batch and the keys' length
+_VARYING_DIMS = {3: (0, 1), 4: (0, 3)}
 
 
 class CompiledStep(nn.Module):

@@ -166,3 +166,115 @@ def test_compile_settings_are_checked_and_the_layer_scope_keeps_the_state_dict()
     step_module_for(model, FAMILY, "layers", backend="aot_eager")
     assert list(model.state_dict()) == keys  # checkpoints and the HF export read the same names
     assert callable(model.bert.call_layer) and model.bert.call_layer is not call_layer
+
+
+@pytest.mark.parametrize("stage", ["vision", "language", "vl"])
+def test_vlmos_layers_compile_as_two_regions_whatever_the_mode_and_expert(stage, tmp_path):
+    """VLMo under model.compile_scope=layers: the shared attention and the FFN are the compiled
+    regions (an expert is a module argument of the FFN's graph, so the mode and the layer pick an
+    expert without a graph of their own). Each stage's batches (vision: images alone through the
+    V-FFN; language: text alone through the L-FFN; vl: image alone, text alone and the pair, whose
+    bottom layers split it between the L- and V-FFN and whose top layer takes the VL-FFN) give the
+    eager losses, over batches of varying size and length, and the graphs are 2 for training and 2
+    for the no-grad, dropout-off forward of evaluation and the ITM weights."""
+    from vlp_train.components import build_run
+    from vlp_train.families import family_of
+
+    from .conftest import write_shards
+    from .test_vlmo import write_sentences
+
+    corpus = str(tmp_path / "c")
+    shards = write_shards(corpus, n_images=28, per_shard=14)
+    write_sentences(corpus, [f"sentence {i} about a {'small ' * (i % 4)}cat on a mat." for i in range(40)])
+    cfg = load_config("vlmo-debug", TINY_MODEL + ["model.dropout=0.0", "model.vl_layers=1", "data.batch_size=6",
+                                                  f"model.stage={stage}", "run.eval_batches=1"])
+    cfg.data.shards, cfg.run.output = shards, str(tmp_path / "run")
+    run = build_run(cfg)
+    batches = [to_device(batch["views"], run.device) for _, batch in zip(range(4), run.dataset)]
+    shapes = {tuple(v["input_ids" if stage == "language" else "features"].shape) for views in batches
+              for v in views.values()}
+    assert len(shapes) > 1  # the sizes vary: the dynamic dims must hold
+    family = family_of("vlmo")
+    eager = Pretraining(run.model, family).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = step_module_for(copy.deepcopy(run.model), family, "layers", backend="aot_eager")
+    assert compiled.model.call_layer is not call_layer
+
+    def losses(step_module, views, n):
+        with torch.random.fork_rng():  # the same hard negatives for both
+            torch.manual_seed(n)
+            return compute_loss(step_module, views, False, nullcontext())
+
+    for n, views in enumerate(batches):
+        loss_c, named_c, _ = losses(compiled, views, n)
+        loss_e, named_e, _ = losses(eager, views, n)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+        assert named_c.keys() == named_e.keys()
+        for name in named_e:
+            torch.testing.assert_close(named_c[name], named_e[name], rtol=1e-5, atol=1e-5)
+        loss_c.backward()
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # attention and FFN
+    for module in (compiled, eager):
+        module.eval()
+    with torch.no_grad():  # as evaluation and the ITM weights run it
+        loss_c, _, _ = losses(compiled, batches[0], 0)
+        loss_e, _, _ = losses(eager, batches[0], 0)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["frames"]["ok"] == counters["frames"]["total"]
+    assert counters["stats"]["unique_graphs"] == 4 <= LAYER_GRAPHS <= torch._dynamo.config.recompile_limit
+
+
+def test_vlmaes_layers_fusion_included_compile_to_a_graph_per_kind_and_grad_mode():
+    """VLMAE under model.compile_scope=layers: the image encoder's, the momentum copies', the text
+    encoder's, the decoder's and the fusion layers (with their cross-attention to the image) go
+    through the compiled call and give the eager pair losses over batches of varying size, region
+    count and text length; a graph per layer kind (ViT, momentum ViT, BERT, momentum BERT,
+    decoder, fusion: 6) for training, and at most as many for the no-grad eval-mode forward."""
+    from transformers import BertConfig
+
+    from vlp_train.config import ObjectiveConfig
+    from vlp_train.families import family_of
+    from vlp_train.families.vlmae import PAIR_TASK, VLMAEModel
+
+    from .test_vlmae import DIM, TAGS, grid_sample, view_of
+
+    builder = BatchBuilder(BertTokenizerFast.from_pretrained(bundled_minilm_path()),
+                           {t: i for i, t in enumerate(sorted(TAGS))}, 40, 36, ObjectiveConfig())
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = VLMAEModel(config, {"feature_dim": DIM, "tags": sorted(TAGS), "fusion_layers": 1, "vision": [2, 32, 2],
+                                "decoder": [1, 16, 2]}).train()
+    batches = []
+    for n, (rows, regions) in enumerate([(4, 8), (5, 6), (3, 8)]):
+        samples = [grid_sample(10 * n + i, [(i % regions, 0.8)] * (1 + (i + n) % 3), n=regions) for i in range(rows)]
+        batches.append({PAIR_TASK: view_of(builder, samples, seed=n)})
+    family = family_of("vlmae")
+    eager = Pretraining(model, family)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = step_module_for(copy.deepcopy(model), family, "layers", backend="aot_eager")
+
+    def losses(step_module, views, n):
+        with torch.random.fork_rng():  # the same hard negatives for both
+            torch.manual_seed(n)
+            return compute_loss(step_module, views, False, nullcontext())
+
+    for n, views in enumerate(batches):
+        loss_c, named_c, _ = losses(compiled, views, n)
+        loss_e, named_e, _ = losses(eager, views, n)
+        for name in named_e:
+            torch.testing.assert_close(named_c[name], named_e[name], rtol=1e-5, atol=1e-5)
+        loss_c.backward()
+        loss_e.backward()  # both models take the same momentum updates
+    assert counters["stats"]["unique_graphs"] == 6, dict(counters["stats"])
+    for module in (compiled, eager):
+        module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(losses(compiled, batches[0], 0)[0], losses(eager, batches[0], 0)[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 12 <= torch._dynamo.config.recompile_limit

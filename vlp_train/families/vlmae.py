@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
-from vlp_train.backbone import BertBackbone, BertLayer, PretrainingHeads, _Attention, bert_config, call_layer, \
-    load_bert_init
+from vlp_train.backbone import BertAttention, BertBackbone, BertLayer, PretrainingHeads, bert_config, call_layer, \
+    feed_forward, load_bert_init
 from vlp_train.families import Family, clean_pair_match_probability, register
 from vlp_train.masking import retrieved_text_keys, text_key
 from vlp_train.objectives.image_sentence import image_sentence_losses
@@ -85,33 +85,21 @@ class ViTBlock(nn.Module):
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
 
-def _attend(attention: _Attention, heads: int, x, context, mask, dropout: float, training: bool):
-    """BERT's post-norm attention sub-layer: x attends to `context` (itself for self-attention)."""
-    b, n, d = x.shape
-    a = attention.self
-    q = a.query(x).view(b, n, heads, d // heads).transpose(1, 2)
-    k, v = (lin(context).view(b, context.shape[1], heads, d // heads).transpose(1, 2) for lin in (a.key, a.value))
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0)
-    out = attention.output
-    return out.LayerNorm(x + F.dropout(out.dense(ctx.transpose(1, 2).reshape(b, n, d)), dropout, training))
-
-
 class FusionLayer(BertLayer):
     """A BERT layer with a cross-attention to the image states between its self-attention and its
     FFN (HF BertLayer's `crossattention`, as ALBEF's fusion layers); key/value take the image width."""
 
     def __init__(self, cfg, image_width: int):
         super().__init__(cfg)
-        self.crossattention = _Attention(cfg)
+        self.crossattention = BertAttention(cfg)
         self.crossattention.self.key = nn.Linear(image_width, cfg.hidden_size)
         self.crossattention.self.value = nn.Linear(image_width, cfg.hidden_size)
 
     def forward(self, x, attn_mask, image=None, image_mask=None):
-        x = _attend(self.attention, self.heads, x, x, attn_mask, self.dropout, self.training)
+        x = self.attention(x, attn_mask)
         if image is not None:
-            x = _attend(self.crossattention, self.heads, x, image, image_mask, self.dropout, self.training)
-        h = F.gelu(self.intermediate.dense(x))
-        return self.output.LayerNorm(x + F.dropout(self.output.dense(h), self.dropout, self.training))
+            x = self.crossattention(x, image_mask, image)
+        return feed_forward(self, x)
 
 
 class RegionTokens(nn.Module):
@@ -387,9 +375,11 @@ class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
         return cls(bert_config, section)
 
     def set_layer_call(self, call) -> None:
-        """The text encoders', image encoders' and decoder's layers go through `call` (compiled);
-        the fusion layers (with their cross-attention) run eagerly. Three layer kinds (BERT's, the
-        ViT's, the decoder's), each with a training, a momentum (no-grad) and an evaluation graph."""
+        """The text encoders', image encoders', decoder's and fusion layers go through `call` (compiled):
+        a graph per layer kind (the ViT, its momentum copy, BERT's, its momentum copy, the decoder's,
+        the fusion layer: 6; the momentum copies' frozen parameters and no-grad calls make them
+        kinds of their own) for training, and at most as many for the no-grad eval-mode forward of
+        evaluation and the ITM weights (tests/vlp_train/test_compile.py)."""
         if call is not call_layer:
             from vlp_train.compile import allow_graphs
             allow_graphs(12)
@@ -411,7 +401,7 @@ class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
         """The fusion learner: the top BERT layers, cross-attending to the image -> [B, T, H]."""
         attn_mask, cross_mask = text_mask[:, None, None, :], image_mask[:, None, None, :]
         for layer in self.bert.encoder.layer[self.text_layers:]:
-            text_states = layer(text_states, attn_mask, image_states, cross_mask)
+            text_states = self.bert.call_layer(layer, text_states, attn_mask, image_states, cross_mask)
         return text_states
 
     def encode_image(self, view, visible: bool = False, momentum: bool = False, features=None):

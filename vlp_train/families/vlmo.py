@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
-from vlp_train.backbone import BertEmbeddings, PretrainingHeads, _Attention, _Intermediate, _Output, bert_config, read_weights
+from vlp_train.backbone import BertAttention, BertEmbeddings, FeedForward, PretrainingHeads, bert_config, call_layer, \
+    read_weights
 from vlp_train.config import VISUAL_INPUTS
 from vlp_train.families import Family, clean_pair_match_probability, register
 from vlp_train.objectives.image_sentence import image_sentence_losses
@@ -59,31 +60,14 @@ IMAGE, TEXT, PAIR = "image", "text", "pair"   # the three modes of a pass
 V, L, VL = "v_ffn", "l_ffn", "vl_ffn"          # the experts (also their parameter names)
 
 
-class ExpertFFN(nn.Module):
-    """One FFN expert: BERT's FFN (intermediate.dense -> GELU -> output.dense, residual, LayerNorm),
-    with BERT's parameter names so a BERT layer's FFN loads into it."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.intermediate = _Intermediate(cfg)
-        self.output = _Output(cfg.intermediate_size, cfg)
-        self.dropout = cfg.hidden_dropout_prob
-
-    def forward(self, x):
-        h = F.gelu(self.intermediate.dense(x))
-        return self.output.LayerNorm(x + F.dropout(self.output.dense(h), self.dropout, self.training))
-
-
 class MultiwayLayer(nn.Module):
-    """Shared self-attention + modality-switched FFN."""
+    """Shared self-attention + modality-switched FFN (each expert BERT's FFN, `backbone.FeedForward`)."""
 
     def __init__(self, cfg, vl_expert: bool):
         super().__init__()
-        self.heads = cfg.num_attention_heads
-        self.attention = _Attention(cfg)
-        self.v_ffn, self.l_ffn = ExpertFFN(cfg), ExpertFFN(cfg)
-        self.vl_ffn = ExpertFFN(cfg) if vl_expert else None
-        self.dropout, self.attn_dropout = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
+        self.attention = BertAttention(cfg)
+        self.v_ffn, self.l_ffn = FeedForward(cfg), FeedForward(cfg)
+        self.vl_ffn = FeedForward(cfg) if vl_expert else None
 
     def experts_of(self, mode: str, text_len: int, length: int) -> list[tuple[str, int, int]]:
         """(expert, first position, end) of each span of the sequence in `mode`; a pair's sequence
@@ -96,18 +80,16 @@ class MultiwayLayer(nn.Module):
             return [(VL, 0, length)]
         return [(L, 0, text_len), (V, text_len, length)]
 
-    def forward(self, x, attn_mask, mode: str, text_len: int = 0):
-        b, n, d = x.shape
-        a = self.attention.self
-        q, k, v = (lin(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for lin in (a.query, a.key, a.value))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.attn_dropout if self.training else 0.0)
-        out = self.attention.output
-        x = out.LayerNorm(x + F.dropout(out.dense(ctx.transpose(1, 2).reshape(b, n, d)), self.dropout, self.training))
-        spans = self.experts_of(mode, text_len, n)
+    def forward(self, x, attn_mask, mode: str, text_len: int = 0, call=call_layer):
+        """`call`: how the attention and each expert are called (compile.CompiledLayers: compiled, the
+        attention and the FFN each one region whatever the layer, mode or expert)."""
+        x = call(self.attention, x, attn_mask)
+        spans = self.experts_of(mode, text_len, x.shape[1])
         if len(spans) == 1:
-            return getattr(self, spans[0][0])(x)
-        return torch.cat([getattr(self, name)(x[:, start:end]) for name, start, end in spans], 1)
+            return call(getattr(self, spans[0][0]), x)
+        # each span copied out contiguous: a compiled expert then sees one memory layout (a strided
+        # view of the sequence would compile a second graph of the FFN)
+        return torch.cat([call(getattr(self, name), x[:, start:end].contiguous()) for name, start, end in spans], 1)
 
 
 class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
@@ -129,6 +111,7 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
         h, eps = bert_config.hidden_size, bert_config.layer_norm_eps
         self.embeddings = BertEmbeddings(bert_config)
         self.layers = nn.ModuleList(MultiwayLayer(bert_config, vl_expert=i >= layers - vl_layers) for i in range(layers))
+        self.call_layer = call_layer  # how a layer calls its attention and experts (compile.CompiledLayers)
         token_type = self.embeddings.token_type_embeddings
         self.visual = visual
         self.region = RegionEmbedding(feature_dim, bert_config, token_type) if visual != "patches" else None
@@ -203,8 +186,10 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
                    section.get("visual", "regions"), *patch_settings(section))
 
     def set_layer_call(self, call) -> None:
-        """compile.CompiledLayers compiles BERT's layer call; a multiway layer takes a mode, so VLMo's
-        layers stay eager under model.compile_scope=layers (compile_scope=step compiles them)."""
+        """How each layer calls its shared attention and its experts (compile.CompiledLayers swaps in
+        a compiled call: the attention and the FFN are the compiled regions, so the expert a mode
+        picks is a module argument, not a graph of its own)."""
+        self.call_layer = call
 
     # -- encoders ----------------------------------------------------------------------------
     # The image is [I_CLS] + regions (model.visual=regions), the patch embedding's [CLS] + patches
@@ -254,7 +239,7 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     def run_layers(self, hidden, padding_mask, mode: str, text_len: int = 0):
         attn_mask = padding_mask[:, None, None, :]
         for layer in self.layers:
-            hidden = layer(hidden, attn_mask, mode, text_len)
+            hidden = layer(hidden, attn_mask, mode, text_len, self.call_layer)
         return hidden
 
     def encode_image(self, features, locations, region_mask, pixels=None, masked_regions=None):
