@@ -132,17 +132,11 @@ def _vqa_labels(train, cfg) -> list[str]:
 
 
 def _vqa_target(example, index: dict[str, int], regions=None) -> torch.Tensor:
-    from vlp_train.finetune.formats.vqa import AnswerVocab
-    vocab = _vocab_cache.get(id(index))
-    if vocab is None:
-        vocab = _vocab_cache[id(index)] = AnswerVocab(index)
+    from vlp_train.finetune.formats.vqa import soft_scores
     target = torch.zeros(len(index))
-    for label, score in vocab.soft_scores(example.target).items():
+    for label, score in soft_scores(example.target, index).items():
         target[label] = score
     return target
-
-
-_vocab_cache: dict[int, object] = {}
 
 
 def _vqa_score(predictions: dict, examples) -> dict:

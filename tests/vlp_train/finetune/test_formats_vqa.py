@@ -87,6 +87,20 @@ def test_vocabulary_and_soft_scores(train_dir, tmp_path):
         vqa.AnswerVocab.build(examples, min_count=9)
 
 
+def test_vqa_targets_follow_the_label_index_given(train_dir):
+    """The harness's soft-score target over the label index it is given, each time: a dict whose
+    contents change under the same id (as ids are reused after garbage collection) gets its own
+    labels, not those of a cache keyed by the id."""
+    from vlp_train.finetune.tasks import task_of
+
+    example = vqa.read(str(train_dir), "train2014").examples[1]  # "the sofa" x 6, "couch" x 4
+    index = {"sofa": 0, "couch": 1, "bed": 2}
+    assert task_of("vqa").target(example, index, None).tolist() == [1.0, 1.0, 0.0]
+    index.clear()
+    index.update({"bed": 0, "sofa": 1, "chair": 2})
+    assert task_of("vqa").target(example, index, None).tolist() == [0.0, 1.0, 0.0]
+
+
 def test_test_split_has_no_annotations(tmp_path):
     write_split(tmp_path, "test-dev2015", [{"question_id": 7001, "image_id": 7, "question": "What is the cat on?"}])
     result = vqa.read(str(tmp_path), "test-dev")

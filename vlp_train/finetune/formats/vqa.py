@@ -247,6 +247,12 @@ def soft_score(matching_annotators: int) -> float:
     return min(1.0, 0.3 * matching_annotators)
 
 
+def soft_scores(target: VqaTarget, index: dict[str, int]) -> dict[int, float]:
+    """label -> min(1, 0.3 m) for each answer of `index` (answer -> label) the annotators gave (m of them)."""
+    counts = Counter(vocabulary_answer(a) for a in target.answers)
+    return {index[a]: soft_score(m) for a, m in counts.items() if a in index}
+
+
 class AnswerVocab:
     """The answers a classifier predicts over; index = label. Saved/loaded as a JSON list."""
 
@@ -282,8 +288,7 @@ class AnswerVocab:
 
     def soft_scores(self, target: VqaTarget) -> dict[int, float]:
         """label -> min(1, 0.3 m) for each in-vocabulary answer the annotators gave (m of them)."""
-        counts = Counter(vocabulary_answer(a) for a in target.answers)
-        return {self.index[a]: soft_score(m) for a, m in counts.items() if a in self.index}
+        return soft_scores(target, self.index)
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
