@@ -34,7 +34,7 @@ class TaskConfig:
     # retrieval's objective: itc (a dual encoder, as VLMo fine-tunes it), itm (the fusion ITM over a
     # first stage's candidates), auto: itc for a family that has a dual encoder (vlmo, vlmae), else itm
     retrieval_objective: str = "auto"
-    rerank_k: int = 0                 # retrieval by ITC: the fusion ITM re-scores each query's top k (0: the dual encoder alone)
+    rerank_k: int = 0                 # retrieval by ITC: the fusion ITM re-scores each query's top k (0: off)
     iou_threshold: float = 0.5        # RefCOCO+: a region is correct at IoU >= this with the ground truth
 
 

@@ -45,6 +45,20 @@ class SplitData:
         return len(self.examples)
 
 
+def model_inputs(builder, texts: list[str] | None = None, images: list | None = None) -> dict:
+    """The model's tensors of texts (input_ids, text_mask) and/or images (features, locations,
+    region_mask; `images`: Regions), made by pre-training's BatchBuilder: the same tokenisation,
+    region order, box locations and padding. Pairs: texts[i] with images[i]."""
+    arrays = {}
+    if texts is not None:
+        ids, text_mask, _ = builder._tokenize(texts)
+        arrays.update(input_ids=ids, text_mask=text_mask)
+    if images is not None:
+        feats, locs, region_mask, _ = builder._regions([regions.sample() for regions in images])
+        arrays.update(features=feats, locations=locs, region_mask=region_mask)
+    return builder._tensors(**arrays)
+
+
 class Collate:
     """Example indices -> a batch: {"keys", "inputs": the model's tensors, "targets" [B, labels]}.
     An NLVR2 pair puts every example's first images, then their second images, in one stacked
@@ -58,12 +72,8 @@ class Collate:
         if self.data.task.pairs is not None and self.label_index is not None:
             return self.pairs(examples)
         images = self.data.task.images
-        texts = [e.text for e in examples] * images
-        samples = [self.data.regions[e.image_ids[k]].sample() for k in range(images) for e in examples]
-        ids, text_mask, _ = self.builder._tokenize(texts)
-        feats, locs, region_mask, _ = self.builder._regions(samples)
-        inputs = self.builder._tensors(input_ids=ids, text_mask=text_mask, features=feats, locations=locs,
-                                       region_mask=region_mask)
+        inputs = model_inputs(self.builder, [e.text for e in examples] * images,
+                              [self.data.regions[e.image_ids[k]] for k in range(images) for e in examples])
         targets = None
         if self.label_index is not None and self.data.task.dual_encoder:  # ITC: each example's image key
             from vlp_train.finetune.tasks import pair_key
@@ -75,16 +85,14 @@ class Collate:
             for i, row in enumerate(rows):
                 targets[i, :len(row)] = row[:targets.shape[1]]
             if self.data.task.regions:
-                targets = targets[:, :region_mask.shape[1]]
+                targets = targets[:, :inputs["region_mask"].shape[1]]
         return {"keys": [e.example_id for e in examples], "inputs": inputs, "targets": targets, "bad_samples": 0}
 
     def pairs(self, examples: list) -> dict:
         """A batch of a pair task's training pairs (retrieval: matched and mismatched caption-image pairs)."""
         pairs = self.data.task.pairs(examples)
-        ids, text_mask, _ = self.builder._tokenize([e.text for e, _, _ in pairs])
-        feats, locs, region_mask, _ = self.builder._regions([self.data.regions[image].sample() for _, image, _ in pairs])
-        inputs = self.builder._tensors(input_ids=ids, text_mask=text_mask, features=feats, locations=locs,
-                                       region_mask=region_mask)
+        inputs = model_inputs(self.builder, [e.text for e, _, _ in pairs],
+                              [self.data.regions[image] for _, image, _ in pairs])
         targets = torch.zeros(len(pairs), len(self.label_index))
         for i, (_, _, label) in enumerate(pairs):
             targets[i, self.label_index[label]] = 1.0

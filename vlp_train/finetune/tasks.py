@@ -85,8 +85,8 @@ def task_for(name: str, objective: str = "auto", dual_encoder: bool = False) -> 
     if task.dual_form is None:
         return task
     if objective == "itc" and not dual_encoder:
-        raise ValueError(f"task.retrieval_objective=itc: this model's family has no dual encoder (its image and text "
-                         f"alone, projected: vlmo, vlmae); use itm (or auto)")
+        raise ValueError("task.retrieval_objective=itc: this model's family has no dual encoder (its image and text "
+                         "alone, projected: vlmo, vlmae); use itm (or auto)")
     return task.dual_form if dual_encoder and objective != "itm" else task
 
 
@@ -252,6 +252,7 @@ def retrieval_predict(model, data, builder, cfg, device, autocast) -> tuple[dict
     import numpy as np
 
     from pipelines.encoding import encode, load_sentence_model
+    from vlp_train.finetune.data import model_inputs
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
     from vlp_train.step import to_device
 
@@ -270,10 +271,8 @@ def retrieval_predict(model, data, builder, cfg, device, autocast) -> tuple[dict
     pairs = sorted(pairs)
     for start in range(0, len(pairs), cfg.data.eval_batch_size):
         chunk = pairs[start:start + cfg.data.eval_batch_size]
-        ids, text_mask, _ = builder._tokenize([data.examples[t].text for _, t in chunk])
-        feats, locs, region_mask, _ = builder._regions([data.regions[images[i]].sample() for i, _ in chunk])
-        inputs = to_device({"x": builder._tensors(input_ids=ids, text_mask=text_mask, features=feats,
-                                                  locations=locs, region_mask=region_mask)}, device)["x"]
+        inputs = to_device({"x": model_inputs(builder, [data.examples[t].text for _, t in chunk],
+                                              [data.regions[images[i]] for i, _ in chunk])}, device)["x"]
         with autocast:
             logits = model(inputs)
         for (i, t), p in zip(chunk, torch.softmax(logits.float(), -1)[:, 1].tolist()):
@@ -295,7 +294,8 @@ def recalls_of_directions(image_to_text, text_to_image, text_image) -> dict:
     from vlp_train.finetune.metrics import retrieval_recalls
     tr = retrieval_recalls(image_to_text, text_image)
     ir = retrieval_recalls(text_to_image, text_image)
-    out = {**{k: v for k, v in tr.items() if k.startswith("tr@")}, **{k: v for k, v in ir.items() if k.startswith("ir@")}}
+    out = {**{k: v for k, v in tr.items() if k.startswith("tr@")},
+           **{k: v for k, v in ir.items() if k.startswith("ir@")}}
     out["rsum"] = float(sum(out.values()))
     out["rmean"] = out["rsum"] / (len(out) - 1)
     return out
@@ -308,6 +308,7 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
     split. With task.rerank_k > 0 the fusion ITM re-scores each query's top k (evaluate_vlmo's
     re-ranking; VLMo's fine-tuned retrieval is the dual encoder alone, the default)."""
     from vlp_train.evaluate_vlmo import rerank_scores
+    from vlp_train.finetune.data import model_inputs
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
     from vlp_train.step import to_device
 
@@ -316,13 +317,10 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
     texts = [e.text for e in data.examples]
 
     def image_inputs(keys):
-        feats, locs, region_mask, _ = builder._regions([data.regions[k].sample() for k in keys])
-        x = builder._tensors(features=feats, locations=locs, region_mask=region_mask)
-        return to_device({"x": x}, device)["x"]
+        return to_device({"x": model_inputs(builder, images=[data.regions[k] for k in keys])}, device)["x"]
 
     def text_inputs(chunk):
-        ids, text_mask, _ = builder._tokenize(chunk)
-        return to_device({"x": builder._tensors(input_ids=ids, text_mask=text_mask)}, device)["x"]
+        return to_device({"x": model_inputs(builder, texts=chunk)}, device)["x"]
 
     size = cfg.data.eval_batch_size
     image_features, text_features = [], []

@@ -120,7 +120,8 @@ def backbone(cfg: FinetuneConfig, feature_dim: int):
     family = init_family(cfg)
     kind, folder = resolve_init(cfg.model.init)
     if kind == "vlp":
-        return init_from(folder, family.model_class, cfg.model, feature_dim, list(read_config(folder)[1].get("tags", [])))
+        tags = list(read_config(folder)[1].get("tags", []))
+        return init_from(folder, family.model_class, cfg.model, feature_dim, tags)
     return family.build(cfg.model, feature_dim, [])
 
 
