@@ -257,7 +257,7 @@ def _synthetic_retrieval():
             # embedding them (counted from `chunks`, the runner would store the rows until it was done)
             count = chunks.pipeline | "RowCount" >> beam.Create([self._rows])
             corpus = rows | ShardCorpus(self._spill_dir, RetrieveOptions(k=K), row_count=count)
-            return queries | RetrieveTopK(corpus, RetrieveOptions(k=K))
+            return (queries | RetrieveTopK(corpus.main, RetrieveOptions(k=K))).main
     return SyntheticRetrieval
 
 
@@ -275,6 +275,7 @@ def run_overhead(args) -> dict:
     from pipelines.phrases import ExtractNounPhrases, NounPhraseExtractor
     from pipelines.options import RetrieveOptions
     from pipelines.search import Corpus, FaissSearcher, candidate_count, rank_candidates
+    from pipelines.stages import StageOutput
 
     SyntheticRetrieval = _synthetic_retrieval()
     images, text = inputs(args)
@@ -287,7 +288,8 @@ def run_overhead(args) -> dict:
     def beam_seconds(elements, stage) -> float:
         start = time.perf_counter()
         with beam.Pipeline(options=beam_options(args.beam_args)) as p:
-            _ = p | beam.Create(elements, reshuffle=False) | stage | beam.combiners.Count.Globally()
+            out = p | beam.Create(elements, reshuffle=False) | stage
+            _ = (out.main if isinstance(out, StageOutput) else out) | beam.combiners.Count.Globally()
         return time.perf_counter() - start
 
     def bare_seconds(fn) -> float:

@@ -18,7 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import schemas
-from pipelines.deadletter import REJECTED, rejection
+from pipelines.deadletter import rejection
 from pipelines.embed import EmbedSentences
 from pipelines.files import is_local
 from pipelines.images import STORED_IMAGE, ReadStoredImages
@@ -27,6 +27,7 @@ from pipelines.readers.detection_record import BOXES_CLIPPED
 from pipelines.readers.detections import REGIONS_DROPPED, ReadDetections
 from pipelines.readers.text import ReadCorpus
 from pipelines.retrieve import RetrieveTopK, ShardCorpus
+from pipelines.stages import StageOutput, split_rejected, stage_output
 from pipelines.store import EmbedCorpus
 from schemas.corpus import PUBLISH_JOURNAL, STAGING, tag_query
 from pipelines.shards import (WriteFiles, WriteShards, WriteSingleFile, WriteTable, is_partial, json_bytes, parquet_bytes,
@@ -129,38 +130,39 @@ def _keep_corpus_width(detection: dict, width: int):
 
 
 class OneFeatureWidth(beam.PTransform):
-    """Detections with features -> those of the corpus's feature width (`corpus_feature_width`);
-    each other one dead-lettered with both widths. The trainer stacks regions of many images into
-    one batch, so a corpus of mixed widths would fail there, naming no sample."""
+    """Detections with features -> a StageOutput: main those of the corpus's feature width
+    (`corpus_feature_width`), each other one dead-lettered with both widths. The trainer stacks
+    regions of many images into one batch, so a corpus of mixed widths would fail there, naming
+    no sample."""
 
-    def expand(self, detections):
+    def expand(self, detections) -> StageOutput:
         width = (detections
                  | "Width" >> beam.Map(lambda d: (d["features"].shape[1], 1))
                  | "CountPerWidth" >> beam.CombinePerKey(sum)
                  | "WidthCounts" >> beam.combiners.ToList()
                  | "CorpusWidth" >> beam.Map(corpus_feature_width))
-        return detections | "KeepCorpusWidth" >> beam.FlatMap(
-            _keep_corpus_width, width=beam.pvalue.AsSingleton(width)).with_outputs(REJECTED, main="ok")
+        kept, rejected = split_rejected(detections, "KeepCorpusWidth", _keep_corpus_width,
+                                        width=beam.pvalue.AsSingleton(width))
+        return stage_output(kept, rejected)
 
 
 class UsableDetections(beam.PTransform):
-    """Valid detections -> {"detections": those a sample can be made of, "rejected": the others}.
-    Without regions an image is dead-lettered first (it has no tags to query with); then, for
-    shards, one without features and one of another feature width than the corpus's."""
+    """Valid detections -> a StageOutput: main those a sample can be made of, the others
+    dead-lettered. Without regions an image is dead-lettered first (it has no tags to query
+    with); then, for shards, one without features and one of another feature width than the
+    corpus's."""
 
     def __init__(self, shards: bool):
         super().__init__()
         self._shards = shards
 
-    def expand(self, detections):
-        with_regions = detections | "HasRegions" >> beam.FlatMap(_has_regions).with_outputs(REJECTED, main="ok")
+    def expand(self, detections) -> StageOutput:
+        with_regions, no_regions = split_rejected(detections, "HasRegions", _has_regions)
         if not self._shards:
-            return {"detections": with_regions.ok, "rejected": with_regions[REJECTED]}
-        checked = with_regions.ok | "NeedFeatures" >> beam.FlatMap(_check_features).with_outputs(REJECTED, main="ok")
-        one_width = checked.ok | "OneFeatureWidth" >> OneFeatureWidth()
-        rejected = ((with_regions[REJECTED], checked[REJECTED], one_width[REJECTED])
-                    | "UnusableDetections" >> beam.Flatten())
-        return {"detections": one_width.ok, "rejected": rejected}
+            return stage_output(with_regions, no_regions)
+        with_features, no_features = split_rejected(with_regions, "NeedFeatures", _check_features)
+        one_width = with_features | "OneFeatureWidth" >> OneFeatureWidth()
+        return stage_output(one_width.main, (no_regions, no_features), parts=[one_width])
 
 
 def _make_sample(element):
@@ -263,6 +265,142 @@ def render_stats(totals: dict, options: BuildOptions) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The build's stages: each returns a StageOutput (pipelines.stages), the assembly reads them alike
+
+
+def _reader_output(read: dict, main: str) -> StageOutput:
+    """A reader's {main, "rejected", "counts"} dict as a StageOutput."""
+    return StageOutput(read[main], read["rejected"], read["counts"])
+
+
+class FindDetections(beam.PTransform):
+    """The pipeline's start -> a StageOutput: main the detections a sample can be made of (from
+    --images through the detector, or read from --detections; with --store-images each carries
+    its stored image), the dead letters of every other image, counts: the readers' and
+    ("images_valid", 1) per valid detection."""
+
+    def __init__(self, options: BuildOptions):
+        super().__init__()
+        self._options = options
+
+    def expand(self, pbegin) -> StageOutput:
+        options = self._options
+        if options.images:
+            from pipelines.detect import DetectRegions
+            from pipelines.images import ReadImages
+            images = pbegin | "ReadImages" >> ReadImages(options.images)
+            found = images.main | "DetectRegions" >> DetectRegions(
+                options.detect, store_image_size=options.image_size if options.store_images else None)
+            parts = [images, found]
+        else:
+            found = _reader_output(pbegin | "ReadDetections" >> ReadDetections(options.detections,
+                                                                                options.detect.max_regions),
+                                   "detections")
+            parts = [found]
+        valid = found.main | "CountValid" >> beam.Map(lambda _: ("images_valid", 1))
+        usable = found.main | "UsableDetections" >> UsableDetections(options.shards)
+        parts.append(usable)
+        if options.store_images and options.detections:  # with --images the detector's worker stored them
+            parts.append(usable.main | "ReadStoredImages" >> ReadStoredImages(options.image_root, options.image_size))
+        return stage_output(parts[-1].main, counts=valid, parts=parts)
+
+
+class ReadSentences(beam.PTransform):
+    """The pipeline's start -> a StageOutput: main the text corpus's (sentence_id, text), unique;
+    the reader's dead letters; its counts and ("sentences", 1) per sentence."""
+
+    def __init__(self, options: BuildOptions):
+        super().__init__()
+        self._options = options
+
+    def expand(self, pbegin) -> StageOutput:
+        read = _reader_output(pbegin | "ReadCorpus" >> ReadCorpus(self._options.text, self._options.text_options),
+                              "sentences")
+        return stage_output(read.main, counts=read.main | "CountSentences" >> beam.Map(lambda _: ("sentences", 1)),
+                            parts=[read])
+
+
+def _retrieval_counts(element):
+    _, (_, hits) = element
+    yield "images_retrieved", 1
+    yield "retrievals", len(hits)
+    yield "retrieval_score_micros", sum(round(float(hit["score"]) * SCORE_UNITS) for hit in hits)
+
+
+class Retrieve(beam.PTransform):
+    """{"detections", "sentences"} -> a StageOutput: main (image_id, (query, hits)) per image
+    with a retrieval; dead letters: images whose search came back empty; counts: images
+    retrieved, retrievals and their summed score.
+
+    Sentences are embedded (with --embeddings, only those the store lacks) and written in corpus
+    shards under `spill_dir`; only their file names travel to the workers. Each image's tag
+    string is embedded once per distinct string and searched against every shard."""
+
+    def __init__(self, options: BuildOptions, spill_dir: str):
+        super().__init__()
+        self._options, self._spill_dir = options, spill_dir
+
+    def expand(self, inputs) -> StageOutput:
+        options, sentences = self._options, inputs["sentences"]
+        embedded = sentences | "EmbedCorpus" >> EmbedCorpus(options.embed, options.embeddings)
+        corpus = embedded.main | "ShardCorpus" >> ShardCorpus(
+            self._spill_dir, options.retrieve,
+            row_count=sentences | "CountSentences" >> beam.combiners.Count.Globally())
+        queries = inputs["detections"] | "Queries" >> beam.Map(_query_of)
+        hits = (queries
+                | "QueryStrings" >> beam.Keys()
+                | "DistinctQueries" >> beam.Distinct()
+                | "KeyQuery" >> beam.Map(lambda q: (q, q))
+                | "EmbedQueries" >> EmbedSentences(options.embed)
+                | "RetrieveTopK" >> RetrieveTopK(corpus.main, options.retrieve))
+        image_hits, empty = split_rejected({"images": queries, "hits": hits.main} | "JoinQueries" >> beam.CoGroupByKey(),
+                                           "HitsPerImage", _hits_per_image)
+        return stage_output(image_hits, empty, counts=image_hits | "CountRetrieved" >> beam.FlatMap(_retrieval_counts),
+                            parts=[embedded, corpus, hits])
+
+
+class MakeSamples(beam.PTransform):
+    """{"detections", "image_hits", "sentences"} -> a StageOutput: main one sample per image
+    with its phrases linked to its regions; nothing rejected (an image without a detection or
+    a retrieval was dead-lettered upstream); counts: unique retrieved sentences, and per sample
+    its phrases, linked phrases and sentence slots.
+
+    Noun phrases are extracted once per retrieved sentence, joined back per image, then joined
+    with the detection."""
+
+    def __init__(self, options: BuildOptions):
+        super().__init__()
+        self._options = options
+
+    def expand(self, inputs) -> StageOutput:
+        from pipelines.link import LinkPhrasesToRegions, TrainWordVectors
+        from pipelines.phrases import ExtractNounPhrases
+
+        options, detections = self._options, inputs["detections"]
+        uses = inputs["image_hits"] | "UsesBySentence" >> beam.FlatMapTuple(
+            lambda image_id, query_hits: [(hit["sentence_id"], (image_id, hit)) for hit in query_hits[1]])
+        unique_sentences = (uses | "RetrievedSentences" >> beam.MapTuple(lambda sid, use: (sid, use[1]["sentence"]))
+                            | "DistinctRetrieved" >> beam.Distinct())
+        phrases = unique_sentences | "ExtractNounPhrases" >> ExtractNounPhrases(options.phrases)
+        image_sentences = ({"uses": uses, "phrases": phrases.main}
+                           | "JoinPhrases" >> beam.CoGroupByKey()
+                           | "SentencePerImage" >> beam.FlatMap(_sentence_with_phrases))
+        samples = ({"detection": detections | "DetByImage" >> beam.Map(lambda d: (d["image_id"], d)),
+                    "sentences": image_sentences}
+                   | "JoinImage" >> beam.CoGroupByKey()
+                   | "MakeSample" >> beam.FlatMap(_make_sample))
+        trained = None
+        if options.link.word_vectors == "train":
+            texts = inputs["sentences"] | "CorpusTexts" >> beam.Values()
+            tags = detections | "AllLabels" >> beam.FlatMap(lambda d: d["labels"])
+            trained = (texts, tags) | "TrainWordVectors" >> TrainWordVectors(options.link)
+        linked = samples | "LinkPhrasesToRegions" >> LinkPhrasesToRegions(options.link, trained)
+        unique = unique_sentences | "CountUnique" >> beam.Map(lambda _: ("unique_retrieved_sentences", 1))
+        return stage_output(linked.main, counts=(unique, linked.main | "CountSamples" >> beam.FlatMap(_sample_stats)),
+                            parts=[phrases, linked])
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None = None) -> beam.Pipeline:
@@ -277,91 +415,41 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
         check_word_vectors(options.link.word_vectors, options.link.trust_pickle)
     out = staging_dir(options.output)
     p = beam.Pipeline(options=beam_options(beam_args or []))
-    rejected, stats = [], []
 
-    # Images -> detections
-    if options.images:
-        from pipelines.detect import DetectRegions
-        from pipelines.images import ReadImages
-        images = p | "ReadImages" >> ReadImages(options.images)
-        rejected.append(images.rejected)
-        detected = images.images | "DetectRegions" >> DetectRegions(
-            options.detect, store_image_size=options.image_size if options.store_images else None)
-        detections = detected.detections
-        rejected.append(detected.rejected)
-    else:
-        read = p | "ReadDetections" >> ReadDetections(options.detections, options.detect.max_regions)
-        detections = read["detections"]
-        rejected.append(read["rejected"])
-        stats.append(read["counts"])
-    stats.append(detections | "StatImages" >> beam.Map(lambda _: ("images_valid", 1)))
-    usable = detections | "UsableDetections" >> UsableDetections(options.shards)
-    detections = usable["detections"]
-    rejected.append(usable["rejected"])
-    if options.store_images and options.detections:  # with --images the detector's worker stored them
-        stored = detections | "ReadStoredImages" >> ReadStoredImages(options.image_root, options.image_size)
-        detections = stored.ok
-        rejected.append(stored[REJECTED])
-
-    # Text corpus -> sentences -> embeddings -> corpus shards (their file names are the side input)
-    corpus_read = p | "ReadCorpus" >> ReadCorpus(options.text, options.text_options)
-    sentences = corpus_read["sentences"]
-    rejected.append(corpus_read["rejected"])
-    stats.append(sentences | "StatSentences" >> beam.Map(lambda _: ("sentences", 1)))
-    stats.append(corpus_read["counts"])
-    corpus = (sentences
-              # with --embeddings, only sentences the store lacks are embedded
-              | "EmbedCorpus" >> EmbedCorpus(options.embed, options.embeddings)
-              # written in shards under the staging folder; only their file names travel to the workers
-              | "ShardCorpus" >> ShardCorpus(posixpath.join(out, CORPUS_SPILL), options.retrieve,
-                                             row_count=sentences | "CountSentences" >> beam.combiners.Count.Globally()))
-    _ = (sentences | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})
+    detections = p | "Detections" >> FindDetections(options)
+    sentences = p | "Sentences" >> ReadSentences(options)
+    _ = (sentences.main | "SentenceRows" >> beam.MapTuple(lambda sid, text: {"sentence_id": sid, "text": text})
          | "WriteSentences" >> WriteTable(out, "sentences", schemas.SENTENCES, lambda r: r["sentence_id"],
                                           options.shard.table_rows_per_file))
-
-    # Tag strings -> embeddings (each distinct string once) -> top-K -> per image
-    queries = detections | "Queries" >> beam.Map(_query_of)
-    hits = (queries
-            | "QueryStrings" >> beam.Keys()
-            | "DistinctQueries" >> beam.Distinct()
-            | "KeyQuery" >> beam.Map(lambda q: (q, q))
-            | "EmbedQueries" >> EmbedSentences(options.embed)
-            | "RetrieveTopK" >> RetrieveTopK(corpus, options.retrieve))
-    image_hits = ({"images": queries, "hits": hits}
-                  | "JoinQueries" >> beam.CoGroupByKey()
-                  | "HitsPerImage" >> beam.FlatMap(_hits_per_image).with_outputs(REJECTED, main="ok"))
-    rejected.append(image_hits[REJECTED])
-    image_hits = image_hits.ok
-    retrieval_rows = image_hits | "RetrievalRows" >> beam.FlatMap(_retrieval_rows)
-    _ = retrieval_rows | "WriteRetrievals" >> WriteTable(
+    retrieved = ({"detections": detections.main, "sentences": sentences.main}
+                 | "Retrieve" >> Retrieve(options, posixpath.join(out, CORPUS_SPILL)))
+    _ = retrieved.main | "RetrievalRows" >> beam.FlatMap(_retrieval_rows) | "WriteRetrievals" >> WriteTable(
         out, "retrievals", schemas.RETRIEVALS, lambda r: (r["image_id"], r["rank"]), options.shard.table_rows_per_file)
-    stats.append(image_hits | "StatRetrieved" >> beam.Map(lambda _: ("images_retrieved", 1)))
-    stats.append(retrieval_rows | "StatRetrievals" >> beam.FlatMap(
-        lambda r: [("retrievals", 1), ("retrieval_score_micros", round(float(r["score"]) * SCORE_UNITS))]))
+    stages = [detections, sentences, retrieved]
 
     if options.shards:
-        samples = _build_samples(options, detections, image_hits, sentences, stats, rejected)
-        manifest = (samples | "SplitFeatures" >> beam.Map(_split_features)
-                    | "WriteShards" >> WriteShards(out, options.shard))
-        _ = manifest | "WriteManifest" >> WriteSingleFile(
+        samples = ({"detections": detections.main, "image_hits": retrieved.main, "sentences": sentences.main}
+                   | "Samples" >> MakeSamples(options))
+        shards = samples.main | "SplitFeatures" >> beam.Map(_split_features) | "WriteShards" >> WriteShards(
+            out, options.shard)
+        stages += [samples, shards]
+        _ = shards.main | "WriteManifest" >> WriteSingleFile(
             posixpath.join(out, "manifest.parquet"), lambda rows: parquet_bytes(rows, schemas.MANIFEST),
             sort_key=lambda r: r["shard"])
-        stats.append(manifest | "StatShards" >> beam.Map(lambda _: ("shards", 1)))
-        _ = (samples | "LinkRows" >> beam.FlatMap(_link_rows)
+        _ = (samples.main | "LinkRows" >> beam.FlatMap(_link_rows)
              | "WriteLinks" >> WriteTable(out, "links", schemas.LINKS,
                                           lambda r: (r["image_id"], r["rank"], r["start"]), options.shard.table_rows_per_file))
-        _ = (samples | "SampleTags" >> beam.FlatMap(lambda s: s["tags"])
+        _ = (samples.main | "SampleTags" >> beam.FlatMap(lambda s: s["tags"])
              | "DistinctTags" >> beam.Distinct()
              | "WriteTagVocab" >> WriteSingleFile(
                  posixpath.join(out, "tag_vocab.json"),
                  lambda tags: json_bytes({"schema_version": schemas.SCHEMA_VERSION, "tags": tags}), sort_key=str))
-        stats.append(samples | "StatSamples" >> beam.FlatMap(_sample_stats))
 
-    # Dead letters and the run's statistics
-    all_rejected = tuple(rejected) | "AllRejected" >> beam.Flatten()
-    _ = all_rejected | "WriteRejected" >> write_rejected(out, BUILD_REJECTED)
-    stats.append(all_rejected | "StatRejected" >> beam.FlatMap(_reject_stats))
-    _ = (tuple(stats) | "AllStats" >> beam.Flatten()
+    # Dead letters and the run's statistics: every stage's, as its output gives them
+    rejected = tuple(stage.rejected for stage in stages) | "AllRejected" >> beam.Flatten()
+    _ = rejected | "WriteRejected" >> write_rejected(out, BUILD_REJECTED)
+    counts = (*(stage.counts for stage in stages), rejected | "CountRejected" >> beam.FlatMap(_reject_stats))
+    _ = (counts | "AllStats" >> beam.Flatten()
          | "SumStats" >> beam.CombinePerKey(sum)
          | "StatsDict" >> beam.combiners.ToDict()
          | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_stats(totals, options))))
@@ -409,9 +497,8 @@ def build_detect_pipeline(images: str, output: str, options, beam_args: list[str
 
     p = beam.Pipeline(options=beam_options(beam_args or []))
     read = p | "ReadImages" >> ReadImages(images)
-    detected = read.images | "DetectRegions" >> DetectRegions(options)
-    rejected = (read.rejected, detected.rejected) | "AllRejected" >> beam.Flatten()
-    _write_detections(p, detected.detections, rejected, output, detections_per_file)
+    detected = read.main | "DetectRegions" >> DetectRegions(options)
+    _write_detections(p, detected.main, [read, detected], output, detections_per_file)
     return p
 
 
@@ -423,49 +510,21 @@ def build_convert_detections_pipeline(detections: str, output: str, max_regions:
     them (each record validated, regions highest score first, at most `max_regions`): the one
     layout `vlp-train finetune --detections` reads."""
     p = beam.Pipeline(options=beam_options(beam_args or []))
-    read = p | "ReadDetections" >> ReadDetections(detections, max_regions)
-    _write_detections(p, read["detections"], read["rejected"], output, detections_per_file)
+    read = _reader_output(p | "ReadDetections" >> ReadDetections(detections, max_regions), "detections")
+    _write_detections(p, read.main, [read], output, detections_per_file)
     return p
 
 
-def _write_detections(p, detections, rejected, output: str, detections_per_file: int) -> None:
-    """Detections -> OUTPUT/detections/*.parquet (DETECTIONS), dead letters -> OUTPUT/rejected/detect/,
-    published when every write has finished."""
+def _write_detections(p, detections, stages: list[StageOutput], output: str, detections_per_file: int) -> None:
+    """Detections -> OUTPUT/detections/*.parquet (DETECTIONS), the `stages`' dead letters ->
+    OUTPUT/rejected/detect/, published when every write has finished."""
     out = staging_dir(output)
     _ = (detections | "DetectionRows" >> beam.Map(_detection_row)
          | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"],
                                            detections_per_file))
-    _ = rejected | "WriteRejected" >> write_rejected(out, DETECT_REJECTED)
+    _ = (tuple(stage.rejected for stage in stages) | "AllRejected" >> beam.Flatten()
+         | "WriteRejected" >> write_rejected(out, DETECT_REJECTED))
     publish_when_done(p, output, DETECT_ENTRIES)
-
-
-def _build_samples(options, detections, image_hits, sentences, stats, rejected):
-    """Noun phrases of each retrieved sentence (once per sentence), joined back per image,
-    plus the detection: one sample per image, then phrase -> region links."""
-    from pipelines.link import LinkPhrasesToRegions, TrainWordVectors
-    from pipelines.phrases import ExtractNounPhrases
-
-    uses = image_hits | "UsesBySentence" >> beam.FlatMapTuple(
-        lambda image_id, query_hits: [(hit["sentence_id"], (image_id, hit)) for hit in query_hits[1]])
-    unique_sentences = (uses | "RetrievedSentences" >> beam.MapTuple(lambda sid, use: (sid, use[1]["sentence"]))
-                        | "DistinctRetrieved" >> beam.Distinct())
-    stats.append(unique_sentences | "StatUnique" >> beam.Map(lambda _: ("unique_retrieved_sentences", 1)))
-    phrases = unique_sentences | "ExtractNounPhrases" >> ExtractNounPhrases(options.phrases)
-    image_sentences = ({"uses": uses, "phrases": phrases}
-                       | "JoinPhrases" >> beam.CoGroupByKey()
-                       | "SentencePerImage" >> beam.FlatMap(_sentence_with_phrases))
-    made = ({"detection": detections | "DetByImage" >> beam.Map(lambda d: (d["image_id"], d)),
-             "sentences": image_sentences}
-            | "JoinImage" >> beam.CoGroupByKey()
-            | "MakeSample" >> beam.FlatMap(_make_sample).with_outputs(REJECTED, main="ok"))
-    rejected.append(made[REJECTED])
-    samples = made.ok
-    trained = None
-    if options.link.word_vectors == "train":
-        texts = sentences | "CorpusTexts" >> beam.Values()
-        tags = detections | "AllLabels" >> beam.FlatMap(lambda d: d["labels"])
-        trained = (texts, tags) | "TrainWordVectors" >> TrainWordVectors(options.link)
-    return samples | "LinkPhrasesToRegions" >> LinkPhrasesToRegions(options.link, trained)
 
 
 def _write_stats(out: str, stats: dict) -> None:

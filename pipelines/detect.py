@@ -28,11 +28,12 @@ import time
 import apache_beam as beam
 import numpy as np
 
-from pipelines.deadletter import REJECTED, Rejected, rejection, rejection_for
+from pipelines.deadletter import Rejected, rejection, rejection_for
 from pipelines.images import STORED_IMAGE, stored_image
 from pipelines.readers.detection_record import region_order
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
+from pipelines.stages import StageOutput, split_rejected, stage_output
 from schemas.corpus import normalise_label
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ FEATURE_LAYERS = (("leaky_9", 16), ("leaky_13", 32))  # (layer, stride in input 
 FEATURE_DIM = 256 + 1024
 POOL_GRID = 4
 DARKNET_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
-DETECTIONS = "detections"
 REGION_MODES = ("detected", "grid")
 GRID_LABEL = "region"  # the label of a grid box: it names no object (see the module's docstring)
 WHOLE_SCORE, CELL_SCORE = 1.0, 0.5
@@ -300,15 +300,16 @@ class _DetectImage(beam.DoFn):
 
 
 class DetectRegions(beam.PTransform):
-    """(image_id, bytes, source) -> DoOutputsTuple: `.detections` (dicts with image_id, width,
-    height, boxes, labels, scores, features float16 [n, 1280]) and `.rejected`. The detector
-    is loaded once per DoFn instance in setup(). `store_image_size`: each detection also carries
-    its image stored at that size (pipelines.images.STORED_IMAGE; `--store-images`)."""
+    """(image_id, bytes, source) -> a StageOutput: main the detections (dicts with image_id,
+    width, height, boxes, labels, scores, features float16 [n, 1280]), the dead letters of the
+    images that gave none, no counts. The detector is loaded once per DoFn instance in setup().
+    `store_image_size`: each detection also carries its image stored at that size
+    (pipelines.images.STORED_IMAGE; `--store-images`)."""
 
     def __init__(self, options: DetectOptions = DetectOptions(), store_image_size: int | None = None):
         super().__init__()
         self._options, self._store_image_size = options, store_image_size
 
-    def expand(self, images):
-        return images | "Detect" >> beam.ParDo(_DetectImage(self._options, self._store_image_size)).with_outputs(
-            REJECTED, main=DETECTIONS)
+    def expand(self, images) -> StageOutput:
+        detections, rejected = split_rejected(images, "Detect", _DetectImage(self._options, self._store_image_size))
+        return stage_output(detections, rejected)

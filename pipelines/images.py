@@ -22,13 +22,12 @@ from __future__ import annotations
 import posixpath
 import re
 import tarfile
-from typing import NamedTuple
-
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.deadletter import REJECTED, duplicate_rejection, rejection, rejection_for
+from pipelines.deadletter import duplicate_rejection, rejection, rejection_for
 from pipelines.files import MatchAll, split_patterns
+from pipelines.stages import StageOutput, split_rejected, stage_output
 from schemas.corpus import encode_image, stored_image_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -36,7 +35,6 @@ TAR_EXTENSIONS = (".tar",)
 # What img2dataset writes beside the images and tars (KEY.json / KEY.txt per image, a .parquet
 # and _stats.json per shard): skipped and counted, never dead-lettered as images.
 SIDECAR_EXTENSIONS = (".json", ".txt", ".parquet")
-IMAGES = "images"
 
 
 def base_directory(pattern: str) -> str:
@@ -119,31 +117,26 @@ def _keep_one_per_image_id(element):
         yield duplicate_rejection("read_images", source, image_id, kept_source)
 
 
-class ImagesRead(NamedTuple):
-    images: beam.PCollection    # (image_id, bytes, source), one per image_id
-    rejected: beam.PCollection  # dead-letter records
-
-
 class ReadImages(beam.PTransform):
-    """Returns ImagesRead: `.images` (image_id, bytes, source), ids unique, and `.rejected`."""
+    """A StageOutput: main (image_id, bytes, source), ids unique; dead letters; no counts."""
 
     def __init__(self, pattern: str):
         super().__init__()
         self._pattern = pattern
 
-    def expand(self, pbegin):
-        read = (pbegin
-                | "MatchImages" >> MatchAll(self._pattern)
-                | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadImageFiles" >> beam.ParDo(_ReadImageFile(split_patterns(self._pattern))).with_outputs(
-                    REJECTED, main=IMAGES))
+    def expand(self, pbegin) -> StageOutput:
+        images, unreadable = split_rejected(
+            pbegin
+            | "MatchImages" >> MatchAll(self._pattern)
+            | "SpreadFiles" >> beam.Reshuffle(),
+            "ReadImageFiles", _ReadImageFile(split_patterns(self._pattern)))
         # Grouping by id also spreads a tar's members over workers for detection.
-        unique = (read[IMAGES]
-                  | "KeyByImageId" >> beam.Map(lambda image: (image[0], (image[2], image[1])))
-                  | "GroupByImageId" >> beam.GroupByKey()
-                  | "KeepOnePerImageId" >> beam.FlatMap(_keep_one_per_image_id).with_outputs(REJECTED, main=IMAGES))
-        rejected = (read[REJECTED], unique[REJECTED]) | "AllReadRejected" >> beam.Flatten()
-        return ImagesRead(unique[IMAGES], rejected)
+        unique, duplicates = split_rejected(
+            images
+            | "KeyByImageId" >> beam.Map(lambda image: (image[0], (image[2], image[1])))
+            | "GroupByImageId" >> beam.GroupByKey(),
+            "KeepOnePerImageId", _keep_one_per_image_id)
+        return stage_output(unique, rejected=(unreadable, duplicates))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,13 +217,13 @@ class _ReadStoredImage(beam.DoFn):
 
 
 class ReadStoredImages(beam.PTransform):
-    """Detections -> DoOutputsTuple: the main output (default tag "ok") the detections with
-    STORED_IMAGE, their image read from `root` and stored at `size`; `[REJECTED]` the dead letters."""
+    """Detections -> a StageOutput: main the detections with STORED_IMAGE, their image read from
+    `root` and stored at `size`; the dead letters of those whose image could not be; no counts."""
 
     def __init__(self, root: str, size: int):
         super().__init__()
         self._root, self._size = root, size
 
-    def expand(self, detections):
-        return detections | "ReadStoredImage" >> beam.ParDo(_ReadStoredImage(self._root, self._size)).with_outputs(
-            REJECTED, main="ok")
+    def expand(self, detections) -> StageOutput:
+        stored, rejected = split_rejected(detections, "ReadStoredImage", _ReadStoredImage(self._root, self._size))
+        return stage_output(stored, rejected)

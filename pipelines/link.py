@@ -26,6 +26,7 @@ from apache_beam.utils.shared import Shared
 from pipelines.metrics import add_stage_time
 from pipelines.options import LinkOptions
 from pipelines.sharing import acquire_shared
+from pipelines.stages import StageOutput, stage_output
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,10 @@ class _LinkSample(beam.DoFn):
 
 
 class LinkPhrasesToRegions(beam.PTransform):
-    """Sample dicts (docs/corpus-format.md; phrases with text/start/end/words) -> the same with
-    every phrase's region, tag and similarity. `trained_vectors`: a singleton PCollection of
-    KeyedVectors (from TrainWordVectors) for --word-vectors train."""
+    """Sample dicts (docs/corpus-format.md; phrases with text/start/end/words) -> a StageOutput:
+    main the same samples with every phrase's region, tag and similarity; nothing rejected or
+    counted. `trained_vectors`: a singleton PCollection of KeyedVectors (from TrainWordVectors)
+    for --word-vectors train."""
 
     def __init__(self, options: LinkOptions = LinkOptions(), trained_vectors=None):
         super().__init__()
@@ -197,11 +199,13 @@ class LinkPhrasesToRegions(beam.PTransform):
             raise ValueError("--word-vectors train needs the trained vectors (TrainWordVectors)")
         self._options, self._trained = options, trained_vectors
 
-    def expand(self, samples):
+    def expand(self, samples) -> StageOutput:
         if self._trained is None:
-            return samples | "Link" >> beam.ParDo(_LinkSample(self._options))
-        return samples | "Link" >> beam.ParDo(_LinkSample(self._options),
-                                              trained=beam.pvalue.AsSingleton(self._trained))
+            linked = samples | "Link" >> beam.ParDo(_LinkSample(self._options))
+        else:
+            linked = samples | "Link" >> beam.ParDo(_LinkSample(self._options),
+                                                    trained=beam.pvalue.AsSingleton(self._trained))
+        return stage_output(linked)
 
 
 class TrainWordVectors(beam.PTransform):

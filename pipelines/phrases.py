@@ -17,6 +17,7 @@ from pipelines.batching import StableBatches
 from pipelines.metrics import add_stage_time
 from pipelines.options import PhraseOptions
 from pipelines.sharing import acquire_shared
+from pipelines.stages import StageOutput, stage_output
 from schemas.corpus import SPACY_MODEL
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,14 @@ class _ExtractBatch(beam.DoFn):
 
 
 class ExtractNounPhrases(beam.PTransform):
-    """(sentence_id, text) -> (sentence_id, [{text, start, end, words}, ...])."""
+    """(sentence_id, text) -> a StageOutput: main (sentence_id, [{text, start, end, words}, ...]);
+    nothing rejected or counted."""
 
     def __init__(self, options: PhraseOptions = PhraseOptions()):
         super().__init__()
         self._options = options
 
-    def expand(self, sentences):
-        return (sentences
-                | "StableBatches" >> StableBatches(self._options.batch_size * 4)
-                | "NounChunks" >> beam.ParDo(_ExtractBatch(self._options)))
+    def expand(self, sentences) -> StageOutput:
+        return stage_output(sentences
+                            | "StableBatches" >> StableBatches(self._options.batch_size * 4)
+                            | "NounChunks" >> beam.ParDo(_ExtractBatch(self._options)))

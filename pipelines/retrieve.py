@@ -48,6 +48,7 @@ from pipelines.search import (Corpus, candidates_for, hit_dict, hit_order, make_
                               train_index)
 from pipelines.shards import write_bytes, write_whole
 from pipelines.sharing import acquire_shared
+from pipelines.stages import StageOutput, stage_output
 
 log = logging.getLogger(__name__)
 
@@ -370,15 +371,16 @@ class TrainIndexOnce(beam.PTransform):
 
 
 class ShardCorpus(beam.PTransform):
-    """((sentence_id, text), vector) -> one CorpusFiles per corpus shard, written under `directory`
-    (and, unless the index is flat, with its index file). No worker holds more than one shard.
-    `row_count`: a singleton PCollection of the number of rows, where it is known upstream."""
+    """((sentence_id, text), vector) -> a StageOutput: main one CorpusFiles per corpus shard,
+    written under `directory` (and, unless the index is flat, with its index file); nothing
+    rejected or counted. No worker holds more than one shard. `row_count`: a singleton
+    PCollection of the number of rows, where it is known upstream."""
 
     def __init__(self, directory: str, options: RetrieveOptions = RetrieveOptions(), row_count=None):
         super().__init__()
         self._directory, self._options, self._row_count = directory, options, row_count
 
-    def expand(self, rows):
+    def expand(self, rows) -> StageOutput:
         shard_rows = self._options.corpus_shard_rows
         # Given the count from upstream (the sentences, before embedding), the rows flow on into
         # their shard's accumulator; counting the rows themselves would make the runner store
@@ -389,10 +391,10 @@ class ShardCorpus(beam.PTransform):
                                              n=beam.pvalue.AsSingleton(count))
                   | "CollectShard" >> beam.CombinePerKey(CollectCorpus(spill_dir=self._directory))
                   | "ShardFiles" >> beam.Values())
-        if self._options.index == "flat":
-            return shards
-        trained = rows | "TrainIndexOnce" >> TrainIndexOnce(self._directory, self._options)
-        return shards | "IndexShard" >> beam.Map(add_shard_to_index, trained_path=beam.pvalue.AsSingleton(trained))
+        if self._options.index != "flat":
+            trained = rows | "TrainIndexOnce" >> TrainIndexOnce(self._directory, self._options)
+            shards = shards | "IndexShard" >> beam.Map(add_shard_to_index, trained_path=beam.pvalue.AsSingleton(trained))
+        return stage_output(shards)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,18 +464,19 @@ def _ranked_hits(element):
 
 
 class RetrieveTopK(beam.PTransform):
-    """(query_key, embedding) -> (query_key, [{rank, sentence_id, sentence, score}] * K).
+    """(query_key, embedding) -> a StageOutput: main (query_key, [{rank, sentence_id, sentence,
+    score}] * K); nothing rejected or counted.
 
-    `corpus` is a PCollection of corpus shards, Corpus or CorpusFiles (ShardCorpus; or a single
-    CollectCorpus output)."""
+    `corpus` is a PCollection of corpus shards, Corpus or CorpusFiles (ShardCorpus's main; or a
+    single CollectCorpus output)."""
 
     def __init__(self, corpus, options: RetrieveOptions = RetrieveOptions()):
         super().__init__()
         self._corpus = corpus
         self._options = options
 
-    def expand(self, queries):
-        return (queries
+    def expand(self, queries) -> StageOutput:
+        hits = (queries
                 # Full batches: FAISS's flat search leaves BLAS for batches under 20 queries, and
                 # BatchElements' adaptive sizes start at 1 (several times slower per query).
                 | "BatchQueries" >> beam.BatchElements(min_batch_size=self._options.batch_size,
@@ -488,3 +491,4 @@ class RetrieveTopK(beam.PTransform):
                 # the K best of every shard's K best: the K best of the whole corpus
                 | "MergeShards" >> beam.combiners.Top.PerKey(self._options.k, key=_candidate_order, reverse=True)
                 | "RankHits" >> beam.Map(_ranked_hits))
+        return stage_output(hits)

@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 import schemas
 from pipelines.metrics import add_stage_time
 from pipelines.options import ShardOptions
+from pipelines.stages import StageOutput, stage_output
 from schemas.corpus import sample_key, sample_members, tar_bytes
 
 SHARD_PATTERN = "corpus-%06d.tar"
@@ -230,7 +231,7 @@ class ShardBoundaries(beam.PTransform):
 
 class WriteShards(beam.PTransform):
     """(sample dict, float16 features[, stored JPEG bytes or None]) -> DIR/shards/corpus-%06d.tar;
-    outputs manifest rows.
+    a StageOutput: main the manifest rows, counts ("shards", 1) per shard, nothing rejected.
 
     Samples are ordered by key (sha1 of image_id) over the whole corpus and cut into shards of
     `samples_per_shard`, so the shard contents depend on the data alone, not on the workers."""
@@ -239,7 +240,7 @@ class WriteShards(beam.PTransform):
         super().__init__()
         self._directory, self._options = directory, options
 
-    def expand(self, samples):
+    def expand(self, samples) -> StageOutput:
         per_shard = self._options.samples_per_shard
         keyed = samples | "Key" >> beam.Map(lambda sf: (sample_key(sf[0]["image_id"]), sf))
         # Every worker gets the first key of each shard, not every key: 1 / samples_per_shard of
@@ -249,7 +250,8 @@ class WriteShards(beam.PTransform):
         def assign(element, firsts):
             return shard_of(element[0], firsts), element
 
-        return (keyed
-                | "AssignShard" >> beam.Map(assign, firsts=beam.pvalue.AsSingleton(boundaries))
-                | "GroupShard" >> beam.GroupByKey()
-                | "WriteShard" >> beam.ParDo(_WriteShard(self._directory)))
+        manifest = (keyed
+                    | "AssignShard" >> beam.Map(assign, firsts=beam.pvalue.AsSingleton(boundaries))
+                    | "GroupShard" >> beam.GroupByKey()
+                    | "WriteShard" >> beam.ParDo(_WriteShard(self._directory)))
+        return stage_output(manifest, counts=manifest | "CountShards" >> beam.Map(lambda _: ("shards", 1)))

@@ -29,6 +29,7 @@ from pipelines.embed import EmbedSentences
 from pipelines.files import open_file
 from pipelines.options import EmbedOptions
 from pipelines.shards import write_bytes
+from pipelines.stages import StageOutput, stage_output
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +114,19 @@ def _store_file(element, folder: str):
 
 
 class EmbedCorpus(beam.PTransform):
-    """(sentence_id, text) -> ((sentence_id, text), vector). With a store folder, vectors found
-    there under this model's fingerprint are reused and only the others embedded (then stored);
-    without one, this is EmbedSentences."""
+    """(sentence_id, text) -> a StageOutput: main ((sentence_id, text), vector); nothing rejected
+    or counted (the store's own Beam counters say how many were reused). With a store folder,
+    vectors found there under this model's fingerprint are reused and only the others embedded
+    (then stored); without one, this is EmbedSentences."""
 
     def __init__(self, options: EmbedOptions, store: str | None = None):
         super().__init__()
         self._options, self._store = options, store
 
-    def expand(self, sentences):
+    def expand(self, sentences) -> StageOutput:
         keyed = sentences | "KeyByIdText" >> beam.Map(lambda st: (st, st[1]))
         if not self._store:
-            return keyed | "Embed" >> EmbedSentences(self._options)
+            return stage_output(keyed | "Embed" >> EmbedSentences(self._options))
         folder = posixpath.join(self._store, model_fingerprint(self._options))
         stored = (sentences.pipeline
                   | "StorePattern" >> beam.Create([posixpath.join(folder, "*.parquet")])
@@ -146,7 +148,7 @@ class EmbedCorpus(beam.PTransform):
                                          n=beam.pvalue.AsSingleton(count))
              | "GroupStoreFile" >> beam.GroupByKey()
              | "WriteStoreFile" >> beam.Map(_store_file, folder))
-        return (split.reused, embedded) | "ReusedAndNew" >> beam.Flatten()
+        return stage_output((split.reused, embedded) | "ReusedAndNew" >> beam.Flatten())
 
 
 def _count_embedded(sentence):

@@ -30,8 +30,8 @@ def test_an_image_without_regions_or_features_is_dead_lettered_in_shards_mode(pi
     good = {"image_id": "a.jpg", "width": 4, "height": 4, "boxes": [[0, 0, 1, 1]], "labels": ["cat"],
             "scores": [0.9], "features": np.zeros((1, 8), np.float32)}
     usable = pipeline | beam.Create([empty, good]) | build.UsableDetections(shards=True)
-    assert_that(usable["detections"] | beam.Map(lambda d: d["image_id"]), equal_to(["a.jpg"]), label="kept")
-    assert_that(usable["rejected"] | beam.Map(lambda r: (r["stage"], r["source"], r["reason"].split(",")[0])),
+    assert_that(usable.main | beam.Map(lambda d: d["image_id"]), equal_to(["a.jpg"]), label="kept")
+    assert_that(usable.rejected | beam.Map(lambda r: (r["stage"], r["source"], r["reason"].split(",")[0])),
                 equal_to([("retrieve", "empty.jpg", "no detected regions")]), label="rejected")
     pipeline.run()
 

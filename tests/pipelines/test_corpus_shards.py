@@ -51,9 +51,9 @@ def _unsharded_hits(ids, vectors, queries):
 def _search_in_shards(tmp_path, ids, vectors, queries, options, runner_args=()):
     pipeline = TestPipeline(runner=RUNNER, argv=list(runner_args))
     rows = [((sid, f"text of {sid}"), v) for sid, v in zip(ids, vectors)][::-1]  # any arrival order
-    shards = pipeline | "Corpus" >> beam.Create(rows) | ShardCorpus(str(tmp_path / "spill"), options)
+    shards = (pipeline | "Corpus" >> beam.Create(rows) | ShardCorpus(str(tmp_path / "spill"), options)).main
     hits = (pipeline | "Queries" >> beam.Create([(f"q{j:03d}", q) for j, q in enumerate(queries)])
-            | RetrieveTopK(shards, options))
+            | RetrieveTopK(shards, options)).main
     return pipeline, hits
 
 
@@ -163,8 +163,8 @@ def test_pq_bytes_must_divide_the_width():
 
 def test_an_empty_corpus_trains_nothing_and_gets_no_hits(tmp_path, pipeline):
     options = RetrieveOptions(k=K, index="ivf", nlist=4)
-    shards = pipeline | "Corpus" >> beam.Create([]) | ShardCorpus(str(tmp_path / "spill"), options)
-    hits = pipeline | "Queries" >> beam.Create([("q", np.ones(DIM, np.float32) / 4)]) | RetrieveTopK(shards, options)
+    shards = (pipeline | "Corpus" >> beam.Create([]) | ShardCorpus(str(tmp_path / "spill"), options)).main
+    hits = (pipeline | "Queries" >> beam.Create([("q", np.ones(DIM, np.float32) / 4)]) | RetrieveTopK(shards, options)).main
     assert_that(hits, equal_to([]))
     pipeline.run()
     assert not glob.glob(str(tmp_path / "spill" / "*.faiss"))

@@ -75,7 +75,7 @@ def test_detect_regions_counts_and_dead_letters_bad_images(pipeline):
     text = ("notes.png", b"this is not an image at all", "notes.png")
     grey = ("grey.png", _jpeg(np.full((200, 200, 3), 128, np.uint8)), "grey.png")
     out = pipeline | beam.Create([good, corrupt, empty, text, grey]) | DetectRegions(DetectOptions())
-    assert_that(out.detections | beam.Map(lambda d: (d["image_id"], "cup" in d["labels"], d["features"].shape[1])),
+    assert_that(out.main | beam.Map(lambda d: (d["image_id"], "cup" in d["labels"], d["features"].shape[1])),
                 equal_to([("coffee.jpg", True, FEATURE_DIM)]), label="detections")
     assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"].split(" (")[0].split(":")[0])),
                 equal_to([("broken.jpg", "cannot decode image"), ("empty.jpg", "empty file"),
@@ -95,7 +95,7 @@ def test_read_images_from_folders_and_tars(pipeline, tmp_path):
             tar.addfile(info, io.BytesIO(data))
     (tmp_path / "a" / "bad.tar").write_bytes(b"not a tar" * 100)
     out = pipeline | ReadImages(f"{tmp_path}/a/*")
-    assert_that(out.images | beam.Map(lambda e: (e[0], e[1])),
+    assert_that(out.main | beam.Map(lambda e: (e[0], e[1])),
                 equal_to([("x.jpg", b"jpeg-bytes"), ("00000.tar/000001.jpg", b"one"), ("00000.tar/000002.png", b"two")]),
                 label="images")
     assert_that(out.rejected | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"].split(":")[0])),

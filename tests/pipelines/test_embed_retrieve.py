@@ -69,7 +69,7 @@ def test_sofa_woman_ranks_the_sofa_sentence_first(pipeline, model):
     corpus = pipeline | "Corpus" >> beam.Create(corpus_elements) | beam.CombineGlobally(CollectCorpus())
     queries = pipeline | "Queries" >> beam.Create([("sofa woman", encode(model, ["sofa woman"], 1)[0]),
                                                    ("stock market", encode(model, ["stock market"], 1)[0])])
-    hits = queries | RetrieveTopK(corpus, RetrieveOptions(k=3))
+    hits = (queries | RetrieveTopK(corpus, RetrieveOptions(k=3))).main
 
     def check(results):
         by_query = dict(results)
@@ -143,7 +143,7 @@ def test_flat_search_runs_in_place_on_a_memory_map_with_index_flat_ip_results(tm
 
 def test_empty_corpus_yields_no_hits(pipeline):
     corpus = pipeline | "Corpus" >> beam.Create([]) | beam.CombineGlobally(CollectCorpus())
-    hits = pipeline | "Q" >> beam.Create([("q", np.ones(4, np.float32) / 2)]) | RetrieveTopK(corpus)
+    hits = (pipeline | "Q" >> beam.Create([("q", np.ones(4, np.float32) / 2)]) | RetrieveTopK(corpus)).main
     assert_that(hits, equal_to([]))
     pipeline.run()
 
@@ -213,7 +213,7 @@ def test_spilled_corpus_gives_the_same_hits_and_only_names_travel(pipeline, tmp_
     spill = str(tmp_path / "spill")
     corpus = (pipeline | "Corpus" >> beam.Create(rows[::-1])  # any input order: sorted by id
               | beam.CombineGlobally(CollectCorpus(spill_dir=spill)))
-    hits = pipeline | "Q" >> beam.Create(queries) | RetrieveTopK(corpus, RetrieveOptions(k=3))
+    hits = (pipeline | "Q" >> beam.Create(queries) | RetrieveTopK(corpus, RetrieveOptions(k=3))).main
     assert_that(hits, equal_to(list(expected.items())))
     pipeline.run()
     files = sorted(os.listdir(spill))

@@ -25,8 +25,9 @@ def _embed(texts, folder, tmp_path, name):
     """One pipeline run of EmbedCorpus; returns ({id: vector}, the store counters)."""
     out = tmp_path / f"{name}.npz"
     pipeline = TestPipeline(runner=RUNNER)
-    _ = (pipeline | beam.Create([(stable_id(t), t) for t in texts])
-         | EmbedCorpus(EmbedOptions(batch_size=2), str(folder))
+    embedded = (pipeline | beam.Create([(stable_id(t), t) for t in texts])
+         | EmbedCorpus(EmbedOptions(batch_size=2), str(folder))).main
+    _ = (embedded
          | beam.combiners.ToList()
          | beam.Map(lambda rows: np.savez(out, **{sid: v for (sid, _), v in rows})))
     result = pipeline.run()

@@ -52,7 +52,7 @@ def test_two_img2dataset_folders_and_same_named_files_get_distinct_ids(pipeline,
         _tar(tmp_path / folder / "00000.tar", [("000001.jpg", f"{folder}-one".encode()), ("000001.json", b"{}")])
         (tmp_path / folder / "x.jpg").write_bytes(f"{folder}-x".encode())
     out = pipeline | ReadImages(",".join(f"{tmp_path}/{f}/*.{ext}" for f in ("a", "b") for ext in ("tar", "jpg")))
-    assert_that(out.images | beam.Map(lambda e: (e[0], e[1])),
+    assert_that(out.main | beam.Map(lambda e: (e[0], e[1])),
                 equal_to([("a/00000.tar/000001.jpg", b"a-one"), ("b/00000.tar/000001.jpg", b"b-one"),
                           ("a/x.jpg", b"a-x"), ("b/x.jpg", b"b-x")]), label="images")
     assert_that(out.rejected, equal_to([]), label="rejected")
@@ -67,7 +67,7 @@ def test_img2dataset_sidecar_files_are_skipped_not_rejected_as_images(pipeline, 
         (tmp_path / name).write_bytes(b"{}")
     (tmp_path / "notes.pdf").write_bytes(b"%PDF")
     out = pipeline | ReadImages(f"{tmp_path}/*")
-    assert_that(out.images | beam.Map(lambda e: e[0]), equal_to(["000001.jpg"]), label="images")
+    assert_that(out.main | beam.Map(lambda e: e[0]), equal_to(["000001.jpg"]), label="images")
     assert_that(out.rejected | beam.Map(lambda r: os.path.basename(r["source"])), equal_to(["notes.pdf"]),
                 label="rejected")
     result = pipeline.run()
@@ -79,7 +79,7 @@ def test_a_repeated_image_id_is_kept_once_and_the_rest_dead_lettered(pipeline, t
     # A tar may hold one name twice (tar --append): same id, same source; the smaller bytes win.
     _tar(tmp_path / "00000.tar", [("000001.jpg", b"second"), ("000002.jpg", b"two"), ("000001.jpg", b"first")])
     out = pipeline | ReadImages(f"{tmp_path}/*.tar")
-    assert_that(out.images | beam.Map(lambda e: (e[0], e[1], os.path.basename(e[2]))),
+    assert_that(out.main | beam.Map(lambda e: (e[0], e[1], os.path.basename(e[2]))),
                 equal_to([("00000.tar/000001.jpg", b"first", "00000.tar:000001.jpg"),
                           ("00000.tar/000002.jpg", b"two", "00000.tar:000002.jpg")]), label="images")
     source = f"{tmp_path}/00000.tar:000001.jpg"
@@ -158,7 +158,7 @@ def test_detect_regions_dead_letters_decode_detector_and_nan_failures(pipeline, 
               ("opencv.jpg", _jpeg(np.zeros((50, 70, 3), np.uint8)), "opencv.jpg"),
               ("nan.jpg", _jpeg(np.zeros((60, 80, 3), np.uint8)), "nan.jpg")]
     out = pipeline | beam.Create(images) | DetectRegions(DetectOptions())
-    assert_that(out.detections | beam.Map(lambda d: d["image_id"]), equal_to(["coffee.jpg"]), label="detections")
+    assert_that(out.main | beam.Map(lambda d: d["image_id"]), equal_to(["coffee.jpg"]), label="detections")
     assert_that(out.rejected | beam.Map(lambda r: (r["stage"], r["source"], message(r).split(": ")[:2])),
                 equal_to([("detect", "exif.jpg", ["undecodable image", "struct.error"]),
                           ("detect", "opencv.jpg", ["detector failed", "cv2.error"]),

@@ -48,7 +48,7 @@ def test_reduced_pipeline_gives_the_full_pipelines_chunks(extractor):
 
 def test_extract_noun_phrases_transform(pipeline):
     sentences = [("s1", "A cat sleeps on the mat."), ("s2", "They saw it."), ("s3", "Two dogs chase a red ball.")]
-    out = pipeline | beam.Create(sentences) | ExtractNounPhrases(PhraseOptions(batch_size=2))
+    out = (pipeline | beam.Create(sentences) | ExtractNounPhrases(PhraseOptions(batch_size=2))).main
     assert_that(out | beam.MapTuple(lambda sid, ps: (sid, [p["text"] for p in ps])),
                 equal_to([("s1", ["A cat", "the mat"]), ("s2", []), ("s3", ["Two dogs", "a red ball"])]))
     pipeline.run()
@@ -110,7 +110,7 @@ def test_link_transform_fills_every_phrase(pipeline):
     sample = {"image_id": "x", "tags": ["sofa", "woman", "lamp"], "_feats": "passes through",
               "sentences": [{"sentence_id": "s", "text": "A woman on a red couch.", "rank": 0, "score": 0.5,
                              "phrases": [_phrase(["woman"], "A woman"), _phrase(["red", "couch"], "a red couch")]}]}
-    out = pipeline | beam.Create([sample]) | LinkPhrasesToRegions(LinkOptions())
+    out = (pipeline | beam.Create([sample]) | LinkPhrasesToRegions(LinkOptions())).main
     assert_that(out | beam.Map(lambda s: (s["_feats"], [(p["text"], p["region"]) for p in s["sentences"][0]["phrases"]])),
                 equal_to([("passes through", [("A woman", 1), ("a red couch", 0)])]))
     pipeline.run()
@@ -144,6 +144,6 @@ def test_trained_vectors_cover_tags_and_are_deterministic(pipeline):
     trained = ((pipeline | "T" >> beam.Create(texts), pipeline | "G" >> beam.Create(tags)) | TrainWordVectors(options))
     sample = {"image_id": "x", "tags": ["cat", "dog"],
               "sentences": [{"sentence_id": "s", "text": "the dog", "rank": 0, "score": 0.1, "phrases": [_phrase(["dog"], "the dog")]}]}
-    out = pipeline | "S" >> beam.Create([sample]) | LinkPhrasesToRegions(options, trained)
+    out = (pipeline | "S" >> beam.Create([sample]) | LinkPhrasesToRegions(options, trained)).main
     assert_that(out | beam.Map(lambda s: s["sentences"][0]["phrases"][0]["region"]), equal_to([1]))
     pipeline.run()

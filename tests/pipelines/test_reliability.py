@@ -129,8 +129,8 @@ def test_images_of_another_feature_width_are_dead_lettered_with_both_widths(pipe
 
     checked = (pipeline | beam.Create([detection("a", 8), detection("b", 8), detection("c", 4)])
                | OneFeatureWidth())
-    assert_that(checked.ok | beam.Map(lambda d: d["image_id"]), equal_to(["a", "b"]), label="kept")
-    assert_that(checked["rejected"] | beam.Map(lambda r: (r["source"], message(r).split(" (")[0])),
+    assert_that(checked.main | beam.Map(lambda d: d["image_id"]), equal_to(["a", "b"]), label="kept")
+    assert_that(checked.rejected | beam.Map(lambda r: (r["source"], message(r).split(" (")[0])),
                 equal_to([("c", "feature width differs from the corpus's: 4, expected 8")]), label="rejected")
     pipeline.run()
 

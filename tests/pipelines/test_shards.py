@@ -30,7 +30,7 @@ def _samples(n):
 def _write(tmp_path, name, samples, per_shard, shuffle_seed):
     order = np.random.default_rng(shuffle_seed).permutation(len(samples))
     with beam.Pipeline(runner=RUNNER) as p:
-        manifest = (p | beam.Create([samples[i] for i in order]) | WriteShards(str(tmp_path / name), ShardOptions(per_shard)))
+        manifest = (p | beam.Create([samples[i] for i in order]) | WriteShards(str(tmp_path / name), ShardOptions(per_shard))).main
         _ = manifest | beam.combiners.ToList() | beam.Map(lambda rows: (tmp_path / f"{name}.rows").write_text(repr(sorted(r["shard"] for r in rows))))
     return sorted(glob.glob(str(tmp_path / name / "shards" / "*.tar")))
 

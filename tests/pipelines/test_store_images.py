@@ -15,7 +15,6 @@ from PIL import Image
 
 import schemas
 from pipelines.cli import main
-from pipelines.deadletter import REJECTED
 from pipelines.detect import decode_image
 from pipelines.images import STORED_IMAGE, ReadStoredImages, aspect_matches, image_root_candidates
 from pipelines.sample import SAMPLE_DIR
@@ -67,9 +66,9 @@ def test_read_stored_images_from_a_root_and_dead_letter_what_it_cannot_store(pip
     stored = pipeline | beam.Create(detections) | ReadStoredImages(str(root), 64)
     expected_x = (encode_image(decode_image((root / "a" / "x.jpg").read_bytes()), 64), [64, 32])
     expected_bare = (encode_image(decode_image((root / "391895.png").read_bytes()), 64), [50, 50])
-    assert_that(stored.ok | beam.Map(lambda d: (d["image_id"], d[STORED_IMAGE][0], d[STORED_IMAGE][1], d["labels"])),
+    assert_that(stored.main | beam.Map(lambda d: (d["image_id"], d[STORED_IMAGE][0], d[STORED_IMAGE][1], d["labels"])),
                 equal_to([("a/x.jpg", *expected_x, ["cup"]), ("391895", *expected_bare, ["cup"])]), label="stored")
-    assert_that(stored[REJECTED] | beam.Map(lambda r: (r["stage"], os.path.basename(r["source"]), r["reason"])),
+    assert_that(stored.rejected | beam.Map(lambda r: (r["stage"], os.path.basename(r["source"]), r["reason"])),
                 equal_to([("store_images", "missing.jpg", "image file not found under --image-root"),
                           ("store_images", "bad.jpg", "not an image (Pillow cannot identify it)"),
                           ("store_images", "rotated.png", "image aspect differs from the detection's width and height"),

@@ -1,0 +1,64 @@
+"""The one shape of a stage's output, which every stage of the pipelines returns.
+
+A stage (a composite transform that turns the build's records into others: reading, detecting,
+embedding, retrieving, making and linking samples, writing shards) returns a `StageOutput`:
+`main`, what it makes; `rejected`, its dead letters (pipelines.deadletter records); `counts`,
+(stats key, n) pairs that the build sums into stats.json. A stage with nothing to reject or
+count returns empty ones, so an assembly reads every stage the same way: `.main` on to the next
+stage, every `.rejected` into the one dead-letter writer, every `.counts` into the stats.
+
+Helpers that make a side input (a trained index or word vectors, shard boundaries) or write
+files (WriteTable, WriteFiles) are not stages: they reject and count nothing, and return their
+PCollection.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import apache_beam as beam
+
+from pipelines.deadletter import REJECTED
+
+MAIN = "main"  # the main output's tag where a step also has a REJECTED output
+
+
+class StageOutput(NamedTuple):
+    main: beam.PCollection      # what the stage makes
+    rejected: beam.PCollection  # dead letters (deadletter.rejection records)
+    counts: beam.PCollection    # (stats.json key, n) pairs, summed over the run
+
+
+def _nothing(_):
+    return ()
+
+
+def _one(pcolls: tuple, main: beam.PCollection, name: str) -> beam.PCollection:
+    """Several PCollections flattened into one, or (none) an empty one; labels `name`-based, so
+    within the calling composite they are its own. The empty one is made from `main` (no
+    element passes): a step fused with main's, where a Create([]) would be a stage of its own."""
+    if len(pcolls) == 1:
+        return pcolls[0]
+    if not pcolls:
+        return main | f"No{name}" >> beam.FlatMap(_nothing)
+    return pcolls | f"All{name}" >> beam.Flatten()
+
+
+def stage_output(main: beam.PCollection, rejected=(), counts=(), parts: Iterable[StageOutput] = ()) -> StageOutput:
+    """The StageOutput of a composite, called in its expand: `rejected` and `counts` a PCollection
+    or a sequence of them (flattened; none: empty); `parts`, the stage outputs it was made of,
+    whose dead letters and counts are this stage's too."""
+    parts = tuple(parts)
+    rejected = ((rejected,) if isinstance(rejected, beam.PCollection) else tuple(rejected))
+    counts = ((counts,) if isinstance(counts, beam.PCollection) else tuple(counts))
+    return StageOutput(main,
+                       _one(tuple(part.rejected for part in parts) + rejected, main, "Rejected"),
+                       _one(tuple(part.counts for part in parts) + counts, main, "Counts"))
+
+
+def split_rejected(pcoll: beam.PCollection, label: str, fn, *args, **kwargs):
+    """`pcoll | label >> FlatMap(fn, ...)` (a ParDo where `fn` is a DoFn) whose dead letters
+    (deadletter.rejection) are kept apart: (main, rejected)."""
+    step = beam.ParDo(fn, *args, **kwargs) if isinstance(fn, beam.DoFn) else beam.FlatMap(fn, *args, **kwargs)
+    outputs = pcoll | label >> step.with_outputs(REJECTED, main=MAIN)
+    return outputs[MAIN], outputs[REJECTED]
