@@ -268,11 +268,6 @@ def render_stats(totals: dict, options: BuildOptions) -> dict:
 # The build's stages: each returns a StageOutput (pipelines.stages), the assembly reads them alike
 
 
-def _reader_output(read: dict, main: str) -> StageOutput:
-    """A reader's {main, "rejected", "counts"} dict as a StageOutput."""
-    return StageOutput(read[main], read["rejected"], read["counts"])
-
-
 class FindDetections(beam.PTransform):
     """The pipeline's start -> a StageOutput: main the detections a sample can be made of (from
     --images through the detector, or read from --detections; with --store-images each carries
@@ -293,9 +288,7 @@ class FindDetections(beam.PTransform):
                 options.detect, store_image_size=options.image_size if options.store_images else None)
             parts = [images, found]
         else:
-            found = _reader_output(pbegin | "ReadDetections" >> ReadDetections(options.detections,
-                                                                                options.detect.max_regions),
-                                   "detections")
+            found = pbegin | "ReadDetections" >> ReadDetections(options.detections, options.detect.max_regions)
             parts = [found]
         valid = found.main | "CountValid" >> beam.Map(lambda _: ("images_valid", 1))
         usable = found.main | "UsableDetections" >> UsableDetections(options.shards)
@@ -314,8 +307,7 @@ class ReadSentences(beam.PTransform):
         self._options = options
 
     def expand(self, pbegin) -> StageOutput:
-        read = _reader_output(pbegin | "ReadCorpus" >> ReadCorpus(self._options.text, self._options.text_options),
-                              "sentences")
+        read = pbegin | "ReadCorpus" >> ReadCorpus(self._options.text, self._options.text_options)
         return stage_output(read.main, counts=read.main | "CountSentences" >> beam.Map(lambda _: ("sentences", 1)),
                             parts=[read])
 
@@ -510,7 +502,7 @@ def build_convert_detections_pipeline(detections: str, output: str, max_regions:
     them (each record validated, regions highest score first, at most `max_regions`): the one
     layout `vlp-train finetune --detections` reads."""
     p = beam.Pipeline(options=beam_options(beam_args or []))
-    read = _reader_output(p | "ReadDetections" >> ReadDetections(detections, max_regions), "detections")
+    read = p | "ReadDetections" >> ReadDetections(detections, max_regions)
     _write_detections(p, read.main, [read], output, detections_per_file)
     return p
 

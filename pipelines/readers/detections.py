@@ -14,6 +14,7 @@ from pipelines.options import DetectOptions
 from pipelines.readers.detection_record import BOXES_CLIPPED, keep_top_regions
 from pipelines.readers.jsonl_parquet import ParseDetectionsFile
 from pipelines.readers.vinvl import YAML_EXTENSIONS, ParseVinvlFile, join_vinvl, with_sibling_files
+from pipelines.stages import StageOutput
 
 
 def _features_digest(features) -> str:
@@ -60,11 +61,9 @@ def _finish_detection(detection: dict, max_regions: int):
 
 
 class ReadDetections(beam.PTransform):
-    """Detections from JSON Lines, Parquet or VinVL TSV files -> (valid detection dicts, rejected).
-
-    Returns a dict {"detections": PCollection[dict], "rejected": PCollection[dict], "counts":
-    PCollection[(name, n)] (boxes clipped to their image, regions beyond `max_regions`)}. A
-    detection dict has image_id, width, height, boxes, labels, scores and features (float32
+    """Detections from JSON Lines, Parquet or VinVL TSV files -> a StageOutput: main the valid
+    detection dicts, the dead letters, counts (name, n): boxes clipped to their image, regions
+    beyond `max_regions`. A detection dict has image_id, width, height, boxes, labels, scores and features (float32
     [regions, dim] or None), its regions highest score first, at most `max_regions` of them. A
     VinVL predictions.tsv picks up features.tsv beside it; an Oscar/VinVL X.label.tsv its X.feature.tsv and
     X.hw.tsv, an X.yaml the files it names.
@@ -74,7 +73,7 @@ class ReadDetections(beam.PTransform):
         super().__init__()
         self._pattern, self._max_regions = pattern, max_regions
 
-    def expand(self, pbegin):
+    def expand(self, pbegin) -> StageOutput:
         files = pbegin | "MatchDetections" >> MatchAll(self._pattern)
         tsv = files | "TsvFiles" >> beam.Filter(lambda p: p.endswith((".tsv", ".tsv.gz")))
         yaml_files = files | "YamlFiles" >> beam.Filter(lambda p: p.endswith(YAML_EXTENSIONS))
@@ -103,4 +102,4 @@ class ReadDetections(beam.PTransform):
                     | "DetectionRejects" >> beam.Flatten())
         counted = unique.ok | "CountImages" >> beam.FlatMap(_finish_detection, self._max_regions).with_outputs(
             COUNTS, main="ok")
-        return {"detections": counted.ok, "rejected": rejected, "counts": counted[COUNTS]}
+        return StageOutput(counted.ok, rejected, counted[COUNTS])

@@ -10,6 +10,7 @@ import apache_beam as beam
 from pipelines.deadletter import COUNTS, REJECTED, rejection, rejection_for
 from pipelines.files import MatchAll, UnreadableFile, decode_line, iter_parquet_rows, open_parquet, read_lines, stable_id
 from pipelines.options import TextOptions
+from pipelines.stages import StageOutput
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +165,14 @@ def _one_per_text(element):
 
 
 class ReadCorpus(beam.PTransform):
-    """Text corpus files -> {"sentences": (sentence_id, text) unique, "rejected": dead letters,
-    "counts": (name, n) pairs: lines read, dropped empty / over-long / duplicate}."""
+    """Text corpus files -> a StageOutput: main (sentence_id, text), unique; the dead letters;
+    counts (name, n): lines read, dropped empty / over-long / duplicate."""
 
     def __init__(self, pattern: str, options: TextOptions = TextOptions()):
         super().__init__()
         self._pattern, self._options = pattern, options
 
-    def expand(self, pbegin):
+    def expand(self, pbegin) -> StageOutput:
         read = (pbegin | "MatchText" >> MatchAll(self._pattern)
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadText" >> beam.ParDo(_ReadTextFile(self._options.split_sentences)).with_outputs(
@@ -191,4 +192,4 @@ class ReadCorpus(beam.PTransform):
                   | "OnePerText" >> beam.FlatMap(_one_per_text).with_outputs(COUNTS, main="ok"))
         rejected = (read[REJECTED], cleaned[REJECTED]) | "TextRejects" >> beam.Flatten()
         counts = (read[COUNTS], *split_counts, cleaned[COUNTS], unique[COUNTS]) | "TextCounts" >> beam.Flatten()
-        return {"sentences": unique.ok, "rejected": rejected, "counts": counts}
+        return StageOutput(unique.ok, rejected, counts)

@@ -63,11 +63,11 @@ def test_read_detections_jsonl_and_parquet_with_dead_letters(pipeline, tmp_path)
     pq.write_table(pa.Table.from_pylist([{**GOOD, "image_id": "b.jpg", "features": features.tolist()}]),
                    tmp_path / "more.parquet")
     out = pipeline | ReadDetections(f"{jsonl},{tmp_path}/*.parquet")
-    assert_that(out["detections"] | beam.Map(_essentials),
+    assert_that(out.main | beam.Map(_essentials),
                 # regions highest score first (keep_top_regions)
                 equal_to([("a.jpg", ("woman", "sofa", "sofa"), True), ("b.jpg", ("woman", "sofa", "sofa"), False)]),
                 label="valid")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(f"{jsonl}:2", "malformed JSON"), (f"{jsonl}:3", "missing field 'labels'"),
                           (f"{jsonl}:4", "boxes/labels/scores lengths differ"), (f"{jsonl}:5", "duplicate image_id")]),
                 label="rejected")
@@ -89,8 +89,8 @@ def test_read_detections_vinvl_tsv_pairs_features(pipeline, tmp_path):
         assert det["labels"] == ["man", "shirt"]
         np.testing.assert_array_equal(det["features"], feats[:, :2048])  # 6 geometry dims dropped
 
-    assert_that(out["detections"] | beam.combiners.ToList(), lambda got: check(got[0]), label="vinvl")
-    assert_that(out["rejected"] | beam.Map(lambda r: r["source"]), equal_to([f"{tmp_path}/predictions.tsv:2"]),
+    assert_that(out.main | beam.combiners.ToList(), lambda got: check(got[0]), label="vinvl")
+    assert_that(out.rejected | beam.Map(lambda r: r["source"]), equal_to([f"{tmp_path}/predictions.tsv:2"]),
                 label="bad line")
     pipeline.run()
 
@@ -135,8 +135,8 @@ def test_read_detections_of_the_oscar_vinvl_distribution(pipeline, tmp_path, giv
         np.testing.assert_array_equal(img1["features"], feats["img1"][::-1, :2048])  # regions re-ordered alike
         assert (got["img2"]["width"], got["img2"]["height"]) == (64, 80)
 
-    assert_that(out["detections"] | beam.combiners.ToList(), lambda got: check(got[0]), label="oscar")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"])), equal_to([
+    assert_that(out.main | beam.combiners.ToList(), lambda got: check(got[0]), label="oscar")
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"])), equal_to([
         ("train.label.tsv:3", "VinVL labels without an image size"),
         ("train.label.tsv:4", "VinVL prediction without a features line")]), label="rejected")
     pipeline.run()

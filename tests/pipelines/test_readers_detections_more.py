@@ -48,9 +48,9 @@ def test_vinvl_prediction_that_is_not_an_object_is_dead_lettered(pipeline, tmp_p
     path.write_text(_prediction_line("img1", "man") + "img2\t[1, 2]\n" + "img3\t42\n" + "img4\tnull\n"
                     + 'img5\t{"objects": "man"}\n')
     out = pipeline | ReadDetections(str(path))
-    assert_that(out["detections"] | beam.Map(lambda d: d["image_id"]), equal_to(["img1"]), label="kept")
+    assert_that(out.main | beam.Map(lambda d: d["image_id"]), equal_to(["img1"]), label="kept")
     reason = "bad VinVL line: the prediction must be a JSON object, got "
-    assert_that(_sources_and_reasons(out["rejected"]),
+    assert_that(_sources_and_reasons(out.rejected),
                 equal_to([(f"{path}:2", reason + "list"), (f"{path}:3", reason + "int"), (f"{path}:4", reason + "NoneType"),
                           (f"{path}:5", "bad VinVL line: 'objects' must be a list of JSON objects")]), label="rejected")
     pipeline.run()
@@ -70,8 +70,8 @@ def test_vinvl_duplicates_and_unpaired_lines_are_dead_lettered(pipeline, tmp_pat
         assert det["image_id"] == "img1" and det["labels"] == ["man"]
         np.testing.assert_array_equal(det["features"], first)
 
-    assert_that(out["detections"] | beam.combiners.ToList(), lambda got: check(got[0]), label="kept")
-    assert_that(_sources_and_reasons(out["rejected"]), equal_to([
+    assert_that(out.main | beam.combiners.ToList(), lambda got: check(got[0]), label="kept")
+    assert_that(_sources_and_reasons(out.rejected), equal_to([
         (f"{pred}:2", f"duplicate image_id: 'img1' in VinVL predictions also at {pred}:1, which is kept"),
         (f"{feat}:2", f"duplicate image_id: 'img1' in VinVL features also at {feat}:1, which is kept"),
         (f"{pred}:3", "VinVL prediction without a features line: image_id 'img2'"),
@@ -132,8 +132,8 @@ def test_validate_detection_accepts_numpy_boxes_and_features():
 def test_string_labels_are_dead_lettered_with_file_and_line(pipeline, tmp_path):
     path = write_jsonl(tmp_path / "dets.jsonl", [{**GOOD, "image_id": "ok.jpg"}, {**GOOD, "labels": "cat"}])
     out = pipeline | ReadDetections(path)
-    assert_that(out["detections"] | beam.Map(lambda d: d["image_id"]), equal_to(["ok.jpg"]), label="kept")
-    assert_that(_sources_and_reasons(out["rejected"]),
+    assert_that(out.main | beam.Map(lambda d: d["image_id"]), equal_to(["ok.jpg"]), label="kept")
+    assert_that(_sources_and_reasons(out.rejected),
                 equal_to([(f"{path}:2", "field 'labels' must be a list: labels is str 'cat'")]), label="rejected")
     pipeline.run()
 
@@ -146,8 +146,8 @@ def test_byte_order_mark_does_not_stick_to_detection_ids(pipeline, tmp_path):
     jsonl = tmp_path / "dets.jsonl"
     jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
     out = pipeline | ReadDetections(f"{vinvl},{jsonl}")
-    assert_that(out["detections"] | beam.Map(lambda d: d["image_id"]), equal_to(["img1", "a.jpg"]), label="ids")
-    assert_that(out["rejected"], equal_to([]), label="none rejected")
+    assert_that(out.main | beam.Map(lambda d: d["image_id"]), equal_to(["img1", "a.jpg"]), label="ids")
+    assert_that(out.rejected, equal_to([]), label="none rejected")
     pipeline.run()
 
 
@@ -172,9 +172,9 @@ def test_parquet_detections_are_checked_against_the_schema(pipeline, tmp_path):
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in GOOD.items() if k not in ("labels", "scores")}]),
                    tmp_path / "nolabels.parquet")
     out = pipeline | ReadDetections(f"{tmp_path}/*.parquet")
-    assert_that(out["detections"] | beam.Map(lambda d: (d["image_id"], d["features"] is None)),
+    assert_that(out.main | beam.Map(lambda d: (d["image_id"], d["features"] is None)),
                 equal_to([("ours.jpg", False), ("user.jpg", True)]), label="kept")
-    assert_that(_sources_and_reasons(out["rejected"]), equal_to([
+    assert_that(_sources_and_reasons(out.rejected), equal_to([
         (f"{tmp_path}/future.parquet", "wrong schema: schema_version 3 but this code reads version 1 or 2"),
         (f"{tmp_path}/wrongtype.parquet", "wrong schema: wrong column type(s) width: int64 (expected int32)"),
         (f"{tmp_path}/nolabels.parquet", "wrong schema: missing column(s) ['labels', 'scores']; detections need "
@@ -221,9 +221,9 @@ def test_truncated_gzip_keeps_the_lines_before_and_names_the_file(pipeline, tmp_
         got = sorted(got)
         assert got and got == ids[:len(got)], got[:3]
 
-    assert_that(out["detections"] | beam.Map(lambda d: d["image_id"]) | beam.combiners.ToList(),
+    assert_that(out.main | beam.Map(lambda d: d["image_id"]) | beam.combiners.ToList(),
                 lambda lists: a_prefix_of_the_ids(lists[0]), label="kept")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(str(truncated), "unreadable file"),
                           (f"{tmp_path}/broken.parquet", "unreadable Parquet file")]), label="rejected")
     pipeline.run()

@@ -21,11 +21,11 @@ def test_read_corpus_cleans_dedupes_and_dead_letters(pipeline, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"text": "A dog runs."}, {"text": None}]), tmp_path / "c.parquet")
     out = pipeline | ReadCorpus(f"{tmp_path}/*.txt*,{tmp_path}/c.parquet", TextOptions(max_chars=30))
     texts = ["A woman sits on a sofa.", "A cat sleeps.", "A dog runs."]
-    assert_that(out["sentences"], equal_to([(stable_id(t), t) for t in texts]), label="sentences")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"].split(":")[0])),
+    assert_that(out.main, equal_to([(stable_id(t), t) for t in texts]), label="sentences")
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"].rsplit("/", 1)[1], r["reason"].split(":")[0])),
                 equal_to([("a.txt:5", "not valid UTF-8"), ("a.txt:6", "over-long"), ("c.parquet:row 1", "'text' is not a string")]),
                 label="rejected")
-    assert_that(out["counts"] | beam.CombinePerKey(sum),
+    assert_that(out.counts | beam.CombinePerKey(sum),
                 equal_to([("text_lines", 9), ("text_dropped_empty", 2), ("text_dropped_duplicate", 1),
                           ("text_dropped_overlong", 1)]), label="counts")
     pipeline.run()
@@ -36,7 +36,7 @@ def test_split_sentences_on_book_like_paragraphs(pipeline, tmp_path):
         "It was a hot evening. The young man walked\nslowly towards the bridge.\n\n"
         "He was not afraid. He was thinking.\n")
     out = pipeline | ReadCorpus(str(tmp_path / "book.txt"), TextOptions(split_sentences=True))
-    assert_that(out["sentences"] | beam.Values(),
+    assert_that(out.main | beam.Values(),
                 equal_to(["It was a hot evening.", "The young man walked slowly towards the bridge.",
                           "He was not afraid.", "He was thinking."]))
     pipeline.run()
@@ -49,8 +49,8 @@ def test_byte_order_mark_does_not_defeat_text_deduplication(pipeline, tmp_path):
         f.write("\ufeffA dog runs.\n".encode("utf-8"))
     (tmp_path / "c.txt").write_text("A dog runs.\n", encoding="utf-8")
     out = pipeline | ReadCorpus(f"{tmp_path}/*.txt*")
-    assert_that(out["sentences"], equal_to([(stable_id(t), t) for t in ["A cat sleeps.", "A dog runs."]]), label="sentences")
-    assert_that(out["counts"] | beam.CombinePerKey(sum),
+    assert_that(out.main, equal_to([(stable_id(t), t) for t in ["A cat sleeps.", "A dog runs."]]), label="sentences")
+    assert_that(out.counts | beam.CombinePerKey(sum),
                 equal_to([("text_lines", 4), ("text_dropped_duplicate", 2)]), label="counts")
     pipeline.run()
 
@@ -61,8 +61,8 @@ def test_corrupt_gzip_and_parquet_text_files_are_dead_lettered(pipeline, tmp_pat
     (tmp_path / "garbage.txt.gz").write_bytes(b"this is not gzip\n")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet PAR1")
     out = pipeline | ReadCorpus(f"{tmp_path}/*.txt*,{tmp_path}/broken.parquet")
-    assert_that(out["sentences"] | beam.Values(), equal_to(["A cat sleeps."]), label="sentences")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+    assert_that(out.main | beam.Values(), equal_to(["A cat sleeps."]), label="sentences")
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(f"{tmp_path}/garbage.txt.gz", "unreadable file"),
                           (f"{tmp_path}/broken.parquet", "unreadable Parquet file")]), label="rejected")
     pipeline.run()
@@ -84,9 +84,9 @@ def test_parquet_damaged_mid_file_keeps_the_rows_before_and_names_the_file(pipel
         got = sorted(got, key=lambda t: int(t.split()[2]))
         assert 600 <= len(got) < len(texts) and got == texts[:len(got)], (len(got), got[:2])
 
-    assert_that(out["sentences"] | beam.Values() | beam.combiners.ToList(),
+    assert_that(out.main | beam.Values() | beam.combiners.ToList(),
                 lambda lists: the_first_row_groups(lists[0]), label="kept")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(str(path), "unreadable Parquet file")]), label="rejected")
     pipeline.run()
 
@@ -113,7 +113,7 @@ def test_paragraph_over_spacys_limit_is_cut_then_split_into_sentences(pipeline, 
     (tmp_path / "book.txt").write_text("\n".join(lined) + "\n\n" + one_line + "\n\nHe was not afraid.\n")
     assert len(" ".join(lined)) > 250 and len(one_line) > 250
     out = pipeline | ReadCorpus(str(tmp_path / "book.txt"), TextOptions(split_sentences=True))
-    texts = out["sentences"] | beam.Values()
+    texts = out.main | beam.Values()
 
     def check(sentences):
         assert set(lined) <= set(sentences)  # cut at line breaks: every sentence whole
@@ -122,6 +122,6 @@ def test_paragraph_over_spacys_limit_is_cut_then_split_into_sentences(pipeline, 
         assert sorted(" ".join(other).split()) == sorted(one_line.split())  # cut at spaces: no word lost
 
     assert_that(texts | beam.combiners.ToList(), lambda got: check(got[0]), label="sentences")
-    assert_that(out["counts"] | beam.Filter(lambda c: c[0] == "text_paragraphs_cut") | beam.CombinePerKey(sum),
+    assert_that(out.counts | beam.Filter(lambda c: c[0] == "text_paragraphs_cut") | beam.CombinePerKey(sum),
                 equal_to([("text_paragraphs_cut", 2)]), label="cut counted")
     pipeline.run()

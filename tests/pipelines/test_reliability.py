@@ -59,12 +59,12 @@ def test_read_detections_dead_letters_absurd_boxes_and_counts_the_clipped(pipeli
         {**IMAGE, "image_id": "absurd.jpg", "boxes": [[0, 0, 1e30, 10]]},
     ])
     out = pipeline | ReadDetections(path)
-    assert_that(out["detections"] | beam.Map(lambda d: (d["image_id"], d["boxes"], BOXES_CLIPPED in d)),
+    assert_that(out.main | beam.Map(lambda d: (d["image_id"], d["boxes"], BOXES_CLIPPED in d)),
                 equal_to([("a.jpg", [[0, 0, 10, 10]], False), ("clipped.jpg", [[0, 0, 10, 10]], False)]),
                 label="kept")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"].split(":")[0])),
                 equal_to([(f"{path}:3", "box outside the image")]), label="rejected")
-    assert_that(out["counts"], equal_to([(BOXES_CLIPPED, 1)]), label="counts")
+    assert_that(out.counts, equal_to([(BOXES_CLIPPED, 1)]), label="counts")
     pipeline.run()
 
 
@@ -76,9 +76,9 @@ def test_precomputed_regions_are_sorted_by_score_and_capped_at_max_regions(pipel
                                               "scores": [0.1, 0.9, 0.5, 0.5],
                                               "features": [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]}])
     out = pipeline | ReadDetections(path, max_regions=3)
-    assert_that(out["detections"] | beam.Map(lambda d: (d["labels"], d["scores"], d["boxes"], d["features"][:, 0].tolist())),
+    assert_that(out.main | beam.Map(lambda d: (d["labels"], d["scores"], d["boxes"], d["features"][:, 0].tolist())),
                 equal_to([(["sofa", "cat", "dog"], [0.9, 0.5, 0.5], [boxes[1], boxes[2], boxes[3]], [2.0, 3.0, 4.0])]))
-    assert_that(out["counts"], equal_to([("regions_over_max", 1)]), label="counts")
+    assert_that(out.counts, equal_to([("regions_over_max", 1)]), label="counts")
     pipeline.run()
 
 
@@ -99,11 +99,11 @@ def test_a_reason_is_a_stable_class_one_stats_key_and_counter_per_kind_of_fault(
         {**IMAGE, **box, "image_id": ["x: y"], "labels": ["a", "b"]},
     ])
     out = pipeline | ReadDetections(path)
-    assert_that(out["rejected"] | beam.FlatMap(_reject_stats) | beam.Keys() | beam.Distinct(), equal_to([
+    assert_that(out.rejected | beam.FlatMap(_reject_stats) | beam.Keys() | beam.Distinct(), equal_to([
         "rejected/read_detections: a label must be a non-empty string",
         "rejected/read_detections: width/height must be positive int32 values",
         "rejected/read_detections: field 'image_id' must be a non-empty string"]))
-    assert_that(out["rejected"] | "Details" >> beam.Map(lambda r: r["detail"].split(" = ")[0].split(", got")[0]),
+    assert_that(out.rejected | "Details" >> beam.Map(lambda r: r["detail"].split(" = ")[0].split(", got")[0]),
                 equal_to(["labels[0]", "labels[1]", "got 0x50", "got 100x-3", "got {'a': 1}", "got ['x: y']"]),
                 label="details")
     result = pipeline.run()
@@ -141,7 +141,7 @@ def test_a_duplicate_image_id_names_both_files_and_lines(pipeline, tmp_path):
     first = write_jsonl(tmp_path / "a.jsonl", [{**IMAGE, "boxes": [[0, 0, 10, 10]]}])
     second = write_jsonl(tmp_path / "b.jsonl", ["", {**IMAGE, "boxes": [[0, 0, 20, 20]]}])
     out = pipeline | ReadDetections(f"{tmp_path}/*.jsonl")
-    assert_that(out["rejected"] | beam.Map(lambda r: (r["source"], message(r))),
+    assert_that(out.rejected | beam.Map(lambda r: (r["source"], message(r))),
                 equal_to([(f"{second}:2", f"duplicate image_id: 'a.jpg' also at {first}:1, which is kept")]))
     pipeline.run()
 
