@@ -1,6 +1,9 @@
 """Assembly of the `build-retrieval` pipeline, and publishing its output.
 
-`build_retrieval_pipeline` only builds (the caller runs it). Everything is written under
+`build_retrieval_pipeline` only builds (the caller runs it): FindDetections, ReadSentences,
+Retrieve, MakeSamples and WriteShards, each returning a StageOutput (pipelines.stages) whose
+`main` goes on to the next stage and the writes, and whose dead letters and counts are gathered
+from all stages into rejected/build/ and stats.json. Everything is written under
 OUTPUT/.staging; `publish` moves it into OUTPUT once the run succeeded, replacing the previous
 run's entries whole, so OUTPUT never mixes files of two runs.
 """
