@@ -65,14 +65,14 @@ class MetricsWindow:
 RUN_ENTRIES = ("config.json", "log.jsonl", "checkpoints", "tensorboard", "hf")  # what a run writes in its folder
 
 
-def prepare_run_folder(out: str, overwrite: bool) -> None:
+def prepare_run_folder(out: str, overwrite: bool, entries: tuple[str, ...] = ()) -> None:
     """A fresh run's folder: refuse one holding an earlier run (its log would continue and an old
     checkpoint could later be resumed), unless `overwrite`, which removes that run's entries (and
-    nothing else of the folder)."""
+    nothing else of the folder). `entries`: what else the job writes there (fine-tuning's best/)."""
     import shutil
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"run.output {out} is a file, not a folder")
-    earlier = [name for name in RUN_ENTRIES if os.path.exists(os.path.join(out, name))]
+    earlier = [name for name in RUN_ENTRIES + tuple(entries) if os.path.exists(os.path.join(out, name))]
     if earlier and not overwrite:
         raise ValueError(f"{out} holds an earlier run ({', '.join(earlier)}): --resume to continue it, --overwrite "
                          "to start afresh there, or another --output")

@@ -24,19 +24,9 @@ log = logging.getLogger(__name__)
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run (or resume) training into cfg.run.output. Returns a summary. A fresh run refuses a
     folder holding an earlier run unless `overwrite`."""
-    ckpt_dir = os.path.join(cfg.run.output, "checkpoints")
-    state = None
-    if not resume and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone writes the folder
-        prepare_run_folder(cfg.run.output, overwrite)
-    if resume:
-        stop_after = cfg.run.stop_after  # a simulated kill belongs to this process, not to the one stopped
-        state, cfg = resume_state(ckpt_dir)
-        cfg.run.stop_after = stop_after
-    run = build_run(cfg)
-    step, epoch, start_batch = 0, 0, 0
-    if state is not None:
-        step, epoch, start_batch = load_state(run, state)
-    logger = start_logging(run, resumed_at=step if state is not None else None)
+    run, logger, step, epoch, start_batch = start_run(cfg, resume, overwrite, build_run, TrainConfig,
+                                                      describe=describe_run)
+    cfg = run.cfg
 
     def batches(epoch: int, start_batch: int):
         run.dataset.set_position(epoch, start_batch, run.batches_of(epoch) if cfg.data.resampled else None,
@@ -199,7 +189,34 @@ def load_state(run, state: dict) -> tuple[int, int, int]:
     return state["step"], position["epoch"], position["batch"]
 
 
-def start_logging(run: Run, resumed_at: int | None) -> RunLogger | None:
+def start_run(cfg, resume: bool, overwrite: bool, build: Callable, config_class=TrainConfig,
+              describe: Callable = lambda run: "", entries: tuple[str, ...] = ()):
+    """The start every job of the loop shares (pre-training, fine-tuning): a fresh run prepares its
+    folder (rank 0 alone; `entries`: what else the job writes there, refused or removed with the
+    rest), a resumed one takes its newest checkpoint and the config saved with it (a
+    `config_class`; this process's run.stop_after kept); `build(cfg)` -> the run, into which the
+    checkpoint is loaded; then rank 0's logger. -> (run, logger or None, step, epoch, batch in
+    epoch); run.cfg is the config the job runs with."""
+    state = None
+    if not resume and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone writes the folder
+        prepare_run_folder(cfg.run.output, overwrite, entries)
+    if resume:
+        stop_after = cfg.run.stop_after  # a simulated kill belongs to this process, not to the one stopped
+        state, cfg = resume_state(os.path.join(cfg.run.output, "checkpoints"), config_class)
+        cfg.run.stop_after = stop_after
+    run = build(cfg)
+    step, epoch, start_batch = load_state(run, state) if state is not None else (0, 0, 0)
+    logger = start_logging(run, step if state is not None else None, describe(run))
+    return run, logger, step, epoch, start_batch
+
+
+def describe_run(run: Run) -> str:
+    return (f"training {run.cfg.run.output}: {run.family.name}, {len(run.urls)} shard(s), "
+            f"{sum(run.shard_samples.values())} samples, {len(run.tags)} tags, tasks {[str(t) for t in run.tasks]}, "
+            f"batch {run.batch_size} x {run.grad_accum} accumulated x {run.dist.world} ranks, {run.total_steps} steps")
+
+
+def start_logging(run, resumed_at: int | None, description: str = "") -> RunLogger | None:
     """Rank 0 logs; a fresh run records its resolved config, a resumed one drops what the killed
     run logged after its checkpoint."""
     os.makedirs(run.cfg.run.output, exist_ok=True)
@@ -208,10 +225,8 @@ def start_logging(run: Run, resumed_at: int | None) -> RunLogger | None:
     if resumed_at is None:
         with open(os.path.join(run.cfg.run.output, "config.json"), "w", encoding="utf-8") as f:
             f.write(dumps(run.cfg))
-    log.info("training %s: %s, %d shard(s), %d samples, %d tags, tasks %s, batch %d x %d accumulated x %d ranks, "
-             "%d steps", run.cfg.run.output, run.family.name, len(run.urls), sum(run.shard_samples.values()),
-             len(run.tags), [str(t) for t in run.tasks], run.batch_size, run.grad_accum, run.dist.world,
-             run.total_steps)
+    if description:
+        log.info("%s", description)
     return RunLogger(run.cfg.run.output, resumed_at)
 
 

@@ -2,7 +2,6 @@
 sections of a downstream job; one preset per task (the literature's recipe); `--set k=v` overrides."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from vlp_train.config import (_CHOICES, _RANGES, ModelConfig, OptimConfig, RunConfig, Sections, apply_overrides,
@@ -104,7 +103,3 @@ def validate(cfg: FinetuneConfig) -> None:
     check_model(cfg.model)
     if cfg.optim.epochs == 0 and cfg.optim.max_steps == 0:
         raise ValueError("optim.epochs=0 and optim.max_steps=0: nothing to train")
-
-
-def dumps(cfg: FinetuneConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=1, sort_keys=True)

@@ -14,19 +14,36 @@ from vlp_train.finetune.regions import DetectionIndex, Regions, load_regions, ma
 log = logging.getLogger(__name__)
 
 
+def first_examples(read, max_examples: int = 0) -> list:
+    """The examples of a split a job takes: the first `max_examples` (0: all)."""
+    return list(read.examples[:max_examples] if max_examples else read.examples)
+
+
+def image_keys(examples) -> list[str]:
+    return list(dict.fromkeys(k for e in examples for k in e.image_ids))
+
+
+def read_regions_once(index: DetectionIndex, splits: list[tuple], max_regions: int) -> None:
+    """The regions of every image the splits ((ReadResult, max_examples) each) name, read in one pass
+    over the detection files: each split's SplitData then finds them read (a split shares the
+    files with the others, and reading a large detections file is the slow part)."""
+    from vlp_train.finetune.formats.images import match_images as match
+
+    keys = image_keys(e for read, max_examples in splits for e in first_examples(read, max_examples))
+    load_regions(index, set(match(keys, index.where).detection_of.values()), max_regions)
+
+
 class SplitData:
     """The examples of a split that have regions for every image they name."""
 
     def __init__(self, task, read, index: DetectionIndex, max_regions: int, max_examples: int = 0):
         self.task = task
         self.split = read.split
-        examples = list(read.examples)
-        if max_examples and len(examples) > max_examples:
+        examples = first_examples(read, max_examples)
+        if len(examples) < len(read.examples):
             log.warning("%s %s: the first %d of %d examples (data.max_examples)", task.name, read.split,
-                        max_examples, len(examples))
-            examples = examples[:max_examples]
-        keys = list(dict.fromkeys(k for e in examples for k in e.image_ids))
-        detection_of = match_images(index, keys, f"{task.name} {read.split}")
+                        max_examples, len(read.examples))
+        detection_of = match_images(index, image_keys(examples), f"{task.name} {read.split}")
         regions = load_regions(index, set(detection_of.values()), max_regions)
         self.regions: dict[str, Regions] = {key: regions[d] for key, d in detection_of.items() if d in regions}
         self.examples = [e for e in examples if all(k in self.regions for k in e.image_ids)]

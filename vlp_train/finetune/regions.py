@@ -49,11 +49,15 @@ def detection_files(pattern: str) -> list[str]:
 
 
 class DetectionIndex:
-    """image_id -> where it is, for every detection in the files (ids read, features not yet)."""
+    """image_id -> where it is, for every detection in the files (ids read, features not yet); and
+    the regions load_regions has read, so a run reads each detection once, whatever split asks."""
 
     def __init__(self, pattern: str):
         self.files = detection_files(pattern)
         self.where: dict[str, tuple[str, int]] = {}
+        self.loaded: dict[str, Regions] = {}   # image_id -> its regions, as load_regions read them
+        self.read: set[str] = set()            # image_ids read (a bad record's too: not read again)
+        self.loaded_max_regions: int | None = None
         for path in self.files:
             for row, image_id in enumerate(_ids_of(path)):
                 if image_id in self.where:
@@ -92,14 +96,17 @@ def load_regions(index: DetectionIndex, wanted: set[str], max_regions: int) -> d
     """The regions of the detection ids in `wanted`, each record checked by the pipeline's
     validator (pipelines.readers.detection_record.validate_detection), put in the corpus's region
     order and capped at `max_regions`; a bad record is logged with its file and row and left out (its images are then
-    reported missing)."""
+    reported missing). Detections read before (through the same index) are not read again."""
     from pipelines.readers.detection_record import keep_top_regions, validate_detection
 
+    if index.loaded_max_regions != max_regions:
+        index.loaded, index.read, index.loaded_max_regions = {}, set(), max_regions
     by_file: dict[str, set[int]] = {}
-    for image_id in wanted:
+    for image_id in wanted - index.read:
         path, row = index.where[image_id]
         by_file.setdefault(path, set()).add(row)
-    regions: dict[str, Regions] = {}
+    index.read |= wanted
+    regions = index.loaded
     for path, rows in sorted(by_file.items()):
         for where, record in _records(path, rows):
             try:
@@ -116,7 +123,7 @@ def load_regions(index: DetectionIndex, wanted: set[str], max_regions: int) -> d
                 continue
             regions[detection["image_id"]] = Regions(detection["width"], detection["height"], detection["boxes"],
                                                      detection["labels"], detection["features"].astype(np.float16))
-    return regions
+    return {image_id: regions[image_id] for image_id in wanted if image_id in regions}
 
 
 def _records(path: str, rows: set[int]):

@@ -23,15 +23,15 @@ from torch import nn
 from vlp_train import distributed
 from vlp_train.compile import CompiledLayers, compile_scope
 from vlp_train.components import lr_lambda, make_optimizer, pick_device, seed_everything
-from vlp_train.finetune.config import FinetuneConfig, dumps, validate
-from vlp_train.finetune.data import Collate, SplitData, batch_indices, batches_per_epoch, epoch_order, loader
+from vlp_train.finetune.config import FinetuneConfig, validate
+from vlp_train.finetune.data import (Collate, SplitData, batch_indices, batches_per_epoch, epoch_order, loader,
+                                     read_regions_once)
 from vlp_train.finetune.heads import init_head
 from vlp_train.finetune.regions import DetectionIndex
 from vlp_train.finetune.tasks import FinetuneTask, task_for, task_of
 from vlp_train.masking import BatchBuilder
-from vlp_train.runlog import RunLogger, prepare_run_folder
 from vlp_train.step import to_device
-from vlp_train.train import LoopHooks, load_state, resume_state, run_loop, save_checkpoint
+from vlp_train.train import LoopHooks, run_loop, save_checkpoint, start_run
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,12 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     dist_info = distributed.setup_distributed(device.type, cfg.run.dist_timeout_s)
     seed_everything(cfg.run.seed + dist_info.rank)
     index = DetectionIndex(cfg.data.detections)
-    train_read = read_split(task, cfg, cfg.data.train_split)
+    train_read, val_read = read_split(task, cfg, cfg.data.train_split), read_split(task, cfg, cfg.data.eval_split)
     labels = task.labels(train_read, cfg)
+    read_regions_once(index, [(train_read, cfg.data.max_examples), (val_read, cfg.data.max_eval_examples)],
+                      cfg.model.max_regions)
     train = SplitData(task, train_read, index, cfg.model.max_regions, cfg.data.max_examples)
-    val = SplitData(task, read_split(task, cfg, cfg.data.eval_split), index, cfg.model.max_regions,
-                    cfg.data.max_eval_examples)
+    val = SplitData(task, val_read, index, cfg.model.max_regions, cfg.data.max_eval_examples)
     tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
     builder = make_builder(tokenizer, cfg, train.feature_dim)
     batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)
@@ -199,34 +200,10 @@ def scale_head_lr(optimizer, model: TaskModel, lr: float) -> None:
 def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune (or resume) into cfg.run.output. Returns {"steps", "best": metrics at the best epoch}."""
     out = cfg.run.output
-    state = None
-    if not resume and int(os.environ.get("RANK", "0")) == 0:
-        prepare_run_folder(out, overwrite)
-        for name in (BEST, METRICS):
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                import shutil
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    if resume:
-        stop_after = cfg.run.stop_after
-        state, cfg = resume_state(os.path.join(out, "checkpoints"), FinetuneConfig)
-        cfg.run.stop_after = stop_after
-    run = build_finetune(cfg)
-    step, epoch, start_batch = 0, 0, 0
-    if state is not None:
-        step, epoch, start_batch = load_state(run, state)
-    logger = None
-    if run.dist.main:
-        os.makedirs(out, exist_ok=True)
-        if state is None:
-            with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-                f.write(dumps(cfg))
-        log.info("fine-tuning %s on %s: %d train / %d %s examples, %d labels, %d steps", cfg.model.init or "MiniLM",
-                 cfg.task.name, len(run.train), len(run.val), cfg.data.eval_split, len(run.labels), run.total_steps)
-        logger = RunLogger(out, step if state is not None else None)
-    best = read_best(out) if state is not None else None
+    run, logger, step, epoch, start_batch = start_run(cfg, resume, overwrite, build_finetune, FinetuneConfig,
+                                                      describe=describe_finetune, entries=(BEST, METRICS))
+    cfg = run.cfg
+    best = read_best(out) if resume else None
     collate = Collate(run.train, run.builder, {label: i for i, label in enumerate(run.labels)})
 
     def batches(epoch: int, start_batch: int):
@@ -270,6 +247,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False)
         json.dump({"task": cfg.task.name, "split": cfg.data.eval_split, "examples": len(run.val),
                    "best_step": best["step"], **best["metrics"]}, f, indent=1, sort_keys=True)
     return summary
+
+
+def describe_finetune(run: FinetuneRun) -> str:
+    cfg = run.cfg
+    return (f"fine-tuning {cfg.model.init or 'MiniLM'} on {cfg.task.name}: {len(run.train)} train / {len(run.val)} "
+            f"{cfg.data.eval_split} examples, {len(run.labels)} labels, {run.total_steps} steps")
 
 
 def read_best(out: str) -> dict | None:

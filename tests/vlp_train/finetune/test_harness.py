@@ -305,3 +305,22 @@ def test_compiled_layers_as_in_pre_training(tmp_path, detections):
     torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="compile_scope=step"):
         build_finetune(tiny_config(tmp_path / "step", detections, "model.compile=on", "model.compile_scope=step"))
+
+
+def test_a_run_reads_its_detections_once(tmp_path, monkeypatch):
+    """Train and validation images in one detections file: the file's records are read once for
+    both splits (not once per split), and each split gets its own images' regions."""
+    from vlp_train.finetune import regions
+    from vlp_train.finetune.train import build_finetune
+
+    images = [k for split in ("train", "dev") for k in write_nlvr2(tmp_path, split, 6)]  # 12 images a split
+    detections = write_detections(tmp_path / "det.parquet", sorted(set(images)))
+    reads = []
+    records = regions._records
+    monkeypatch.setattr(regions, "_records",
+                        lambda path, rows: (reads.append((path, len(rows))), records(path, rows))[1])
+    cfg = load_config("nlvr2", TINY)
+    cfg.run.output, cfg.data.detections, cfg.data.data = str(tmp_path / "ft"), detections, str(tmp_path)
+    run = build_finetune(cfg)
+    assert reads == [(detections, 24)]
+    assert len(run.train.regions) == len(run.val.regions) == 12 and not set(run.train.regions) & set(run.val.regions)
