@@ -233,6 +233,9 @@ def _synthetic_retrieval():
     from pipelines.retrieve import CollectCorpus, RetrieveTopK, ShardCorpus
 
     class GatherOnly(CollectCorpus):
+        def __init__(self):
+            super().__init__(spill_dir="")  # never written: only the accumulators' work is kept
+
         def extract_output(self, acc):
             return len(acc[0])
 

@@ -25,7 +25,6 @@ import hashlib
 import io
 import logging
 import os
-import pickle
 import posixpath
 import shutil
 import tempfile
@@ -51,23 +50,6 @@ from pipelines.sharing import acquire_shared
 from pipelines.stages import StageOutput, stage_output
 
 log = logging.getLogger(__name__)
-
-
-class CorpusCoder(beam.coders.Coder):
-    """An in-memory corpus side input as one pickle (protocol 5: the vector array as a single
-    buffer), rather than Beam's element-wise encoding of its fields."""
-
-    def encode(self, value: Corpus) -> bytes:
-        return pickle.dumps(value, protocol=5)
-
-    def decode(self, encoded: bytes) -> Corpus:
-        return pickle.loads(encoded)
-
-    def is_deterministic(self) -> bool:
-        return False
-
-
-beam.coders.registry.register_coder(Corpus, CorpusCoder)
 
 
 @dataclass(frozen=True)
@@ -222,20 +204,15 @@ def _download(remote: str, path: str) -> None:
 
 
 class CollectCorpus(beam.CombineFn):
-    """((sentence_id, text), vector) elements -> one Corpus sorted by sentence_id, or with
-    `spill_dir` the CorpusFiles it was written to.
+    """((sentence_id, text), vector) elements of one corpus shard -> the CorpusFiles it was
+    written to under `spill_dir`, its rows sorted by sentence_id (ShardCorpus, per shard).
 
     Accumulators are columns (ids, texts, one stacked array), pickled whole between stages:
     Beam's default coder would pickle every row's vector separately."""
 
-    def __init__(self, spill_dir: str | None = None):
+    def __init__(self, spill_dir: str):
         super().__init__()
         self._spill_dir = spill_dir
-
-    def default_type_hints(self):  # so an in-memory Corpus side input travels with CorpusCoder
-        from apache_beam.typehints.decorators import IOTypeHints
-        hints = super().default_type_hints() or IOTypeHints.empty()
-        return hints.with_output_types(CorpusFiles if self._spill_dir else Corpus)
 
     def get_accumulator_coder(self):
         return beam.coders.PickleCoder()
@@ -262,15 +239,15 @@ class CollectCorpus(beam.CombineFn):
         ids, texts, vectors = acc
         return ids, texts, [np.concatenate(vectors)] if len(vectors) > 1 else vectors
 
-    def extract_output(self, acc):
+    def extract_output(self, acc) -> CorpusFiles:
         ids, texts, vectors = self.compact(acc)
         order = sorted(range(len(ids)), key=ids.__getitem__)
         ids, texts = [ids[i] for i in order], [texts[i] for i in order]
-        arrived = vectors[0] if vectors else np.zeros((0, 0), np.float32)
         fingerprint = hashlib.sha1("\n".join(ids).encode()).hexdigest()
-        if self._spill_dir and ids:  # gathered into id order as they are written
-            return spill_corpus(Corpus(ids, texts, arrived, fingerprint), self._spill_dir, order=np.asarray(order))
-        return Corpus(ids, texts, np.take(arrived, order, axis=0), fingerprint)  # one copy, in id order
+        if not ids:  # a shard is keyed by its rows, so never empty; nothing to write or search
+            return CorpusFiles(self._spill_dir, fingerprint, 0)
+        # gathered into id order as they are written
+        return spill_corpus(Corpus(ids, texts, vectors[0], fingerprint), self._spill_dir, order=np.asarray(order))
 
 
 def _stack_queries(batch) -> tuple[list, np.ndarray]:
@@ -401,15 +378,11 @@ class ShardCorpus(beam.PTransform):
 # Search: query batches x corpus shards, merged per query
 
 
-def _load_searcher(corpus: Corpus | CorpusFiles, options: RetrieveOptions):
+def _load_searcher(shard: CorpusFiles, options: RetrieveOptions):
     start = time.perf_counter()
-    if isinstance(corpus, CorpusFiles):
-        corpus = local_copy(corpus)  # once for the corpus and its index
-        loaded = load_corpus(corpus)
-        index = load_index(corpus) if corpus.index_path else None
-    else:
-        loaded, index = corpus, None
-    searcher = make_searcher(loaded, options, index)
+    shard = local_copy(shard)  # once for the corpus and its index
+    loaded = load_corpus(shard)
+    searcher = make_searcher(loaded, options, load_index(shard) if shard.index_path else None)
     log.info("loaded a %s searcher over %d sentences in %.1fs", options.index, len(loaded), time.perf_counter() - start)
     return loaded, searcher
 
@@ -429,7 +402,7 @@ class _SearchShard(beam.DoFn):
         start = time.perf_counter()
         # a new tag drops the process's previous shard: one mapped at a time
         corpus, searcher = acquire_shared(self._shared, lambda: _load_searcher(shard, self._options),
-                                          tag=f"{shard.fingerprint}:{getattr(shard, 'index_path', None)}:{self._options}")
+                                          tag=f"{shard.fingerprint}:{shard.index_path}:{self._options}")
         if hasattr(searcher, "search_ranked"):
             indices, scores = searcher.search_ranked(queries, self._options.k)
         else:
@@ -467,8 +440,7 @@ class RetrieveTopK(beam.PTransform):
     """(query_key, embedding) -> a StageOutput: main (query_key, [{rank, sentence_id, sentence,
     score}] * K); nothing rejected or counted.
 
-    `corpus` is a PCollection of corpus shards, Corpus or CorpusFiles (ShardCorpus's main; or a
-    single CollectCorpus output)."""
+    `corpus` is a PCollection of corpus shards (CorpusFiles: ShardCorpus's main)."""
 
     def __init__(self, corpus, options: RetrieveOptions = RetrieveOptions()):
         super().__init__()

@@ -324,8 +324,3 @@ def hit_dict(rank: int, sentence_id: str, text: str, score: float) -> dict:
     """One hit as the pipeline passes it on (the score as float32, as the retrievals table stores it)."""
     return {"rank": rank, "sentence_id": sentence_id, "sentence": text, "score": float(np.float32(score))}
 
-
-def hits_of(indices: np.ndarray, scores: np.ndarray, corpus: Corpus) -> list[dict]:
-    """One query's ranked rows."""
-    return [hit_dict(rank, corpus.ids[i], corpus.texts[i], score)
-            for rank, (i, score) in enumerate(zip(indices, scores)) if i < len(corpus)]

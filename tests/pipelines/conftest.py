@@ -27,3 +27,16 @@ SOFA_SENTENCES = [
     "A man rides a motorcycle down a country road.",
     "Investors sold bonds as inflation worries grew.",
 ]
+
+
+def whole_corpus_hits(corpus, queries, k):
+    """Each query's top-k over the whole corpus searched at once, without Beam or shards (FAISS
+    flat candidates, exact re-scoring, the (score, id) order), as the pipeline passes hits on:
+    what every sharded search must equal."""
+    from pipelines.options import RetrieveOptions
+    from pipelines.search import FaissSearcher, candidate_count, hit_dict, rank_candidates
+
+    found = FaissSearcher(corpus.vectors, RetrieveOptions()).search(queries, candidate_count(k, len(corpus)))
+    return [[hit_dict(rank, corpus.ids[i], corpus.texts[i], score) for rank, (i, score) in enumerate(zip(row, scores))
+             if i < len(corpus)]
+            for row, scores in zip(*rank_candidates(queries, found, corpus, k))]

@@ -13,9 +13,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipelines import retrieve, search
 from pipelines.options import RetrieveOptions
 from pipelines.retrieve import CorpusFiles, RetrieveTopK, ShardCorpus, corpus_shard_of, load_index
-from pipelines.search import Corpus, FaissSearcher, candidate_count, hits_of, rank_candidates
+from pipelines.search import Corpus
 
-from .conftest import RUNNER
+from .conftest import RUNNER, whole_corpus_hits
 
 SIZE, DIM, K = 700, 16, 5
 
@@ -43,9 +43,7 @@ def _tied_corpus():
 def _unsharded_hits(ids, vectors, queries):
     """Today's search of the whole corpus at once: flat candidates, exact re-scoring, (score, id)."""
     corpus = Corpus(ids, [f"text of {i}" for i in ids], vectors, "whole")
-    found = FaissSearcher(vectors, RetrieveOptions()).search(queries, candidate_count(K, SIZE))
-    indices, scores = rank_candidates(queries, found, corpus, K)
-    return [(f"q{j:03d}", hits_of(i, s, corpus)) for j, (i, s) in enumerate(zip(indices, scores))]
+    return [(f"q{j:03d}", hits) for j, hits in enumerate(whole_corpus_hits(corpus, queries, K))]
 
 
 def _search_in_shards(tmp_path, ids, vectors, queries, options, runner_args=()):
