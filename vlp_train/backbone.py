@@ -238,10 +238,11 @@ def bert_config(cfg_model, folder: str | None):
     return config
 
 
-def read_weights(folder: str) -> dict[str, torch.Tensor]:
-    """The tensors of a HF model folder (safetensors, else a PyTorch .bin read with weights_only),
-    with TF-era LayerNorm names (`gamma`/`beta`, as bert-base-uncased's files still have them)
-    renamed to `weight`/`bias`, as transformers does on load."""
+def read_weights(folder: str, what: str = "model.init") -> dict[str, torch.Tensor]:
+    """The tensors of a HF model folder (safetensors, else a PyTorch .bin read with weights_only:
+    never unpickle a user file), with TF-era LayerNorm names (`gamma`/`beta`, as bert-base-uncased's
+    files still have them) renamed to `weight`/`bias`, as transformers does on load. `what`: the
+    setting that named the folder, for the errors (a BERT's model.init, a ViT's model.vision_init)."""
     safetensors = os.path.join(folder, "model.safetensors")
     binary = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(safetensors):
@@ -250,15 +251,37 @@ def read_weights(folder: str) -> dict[str, torch.Tensor]:
     elif os.path.isfile(binary):
         weights = torch.load(binary, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"model.init {folder}: no model.safetensors or pytorch_model.bin")
+        raise FileNotFoundError(f"{what} {folder}: no model.safetensors or pytorch_model.bin")
     renamed = {}
     for name, tensor in weights.items():
         if "LayerNorm." in name and name.endswith((".gamma", ".beta")):
             name = name.rsplit(".", 1)[0] + (".weight" if name.endswith(".gamma") else ".bias")
             if name in weights:
-                raise ValueError(f"model.init {folder}: holds both {name} and its legacy gamma/beta name")
+                raise ValueError(f"{what} {folder}: holds both {name} and its legacy gamma/beta name")
         renamed[name] = tensor
     return renamed
+
+
+def bert_parts(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A HF BERT folder's weights -> (its backbone's, under BertModel's names: a BertForPreTraining
+    folder's `bert.` prefix dropped, the pooler and heads left out; its MLM head's, `cls.predictions.*`
+    without that prefix: empty when the folder has none)."""
+    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    backbone = {k[len(prefix):]: v for k, v in weights.items()
+                if k.startswith(prefix) and not k[len(prefix):].startswith(("pooler.", "cls."))}
+    head = {k[len("cls.predictions."):]: v for k, v in weights.items() if k.startswith("cls.predictions.")}
+    return backbone, head
+
+
+def load_mlm_head(head: dict[str, torch.Tensor], mlm_transform: HeadTransform, mlm_bias: nn.Parameter) -> bool:
+    """BERT's pre-trained MLM head (`bert_parts`' second part) into a model's transform and bias (the
+    decoder is tied to the word embeddings); False, loading nothing, when the folder had none."""
+    if "transform.dense.weight" not in head:
+        return False
+    mlm_transform.load_state_dict({k[len("transform."):]: v for k, v in head.items() if k.startswith("transform.")})
+    with torch.no_grad():
+        mlm_bias.copy_(head["bias"])
+    return True
 
 
 def load_bert_init(backbone: BertBackbone, mlm_transform: HeadTransform, mlm_bias: nn.Parameter, folder: str,
@@ -267,20 +290,13 @@ def load_bert_init(backbone: BertBackbone, mlm_transform: HeadTransform, mlm_bia
     bias; the decoder is tied to the word embeddings) when the folder has one
     (`cls.predictions.*`, as bert-base-uncased from BertForPreTraining). True when the head was there.
     `new`: name parts of backbone weights BERT has not (e.g. vlmae's `crossattention`): they start random."""
-    weights = read_weights(folder)
-    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
-    backbone_weights = {k[len(prefix):]: v for k, v in weights.items()
-                        if k.startswith(prefix) and not k[len(prefix):].startswith(("pooler.", "cls."))}
+    backbone_weights, head = bert_parts(read_weights(folder))
     missing, _ = backbone.load_state_dict(backbone_weights, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids") and not any(part in k for part in new)]
     if missing:
         raise RuntimeError(f"model.init {folder} lacks backbone weights: {missing[:5]}")
-    head = {k[len("cls.predictions."):]: v for k, v in weights.items() if k.startswith("cls.predictions.")}
-    if "transform.dense.weight" not in head:
+    if not load_mlm_head(head, mlm_transform, mlm_bias):
         log.info("initialised the backbone from %s (no MLM head there: the head starts random)", folder)
         return False
-    mlm_transform.load_state_dict({k[len("transform."):]: v for k, v in head.items() if k.startswith("transform.")})
-    with torch.no_grad():
-        mlm_bias.copy_(head["bias"])
     log.info("initialised the backbone and BERT's MLM head from %s", folder)
     return True

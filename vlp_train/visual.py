@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp_train.backbone import read_weights
+
 log = logging.getLogger(__name__)
 
 # ImageNet's statistics: what a ViT trained on ImageNet (timm's and HF's default) normalises by
@@ -56,7 +58,9 @@ class RegionEmbedding(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class _PatchProjection(nn.Module):
+class PatchProjection(nn.Module):
+    """timm's `patch_embed.proj`: one convolution, a patch to a token."""
+
     def __init__(self, hidden: int, patch_size: int):
         super().__init__()
         self.proj = nn.Conv2d(3, hidden, kernel_size=patch_size, stride=patch_size)
@@ -74,7 +78,7 @@ class PatchEmbedding(nn.Module):
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         self.image_size, self.patch_size, self.grid = image_size, patch_size, image_size // patch_size
-        self.patch_embed = _PatchProjection(hidden, patch_size)
+        self.patch_embed = PatchProjection(hidden, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, hidden))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden))
@@ -97,9 +101,7 @@ class PatchEmbedding(nn.Module):
         return self.grid ** 2
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (as the loader sends them) -> float [B, 3, H, W], (x/255 - mean) / std."""
-        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean) / self.std
+        return normalise_pixels(pixels, self.mean, self.std)
 
     def forward(self, pixels: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         """pixels uint8 [B, S, S, 3]; masked [B, N] bool (True: hidden) -> [B, 1 + N, D]."""
@@ -117,11 +119,7 @@ class PatchEmbedding(nn.Module):
         """The regression target of a patch when a region has no feature: its normalised pixels,
         [B, N, patch * patch * 3], each patch standardised by its own mean and variance (MAE's
         norm_pix_loss, which its authors found to give better representations)."""
-        x = self.normalise(pixels)
-        b, p, g = x.shape[0], self.patch_size, self.grid
-        x = x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * 3)
-        mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
-        return (x - mean) / (var + 1e-6).sqrt()
+        return standardise(patchify(self.normalise(pixels), self.patch_size))
 
     def load_vit(self, weights: dict[str, torch.Tensor], where: str) -> None:
         """The patch projection, [CLS] and position embeddings from a ViT's canonical weights
@@ -143,6 +141,55 @@ class PatchEmbedding(nn.Module):
         with torch.no_grad():
             for name, value in state.items():
                 self.get_parameter(name).copy_(value.reshape(self.get_parameter(name).shape))
+
+
+def normalise_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (as the loader sends them) -> float [B, 3, H, W], (x/255 - mean) / std
+    (mean, std [1, 3, 1, 1]): on the device, a quarter of float32's bytes through the loader."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean) / std
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, 3, S, S] -> [B, N, patch * patch * 3]: each patch's pixels, patches row-major (the patch
+    embedding's order), a patch's pixels row-major with the channels last."""
+    b, p, g = images.shape[0], patch_size, images.shape[-1] // patch_size
+    return images.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * 3)
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Each row (the last dim) standardised by its own mean and variance: MAE's norm_pix_loss target."""
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
+class PatchRegions:
+    """How a model that sees patches (`self.patches`, a PatchEmbedding; `self.visual` the
+    model.visual it was built for) maps its regions onto them (a mixin of the single-stream and
+    VLMo models): a region is the patches its box covers; masking it hides them; its state is the
+    mean of their states (with its own region token too, `both`: the mean of the two)."""
+
+    def region_patches(self, locations, region_mask):
+        """[B, R, N] bool: the patches under each (real) region; `locations` as masking.locations."""
+        return box_patches(locations, self.patches.grid) & region_mask.unsqueeze(-1)
+
+    def masked_patches(self, locations, region_mask, masked_regions):
+        """[B, N] bool: the patches under any masked region."""
+        return (self.region_patches(locations, region_mask) & masked_regions.unsqueeze(-1)).any(1)
+
+    def embed_patches(self, pixels, locations, region_mask, masked_regions=None):
+        """[B, 1 + N, D]: the patch embedding's visual [CLS] + patches, those under `masked_regions`
+        [B, R] hidden (its mask token)."""
+        if pixels is None:
+            raise ValueError(f"model.visual={self.visual} needs the images' pixels, and this batch has none")
+        hidden = None if masked_regions is None else self.masked_patches(locations, region_mask, masked_regions)
+        return self.patches(pixels, hidden)
+
+    def region_states(self, patch_states, locations, region_mask, region_tokens=None):
+        """[B, R, D]: each region's state from the patches' states [B, N, D] ([CLS] not among them),
+        averaged with its own token's state [B, R, D] when the model has region tokens too."""
+        pooled = pool_regions(patch_states, self.region_patches(locations, region_mask))
+        return pooled if region_tokens is None else (region_tokens + pooled) / 2
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int, where: str = "pos_embed") -> torch.Tensor:
@@ -284,16 +331,6 @@ def _hf_to_timm(name: str) -> str | None:
     return None
 
 
-def _read_tensors(folder: str, what: str) -> dict[str, torch.Tensor]:
-    safetensors, binary = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(safetensors):
-        from safetensors.torch import load_file
-        return load_file(safetensors)
-    if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)  # never unpickle a user file
-    raise FileNotFoundError(f"{what} {folder}: no model.safetensors or pytorch_model.bin")
-
-
 def patch_settings(section: dict) -> tuple[int, int, tuple, tuple]:
     """(image_size, patch_size, pixel mean, pixel std) from a saved model's config section, as
     `PatchEmbedding.settings` wrote it (the defaults for a model saved without patches)."""
@@ -304,6 +341,17 @@ def patch_settings(section: dict) -> tuple[int, int, tuple, tuple]:
 def pixel_stats(vit) -> tuple[tuple, tuple]:
     """The pixel mean and std a ViT was trained with (`read_vit`'s info), else ImageNet's."""
     return (tuple(vit[1]["mean"]), tuple(vit[1]["std"])) if vit else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def read_vision_init(cfg_model):
+    """`read_vit` of `model.vision_init`, or None: none named, or model.visual=regions, which has no
+    patch embedding to start from it (warned: the setting is not silently dropped)."""
+    if not cfg_model.vision_init:
+        return None
+    if cfg_model.visual == "regions":
+        log.warning("model.vision_init %s is not used: model.visual=regions has no patch embedding", cfg_model.vision_init)
+        return None
+    return read_vit(cfg_model.vision_init)
 
 
 def read_vit(folder: str, what: str = "model.vision_init") -> tuple[dict[str, torch.Tensor], dict]:
@@ -318,7 +366,7 @@ def read_vit(folder: str, what: str = "model.vision_init") -> tuple[dict[str, to
     folder = os.path.expanduser(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{what} {folder}: no such folder")
-    raw = _read_tensors(folder, what)
+    raw = read_weights(folder, what)
     config = _json(os.path.join(folder, "config.json"))
     if "patch_embed.proj.weight" in raw:  # timm
         weights = dict(raw)

@@ -168,6 +168,14 @@ def test_compile_settings_are_checked_and_the_layer_scope_keeps_the_state_dict()
     assert callable(model.bert.call_layer) and model.bert.call_layer is not call_layer
 
 
+def seeded_loss(step_module, views, seed: int):
+    """compute_loss with the RNG at `seed` (and restored after): the same hard negatives for the
+    compiled and the eager step."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return compute_loss(step_module, views, False, nullcontext())
+
+
 @pytest.mark.parametrize("stage", ["vision", "language", "vl"])
 def test_vlmos_layers_compile_as_two_regions_whatever_the_mode_and_expert(stage, tmp_path):
     """VLMo under model.compile_scope=layers: the shared attention and the FFN are the compiled
@@ -201,14 +209,9 @@ def test_vlmos_layers_compile_as_two_regions_whatever_the_mode_and_expert(stage,
     compiled = step_module_for(copy.deepcopy(run.model), family, "layers", backend="aot_eager")
     assert compiled.model.call_layer is not call_layer
 
-    def losses(step_module, views, n):
-        with torch.random.fork_rng():  # the same hard negatives for both
-            torch.manual_seed(n)
-            return compute_loss(step_module, views, False, nullcontext())
-
     for n, views in enumerate(batches):
-        loss_c, named_c, _ = losses(compiled, views, n)
-        loss_e, named_e, _ = losses(eager, views, n)
+        loss_c, named_c, _ = seeded_loss(compiled, views, n)
+        loss_e, named_e, _ = seeded_loss(eager, views, n)
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
         assert named_c.keys() == named_e.keys()
         for name in named_e:
@@ -218,8 +221,8 @@ def test_vlmos_layers_compile_as_two_regions_whatever_the_mode_and_expert(stage,
     for module in (compiled, eager):
         module.eval()
     with torch.no_grad():  # as evaluation and the ITM weights run it
-        loss_c, _, _ = losses(compiled, batches[0], 0)
-        loss_e, _, _ = losses(eager, batches[0], 0)
+        loss_c, _, _ = seeded_loss(compiled, batches[0], 0)
+        loss_e, _, _ = seeded_loss(eager, batches[0], 0)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["frames"]["ok"] == counters["frames"]["total"]
@@ -258,14 +261,9 @@ def test_vlmaes_layers_fusion_included_compile_to_a_graph_per_kind_and_grad_mode
     counters.clear()
     compiled = step_module_for(copy.deepcopy(model), family, "layers", backend="aot_eager")
 
-    def losses(step_module, views, n):
-        with torch.random.fork_rng():  # the same hard negatives for both
-            torch.manual_seed(n)
-            return compute_loss(step_module, views, False, nullcontext())
-
     for n, views in enumerate(batches):
-        loss_c, named_c, _ = losses(compiled, views, n)
-        loss_e, named_e, _ = losses(eager, views, n)
+        loss_c, named_c, _ = seeded_loss(compiled, views, n)
+        loss_e, named_e, _ = seeded_loss(eager, views, n)
         for name in named_e:
             torch.testing.assert_close(named_c[name], named_e[name], rtol=1e-5, atol=1e-5)
         loss_c.backward()
@@ -274,7 +272,7 @@ def test_vlmaes_layers_fusion_included_compile_to_a_graph_per_kind_and_grad_mode
     for module in (compiled, eager):
         module.eval()
     with torch.no_grad():
-        torch.testing.assert_close(losses(compiled, batches[0], 0)[0], losses(eager, batches[0], 0)[0],
+        torch.testing.assert_close(seeded_loss(compiled, batches[0], 0)[0], seeded_loss(eager, batches[0], 0)[0],
                                    rtol=1e-5, atol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] <= 12 <= torch._dynamo.config.recompile_limit

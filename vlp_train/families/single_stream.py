@@ -24,14 +24,14 @@ from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.tasks import Task
-from vlp_train.visual import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, patch_settings, pixel_stats, \
-    pool_regions, read_vit
+from vlp_train.visual import IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, PatchRegions, RegionEmbedding, patch_settings, \
+    pixel_stats, read_vision_init
 
 ARCH = "single_stream"
 log = logging.getLogger(__name__)
 
 
-class SingleStreamModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
+class SingleStreamModel(PatchRegions, PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     """Features of [CLS] text [SEP] + regions / [visual CLS] patches / both, and the heads:
     MLM (transform + decoder tied to the word embeddings; also the region-to-token head of p-MRTC),
     MRC over the corpus's tags, MRFR back to the feature space (on patches without region
@@ -91,14 +91,6 @@ class SingleStreamModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module)
         text, regions, _ = self.encode(input_ids, text_mask, features, locations, region_mask, pixels, masked_regions)
         return text, regions
 
-    def region_patches(self, locations, region_mask):
-        """[B, R, N] bool: the patches under each (real) region; `locations` as masking.locations."""
-        return box_patches(locations, self.patches.grid) & region_mask.unsqueeze(-1)
-
-    def masked_patches(self, locations, region_mask, masked_regions):
-        """[B, N] bool: the patches under any masked region."""
-        return (self.region_patches(locations, region_mask) & masked_regions.unsqueeze(-1)).any(1)
-
     def encode(self, input_ids, text_mask, features, locations, region_mask, pixels=None, masked_regions=None):
         """-> (text states [B, T, D], region states [B, R, D], patch states [B, 1 + N, D] with the
         visual [CLS] first, or None without patches). `features` are the region features the model
@@ -110,10 +102,7 @@ class SingleStreamModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module)
             parts.append(self.region(features, locations))
             masks.append(region_mask)
         if self.patches is not None:
-            if pixels is None:
-                raise ValueError(f"model.visual={self.visual} needs the images' pixels, and this batch has none")
-            hidden_patches = None if masked_regions is None else self.masked_patches(locations, region_mask, masked_regions)
-            parts.append(self.patches(pixels, hidden_patches))
+            parts.append(self.embed_patches(pixels, locations, region_mask, masked_regions))
             masks.append(text_mask.new_ones(pixels.shape[0], 1 + self.patches.num_patches))
         hidden = self.bert.encode(torch.cat(parts, 1), torch.cat(masks, 1))
         t = input_ids.shape[1]
@@ -121,17 +110,15 @@ class SingleStreamModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module)
         if self.patches is None:
             return text, visual, None
         patches = visual[:, visual.shape[1] - 1 - self.patches.num_patches:]
-        pooled = pool_regions(patches[:, 1:], self.region_patches(locations, region_mask))
-        regions = pooled if self.region is None else (visual[:, :region_mask.shape[1]] + pooled) / 2
+        regions = self.region_states(patches[:, 1:], locations, region_mask,
+                                     None if self.region is None else visual[:, :region_mask.shape[1]])
         return text, regions, patches
 
 
 def build(cfg_model, feature_dim: int, tags: list[str]) -> SingleStreamModel:
     """A model initialised as model.init says (vlp_train/backbone.py, vlp_train/pretrained.py)."""
     kind, folder = pretrained.resolve_init(cfg_model.init)
-    vit = read_vit(cfg_model.vision_init) if cfg_model.vision_init and cfg_model.visual != "regions" else None
-    if cfg_model.vision_init and vit is None:
-        log.warning("model.vision_init %s is not used: model.visual=regions has no patch embedding", cfg_model.vision_init)
+    vit = read_vision_init(cfg_model)
     if kind == "vlp":
         model = pretrained.init_from(folder, SingleStreamModel, cfg_model, feature_dim, tags)
         saved = (model.visual, *((model.patches.image_size, model.patches.patch_size) if model.patches else ()))

@@ -38,6 +38,7 @@ from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.tasks import IGNORE, Task
+from vlp_train.visual import PatchProjection, normalise_pixels, patchify, standardise
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,6 @@ class RegionTokens(nn.Module):
         return view["features"]
 
 
-class _PatchProjection(nn.Module):
-    def __init__(self, width: int, patch_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-
-
 class PatchTokens(nn.Module):
     """The image's elements as patch_size patches of the image_size square image (`pixels`, uint8
     [B, S, S, 3] from the loader): timm's `patch_embed.proj` and `pos_embed` (whose first row is the
@@ -142,7 +137,7 @@ class PatchTokens(nn.Module):
         if image_size % patch_size:
             raise ValueError(f"model.image_size={image_size} is not a multiple of model.patch_size={patch_size}")
         self.image_size, self.patch_size, self.grid = image_size, patch_size, image_size // patch_size
-        self.patch_embed = _PatchProjection(width, patch_size)
+        self.patch_embed = PatchProjection(width, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -150,7 +145,7 @@ class PatchTokens(nn.Module):
         self.register_buffer("cells", torch.from_numpy(patch_cells(self.grid)), persistent=False)
 
     def normalise(self, pixels):
-        return (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        return normalise_pixels(pixels, self.mean, self.std)
 
     def forward(self, view, features=None):
         if features is not None and features is not view.get("features"):
@@ -174,9 +169,7 @@ class PatchTokens(nn.Module):
 
     def targets(self, view):
         """Each patch's (normalised) pixels, [B, N, patch * patch * 3], row-major as the patches."""
-        x = self.normalise(view["pixels"])
-        b, p, g = x.shape[0], self.patch_size, self.grid
-        return x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * 3)
+        return patchify(self.normalise(view["pixels"]), self.patch_size)
 
 
 def patch_cells(grid: int) -> np.ndarray:
@@ -573,10 +566,7 @@ def views(cfg) -> dict:
 
 def normalised(target, on: bool):
     """MAE's norm_pix_loss target: each element standardised by its own mean and variance."""
-    if not on:
-        return target
-    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-    return (target - mean) / (var + 1e-6).sqrt()
+    return standardise(target) if on else target
 
 
 def rmim_losses(predictions, targets, weights, norm: bool):

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
-from vlp_train.backbone import BertAttention, BertEmbeddings, FeedForward, PretrainingHeads, bert_config, call_layer, \
-    read_weights
+from vlp_train.backbone import BertAttention, BertEmbeddings, FeedForward, PretrainingHeads, bert_config, bert_parts, \
+    call_layer, load_mlm_head, read_weights
 from vlp_train.config import VISUAL_INPUTS
 from vlp_train.families import Family, clean_pair_match_probability, register
 from vlp_train.objectives.image_sentence import image_sentence_losses
@@ -50,8 +50,8 @@ from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.objectives.vlmo import image_only_losses, image_text_losses, text_only_losses
 from vlp_train.tasks import Task
-from vlp_train.visual import (IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, RegionEmbedding, box_patches, patch_settings,
-                              pixel_stats, pool_regions, read_vit)
+from vlp_train.visual import (IMAGENET_MEAN, IMAGENET_STD, PatchEmbedding, PatchRegions, RegionEmbedding, patch_settings,
+                              pixel_stats, read_vision_init)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class MultiwayLayer(nn.Module):
         return torch.cat([call(getattr(self, name), x[:, start:end].contiguous()) for name, start, end in spans], 1)
 
 
-class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
+class VLMoModel(PatchRegions, PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     """Multiway transformer over regions and text, with the contrastive, ITM, MLM and region heads."""
 
     arch = ARCH
@@ -201,10 +201,7 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
         `masked_regions` [B, R]: regions whose patches are hidden (the patch embedding's mask token)."""
         parts, masks = [], []
         if self.patches is not None:
-            if pixels is None:
-                raise ValueError(f"model.visual={self.visual} needs the images' pixels, and this batch has none")
-            hidden = None if masked_regions is None else self.masked_patches(locations, region_mask, masked_regions)
-            patches = self.patches(pixels, hidden)  # [CLS] + patches
+            patches = self.embed_patches(pixels, locations, region_mask, masked_regions)  # [CLS] + patches
             cls, patches = patches[:, :1], patches[:, 1:]
         if self.region is not None:
             regions = self.region(features, locations)
@@ -218,14 +215,6 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
         mask = torch.cat([region_mask.new_ones(region_mask.shape[0], 1)] + masks, 1)
         return torch.cat([cls] + parts, 1), mask
 
-    def region_patches(self, locations, region_mask):
-        """[B, R, N] bool: the patches under each (real) region."""
-        return box_patches(locations, self.patches.grid) & region_mask.unsqueeze(-1)
-
-    def masked_patches(self, locations, region_mask, masked_regions):
-        """[B, N] bool: the patches under any masked region."""
-        return (self.region_patches(locations, region_mask) & masked_regions.unsqueeze(-1)).any(1)
-
     def image_parts(self, image_states, locations, region_mask):
         """An image's states ([I_CLS] first) -> (region states [B, R, D], patch states [B, 1 + N, D]
         with [I_CLS] first, or None without patches)."""
@@ -233,8 +222,8 @@ class VLMoModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
         if self.patches is None:
             return image_states[:, 1:1 + regions], None
         patches = torch.cat([image_states[:, :1], image_states[:, 1 + regions:]], 1)
-        pooled = pool_regions(patches[:, 1:], self.region_patches(locations, region_mask))
-        return (pooled if self.region is None else (image_states[:, 1:1 + regions] + pooled) / 2), patches
+        return self.region_states(patches[:, 1:], locations, region_mask,
+                                  image_states[:, 1:1 + regions] if self.region is not None else None), patches
 
     def run_layers(self, hidden, padding_mask, mode: str, text_len: int = 0):
         attn_mask = padding_mask[:, None, None, :]
@@ -291,13 +280,9 @@ def load_bert_weights(model: VLMoModel, folder: str) -> None:
     """A HF BERT folder into the multiway model: embeddings; each layer's attention into the shared
     attention and its FFN into every expert of that layer (V, L and VL); BERT's MLM head when the
     folder has one. The BERT must have the model's layers (the VL-FFN layers are its top ones)."""
-    weights = read_weights(folder)
-    prefix = "bert." if any(k.startswith("bert.") for k in weights) else ""
+    weights, head = bert_parts(read_weights(folder))
     state = {}
     for name, tensor in weights.items():
-        if not name.startswith(prefix):
-            continue
-        name = name[len(prefix):]
         if name.startswith("embeddings.") and "position_ids" not in name:
             state[name] = tensor
         elif name.startswith("encoder.layer."):
@@ -313,23 +298,15 @@ def load_bert_weights(model: VLMoModel, folder: str) -> None:
     if missing:
         raise RuntimeError(f"model.init {folder} lacks weights the multiway model needs: {missing[:5]}")
     model.load_state_dict(state, strict=False)
-    head = {k[len("cls.predictions."):]: v for k, v in weights.items() if k.startswith("cls.predictions.")}
-    if "transform.dense.weight" in head:
-        model.mlm_transform.load_state_dict({k[len("transform."):]: v for k, v in head.items()
-                                             if k.startswith("transform.")})
-        with torch.no_grad():
-            model.mlm_bias.copy_(head["bias"])
-    log.info("initialised VLMo's attention and experts from %s%s", folder,
-             " (and BERT's MLM head)" if "transform.dense.weight" in head else "")
+    with_head = load_mlm_head(head, model.mlm_transform, model.mlm_bias)
+    log.info("initialised VLMo's attention and experts from %s%s", folder, " (and BERT's MLM head)" if with_head else "")
 
 
 def build(cfg_model, feature_dim: int, tags: list[str]) -> VLMoModel:
     """A model initialised as model.init says (and model.vision_init on patches), training what
     model.stage trains."""
     kind, folder = pretrained.resolve_init(cfg_model.init)
-    vit = read_vit(cfg_model.vision_init) if cfg_model.vision_init and cfg_model.visual != "regions" else None
-    if cfg_model.vision_init and vit is None:
-        log.warning("model.vision_init %s is not used: model.visual=regions has no patch embedding", cfg_model.vision_init)
+    vit = read_vision_init(cfg_model)
     if kind == "vlp":
         model = pretrained.init_from(folder, VLMoModel, cfg_model, feature_dim, tags)
         saved = (model.vl_layers, model.visual, *((model.patches.image_size, model.patches.patch_size)
