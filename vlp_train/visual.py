@@ -6,16 +6,19 @@ maps onto the patches.
   embeddings (resized bicubically when the model's grid differs from the one they were trained at),
   a visual [CLS]; its parameter names are timm's (`patch_embed.proj`, `pos_embed`, `cls_token`),
   so a ViT's embedding loads into it as it is.
-- `box_patches`: the patches a region's box covers on the model's grid.
+- `normalise_pixels`, `patchify`, `standardise`: pixels to the model's input, a patch's pixels as
+  a regression target, MAE's per-patch standardisation (the patch embedding's and VLMAE's alike).
+- `box_patches`: the patches a region's box covers on the model's grid; `PatchRegions`: what a
+  model on patches does with its regions (the patches under them, hiding them, pooling their states).
 - `read_vit`: a ViT folder (timm or Hugging Face layout) as one canonical naming, timm's, which
-  every family that starts from a ViT loads from.
+  every family that starts from a ViT loads from (`read_vision_init`: model.vision_init's).
 - `load_pixels`: JPEG bytes -> the model's square uint8 image (in the loader workers).
 
 Geometry. The loader resizes every image to `image_size` x `image_size`, aspect not kept (as
 ALBEF, VLMo and BLIP do at 384): every patch is image, none padding, and a box maps to the grid by
 its coordinates as fractions of the original width and height, whatever size the shard stored the
 image at. Pixels travel as uint8 HWC from the loader and are normalised on the device
-(`PatchEmbedding.normalise`): a quarter of float32's bytes through the workers' shared memory and
+(`normalise_pixels`): a quarter of float32's bytes through the workers' shared memory and
 the copy to the device (docs/benchmarks.md, decode section).
 """
 from __future__ import annotations
