@@ -138,7 +138,7 @@ class OneFeatureWidth(beam.PTransform):
     regions of many images into one batch, so a corpus of mixed widths would fail there, naming
     no sample."""
 
-    def expand(self, detections) -> StageOutput:
+    def expand(self, detections):
         width = (detections
                  | "Width" >> beam.Map(lambda d: (d["features"].shape[1], 1))
                  | "CountPerWidth" >> beam.CombinePerKey(sum)
@@ -159,7 +159,7 @@ class UsableDetections(beam.PTransform):
         super().__init__()
         self._shards = shards
 
-    def expand(self, detections) -> StageOutput:
+    def expand(self, detections):
         with_regions, no_regions = split_rejected(detections, "HasRegions", _has_regions)
         if not self._shards:
             return stage_output(with_regions, no_regions)
@@ -281,7 +281,7 @@ class FindDetections(beam.PTransform):
         super().__init__()
         self._options = options
 
-    def expand(self, pbegin) -> StageOutput:
+    def expand(self, pbegin):
         options = self._options
         if options.images:
             from pipelines.detect import DetectRegions
@@ -309,7 +309,7 @@ class ReadSentences(beam.PTransform):
         super().__init__()
         self._options = options
 
-    def expand(self, pbegin) -> StageOutput:
+    def expand(self, pbegin):
         read = pbegin | "ReadCorpus" >> ReadCorpus(self._options.text, self._options.text_options)
         return stage_output(read.main, counts=read.main | "CountSentences" >> beam.Map(lambda _: ("sentences", 1)),
                             parts=[read])
@@ -335,7 +335,7 @@ class Retrieve(beam.PTransform):
         super().__init__()
         self._options, self._spill_dir = options, spill_dir
 
-    def expand(self, inputs) -> StageOutput:
+    def expand(self, inputs):
         options, sentences = self._options, inputs["sentences"]
         embedded = sentences | "EmbedCorpus" >> EmbedCorpus(options.embed, options.embeddings)
         corpus = embedded.main | "ShardCorpus" >> ShardCorpus(
@@ -367,7 +367,7 @@ class MakeSamples(beam.PTransform):
         super().__init__()
         self._options = options
 
-    def expand(self, inputs) -> StageOutput:
+    def expand(self, inputs):
         from pipelines.link import LinkPhrasesToRegions, TrainWordVectors
         from pipelines.phrases import ExtractNounPhrases
 

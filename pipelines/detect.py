@@ -33,7 +33,7 @@ from pipelines.images import STORED_IMAGE, stored_image
 from pipelines.readers.detection_record import region_order
 from pipelines.metrics import add_stage_time
 from pipelines.options import DetectOptions
-from pipelines.stages import StageOutput, split_rejected, stage_output
+from pipelines.stages import split_rejected, stage_output
 from schemas.corpus import normalise_label
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,6 @@ class DetectRegions(beam.PTransform):
         super().__init__()
         self._options, self._store_image_size = options, store_image_size
 
-    def expand(self, images) -> StageOutput:
+    def expand(self, images):
         detections, rejected = split_rejected(images, "Detect", _DetectImage(self._options, self._store_image_size))
         return stage_output(detections, rejected)

@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.deadletter import duplicate_rejection, rejection, rejection_for
 from pipelines.files import MatchAll, split_patterns
-from pipelines.stages import StageOutput, split_rejected, stage_output
+from pipelines.stages import split_rejected, stage_output
 from schemas.corpus import encode_image, stored_image_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -124,7 +124,7 @@ class ReadImages(beam.PTransform):
         super().__init__()
         self._pattern = pattern
 
-    def expand(self, pbegin) -> StageOutput:
+    def expand(self, pbegin):
         images, unreadable = split_rejected(
             pbegin
             | "MatchImages" >> MatchAll(self._pattern)
@@ -224,6 +224,6 @@ class ReadStoredImages(beam.PTransform):
         super().__init__()
         self._root, self._size = root, size
 
-    def expand(self, detections) -> StageOutput:
+    def expand(self, detections):
         stored, rejected = split_rejected(detections, "ReadStoredImage", _ReadStoredImage(self._root, self._size))
         return stage_output(stored, rejected)

@@ -26,7 +26,7 @@ from apache_beam.utils.shared import Shared
 from pipelines.metrics import add_stage_time
 from pipelines.options import LinkOptions
 from pipelines.sharing import acquire_shared
-from pipelines.stages import StageOutput, stage_output
+from pipelines.stages import stage_output
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class LinkPhrasesToRegions(beam.PTransform):
             raise ValueError("--word-vectors train needs the trained vectors (TrainWordVectors)")
         self._options, self._trained = options, trained_vectors
 
-    def expand(self, samples) -> StageOutput:
+    def expand(self, samples):
         if self._trained is None:
             linked = samples | "Link" >> beam.ParDo(_LinkSample(self._options))
         else:

@@ -17,7 +17,7 @@ from pipelines.batching import StableBatches
 from pipelines.metrics import add_stage_time
 from pipelines.options import PhraseOptions
 from pipelines.sharing import acquire_shared
-from pipelines.stages import StageOutput, stage_output
+from pipelines.stages import stage_output
 from schemas.corpus import SPACY_MODEL
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ExtractNounPhrases(beam.PTransform):
         super().__init__()
         self._options = options
 
-    def expand(self, sentences) -> StageOutput:
+    def expand(self, sentences):
         return stage_output(sentences
                             | "StableBatches" >> StableBatches(self._options.batch_size * 4)
                             | "NounChunks" >> beam.ParDo(_ExtractBatch(self._options)))

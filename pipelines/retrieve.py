@@ -47,7 +47,7 @@ from pipelines.search import (Corpus, candidates_for, hit_dict, hit_order, make_
                               train_index)
 from pipelines.shards import write_bytes, write_whole
 from pipelines.sharing import acquire_shared
-from pipelines.stages import StageOutput, stage_output
+from pipelines.stages import stage_output
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class ShardCorpus(beam.PTransform):
         super().__init__()
         self._directory, self._options, self._row_count = directory, options, row_count
 
-    def expand(self, rows) -> StageOutput:
+    def expand(self, rows):
         shard_rows = self._options.corpus_shard_rows
         # Given the count from upstream (the sentences, before embedding), the rows flow on into
         # their shard's accumulator; counting the rows themselves would make the runner store
@@ -447,7 +447,7 @@ class RetrieveTopK(beam.PTransform):
         self._corpus = corpus
         self._options = options
 
-    def expand(self, queries) -> StageOutput:
+    def expand(self, queries):
         hits = (queries
                 # Full batches: FAISS's flat search leaves BLAS for batches under 20 queries, and
                 # BatchElements' adaptive sizes start at 1 (several times slower per query).

@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 import schemas
 from pipelines.metrics import add_stage_time
 from pipelines.options import ShardOptions
-from pipelines.stages import StageOutput, stage_output
+from pipelines.stages import stage_output
 from schemas.corpus import sample_key, sample_members, tar_bytes
 
 SHARD_PATTERN = "corpus-%06d.tar"
@@ -240,7 +240,7 @@ class WriteShards(beam.PTransform):
         super().__init__()
         self._directory, self._options = directory, options
 
-    def expand(self, samples) -> StageOutput:
+    def expand(self, samples):
         per_shard = self._options.samples_per_shard
         keyed = samples | "Key" >> beam.Map(lambda sf: (sample_key(sf[0]["image_id"]), sf))
         # Every worker gets the first key of each shard, not every key: 1 / samples_per_shard of

@@ -7,6 +7,9 @@ embedding, retrieving, making and linking samples, writing shards) returns a `St
 count returns empty ones, so an assembly reads every stage the same way: `.main` on to the next
 stage, every `.rejected` into the one dead-letter writer, every `.counts` into the stats.
 
+A stage says so in its docstring, not by annotating expand `-> StageOutput`: Beam reads that
+annotation as an output type hint and warns that it is not a PCollection.
+
 Helpers that make a side input (a trained index or word vectors, shard boundaries) or write
 files (WriteTable, WriteFiles) are not stages: they reject and count nothing, and return their
 PCollection.
@@ -45,7 +48,8 @@ def _one(pcolls: tuple, main: beam.PCollection, name: str) -> beam.PCollection:
 
 
 def stage_output(main: beam.PCollection, rejected=(), counts=(), parts: Iterable[StageOutput] = ()) -> StageOutput:
-    """The StageOutput of a composite, called in its expand: `rejected` and `counts` a PCollection
+    """The StageOutput of a composite, called once in its expand (the labels it adds are the
+    composite's): `rejected` and `counts` a PCollection
     or a sequence of them (flattened; none: empty); `parts`, the stage outputs it was made of,
     whose dead letters and counts are this stage's too."""
     parts = tuple(parts)

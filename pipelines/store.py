@@ -29,7 +29,7 @@ from pipelines.embed import EmbedSentences
 from pipelines.files import open_file
 from pipelines.options import EmbedOptions
 from pipelines.shards import write_bytes
-from pipelines.stages import StageOutput, stage_output
+from pipelines.stages import stage_output
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class EmbedCorpus(beam.PTransform):
         super().__init__()
         self._options, self._store = options, store
 
-    def expand(self, sentences) -> StageOutput:
+    def expand(self, sentences):
         keyed = sentences | "KeyByIdText" >> beam.Map(lambda st: (st, st[1]))
         if not self._store:
             return stage_output(keyed | "Embed" >> EmbedSentences(self._options))

@@ -73,7 +73,7 @@ class ReadDetections(beam.PTransform):
         super().__init__()
         self._pattern, self._max_regions = pattern, max_regions
 
-    def expand(self, pbegin) -> StageOutput:
+    def expand(self, pbegin):
         files = pbegin | "MatchDetections" >> MatchAll(self._pattern)
         tsv = files | "TsvFiles" >> beam.Filter(lambda p: p.endswith((".tsv", ".tsv.gz")))
         yaml_files = files | "YamlFiles" >> beam.Filter(lambda p: p.endswith(YAML_EXTENSIONS))

@@ -172,7 +172,7 @@ class ReadCorpus(beam.PTransform):
         super().__init__()
         self._pattern, self._options = pattern, options
 
-    def expand(self, pbegin) -> StageOutput:
+    def expand(self, pbegin):
         read = (pbegin | "MatchText" >> MatchAll(self._pattern)
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadText" >> beam.ParDo(_ReadTextFile(self._options.split_sentences)).with_outputs(
