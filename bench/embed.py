@@ -5,8 +5,10 @@ with PyTorch fp32 (today's path), all measured in one run with a fixed thread co
     python bench/embed.py --sentences 5000 --repeats 1     # a quick look
 
 Backends: torch (fp32, `encoding.encode`'s direct mean-pooling path), onnx (ONNX Runtime fp32 of a
-`torch.onnx.export`), onnx-int8 (the same with int8 MatMul weights, per channel). Each gets the same
-texts with the same batch size; torch and ONNX Runtime both get --threads intra-op threads.
+`torch.onnx.export`, intra-op threads that sleep when idle), onnx-int8 (the same with int8 MatMul
+weights, per channel); timed too: onnx-spinning (onnx with ONNX Runtime's default spinning threads,
+the setting before). Each gets the same texts with the same batch size; torch and ONNX Runtime both
+get --threads intra-op threads. The load average is recorded around every repeat.
 
 - throughput: median of --repeats encodes of --timed-sentences corpus sentences, the backends in
   turn in every repeat (so a busy spell of the machine hits all of them), after one warm-up each.
@@ -44,6 +46,7 @@ from bench.data import OBJECTS, SUBJECTS, template_sentences  # noqa: E402
 from bench.env import device_name, write_result  # noqa: E402
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
+SPINNING = "onnx-spinning"  # timed only: the onnx backend with ORT's spinning threads (its setting before)
 
 
 def tag_strings(n: int, seed: int = 0) -> list[str]:
@@ -104,19 +107,25 @@ def main() -> None:
             encoders[backend] = OnnxSentenceEncoder.from_model(model, bundled_minilm_path(), backend,
                                                                threads=args.threads, cache_dir=cache)
             first_use_s[backend] = time.perf_counter() - start
+        # the onnx backend as it was before its threads stopped spinning (timed only: the same vectors)
+        encoders[SPINNING] = OnnxSentenceEncoder.from_model(model, bundled_minilm_path(), "onnx", threads=args.threads,
+                                                            cache_dir=cache, spinning=True)
+        timed_rows = BACKENDS + (SPINNING,)
 
         corpus = template_sentences(args.sentences)
         assert len(set(corpus)) == len(corpus)
         timed = corpus[:args.timed_sentences]
-        times = {b: [] for b in BACKENDS}
-        for backend in BACKENDS:
+        times = {b: [] for b in timed_rows}
+        for backend in timed_rows:
             encode(encoders[backend], timed[:args.batch_size], args.batch_size)  # warm-up
+        load_average = [os.getloadavg()]
         for _ in range(args.repeats):
-            for backend in BACKENDS:
+            for backend in timed_rows:
                 start = time.perf_counter()
                 encode(encoders[backend], timed, args.batch_size)
                 times[backend].append(time.perf_counter() - start)
                 print(f"{backend}: {len(timed) / times[backend][-1]:.0f} sentences/s", flush=True)
+            load_average.append(os.getloadavg())
 
         sets = {"bench": (corpus, tag_strings(args.queries))}
         real = lee_sentences()
@@ -124,22 +133,23 @@ def main() -> None:
         vectors = {name: {b: (encode(encoders[b], c, args.batch_size), encode(encoders[b], q, args.batch_size))
                           for b in BACKENDS} for name, (c, q) in sets.items()}
 
-    per_s = {b: len(timed) / statistics.median(times[b]) for b in BACKENDS}
+    per_s = {b: len(timed) / statistics.median(times[b]) for b in timed_rows}
     result = {
         "device": device_name("cpu"), "threads": args.threads, "batch_size": args.batch_size,
         "command": "python bench/embed.py " + " ".join(sys.argv[1:]),
         "timed_sentences": len(timed), "repeats": args.repeats,
-        "sentences_per_s": per_s, "speedup_over_torch": {b: per_s[b] / per_s["torch"] for b in BACKENDS},
+        "sentences_per_s": per_s, "speedup_over_torch": {b: per_s[b] / per_s["torch"] for b in timed_rows},
+        "load_average_1_5_15_min_before_and_after_each_repeat": load_average,
         "seconds_each_repeat": times, "first_use_seconds": first_use_s,
         "agreement_sets": {name: {"corpus": len(c), "queries": len(q)} for name, (c, q) in sets.items()},
         "agreement": {name: {b: agreement(vectors[name]["torch"], vectors[name][b]) for b in BACKENDS[1:]}
                       for name in sets},
         "note": "machine shared with other work while measured: compare backends within this run only",
     }
-    for b in BACKENDS:
+    for b in timed_rows:
         print(f"{b}: {per_s[b]:.0f} sentences/s ({per_s[b] / per_s['torch']:.2f}x)"
               + "".join(f"; {name} top-5 agreement {result['agreement'][name][b]['top5_agreement']:.3f}"
-                        for name in sets if b != "torch"))
+                        for name in sets if b in BACKENDS[1:]))
     write_result(args.results_name, result)
 
 

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipelines.fingerprint import CACHE_ENV, cache_root, folder_digest  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 ONNX_BACKENDS = ("onnx", "onnx-int8")
@@ -36,24 +38,20 @@ ONNX_BACKENDS = ("onnx", "onnx-int8")
 EXPORT_FORMAT = 1
 OPSET = 17
 MODEL_FILE = "model.onnx"
-CACHE_ENV = "VLP_CACHE_DIR"  # where exports are kept; default ~/.cache/vlp-data
 
 
-def cache_root() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vlp-data")
-
-
-def cache_key(folder: str, backend: str) -> str:
+def cache_key(folder: str, backend: str, cache_dir: str | None = None) -> str:
     """The cache folder's name: the model folder's content digest (a changed weight, tokenizer or
-    config file gives another; a copy of the folder elsewhere the same), the backend, and the
-    versions the file depends on (the exporter's and the quantiser's)."""
+    config file gives another; a copy of the folder elsewhere the same; remembered by the folder's
+    file stats, so a worker process does not hash the folder again), the backend, and the versions
+    the file depends on (the exporter's, and onnxruntime's: its quantiser writes the int8 file, and
+    a new runtime is a reason to make the file again)."""
     import onnxruntime
     import torch
 
-    from pipelines.store import folder_digest
-    versions = f"{EXPORT_FORMAT}|{OPSET}|{torch.__version__}|{onnxruntime.__version__ if backend == 'onnx-int8' else ''}"
+    versions = f"{EXPORT_FORMAT}|{OPSET}|{torch.__version__}|{onnxruntime.__version__}"
     tag = hashlib.sha256(versions.encode("utf-8")).hexdigest()[:8]
-    return f"{folder_digest(folder)[:32]}-{backend}-{tag}"
+    return f"{folder_digest(folder, cache_dir)[:32]}-{backend}-{tag}"
 
 
 def sentence_graph(model):
@@ -125,7 +123,7 @@ def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = 
         raise ValueError(f"not an ONNX backend: {backend!r} (one of {', '.join(ONNX_BACKENDS)})")
     root = cache_dir or cache_root()
     os.makedirs(root, exist_ok=True)
-    key = cache_key(folder, backend)
+    key = cache_key(folder, backend, root)
     final = os.path.join(root, key, MODEL_FILE)
     if os.path.exists(final):
         return final
@@ -153,13 +151,19 @@ class OnnxSentenceEncoder:
     """Normalised float32 sentence embeddings from an ONNX file, tokenised as the torch path
     (`encoding.token_ids`), texts sorted by length within each call (little padding)."""
 
-    def __init__(self, onnx_path: str, tokenizer, max_length: int, threads: int | None = None):
+    def __init__(self, onnx_path: str, tokenizer, max_length: int, threads: int | None = None,
+                 spinning: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            # Idle intra-op threads sleep instead of spinning: Beam runs an SDK process per core,
+            # each with its own session, and on a shared machine spinning threads take the cores
+            # from the threads that compute (measured in docs/benchmarks.md).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = onnx_path
         self._session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         self._tokenizer, self._max_length = tokenizer, max_length
@@ -168,10 +172,10 @@ class OnnxSentenceEncoder:
 
     @classmethod
     def from_model(cls, model, folder: str, backend: str, threads: int | None = None,
-                   cache_dir: str | None = None) -> OnnxSentenceEncoder:
+                   cache_dir: str | None = None, spinning: bool = False) -> OnnxSentenceEncoder:
         from pipelines.encoding import sentence_tokenizer
         tokenizer, max_length = sentence_tokenizer(model)
-        return cls(cached_onnx_model(model, folder, backend, cache_dir), tokenizer, max_length, threads)
+        return cls(cached_onnx_model(model, folder, backend, cache_dir), tokenizer, max_length, threads, spinning)
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         from pipelines.encoding import token_ids

@@ -27,6 +27,7 @@ import schemas
 from pipelines.batching import group_of
 from pipelines.embed import EmbedSentences
 from pipelines.files import open_file
+from pipelines.fingerprint import folder_digest
 from pipelines.options import EmbedOptions
 from pipelines.shards import write_bytes
 from pipelines.stages import stage_output
@@ -35,20 +36,6 @@ log = logging.getLogger(__name__)
 
 STORE_FILE_ROWS = 100_000  # new embeddings per store file, about
 NAMESPACE = "embedding_store"  # Beam counters: sentences_reused, sentences_embedded, unreadable_files
-
-
-def folder_digest(folder: str) -> str:
-    """sha256 over every file of a model folder (relative path and content); dot-files and
-    dot-folders (caches, editors' files) are left out."""
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = os.path.join(root, name)
-            digest.update(os.path.relpath(path, folder).encode("utf-8") + b"\0")
-            with open(path, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
 
 
 def model_fingerprint(options: EmbedOptions) -> str:

@@ -52,6 +52,8 @@ def test_onnx_fp32_gives_torch_vectors_for_any_batch_and_length(minilm, cache, l
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
         assert (vectors * expected).sum(1).min() > 0.99999
     assert encode(encoder, [], 8).shape == (0, 384)
+    # idle threads sleep (Beam runs a session per SDK process; spinning ones take the cores)
+    assert encoder._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def _top5(corpus, queries):
@@ -119,6 +121,15 @@ def test_the_cache_is_reused_and_a_changed_model_folder_is_exported_again(tiny_m
     assert other != first and len(export_count) == 2
 
 
+def test_a_new_onnxruntime_makes_the_files_again(tiny_model_folder, tmp_path, export_count, monkeypatch):
+    import onnxruntime
+    cache = str(tmp_path / "cache")
+    model = load_sentence_model(tiny_model_folder)
+    first = cached_onnx_model(model, tiny_model_folder, "onnx", cache)
+    monkeypatch.setattr(onnxruntime, "__version__", onnxruntime.__version__ + ".post1")
+    assert cached_onnx_model(model, tiny_model_folder, "onnx", cache) != first and len(export_count) == 2
+
+
 def test_a_killed_export_leaves_no_file_and_the_next_use_exports(tiny_model_folder, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     model = load_sentence_model(tiny_model_folder)
@@ -132,7 +143,7 @@ def test_a_killed_export_leaves_no_file_and_the_next_use_exports(tiny_model_fold
     monkeypatch.setattr(onnx_encoder, "export_onnx", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         cached_onnx_model(model, tiny_model_folder, "onnx", cache)
-    leftovers = [name for name in os.listdir(cache) if not name.endswith(".lock")]
+    leftovers = [name for name in os.listdir(cache) if not name.endswith(".lock") and name != "digests"]
     assert leftovers == []  # neither the half file nor its work folder
     monkeypatch.setattr(onnx_encoder, "export_onnx", real)
     path = cached_onnx_model(model, tiny_model_folder, "onnx", cache)
@@ -164,7 +175,8 @@ def test_the_embed_transform_runs_the_onnx_backends(pipeline, minilm, monkeypatc
 
     assert_that(out, check)
     pipeline.run()
-    made = {name.split("-", 1)[1].rsplit("-", 1)[0] for name in os.listdir(tmp_path) if not name.endswith(".lock")}
+    made = {name.split("-", 1)[1].rsplit("-", 1)[0] for name in os.listdir(tmp_path)
+            if not name.endswith(".lock") and name != "digests"}
     assert made == ({"onnx"} if backend is None else {"onnx", "onnx-int8"})  # int8 is quantised from the fp32 export
 
 
