@@ -133,7 +133,9 @@ def test_itc_fine_tuning_lowers_the_loss_and_ranks_by_the_dual_encoder(tmp_path)
 
     from vlp_train import pretrained
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
-    from vlp_train.finetune.train import evaluate, finetune
+    from contextlib import nullcontext
+
+    from vlp_train.finetune.train import evaluate, finetune, load_finetuned
     from vlp_train.step import to_device
 
     cfg = vlmo_retrieval(tmp_path, "optim.epochs=3", "optim.lr=1e-4", "optim.warmup_ratio=0")
@@ -167,9 +169,21 @@ def test_itc_fine_tuning_lowers_the_loss_and_ranks_by_the_dual_encoder(tmp_path)
         text = model.embed_texts(x["input_ids"], x["text_mask"])
     direct = retrieval_recalls((image @ text.T).numpy(), text_image)
     assert {k: result[k] for k in direct} == pytest.approx(direct)
-    # ITM re-scoring each query's top k of the dual encoder: every candidate at k = all
+    # ITM re-scoring each query's top k of the dual encoder: k = 4 is every image of a caption, so
+    # each caption's top image is the fusion ITM's choice among all
     reranked = evaluate("retrieval", str(tmp_path / "ft"), str(tmp_path), "test", cfg.data.detections, rerank_k=4)
     assert reranked["rerank_k"] == 4 and {"tr@1", "ir@1", "rmean"} <= set(reranked)
+    task_model, task, _, _ = load_finetuned(str(tmp_path / "ft"), torch.device("cpu"))
+    cfg.task.rerank_k = 4
+    _, top_image = task.predict(task_model, data, builder, cfg, torch.device("cpu"), nullcontext())
+    with torch.no_grad():
+        rows = torch.arange(len(images)).repeat_interleave(len(text))
+        columns = torch.arange(len(text)).repeat(len(images))
+        fused, _ = model(x["input_ids"][columns], x["text_mask"][columns], x["features"][rows], x["locations"][rows],
+                         x["region_mask"][rows])
+        logits = model.itm_logits(fused).float()
+    itm = (logits[:, 1] - logits[:, 0]).view(len(images), len(text))
+    assert top_image == {e.example_id: images[int(itm[:, t].argmax())] for t, e in enumerate(data.examples)}
 
 
 def test_classification_tasks_read_the_fusion_t_cls(tmp_path):
