@@ -348,9 +348,9 @@ class Retrieve(beam.PTransform):
                 | "KeyQuery" >> beam.Map(lambda q: (q, q))
                 | "EmbedQueries" >> EmbedSentences(options.embed)
                 | "RetrieveTopK" >> RetrieveTopK(corpus.main, options.retrieve))
-        image_hits, empty = split_rejected({"images": queries, "hits": hits.main} | "JoinQueries" >> beam.CoGroupByKey(),
-                                           "HitsPerImage", _hits_per_image)
-        return stage_output(image_hits, empty, counts=image_hits | "CountRetrieved" >> beam.FlatMap(_retrieval_counts),
+        image_hits, no_hits = split_rejected({"images": queries, "hits": hits.main} | "JoinQueries" >> beam.CoGroupByKey(),
+                                             "HitsPerImage", _hits_per_image)
+        return stage_output(image_hits, no_hits, counts=image_hits | "CountRetrieved" >> beam.FlatMap(_retrieval_counts),
                             parts=[embedded, corpus, hits])
 
 
