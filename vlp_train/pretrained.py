@@ -61,6 +61,31 @@ class PretrainedModel:
         return model
 
 
+@torch.no_grad()
+def init_like_bert(module, std: float) -> None:
+    """BERT's initialisation (HF BertPreTrainedModel._init_weights) of every fresh module under
+    `module`: Linear (and a patch projection's Conv2d) weights N(0, std) with zero biases,
+    Embeddings N(0, std) with the padding row zero, LayerNorm weight 1 and bias 0. `std` is the
+    BERT config's `initializer_range` (0.02). A model calls it on itself when built; weights an
+    init folder holds (BERT, a ViT, a saved model) are loaded over it. Parameters of no such
+    module (learned [CLS], mask tokens, position tables) keep their own init."""
+    from torch import nn
+
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def model_folder(path: str) -> str:
     """A run folder stands for its export (RUN/hf); any other path for itself."""
     export = os.path.join(path, EXPORT_FOLDER)

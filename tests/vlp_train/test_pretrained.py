@@ -269,3 +269,23 @@ def test_an_export_starts_vlmaes_momentum_encoders_as_copies_and_reads_an_older_
         json.dump(config, f)
     with pytest.raises(ValueError, match="architectures.*VLMoModel.*vlmae"):
         pretrained.load(str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("preset,extra", [("debug", []), ("vlmo-debug", ["model.visual=both"]),
+                                          ("vlmae-debug", ["model.vision_hidden=64", "model.vision_heads=2"])])
+def test_a_random_model_of_every_family_starts_as_bert_initialises(preset, extra):
+    """model.init=random: BERT's init (initializer_range 0.02) everywhere, the word embeddings too
+    (PyTorch's default N(0, 1) embeddings made the first MLM logits ~50x too large)."""
+    cfg = load_config(preset, TINY_MODEL + extra)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, DIM, sorted(TAGS))
+    words = model.word_embeddings()
+    assert abs(words.weight.std().item() - 0.02) < 0.002
+    assert words.padding_idx is None or not words.weight[words.padding_idx].any()
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)) and m.weight.numel() >= 1000:
+            assert abs(m.weight.std().item() - 0.02) < 0.004, name
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None:
+            assert not m.bias.any(), name
+        if isinstance(m, torch.nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any(), name

@@ -60,11 +60,7 @@ class SingleStreamModel(PatchRegions, PretrainingHeads, pretrained.PretrainedMod
         return self.bert.embeddings.word_embeddings
 
     def _init_new(self, std: float):
-        for module in (self.region or nn.Identity(), self.mlm_transform, self.mrc, self.mrfr, self.itm):
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=std)
-                    nn.init.zeros_(m.bias)
+        pretrained.init_like_bert(self, std)  # an init folder's weights are loaded over it (build)
 
     # -- what from_pretrained needs to rebuild it ------------------------------------------------
 

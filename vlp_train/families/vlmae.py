@@ -315,13 +315,7 @@ class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
             module.requires_grad_(False)
 
     def _init_new(self, std: float):
-        for module in (self.vision, self.decoder, self.vision_proj, self.text_proj, self.ifr, self.itm,
-                       self.mlm_transform, self.image_to_text, self.mrc, self.mrfr,
-                       *(layer.crossattention for layer in self.bert.encoder.layer[self.text_layers:])):
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=std)
-                    nn.init.zeros_(m.bias)
+        pretrained.init_like_bert(self, std)  # init folders' weights (BERT, a ViT) are loaded over it (build)
         for token in (self.vision.cls_token, self.decoder.mask_token):
             nn.init.trunc_normal_(token, std=std)
 

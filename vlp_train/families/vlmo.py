@@ -135,13 +135,7 @@ class VLMoModel(PatchRegions, PretrainingHeads, pretrained.PretrainedModel, nn.M
         return self.embeddings.word_embeddings
 
     def _init_new(self, std: float):
-        for module in (self.embeddings, self.layers, self.region or nn.Identity(), self.image_proj, self.text_proj,
-                       self.itm, self.mlm_transform, self.mrc, self.mrfr):
-            for m in module.modules():
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, std=std)
-                    if getattr(m, "bias", None) is not None:
-                        nn.init.zeros_(m.bias)
+        pretrained.init_like_bert(self, std)  # an init folder's weights are loaded over it (build)
         if self.image_cls is not None:
             nn.init.normal_(self.image_cls, std=std)
 
