@@ -182,15 +182,17 @@ def load_npy(data: bytes) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran_order else "C")
 
 
-def decode_members(raw: dict) -> tuple[dict, np.ndarray]:
+def decode_members(raw: dict, features: bool = True) -> tuple[dict, np.ndarray | None]:
     """A raw webdataset sample ({member suffix: bytes, "__key__", "__url__"}) -> (meta, float16
-    features as stored). ValueError naming the shard and key when a member is missing or undecodable."""
+    features as stored). ValueError naming the shard and key when a member is missing or undecodable.
+    `features` False: a reader that uses no region features (a patch model) leaves that member
+    undecoded (None), though the sample must still have it."""
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     if any(member not in raw for member in SAMPLE_MEMBERS):
         present = sorted(k for k in raw if not k.startswith("__"))
         raise ValueError(f"{where}: sample lacks {' or '.join(SAMPLE_MEMBERS)} (has {present})")
     try:
-        return json.loads(raw[META_MEMBER]), load_npy(raw[FEATURES_MEMBER])
+        return json.loads(raw[META_MEMBER]), load_npy(raw[FEATURES_MEMBER]) if features else None
     except Exception as err:  # damaged bytes raise anything (numpy's header parser: tokenize errors)
         raise ValueError(f"{where}: undecodable: {type(err).__name__}: {err}") from err
 

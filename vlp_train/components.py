@@ -19,7 +19,8 @@ from vlp_train import distributed
 from vlp_train.compile import compile_scope, step_module_for
 from vlp_train.config import TrainConfig, check_init, per_rank_batch, validate
 from vlp_train.data import (CorpusStream, check_corpora_published, decode, enabled_tasks, every_sample,
-                            expand_shards, load_tag_vocab, missing_images, no_readable_sample, samples_per_shard)
+                            expand_shards, load_tag_vocab, missing_images, no_readable_sample, reads_region_features,
+                            samples_per_shard)
 from vlp_train.families import Family, family_of
 from vlp_train.masking import BatchBuilder
 from vlp_train.pretrained import tokenizer_folder
@@ -91,7 +92,8 @@ def build_run(cfg: TrainConfig) -> Run:
     scope = compile_scope(cfg, device)
     builder = BatchBuilder(tokenizer, {t: i for i, t in enumerate(tags)}, cfg.model.max_text_len,
                            cfg.model.max_regions, cfg.objectives, pad_regions=scope == "step", feature_dim=feature_dim,
-                           views=family.views(cfg) if family.views else None, image_size=image_size)
+                           views=family.views(cfg) if family.views else None, image_size=image_size,
+                           region_features=reads_region_features(cfg.model.visual, tasks))
     dataset = CorpusStream(urls, builder, batch_size, tasks, cfg.objectives.schedule, cfg.data.shuffle_buffer,
                            cfg.run.seed, cfg.data.resampled, dist_info.rank, dist_info.world)
     shard_samples = samples_per_shard(urls, cfg.data.manifest)

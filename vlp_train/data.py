@@ -15,6 +15,7 @@ import logging
 import os
 import random
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -22,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from schemas import SchemaError, check_sample_types, validate_sample
 from schemas.corpus import IMAGE_MEMBER, META_MEMBER, check_published, decode_members, image_member, normalise_label
 from vlp_train.masking import BatchBuilder
+from vlp_train.objectives import FEATURE_TARGET_TASKS
 from vlp_train.tasks import TASKS, Task
 from vlp_train.visual import load_pixels
 
@@ -141,8 +143,15 @@ def every_sample(urls: list[str]):
 BAD_SAMPLE = (ValueError, SchemaError, KeyError, TypeError)
 
 
-def _parse(raw: dict) -> dict:
-    meta, feats = decode_members(raw)  # feats float16, as stored
+def reads_region_features(visual: str, tasks) -> bool:
+    """Whether a run reads its samples' region features: its model sees regions (model.visual
+    regions or both), or one of its tasks regresses them (`objectives.FEATURE_TARGET_TASKS`). A
+    patch model without either leaves each sample's features member undecoded."""
+    return visual != "patches" or any(t in FEATURE_TARGET_TASKS for t in tasks)
+
+
+def _parse(raw: dict, features: bool = True) -> dict:
+    meta, feats = decode_members(raw, features)  # feats float16, as stored; None when not read
     return {"key": raw["__key__"], "meta": meta, "feats": feats, "image": image_member(raw),
             "where": f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"}
 
@@ -151,6 +160,8 @@ def _checked(parsed: dict, types_checked: bool) -> dict:
     validate_sample(parsed["meta"], parsed["feats"], where=parsed["where"], types_checked=types_checked)
     if not parsed["meta"]["sentences"]:
         raise ValueError(f"{parsed['where']}: no sentences")
+    if parsed["feats"] is None:  # not read: zero-width features, one row a region (the views' shapes hold)
+        parsed = {**parsed, "feats": np.zeros((len(parsed["meta"]["boxes"]), 0), np.float16)}
     return {k: parsed[k] for k in ("key", "meta", "feats", "image")}
 
 
@@ -177,18 +188,20 @@ def decode(raw: dict) -> dict:
     return _checked(_parse(raw), types_checked=False)
 
 
-def decode_batch(raws: list[dict], feature_dim: int | None = None,
-                 image_size: int | None = None) -> tuple[list[dict], list[str]]:
+def decode_batch(raws: list[dict], feature_dim: int | None = None, image_size: int | None = None,
+                 region_features: bool = True) -> tuple[list[dict], list[str]]:
     """What `decode` gives for each good raw sample (in order), and the errors of the bad ones. The
     schema's type check runs once over the batch; only a batch that fails it is checked again
     sample by sample, to keep the good samples and name the bad ones. `feature_dim`: the model's
     region feature size; a sample of another (shards of two corpora given together) is a bad one.
     `image_size`: the model takes pixels: each sample's image decoded to that square (`pixels`);
-    one without an image or with a damaged one is a bad one."""
+    one without an image or with a damaged one is a bad one. `region_features` False: the run
+    reads none (`reads_region_features`): the features member is not decoded, and each sample's
+    `feats` is zero-width [regions, 0]."""
     parsed, errors = [], []
     for raw in raws:
         try:
-            parsed.append(_parse(raw))
+            parsed.append(_parse(raw, region_features))
         except BAD_SAMPLE as err:
             errors.append(str(err))
     metas = [p["meta"] for p in parsed]
@@ -206,7 +219,7 @@ def decode_batch(raws: list[dict], feature_dim: int | None = None,
             errors.append(str(err) if str(err).startswith(p["where"]) else f"{p['where']}: {type(err).__name__}: {err}")
             continue
         width = decoded[-1]["feats"].shape[1]
-        if feature_dim and width != feature_dim:
+        if feature_dim and region_features and width != feature_dim:
             decoded.pop()
             errors.append(f"{p['where']}: region features of width {width}, but the model takes {feature_dim}")
         elif image_size:
@@ -284,7 +297,7 @@ class CorpusStream(IterableDataset):
         return wds.tariterators.tarfile_samples(self._shards(worker, workers), handler=self._unreadable)
 
     def _decode(self, raws: list[dict]) -> tuple[list[dict], list[str]]:
-        return decode_batch(raws, self.builder.feature_dim, self.builder.image_size)
+        return decode_batch(raws, self.builder.feature_dim, self.builder.image_size, self.builder.region_features)
 
     def _samples(self, worker: int, workers: int):
         stream = self._records(worker, workers)

@@ -157,16 +157,18 @@ def _configured_backend(tokenizer, max_length: int):
 class BatchBuilder:
     def __init__(self, tokenizer, tag_index: dict[str, int], max_text_len: int, max_regions: int, objectives,
                  pad_regions: bool = False, feature_dim: int | None = None, views: dict | None = None,
-                 image_size: int | None = None):
+                 image_size: int | None = None, region_features: bool = True):
         """`pad_regions`: every batch has `max_regions` region slots (padding masked out), not the
         most of its images; a step compiled whole then sees one region count (compile.CompiledStep).
         `feature_dim`: the model's region feature size (the loader skips samples of another).
         `views`: {task: fn(builder, samples, sentences, rng) -> view}, a family's own view of a task
         (families.Family.views) in place of the one built here.
         `image_size`: the model takes pixels (model.visual patches or both): every view carries
-        `pixels`, uint8 [B, image_size, image_size, 3], the same tensor in each view of a batch."""
+        `pixels`, uint8 [B, image_size, image_size, 3], the same tensor in each view of a batch.
+        `region_features` False: the run reads none (`data.reads_region_features`): the loader
+        leaves them undecoded and the views' `features` are zero-width [B, R, 0]."""
         self.views = dict(views or {})
-        self.feature_dim, self.image_size = feature_dim, image_size
+        self.feature_dim, self.image_size, self.region_features = feature_dim, image_size, region_features
         self.tok = tokenizer
         self.tag_index = tag_index
         self.max_text_len, self.max_regions, self.pad_regions = max_text_len, max_regions, pad_regions

@@ -59,6 +59,31 @@ def test_a_sample_without_its_image_or_with_a_damaged_one_is_skipped_and_named(i
     assert "--store-images" in errors[1] and raws(tiny_shards)[0]["__key__"] in errors[1]
 
 
+def test_a_patch_run_that_regresses_no_region_features_leaves_them_undecoded(image_shards, tmp_path):
+    """model.visual=patches without region-tag (and VLMo's vision stage), whose MRFR is the only
+    objective that reads region features on patches: the loader skips the features member (here
+    damaged, so decoding it would make the sample a bad one) and the views carry [B, R, 0]."""
+    from vlp_train.data import reads_region_features
+    good = raws(image_shards)[:3]
+    damaged = [dict(raw, **{"feats.npy": b"not an npy"}) for raw in good]
+    decoded, errors = decode_batch(damaged, feature_dim=16, image_size=64, region_features=False)
+    assert not errors and [d["feats"].shape for d in decoded] == [(len(d["meta"]["boxes"]), 0) for d in decoded]
+    _, errors = decode_batch(damaged, feature_dim=16, image_size=64)  # a run that reads them: bad samples
+    assert len(errors) == 3 and all("undecodable" in e for e in errors)
+    assert not reads_region_features("patches", [Task.IMAGE_SENTENCE, Task.IMAGE_TEXT, Task.REGION_PHRASE])
+    assert reads_region_features("patches", [Task.IMAGE_SENTENCE, Task.REGION_TAG])
+    assert reads_region_features("patches", [Task.IMAGE_ONLY]) and reads_region_features("both", [Task.IMAGE_TEXT])
+
+    run = build_run(config(image_shards, tmp_path / "run", "objectives.region_tag=false",
+                           "objectives.region_phrase=false", "objectives.itm_weighting=false"))
+    assert not run.builder.region_features
+    view = first_views(run)[Task.IMAGE_SENTENCE]
+    assert view["features"].shape[-1] == 0 and view["pixels"].shape[1:] == (64, 64, 3)
+    losses, _ = single_stream.FAMILY.objectives[Task.IMAGE_SENTENCE](run.model, view)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    assert build_run(config(image_shards, tmp_path / "rt")).builder.region_features  # region-tag's MRFR reads them
+
+
 def test_patches_on_shards_without_images_stop_at_start_naming_the_shard_and_the_flag(tiny_shards, tmp_path):
     cfg = config(tiny_shards, tmp_path / "run")
     first = raws(tiny_shards)[0]

@@ -1,7 +1,13 @@
 """One module per granularity. Each takes the model and a view (see masking.py) and returns
 named per-sample losses, shape [B] (0 where a sample has nothing of that kind), plus outputs.
 A model family maps its tasks to these (vlp_train/families/); the helpers below are shared."""
-from vlp_train.tasks import IGNORE  # noqa: F401  (re-exported: the label the losses skip)
+from vlp_train.tasks import IGNORE, Task  # noqa: F401  (IGNORE re-exported: the label the losses skip)
+
+# the tasks whose objectives read the regions' features as a target (MRFR: region-tag's and VLMo's
+# vision stage, `region_tag.region_regression_losses`), even when the model sees patches; on
+# patches no other objective reads them, so such a run's loader leaves them undecoded
+# (`data.reads_region_features`)
+FEATURE_TARGET_TASKS = (Task.REGION_TAG, Task.IMAGE_ONLY)
 
 
 def input_features(view):
