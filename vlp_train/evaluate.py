@@ -1,6 +1,10 @@
 """Held-out evaluation of pre-training: masked-token accuracy of the tags (region-tag view) and of
 the sentences (image-sentence view) apart, region-tag classification accuracy, ITM accuracy and
-ROC-AUC on true vs shuffled pairs."""
+ROC-AUC on true vs shuffled pairs.
+
+Also the measures every family's evaluation shares (one owner each): masked-token hits
+(`count_masked_tokens`), ITM accuracy and ROC-AUC (`itm_metrics`), retrieval recall@k from a
+similarity matrix (`recall_at`) and seconds per 1,000 queries (`per_1k_queries`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +22,6 @@ MLM_METRIC = {Task.REGION_TAG: "tag_mlm", Task.IMAGE_SENTENCE: "sentence_mlm"}
 @torch.no_grad()
 def evaluate(model, builder, urls: list[str], tasks: list[Task], cfg, device, autocast) -> dict:
     """Over up to run.eval_batches batches of the held-out shards (`mixed`: every view of a batch)."""
-    from sklearn.metrics import roc_auc_score
-
     tasks = [t for t in (Task.REGION_TAG, Task.IMAGE_SENTENCE) if t in tasks or t is Task.REGION_TAG]
     stream = CorpusStream(urls, builder, cfg.data.batch_size, tasks, "mixed", 1, seed=12345)
     stream.set_position(0, 0, None)
@@ -34,10 +36,7 @@ def evaluate(model, builder, urls: list[str], tasks: list[Task], cfg, device, au
         for task, view in views.items():
             with autocast:
                 text, regions, _ = encode_view(model, view)
-            labels = view["mlm_targets"]
-            keep = labels != IGNORE
-            predicted = model.mlm_logits(gather_positions(text, view["mlm_positions"])).argmax(-1)
-            count(hits[MLM_METRIC[task]], predicted[keep], labels[keep])
+            count_masked_tokens(model, text, view, hits[MLM_METRIC[task]])
             if task is Task.REGION_TAG:
                 keep = view["mrc_labels"] != IGNORE
                 count(hits["mrc"], model.mrc(regions).argmax(-1)[keep], view["mrc_labels"][keep])
@@ -46,10 +45,7 @@ def evaluate(model, builder, urls: list[str], tasks: list[Task], cfg, device, au
                 itm_labels += view["itm_labels"].tolist()
     model.train(was_training)
     result = {f"{name}_acc": (right / total if total else float("nan")) for name, (right, total) in hits.items()}
-    if itm_labels:
-        predictions = [int(s >= 0.5) for s in itm_scores]
-        result["itm_acc"] = float(np.mean([p == y for p, y in zip(predictions, itm_labels)]))
-        result["itm_auc"] = float(roc_auc_score(itm_labels, itm_scores)) if len(set(itm_labels)) == 2 else float("nan")
+    result.update(itm_metrics(itm_scores, itm_labels))
     result["pairs"] = len(itm_labels)
     return result
 
@@ -57,3 +53,40 @@ def evaluate(model, builder, urls: list[str], tasks: list[Task], cfg, device, au
 def count(tally: list[int], predicted: torch.Tensor, labels: torch.Tensor) -> None:
     tally[0] += (predicted == labels).sum().item()
     tally[1] += labels.numel()
+
+
+def count_masked_tokens(model, states, view, tally: list[int]) -> None:
+    """Add the MLM head's right predictions and the labelled positions of a view (its
+    `mlm_positions` / `mlm_targets`) to tally [right, total]."""
+    labels = view["mlm_targets"]
+    keep = labels != IGNORE
+    predicted = model.mlm_logits(gather_positions(states, view["mlm_positions"])).argmax(-1)
+    count(tally, predicted[keep], labels[keep])
+
+
+def itm_metrics(scores: list[float], labels: list[int]) -> dict:
+    """ITM accuracy (match probability >= 0.5) and ROC-AUC (nan with one class only) of held-out
+    pairs; {} without pairs."""
+    from sklearn.metrics import roc_auc_score
+
+    if not labels:
+        return {}
+    return {"itm_acc": float(np.mean([int(s >= 0.5) == y for s, y in zip(scores, labels)])),
+            "itm_auc": float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else float("nan")}
+
+
+RECALL_AT = (1, 5, 10)
+
+
+def recall_at(scores: torch.Tensor, positive: torch.Tensor, ks=RECALL_AT) -> dict[int, float]:
+    """Retrieval recall@k: scores, positive [queries, candidates] (a query may have several right
+    answers) -> {k: the share of queries with a right answer among their top k}."""
+    order = scores.argsort(dim=1, descending=True)
+    hit_rank = torch.where(positive.gather(1, order), torch.arange(scores.shape[1], device=scores.device).expand_as(order),
+                           scores.shape[1]).min(1).values
+    return {k: (hit_rank < k).float().mean().item() for k in ks}
+
+
+def per_1k_queries(seconds: float, queries: int) -> float:
+    """A retrieval's cost as seconds per 1,000 queries."""
+    return seconds / queries * 1000

@@ -17,27 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from vlp_train.data import CorpusStream
-from vlp_train.objectives import gather_positions
+from vlp_train.evaluate import count_masked_tokens, per_1k_queries, recall_at
 from vlp_train.objectives.contrastive import NO_KEY, in_sets
 from vlp_train.objectives.vlmo import image_only_regression
 from vlp_train.step import to_device
-from vlp_train.tasks import IGNORE, Task
-
-RECALL_AT = (1, 5, 10)
+from vlp_train.tasks import Task
 
 
 def _pad_cat(tensors: list[torch.Tensor], value=0) -> torch.Tensor:
     """Batches of [B, N, ...] with different N -> one [sum B, max N, ...]."""
     width = max(t.shape[1] for t in tensors)
     return torch.cat([F.pad(t, [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]], value=value) for t in tensors])
-
-
-def recall(scores: torch.Tensor, positive: torch.Tensor, ks=RECALL_AT) -> dict[int, float]:
-    """scores, positive [Q, C]: the share of queries with a positive among their top k, per k."""
-    order = scores.argsort(dim=1, descending=True)
-    hit_rank = torch.where(positive.gather(1, order), torch.arange(scores.shape[1]).expand_as(order),
-                           scores.shape[1]).min(1).values
-    return {k: (hit_rank < k).float().mean().item() for k in ks}
 
 
 @torch.no_grad()
@@ -90,12 +80,12 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
         with autocast:
             text, _ = model(view["input_ids"], view["text_mask"], view["features"], view["locations"],
                             view["region_mask"], view.get("pixels"))
-        _count_mlm(model, text, view, hits["sentence_mlm"])
+        count_masked_tokens(model, text, view, hits["sentence_mlm"])
         if Task.TEXT_ONLY in views:
             text_view = views[Task.TEXT_ONLY]
             with autocast:
                 states = model.encode_text(text_view["input_ids"], text_view["text_mask"])
-            _count_mlm(model, states, text_view, hits["text_mlm"])
+            count_masked_tokens(model, states, text_view, hits["text_mlm"])
         if Task.IMAGE_ONLY in views:
             image_view = views[Task.IMAGE_ONLY]
             with autocast:
@@ -115,14 +105,6 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
     return result
 
 
-def _count_mlm(model, states, view, tally):
-    labels = view["mlm_targets"]
-    keep = labels != IGNORE
-    predicted = model.mlm_logits(gather_positions(states, view["mlm_positions"])).argmax(-1)
-    tally[0] += (predicted[keep] == labels[keep]).sum().item()
-    tally[1] += int(keep.sum().item())
-
-
 def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> dict:
     count = images.shape[0]
     keys = torch.cat(pairs["keys"]).cpu()
@@ -135,9 +117,9 @@ def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> di
     result = {"pairs": count}
     directions = {"i2t": (scores, positive), "t2i": (scores.T, positive.T)}
     for name, (s, p) in directions.items():
-        result.update({f"{name}_r{k}": v for k, v in recall(s, p).items()})
+        result.update({f"{name}_r{k}": v for k, v in recall_at(s, p).items()})
     # both directions' queries: the dual encoder's cost per 1,000 of them
-    result["dual_s_per_1k_queries"] = dual_s / (2 * count) * 1000
+    result["dual_s_per_1k_queries"] = per_1k_queries(dual_s, 2 * count)
     k = min(cfg.run.rerank_k, count)
     if k:
         ids, text_mask = _pad_cat(pairs["ids"]), _pad_cat(pairs["text_mask"], False)
@@ -154,8 +136,8 @@ def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> di
                     "t2i": rerank_scores(model, scores.T, k, lambda q, c: inputs(q, c), cfg.data.batch_size, autocast)}
         rerank_s = time.perf_counter() - started
         for name, s in reranked.items():
-            result.update({f"{name}_itm_r{r}": v for r, v in recall(s, directions[name][1]).items()})
+            result.update({f"{name}_itm_r{r}": v for r, v in recall_at(s, directions[name][1]).items()})
         # the dual encoder's share plus k fusion passes a query
-        result["itm_rerank_s_per_1k_queries"] = (dual_s + rerank_s) / (2 * count) * 1000
+        result["itm_rerank_s_per_1k_queries"] = per_1k_queries(dual_s + rerank_s, 2 * count)
         result["rerank_k"] = k
     return result

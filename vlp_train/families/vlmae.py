@@ -37,7 +37,7 @@ from vlp_train.masking import retrieved_text_keys, text_key
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
-from vlp_train.tasks import IGNORE, Task
+from vlp_train.tasks import Task
 from vlp_train.visual import PatchProjection, normalise_pixels, patchify, standardise
 
 log = logging.getLogger(__name__)
@@ -645,14 +645,13 @@ def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
 
 
 def _evaluate(model, stream, cfg, device, autocast) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    from vlp_train.objectives import gather_positions
+    from vlp_train.evaluate import count_masked_tokens, itm_metrics, recall_at
     from vlp_train.step import to_device
 
     was_training = model.training
     model.eval()
-    hits, recall, losses, scores, labels = [0, 0], [0, 0, 0], {"rmim": [], "ifr": []}, [], []
+    hits, losses, scores, labels = [0, 0], {"rmim": [], "ifr": []}, [], []
+    recalled, queries = {"i2t": 0.0, "t2i": 0.0}, 0  # in-batch recall@1, summed over the batches' queries
     for n, batch in enumerate(stream):
         if n >= cfg.run.eval_batches:
             break
@@ -668,11 +667,10 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
             image_feat = F.normalize(model.vision_proj(full[:, 0]).float(), dim=-1)
             text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)
             similarity = image_feat @ text_feat.T
-            same = view["text_keys"][:, None] == view["text_keys"][None, :]
-            right = same[torch.arange(len(same)), similarity.argmax(1)]
-            recall[0] += int(right.sum())
-            recall[1] += int(same[similarity.argmax(0), torch.arange(len(same))].sum())
-            recall[2] += len(same)
+            same = view["text_keys"][:, None] == view["text_keys"][None, :]  # a text of the same key is right
+            for direction, (by, right) in (("i2t", (similarity, same)), ("t2i", (similarity.T, same.T))):
+                recalled[direction] += recall_at(by, right, ks=(1,))[1] * len(same)
+            queries += len(same)
             other = torch.roll(torch.arange(len(same), device=device), -1)
             for texts, keep in ((torch.arange(len(same), device=device), None), (other, ~same[torch.arange(len(same)), other])):
                 fused = model.fuse(text[texts], view["text_mask"][texts], full, full_mask)
@@ -683,18 +681,13 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
                 labels += [int(positive)] * len(kept)
             masked = model.fuse(model.encode_text(view["input_ids"], view["text_mask"]), view["text_mask"], full,
                                 full_mask)
-            keep = view["mlm_targets"] != IGNORE
-            predicted = model.mlm_logits(gather_positions(masked, view["mlm_positions"])).argmax(-1)
-            hits[0] += int((predicted[keep] == view["mlm_targets"][keep]).sum())
-            hits[1] += int(keep.sum())
+            count_masked_tokens(model, masked, view, hits)
     model.train(was_training)
     result = {"sentence_mlm_acc": hits[0] / hits[1] if hits[1] else float("nan"),
-              "itc_i2t_r1": recall[0] / recall[2] if recall[2] else float("nan"),
-              "itc_t2i_r1": recall[1] / recall[2] if recall[2] else float("nan"),
-              **{name: float(np.mean(values)) if values else float("nan") for name, values in losses.items()}}
-    if labels:
-        result["itm_acc"] = float(np.mean([int(s >= 0.5) == y for s, y in zip(scores, labels)]))
-        result["itm_auc"] = float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else float("nan")
+              **{f"itc_{direction}_r1": total / queries if queries else float("nan")
+                 for direction, total in recalled.items()},
+              **{name: float(np.mean(values)) if values else float("nan") for name, values in losses.items()},
+              **itm_metrics(scores, labels)}
     result["pairs"] = int(sum(labels))
     return result
 
