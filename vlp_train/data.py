@@ -35,6 +35,12 @@ def is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
+def corpus_folder(shard: str) -> str | None:
+    """The corpus folder a local shard was published in (the folder above its shards/ folder, where
+    the pipeline also writes manifest.parquet, tag_vocab.json and sentences/); None for a remote shard."""
+    return None if is_remote(shard) else os.path.dirname(os.path.dirname(os.path.abspath(shard)))
+
+
 def expand_shards(spec: str) -> list[str]:
     """Comma list of globs / brace patterns ('corpus-{000000..000009}.tar') / URLs."""
     urls = []
@@ -54,7 +60,7 @@ def expand_shards(spec: str) -> list[str]:
 def check_corpora_published(urls: list[str]) -> None:
     """Refuse shards of a corpus folder that a build is publishing into, or was killed publishing
     into (its shards and manifest may be of two runs): the folder above each local shards/ folder."""
-    for corpus in sorted({os.path.dirname(os.path.dirname(os.path.abspath(u))) for u in urls if not is_remote(u)}):
+    for corpus in sorted({corpus_folder(u) for u in urls if not is_remote(u)}):
         check_published(corpus)
 
 
@@ -116,7 +122,11 @@ def manifest_counts(path: str) -> dict[str, int]:
 def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:
     """tags from tag_vocab.json (given, or beside the shards folder), else one scan of the shards;
     normalised as the corpus compares labels (schemas.corpus.normalise_label), each once."""
-    candidates = [path] if path else [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(urls[0]))), "tag_vocab.json")]
+    if path:
+        candidates = [path]
+    else:
+        folder = corpus_folder(urls[0]) if urls else None
+        candidates = [os.path.join(folder, "tag_vocab.json")] if folder else []
     for candidate in candidates:
         if candidate and os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as f:

@@ -13,7 +13,7 @@ import glob
 import logging
 import os
 
-from vlp_train.data import CorpusStream, is_remote
+from vlp_train.data import CorpusStream, corpus_folder, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def text_corpus_files(spec: str | None, shard_urls: list[str]) -> list[str]:
         if not local:
             raise ValueError("model.stage=language with remote shards: give data.text_corpus=PATH (a local folder of "
                              "sentences-*.parquet)")
-        spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(local[0]))), TEXT_FOLDER)
+        spec = os.path.join(corpus_folder(local[0]), TEXT_FOLDER)
     files = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         if is_remote(part):

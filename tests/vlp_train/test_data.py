@@ -151,3 +151,16 @@ def test_the_tag_vocabulary_is_read_with_the_corpus_label_rule(tmp_path):
     vocab = tmp_path / "tag_vocab.json"
     vocab.write_text(json.dumps({"schema_version": 1, "tags": ["Person", "cup", "person", "Dining  Table"]}))
     assert load_tag_vocab(str(vocab), []) == ["person", "cup", "dining table"]
+
+
+def test_the_corpus_folder_of_a_shard_holds_its_tag_vocabulary(tmp_path):
+    """One rule for where a local shard's corpus lies (the folder above shards/): the tag vocabulary
+    and the sentences are found there; a remote shard has none (its vocabulary comes from a scan)."""
+    from vlp_train.data import corpus_folder, load_tag_vocab
+    shard = tmp_path / "corpus" / "shards" / "corpus-000000.tar"
+    shard.parent.mkdir(parents=True)
+    (tmp_path / "corpus" / "tag_vocab.json").write_text(json.dumps({"schema_version": 1, "tags": ["cup", "Person"]}))
+    assert corpus_folder(str(shard)) == str(tmp_path / "corpus")
+    assert corpus_folder("https://example.org/shards/corpus-000000.tar") is None
+    assert corpus_folder("pipe:gsutil cat gs://b/shards/corpus-000000.tar") is None
+    assert load_tag_vocab(None, [str(shard)]) == ["cup", "person"]
