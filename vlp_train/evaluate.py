@@ -17,14 +17,22 @@ from vlp_train.step import to_device
 from vlp_train.tasks import IGNORE, Task
 
 MLM_METRIC = {Task.REGION_TAG: "tag_mlm", Task.IMAGE_SENTENCE: "sentence_mlm"}
+EVAL_SEED = 12345  # the held-out batches: the same ones at every evaluation of every run
+
+
+def held_out_stream(urls: list[str], builder, tasks: list[Task], cfg) -> CorpusStream:
+    """The held-out shards' batches every family's evaluation reads: every view of `tasks` in each
+    batch (`mixed`), in shard order (no shuffle buffer), seeded alike at every evaluation."""
+    stream = CorpusStream(urls, builder, cfg.data.batch_size, tasks, "mixed", 1, seed=EVAL_SEED)
+    stream.set_position(0, 0, None)
+    return stream
 
 
 @torch.no_grad()
 def evaluate(model, builder, urls: list[str], tasks: list[Task], cfg, device, autocast) -> dict:
     """Over up to run.eval_batches batches of the held-out shards (`mixed`: every view of a batch)."""
     tasks = [t for t in (Task.REGION_TAG, Task.IMAGE_SENTENCE) if t in tasks or t is Task.REGION_TAG]
-    stream = CorpusStream(urls, builder, cfg.data.batch_size, tasks, "mixed", 1, seed=12345)
-    stream.set_position(0, 0, None)
+    stream = held_out_stream(urls, builder, tasks, cfg)
     was_training = model.training
     model.eval()
     hits = {name: [0, 0] for name in (*(MLM_METRIC[t] for t in tasks), "mrc")}

@@ -16,8 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vlp_train.data import CorpusStream
-from vlp_train.evaluate import count_masked_tokens, per_1k_queries, recall_at
+from vlp_train.evaluate import count_masked_tokens, held_out_stream, per_1k_queries, recall_at
 from vlp_train.objectives.contrastive import NO_KEY, in_sets
 from vlp_train.objectives.vlmo import image_only_regression
 from vlp_train.step import to_device
@@ -54,8 +53,7 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
     from vlp_train.evaluate import evaluate as evaluate_single_stream
 
     eval_tasks = [Task.IMAGE_TEXT] + [t for t in (Task.IMAGE_ONLY, Task.TEXT_ONLY) if t in tasks]
-    stream = CorpusStream(urls, builder, cfg.data.batch_size, eval_tasks, "mixed", 1, seed=12345)
-    stream.set_position(0, 0, None)
+    stream = held_out_stream(urls, builder, eval_tasks, cfg)
     was_training = model.training
     model.eval()
     pairs = {name: [] for name in ("ids", "text_mask", "features", "locations", "region_mask", "keys")}  # + pixels

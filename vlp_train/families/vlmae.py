@@ -636,10 +636,9 @@ def evaluate(model, builder, urls, tasks, cfg, device, autocast) -> dict:
     """Held-out pairs: in-batch image->text and text->image recall@1 of the contrast features
     (full image), ITM accuracy and ROC-AUC of each true pair against its image with the next
     sample's sentence, masked-token accuracy of the sentences, RMIM and IFR losses."""
-    from vlp_train.data import CorpusStream
+    from vlp_train.evaluate import held_out_stream
 
-    stream = CorpusStream(urls, builder, cfg.data.batch_size, [PAIR_TASK], "mixed", 1, seed=12345)
-    stream.set_position(0, 0, None)
+    stream = held_out_stream(urls, builder, [PAIR_TASK], cfg)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # never shift training's RNG
         return _evaluate(model, stream, cfg, device, autocast)
 
