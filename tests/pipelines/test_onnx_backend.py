@@ -60,10 +60,13 @@ def _top5(corpus, queries):
     return np.argsort(-(queries @ corpus.T), axis=1, kind="stable")[:, :5]
 
 
-def test_int8_keeps_the_top5_retrievals_of_fp32_on_real_text(minilm, cache, lee_sentences):
+def test_onnx_keeps_every_top5_and_int8_most_of_fp32s_on_real_text(minilm, cache, lee_sentences):
     corpus_texts, query_texts = lee_sentences[:250], lee_sentences[400:450]
     assert len(query_texts) == 50
     fp32 = _top5(encode(minilm, corpus_texts, 64), encode(minilm, query_texts, 64))
+    default = _onnx(minilm, "onnx", cache)  # the CPU default: the same retrievals, every one
+    same = _top5(encode(default, corpus_texts, 64), encode(default, query_texts, 64))
+    assert all(set(a) == set(b) for a, b in zip(same, fp32)) and (same[:, 0] == fp32[:, 0]).all()
     int8 = _onnx(minilm, "onnx-int8", cache)
     quantised = _top5(encode(int8, corpus_texts, 64), encode(int8, query_texts, 64))
     agreement = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(fp32, quantised)])
