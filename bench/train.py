@@ -9,6 +9,8 @@
 VLMo (`--preset vlmo-base`/`vlmo-debug`): the step is VLMo's image-text step (ITC over the batch,
 ITM on three fusion passes with hard negatives, MLM on a fourth), a sample is one image with its
 sentence; the same `--layers/--hidden/--heads` as a single-stream run compare the two at one size.
+`--compile on` (the CUDA default) compiles its layers as train.py does: the shared attention and
+the FFN, the two regions every layer, mode and expert share (vlp_train/compile.py).
 Its `retrieval` part (also `--only retrieval`) times the scoring of zero-shot retrieval: the
 dual encoder (each query and candidate encoded once, then dot products) against ITM (one fusion
 pass per query-candidate pair), per pair and per 1,000 queries over a 1,000-candidate gallery,
