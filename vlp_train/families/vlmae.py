@@ -34,6 +34,7 @@ from vlp_train.backbone import BertAttention, BertBackbone, BertLayer, Pretraini
     feed_forward, load_bert_init
 from vlp_train.families import Family, clean_pair_match_probability, register
 from vlp_train.masking import retrieved_text_keys, text_key
+from vlp_train.objectives.contrastive import contrast_feature
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
@@ -398,11 +399,11 @@ class VLMAEModel(PretrainingHeads, pretrained.PretrainedModel, nn.Module):
     def embed_images(self, features, locations, region_mask, pixels=None):
         """The image encoder over every element -> its projected, L2-normalised [I_CLS] [B, 256], float32."""
         view = {"features": features, "locations": locations, "region_mask": region_mask, "pixels": pixels}
-        return F.normalize(self.vision_proj(self.encode_image(view)[0][:, 0]).float(), dim=-1)
+        return contrast_feature(self.vision_proj, self.encode_image(view)[0])
 
     def embed_texts(self, input_ids, text_mask):
         """The text encoder -> its projected, L2-normalised [CLS] [B, 256], float32."""
-        return F.normalize(self.text_proj(self.encode_text(input_ids, text_mask)[:, 0]).float(), dim=-1)
+        return contrast_feature(self.text_proj, self.encode_text(input_ids, text_mask))
 
     @property
     def contrast_log_scale(self) -> nn.Parameter:
@@ -582,10 +583,10 @@ def pair_losses(model: VLMAEModel, view: dict):
     with torch.no_grad():
         full_image, _ = model.encode_image(view, momentum=True)
         momentum_text = model.encode_text(view["clean_ids"], view["text_mask"], momentum=True)
-        m_image = F.normalize(model.momentum_vision_proj(full_image[:, 0]).float(), dim=-1)
-        m_text = F.normalize(model.momentum_text_proj(momentum_text[:, 0]).float(), dim=-1)
-    image_feat = F.normalize(model.vision_proj(image[:, 0]).float(), dim=-1)
-    text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)
+        m_image = contrast_feature(model.momentum_vision_proj, full_image)
+        m_text = contrast_feature(model.momentum_text_proj, momentum_text)
+    image_feat = contrast_feature(model.vision_proj, image)
+    text_feat = contrast_feature(model.text_proj, text)
 
     # ITC, targets distilled from the momentum encoders' similarities (ALBEF), over the global batch
     alpha = view["distill_alpha"]
@@ -663,8 +664,8 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
             for name in losses:
                 losses[name] += named[name].float().tolist()
             full, full_mask = model.encode_image(view)
-            image_feat = F.normalize(model.vision_proj(full[:, 0]).float(), dim=-1)
-            text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)
+            image_feat = contrast_feature(model.vision_proj, full)
+            text_feat = contrast_feature(model.text_proj, text)
             similarity = image_feat @ text_feat.T
             same = view["text_keys"][:, None] == view["text_keys"][None, :]  # a text of the same key is right
             for direction, (by, right) in (("i2t", (similarity, same)), ("t2i", (similarity.T, same.T))):

@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlp_train import pretrained
@@ -45,6 +44,7 @@ from vlp_train.backbone import BertAttention, BertEmbeddings, FeedForward, Pretr
     call_layer, load_mlm_head, read_weights
 from vlp_train.config import VISUAL_INPUTS
 from vlp_train.families import Family, clean_pair_match_probability, register
+from vlp_train.objectives.contrastive import contrast_feature
 from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
@@ -251,10 +251,10 @@ class VLMoModel(PatchRegions, PretrainingHeads, pretrained.PretrainedModel, nn.M
         return text, regions
 
     def image_features(self, image_states):
-        return F.normalize(self.image_proj(image_states[:, 0]).float(), dim=-1)
+        return contrast_feature(self.image_proj, image_states)
 
     def text_features(self, text_states):
-        return F.normalize(self.text_proj(text_states[:, 0]).float(), dim=-1)
+        return contrast_feature(self.text_proj, text_states)
 
     # the dual encoder (families.Family.dual_encoder)
     def embed_images(self, features, locations, region_mask, pixels=None):

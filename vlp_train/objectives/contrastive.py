@@ -65,6 +65,12 @@ def gather_padded(x: torch.Tensor, pad_value=0, with_grad: bool = False) -> tupl
     return torch.cat([p[:n] for p, n in zip(parts, rows)]), sum(rows[:rank]), rows
 
 
+def contrast_feature(projection: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """The contrast feature of an encoder's states: its projected [CLS], L2-normalised, float32 (one rule
+    for the dual encoder, ITC's online and momentum features and evaluation's recall)."""
+    return F.normalize(projection(states[:, 0]).float(), dim=-1)
+
+
 @dataclass
 class Contrast:
     """What ITC computed: per-sample losses of the local samples, and (detached, for hard
