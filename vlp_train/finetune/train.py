@@ -111,6 +111,27 @@ def init_family(cfg: FinetuneConfig):
     return family_of(cfg.model.arch)
 
 
+def visual_input(cfg: FinetuneConfig) -> tuple[str, str]:
+    """(model.visual of the model to fine-tune, where it comes from): a saved model's own (its
+    folder's config), else the run's model.visual (a model built afresh)."""
+    from vlp_train.pretrained import read_config, resolve_init
+
+    kind, folder = resolve_init(cfg.model.init)
+    if kind == "vlp":
+        return read_config(folder)[1].get("visual", "regions"), f"model.init {folder}"
+    return cfg.model.visual, "this run"
+
+
+def check_visual_input(cfg: FinetuneConfig) -> None:
+    """Refuse, before any data is read, a model that sees the images' pixels (model.visual patches
+    or both): fine-tuning feeds region features only, and such a model would load, read every
+    detection and only then fail at its first forward pass."""
+    visual, source = visual_input(cfg)
+    if visual != "regions":
+        raise ValueError(f"{source} has model.visual={visual}: it needs the images' pixels, and fine-tuning "
+                         "reads region features only; fine-tune a model pre-trained with model.visual=regions")
+
+
 def backbone(cfg: FinetuneConfig, feature_dim: int):
     """The model to fine-tune, as model.init says: a run or saved model folder (the whole
     pre-trained model, its family from the folder), a HF BERT folder, None (the bundled MiniLM)
@@ -138,6 +159,7 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     from vlp_train.pretrained import tokenizer_folder
 
     validate(cfg)
+    check_visual_input(cfg)
     if not cfg.data.detections:
         raise ValueError("--detections is required: the regions of the dataset's images (vlp-data detect output)")
     task = task_for(cfg.task.name, cfg.task.retrieval_objective, init_family(cfg).dual_encoder)
