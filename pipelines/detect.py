@@ -43,7 +43,6 @@ FEATURE_LAYERS = (("leaky_9", 16), ("leaky_13", 32))  # (layer, stride in input 
 FEATURE_DIM = 256 + 1024
 POOL_GRID = 4
 DARKNET_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
-REGION_MODES = ("detected", "grid")
 GRID_LABEL = "region"  # the label of a grid box: it names no object (see the module's docstring)
 WHOLE_SCORE, CELL_SCORE = 1.0, 0.5
 

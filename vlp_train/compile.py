@@ -76,7 +76,7 @@ class CompiledLayers:
         layer cross-attends to [B, M, W] (VLMAE's fusion layers), or nothing (VLMo's experts)."""
         for tensor in (hidden, *rest):
             if torch.is_tensor(tensor):
-                for dim in _VARYING_DIMS[tensor.ndim]:
+                for dim in _VARYING_DIMS.get(tensor.ndim, ()):
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
         return self.compiled(layer, hidden, *rest)
 

@@ -146,6 +146,10 @@ class Sections:
     """A config made of dataclass sections (the trainer's, fine-tuning's): to and from a plain dict
     (config.json, a checkpoint's config)."""
 
+    # "section.key" -> the value a saved config that predates the key means (where the key's default
+    # would change what an older run does when it resumes)
+    SAVED_BEFORE_KEY: dict = {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -159,6 +163,10 @@ class Sections:
                 if name in values or (name != key and name in d[f.name]):
                     continue  # a config holding both names: the new one's value
                 values[name] = value
+            for key, value in cls.SAVED_BEFORE_KEY.items():
+                section, name = key.split(".", 1)
+                if section == f.name and name not in values:
+                    values[name] = value
             sections[f.name] = type(f.default_factory())(**values)
         return cls(**sections)
 

@@ -32,8 +32,9 @@ def _pad_cat(tensors: list[torch.Tensor], value=0) -> torch.Tensor:
 @torch.no_grad()
 def rerank_scores(model, scores: torch.Tensor, k: int, pair_of, batch_size: int, autocast) -> torch.Tensor:
     """The dual encoder's scores [Q, C] with each query's top k re-scored by the fusion ITM (the match
-    logit minus the mismatch logit, above every score outside the top k). `pair_of(queries,
-    candidates)` -> the model inputs of those (query, candidate) pairs."""
+    logit minus the mismatch logit, lifted above every score outside the top k, which keep the dual
+    encoder's order: recall@K for K > k still counts them). `pair_of(queries, candidates)` -> the
+    model inputs of those (query, candidate) pairs."""
     top = scores.topk(k, dim=1).indices                       # [Q, k]
     queries = torch.arange(scores.shape[0]).repeat_interleave(k)
     candidates = top.flatten()
@@ -43,9 +44,9 @@ def rerank_scores(model, scores: torch.Tensor, k: int, pair_of, batch_size: int,
             text, _ = model(*pair_of(queries[start:start + batch_size], candidates[start:start + batch_size]))
             logits = model.itm_logits(text).float()
         itm.append((logits[:, 1] - logits[:, 0]).cpu())
-    reranked = torch.full_like(scores, float("-inf"))
-    reranked.scatter_(1, top, torch.cat(itm).view(-1, k))
-    return reranked
+    itm = torch.cat(itm).view(-1, k).to(scores.dtype)
+    lift = scores.max() - itm.min() + 1                      # every re-scored pair above every other
+    return scores.clone().scatter_(1, top, itm + lift)
 
 
 @torch.no_grad()

@@ -45,6 +45,9 @@ class FinetuneConfig(Sections):
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
 
+    # a retrieval run saved before the key trained by ITM: resuming it must not switch to ITC
+    SAVED_BEFORE_KEY = {"task.retrieval_objective": "itm"}
+
 
 def _common(cfg: FinetuneConfig) -> FinetuneConfig:
     cfg.run.output = "vlp-ft"

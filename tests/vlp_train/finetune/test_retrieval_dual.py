@@ -86,6 +86,20 @@ def test_retrieval_objective_follows_the_family_and_is_validated(tmp_path):
         validate(load_config("retrieval", ["task.rerank_k=-1"]))
 
 
+def test_a_retrieval_run_saved_before_the_objective_key_resumes_by_itm():
+    """A checkpoint's config from before task.retrieval_objective trained by ITM; read as `auto` it
+    would switch a VLMo/VLMAE run to ITC mid-way. A config that names the key keeps it."""
+    from vlp_train.config import TrainConfig
+    from vlp_train.finetune.config import FinetuneConfig
+
+    saved = load_config("retrieval", VLMO_DEBUG).to_dict()
+    assert saved["task"]["retrieval_objective"] == "auto"
+    assert FinetuneConfig.from_dict(saved).task.retrieval_objective == "auto"
+    del saved["task"]["retrieval_objective"]
+    assert FinetuneConfig.from_dict(saved).task.retrieval_objective == "itm"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
 def test_itc_fine_tuning_loss_is_the_contrast_over_the_batch_by_hand(tmp_path):
     """A batch of 3 captions, two of one image: each caption's loss is the mean of its image's
     softmax over the batch's texts and its text's softmax over the batch's images (scaled dot
