@@ -60,9 +60,15 @@ def stage_output(main: beam.PCollection, rejected=(), counts=(), parts: Iterable
                        _one(tuple(part.counts for part in parts) + counts, main, "Counts"))
 
 
+def split_outputs(pcoll: beam.PCollection, label: str, tags: tuple[str, ...], fn, *args, **kwargs) -> tuple:
+    """`pcoll | label >> FlatMap(fn, ...)` (a ParDo where `fn` is a DoFn) whose outputs tagged
+    `tags` (e.g. REJECTED, COUNTS) are kept apart: (main, *those outputs in `tags`' order)."""
+    step = beam.ParDo(fn, *args, **kwargs) if isinstance(fn, beam.DoFn) else beam.FlatMap(fn, *args, **kwargs)
+    outputs = pcoll | label >> step.with_outputs(*tags, main=MAIN)
+    return (outputs[MAIN], *(outputs[tag] for tag in tags))
+
+
 def split_rejected(pcoll: beam.PCollection, label: str, fn, *args, **kwargs):
     """`pcoll | label >> FlatMap(fn, ...)` (a ParDo where `fn` is a DoFn) whose dead letters
     (deadletter.rejection) are kept apart: (main, rejected)."""
-    step = beam.ParDo(fn, *args, **kwargs) if isinstance(fn, beam.DoFn) else beam.FlatMap(fn, *args, **kwargs)
-    outputs = pcoll | label >> step.with_outputs(REJECTED, main=MAIN)
-    return outputs[MAIN], outputs[REJECTED]
+    return split_outputs(pcoll, label, (REJECTED,), fn, *args, **kwargs)

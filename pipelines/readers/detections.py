@@ -14,7 +14,7 @@ from pipelines.options import DetectOptions
 from pipelines.readers.detection_record import BOXES_CLIPPED, keep_top_regions
 from pipelines.readers.jsonl_parquet import ParseDetectionsFile
 from pipelines.readers.vinvl import YAML_EXTENSIONS, ParseVinvlFile, join_vinvl, with_sibling_files
-from pipelines.stages import StageOutput
+from pipelines.stages import split_outputs, split_rejected, stage_output
 
 
 def _features_digest(features) -> str:
@@ -79,27 +79,24 @@ class ReadDetections(beam.PTransform):
         yaml_files = files | "YamlFiles" >> beam.Filter(lambda p: p.endswith(YAML_EXTENSIONS))
         other = files | "OtherFiles" >> beam.Filter(lambda p: not p.endswith((".tsv", ".tsv.gz", *YAML_EXTENSIONS)))
 
-        plain = (other | "Spread" >> beam.Reshuffle()
-                 | "ParseDetections" >> beam.ParDo(ParseDetectionsFile()).with_outputs(REJECTED, main="ok"))
+        plain, plain_rejected = split_rejected(other | "Spread" >> beam.Reshuffle(), "ParseDetections",
+                                               ParseDetectionsFile())
 
         # VinVL: a predictions (or label) file also reads the features (and size) files beside it,
         # a yaml the files it names; each file once.
-        vinvl_files = ((tsv, yaml_files) | "VinvlFiles" >> beam.Flatten()
-                       | "WithFeatureFiles" >> beam.FlatMap(with_sibling_files).with_outputs(REJECTED, main="ok"))
-        vinvl = (vinvl_files.ok | "DistinctTsv" >> beam.Distinct()
-                 | "ParseVinvl" >> beam.ParDo(ParseVinvlFile()).with_outputs(
-                     ParseVinvlFile.FEATURES, ParseVinvlFile.SIZES, REJECTED, main="predictions"))
-        joined = ({"predictions": vinvl.predictions, "features": vinvl[ParseVinvlFile.FEATURES],
-                   "sizes": vinvl[ParseVinvlFile.SIZES]}
-                  | "JoinVinvl" >> beam.CoGroupByKey()
-                  | "MergeVinvl" >> beam.FlatMap(join_vinvl).with_outputs(REJECTED, main="ok"))
+        vinvl_files, files_rejected = split_rejected((tsv, yaml_files) | "VinvlFiles" >> beam.Flatten(),
+                                                     "WithFeatureFiles", with_sibling_files)
+        predictions, features, sizes, vinvl_rejected = split_outputs(
+            vinvl_files | "DistinctTsv" >> beam.Distinct(), "ParseVinvl",
+            (ParseVinvlFile.FEATURES, ParseVinvlFile.SIZES, REJECTED), ParseVinvlFile())
+        joined, join_rejected = split_rejected(
+            {"predictions": predictions, "features": features, "sizes": sizes} | "JoinVinvl" >> beam.CoGroupByKey(),
+            "MergeVinvl", join_vinvl)
 
-        unique = ((plain.ok, joined.ok) | "AllDetections" >> beam.Flatten()
-                  | "ByImage" >> beam.Map(lambda located: (located[1]["image_id"], located))
-                  | "GroupImage" >> beam.GroupByKey()
-                  | "Dedupe" >> beam.FlatMap(_first_per_image).with_outputs(REJECTED, main="ok"))
-        rejected = ((plain[REJECTED], vinvl_files[REJECTED], vinvl[REJECTED], joined[REJECTED], unique[REJECTED])
-                    | "DetectionRejects" >> beam.Flatten())
-        counted = unique.ok | "CountImages" >> beam.FlatMap(_finish_detection, self._max_regions).with_outputs(
-            COUNTS, main="ok")
-        return StageOutput(counted.ok, rejected, counted[COUNTS])
+        unique, duplicates = split_rejected(
+            (plain, joined) | "AllDetections" >> beam.Flatten()
+            | "ByImage" >> beam.Map(lambda located: (located[1]["image_id"], located))
+            | "GroupImage" >> beam.GroupByKey(), "Dedupe", _first_per_image)
+        finished, counts = split_outputs(unique, "CountImages", (COUNTS,), _finish_detection, self._max_regions)
+        return stage_output(finished, (plain_rejected, files_rejected, vinvl_rejected, join_rejected, duplicates),
+                            counts)

@@ -10,7 +10,7 @@ import apache_beam as beam
 from pipelines.deadletter import COUNTS, REJECTED, rejection, rejection_for
 from pipelines.files import MatchAll, UnreadableFile, decode_line, iter_parquet_rows, open_parquet, read_lines, stable_id
 from pipelines.options import TextOptions
-from pipelines.stages import StageOutput
+from pipelines.stages import split_outputs, stage_output
 
 log = logging.getLogger(__name__)
 
@@ -173,23 +173,16 @@ class ReadCorpus(beam.PTransform):
         self._pattern, self._options = pattern, options
 
     def expand(self, pbegin):
-        read = (pbegin | "MatchText" >> MatchAll(self._pattern)
-                | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadText" >> beam.ParDo(_ReadTextFile(self._options.split_sentences)).with_outputs(
-                    REJECTED, COUNTS, main="ok"))
-        lines = read.ok
+        lines, read_rejected, read_counts = split_outputs(
+            pbegin | "MatchText" >> MatchAll(self._pattern) | "SpreadFiles" >> beam.Reshuffle(), "ReadText",
+            (REJECTED, COUNTS), _ReadTextFile(self._options.split_sentences))
+        counts = [read_counts]
         if self._options.split_sentences:
-            lines = (lines | "BatchParagraphs" >> beam.BatchElements(min_batch_size=8, max_batch_size=256)
-                     | "SplitSentences" >> beam.ParDo(_SplitSentences(self._options.spacy_model)).with_outputs(
-                         COUNTS, main="ok"))
-            split_counts = (lines[COUNTS],)
-            lines = lines.ok
-        else:
-            split_counts = ()
-        cleaned = lines | "Clean" >> beam.FlatMap(_clean, self._options).with_outputs(REJECTED, COUNTS, main="ok")
-        unique = (cleaned.ok
-                  | "GroupText" >> beam.GroupByKey()
-                  | "OnePerText" >> beam.FlatMap(_one_per_text).with_outputs(COUNTS, main="ok"))
-        rejected = (read[REJECTED], cleaned[REJECTED]) | "TextRejects" >> beam.Flatten()
-        counts = (read[COUNTS], *split_counts, cleaned[COUNTS], unique[COUNTS]) | "TextCounts" >> beam.Flatten()
-        return StageOutput(unique.ok, rejected, counts)
+            lines, split_counts = split_outputs(
+                lines | "BatchParagraphs" >> beam.BatchElements(min_batch_size=8, max_batch_size=256),
+                "SplitSentences", (COUNTS,), _SplitSentences(self._options.spacy_model))
+            counts.append(split_counts)
+        cleaned, clean_rejected, clean_counts = split_outputs(lines, "Clean", (REJECTED, COUNTS), _clean, self._options)
+        unique, unique_counts = split_outputs(cleaned | "GroupText" >> beam.GroupByKey(), "OnePerText", (COUNTS,),
+                                              _one_per_text)
+        return stage_output(unique, (read_rejected, clean_rejected), (*counts, clean_counts, unique_counts))
