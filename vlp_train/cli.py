@@ -105,11 +105,13 @@ FINETUNE_TASKS = ["vqa", "nlvr2", "snli-ve", "refcoco+", "retrieval", "easy-vqa"
               "installed package's data by default).")
 @click.option("--detections", default=None, help="Detections of the dataset's images: glob or comma list of "
               "vlp-data detect Parquet or JSON Lines files.")
+@click.option("--images", default=None, help="The folder of the dataset's image files (matched to its image ids as "
+              "detections are): a model pre-trained on pixels (model.visual patches or both) needs them.")
 @click.option("--output", default="vlp-ft", show_default=True, help="Fine-tuning folder: logs, checkpoints, best/.")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set optim.lr=5e-5 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
 @click.option("--overwrite", is_flag=True, help="Start afresh in an --output that holds an earlier fine-tuning.")
-def finetune_cmd(task, init, data, detections, output, overrides, resume, overwrite):
+def finetune_cmd(task, init, data, detections, images, output, overrides, resume, overwrite):
     """Fine-tune on a downstream task; the best epoch by the validation metric is kept (OUTPUT/best)."""
     from vlp_train.finetune.config import load_config
     from vlp_train.finetune.train import finetune
@@ -121,8 +123,7 @@ def finetune_cmd(task, init, data, detections, output, overrides, resume, overwr
     cfg.run.output = output
     cfg.data.data = data or cfg.data.data
     cfg.data.detections = detections or cfg.data.detections
-    if not resume and not cfg.data.detections:
-        raise click.UsageError("--detections is required (vlp-data detect over the dataset's images)")
+    cfg.data.images = images or cfg.data.images
     try:
         summary = finetune(cfg, resume=resume, overwrite=overwrite)
     except (OSError, ValueError, RuntimeError) as err:
@@ -140,7 +141,9 @@ def finetune_cmd(task, init, data, detections, output, overrides, resume, overwr
               help="A fine-tuning folder (its best/ model).")
 @click.option("--data", default="", help="The dataset's folder (easy-vqa: the installed package's data by default).")
 @click.option("--split", required=True, help="The split to score (e.g. val, test, dev, testA).")
-@click.option("--detections", required=True, help="Detections of the split's images (glob or comma list).")
+@click.option("--detections", default=None, help="Detections of the split's images (glob or comma list); "
+              "required but for a model on patches alone.")
+@click.option("--images", default=None, help="The folder of the split's image files: a model on pixels needs them.")
 @click.option("--max-examples", default=0, show_default=True, type=click.IntRange(0), help="Score the first N only (0: all).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -151,14 +154,14 @@ def finetune_cmd(task, init, data, detections, output, overrides, resume, overwr
 @click.option("--rerank-k", default=0, show_default=True, type=click.IntRange(0),
               help="retrieval fine-tuned as a dual encoder (ITC): ITM re-scores each query's top K of the dual encoder "
               "(0: the dual encoder alone, as VLMo evaluates).")
-def evaluate_cmd(task, model_dir, data, split, detections, max_examples, batch_size, device, output, candidates,
-                 rerank_k):
+def evaluate_cmd(task, model_dir, data, split, detections, images, max_examples, batch_size, device, output,
+                 candidates, rerank_k):
     """Score a fine-tuned model on a split: prints the metrics and writes them as JSON."""
     from vlp_train.finetune.train import evaluate
 
     try:
         result = evaluate(task, model_dir, data, split, detections, device, max_examples, batch_size, output,
-                          candidates, rerank_k)
+                          candidates, rerank_k, images)
     except (OSError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(_rounded(result), sort_keys=True))

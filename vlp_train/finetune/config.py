@@ -13,6 +13,8 @@ from vlp_train.finetune.tasks import RETRIEVAL_OBJECTIVES
 class FinetuneData:
     data: str = ""                    # the dataset's folder, in its public release layout (--data)
     detections: str = ""              # detections of its images: glob / comma list (--detections)
+    # the folder of its image files (--images): a model on pixels (model.visual patches/both) reads them
+    images: str = ""
     train_split: str = "train"
     eval_split: str = "val"           # the split that picks the best checkpoint
     max_examples: int = 0             # >0: the first N training examples only (a subset, said in the log)

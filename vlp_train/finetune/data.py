@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import random
 
+import numpy as np
 import torch
 
 from vlp_train.finetune.regions import DetectionIndex, Regions, load_regions, match_images
@@ -34,45 +35,95 @@ def read_regions_once(index: DetectionIndex, splits: list[tuple], max_regions: i
 
 
 class SplitData:
-    """The examples of a split that have regions for every image they name."""
+    """The examples of a split that have what the model sees for every image they name: regions
+    (`index`: detections) and/or pixels (`images`: the dataset's image files, for a model on
+    patches, decoded at `image_size` as pre-training does). An example whose image lacks either is
+    left out and counted (the images reported with examples)."""
 
-    def __init__(self, task, read, index: DetectionIndex, max_regions: int, max_examples: int = 0):
+    def __init__(self, task, read, index: DetectionIndex | None, max_regions: int, max_examples: int = 0,
+                 images=None, image_size: int | None = None):
         self.task = task
         self.split = read.split
         examples = first_examples(read, max_examples)
         if len(examples) < len(read.examples):
             log.warning("%s %s: the first %d of %d examples (data.max_examples)", task.name, read.split,
                         max_examples, len(read.examples))
-        detection_of = match_images(index, image_keys(examples), f"{task.name} {read.split}")
-        regions = load_regions(index, set(detection_of.values()), max_regions)
-        self.regions: dict[str, Regions] = {key: regions[d] for key, d in detection_of.items() if d in regions}
-        self.examples = [e for e in examples if all(k in self.regions for k in e.image_ids)]
+        what = f"{task.name} {read.split}"
+        self.regions: dict[str, Regions] = {}
+        if index is not None:
+            detection_of = match_images(index, image_keys(examples), what)
+            regions = load_regions(index, set(detection_of.values()), max_regions)
+            self.regions = {key: regions[d] for key, d in detection_of.items() if d in regions}
+            examples_with = [e for e in examples if all(k in self.regions for k in e.image_ids)]
+            if not examples_with:
+                raise ValueError(f"{what}: no example has regions for its images (see the warnings above)")
+            if len(examples_with) < len(examples):
+                log.warning("%s: %d of %d examples left out (images without usable detections)", what,
+                            len(examples) - len(examples_with), len(examples))
+        else:
+            examples_with = examples
+        # pixels: image key -> its file (decoded in the loader, `pixels`)
+        self.image_files: dict[str, str] = {}
+        self.image_size = image_size
+        if images is not None:
+            self.image_files = images.match(image_keys(examples_with), what)
+            with_files = [e for e in examples_with if all(k in self.image_files for k in e.image_ids)]
+            if not with_files:
+                raise ValueError(f"{what}: no example has an image file for its images (see the warnings above)")
+            if len(with_files) < len(examples_with):
+                log.warning("%s: %d of %d examples left out (images without a file under --images)", what,
+                            len(examples_with) - len(with_files), len(examples_with))
+            examples_with = with_files
+        self.examples = examples_with
         self.left_out = len(examples) - len(self.examples)
-        if not self.examples:
-            raise ValueError(f"{task.name} {read.split}: no example has regions for its images (see the warnings above)")
-        if self.left_out:
-            log.warning("%s %s: %d of %d examples left out (images without usable detections)", task.name,
-                        read.split, self.left_out, len(examples))
 
     @property
-    def feature_dim(self) -> int:
-        return next(iter(self.regions.values())).feats.shape[1]
+    def feature_dim(self) -> int | None:
+        """The detections' region feature size (None without detections)."""
+        return next(iter(self.regions.values())).feats.shape[1] if self.regions else None
+
+    def pixels(self, key: str, example: str) -> np.ndarray:
+        """The image `key`'s pixels, uint8 [image_size, image_size, 3]; `example` names who needs it
+        in an error (a file that cannot be read or decoded stops the run with its name)."""
+        from vlp_train.finetune.pixels import read_pixels
+        return read_pixels(self.image_files[key], self.image_size, example)
+
+    def inputs(self, builder, texts: list[str] | None, keys: list[str] | None, examples: list[str] | None = None):
+        """model_inputs of texts and/or the images `keys` (regions when the split has them, pixels
+        when it has image files); `examples` name who needs each image, for an error."""
+        regions = pixels = None
+        if keys is not None:
+            if self.regions:
+                regions = [self.regions[k] for k in keys]
+            if self.image_files:
+                pixels = [self.pixels(k, e) for k, e in zip(keys, examples or [f"image {k}" for k in keys])]
+        return model_inputs(builder, texts, regions, pixels)
 
     def __len__(self) -> int:
         return len(self.examples)
 
 
-def model_inputs(builder, texts: list[str] | None = None, images: list | None = None) -> dict:
+def model_inputs(builder, texts: list[str] | None = None, regions: list | None = None,
+                 pixels: list | None = None) -> dict:
     """The model's tensors of texts (input_ids, text_mask) and/or images (features, locations,
-    region_mask; `images`: Regions), made by pre-training's BatchBuilder: the same tokenisation,
-    region order, box locations and padding. Pairs: texts[i] with images[i]."""
+    region_mask from `regions`: Regions; `pixels`: uint8 [S, S, 3] arrays each), made by
+    pre-training's BatchBuilder: the same tokenisation, region order, box locations and padding;
+    pixels stacked uint8 as its loader sends them (normalised on the device). Images seen by their
+    pixels alone (a model on patches without detections) have no regions: zero-width region
+    tensors. Pairs: texts[i] with image i."""
     arrays = {}
     if texts is not None:
         ids, text_mask, _ = builder._tokenize(texts)
         arrays.update(input_ids=ids, text_mask=text_mask)
-    if images is not None:
-        feats, locs, region_mask, _ = builder._regions([regions.sample() for regions in images])
+    if regions is not None:
+        feats, locs, region_mask, _ = builder._regions([r.sample() for r in regions])
         arrays.update(features=feats, locations=locs, region_mask=region_mask)
+    elif pixels is not None:
+        n = len(pixels)
+        arrays.update(features=np.zeros((n, 0, 0), np.float16), locations=np.zeros((n, 0, 5), np.float32),
+                      region_mask=np.zeros((n, 0), bool))
+    if pixels is not None:
+        arrays.update(pixels=np.stack(pixels))
     return builder._tensors(**arrays)
 
 
@@ -89,14 +140,15 @@ class Collate:
         if self.data.task.pairs is not None and self.label_index is not None:
             return self.pairs(examples)
         images = self.data.task.images
-        inputs = model_inputs(self.builder, [e.text for e in examples] * images,
-                              [self.data.regions[e.image_ids[k]] for k in range(images) for e in examples])
+        inputs = self.data.inputs(self.builder, [e.text for e in examples] * images,
+                                  [e.image_ids[k] for k in range(images) for e in examples],
+                                  [e.example_id for _ in range(images) for e in examples])
         targets = None
         if self.label_index is not None and self.data.task.dual_encoder:  # ITC: each example's image key
             from vlp_train.finetune.tasks import pair_key
             targets = torch.tensor([pair_key(e.image_ids[0]) for e in examples], dtype=torch.long)
         elif self.label_index is not None:
-            rows = [self.data.task.target(e, self.label_index, [self.data.regions[k] for k in e.image_ids])
+            rows = [self.data.task.target(e, self.label_index, [self.data.regions.get(k) for k in e.image_ids])
                     for e in examples]
             targets = torch.zeros(len(rows), max(len(r) for r in rows))  # region targets: padded to the batch's
             for i, row in enumerate(rows):
@@ -108,8 +160,8 @@ class Collate:
     def pairs(self, examples: list) -> dict:
         """A batch of a pair task's training pairs (retrieval: matched and mismatched caption-image pairs)."""
         pairs = self.data.task.pairs(examples)
-        inputs = model_inputs(self.builder, [e.text for e, _, _ in pairs],
-                              [self.data.regions[image] for _, image, _ in pairs])
+        inputs = self.data.inputs(self.builder, [e.text for e, _, _ in pairs], [image for _, image, _ in pairs],
+                                  [e.example_id for e, _, _ in pairs])
         targets = torch.zeros(len(pairs), len(self.label_index))
         for i, (_, _, label) in enumerate(pairs):
             targets[i, self.label_index[label]] = 1.0

@@ -36,6 +36,13 @@ class FinetuneTask:
     # (the examples of one image are each other's positives), the loss is ITC over the (global) batch
     dual_encoder: bool = False
     dual_form: FinetuneTask | None = None  # this task as a dual encoder trains it (retrieval; task_for picks)
+    reads_tags: bool = False  # its evaluation reads the regions' tags (ITM retrieval's first stage)
+
+    @property
+    def needs_detections(self) -> bool:
+        """Whether it needs the images' regions whatever the model sees (a model on patches alone
+        takes the rest from the pixels)."""
+        return self.regions or self.reads_tags
 
     def head(self, hidden: int, labels: int, scale: int):
         if self.pairs is not None or self.dual_encoder:  # the pre-trained model's own ITM head / projections
@@ -252,7 +259,6 @@ def retrieval_predict(model, data, builder, cfg, device, autocast) -> tuple[dict
     import numpy as np
 
     from pipelines.encoding import encode, load_sentence_model
-    from vlp_train.finetune.data import model_inputs
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
     from vlp_train.step import to_device
 
@@ -271,8 +277,9 @@ def retrieval_predict(model, data, builder, cfg, device, autocast) -> tuple[dict
     pairs = sorted(pairs)
     for start in range(0, len(pairs), cfg.data.eval_batch_size):
         chunk = pairs[start:start + cfg.data.eval_batch_size]
-        inputs = to_device({"x": model_inputs(builder, [data.examples[t].text for _, t in chunk],
-                                              [data.regions[images[i]] for i, _ in chunk])}, device)["x"]
+        inputs = to_device({"x": data.inputs(builder, [data.examples[t].text for _, t in chunk],
+                                             [images[i] for i, _ in chunk],
+                                             [data.examples[t].example_id for _, t in chunk])}, device)["x"]
         with autocast:
             logits = model(inputs)
         for (i, t), p in zip(chunk, torch.softmax(logits.float(), -1)[:, 1].tolist()):
@@ -308,7 +315,6 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
     split. With task.rerank_k > 0 the fusion ITM re-scores each query's top k (evaluate_vlmo's
     re-ranking; VLMo's fine-tuned retrieval is the dual encoder alone, the default)."""
     from vlp_train.evaluate_vlmo import rerank_scores
-    from vlp_train.finetune.data import model_inputs
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
     from vlp_train.step import to_device
 
@@ -317,17 +323,18 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
     texts = [e.text for e in data.examples]
 
     def image_inputs(keys):
-        return to_device({"x": model_inputs(builder, images=[data.regions[k] for k in keys])}, device)["x"]
+        return to_device({"x": data.inputs(builder, None, keys)}, device)["x"]
 
     def text_inputs(chunk):
-        return to_device({"x": model_inputs(builder, texts=chunk)}, device)["x"]
+        return to_device({"x": data.inputs(builder, chunk, None)}, device)["x"]
 
     size = cfg.data.eval_batch_size
     image_features, text_features = [], []
     for start in range(0, len(images), size):
         x = image_inputs(images[start:start + size])
         with autocast:
-            image_features.append(encoder.embed_images(x["features"], x["locations"], x["region_mask"]).float().cpu())
+            image_features.append(encoder.embed_images(x["features"], x["locations"], x["region_mask"],
+                                                       x.get("pixels")).float().cpu())
     for start in range(0, len(texts), size):
         x = text_inputs(texts[start:start + size])
         with autocast:
@@ -340,7 +347,7 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
         def pair_of(text_rows, image_rows):
             t = text_inputs([texts[i] for i in text_rows.tolist()])
             v = image_inputs([images[i] for i in image_rows.tolist()])
-            return t["input_ids"], t["text_mask"], v["features"], v["locations"], v["region_mask"]
+            return t["input_ids"], t["text_mask"], v["features"], v["locations"], v["region_mask"], v.get("pixels")
         image_to_text = rerank_scores(encoder, scores, k, lambda q, c: pair_of(c, q), size, autocast)
         text_to_image = rerank_scores(encoder, scores.T, k, lambda q, c: pair_of(q, c), size, autocast).T
         metrics = recalls_of_directions(image_to_text.numpy(), text_to_image.numpy(), text_image)
@@ -356,4 +363,4 @@ RETRIEVAL_DUAL = FinetuneTask(
 register(FinetuneTask(
     name="retrieval", read=_retrieval_read, labels=lambda train, cfg: list(MATCH_LABELS),
     target=lambda e, index, regions: one_hot(e.target, index), score=None, metric="rmean", loss="ce",
-    pairs=retrieval_pairs, predict=retrieval_predict, dual_form=RETRIEVAL_DUAL))
+    pairs=retrieval_pairs, predict=retrieval_predict, dual_form=RETRIEVAL_DUAL, reads_tags=True))

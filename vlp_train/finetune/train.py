@@ -27,6 +27,7 @@ from vlp_train.finetune.config import FinetuneConfig, validate
 from vlp_train.finetune.data import (Collate, SplitData, batch_indices, batches_per_epoch, epoch_order, loader,
                                      read_regions_once)
 from vlp_train.finetune.heads import init_head
+from vlp_train.finetune.pixels import ImageFolder
 from vlp_train.finetune.regions import DetectionIndex
 from vlp_train.finetune.tasks import FinetuneTask, task_for, task_of
 from vlp_train.masking import BatchBuilder
@@ -52,14 +53,16 @@ class TaskModel(nn.Module):
         self.dual_encoder = dual_encoder
 
     def forward(self, inputs: dict):
+        # the images' pixels (uint8), for a model on patches: only when the batch carries them
+        pixels = {"pixels": inputs["pixels"]} if inputs.get("pixels") is not None else {}
         if self.dual_encoder:  # (image features [B, D], text features [B, D], the contrast's log scale)
             m = self.model
             # the scale comes out of forward (not read beside it) so that DDP counts it as used and
             # all-reduces its gradient; `* 1` gives it a node in the graph DDP searches from the outputs
-            return (m.embed_images(inputs["features"], inputs["locations"], inputs["region_mask"]),
+            return (m.embed_images(inputs["features"], inputs["locations"], inputs["region_mask"], **pixels),
                     m.embed_texts(inputs["input_ids"], inputs["text_mask"]), m.contrast_log_scale * 1)
         text, region_states = self.model(inputs["input_ids"], inputs["text_mask"], inputs["features"],
-                                         inputs["locations"], inputs["region_mask"])
+                                         inputs["locations"], inputs["region_mask"], **pixels)
         if self.regions:  # a score per region [B, R]
             return self.head(region_states, inputs["region_mask"])
         if self.head is None:  # a pair's match: the pre-trained model's ITM head
@@ -111,45 +114,77 @@ def init_family(cfg: FinetuneConfig):
     return family_of(cfg.model.arch)
 
 
-def visual_input(cfg: FinetuneConfig) -> tuple[str, str]:
-    """(model.visual of the model to fine-tune, where it comes from): a saved model's own (its
-    folder's config), else the run's model.visual (a model built afresh)."""
-    from vlp_train.pretrained import read_config, resolve_init
+@dataclass(frozen=True)
+class VisualInput:
+    """What the model to fine-tune sees of an image, and where that was read."""
+    visual: str                   # model.visual: regions, patches or both
+    image_size: int | None        # the square its pixels are resized to (None: regions)
+    feature_dim: int | None       # a saved model's region feature size (None: a model built afresh)
+    source: str                   # "model.init FOLDER" or "this run"
+
+
+def saved_visual_input(folder: str, what: str = "model.init") -> VisualInput:
+    """A saved model's visual input, from its folder's config (nothing else read)."""
+    from vlp_train.pretrained import read_config
+
+    section = read_config(folder)[1]
+    visual = section.get("visual", "regions")
+    return VisualInput(visual, section.get("image_size", 384) if visual != "regions" else None,
+                       section.get("feature_dim"), f"{what} {folder}")
+
+
+def visual_input(cfg: FinetuneConfig) -> VisualInput:
+    """A saved model's own (its folder's config), else the run's model.visual (a model built afresh)."""
+    from vlp_train.pretrained import resolve_init
 
     kind, folder = resolve_init(cfg.model.init)
     if kind == "vlp":
-        return read_config(folder)[1].get("visual", "regions"), f"model.init {folder}"
-    return cfg.model.visual, "this run"
+        return saved_visual_input(folder)
+    visual = cfg.model.visual
+    return VisualInput(visual, cfg.model.image_size if visual != "regions" else None, None, "this run")
 
 
-def check_visual_input(cfg: FinetuneConfig) -> None:
-    """Refuse, before any data is read, a model that sees the images' pixels (model.visual patches
-    or both): fine-tuning feeds region features only, and such a model would load, read every
-    detection and only then fail at its first forward pass."""
-    visual, source = visual_input(cfg)
-    if visual != "regions":
-        raise ValueError(f"{source} has model.visual={visual}: it needs the images' pixels, and fine-tuning "
-                         "reads region features only; fine-tune a model pre-trained with model.visual=regions")
+def check_inputs(seen: VisualInput, task: FinetuneTask, images: str, detections: str) -> None:
+    """Refuse, before any data is read, a run without what its model sees: the images' pixels
+    (--images) for model.visual patches or both, regions (--detections) for regions or both, and for
+    a task that reads them whatever the model sees (RefCOCO+'s candidates, ITM retrieval's first
+    stage). Otherwise such a run would read every detection and only fail at its first forward."""
+    if seen.visual != "regions" and not images:
+        raise ValueError(f"{seen.source} has model.visual={seen.visual}: it needs the images' pixels, and this run "
+                         "has none: give --images DIR (data.images), the folder of the dataset's image files")
+    if not detections and seen.visual != "patches":
+        raise ValueError(f"--detections is required: the regions of the dataset's images (vlp-data detect output); "
+                         f"{seen.source} has model.visual={seen.visual}")
+    if not detections and task.needs_detections:
+        raise ValueError(f"--detections is required: {task.name} reads the images' detected regions "
+                         f"({'its candidates' if task.regions else 'their tags, the first stage'}) "
+                         "even for a model on patches")
+    if images and seen.visual == "regions":
+        log.warning("--images %s is not used: %s has model.visual=regions (it reads region features only)", images,
+                    seen.source)
 
 
-def backbone(cfg: FinetuneConfig, feature_dim: int):
+def backbone(cfg: FinetuneConfig, feature_dim: int | None):
     """The model to fine-tune, as model.init says: a run or saved model folder (the whole
     pre-trained model, its family from the folder), a HF BERT folder, None (the bundled MiniLM)
-    or "random"."""
+    or "random". `feature_dim`: the detections' (None without; a model on patches alone takes
+    none, and a saved one keeps its own)."""
     from vlp_train.pretrained import init_from, read_config, resolve_init
 
     family = init_family(cfg)
     kind, folder = resolve_init(cfg.model.init)
     if kind == "vlp":
-        tags = list(read_config(folder)[1].get("tags", []))
-        return init_from(folder, family.model_class, cfg.model, feature_dim, tags)
-    return family.build(cfg.model, feature_dim, [])
+        _, section = read_config(folder)
+        if section.get("visual", "regions") == "patches":  # no region embedding: the features are not read
+            feature_dim = section.get("feature_dim")
+        return init_from(folder, family.model_class, cfg.model, feature_dim, list(section.get("tags", [])))
+    return family.build(cfg.model, feature_dim or 0, [])
 
 
-def make_builder(tokenizer, cfg: FinetuneConfig, feature_dim: int) -> BatchBuilder:
+def make_builder(tokenizer, cfg: FinetuneConfig, feature_dim: int | None, image_size: int | None = None) -> BatchBuilder:
     from vlp_train.config import ObjectiveConfig
     return BatchBuilder(tokenizer, {}, cfg.model.max_text_len, cfg.model.max_regions, ObjectiveConfig(),
-                        feature_dim=feature_dim)
+                        feature_dim=feature_dim, image_size=image_size)
 
 
 def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
@@ -159,22 +194,23 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     from vlp_train.pretrained import tokenizer_folder
 
     validate(cfg)
-    check_visual_input(cfg)
-    if not cfg.data.detections:
-        raise ValueError("--detections is required: the regions of the dataset's images (vlp-data detect output)")
     task = task_for(cfg.task.name, cfg.task.retrieval_objective, init_family(cfg).dual_encoder)
+    seen = visual_input(cfg)
+    check_inputs(seen, task, cfg.data.images, cfg.data.detections)
     device = pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = distributed.setup_distributed(device.type, cfg.run.dist_timeout_s)
     seed_everything(cfg.run.seed + dist_info.rank)
-    index = DetectionIndex(cfg.data.detections)
+    index = DetectionIndex(cfg.data.detections) if cfg.data.detections else None
+    images = ImageFolder(cfg.data.images) if seen.image_size else None
     train_read, val_read = read_split(task, cfg, cfg.data.train_split), read_split(task, cfg, cfg.data.eval_split)
     labels = task.labels(train_read, cfg)
-    read_regions_once(index, [(train_read, cfg.data.max_examples), (val_read, cfg.data.max_eval_examples)],
-                      cfg.model.max_regions)
-    train = SplitData(task, train_read, index, cfg.model.max_regions, cfg.data.max_examples)
-    val = SplitData(task, val_read, index, cfg.model.max_regions, cfg.data.max_eval_examples)
+    if index is not None:
+        read_regions_once(index, [(train_read, cfg.data.max_examples), (val_read, cfg.data.max_eval_examples)],
+                          cfg.model.max_regions)
+    train = SplitData(task, train_read, index, cfg.model.max_regions, cfg.data.max_examples, images, seen.image_size)
+    val = SplitData(task, val_read, index, cfg.model.max_regions, cfg.data.max_eval_examples, images, seen.image_size)
     tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
-    builder = make_builder(tokenizer, cfg, train.feature_dim)
+    builder = make_builder(tokenizer, cfg, train.feature_dim, seen.image_size)
     batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)
     epoch_batches = batches_per_epoch(len(train), batch_size, dist_info.world)
     if epoch_batches < grad_accum:
@@ -359,27 +395,32 @@ def load_finetuned(folder: str, device):
             saved["labels"], saved)
 
 
-def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: str, device: str = "auto",
+def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: str | None, device: str = "auto",
              max_examples: int = 0, batch_size: int = 64, output: str | None = None, candidates: int = 16,
-             rerank_k: int = 0) -> dict:
+             rerank_k: int = 0, images: str | None = None) -> dict:
     """Metrics of a fine-tuned model on a split; written to `output` (default MODEL/metrics-SPLIT.json).
+    `images`: the folder of the split's image files, for a model on pixels (model.visual patches or
+    both); `detections` may be None for a model on patches alone.
     Retrieval: `candidates` for a model fine-tuned by ITM (the first stage's top K it re-ranks),
     `rerank_k` for a dual encoder (ITM re-scores each query's top k of it; 0: the dual encoder alone)."""
     from transformers import BertTokenizerFast
 
     from vlp_train.pretrained import model_folder
     torch_device = pick_device(device, 0)
+    path = os.path.join(model_dir, BEST) if os.path.isdir(os.path.join(model_dir, BEST)) else model_folder(model_dir)
     model, task, labels, saved = load_finetuned(model_dir, torch_device)
     if task.name != task_name:
         raise ValueError(f"--model {model_dir} is fine-tuned for {task.name}, not {task_name}")
+    seen = saved_visual_input(path, "--model")
+    check_inputs(seen, task, images or "", detections or "")
     cfg = FinetuneConfig()
-    cfg.task.name, cfg.data.data, cfg.data.detections = task_name, data, detections
+    cfg.task.name, cfg.data.data, cfg.data.detections = task_name, data, detections or ""
     cfg.data.eval_batch_size, cfg.model.max_text_len = batch_size, saved["max_text_len"]
     cfg.model.max_regions, cfg.task.candidates, cfg.task.rerank_k = saved["max_regions"], candidates, rerank_k
-    split_data = SplitData(task, read_split(task, cfg, split), DetectionIndex(detections), cfg.model.max_regions,
-                           max_examples)
-    path = os.path.join(model_dir, BEST) if os.path.isdir(os.path.join(model_dir, BEST)) else model_folder(model_dir)
-    builder = make_builder(BertTokenizerFast.from_pretrained(path), cfg, split_data.feature_dim)
+    split_data = SplitData(task, read_split(task, cfg, split), DetectionIndex(detections) if detections else None,
+                           cfg.model.max_regions, max_examples, ImageFolder(images) if seen.image_size else None,
+                           seen.image_size)
+    builder = make_builder(BertTokenizerFast.from_pretrained(path), cfg, split_data.feature_dim, seen.image_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch_device.type == "cuda" else nullcontext()
     metrics, predictions = predict_split(model, task, split_data, builder, labels, cfg, torch_device, autocast)
     result = {"task": task.name, "split": split, "examples": len(split_data), "left_out": split_data.left_out,

@@ -1,11 +1,19 @@
 """Fine-tuning a model that sees the images' pixels (model.visual patches or both): refused up
-front, before any data is read, when the run has no images."""
+front, before any data is read, when the run has no images; with --images, the dataset's image
+files decoded as pre-training decodes them, carried as uint8 into the model's `pixels`."""
+import json
+import logging
+
+import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
 from transformers import BertTokenizerFast
 
 from vlp_train.finetune.config import load_config
 
-from .test_harness import DIM, TINY
+from .test_harness import DIM, TINY, write_karpathy
 
 PATCHES = ["model.image_size=32", "model.patch_size=8"]
 
@@ -35,7 +43,8 @@ def test_a_pixel_model_without_images_is_refused_before_any_data_is_read(tmp_pat
 
     monkeypatch.setattr(train, "DetectionIndex", no_reading)
     monkeypatch.setattr(train, "read_split", no_reading)
-    with pytest.raises(ValueError, match=rf"model.init {folder} has model.visual={visual}: it needs the images' pixels"):
+    with pytest.raises(ValueError, match=rf"model.init {folder} has model.visual={visual}: it needs the images' "
+                                         r"pixels.*give --images DIR"):
         train.build_finetune(cfg)
 
 
@@ -46,3 +55,131 @@ def test_a_fresh_pixel_model_without_images_is_refused(tmp_path):
     cfg.run.output, cfg.data.detections = str(tmp_path / "ft"), str(tmp_path / "none-*.parquet")
     with pytest.raises(ValueError, match=r"this run has model.visual=patches: it needs the images' pixels"):
         build_finetune(cfg)
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+def write_colour_vqa(folder, per_split=8) -> str:
+    """A folder in easy-VQA's layout whose answers only the pixels tell: each image one colour
+    (noisy), the question "what color is it?" (no detections anywhere)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "answers.txt").write_text("red\nblue\n")
+    for split in ("train", "test"):
+        (folder / split / "images").mkdir(parents=True)
+        questions = []
+        for i in range(per_split):
+            colour = "red" if i % 2 == 0 else "blue"
+            pixels = np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / split / "images" / f"{i}.png")
+            questions.append(["what color is it?", colour, i])
+        (folder / split / "questions.json").write_text(json.dumps(questions))
+    return str(folder)
+
+
+def test_a_patch_model_fine_tunes_on_the_images_pixels_and_evaluates(tmp_path):
+    """A pre-trained model on patches alone, no detections: each batch carries the examples' own
+    images as pre-training decodes them (load_pixels at the model's image_size, uint8), the model
+    reads them (another image, another output), 2 steps train the patch embedding too, and
+    `evaluate` scores the best model as the fine-tuning's last evaluation did."""
+    from vlp_train.finetune.data import Collate
+    from vlp_train.cli import main
+    from vlp_train.finetune.train import build_finetune, evaluate, finetune
+    from vlp_train.step import to_device
+    from vlp_train.visual import load_pixels
+
+    data = write_colour_vqa(tmp_path / "cvqa")
+    folder = export_model(tmp_path / "hf", "single_stream", "patches")
+    cfg = load_config("easy-vqa", [f"model.init={folder}", "model.dropout=0.0", "data.batch_size=4", "optim.epochs=1",
+                                   "run.log_every=1"])
+    cfg.run.output, cfg.data.data, cfg.data.images = str(tmp_path / "ft"), data, data
+    run = build_finetune(cfg)
+    assert len(run.train) == 8 and not run.train.regions and run.builder.image_size == 32
+    batch = Collate(run.train, run.builder, {label: i for i, label in enumerate(run.labels)})([0, 1, 2])
+    pixels = batch["inputs"]["pixels"]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32, 3)
+    for row, example in zip(pixels, run.train.examples[:3]):
+        path = f"{data}/{example.image_ids[0]}.png"
+        with open(path, "rb") as f:
+            assert torch.equal(row, torch.from_numpy(load_pixels(f.read(), 32)))
+    assert batch["inputs"]["region_mask"].shape == (3, 0)
+    run.model.eval()
+    logits = run.model(to_device({"x": batch["inputs"]}, run.device)["x"])
+    assert not torch.allclose(logits[0], logits[1])  # same question, a red and a blue image
+
+    # the command line: --images, no --detections
+    out = str(tmp_path / "ft-cli")
+    ran = CliRunner().invoke(main, ["finetune", "--task", "easy-vqa", "--init", folder, "--data", data, "--images", data,
+                                    "--output", out, "--set", "model.dropout=0.0", "--set", "data.batch_size=4",
+                                    "--set", "optim.epochs=1"])
+    assert ran.exit_code == 0, ran.output
+    assert "2 steps ->" in ran.output
+    with open(f"{out}/metrics.json", encoding="utf-8") as f:
+        best = json.load(f)
+    scored = CliRunner().invoke(main, ["evaluate", "--task", "easy-vqa", "--model", out, "--data", data,
+                                       "--split", "test", "--images", data])
+    assert scored.exit_code == 0, scored.output
+    result = json.loads(scored.output.strip().splitlines()[-1])
+    assert result["examples"] == 8 and result["accuracy"] == pytest.approx(best["accuracy"])
+    summary = finetune(cfg)  # the same in Python, from the config
+    assert summary["steps"] == 2 and summary["best"]["metrics"]["accuracy"] == best["accuracy"]
+    with pytest.raises(ValueError, match=r"--model .* has model.visual=patches: it needs the images' pixels"):
+        evaluate("easy-vqa", cfg.run.output, data, "test", None)
+
+
+def test_vlmo_on_patches_fine_tunes_retrieval_as_a_dual_encoder_on_jpegs(tmp_path):
+    """VLMo's seed setting (model.visual=patches) on Karpathy retrieval: ITC over the batch with each
+    image's JPEG, ranked by the dual encoder over the images' pixels; no detections."""
+    from vlp_train.finetune.train import evaluate, finetune
+
+    write_karpathy(tmp_path)  # dataset_flickr30k.json: 4 train, 4 test images (its detections unused)
+    rng = np.random.default_rng(1)
+    (tmp_path / "images" / "flickr30k-images").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / "flickr30k-images" / f"{1000 + i}.jpg", quality=90)
+    folder = export_model(tmp_path / "hf", "vlmo", "patches")
+    cfg = load_config("retrieval", [f"model.init={folder}", "model.dropout=0.0", "data.batch_size=4",
+                                    "optim.epochs=1", "data.eval_split=test", "run.log_every=1"])
+    cfg.run.output, cfg.data.data, cfg.data.images = str(tmp_path / "ft"), str(tmp_path), str(tmp_path / "images")
+    summary = finetune(cfg)
+    assert summary["steps"] == 2 and {"tr@1", "ir@1", "rmean"} <= set(summary["best"]["metrics"])
+    result = evaluate("retrieval", cfg.run.output, str(tmp_path), "test", None, images=str(tmp_path / "images"))
+    assert result["examples"] == 8 and result["rmean"] == pytest.approx(summary["best"]["metrics"]["rmean"])
+
+
+def test_missing_images_are_left_out_and_a_damaged_one_is_named(tmp_path, caplog):
+    from vlp_train.finetune.data import Collate, SplitData
+    from vlp_train.finetune.formats import easy_vqa
+    from vlp_train.finetune.pixels import ImageFolder
+    from vlp_train.finetune.tasks import task_of
+
+    data = write_colour_vqa(tmp_path / "cvqa")
+    images = tmp_path / "only"  # the images folder lacks test image 3 and holds a damaged image 5
+    (images / "test" / "images").mkdir(parents=True)
+    for i in (0, 1, 2, 4, 5):
+        (images / "test" / "images" / f"{i}.png").write_bytes((tmp_path / f"cvqa/test/images/{i}.png").read_bytes())
+    (images / "test" / "images" / "5.png").write_bytes(b"\x89PNG not really")
+    with caplog.at_level(logging.WARNING):
+        split = SplitData(task_of("easy-vqa"), easy_vqa.read("test", data), None, 36, 6, ImageFolder(str(images)), 32)
+    assert [e.example_id for e in split.examples] == ["test-0", "test-1", "test-2", "test-4", "test-5"]
+    assert split.left_out == 1 and "test/images/3" in caplog.text
+    collate = Collate(split, None, None)
+    with pytest.raises(ValueError, match=r"5\.png \(the image of test-5\): undecodable image"):
+        collate([4])
+
+
+def test_what_a_model_sees_decides_what_the_run_needs():
+    from vlp_train.finetune.tasks import task_for, task_of
+    from vlp_train.finetune.train import VisualInput, check_inputs
+
+    patches, both = VisualInput("patches", 32, 16, "model.init M"), VisualInput("both", 32, 16, "model.init M")
+    check_inputs(patches, task_of("vqa"), "IMAGES", "")                       # pixels alone suffice
+    check_inputs(patches, task_for("retrieval", "auto", True), "IMAGES", "")  # the dual encoder too
+    with pytest.raises(ValueError, match="model.visual=both"):
+        check_inputs(both, task_of("vqa"), "IMAGES", "")                      # both: regions too
+    with pytest.raises(ValueError, match="refcoco\\+ reads the images' detected regions"):
+        check_inputs(patches, task_of("refcoco+"), "IMAGES", "")
+    with pytest.raises(ValueError, match="retrieval reads the images' detected regions"):
+        check_inputs(patches, task_of("retrieval"), "IMAGES", "")             # ITM's first stage: the tags

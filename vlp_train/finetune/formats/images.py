@@ -133,10 +133,13 @@ def _common_tail(a: tuple[str, ...], b: tuple[str, ...]) -> int:
     return n
 
 
-def match_images(dataset_keys: Iterable[str], detection_ids: Iterable[str]) -> ImageMatch:
+def match_images(dataset_keys: Iterable[str], detection_ids: Iterable[str],
+                 other: str = "detections' image_id values",
+                 hint: str = "run detection over the dataset's own image files") -> ImageMatch:
     """Map each dataset key onto one detection image_id (rule in the module docstring).
 
-    Raises NoImagesMatched, showing a few ids from each side, when none match."""
+    Raises NoImagesMatched, showing a few ids from each side, when none match. `other` names what the
+    ids are (the detections', or an images folder's files) and `hint` what to do, in that message."""
     keys = list(dict.fromkeys(dataset_keys))
     by_stem: dict[str, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
     detection_list = list(dict.fromkeys(detection_ids))
@@ -171,9 +174,9 @@ def match_images(dataset_keys: Iterable[str], detection_ids: Iterable[str]) -> I
             missing.append(key)
     if keys and not detection_of:
         raise NoImagesMatched(
-            f"none of the dataset's {len(keys)} images matches any of the {len(detection_list)} detections' "
-            f"image_id values. Dataset image keys, e.g.: {', '.join(keys[:EXAMPLES_SHOWN])}; "
-            f"detection image_id values, e.g.: {', '.join(map(str, detection_list[:EXAMPLES_SHOWN])) or '(none)'}. "
-            "A key matches a detection id when one path (extension dropped) ends with the other "
-            "(see vlp_train/finetune/formats/images.py); run detection over the dataset's own image files.")
+            f"none of the dataset's {len(keys)} images matches any of the {len(detection_list)} {other}. "
+            f"Dataset image keys, e.g.: {', '.join(keys[:EXAMPLES_SHOWN])}; "
+            f"{other}, e.g.: {', '.join(map(str, detection_list[:EXAMPLES_SHOWN])) or '(none)'}. "
+            "A key matches an id when one path (extension dropped) ends with the other "
+            f"(see vlp_train/finetune/formats/images.py); {hint}.")
     return ImageMatch(detection_of, tuple(missing), tuple(ambiguous), len(keys))
