@@ -51,7 +51,9 @@ BUILD_REJECTED, DETECT_REJECTED = "rejected/build", "rejected/detect"  # rejecte
 LEGACY_BUILD_REJECTED, LEGACY_DETECT_REJECTED = "rejected/rejected.jsonl", "rejected/detect.jsonl"
 BUILD_ENTRIES = ("sentences", "retrievals", "links", "shards", BUILD_REJECTED, LEGACY_BUILD_REJECTED,
                  "manifest.parquet", "tag_vocab.json", "stats.json")
-DETECT_ENTRIES = ("detections", DETECT_REJECTED, LEGACY_DETECT_REJECTED)
+# detect / convert-detections' counts: a file of their own, so they never replace a build's stats.json
+DETECT_STATS = "detect_stats.json"
+DETECT_ENTRIES = ("detections", DETECT_REJECTED, LEGACY_DETECT_REJECTED, DETECT_STATS)
 FEATS = "_feats"  # the region features travel with a sample dict under this key until written
 
 
@@ -512,18 +514,38 @@ def build_convert_detections_pipeline(detections: str, output: str, max_regions:
 
 def _write_detections(p, detections, stages: list[StageOutput], output: str, detections_per_file: int) -> None:
     """Detections -> OUTPUT/detections/*.parquet (DETECTIONS), the `stages`' dead letters ->
-    OUTPUT/rejected/detect/, published when every write has finished."""
+    OUTPUT/rejected/detect/, their counts (and the dead letters by reason) -> OUTPUT/DETECT_STATS,
+    published when every write has finished."""
     out = staging_dir(output)
     _ = (detections | "DetectionRows" >> beam.Map(_detection_row)
          | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"],
                                            detections_per_file))
-    _ = (tuple(stage.rejected for stage in stages) | "AllRejected" >> beam.Flatten()
-         | "WriteRejected" >> write_rejected(out, DETECT_REJECTED))
+    rejected = tuple(stage.rejected for stage in stages) | "AllRejected" >> beam.Flatten()
+    _ = rejected | "WriteRejected" >> write_rejected(out, DETECT_REJECTED)
+    counts = (*(stage.counts for stage in stages), rejected | "CountRejected" >> beam.FlatMap(_reject_stats),
+              detections | "CountDetections" >> beam.Map(lambda _: ("detections", 1)))
+    _ = (counts | "AllStats" >> beam.Flatten()
+         | "SumStats" >> beam.CombinePerKey(sum)
+         | "StatsDict" >> beam.combiners.ToDict()
+         | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_detect_stats(totals), DETECT_STATS)))
     publish_when_done(p, output, DETECT_ENTRIES)
 
 
-def _write_stats(out: str, stats: dict) -> None:
-    write_bytes(posixpath.join(out, "stats.json"), json_bytes(stats))
+def render_detect_stats(totals: dict) -> dict:
+    """detect_stats.json from the summed counts of a detect / convert-detections run."""
+    rejected = {k.split("/", 1)[1]: v for k, v in sorted(totals.items()) if k.startswith("rejected/")}
+    return {
+        "schema_version": schemas.SCHEMA_VERSION,
+        "detections": totals.get("detections", 0),
+        "rejected": rejected,
+        "rejected_total": sum(rejected.values()),
+        "boxes_clipped": totals.get(BOXES_CLIPPED, 0),
+        REGIONS_DROPPED: totals.get(REGIONS_DROPPED, 0),
+    }
+
+
+def _write_stats(out: str, stats: dict, name: str = "stats.json") -> None:
+    write_bytes(posixpath.join(out, name), json_bytes(stats))
 
 
 # ---------------------------------------------------------------------------------------------

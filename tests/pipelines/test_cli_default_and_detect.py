@@ -56,6 +56,8 @@ def test_detect_then_build_from_its_detections(tmp_path):
     assert np.asarray(rows["coffee.jpg"]["features"]).shape == (len(rows["coffee.jpg"]["boxes"]), 1280)
     (rejected,) = [json.loads(line) for line in open(out / "rejected" / "detect" / "rejected-00000-of-00001.jsonl")]
     assert rejected["source"].endswith("broken.jpg") and rejected["stage"] == "detect"
+    detect_stats = json.load(open(out / "detect_stats.json"))
+    assert (detect_stats["detections"], detect_stats["rejected_total"]) == (2, 1)
 
     text = tmp_path / "t.txt"
     text.write_text("A cup of coffee on a saucer.\nA motorcycle parked in a garage.\nThe bank raised rates.\n")
@@ -64,6 +66,7 @@ def test_detect_then_build_from_its_detections(tmp_path):
     assert result.exit_code == 0, result.output
     assert os.path.exists(table)  # the detections it read were left in place
     assert glob.glob(f"{out}/rejected/detect/*.jsonl") and glob.glob(f"{out}/rejected/build/*.jsonl")  # both kept
+    assert json.load(open(out / "detect_stats.json")) == detect_stats and os.path.exists(out / "stats.json")
     samples = list(wds.WebDataset(glob.glob(f"{out}/shards/*.tar"), shardshuffle=False).decode())
     coffee = next(s for s in samples if s["json"]["image_id"] == "coffee.jpg")
     assert coffee["json"]["sentences"][0]["text"] == "A cup of coffee on a saucer."

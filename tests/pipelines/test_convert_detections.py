@@ -34,6 +34,10 @@ def test_vinvl_files_convert_to_detections_the_finetune_harness_reads(tmp_path):
     np.testing.assert_allclose(rows["img1"]["features"], feats["img1"][1:, :2048], rtol=1e-6)
     rejected = [json.loads(line) for path in glob.glob(f"{out}/rejected/detect/*.jsonl") for line in open(path)]
     assert sorted(r["source"].rsplit("/", 1)[1] for r in rejected) == ["train.label.tsv:3", "train.label.tsv:4"]
+    stats = json.load(open(out / "detect_stats.json"))  # the reader's counts reach the run's stats
+    assert stats["detections"] == 2 and stats["rejected_total"] == 2
+    assert (stats["regions_over_max"], stats["boxes_clipped"]) == (1, 0)  # img1's second region, over --max-regions 1
+    assert set(stats["rejected"]) == {f"read_detections: {r['reason']}" for r in rejected}
 
     index = DetectionIndex(f"{out}/detections/*.parquet")
     regions = load_regions(index, {"img1", "img2"}, max_regions=36)

@@ -114,12 +114,16 @@ def test_every_dead_letter_reaches_the_writer_and_every_count_the_stats(tmp_path
 
 
 @pytest.mark.parametrize("command", ["detect", "convert-detections"])
-def test_every_dead_letter_of_detect_and_convert_reaches_the_writer(tmp_path, command):
+def test_every_dead_letter_of_detect_and_convert_reaches_the_writer_and_every_count_their_stats(tmp_path, command):
     if command == "detect":
         pipeline = build.build_detect_pipeline(str(tmp_path / "*.jpg"), str(tmp_path / "out"), DetectOptions(), [])
     else:
         pipeline = build.build_convert_detections_pipeline(str(tmp_path / "d.jsonl"), str(tmp_path / "out"), 36, [])
     tagged, writer = _tagged_outputs_and_writer(pipeline, "WriteRejected")
+    _, stats_writer = _tagged_outputs_and_writer(pipeline, "WriteStats")
     assert tagged[REJECTED]
-    written = _upstream(writer)
+    if command == "convert-detections":  # ReadDetections counts clipped boxes and regions over --max-regions
+        assert tagged[COUNTS]
+    written, counted = _upstream(writer), _upstream(stats_writer)
     assert [label for label, pc in tagged[REJECTED] if id(pc) not in written] == []
+    assert [label for label, pc in tagged[REJECTED] + tagged[COUNTS] if id(pc) not in counted] == []
