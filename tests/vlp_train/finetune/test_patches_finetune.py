@@ -24,7 +24,9 @@ def export_model(folder, arch: str, visual: str) -> str:
     from vlp_train.pretrained import bundled_minilm_path
 
     cfg = load_config("easy-vqa", TINY + PATCHES + [f"model.arch={arch}", f"model.visual={visual}"]
-                      + (["model.vl_layers=1"] if arch == "vlmo" else []))
+                      + {"vlmo": ["model.vl_layers=1"], "vlmae": ["model.layers=2", "model.fusion_layers=1",
+                                                                    "model.decoder_layers=1", "model.decoder_hidden=16",
+                                                                    "model.decoder_heads=2"]}.get(arch, []))
     model = build_model(cfg.model, DIM, ["region"])
     model.save_pretrained(str(folder), BertTokenizerFast.from_pretrained(bundled_minilm_path()))
     return str(folder)
@@ -126,6 +128,32 @@ def test_a_patch_model_fine_tunes_on_the_images_pixels_and_evaluates(tmp_path):
     assert summary["steps"] == 2 and summary["best"]["metrics"]["accuracy"] == best["accuracy"]
     with pytest.raises(ValueError, match=r"--model .* has model.visual=patches: it needs the images' pixels"):
         evaluate("easy-vqa", cfg.run.output, data, "test", None)
+
+
+@pytest.mark.parametrize("arch,visual", [("vlmo", "both"), ("vlmae", "patches")])
+def test_the_other_pixel_models_fine_tune_and_evaluate(tmp_path, arch, visual):
+    """VLMo on both (regions from the detections and the pixels: a batch carries both) and VLMAE on
+    patches: 2 steps and the same score from `evaluate`."""
+    from vlp_train.finetune.data import Collate
+    from vlp_train.finetune.train import build_finetune, evaluate, finetune
+
+    from .test_harness import write_detections
+
+    data = write_colour_vqa(tmp_path / "cvqa")
+    detections = write_detections(tmp_path / "det.parquet", [f"{s}/images/{i}.png" for s in ("train", "test")
+                                                             for i in range(8)]) if visual == "both" else None
+    folder = export_model(tmp_path / "hf", arch, visual)
+    cfg = load_config("easy-vqa", [f"model.init={folder}", "model.dropout=0.0", "data.batch_size=4", "optim.epochs=1"])
+    cfg.run.output, cfg.data.data, cfg.data.images = str(tmp_path / "ft"), data, data
+    cfg.data.detections = detections or ""
+    run = build_finetune(cfg)
+    inputs = Collate(run.train, run.builder, {label: i for i, label in enumerate(run.labels)})([0, 1])["inputs"]
+    assert inputs["pixels"].shape == (2, 32, 32, 3)
+    assert inputs["features"].shape == ((2, 2, DIM) if visual == "both" else (2, 0, 0))
+    summary = finetune(cfg)
+    assert summary["steps"] == 2
+    result = evaluate("easy-vqa", cfg.run.output, data, "test", detections, images=data)
+    assert result["examples"] == 8 and result["accuracy"] == summary["best"]["metrics"]["accuracy"]
 
 
 def test_vlmo_on_patches_fine_tunes_retrieval_as_a_dual_encoder_on_jpegs(tmp_path):
