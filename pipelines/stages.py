@@ -4,8 +4,9 @@ A stage (a composite transform that turns the build's records into others: readi
 embedding, retrieving, making and linking samples, writing shards) returns a `StageOutput`:
 `main`, what it makes; `rejected`, its dead letters (pipelines.deadletter records); `counts`,
 (stats key, n) pairs that the build sums into stats.json. A stage with nothing to reject or
-count returns empty ones, so an assembly reads every stage the same way: `.main` on to the next
-stage, every `.rejected` into the one dead-letter writer, every `.counts` into the stats.
+count returns the pipeline's one empty PCollection (`empty`) for them, so an assembly reads
+every stage the same way: `.main` on to the next stage, every `.rejected` into the one
+dead-letter writer, every `.counts` into the stats.
 
 A stage says so in its docstring, not by annotating expand `-> StageOutput`: Beam reads that
 annotation as an output type hint and warns that it is not a PCollection.
@@ -32,18 +33,31 @@ class StageOutput(NamedTuple):
     counts: beam.PCollection    # (stats.json key, n) pairs, summed over the run
 
 
-def _nothing(_):
-    return ()
+_EMPTY = "_vlp_stage_empty"  # the attribute of a pipeline that holds its one empty PCollection
+
+
+def empty(pipeline: beam.Pipeline) -> beam.PCollection:
+    """The pipeline's one empty PCollection, made on first use and shared by every stage with
+    nothing to reject or count: it reads none of the stage's elements (an empty output made from
+    `main` by a FlatMap that passes nothing still visits each of them, 74M sentences for
+    EmbedCorpus at BookCorpus size), and one Create([]) for the whole graph, not one per stage,
+    each of which costs the local runner a stage of its own."""
+    pcoll = getattr(pipeline, _EMPTY, None)
+    if pcoll is None:
+        pcoll = pipeline | "NothingRejectedOrCounted" >> beam.Create([])
+        setattr(pipeline, _EMPTY, pcoll)
+    return pcoll
 
 
 def _one(pcolls: tuple, main: beam.PCollection, name: str) -> beam.PCollection:
-    """Several PCollections flattened into one, or (none) an empty one; labels `name`-based, so
-    within the calling composite they are its own. The empty one is made from `main` (no
-    element passes): a step fused with main's, where a Create([]) would be a stage of its own."""
+    """Several PCollections flattened into one, or (none but the shared empty one) the shared
+    empty one; the Flatten's label `name`-based, so within the calling composite it is its own."""
+    made = getattr(main.pipeline, _EMPTY, None)
+    pcolls = tuple(pc for pc in pcolls if pc is not made)
+    if not pcolls:
+        return empty(main.pipeline)
     if len(pcolls) == 1:
         return pcolls[0]
-    if not pcolls:
-        return main | f"No{name}" >> beam.FlatMap(_nothing)
     return pcolls | f"All{name}" >> beam.Flatten()
 
 

@@ -49,10 +49,15 @@ def test_a_stage_gathers_its_parts_dead_letters_and_counts_and_empty_ones_are_em
     assert_that(out.rejected | beam.Map(lambda r: (r["source"], r["reason"])), equal_to([("1", "odd"), ("3", "odd")]),
                 label="rejected")
     assert_that(out.counts, equal_to([("halved", 1), ("halved", 1)]), label="counts")
-    empty = pipeline | "Bare" >> beam.Create([7]) | "Alone" >> _Halve()
+    bare = pipeline | "Bare" >> beam.Create([7])
+    empty = bare | "Alone" >> _Halve()
     assert_that(empty.main, equal_to([3]), label="alone")
     assert_that(empty.rejected, equal_to([]), label="no rejects")
     assert_that(empty.counts, equal_to([]), label="no counts")
+    # ... and are the pipeline's one empty PCollection, which reads nothing of the stage's main
+    again = empty.main | "Again" >> _Halve()
+    assert empty.rejected is empty.counts is again.rejected is again.counts is out.rejected.pipeline._vlp_stage_empty
+    assert id(bare) not in _upstream(empty.rejected.producer) | {id(pc) for pc in empty.rejected.producer.inputs}
     pipeline.run()
 
 
