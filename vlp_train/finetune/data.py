@@ -34,6 +34,18 @@ def read_regions_once(index: DetectionIndex, splits: list[tuple], max_regions: i
     load_regions(index, set(match(keys, index.where).detection_of.values()), max_regions)
 
 
+def covered_examples(examples: list, covered: dict, what: str, has: str, missing: str) -> list:
+    """The examples all of whose images are in `covered` (regions, image files); the rest are left out
+    with a warning counting them, and none left is an error."""
+    kept = [e for e in examples if all(k in covered for k in e.image_ids)]
+    if not kept:
+        raise ValueError(f"{what}: no example has {has} for its images (see the warnings above)")
+    if len(kept) < len(examples):
+        log.warning("%s: %d of %d examples left out (images without %s)", what, len(examples) - len(kept),
+                    len(examples), missing)
+    return kept
+
+
 class SplitData:
     """The examples of a split that have what the model sees for every image they name: regions
     (`index`: detections) and/or pixels (`images`: the dataset's image files, for a model on
@@ -54,12 +66,7 @@ class SplitData:
             detection_of = match_images(index, image_keys(examples), what)
             regions = load_regions(index, set(detection_of.values()), max_regions)
             self.regions = {key: regions[d] for key, d in detection_of.items() if d in regions}
-            examples_with = [e for e in examples if all(k in self.regions for k in e.image_ids)]
-            if not examples_with:
-                raise ValueError(f"{what}: no example has regions for its images (see the warnings above)")
-            if len(examples_with) < len(examples):
-                log.warning("%s: %d of %d examples left out (images without usable detections)", what,
-                            len(examples) - len(examples_with), len(examples))
+            examples_with = covered_examples(examples, self.regions, what, "regions", "usable detections")
         else:
             examples_with = examples
         # pixels: image key -> its file (decoded in the loader, `pixels`)
@@ -67,13 +74,8 @@ class SplitData:
         self.image_size = image_size
         if images is not None:
             self.image_files = images.match(image_keys(examples_with), what)
-            with_files = [e for e in examples_with if all(k in self.image_files for k in e.image_ids)]
-            if not with_files:
-                raise ValueError(f"{what}: no example has an image file for its images (see the warnings above)")
-            if len(with_files) < len(examples_with):
-                log.warning("%s: %d of %d examples left out (images without a file under --images)", what,
-                            len(examples_with) - len(with_files), len(examples_with))
-            examples_with = with_files
+            examples_with = covered_examples(examples_with, self.image_files, what, "an image file",
+                                             "a file under --images")
         self.examples = examples_with
         self.left_out = len(examples) - len(self.examples)
 
