@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlp_train.pretrained import init_like_bert
+
 
 class ClassifierHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, labels: int, eps: float = 1e-12):
@@ -34,9 +36,6 @@ class RegionScoreHead(nn.Module):
 
 
 def init_head(head: nn.Module, std: float) -> nn.Module:
-    """BERT's initialisation (normal(std) weights, zero biases) for a new head."""
-    for m in head.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            nn.init.zeros_(m.bias)
+    """BERT's initialisation for a new head (the rule the pre-trained model's own modules follow)."""
+    init_like_bert(head, std)
     return head
