@@ -206,17 +206,17 @@ def load(folder: str):
     folder = model_folder(folder)
     bert_config, section = read_config(folder)
     model_class = family_of(section["arch"]).model_class
-    check_architecture(folder, model_class)
+    check_architecture(folder, bert_config.architectures, model_class)
     model = model_class.from_vlp_config(bert_config, section)
     load_weights(model, read_weights(folder), folder)
     return model.eval()
 
 
-def check_architecture(folder: str, model_class) -> None:
-    """A folder whose `architectures` names another class than its family's model is refused (a
-    hand-edited or mixed-up config). `BertModel` is what exports before this check wrote for all."""
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        named = json.load(f).get("architectures") or []
+def check_architecture(folder: str, named: list[str] | None, model_class) -> None:
+    """A folder whose config's `architectures` (`named`, as read_config's BertConfig keeps it) names
+    another class than its family's model is refused (a hand-edited or mixed-up config).
+    `BertModel` is what exports before this check wrote for all."""
+    named = named or []
     if named and named != ["BertModel"] and model_class.__name__ not in named:
         raise ValueError(f"{folder}/config.json: architectures {named} but its vlp section's arch is "
                          f"{model_class.arch} ({model_class.__name__}): the folder's config is inconsistent")
@@ -231,7 +231,7 @@ def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[
     bert_config, section = read_config(folder)
     if section["arch"] != model_class.arch:
         raise ValueError(f"model.init {folder} holds a {section['arch']} model, but model.arch is {model_class.arch}")
-    check_architecture(folder, model_class)
+    check_architecture(folder, bert_config.architectures, model_class)
     if section.get("feature_dim") != feature_dim:
         raise ValueError(f"model.init {folder} takes {section.get('feature_dim')}-d region features, "
                          f"but this corpus has {feature_dim}-d ones")
