@@ -95,8 +95,9 @@ def vlmae_config(args, mask_ratio: float):
     return cfg
 
 
-def flops_per_sample(trainer: Trainer, views: dict, backward: bool = True) -> float:
-    """Model FLOPs of one step (forward, + backward) per pair, on a copy of the model."""
+def flops_per_sample(trainer: Trainer, views: dict) -> tuple[float, float]:
+    """Model FLOPs per pair of one step, (forward + backward, forward), counted in one pass on a
+    copy of the model: the counter's total read after the forward and again after the backward."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -104,12 +105,12 @@ def flops_per_sample(trainer: Trainer, views: dict, backward: bool = True) -> fl
     step = Pretraining(copy.deepcopy(trainer.model), trainer.run.family)
     with FlopCounterMode(display=False) as counter:
         loss, _, _ = compute_loss(step, views, False, nullcontext())
-        if backward:
-            loss.backward()
-    batch = next(iter(views.values()))["input_ids"].shape[0]
+        forward = counter.get_total_flops()
+        loss.backward()
+    batch = int(next(iter(views.values()))["input_ids"].shape[0])
     del step
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return counter.get_total_flops() / int(batch)
+    return counter.get_total_flops() / batch, forward / batch
 
 
 def main(argv=None) -> dict:
@@ -132,10 +133,10 @@ def main(argv=None) -> dict:
         result["shape"] = {"text_layers": model.text_layers, "fusion_layers": model.fusion_layers,
                            "hidden": model.bert.config.hidden_size, "vision": model.spec["vision"],
                            "decoder": model.spec["decoder"], "parameters": trainer.parameters}
+        flops, forward_flops = flops_per_sample(trainer, prebuilt[0]["views"])
         entry = {"visible_per_image": int(prebuilt[0]["views"]["vl"]["visible_mask"].sum(1).float().mean()),
                  "elements_per_image": int(prebuilt[0]["views"]["vl"]["hidden"].shape[1]),
-                 "gflops_per_sample": flops_per_sample(trainer, prebuilt[0]["views"]) / 1e9,
-                 "forward_gflops_per_sample": flops_per_sample(trainer, prebuilt[0]["views"], False) / 1e9}
+                 "gflops_per_sample": flops / 1e9, "forward_gflops_per_sample": forward_flops / 1e9}
         result["ratios"][str(ratio)] = entry
         print(f"mask ratio {ratio}: {entry['gflops_per_sample']:.2f} GFLOPs/pair forward + backward, "
               f"{entry['forward_gflops_per_sample']:.2f} forward; {entry['visible_per_image']} of "
