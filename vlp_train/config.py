@@ -15,6 +15,7 @@ COMPILE_MODES = ("auto", "on", "off")
 REQUIRED = "<required>"  # a preset's model.init that the user must give (a folder, or "random")
 COMPILE_SCOPES = ("layers", "step")
 VISUAL_INPUTS = ("regions", "patches", "both")
+RETRIEVAL_OBJECTIVES = ("auto", "itc", "itm")  # fine-tuning's task.retrieval_objective
 
 
 @dataclass
@@ -320,13 +321,16 @@ _RANGES = {
     "task.head_hidden_scale": (lambda v: v >= 1, ">= 1"), "task.head_lr_scale": (lambda v: v > 0, "> 0"),
     "task.answer_min_count": (lambda v: v >= 1, ">= 1"), "task.candidates": (lambda v: v >= 1, ">= 1"),
     "task.iou_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "task.rerank_k": (lambda v: v >= 0, ">= 0 (0: the dual encoder alone)"),
     "run.stop_after": (lambda v: v >= 0, ">= 0"), "run.dist_timeout_s": (lambda v: v >= 1, ">= 1"), "run.max_skipped_steps": (lambda v: v >= 0, ">= 0 (0: never stop)"),
     "model.vl_layers": (lambda v: v >= 0, ">= 0 (VLMo: at most model.layers)"),
     "run.rerank_k": (lambda v: v >= 0, ">= 0 (0: no ITM re-ranking)"),
 }
 _CHOICES = {"run.device": ("auto", "cpu", "cuda"), "objectives.schedule": ("round_robin", "mixed"),
             "model.compile": COMPILE_MODES, "model.compile_scope": COMPILE_SCOPES, "model.stage": STAGES,
-            "model.visual": VISUAL_INPUTS}
+            "model.visual": VISUAL_INPUTS,
+            # fine-tuning's own keys (vlp_train/finetune/config.py)
+            "task.retrieval_objective": RETRIEVAL_OBJECTIVES}
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlp_train.config import (_CHOICES, _RANGES, ModelConfig, OptimConfig, RunConfig, Sections, apply_overrides,
-                              check_keys, check_model)
-from vlp_train.finetune.tasks import RETRIEVAL_OBJECTIVES
+from vlp_train.config import ModelConfig, OptimConfig, RunConfig, Sections, apply_overrides, check_keys, check_model
 
 
 @dataclass
@@ -91,9 +89,6 @@ PRESETS: dict[str, dict] = {
     "easy-vqa": {"optim.epochs": 5, "optim.lr": 1e-4, "data.batch_size": 32, "task.head_lr_scale": 10.0,
                  "data.eval_split": "test", "model.max_text_len": 24},
 }
-
-_RANGES["task.rerank_k"] = (lambda v: v >= 0, ">= 0 (0: the dual encoder alone)")
-_CHOICES["task.retrieval_objective"] = RETRIEVAL_OBJECTIVES
 
 
 def load_config(task: str, overrides: list[str] | None = None) -> FinetuneConfig:
