@@ -157,19 +157,24 @@ def refcoco_accuracy(predicted_boxes: Mapping[str, Sequence[float]], examples: S
 # ---- retrieval --------------------------------------------------------------------------------------
 
 def retrieval_recalls(scores: np.ndarray, text_image: Sequence[int], ks: Sequence[int] = RETRIEVAL_KS,
-                      chunk: int = 2048) -> dict:
+                      chunk: int = 2048, image_scores: np.ndarray | None = None) -> dict:
     """R@K both ways from scores[image, text] (higher = better match) and each text's image index.
+    `image_scores` [image, text]: the ranking of image retrieval when it differs from text
+    retrieval's (each direction's top k re-scored apart); None: `scores` ranks both.
 
     Returns {"tr@K": text retrieval (image -> text), "ir@K": image retrieval (text -> image),
     "rsum": sum of all, "rmean": their mean}, in percent."""
     scores = np.asarray(scores)
+    image_scores = scores if image_scores is None else np.asarray(image_scores)
     text_image = np.asarray(text_image, dtype=np.int64)
     n_images, n_texts = scores.shape
+    if image_scores.shape != scores.shape:
+        raise ValueError(f"image_scores has shape {image_scores.shape}, scores {scores.shape}: both are [images, texts]")
     if text_image.shape != (n_texts,):
         raise ValueError(f"text_image must give one image per text ({n_texts}), got shape {text_image.shape}")
     if n_texts == 0 or text_image.min() < 0 or text_image.max() >= n_images:
         raise ValueError(f"text_image must index the {n_images} images")
-    if np.isnan(scores).any():
+    if np.isnan(scores).any() or np.isnan(image_scores).any():
         raise ValueError("retrieval scores contain NaN")
     captions_of = np.bincount(text_image, minlength=n_images)
     if (captions_of == 0).any():
@@ -181,7 +186,8 @@ def retrieval_recalls(scores: np.ndarray, text_image: Sequence[int], ks: Sequenc
     text_ranks = np.concatenate([(scores[i:i + chunk] >= best_gt[i:i + chunk, None]).sum(1) - 1
                                  for i in range(0, n_images, chunk)])
     # Image retrieval: the caption's one image; rank = images scored at least as high, minus itself.
-    image_ranks = np.concatenate([(scores[:, j:j + chunk] >= gt_scores[None, j:j + chunk]).sum(0) - 1
+    gt_image_scores = image_scores[text_image, np.arange(n_texts)]
+    image_ranks = np.concatenate([(image_scores[:, j:j + chunk] >= gt_image_scores[None, j:j + chunk]).sum(0) - 1
                                   for j in range(0, n_texts, chunk)])
     out = {}
     for k in ks:

@@ -295,19 +295,6 @@ def pair_key(image_key: str) -> int:
     return text_key(image_key)
 
 
-def recalls_of_directions(image_to_text, text_to_image, text_image) -> dict:
-    """R@K with text retrieval ranked by `image_to_text` and image retrieval by `text_to_image` (both
-    [images, texts]; they differ once each direction's top k is re-scored)."""
-    from vlp_train.finetune.metrics import retrieval_recalls
-    tr = retrieval_recalls(image_to_text, text_image)
-    ir = retrieval_recalls(text_to_image, text_image)
-    out = {**{k: v for k, v in tr.items() if k.startswith("tr@")},
-           **{k: v for k, v in ir.items() if k.startswith("ir@")}}
-    out["rsum"] = float(sum(out.values()))
-    out["rmean"] = out["rsum"] / (len(out) - 1)
-    return out
-
-
 @torch.no_grad()
 def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[dict, dict]:
     """Every image of the split and every caption through the dual encoder (embed_images,
@@ -341,16 +328,16 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
             text_features.append(encoder.embed_texts(x["input_ids"], x["text_mask"]).float().cpu())
     scores = torch.cat(image_features) @ torch.cat(text_features).T  # [images, texts]
     k = min(cfg.task.rerank_k, len(images), len(texts))
-    if not k:
-        metrics, image_to_text, text_to_image = retrieval_recalls(scores.numpy(), text_image), scores, scores
-    else:
+    image_to_text = text_to_image = scores
+    if k:
         def pair_of(text_rows, image_rows):
             t = text_inputs([texts[i] for i in text_rows.tolist()])
             v = image_inputs([images[i] for i in image_rows.tolist()])
             return t["input_ids"], t["text_mask"], v["features"], v["locations"], v["region_mask"], v.get("pixels")
         image_to_text = rerank_scores(encoder, scores, k, lambda q, c: pair_of(c, q), size, autocast)
         text_to_image = rerank_scores(encoder, scores.T, k, lambda q, c: pair_of(q, c), size, autocast).T
-        metrics = recalls_of_directions(image_to_text.numpy(), text_to_image.numpy(), text_image)
+    metrics = retrieval_recalls(image_to_text.numpy(), text_image, image_scores=text_to_image.numpy())
+    if k:
         metrics["rerank_k"] = k
     top = text_to_image.argmax(0)
     return metrics, {e.example_id: images[int(top[t])] for t, e in enumerate(data.examples)}

@@ -103,6 +103,12 @@ def test_retrieval_recall_at_k_by_hand():
     reranked = np.full((3, 6), -np.inf)
     reranked[0, 0] = reranked[1, 2] = reranked[2, 5] = 1.0
     assert metrics.retrieval_recalls(reranked, text_image, ks=(1,))["tr@1"] == 100.0
+    # image_scores ranks image retrieval alone: text retrieval stays `scores`'s
+    apart = metrics.retrieval_recalls(scores, text_image, ks=(1,), image_scores=reranked)
+    assert apart["tr@1"] == pytest.approx(100 / 3) and apart["ir@1"] == pytest.approx(300 / 6)
+    assert apart["rmean"] == pytest.approx((100 / 3 + 300 / 6) / 2)
+    with pytest.raises(ValueError, match="image_scores"):
+        metrics.retrieval_recalls(scores, text_image, image_scores=scores[:2])
     # Folds: each of 3 one-image folds ranks its own 2 captions only.
     assert metrics.retrieval_recalls_folds(scores, text_image, 3, ks=(1,))["tr@1"] == 100.0
     with pytest.raises(ValueError, match="no caption"):
