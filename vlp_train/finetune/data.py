@@ -10,7 +10,8 @@ import random
 import numpy as np
 import torch
 
-from vlp_train.finetune.regions import DetectionIndex, Regions, load_regions, match_images
+from vlp_train.finetune.formats.images import match_reported
+from vlp_train.finetune.regions import DetectionIndex, Regions, load_regions
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class SplitData:
         what = f"{task.name} {read.split}"
         self.regions: dict[str, Regions] = {}
         if index is not None:
-            detection_of = match_images(index, image_keys(examples), what)
+            detection_of = match_reported(image_keys(examples), index.where, what)
             regions = load_regions(index, set(detection_of.values()), max_regions)
             self.regions = {key: regions[d] for key, d in detection_of.items() if d in regions}
             examples_with = covered_examples(examples, self.regions, what, "regions", "usable detections")

@@ -6,12 +6,9 @@ paths compared from the end, extensions dropped), and decoded as pre-training de
 normalised on the device by the patch embedding)."""
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 # what counts as an image file in the folder (the formats the releases ship: COCO/Flickr30K JPEGs,
 # easy-VQA PNGs, NLVR2 .png files that are often JPEGs inside: load_pixels decodes by content)
@@ -38,14 +35,12 @@ class ImageFolder:
     def match(self, keys: list[str], what: str) -> dict[str, str]:
         """dataset image key -> its file; images without a file are reported (count and examples),
         none matching stops with names from both sides (formats.images.NoImagesMatched)."""
-        from vlp_train.finetune.formats.images import match_images
+        from vlp_train.finetune.formats.images import match_reported
 
-        found = match_images(keys, self.files, other=f"image files under --images {self.root}",
-                             hint="give --images the folder that holds the dataset's own image files")
-        if found.missing or found.ambiguous:
-            log.warning("%s: %s; their examples are left out", what,
-                        found.report().replace("have detections", "have an image file"))
-        return {key: self.files[rel] for key, rel in found.detection_of.items()}
+        relative = match_reported(keys, self.files, what, "image file",
+                                  other=f"image files under --images {self.root}",
+                                  hint="give --images the folder that holds the dataset's own image files")
+        return {key: self.files[rel] for key, rel in relative.items()}
 
 
 def read_pixels(path: str, size: int, example: str) -> np.ndarray:

@@ -143,14 +143,3 @@ def _records(path: str, rows: set[int]):
     for row, (where, record) in enumerate(_jsonl_records(path)):
         if row in rows:
             yield where, record
-
-
-def match_images(index: DetectionIndex, keys: list[str], what: str) -> dict[str, str]:
-    """dataset image key -> detection image_id; the images without detections are reported (count
-    and examples); none matching stops with ids from both sides (formats.images.NoImagesMatched)."""
-    from vlp_train.finetune.formats.images import match_images as match
-
-    found = match(keys, index.where)
-    if found.missing or found.ambiguous:
-        log.warning("%s: %s; their examples are left out", what, found.report())
-    return found.detection_of

@@ -47,7 +47,11 @@ def test_match_images_split_folders_and_nlvr2_buckets():
     match = images.match_images(["train-1-0-img0", "train-2-0-img0"],
                                 ["a/train-1-0-img0.png", "b/train-1-0-img0.jpg", "train-2-0-img0.png"])
     assert match.ambiguous == (("train-1-0-img0", ("a/train-1-0-img0.png", "b/train-1-0-img0.jpg")),)
-    assert "more than one" in match.report()
+    assert "more than one detection equally" in match.report()
+    # an images folder's files: both clauses name image files, none names detections
+    files = match.report("image file")
+    assert "1 of 2 images have image files" in files and "match more than one image file equally" in files
+    assert "detection" not in files
 
 
 def test_match_images_none_shows_both_sides():

@@ -30,6 +30,7 @@ decoded by content by the detector; only their names matter here.
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 from collections import defaultdict
@@ -42,6 +43,8 @@ COCO_SUBSETS = ("train2014", "val2014", "test2014", "test2015")
 _COCO_NAME = re.compile(r"^COCO_(train2014|val2014|test2014|test2015)_(\d{12})$")
 _NLVR2_IDENTIFIER = re.compile(r"^([A-Za-z0-9]+)-(\d+)-(\d+)-(\d+)$")
 EXAMPLES_SHOWN = 5
+
+log = logging.getLogger(__name__)
 
 
 # ---- one function per dataset: dataset ids -> keys ------------------------------------------------
@@ -100,14 +103,15 @@ class ImageMatch:
     ambiguous: tuple[tuple[str, tuple[str, ...]], ...]
     total: int
 
-    def report(self) -> str:
-        """One line for the log: how many images have detections, and examples of those without."""
-        line = f"{len(self.detection_of)} of {self.total} images have detections"
+    def report(self, noun: str = "detection") -> str:
+        """One line for the log: how many images have a `noun` (a detection, an image file), and
+        examples of those without one or with more than one."""
+        line = f"{len(self.detection_of)} of {self.total} images have {noun}s"
         if self.missing:
             line += (f"; {len(self.missing)} have none (e.g. {', '.join(self.missing[:EXAMPLES_SHOWN])})")
         if self.ambiguous:
             key, ids = self.ambiguous[0]
-            line += f"; {len(self.ambiguous)} match more than one detection equally (e.g. {key}: {', '.join(ids)})"
+            line += f"; {len(self.ambiguous)} match more than one {noun} equally (e.g. {key}: {', '.join(ids)})"
         return line
 
 
@@ -180,3 +184,14 @@ def match_images(dataset_keys: Iterable[str], detection_ids: Iterable[str],
             "A key matches an id when one path (extension dropped) ends with the other "
             f"(see vlp_train/finetune/formats/images.py); {hint}.")
     return ImageMatch(detection_of, tuple(missing), tuple(ambiguous), len(keys))
+
+
+def match_reported(dataset_keys: Iterable[str], ids: Iterable[str], what: str, noun: str = "detection",
+                   **naming) -> dict[str, str]:
+    """`match_images` for a job's split `what`: dataset key -> id, the images without one (or with
+    more than one) reported in the log as a `noun`'s (their examples are left out); `naming`: its
+    `other` and `hint`."""
+    found = match_images(dataset_keys, ids, **naming)
+    if found.missing or found.ambiguous:
+        log.warning("%s: %s; their examples are left out", what, found.report(noun))
+    return found.detection_of
