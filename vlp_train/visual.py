@@ -2,7 +2,8 @@
 maps onto the patches.
 
 - `RegionEmbedding`: a detector region (feature + box) as one token.
-- `PatchEmbedding`: the image as 16x16 patches (ViT / ViLT): a convolution, learned position
+- `PatchGrid`: what every model on patches shares (the grid, timm's `patch_embed.proj`, pixel
+  normalisation, a patch's pixels as a target); `PatchEmbedding`: the image as 16x16 patches (ViT / ViLT): a convolution, learned position
   embeddings (resized bicubically when the model's grid differs from the one they were trained at),
   a visual [CLS]; its parameter names are timm's (`patch_embed.proj`, `pos_embed`, `cls_token`),
   so a ViT's embedding loads into it as it is.
@@ -69,7 +70,34 @@ class PatchProjection(nn.Module):
         self.proj = nn.Conv2d(3, hidden, kernel_size=patch_size, stride=patch_size)
 
 
-class PatchEmbedding(nn.Module):
+class PatchGrid(nn.Module):
+    """What every model on patches shares: the image_size square cut into grid x grid patches of
+    patch_size, timm's `patch_embed.proj` (a patch to a token) and the pixel statistics it
+    normalises by (on the device). A subclass adds its own tokens ([CLS], positions, ...)."""
+
+    def __init__(self, hidden: int, image_size: int, patch_size: int, mean, std):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"model.image_size={image_size} is not a multiple of model.patch_size={patch_size}")
+        self.image_size, self.patch_size, self.grid = image_size, patch_size, image_size // patch_size
+        self.patch_embed = PatchProjection(hidden, patch_size)
+        # from the config (saved with the model), not the state dict
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return normalise_pixels(pixels, self.mean, self.std)
+
+    def project(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels uint8 [B, S, S, 3] -> each patch's token [B, N, D], row-major."""
+        return self.patch_embed.proj(self.normalise(pixels)).flatten(2).transpose(1, 2)
+
+    def pixel_targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Each patch's normalised pixels, [B, N, patch * patch * 3], row-major as the patches."""
+        return patchify(self.normalise(pixels), self.patch_size)
+
+
+class PatchEmbedding(PatchGrid):
     """The image as [visual CLS] + grid x grid patch tokens: Conv(patch) + position embedding +
     modality (token type 1, shared with the regions), layer-normed as BERT's inputs are. A masked
     patch's projection is replaced by a learned `mask_token` (BEiT / SimMIM) before the position
@@ -77,20 +105,13 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, hidden: int, image_size: int, patch_size: int, token_type: nn.Embedding, eps: float,
                  dropout: float, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-        self.image_size, self.patch_size, self.grid = image_size, patch_size, image_size // patch_size
-        self.patch_embed = PatchProjection(hidden, patch_size)
+        super().__init__(hidden, image_size, patch_size, mean, std)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, hidden))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.token_type = token_type
         self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        # from the config (saved with the model), not the state dict
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         for p in (self.cls_token, self.pos_embed, self.mask_token):
             nn.init.trunc_normal_(p, std=0.02)
 
@@ -103,15 +124,12 @@ class PatchEmbedding(nn.Module):
     def num_patches(self) -> int:
         return self.grid ** 2
 
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        return normalise_pixels(pixels, self.mean, self.std)
-
     def forward(self, pixels: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         """pixels uint8 [B, S, S, 3]; masked [B, N] bool (True: hidden) -> [B, 1 + N, D]."""
         if pixels.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"pixels of {tuple(pixels.shape[1:3])}, but the patch embedding takes "
                              f"{self.image_size} x {self.image_size}")
-        x = self.patch_embed.proj(self.normalise(pixels)).flatten(2).transpose(1, 2)
+        x = self.project(pixels)
         if masked is not None:
             x = torch.where(masked.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
@@ -122,7 +140,7 @@ class PatchEmbedding(nn.Module):
         """The regression target of a patch when a region has no feature: its normalised pixels,
         [B, N, patch * patch * 3], each patch standardised by its own mean and variance (MAE's
         norm_pix_loss, which its authors found to give better representations)."""
-        return standardise(patchify(self.normalise(pixels), self.patch_size))
+        return standardise(self.pixel_targets(pixels))
 
     def load_vit(self, weights: dict[str, torch.Tensor], where: str) -> None:
         """The patch projection, [CLS] and position embeddings from a ViT's canonical weights

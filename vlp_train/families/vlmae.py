@@ -39,7 +39,7 @@ from vlp_train.objectives.image_sentence import image_sentence_losses
 from vlp_train.objectives.region_phrase import region_phrase_losses
 from vlp_train.objectives.region_tag import region_tag_losses
 from vlp_train.tasks import Task
-from vlp_train.visual import PatchProjection, normalise_pixels, patchify, standardise
+from vlp_train.visual import PatchGrid, standardise
 
 log = logging.getLogger(__name__)
 
@@ -128,25 +128,16 @@ class RegionTokens(nn.Module):
         return view["features"]
 
 
-class PatchTokens(nn.Module):
+class PatchTokens(PatchGrid):
     """The image's elements as patch_size patches of the image_size square image (`pixels`, uint8
     [B, S, S, 3] from the loader): timm's `patch_embed.proj` and `pos_embed` (whose first row is the
     [CLS]'s), so a ViT's embedding loads by name. Pixels are normalised here, on the device."""
 
     def __init__(self, width: int, image_size: int, patch_size: int, mean, std):
-        super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"model.image_size={image_size} is not a multiple of model.patch_size={patch_size}")
-        self.image_size, self.patch_size, self.grid = image_size, patch_size, image_size // patch_size
-        self.patch_embed = PatchProjection(width, patch_size)
+        super().__init__(width, image_size, patch_size, mean, std)
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("cells", torch.from_numpy(patch_cells(self.grid)), persistent=False)
-
-    def normalise(self, pixels):
-        return normalise_pixels(pixels, self.mean, self.std)
 
     def forward(self, view, features=None):
         if features is not None and features is not view.get("features"):
@@ -154,7 +145,7 @@ class PatchTokens(nn.Module):
         pixels = view.get("pixels")
         if pixels is None:
             raise ValueError("model.visual=patches needs the images' pixels, and this batch has none")
-        x = self.patch_embed.proj(self.normalise(pixels)).flatten(2).transpose(1, 2)
+        x = self.project(pixels)
         return x + self.pos_embed[:, 1:].to(x.dtype)
 
     @property
@@ -170,7 +161,7 @@ class PatchTokens(nn.Module):
 
     def targets(self, view):
         """Each patch's (normalised) pixels, [B, N, patch * patch * 3], row-major as the patches."""
-        return patchify(self.normalise(view["pixels"]), self.patch_size)
+        return self.pixel_targets(view["pixels"])
 
 
 def patch_cells(grid: int) -> np.ndarray:
