@@ -240,23 +240,32 @@ def _reject_stats(record: dict):
 SCORE_UNITS = 10**6  # scores are summed as integer micro-units: exact, so in any order of bundles
 
 
-def render_stats(totals: dict, options: BuildOptions) -> dict:
-    def ratio(a, b):
-        return round(totals.get(a, 0) / totals[b], 6) if totals.get(b) else 0.0
-
+def _rejected_stats(totals: dict) -> dict:
+    """What every run's stats file says of its dead letters (by "stage: reason") and of the regions
+    its reader clipped or dropped, with the schema version."""
     rejected = {k.split("/", 1)[1]: v for k, v in sorted(totals.items()) if k.startswith("rejected/")}
-    image_rejects = sum(v for k, v in rejected.items()
-                        if k.split(":")[0] in ("read_images", "detect", "read_detections"))
     return {
         "schema_version": schemas.SCHEMA_VERSION,
-        "images_in": totals.get("images_valid", 0) + image_rejects,
-        "images_valid": totals.get("images_valid", 0),
-        "images_retrieved": totals.get("images_retrieved", 0),
-        "images_out": totals.get("images_out", 0) if options.shards else totals.get("images_retrieved", 0),
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
         "boxes_clipped": totals.get(BOXES_CLIPPED, 0),
         REGIONS_DROPPED: totals.get(REGIONS_DROPPED, 0),
+    }
+
+
+def render_stats(totals: dict, options: BuildOptions) -> dict:
+    def ratio(a, b):
+        return round(totals.get(a, 0) / totals[b], 6) if totals.get(b) else 0.0
+
+    common = _rejected_stats(totals)
+    image_rejects = sum(v for k, v in common["rejected"].items()
+                        if k.split(":")[0] in ("read_images", "detect", "read_detections"))
+    return {
+        **common,
+        "images_in": totals.get("images_valid", 0) + image_rejects,
+        "images_valid": totals.get("images_valid", 0),
+        "images_retrieved": totals.get("images_retrieved", 0),
+        "images_out": totals.get("images_out", 0) if options.shards else totals.get("images_retrieved", 0),
         "sentences": totals.get("sentences", 0),
         "text": {k[len("text_"):]: v for k, v in sorted(totals.items()) if k.startswith("text_")},
         "k": options.retrieve.k,
@@ -443,13 +452,7 @@ def build_retrieval_pipeline(options: BuildOptions, beam_args: list[str] | None 
                  lambda tags: json_bytes({"schema_version": schemas.SCHEMA_VERSION, "tags": tags}), sort_key=str))
 
     # Dead letters and the run's statistics: every stage's, as its output gives them
-    rejected = tuple(stage.rejected for stage in stages) | "AllRejected" >> beam.Flatten()
-    _ = rejected | "WriteRejected" >> write_rejected(out, BUILD_REJECTED)
-    counts = (*(stage.counts for stage in stages), rejected | "CountRejected" >> beam.FlatMap(_reject_stats))
-    _ = (counts | "AllStats" >> beam.Flatten()
-         | "SumStats" >> beam.CombinePerKey(sum)
-         | "StatsDict" >> beam.combiners.ToDict()
-         | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_stats(totals, options))))
+    write_rejected_and_stats(stages, out, BUILD_REJECTED, lambda totals: render_stats(totals, options))
     publish_when_done(p, options.output, BUILD_ENTRIES, check=BuildCheck(options))
     return p
 
@@ -520,31 +523,32 @@ def _write_detections(p, detections, stages: list[StageOutput], output: str, det
     _ = (detections | "DetectionRows" >> beam.Map(_detection_row)
          | "WriteDetections" >> WriteTable(out, "detections", schemas.DETECTIONS, lambda r: r["image_id"],
                                            detections_per_file))
-    rejected = tuple(stage.rejected for stage in stages) | "AllRejected" >> beam.Flatten()
-    _ = rejected | "WriteRejected" >> write_rejected(out, DETECT_REJECTED)
-    counts = (*(stage.counts for stage in stages), rejected | "CountRejected" >> beam.FlatMap(_reject_stats),
-              detections | "CountDetections" >> beam.Map(lambda _: ("detections", 1)))
-    _ = (counts | "AllStats" >> beam.Flatten()
-         | "SumStats" >> beam.CombinePerKey(sum)
-         | "StatsDict" >> beam.combiners.ToDict()
-         | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render_detect_stats(totals), DETECT_STATS)))
+    write_rejected_and_stats(stages, out, DETECT_REJECTED, render_detect_stats, DETECT_STATS,
+                             extra_counts=[detections | "CountDetections" >> beam.Map(lambda _: ("detections", 1))])
     publish_when_done(p, output, DETECT_ENTRIES)
 
 
 def render_detect_stats(totals: dict) -> dict:
     """detect_stats.json from the summed counts of a detect / convert-detections run."""
-    rejected = {k.split("/", 1)[1]: v for k, v in sorted(totals.items()) if k.startswith("rejected/")}
-    return {
-        "schema_version": schemas.SCHEMA_VERSION,
-        "detections": totals.get("detections", 0),
-        "rejected": rejected,
-        "rejected_total": sum(rejected.values()),
-        "boxes_clipped": totals.get(BOXES_CLIPPED, 0),
-        REGIONS_DROPPED: totals.get(REGIONS_DROPPED, 0),
-    }
+    return {**_rejected_stats(totals), "detections": totals.get("detections", 0)}
 
 
-def _write_stats(out: str, stats: dict, name: str = "stats.json") -> None:
+def write_rejected_and_stats(stages: list[StageOutput], out: str, rejected_entry: str, render,
+                             stats_name: str = "stats.json", extra_counts=()) -> None:
+    """The `stages`' dead letters -> OUT/rejected_entry/; their counts, the dead letters by reason
+    and `extra_counts`, summed -> render(totals) -> OUT/stats_name. A plain function applied to the
+    pipeline (not a PTransform), so its steps keep their top-level labels (AllRejected, WriteStats, ...)."""
+    rejected = tuple(stage.rejected for stage in stages) | "AllRejected" >> beam.Flatten()
+    _ = rejected | "WriteRejected" >> write_rejected(out, rejected_entry)
+    counts = (*(stage.counts for stage in stages), rejected | "CountRejected" >> beam.FlatMap(_reject_stats),
+              *extra_counts)
+    _ = (counts | "AllStats" >> beam.Flatten()
+         | "SumStats" >> beam.CombinePerKey(sum)
+         | "StatsDict" >> beam.combiners.ToDict()
+         | "WriteStats" >> beam.Map(lambda totals: _write_stats(out, render(totals), stats_name)))
+
+
+def _write_stats(out: str, stats: dict, name: str) -> None:
     write_bytes(posixpath.join(out, name), json_bytes(stats))
 
 
