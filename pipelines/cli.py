@@ -106,6 +106,32 @@ def field_option(*param_decls, owner: type, field: str, **attrs):
     return click.option(*param_decls, cls=FieldOption, owner=owner, field=field, **attrs)
 
 
+def wait_option():
+    return click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
+
+
+def overwrite_option():
+    return click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+
+
+def detections_output_options():
+    """The flags of every command that writes OUTPUT/detections (detect, convert-detections), defined
+    once: --output, --overwrite, --detections-per-file, --wait/--no-wait."""
+    flags = [
+        click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/."),
+        overwrite_option(),
+        field_option("--detections-per-file", owner=ShardOptions, field="detections_per_file", type=click.IntRange(1),
+                     help="About this many images' detections (with region features) per Parquet file."),
+        wait_option(),
+    ]
+
+    def decorate(command):
+        for flag in reversed(flags):
+            command = flag(command)
+        return command
+    return decorate
+
+
 def region_cap_option():
     return field_option("--max-regions", owner=DetectOptions, field="max_regions", type=click.IntRange(1),
                         help="At most this many regions per image, highest score first (the detector's, and "
@@ -174,7 +200,7 @@ def detector_options(grid: bool = False):
 @click.option("--images", help="Images (jpg/png/webp) or WebDataset tars of images, path or glob; runs the detector.")
 @click.option("--text", help="Text corpus: .txt/.txt.gz (a sentence per line) or Parquet with a `text` column; globs allowed.")
 @field_option("--output", owner=BuildOptions, field="output", help="Output directory (local or gs://).")
-@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@overwrite_option()
 @field_option("--k", owner=RetrieveOptions, field="k", type=click.IntRange(1), help="Sentences retrieved per image.")
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
 @click.option("--sbert-backend", type=click.Choice(SBERT_BACKENDS),
@@ -224,7 +250,7 @@ def detector_options(grid: bool = False):
               help="--store-images: the stored image's longer side in pixels (smaller images are not enlarged).")
 @click.option("--image-root", help="--store-images with --detections: the folder holding the images; an image id "
                                    "names DIR/{id}, else DIR/{id}.jpg/.jpeg/.png/.webp (local or gs://).")
-@click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
+@wait_option()
 @click.pass_context
 def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, sbert_backend, batch_size, device,
                     index_type, nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, embeddings_dir,
@@ -284,25 +310,41 @@ def run_build(options: BuildOptions, beam_args: list[str], wait: bool = True) ->
         pipeline = build.build_retrieval_pipeline(options, beam_args)
     except (ValueError, FileNotFoundError) as err:
         raise RunError(str(err)) from err
+    ran = _run_job(pipeline, options.output, wait,
+                   before=lambda: click.echo(f"running build-retrieval on "
+                                             f"{pipeline.options.get_all_options()['runner']} ..."),
+                   on_failure=lambda: _raise_run_problem(options))
+    if ran is None:
+        return {}
+    result, elapsed = ran
+    stats = build.read_stats(options.output)  # published by the pipeline's last step
+    _print_summary(stats, result, elapsed, options)
+    return stats
+
+
+def _run_job(pipeline, output: str, wait: bool, before=lambda: None, on_failure=lambda: None):
+    """How every command runs its pipeline. A dry run: the runner translates and validates the whole
+    job, then stops; nothing is written -> None. Otherwise `before()` (checks, claims, a message once
+    the job will run), OUTPUT's staging cleared, then either submitted (not `wait`) -> None, or run to
+    the end with progress -> (result, seconds); `on_failure()` may replace a run's error with a clearer
+    one. The pipeline publishes its own output as its last step."""
+    from pipelines import build
     if is_dry_run(pipeline):
-        _run(pipeline)  # the runner translates and validates the whole job, then stops
+        _run(pipeline)
         click.echo("dry run: the job was built and validated by the runner, not submitted")
-        return {}
-    build.clear_staging(options.output)
-    click.echo(f"running build-retrieval on {pipeline.options.get_all_options()['runner']} ...")
+        return None
+    before()
+    build.clear_staging(output)
     if not wait:
-        _submit(pipeline, options.output)
-        return {}
+        _submit(pipeline, output)
+        return None
     start = time.perf_counter()
     try:
         result = _run(pipeline, progress=True)
     except RunError:
-        _raise_run_problem(options)
+        on_failure()
         raise
-    elapsed = time.perf_counter() - start
-    stats = build.read_stats(options.output)  # published by the pipeline's last step
-    _print_summary(stats, result, elapsed, options)
-    return stats
+    return result, time.perf_counter() - start
 
 
 def _raise_run_problem(options: BuildOptions) -> None:
@@ -416,12 +458,8 @@ def _root_message(err: BaseException) -> str:
 
 @main.command("detect", context_settings=BEAM_PASSTHROUGH)
 @click.option("--images", required=True, help="Images or WebDataset tars of images (path or glob).")
-@click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/.")
-@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@detections_output_options()
 @detector_options(grid=True)
-@field_option("--detections-per-file", owner=ShardOptions, field="detections_per_file", type=click.IntRange(1),
-              help="About this many images' detections (with region features) per Parquet file.")
-@click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
 @click.pass_context
 def detect(ctx, images, output, overwrite, detector, detections_per_file, wait):
     """Run only the detector: images -> detections Parquet (with region features), reusable
@@ -436,12 +474,8 @@ def detect(ctx, images, output, overwrite, detector, detections_per_file, wait):
 @click.option("--detections", required=True,
               help="Detections in any layout build-retrieval reads: JSON Lines, Parquet, VinVL predictions.tsv + "
                    "features.tsv, Oscar/VinVL X.label.tsv / X.feature.tsv / X.hw.tsv or X.yaml (path, glob or comma list).")
-@click.option("--output", required=True, help="Output directory: detections/*.parquet + rejected/.")
-@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@detections_output_options()
 @region_cap_option()
-@field_option("--detections-per-file", owner=ShardOptions, field="detections_per_file", type=click.IntRange(1),
-              help="About this many images' detections (with region features) per Parquet file.")
-@click.option("--wait/--no-wait", default=True, show_default=True, help=WAIT_HELP)
 @click.pass_context
 def convert_detections(ctx, detections, output, overwrite, max_regions, detections_per_file, wait):
     """Re-write detections (e.g. VinVL's TSV files) as `vlp-data detect` writes them: validated,
@@ -456,20 +490,13 @@ def convert_detections(ctx, detections, output, overwrite, max_regions, detectio
 def _run_detections_job(pipeline, output: str, overwrite: bool, inputs: dict[str, str], wait: bool) -> None:
     """Run (or dry-run, or submit) a job that writes OUTPUT/detections, after checking its inputs
     match files and claiming OUTPUT."""
-    from pipelines import build
-    if is_dry_run(pipeline):
-        _run(pipeline)
-        click.echo("dry run: the job was built and validated by the runner, not submitted")
-        return
-    check_inputs(inputs)
-    claim_output(output, overwrite)
-    build.clear_staging(output)
-    if not wait:
-        _submit(pipeline, output)
-        return
-    start = time.perf_counter()
-    _run(pipeline, progress=True)  # the pipeline publishes as its last step
-    click.echo(f"done in {time.perf_counter() - start:.1f}s -> {output}/detections")
+    def check_and_claim():
+        check_inputs(inputs)
+        claim_output(output, overwrite)
+
+    ran = _run_job(pipeline, output, wait, before=check_and_claim)
+    if ran is not None:
+        click.echo(f"done in {ran[1]:.1f}s -> {output}/detections")
 
 
 @main.command("finish-publish")
