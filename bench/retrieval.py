@@ -70,7 +70,7 @@ def bench_embed(args, sync) -> dict:
     model = load_sentence_model(None, args.device, fp16=True)
     encoder = MeanPoolingEncoder(model)
     chunk = encoder.chunk_size(args.batch_size)  # the tokenizer alone, on the chunks encode() cuts
-    host = timed(lambda: [encoder._tokenize(texts[s:s + chunk]) for s in range(0, len(texts), chunk)], args.repeats)
+    host = timed(lambda: [encoder.tokens.tokenize(texts[s:s + chunk]) for s in range(0, len(texts), chunk)], args.repeats)
     ours, plain = timed_pair(lambda: encode(model, texts, args.batch_size),
                              lambda: model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True,
                                                   convert_to_numpy=True, show_progress_bar=False), args.repeats, sync)

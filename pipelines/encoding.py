@@ -62,6 +62,30 @@ def token_ids(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int
                      return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
 
+class BatchTokenizer:
+    """A sentence model's tokenizer as every backend uses it: texts -> unpadded token ids and their
+    lengths (`token_ids`; one caller at a time, since the HF tokenizer sets truncation on its Rust
+    object per call), and rows of those -> a padded int64 batch with its attention mask."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.pad_id = tokenizer.pad_token_id or 0
+        self._lock = threading.Lock()
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        with self._lock:
+            ids = token_ids(self.tokenizer, texts, self.max_length)
+        return ids, np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+
+    def pad(self, ids: list[list[int]], rows: np.ndarray, row_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ids[rows] (of lengths `row_lengths`) padded to the longest -> (input_ids, attention_mask)."""
+        width = int(row_lengths.max())
+        batch = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        for r, i in enumerate(rows):
+            batch[r, :row_lengths[r]] = ids[i]
+        return batch, (np.arange(width)[None, :] < row_lengths[:, None]).astype(np.int64)
+
+
 def load_sentence_encoder(path: str | None, device: str = "cpu", fp16: bool = True, backend: str = "torch"):
     """What `encode` takes for `backend`: the SentenceTransformer itself (torch), or an
     OnnxSentenceEncoder made from it (onnx, onnx-int8: CPU only; the export is cached)."""
@@ -101,18 +125,10 @@ class MeanPoolingEncoder:
                 and modules[1].get_config_dict().get("pooling_mode") == "mean"
                 and all(isinstance(m, Normalize) for m in modules[2:])):
             raise TypeError("not a Transformer + mean Pooling (+ Normalize) model")
-        self._tokenizer, self._max_length = sentence_tokenizer(model)
+        self.tokens = BatchTokenizer(*sentence_tokenizer(model))
         self._encoder = modules[0].auto_model
-        self._pad_id = self._tokenizer.pad_token_id or 0
         self._device = next(self._encoder.parameters()).device
         self._chunk_batches = chunk_batches
-        # the HF tokenizer sets truncation on its Rust object per call: one caller at a time
-        self._tokenizer_lock = threading.Lock()
-
-    def _tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
-        with self._tokenizer_lock:
-            ids = token_ids(self._tokenizer, texts, self._max_length)
-        return ids, np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
 
     def chunk_size(self, batch_size: int) -> int:
         """Texts tokenised at a time (and sorted by length within)."""
@@ -126,7 +142,8 @@ class MeanPoolingEncoder:
         starts = range(0, len(texts), chunk)
         pieces = (texts[s:s + chunk] for s in starts)
         on_gpu = self._device.type == "cuda"
-        tokenized = one_ahead(self._tokenize, pieces) if on_gpu and len(starts) > 1 else map(self._tokenize, pieces)
+        tokenize = self.tokens.tokenize
+        tokenized = one_ahead(tokenize, pieces) if on_gpu and len(starts) > 1 else map(tokenize, pieces)
         out = torch.empty((len(texts), self._encoder.config.hidden_size), dtype=torch.float32, device=self._device)
         with torch.inference_mode():
             for offset, (ids, lengths) in zip(starts, tokenized):
@@ -140,12 +157,8 @@ class MeanPoolingEncoder:
         """Normalised mean-pooled vectors of the rows (longest first) on the device."""
         import torch
 
-        width = int(lengths[0])
-        batch = np.full((len(rows), width), self._pad_id, dtype=np.int64)
-        for r, i in enumerate(rows):
-            batch[r, :lengths[r]] = ids[i]
-        input_ids = torch.from_numpy(batch)
-        attention = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+        batch, mask = self.tokens.pad(ids, rows, lengths)
+        input_ids, attention = torch.from_numpy(batch), torch.from_numpy(mask)
         if pin:
             input_ids, attention = input_ids.pin_memory(), attention.pin_memory()
         input_ids = input_ids.to(self._device, non_blocking=pin)

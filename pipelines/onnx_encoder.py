@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -166,9 +165,8 @@ class OnnxSentenceEncoder:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = onnx_path
         self._session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        self._tokenizer, self._max_length = tokenizer, max_length
-        self._pad_id = tokenizer.pad_token_id or 0
-        self._tokenizer_lock = threading.Lock()  # the HF tokenizer sets truncation per call
+        from pipelines.encoding import BatchTokenizer
+        self.tokens = BatchTokenizer(tokenizer, max_length)
 
     @classmethod
     def from_model(cls, model, folder: str, backend: str, threads: int | None = None,
@@ -178,22 +176,14 @@ class OnnxSentenceEncoder:
         return cls(cached_onnx_model(model, folder, backend, cache_dir), tokenizer, max_length, threads, spinning)
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        from pipelines.encoding import token_ids
-
         if not texts:
             return np.zeros((0, self._session.get_outputs()[0].shape[1]), dtype=np.float32)
-        with self._tokenizer_lock:
-            ids = token_ids(self._tokenizer, list(texts), self._max_length)
-        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        ids, lengths = self.tokens.tokenize(list(texts))
         order = np.argsort(-lengths, kind="stable")
         out = None  # [texts, dim] once the first batch gives the width
         for start in range(0, len(ids), batch_size):
             rows = order[start:start + batch_size]
-            width = int(lengths[rows[0]])
-            batch = np.full((len(rows), width), self._pad_id, dtype=np.int64)
-            for r, i in enumerate(rows):
-                batch[r, :lengths[i]] = ids[i]
-            attention = (np.arange(width)[None, :] < lengths[rows][:, None]).astype(np.int64)
+            batch, attention = self.tokens.pad(ids, rows, lengths[rows])
             vectors = self._session.run(None, {"input_ids": batch, "attention_mask": attention})[0]
             if out is None:
                 out = np.empty((len(ids), vectors.shape[1]), dtype=np.float32)
