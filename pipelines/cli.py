@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pipelines.files import check_patterns_match, is_local  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
-from pipelines.onnx_encoder import CACHE_ENV  # noqa: E402
+from pipelines.fingerprint import CACHE_ENV  # noqa: E402
 from pipelines.options import (CPU_SBERT_BACKEND, CUDA_EMBED_BATCH_SIZE, DEVICES, INDEX_TYPES, REGION_MODES,  # noqa: E402
                                SBERT_BACKENDS, BuildOptions, DetectOptions, EmbedOptions, LinkOptions, PhraseOptions,
                                RetrieveOptions, ShardOptions, TextOptions, field_default)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipelines.fingerprint import CACHE_ENV, cache_root, folder_digest  # noqa: F401 (re-exported)
+from pipelines.fingerprint import cache_root, folder_digest
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipelines.onnx_encoder import ONNX_BACKENDS
 from schemas.corpus import IMAGE_SIZE, SPACY_MODEL
 
 
@@ -21,7 +22,7 @@ class TextOptions:
 # The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md): ONNX Runtime fp32 gives
 # torch's vectors (the same top-5) faster; int8 is faster still but changes a share of the top-5.
 CPU_SBERT_BACKEND = "onnx"
-SBERT_BACKENDS = ("torch", "onnx", "onnx-int8")
+SBERT_BACKENDS = ("torch", *ONNX_BACKENDS)
 DEVICES = ("cpu", "cuda")
 CUDA_EMBED_BATCH_SIZE = 1024        # sentences per embedding batch on cuda when none is given
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that
 
-from pipelines import onnx_encoder
+from pipelines import fingerprint, onnx_encoder
 from pipelines.embed import EmbedSentences
 from pipelines.encoding import encode, load_sentence_model
 from pipelines.onnx_encoder import OnnxSentenceEncoder, cached_onnx_model
@@ -161,7 +161,7 @@ def test_the_embed_transform_runs_the_onnx_backends(pipeline, minilm, monkeypatc
     onnx-int8 gives the quantised model's, close to torch's."""
     import pipelines.embed as embed
     monkeypatch.setattr(embed, "_MODELS", {})  # not an encoder an earlier test loaded in this process
-    monkeypatch.setenv(onnx_encoder.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(fingerprint.CACHE_ENV, str(tmp_path))
     texts = SOFA_SENTENCES + ["sofa woman"]
     options = EmbedOptions(batch_size=4, backend=backend)
     assert options.resolved_backend() == backend or (backend is None and options.resolved_backend() == "onnx")
