@@ -90,16 +90,6 @@ def int8_groups(source: str, folder: str, name: str, groups: list[str]) -> str:
     return path
 
 
-def session(encoder, path: str, threads: int, spinning: bool = True) -> None:
-    """Replace the encoder's session (same tokeniser and padding) by one of `path`."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    encoder._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=3000, help="bench corpus size (agreement)")
@@ -113,21 +103,20 @@ def main() -> None:
 
     import torch
 
-    from pipelines.encoding import encode, load_sentence_model
+    from pipelines.encoding import encode, load_sentence_model, sentence_tokenizer
     from pipelines.onnx_encoder import OnnxSentenceEncoder, cached_onnx_model
     from schemas.corpus import bundled_minilm_path
 
     logging.disable(logging.WARNING)  # the quantisers' per-node notes
     torch.set_num_threads(args.threads)
     model = load_sentence_model(None)
+    tokenizer, max_length = sentence_tokenizer(model)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as cache:
         source = cached_onnx_model(model, bundled_minilm_path(), "onnx", cache)
 
-        def variant(path=source, spinning=True):
-            encoder = OnnxSentenceEncoder.from_model(model, bundled_minilm_path(), "onnx", args.threads, cache)
-            session(encoder, path, args.threads, spinning)
-            return encoder
+        def variant(path=source, spinning=True):  # the pipeline's encoder (its tokenising and padding) on `path`
+            return OnnxSentenceEncoder(path, tokenizer, max_length, args.threads, spinning)
 
         fused_path, fused_stats = fused_export(model, cache)
         speed = {"torch fp32": (model, 256), "onnx fp32": (variant(), 256),
@@ -148,7 +137,8 @@ def main() -> None:
             print({name: round(len(timed) / t[-1]) for name, t in times.items()}, flush=True)
         load_after = os.getloadavg()
 
-        sets = {"bench": (corpus, tag_strings(args.queries)), "real": (lee_sentences()[:400], lee_sentences()[400:460])}
+        lee = lee_sentences()
+        sets = {"bench": (corpus, tag_strings(args.queries)), "real": (lee[:400], lee[400:460])}
         reference = {s: (encode(model, c, 256), encode(model, q, 256)) for s, (c, q) in sets.items()}
 
         def agree(encoder):
