@@ -314,7 +314,8 @@ class FindDetections(beam.PTransform):
 
 class ReadSentences(beam.PTransform):
     """The pipeline's start -> a StageOutput: main the text corpus's (sentence_id, text), unique;
-    the reader's dead letters; its counts and ("sentences", 1) per sentence."""
+    the reader's dead letters and counts (the sentences themselves are counted once, by Retrieve,
+    which needs their number to shard the corpus)."""
 
     def __init__(self, options: BuildOptions):
         super().__init__()
@@ -322,8 +323,7 @@ class ReadSentences(beam.PTransform):
 
     def expand(self, pbegin):
         read = pbegin | "ReadCorpus" >> ReadCorpus(self._options.text, self._options.text_options)
-        return stage_output(read.main, counts=read.main | "CountSentences" >> beam.Map(lambda _: ("sentences", 1)),
-                            parts=[read])
+        return stage_output(read.main, parts=[read])
 
 
 def _retrieval_counts(element):
@@ -335,8 +335,9 @@ def _retrieval_counts(element):
 
 class Retrieve(beam.PTransform):
     """{"detections", "sentences"} -> a StageOutput: main (image_id, (query, hits)) per image
-    with a retrieval; dead letters: images whose search came back empty; counts: images
-    retrieved, retrievals and their summed score.
+    with a retrieval; dead letters: images whose search came back empty; counts: the corpus's
+    sentences (counted once, for the stats and for ShardCorpus), images retrieved, retrievals and
+    their summed score.
 
     Sentences are embedded (with --embeddings, only those the store lacks) and written in corpus
     shards under `spill_dir`; only their file names travel to the workers. Each image's tag
@@ -349,9 +350,8 @@ class Retrieve(beam.PTransform):
     def expand(self, inputs):
         options, sentences = self._options, inputs["sentences"]
         embedded = sentences | "EmbedCorpus" >> EmbedCorpus(options.embed, options.embeddings)
-        corpus = embedded.main | "ShardCorpus" >> ShardCorpus(
-            self._spill_dir, options.retrieve,
-            row_count=sentences | "CountSentences" >> beam.combiners.Count.Globally())
+        sentence_count = sentences | "CountSentences" >> beam.combiners.Count.Globally()
+        corpus = embedded.main | "ShardCorpus" >> ShardCorpus(self._spill_dir, options.retrieve, row_count=sentence_count)
         queries = inputs["detections"] | "Queries" >> beam.Map(_query_of)
         hits = (queries
                 | "QueryStrings" >> beam.Keys()
@@ -361,8 +361,9 @@ class Retrieve(beam.PTransform):
                 | "RetrieveTopK" >> RetrieveTopK(corpus.main, options.retrieve))
         image_hits, no_hits = split_rejected({"images": queries, "hits": hits.main} | "JoinQueries" >> beam.CoGroupByKey(),
                                              "HitsPerImage", _hits_per_image)
-        return stage_output(image_hits, no_hits, counts=image_hits | "CountRetrieved" >> beam.FlatMap(_retrieval_counts),
-                            parts=[embedded, corpus, hits])
+        counts = (sentence_count | "SentencesStat" >> beam.Map(lambda n: ("sentences", n)),
+                  image_hits | "CountRetrieved" >> beam.FlatMap(_retrieval_counts))
+        return stage_output(image_hits, no_hits, counts=counts, parts=[embedded, corpus, hits])
 
 
 class MakeSamples(beam.PTransform):
