@@ -184,10 +184,6 @@ class PretrainingHeads:
         self.tags = list(tags)
 
     @property
-    def num_tags(self) -> int:
-        return len(self.tags)
-
-    @property
     def regresses_pixels(self) -> bool:
         """MRFR's target: the masked patches' pixels when the corpus has no region features."""
         return getattr(self, "patches", None) is not None and not self.feature_dim

@@ -550,15 +550,13 @@ def views(cfg) -> dict:
 
 # -- the pair objectives ----------------------------------------------------------------------------
 
-def normalised(target, on: bool):
-    """MAE's norm_pix_loss target: each element standardised by its own mean and variance."""
-    return standardise(target) if on else target
-
-
 def rmim_losses(predictions, targets, weights, norm: bool):
     """Per sample: the weighted mean over its elements of the MSE (over an element's dims) between
     prediction and (normalised) target; weights [B, N] are 0 outside the hidden, text-relevant ones."""
-    squared = (predictions.float() - normalised(targets.float(), norm)).pow(2).mean(-1)
+    targets = targets.float()
+    if norm:  # MAE's norm_pix_loss: each element standardised by its own mean and variance
+        targets = standardise(targets)
+    squared = (predictions.float() - targets).pow(2).mean(-1)
     return (squared * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
 
 

@@ -22,7 +22,7 @@ def region_regression_losses(model, view, regions, patches):
     its own normalised pixels instead. `regions` [B, R, D] and `patches` [B, 1 + N, D] (visual
     [CLS] first) are the states of the encoder that saw the masked view: the fusion encoder for
     region-tag, VLMo's image-alone encoder for its vision stage."""
-    if getattr(model, "regresses_pixels", False):
+    if model.regresses_pixels:
         hidden = model.masked_patches(view["locations"], view["region_mask"], view["zeroed_regions"])
         target = model.patches.patch_pixels(view["pixels"])
         squared = (model.mrfr(patches[:, 1:]).float() - target).pow(2).mean(-1)
