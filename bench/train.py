@@ -298,19 +298,30 @@ def samples_in(batch: dict) -> int:
 
 def measure(next_samples, warmup: int, steps: int, repeats: int, sync) -> dict:
     """Run `warmup` units, then `repeats` windows of `steps` units; samples/s of each window."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        next_samples()
-    sync()
-    warmup_s = time.perf_counter() - start  # worker start-up, shuffle buffer fill, compilation
-    rates = []
-    for _ in range(repeats):
-        start, samples = time.perf_counter(), 0
-        for _ in range(steps):
-            samples += next_samples()
+    return measure_interleaved({"": next_samples}, warmup, steps, repeats, sync)[""]
+
+
+def measure_interleaved(runs: dict, warmup: int, steps: int, repeats: int, sync) -> dict:
+    """`measure` of several runs (key -> next_samples) at once: each warmed up before any is
+    timed, then their windows interleaved (a, b, c, a, b, c, ...) so that on a shared machine each
+    meets the same load and their rates compare even when the absolute figures drift."""
+    warmup_s = {}
+    for key, next_samples in runs.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
+            next_samples()
         sync()
-        rates.append(samples / (time.perf_counter() - start))
-    return {"samples_per_s": statistics.median(rates), "windows_samples_per_s": rates, "warmup_s": warmup_s}
+        warmup_s[key] = time.perf_counter() - start  # worker start-up, shuffle buffer fill, compilation
+    rates = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, next_samples in runs.items():
+            start, samples = time.perf_counter(), 0
+            for _ in range(steps):
+                samples += next_samples()
+            sync()
+            rates[key].append(samples / (time.perf_counter() - start))
+    return {key: {"samples_per_s": statistics.median(rates[key]), "windows_samples_per_s": rates[key],
+                  "warmup_s": warmup_s[key]} for key in runs}
 
 
 LOADER_WINDOW_SAMPLES = 4000  # a loader window of 3 small batches lasts ~50 ms: too noisy to compare

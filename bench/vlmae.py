@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import os
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.env import device_name, peak_rss_mb, results_name, write_result  # noqa: E402
-from bench.train import Trainer, build_config, synthetic_corpus  # noqa: E402
+from bench.train import Trainer, build_config, measure_interleaved, synthetic_corpus  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -148,30 +147,21 @@ def main(argv=None) -> dict:
         return result
     # the ratios' windows interleaved (0, 0.5, 0.75, 0, 0.5, ...): on a shared machine each ratio
     # meets the same load, so their rates compare even when the absolute figures drift
-    counters = {ratio: 0 for ratio in runs}
+    def one_step(trainer: Trainer, prebuilt: list[dict]):
+        batches = itertools.cycle(prebuilt)
 
-    def steps_of(ratio: float, count: int) -> int:
-        trainer, prebuilt = runs[ratio]
-        samples = 0
-        for _ in range(count):
-            views = prebuilt[counters[ratio] % len(prebuilt)]["views"]
-            counters[ratio] += 1
+        def step() -> int:
+            views = next(batches)["views"]
             trainer.step(views, False)
-            samples += int(views["vl"]["input_ids"].shape[0])
-        trainer.sync()
-        return samples
-    for ratio in runs:
-        steps_of(ratio, args.warmup)
-    windows = {ratio: [] for ratio in runs}
-    for _ in range(args.repeats):
-        for ratio in runs:
-            start = time.perf_counter()
-            samples = steps_of(ratio, args.steps)
-            windows[ratio].append(samples / (time.perf_counter() - start))
-    for ratio in runs:
+            return int(views["vl"]["input_ids"].shape[0])
+        return step
+    steps = {ratio: one_step(*run) for ratio, run in runs.items()}
+    sync = next(iter(runs.values()))[0].sync  # one device for all
+    for ratio, measured in measure_interleaved(steps, args.warmup, args.steps, args.repeats, sync).items():
         entry = result["ratios"][str(ratio)]
-        entry.update(samples_per_s=statistics.median(windows[ratio]), windows_samples_per_s=windows[ratio])
-        print(f"mask ratio {ratio}: {entry['samples_per_s']:.2f} pairs/s (windows {windows[ratio]})", flush=True)
+        entry.update(samples_per_s=measured["samples_per_s"], windows_samples_per_s=measured["windows_samples_per_s"])
+        print(f"mask ratio {ratio}: {entry['samples_per_s']:.2f} pairs/s (windows {entry['windows_samples_per_s']})",
+              flush=True)
     result["peak_rss_mb"] = peak_rss_mb()
     if args.device == "cuda":
         import torch
