@@ -3,6 +3,7 @@ retrievals: each variant's sentences/s against torch fp32 and `onnx` fp32 in one
 agreement with torch fp32 (bench/embed.py's sets and measure). Not backends the CLI offers: the
 evidence behind the choice in docs/benchmarks.md.
 
+    pip install -e '.[bench]'                            # onnx-ir, which the MatMulNBits variant needs
     python bench/embed_variants.py                       # speed variants + int8 sensitivity
     python bench/embed_variants.py --skip-sensitivity    # speed variants only
 

@@ -161,7 +161,7 @@ class Sections:
             values = {}
             for key, value in d[f.name].items():
                 _, name = renamed_key(f"{f.name}.{key}", "a saved config").split(".", 1)
-                if name in values or (name != key and name in d[f.name]):
+                if name != key and name in d[f.name]:
                     continue  # a config holding both names: the new one's value
                 values[name] = value
             for key, value in cls.SAVED_BEFORE_KEY.items():

@@ -60,7 +60,7 @@ def expand_shards(spec: str) -> list[str]:
 def check_corpora_published(urls: list[str]) -> None:
     """Refuse shards of a corpus folder that a build is publishing into, or was killed publishing
     into (its shards and manifest may be of two runs): the folder above each local shards/ folder."""
-    for corpus in sorted({corpus_folder(u) for u in urls if not is_remote(u)}):
+    for corpus in sorted({corpus_folder(u) for u in urls} - {None}):  # a remote shard has none
         check_published(corpus)
 
 
@@ -122,15 +122,11 @@ def manifest_counts(path: str) -> dict[str, int]:
 def load_tag_vocab(path: str | None, urls: list[str]) -> list[str]:
     """tags from tag_vocab.json (given, or beside the shards folder), else one scan of the shards;
     normalised as the corpus compares labels (schemas.corpus.normalise_label), each once."""
-    if path:
-        candidates = [path]
-    else:
-        folder = corpus_folder(urls[0]) if urls else None
-        candidates = [os.path.join(folder, "tag_vocab.json")] if folder else []
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as f:
-                return list(dict.fromkeys(map(normalise_label, json.load(f)["tags"])))
+    folder = None if path or not urls else corpus_folder(urls[0])
+    candidate = path or (os.path.join(folder, "tag_vocab.json") if folder else None)
+    if candidate and os.path.isfile(candidate):
+        with open(candidate, encoding="utf-8") as f:
+            return list(dict.fromkeys(map(normalise_label, json.load(f)["tags"])))
     if path:
         raise FileNotFoundError(f"data.tag_vocab {path} does not exist")
     log.warning("no tag_vocab.json beside the shards: building the tag vocabulary by scanning %d shard(s)", len(urls))
