@@ -129,7 +129,11 @@ def resolve_init(init: str | None) -> tuple[str, str | None]:
 def tokenizer_folder(init: str | None) -> str:
     """Where the run's tokenizer comes from: the init folder when it has one, else the bundled MiniLM's
     (bert-base-uncased's vocabulary)."""
-    _, folder = resolve_init(init)
+    return tokenizer_in(resolve_init(init)[1])
+
+
+def tokenizer_in(folder: str | None) -> str:
+    """tokenizer_folder of an init already resolved (resolve_init's folder)."""
     return folder if folder and os.path.isfile(os.path.join(folder, "vocab.txt")) else bundled_minilm_path()
 
 
@@ -222,13 +226,14 @@ def check_architecture(folder: str, named: list[str] | None, model_class) -> Non
                          f"{model_class.arch} ({model_class.__name__}): the folder's config is inconsistent")
 
 
-def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[str]):
+def init_from(folder: str, model_class, cfg_model, feature_dim: int, tags: list[str], config=None):
     """A run's model started from a saved whole model: same family and feature size; the run's
     dropout; tag-indexed heads remapped by tag name when the new corpus's tags differ (tags new to
-    the model start random)."""
+    the model start random). `config`: read_config(folder) when the caller has read it already
+    (its BertConfig takes the run's dropout)."""
     from vlp_train.backbone import check_shape, read_weights
 
-    bert_config, section = read_config(folder)
+    bert_config, section = config or read_config(folder)
     if section["arch"] != model_class.arch:
         raise ValueError(f"model.init {folder} holds a {section['arch']} model, but model.arch is {model_class.arch}")
     check_architecture(folder, bert_config.architectures, model_class)

@@ -103,15 +103,28 @@ def read_split(task: FinetuneTask, cfg: FinetuneConfig, split: str):
     return result
 
 
-def init_family(cfg: FinetuneConfig):
-    """The family of the model to fine-tune: a saved model's (model.arch set from its folder), else model.arch's."""
-    from vlp_train.families import family_of
+@dataclass(frozen=True)
+class InitModel:
+    """model.init resolved once (pretrained.resolve_init), with a saved model's config read once."""
+    kind: str                     # "vlp" (a saved model or run), "bert", "random"
+    folder: str | None
+    config: tuple | None          # a saved model's read_config(folder): (BertConfig, vlp section); else None
+
+    @property
+    def section(self) -> dict | None:
+        return self.config[1] if self.config else None
+
+
+def resolve_model_init(cfg: FinetuneConfig) -> InitModel:
+    """model.init resolved, a saved model's config read, and model.arch set from it (a saved model
+    fine-tunes as the family it was trained as)."""
     from vlp_train.pretrained import read_config, resolve_init
 
     kind, folder = resolve_init(cfg.model.init)
-    if kind == "vlp":
-        cfg.model.arch = read_config(folder)[1]["arch"]
-    return family_of(cfg.model.arch)
+    init = InitModel(kind, folder, read_config(folder) if kind == "vlp" else None)
+    if init.section is not None:
+        cfg.model.arch = init.section["arch"]
+    return init
 
 
 @dataclass(frozen=True)
@@ -123,23 +136,17 @@ class VisualInput:
     source: str                   # "model.init FOLDER" or "this run"
 
 
-def saved_visual_input(folder: str, what: str = "model.init") -> VisualInput:
-    """A saved model's visual input, from its folder's config (nothing else read)."""
-    from vlp_train.pretrained import read_config
-
-    section = read_config(folder)[1]
+def saved_visual_input(section: dict, source: str) -> VisualInput:
+    """A saved model's visual input, from its config's vlp section (`source`: "model.init FOLDER")."""
     visual = section.get("visual", "regions")
     return VisualInput(visual, section.get("image_size", 384) if visual != "regions" else None,
-                       section.get("feature_dim"), f"{what} {folder}")
+                       section.get("feature_dim"), source)
 
 
-def visual_input(cfg: FinetuneConfig) -> VisualInput:
+def visual_input(cfg: FinetuneConfig, init: InitModel) -> VisualInput:
     """A saved model's own (its folder's config), else the run's model.visual (a model built afresh)."""
-    from vlp_train.pretrained import resolve_init
-
-    kind, folder = resolve_init(cfg.model.init)
-    if kind == "vlp":
-        return saved_visual_input(folder)
+    if init.section is not None:
+        return saved_visual_input(init.section, f"model.init {init.folder}")
     visual = cfg.model.visual
     return VisualInput(visual, cfg.model.image_size if visual != "regions" else None, None, "this run")
 
@@ -164,20 +171,20 @@ def check_inputs(seen: VisualInput, task: FinetuneTask, images: str, detections:
                     seen.source)
 
 
-def backbone(cfg: FinetuneConfig, feature_dim: int | None):
+def backbone(cfg: FinetuneConfig, init: InitModel, seen: VisualInput, feature_dim: int | None):
     """The model to fine-tune, as model.init says: a run or saved model folder (the whole
     pre-trained model, its family from the folder), a HF BERT folder, None (the bundled MiniLM)
-    or "random". `feature_dim`: the detections' (None without; a model on patches alone takes
-    none, and a saved one keeps its own)."""
-    from vlp_train.pretrained import init_from, read_config, resolve_init
+    or "random". `feature_dim`: the detections' (None without; a saved model on patches alone
+    keeps its own: its region features are not read)."""
+    from vlp_train.families import family_of
+    from vlp_train.pretrained import init_from
 
-    family = init_family(cfg)
-    kind, folder = resolve_init(cfg.model.init)
-    if kind == "vlp":
-        _, section = read_config(folder)
-        if section.get("visual", "regions") == "patches":  # no region embedding: the features are not read
-            feature_dim = section.get("feature_dim")
-        return init_from(folder, family.model_class, cfg.model, feature_dim, list(section.get("tags", [])))
+    family = family_of(cfg.model.arch)
+    if init.config is not None:
+        if seen.visual == "patches":  # no region embedding: the features are not read
+            feature_dim = seen.feature_dim
+        return init_from(init.folder, family.model_class, cfg.model, feature_dim,
+                         list(init.section.get("tags", [])), init.config)
     return family.build(cfg.model, feature_dim or 0, [])
 
 
@@ -191,11 +198,13 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     from transformers import BertTokenizerFast
 
     from vlp_train.config import per_rank_batch
-    from vlp_train.pretrained import tokenizer_folder
+    from vlp_train.families import family_of
+    from vlp_train.pretrained import tokenizer_in
 
     validate(cfg)
-    task = task_for(cfg.task.name, cfg.task.retrieval_objective, init_family(cfg).dual_encoder)
-    seen = visual_input(cfg)
+    init = resolve_model_init(cfg)
+    task = task_for(cfg.task.name, cfg.task.retrieval_objective, family_of(cfg.model.arch).dual_encoder)
+    seen = visual_input(cfg, init)
     check_inputs(seen, task, cfg.data.images, cfg.data.detections)
     device = pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = distributed.setup_distributed(device.type, cfg.run.dist_timeout_s)
@@ -209,7 +218,7 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
                           cfg.model.max_regions)
     train = SplitData(task, train_read, index, cfg.model.max_regions, cfg.data.max_examples, images, seen.image_size)
     val = SplitData(task, val_read, index, cfg.model.max_regions, cfg.data.max_eval_examples, images, seen.image_size)
-    tokenizer = BertTokenizerFast.from_pretrained(tokenizer_folder(cfg.model.init))
+    tokenizer = BertTokenizerFast.from_pretrained(tokenizer_in(init.folder))
     builder = make_builder(tokenizer, cfg, train.feature_dim, seen.image_size)
     batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)
     epoch_batches = batches_per_epoch(len(train), batch_size, dist_info.world)
@@ -222,7 +231,7 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     total_steps = min(total_steps, cfg.optim.max_steps or total_steps)
     if not cfg.run.eval_every:
         cfg.run.eval_every = steps_per_epoch  # evaluate (and keep the best) at each epoch's end
-    pretrained = backbone(cfg, train.feature_dim)
+    pretrained = backbone(cfg, init, seen, train.feature_dim)
     bert_config = pretrained.bert_config()  # every family's: its transformer's shape
     head = task.head(bert_config.hidden_size, len(labels), cfg.task.head_hidden_scale)
     head = head and init_head(head, bert_config.initializer_range)
@@ -405,13 +414,13 @@ def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: 
     `rerank_k` for a dual encoder (ITM re-scores each query's top k of it; 0: the dual encoder alone)."""
     from transformers import BertTokenizerFast
 
-    from vlp_train.pretrained import model_folder
+    from vlp_train.pretrained import model_folder, read_config
     torch_device = pick_device(device, 0)
     path = os.path.join(model_dir, BEST) if os.path.isdir(os.path.join(model_dir, BEST)) else model_folder(model_dir)
     model, task, labels, saved = load_finetuned(model_dir, torch_device)
     if task.name != task_name:
         raise ValueError(f"--model {model_dir} is fine-tuned for {task.name}, not {task_name}")
-    seen = saved_visual_input(path, "--model")
+    seen = saved_visual_input(read_config(path)[1], f"--model {path}")
     check_inputs(seen, task, images or "", detections or "")
     cfg = FinetuneConfig()
     cfg.task.name, cfg.data.data, cfg.data.detections = task_name, data, detections or ""
