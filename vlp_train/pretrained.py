@@ -202,13 +202,14 @@ def load_weights(model, weights: dict[str, torch.Tensor], where: str) -> None:
     model.rebuild_not_exported()
 
 
-def load(folder: str):
-    """The whole model saved in `folder` (or a run folder's export), in eval mode."""
+def load(folder: str, config=None):
+    """The whole model saved in `folder` (or a run folder's export), in eval mode. `config`:
+    read_config of that folder when the caller has read it already."""
     from vlp_train.backbone import read_weights
     from vlp_train.families import family_of
 
     folder = model_folder(folder)
-    bert_config, section = read_config(folder)
+    bert_config, section = config or read_config(folder)
     model_class = family_of(section["arch"]).model_class
     check_architecture(folder, bert_config.architectures, model_class)
     model = model_class.from_vlp_config(bert_config, section)

@@ -382,12 +382,23 @@ def predict_split(model: TaskModel, task: FinetuneTask, data: SplitData, builder
     return task.score(predictions, data.examples), predictions
 
 
-def load_finetuned(folder: str, device):
-    """(TaskModel, task, labels, saved task.json) from a fine-tuning folder's best/ (or that folder)."""
+@dataclass
+class Finetuned:
+    """A fine-tuned model as load_finetuned reads it."""
+    model: TaskModel
+    task: FinetuneTask
+    labels: list[str]
+    saved: dict           # its task.json
+    folder: str           # the model folder read (best/, or the folder named)
+    section: dict         # its config.json's vlp section
+
+
+def load_finetuned(folder: str, device) -> Finetuned:
+    """The fine-tuned model of a fine-tuning folder's best/ (or of that folder, or of a run folder's export)."""
     from safetensors.torch import load_file
 
     from vlp_train import pretrained
-    path = os.path.join(folder, BEST) if os.path.isdir(os.path.join(folder, BEST)) else folder
+    path = os.path.join(folder, BEST) if os.path.isdir(os.path.join(folder, BEST)) else pretrained.model_folder(folder)
     if not os.path.isfile(os.path.join(path, TASK_FILE)):
         raise FileNotFoundError(f"--model {folder}: no fine-tuned model ({BEST}/{TASK_FILE}); a fine-tuning writes it "
                                 "at its first evaluation")
@@ -396,12 +407,13 @@ def load_finetuned(folder: str, device):
     task = task_of(saved["task"])
     if saved.get("dual_encoder"):  # fine-tuned as a dual encoder (retrieval by ITC)
         task = task.dual_form
-    model = pretrained.load(path)
+    config = pretrained.read_config(path)
+    model = pretrained.load(path, config)
     head = task.head(model.bert_config().hidden_size, len(saved["labels"]), saved["head_hidden_scale"])
     if head is not None:
         head.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS)))
-    return (TaskModel(model, head, task.images, task.regions, task.dual_encoder).to(device).eval(), task,
-            saved["labels"], saved)
+    return Finetuned(TaskModel(model, head, task.images, task.regions, task.dual_encoder).to(device).eval(), task,
+                     saved["labels"], saved, path, config[1])
 
 
 def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: str | None, device: str = "auto",
@@ -414,13 +426,13 @@ def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: 
     `rerank_k` for a dual encoder (ITM re-scores each query's top k of it; 0: the dual encoder alone)."""
     from transformers import BertTokenizerFast
 
-    from vlp_train.pretrained import model_folder, read_config
     torch_device = pick_device(device, 0)
-    path = os.path.join(model_dir, BEST) if os.path.isdir(os.path.join(model_dir, BEST)) else model_folder(model_dir)
-    model, task, labels, saved = load_finetuned(model_dir, torch_device)
+    finetuned = load_finetuned(model_dir, torch_device)
+    model, task, labels, saved, path = (finetuned.model, finetuned.task, finetuned.labels, finetuned.saved,
+                                        finetuned.folder)
     if task.name != task_name:
         raise ValueError(f"--model {model_dir} is fine-tuned for {task.name}, not {task_name}")
-    seen = saved_visual_input(read_config(path)[1], f"--model {path}")
+    seen = saved_visual_input(finetuned.section, f"--model {path}")
     check_inputs(seen, task, images or "", detections or "")
     cfg = FinetuneConfig()
     cfg.task.name, cfg.data.data, cfg.data.detections = task_name, data, detections or ""

@@ -187,7 +187,8 @@ def test_itc_fine_tuning_lowers_the_loss_and_ranks_by_the_dual_encoder(tmp_path)
     # each caption's top image is the fusion ITM's choice among all
     reranked = evaluate("retrieval", str(tmp_path / "ft"), str(tmp_path), "test", cfg.data.detections, rerank_k=4)
     assert reranked["rerank_k"] == 4 and {"tr@1", "ir@1", "rmean"} <= set(reranked)
-    task_model, task, _, _ = load_finetuned(str(tmp_path / "ft"), torch.device("cpu"))
+    finetuned = load_finetuned(str(tmp_path / "ft"), torch.device("cpu"))
+    task_model, task = finetuned.model, finetuned.task
     cfg.task.rerank_k = 4
     _, top_image = task.predict(task_model, data, builder, cfg, torch.device("cpu"), nullcontext())
     with torch.no_grad():
