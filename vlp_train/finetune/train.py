@@ -53,16 +53,15 @@ class TaskModel(nn.Module):
         self.dual_encoder = dual_encoder
 
     def forward(self, inputs: dict):
-        # the images' pixels (uint8), for a model on patches: only when the batch carries them
-        pixels = {"pixels": inputs["pixels"]} if inputs.get("pixels") is not None else {}
+        pixels = inputs.get("pixels")  # the images' (uint8), for a model on patches; None: the batch has none
         if self.dual_encoder:  # (image features [B, D], text features [B, D], the contrast's log scale)
             m = self.model
             # the scale comes out of forward (not read beside it) so that DDP counts it as used and
             # all-reduces its gradient; `* 1` gives it a node in the graph DDP searches from the outputs
-            return (m.embed_images(inputs["features"], inputs["locations"], inputs["region_mask"], **pixels),
+            return (m.embed_images(inputs["features"], inputs["locations"], inputs["region_mask"], pixels),
                     m.embed_texts(inputs["input_ids"], inputs["text_mask"]), m.contrast_log_scale * 1)
         text, region_states = self.model(inputs["input_ids"], inputs["text_mask"], inputs["features"],
-                                         inputs["locations"], inputs["region_mask"], **pixels)
+                                         inputs["locations"], inputs["region_mask"], pixels)
         if self.regions:  # a score per region [B, R]
             return self.head(region_states, inputs["region_mask"])
         if self.head is None:  # a pair's match: the pre-trained model's ITM head

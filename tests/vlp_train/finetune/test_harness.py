@@ -87,7 +87,7 @@ def test_pair_model_concatenates_both_cls_states():
     from vlp_train.finetune.train import TaskModel
 
     class Encoder(torch.nn.Module):
-        def forward(self, ids, text_mask, feats, locs, region_mask):
+        def forward(self, ids, text_mask, feats, locs, region_mask, pixels=None):  # as every family's
             return ids.float().unsqueeze(-1).expand(-1, -1, 3), None
 
     head = torch.nn.Identity()
