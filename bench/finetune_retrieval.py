@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     import torch
 
     from bench.env import device_name, peak_rss_mb, results_folder
+    from vlp_train.evaluate import per_1k_queries
     from vlp_train.finetune.config import load_config
     from vlp_train.finetune.tasks import dual_encoder_predict, retrieval_predict
     from vlp_train.finetune.train import TaskModel, build_finetune
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
             sync()
             seconds.append(time.perf_counter() - started)
         median = statistics.median(seconds)
-        return {"s": round(median, 3), "s_per_1k_queries": round(median / queries * 1000, 3),
+        return {"s": round(median, 3), "s_per_1k_queries": round(per_1k_queries(median, queries), 3),
                 "runs_s": [round(s, 3) for s in seconds]}
 
     result = {"device": device_name(args.device), "command": "python " + " ".join(
