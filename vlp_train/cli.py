@@ -71,9 +71,7 @@ def run(shards, output, preset, init, overrides, resume, overwrite, stage):
     if summary.get("eval"):
         click.echo("eval: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary["eval"].items()}))
     if not summary.get("stopped"):
-        with open(os.path.join(output, "config.json"), encoding="utf-8") as f:  # the run's own (a resumed one's too)
-            arch = json.load(f)["model"]["arch"]
-        backbone = ("; the backbone alone: transformers.BertModel.from_pretrained" if arch == "single_stream"
+        backbone = ("; the backbone alone: transformers.BertModel.from_pretrained" if summary["arch"] == "single_stream"
                     else "")  # VLMo's and VLMAE's weights are not a BertModel's
         click.echo(f"model: {os.path.join(output, 'hf')} (the whole model: vlp_train.pretrained.load or --init{backbone})")
 

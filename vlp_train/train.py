@@ -41,7 +41,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     hooks = LoopHooks(batches=batches, loss=batch_loss, evaluate=lambda: evaluate_run(run),
                       row_extra=lambda epoch: {"itm_weighting": bool(weighted_tasks(epoch, cfg.objectives))})
     step, epoch, start_batch, last_eval, stopped = run_loop(run, hooks, logger, step, epoch, start_batch)
-    summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval}
+    summary = {"steps": step, "epoch": epoch, "stopped": stopped, "eval": last_eval, "arch": cfg.model.arch}
     if stopped:
         return summary
     save_checkpoint(run, step, epoch, start_batch)
