@@ -301,39 +301,50 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
     embed_texts), ranked by the dot products of their features: R@1/5/10 both ways over the whole
     split. With task.rerank_k > 0 the fusion ITM re-scores each query's top k (evaluate_vlmo's
     re-ranking; VLMo's fine-tuned retrieval is the dual encoder alone, the default)."""
-    from vlp_train.evaluate_vlmo import rerank_scores
+    from vlp_train.evaluate_vlmo import _pad_cat, rerank_scores
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
     from vlp_train.step import to_device
 
     encoder = model.model
     images, text_image = retrieval_index(data.examples)
     texts = [e.text for e in data.examples]
-
-    def image_inputs(keys):
-        return to_device({"x": data.inputs(builder, None, keys)}, device)["x"]
-
-    def text_inputs(chunk):
-        return to_device({"x": data.inputs(builder, chunk, None)}, device)["x"]
-
     size = cfg.data.eval_batch_size
+    k = min(cfg.task.rerank_k, len(images), len(texts))
+    # each chunk's inputs (on the host), kept when ITM re-ranks: its pairs index into them rather
+    # than decode an image file and tokenise a caption again for every pair scored
+    image_chunks, text_chunks = [], []
     image_features, text_features = [], []
     for start in range(0, len(images), size):
-        x = image_inputs(images[start:start + size])
+        x = data.inputs(builder, None, images[start:start + size])
+        if k:
+            image_chunks.append(x)
+        x = to_device({"x": x}, device)["x"]
         with autocast:
             image_features.append(encoder.embed_images(x["features"], x["locations"], x["region_mask"],
                                                        x.get("pixels")).float().cpu())
     for start in range(0, len(texts), size):
-        x = text_inputs(texts[start:start + size])
+        x = data.inputs(builder, texts[start:start + size], None)
+        if k:
+            text_chunks.append(x)
+        x = to_device({"x": x}, device)["x"]
         with autocast:
             text_features.append(encoder.embed_texts(x["input_ids"], x["text_mask"]).float().cpu())
     scores = torch.cat(image_features) @ torch.cat(text_features).T  # [images, texts]
-    k = min(cfg.task.rerank_k, len(images), len(texts))
     image_to_text = text_to_image = scores
     if k:
+        ids, text_mask = (_pad_cat([x["input_ids"] for x in text_chunks]),
+                          _pad_cat([x["text_mask"] for x in text_chunks], False))
+        features, locations = (_pad_cat([x["features"] for x in image_chunks]),
+                               _pad_cat([x["locations"] for x in image_chunks]))
+        region_mask = _pad_cat([x["region_mask"] for x in image_chunks], False)
+        pixels = torch.cat([x["pixels"] for x in image_chunks]) if image_chunks[0].get("pixels") is not None else None
+
         def pair_of(text_rows, image_rows):
-            t = text_inputs([texts[i] for i in text_rows.tolist()])
-            v = image_inputs([images[i] for i in image_rows.tolist()])
-            return t["input_ids"], t["text_mask"], v["features"], v["locations"], v["region_mask"], v.get("pixels")
+            x = to_device({"x": {"input_ids": ids[text_rows], "text_mask": text_mask[text_rows],
+                                 "features": features[image_rows], "locations": locations[image_rows],
+                                 "region_mask": region_mask[image_rows],
+                                 "pixels": pixels[image_rows] if pixels is not None else None}}, device)["x"]
+            return x["input_ids"], x["text_mask"], x["features"], x["locations"], x["region_mask"], x["pixels"]
         image_to_text = rerank_scores(encoder, scores, k, lambda q, c: pair_of(c, q), size, autocast)
         text_to_image = rerank_scores(encoder, scores.T, k, lambda q, c: pair_of(q, c), size, autocast).T
     metrics = retrieval_recalls(image_to_text.numpy(), text_image, image_scores=text_to_image.numpy())

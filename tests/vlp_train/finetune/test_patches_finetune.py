@@ -175,6 +175,10 @@ def test_vlmo_on_patches_fine_tunes_retrieval_as_a_dual_encoder_on_jpegs(tmp_pat
     assert summary["steps"] == 2 and {"tr@1", "ir@1", "rmean"} <= set(summary["best"]["metrics"])
     result = evaluate("retrieval", cfg.run.output, str(tmp_path), "test", None, images=str(tmp_path / "images"))
     assert result["examples"] == 8 and result["rmean"] == pytest.approx(summary["best"]["metrics"]["rmean"])
+    # ITM re-scoring each query's top k over the pixels the dual encoder's passes decoded
+    reranked = evaluate("retrieval", cfg.run.output, str(tmp_path), "test", None, images=str(tmp_path / "images"),
+                        rerank_k=4, output=str(tmp_path / "reranked.json"))
+    assert reranked["rerank_k"] == 4 and reranked["examples"] == 8 and {"tr@1", "ir@1", "rmean"} <= set(reranked)
 
 
 def test_missing_images_are_left_out_and_a_damaged_one_is_named(tmp_path, caplog):
