@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import posixpath
 
 import apache_beam as beam
