@@ -20,6 +20,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main(verbose: bool):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    click.get_current_context().call_on_close(_leave_process_group)  # after the command (every stage), even on error
+
+
+def _leave_process_group():
+    if "vlp_train.distributed" in sys.modules:  # a command that trained: torchrun's process group ends here
+        sys.modules["vlp_train.distributed"].shut_down()
 
 
 @main.command("run")

@@ -60,6 +60,26 @@ def all_arrive(dist_info: Distributed, at: str) -> None:
         raise RuntimeError(f"rank {dist_info.rank}, {at}: {str(err).splitlines()[0]}") from err
 
 
+def leave_together(dist_info: Distributed) -> None:
+    """Every rank leaves a run when the main rank has done its last evaluation and writes: a rank
+    that finished its steps waits here instead of tearing down its side of the group while the
+    main rank still works (the ranks then exit, and report success, together). Waiting here is no
+    longer than the other ranks already wait at the next step while the main rank evaluates."""
+    if dist_info.world > 1:
+        all_arrive(dist_info, "at the end of the run")
+
+
+def shut_down() -> None:
+    """Destroy the process group once a process's runs are done (the CLI's last act, after every
+    stage): gloo's worker threads are stopped while the interpreter is whole. Left to the
+    interpreter's exit, their teardown can abort the process (SIGABRT, "terminate called without
+    an active exception"), and torchrun then reports a rank that failed after a run that did not."""
+    import sys
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for this)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap(step_module: nn.Module, dist_info: Distributed, device: torch.device) -> nn.Module:
     if dist_info.world == 1:
         return step_module

@@ -45,13 +45,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     if stopped:
         return summary
     save_checkpoint(run, step, epoch, start_batch)
-    if not run.dist.main:
-        return summary
-    summary["eval"] = evaluate_run(run)
-    logger.eval(step, summary["eval"])
-    run.model.save_pretrained(os.path.join(cfg.run.output, EXPORT_FOLDER), run.tokenizer)
-    logger.close()
-    summary["bad_samples"] = logger.bad_samples
+    if run.dist.main:
+        summary["eval"] = evaluate_run(run)
+        logger.eval(step, summary["eval"])
+        run.model.save_pretrained(os.path.join(cfg.run.output, EXPORT_FOLDER), run.tokenizer)
+        logger.close()
+        summary["bad_samples"] = logger.bad_samples
+    distributed.leave_together(run.dist)
     return summary
 
 

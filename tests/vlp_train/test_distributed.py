@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from vlp_train.config import load_config
 from vlp_train.distributed import Distributed, synchronised
+from vlp_train.pretrained import EXPORT_FOLDER
 
 from .conftest import TINY_MODEL, write_shards
 
@@ -63,6 +64,8 @@ def _ddp_runs(rank: int, port: int, shards: str, folder: str):
         whole = load_config("debug", TINY_MODEL + common)  # debug: model.feature_dim=0, dropout 0.1
         whole.data.shards, whole.run.output = shards, os.path.join(folder, "whole")
         assert train(whole)["steps"] == 8
+        # every rank leaves the run after the main rank's final evaluation and export
+        assert os.path.isfile(os.path.join(whole.run.output, EXPORT_FOLDER, "config.json"))
         broken = load_config("debug", TINY_MODEL + common + ["run.save_every=3", "run.stop_after=5"])
         broken.data.shards, broken.run.output = shards, os.path.join(folder, "broken")
         assert train(broken)["stopped"]

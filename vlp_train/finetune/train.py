@@ -303,15 +303,15 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False)
     if stopped:
         return summary
     save_checkpoint(run, step, epoch, start_batch)
-    if not run.dist.main:
-        return summary
-    if cfg.run.eval_every and step % cfg.run.eval_every:  # the last steps were not evaluated yet
-        logger.eval(step, evaluate_and_keep(step))
-    logger.close()
-    summary["best"] = best
-    with open(os.path.join(out, METRICS), "w", encoding="utf-8") as f:
-        json.dump({"task": cfg.task.name, "split": cfg.data.eval_split, "examples": len(run.val),
-                   "best_step": best["step"], **best["metrics"]}, f, indent=1, sort_keys=True)
+    if run.dist.main:
+        if cfg.run.eval_every and step % cfg.run.eval_every:  # the last steps were not evaluated yet
+            logger.eval(step, evaluate_and_keep(step))
+        logger.close()
+        summary["best"] = best
+        with open(os.path.join(out, METRICS), "w", encoding="utf-8") as f:
+            json.dump({"task": cfg.task.name, "split": cfg.data.eval_split, "examples": len(run.val),
+                       "best_step": best["step"], **best["metrics"]}, f, indent=1, sort_keys=True)
+    distributed.leave_together(run.dist)
     return summary
 
 

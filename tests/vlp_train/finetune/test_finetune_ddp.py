@@ -3,6 +3,7 @@ rank the same steps (the smallest share's batches), so their collectives pair up
 gathers its features over the ranks."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -13,20 +14,28 @@ from .test_harness import TINY, write_karpathy
 
 
 def _finetune_rank(rank: int, port: int, folder: str, detections: str):
+    """As torchrun starts `vlp-train finetune` on each rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two ranks on a shared machine
-    from vlp_train.finetune.config import load_config
-    from vlp_train.finetune.train import finetune
+    from click.testing import CliRunner
+
+    from vlp_train.cli import main
     # 7 captions over 2 ranks: shares of 4 and 3, in batches of 3: 2 batches and 1 (one rank's extra batch dropped)
-    cfg = load_config("retrieval", TINY + ["model.arch=vlmo", "model.vl_layers=1", "data.batch_size=3",
-                                           "data.max_examples=7", "data.eval_split=test", "optim.epochs=3",
-                                           "run.device=cpu", "run.dist_timeout_s=30", "run.save_every=2"])
-    cfg.run.output, cfg.data.detections, cfg.data.data = os.path.join(folder, "ft"), detections, folder
+    overrides = TINY + ["model.arch=vlmo", "model.vl_layers=1", "data.batch_size=3", "data.max_examples=7",
+                        "data.eval_split=test", "optim.epochs=3", "run.device=cpu", "run.dist_timeout_s=30",
+                        "run.save_every=2"]
     try:
-        summary = finetune(cfg)
+        result = CliRunner().invoke(main, ["finetune", "--task", "retrieval", "--data", folder, "--detections",
+                                           detections, "--output", os.path.join(folder, "ft")]
+                                    + [arg for key in overrides for arg in ("--set", key)])
+        assert result.exit_code == 0, result.output
         with open(os.path.join(folder, f"rank-{rank}.json"), "w") as f:
-            json.dump({"steps": summary["steps"], "stopped": summary["stopped"]}, f)
+            json.dump({"steps": int(re.search(r"(\d+) steps ->", result.output).group(1)),
+                       # the main rank writes metrics.json after its last evaluation: every rank leaves after it
+                       "main_rank_done": os.path.exists(os.path.join(folder, "ft", "metrics.json")),
+                       # the command ends the process group (left to the interpreter's exit, gloo can abort it)
+                       "group_alive": dist.is_initialized()}, f)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -40,7 +49,8 @@ def test_uneven_split_gives_every_rank_the_same_steps(tmp_path):
     detections = write_karpathy(tmp_path)
     _run_ranks(_finetune_rank, str(tmp_path), detections, timeout=240)
     for rank in range(2):
-        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == {"steps": 3, "stopped": False}
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == {
+            "steps": 3, "main_rank_done": True, "group_alive": False}
     rows = [json.loads(line) for line in open(tmp_path / "ft" / "log.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert sum("eval" in r for r in rows) == 3  # once an epoch
