@@ -47,11 +47,36 @@ def covered_examples(examples: list, covered: dict, what: str, has: str, missing
     return kept
 
 
+def leave_out_damaged(image_files: dict[str, str], damaged: dict[str, str], examples: list, what: str) -> dict:
+    """Drop the `damaged` images (key -> why) from `image_files` (key -> file), so that their examples
+    are left out as a missing file's are; each reported with its file, why and its examples (the
+    first MAX_REPORTED one a line, the rest counted). Returns {file: (why, example ids)}."""
+    from vlp_train.finetune.formats.common import MAX_REPORTED
+
+    if not damaged:
+        return {}
+    examples_of: dict[str, list[str]] = {key: [] for key in damaged}
+    for e in examples:
+        for key in dict.fromkeys(e.image_ids):
+            if key in examples_of:
+                examples_of[key].append(e.example_id)
+    found = {image_files.pop(key): (why, examples_of[key]) for key, why in damaged.items()}
+    for path, (why, ids) in list(found.items())[:MAX_REPORTED]:
+        log.warning("%s: image file %s cannot be decoded (%s); left out with its example(s) %s", what, path, why,
+                    ", ".join(ids))
+    log.warning("%s: %d image file(s) cannot be decoded, %d example(s) left out with them%s", what, len(found),
+                sum(len(ids) for _, ids in found.values()),
+                f" (the first {MAX_REPORTED} named above)" if len(found) > MAX_REPORTED else "")
+    return found
+
+
 class SplitData:
     """The examples of a split that have what the model sees for every image they name: regions
     (`index`: detections) and/or pixels (`images`: the dataset's image files, for a model on
-    patches, decoded at `image_size` as pre-training does). An example whose image lacks either is
-    left out and counted (the images reported with examples)."""
+    patches, decoded at `image_size` as pre-training does). An example whose image lacks either, or
+    whose image file cannot be decoded (pixels.image_problem, checked here once), is left out and
+    counted (the images reported with examples): decided from the files alone, before the examples
+    are shared out, so every rank of a DDP run keeps the same ones (batches_per_epoch)."""
 
     def __init__(self, task, read, index: DetectionIndex | None, max_regions: int, max_examples: int = 0,
                  images=None, image_size: int | None = None):
@@ -73,10 +98,14 @@ class SplitData:
         # pixels: image key -> its file (decoded in the loader, `pixels`)
         self.image_files: dict[str, str] = {}
         self.image_size = image_size
+        # an image file that cannot be decoded: file -> (why, the examples left out with it)
+        self.damaged: dict[str, tuple[str, list[str]]] = {}
         if images is not None:
             self.image_files = images.match(image_keys(examples_with), what)
+            self.damaged = leave_out_damaged(self.image_files, images.damaged(self.image_files, what),
+                                             examples_with, what)
             examples_with = covered_examples(examples_with, self.image_files, what, "an image file",
-                                             "a file under --images")
+                                             "a file under --images that can be decoded")
         self.examples = examples_with
         self.left_out = len(examples) - len(self.examples)
 
@@ -87,7 +116,8 @@ class SplitData:
 
     def pixels(self, key: str, example: str) -> np.ndarray:
         """The image `key`'s pixels, uint8 [image_size, image_size, 3]; `example` names who needs it
-        in an error (a file that cannot be read or decoded stops the run with its name)."""
+        in an error (a file that passed the check of SplitData and still cannot be read or decoded
+        stops the run with its name)."""
         from vlp_train.finetune.pixels import read_pixels
         return read_pixels(self.image_files[key], self.image_size, example)
 

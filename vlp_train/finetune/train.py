@@ -444,7 +444,7 @@ def evaluate(task_name: str, model_dir: str, data: str, split: str, detections: 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch_device.type == "cuda" else nullcontext()
     metrics, predictions = predict_split(model, task, split_data, builder, labels, cfg, torch_device, autocast)
     result = {"task": task.name, "split": split, "examples": len(split_data), "left_out": split_data.left_out,
-              **metrics}
+              "damaged_images": len(split_data.damaged), **metrics}
     output = output or os.path.join(model_dir, f"metrics-{split}.json")
     with open(output, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1, sort_keys=True)

@@ -1,13 +1,17 @@
 """Fine-tuning on two gloo ranks: a split that does not divide over the ranks' batches gives every
 rank the same steps (the smallest share's batches), so their collectives pair up; retrieval's ITC
-gathers its features over the ranks."""
+gathers its features over the ranks; an image file that cannot be decoded is left out by every
+rank alike, before the examples are shared out."""
+import io
 import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from ..test_distributed import _run_ranks
 from .test_harness import TINY, write_karpathy
@@ -21,13 +25,15 @@ def _finetune_rank(rank: int, port: int, folder: str, detections: str):
     from click.testing import CliRunner
 
     from vlp_train.cli import main
-    # 7 captions over 2 ranks: shares of 4 and 3, in batches of 3: 2 batches and 1 (one rank's extra batch dropped)
-    overrides = TINY + ["model.arch=vlmo", "model.vl_layers=1", "data.batch_size=3", "data.max_examples=7",
-                        "data.eval_split=test", "optim.epochs=3", "run.device=cpu", "run.dist_timeout_s=30",
-                        "run.save_every=2"]
+    # 7 captions, the 2 of the undecodable image left out: 5 over 2 ranks, shares of 3 and 2, in batches
+    # of 2: 2 batches and 1 (one rank's extra batch dropped)
+    overrides = TINY + ["model.arch=vlmo", "model.vl_layers=1", "model.visual=both", "model.image_size=32",
+                        "model.patch_size=8", "data.batch_size=2", "data.max_examples=7", "data.eval_split=test",
+                        "optim.epochs=3", "run.device=cpu", "run.dist_timeout_s=30", "run.save_every=2"]
     try:
         result = CliRunner().invoke(main, ["finetune", "--task", "retrieval", "--data", folder, "--detections",
-                                           detections, "--output", os.path.join(folder, "ft")]
+                                           detections, "--images", os.path.join(folder, "images"),
+                                           "--output", os.path.join(folder, "ft")]
                                     + [arg for key in overrides for arg in ("--set", key)])
         assert result.exit_code == 0, result.output
         with open(os.path.join(folder, f"rank-{rank}.json"), "w") as f:
@@ -45,8 +51,16 @@ def _finetune_rank(rank: int, port: int, folder: str, detections: str):
 def test_uneven_split_gives_every_rank_the_same_steps(tmp_path):
     """Before: each rank counted its own share's batches (2 and 1 an epoch here), so the ranks'
     step counts differed and a collective waited for a rank that had finished (a hang, here the
-    30 s timeout)."""
+    30 s timeout). The model sees the images' pixels too; image 1000's JPEG is cut short (before,
+    the batch that decoded it stopped the run)."""
     detections = write_karpathy(tmp_path)
+    rng = np.random.default_rng(1)
+    (tmp_path / "images" / "flickr30k-images").mkdir(parents=True)
+    for i in range(8):
+        encoded = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(encoded, "JPEG")
+        (tmp_path / "images" / "flickr30k-images" / f"{1000 + i}.jpg").write_bytes(
+            encoded.getvalue()[:-100] if i == 0 else encoded.getvalue())
     _run_ranks(_finetune_rank, str(tmp_path), detections, timeout=240)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == {

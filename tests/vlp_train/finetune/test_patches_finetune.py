@@ -1,8 +1,12 @@
 """Fine-tuning a model that sees the images' pixels (model.visual patches or both): refused up
 front, before any data is read, when the run has no images; with --images, the dataset's image
 files decoded as pre-training decodes them, carried as uint8 into the model's `pixels`."""
+import io
 import json
 import logging
+import os
+import re
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -181,25 +185,64 @@ def test_vlmo_on_patches_fine_tunes_retrieval_as_a_dual_encoder_on_jpegs(tmp_pat
     assert reranked["rerank_k"] == 4 and reranked["examples"] == 8 and {"tr@1", "ir@1", "rmean"} <= set(reranked)
 
 
-def test_missing_images_are_left_out_and_a_damaged_one_is_named(tmp_path, caplog):
-    from vlp_train.finetune.data import Collate, SplitData
+def test_missing_and_undecodable_images_are_left_out_and_reported(tmp_path, caplog):
+    """A missing image file and one that cannot be decoded (not an image; a JPEG cut short, whose
+    header is whole) alike: their examples left out when the split is read, counted and reported
+    with the file and the examples. Before: the undecodable one stopped the run at its first batch."""
+    from vlp_train.finetune.data import SplitData
     from vlp_train.finetune.formats import easy_vqa
     from vlp_train.finetune.pixels import ImageFolder
     from vlp_train.finetune.tasks import task_of
 
     data = write_colour_vqa(tmp_path / "cvqa")
-    images = tmp_path / "only"  # the images folder lacks test image 3 and holds a damaged image 5
+    images = tmp_path / "only"  # lacks test image 3; image 5 is not an image; image 6 is a JPEG cut short
     (images / "test" / "images").mkdir(parents=True)
-    for i in (0, 1, 2, 4, 5):
+    for i in (0, 1, 2, 4, 7):
         (images / "test" / "images" / f"{i}.png").write_bytes((tmp_path / f"cvqa/test/images/{i}.png").read_bytes())
     (images / "test" / "images" / "5.png").write_bytes(b"\x89PNG not really")
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (images / "test" / "images" / "6.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) * 2 // 3])
     with caplog.at_level(logging.WARNING):
-        split = SplitData(task_of("easy-vqa"), easy_vqa.read("test", data), None, 36, 6, ImageFolder(str(images)), 32)
-    assert [e.example_id for e in split.examples] == ["test-0", "test-1", "test-2", "test-4", "test-5"]
-    assert split.left_out == 1 and "test/images/3" in caplog.text
-    collate = Collate(split, None, None)
-    with pytest.raises(ValueError, match=r"5\.png \(the image of test-5\): undecodable image"):
-        collate([4])
+        split = SplitData(task_of("easy-vqa"), easy_vqa.read("test", data), None, 36, 8, ImageFolder(str(images)), 32)
+    assert [e.example_id for e in split.examples] == ["test-0", "test-1", "test-2", "test-4", "test-7"]
+    assert split.left_out == 3 and "test/images/3" in caplog.text
+    damaged = {os.path.basename(path): (why, ids) for path, (why, ids) in split.damaged.items()}
+    assert sorted(damaged) == ["5.png", "6.jpg"]
+    assert damaged["5.png"][1] == ["test-5"] and damaged["6.jpg"] == (
+        "a JPEG without its end-of-image marker (the file is cut short)", ["test-6"])
+    assert re.search(r"image file \S*5\.png cannot be decoded \(not an image PIL can identify\); left out with its example\(s\) test-5", caplog.text)
+    assert re.search(r"image file \S*6\.jpg cannot be decoded .*cut short\)\); left out with its example\(s\) test-6",
+                     caplog.text)
+    assert "2 image file(s) cannot be decoded, 2 example(s) left out" in caplog.text
+    assert all(split.pixels(e.image_ids[0], e.example_id).shape == (32, 32, 3) for e in split.examples)  # kept: decodes
+
+
+def test_the_image_check_passes_whole_images_and_finds_damaged_ones(tmp_path):
+    """pixels.image_problem without a decode: whole PNG / JPEG files pass (a JPEG with bytes after
+    its end marker too: libjpeg-turbo ignores them); a JPEG cut anywhere after its header, a PNG cut
+    short, bytes that are no image fail, each as load_pixels would."""
+    from vlp_train.finetune.pixels import image_problem
+    from vlp_train.visual import load_pixels
+
+    array = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    files = {}
+    for kind in ("PNG", "JPEG"):
+        encoded = io.BytesIO()
+        Image.fromarray(array).save(encoded, kind, **({"exif": Image.Exif()} if kind == "JPEG" else {}))
+        files[kind] = encoded.getvalue()
+    cases = {"whole.png": files["PNG"], "whole.jpg": files["JPEG"], "trailing.jpg": files["JPEG"] + b"\x00" * 64,
+             "jpeg-named.png": files["JPEG"], "cut.png": files["PNG"][:len(files["PNG"]) // 2],
+             "cut-late.jpg": files["JPEG"][:-2], "cut-early.jpg": files["JPEG"][:len(files["JPEG"]) // 3],
+             "empty.jpg": b"", "text.jpg": b"not an image"}
+    found = {}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        found[name] = image_problem(str(tmp_path / name))
+        with pytest.raises(ValueError) if found[name] else nullcontext():
+            load_pixels(content, 32)  # agrees with the decode
+    assert [name for name, problem in found.items() if problem is None] == ["whole.png", "whole.jpg", "trailing.jpg",
+                                                                             "jpeg-named.png"]
 
 
 def test_what_a_model_sees_decides_what_the_run_needs():
