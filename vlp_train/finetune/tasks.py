@@ -45,6 +45,16 @@ class FinetuneTask:
         takes the rest from the pixels)."""
         return self.regions or self.reads_tags
 
+    def outputs(self, labels: list[str], examples) -> str:
+        """What the model learns to output, for the run's description: its labels, or what a task
+        without labels has instead (a dual encoder: ITC over the examples' images, the captions of
+        one image each other's positives; a region task: a score per region)."""
+        if self.dual_encoder:
+            return f"ITC over {len({e.image_ids[0] for e in examples})} images"
+        if self.regions:
+            return "a score per detected region"
+        return f"{len(labels)} labels"
+
     def head(self, hidden: int, labels: int, scale: int):
         if self.pairs is not None or self.dual_encoder:  # the pre-trained model's own ITM head / projections
             return None

@@ -318,7 +318,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False)
 def describe_finetune(run: FinetuneRun) -> str:
     cfg = run.cfg
     return (f"fine-tuning {cfg.model.init or 'MiniLM'} on {cfg.task.name}: {len(run.train)} train / {len(run.val)} "
-            f"{cfg.data.eval_split} examples, {len(run.labels)} labels, {run.total_steps} steps")
+            f"{cfg.data.eval_split} examples, {run.task.outputs(run.labels, run.train.examples)}, {run.total_steps} steps")
 
 
 def read_best(out: str) -> dict | None:

@@ -1,6 +1,8 @@
 """Retrieval as a dual encoder (VLMo's fine-tuning): the families' dual-encoder interface, the ITC
 fine-tuning loss, dual-encoder ranking of a split, and the classification tasks still on the
 fusion [T_CLS]."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,11 +109,17 @@ def test_itc_fine_tuning_loss_is_the_contrast_over_the_batch_by_hand(tmp_path):
     import math
 
     from vlp_train.finetune.data import Collate
-    from vlp_train.finetune.train import build_finetune
+    from vlp_train.finetune.tasks import task_of
+    from vlp_train.finetune.train import build_finetune, describe_finetune
     from vlp_train.step import to_device
 
     run = build_finetune(vlmo_retrieval(tmp_path))
     assert run.task.dual_encoder and run.model.head is None
+    # what the run learns, said instead of "0 labels": the contrast over the 4 training images
+    assert re.fullmatch(r"fine-tuning \S+ on retrieval: 8 train / 8 test examples, ITC over 4 images, \d+ steps",
+                        describe_finetune(run))
+    assert task_of("refcoco+").outputs([], []) == "a score per detected region"  # the other task without labels
+    assert task_of("retrieval").outputs(["no", "match"], examples=[]) == "2 labels"  # ITM's
     run.model.eval()
     examples = run.train.examples
     picked = [0, 1, 2]  # captions 0 and 1 are of image 0, caption 2 of image 1
