@@ -4,7 +4,8 @@ ROC-AUC on true vs shuffled pairs.
 
 Also the measures every family's evaluation shares (one owner each): masked-token hits
 (`count_masked_tokens`), ITM accuracy and ROC-AUC (`itm_metrics`), retrieval recall@k from a
-similarity matrix (`recall_at`) and seconds per 1,000 queries (`per_1k_queries`)."""
+similarity matrix (`recall_at`, by the one ranking rule `right_answer_ranks`, which the
+downstream retrieval metric uses too) and seconds per 1,000 queries (`per_1k_queries`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -86,13 +87,27 @@ def itm_metrics(scores: list[float], labels: list[int]) -> dict:
 RECALL_AT = (1, 5, 10)
 
 
+def right_answer_ranks(scores: torch.Tensor, positive: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Each query's rank (0-based) of its best-scored right answer: scores, positive [queries,
+    candidates] (a query may have several right answers) -> [queries] the count of wrong answers
+    scored at least as high as it. Ties count against the right answer (a constant scorer recalls
+    nothing), another right answer tied with it does not; a candidate scored -inf ranks last; a
+    query without a right answer gets the candidate count (never recalled). The one rule of recall
+    here: recall_at's, and finetune.metrics.retrieval_recalls' (Karpathy retrieval's R@K)."""
+    ranks = []
+    for start in range(0, scores.shape[0], chunk):
+        s, right = scores[start:start + chunk], positive[start:start + chunk]
+        best = s.masked_fill(~right, float("-inf")).max(1, keepdim=True).values
+        rank = ((s >= best) & ~right).sum(1)
+        ranks.append(rank.masked_fill(~right.any(1), scores.shape[1]))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
 def recall_at(scores: torch.Tensor, positive: torch.Tensor, ks=RECALL_AT) -> dict[int, float]:
     """Retrieval recall@k: scores, positive [queries, candidates] (a query may have several right
-    answers) -> {k: the share of queries with a right answer among their top k}."""
-    order = scores.argsort(dim=1, descending=True)
-    hit_rank = torch.where(positive.gather(1, order), torch.arange(scores.shape[1], device=scores.device).expand_as(order),
-                           scores.shape[1]).min(1).values
-    return {k: (hit_rank < k).float().mean().item() for k in ks}
+    answers) -> {k: the share of queries with a right answer among their top k} (right_answer_ranks)."""
+    ranks = right_answer_ranks(scores, positive)
+    return {k: (ranks < k).float().mean().item() for k in ks}
 
 
 def per_1k_queries(seconds: float, queries: int) -> float:

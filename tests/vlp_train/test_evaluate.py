@@ -3,6 +3,7 @@ similarity matrix with several right answers a query, ITM accuracy and AUC, cost
 import contextlib
 import math
 
+import pytest
 import torch
 
 from vlp_train.evaluate import itm_metrics, per_1k_queries, recall_at
@@ -46,3 +47,32 @@ def test_itm_reranking_reorders_the_top_k_and_keeps_the_dual_encoders_order_belo
     right = torch.zeros_like(scores, dtype=torch.bool)
     right[0, 2] = right[1, 3] = True               # the dual encoder's rank 3: outside k, inside 3
     assert recall_at(reranked, right, ks=(2, 3)) == {2: 0.0, 3: 1.0}
+
+
+def test_recall_has_one_rule_for_pre_training_and_the_downstream_retrieval_metric():
+    """evaluate.right_answer_ranks ranks for both recall_at (any right answers) and
+    finetune.metrics.retrieval_recalls (Karpathy: each caption's one image): on the same scores,
+    ties included, their figures agree. A tie with a wrong answer counts against the right one (a
+    constant scorer recalls nothing); a tie between two right answers does not. Before, recall_at
+    broke ties by argsort's order and retrieval_recalls counted a tied right answer against."""
+    import numpy as np
+
+    from vlp_train.evaluate import right_answer_ranks
+    from vlp_train.finetune.metrics import retrieval_recalls
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 3, (6, 12)).astype(np.float64)  # many ties
+    scores[2] = 0.0                                          # a constant row
+    text_image = np.repeat(np.arange(6), 2)                  # 2 captions an image
+    ours = retrieval_recalls(scores, text_image, ks=(1, 2, 5))
+    positive = torch.from_numpy(text_image[None, :] == np.arange(6)[:, None])
+    for k, share in recall_at(torch.from_numpy(scores), positive, ks=(1, 2, 5)).items():
+        assert ours[f"tr@{k}"] == pytest.approx(100 * share)
+    for k, share in recall_at(torch.from_numpy(scores).T, positive.T, ks=(1, 2, 5)).items():
+        assert ours[f"ir@{k}"] == pytest.approx(100 * share)
+    assert recall_at(torch.zeros(3, 4), torch.eye(3, 4, dtype=torch.bool), ks=(1, 3, 4)) == {1: 0.0, 3: 0.0, 4: 1.0}
+    # two right answers tied at the top: rank 0; a wrong one tied with them: rank 1; none right: never
+    assert right_answer_ranks(torch.tensor([[0.9, 0.9, 0.1], [0.9, 0.9, 0.9], [0.5, 0.4, 0.3]]),
+                              torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)).tolist() == [0, 1, 3]
+    two_right = retrieval_recalls(np.array([[0.9, 0.9, 0.1, 0.2], [0.1, 0.2, 0.8, 0.7]]), [0, 0, 1, 1], ks=(1,))
+    assert two_right["tr@1"] == 100.0

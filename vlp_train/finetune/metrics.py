@@ -16,7 +16,8 @@ rounded to 2 decimals as the official evaluation prints them, the others are not
 - Retrieval (`retrieval_recalls`): from an [images x texts] score matrix, text retrieval R@K
   (image -> texts: an image is a hit when any of its captions ranks in the top K) and image
   retrieval R@K (text -> images: its one image in the top K), K = 1, 5, 10, their sum and mean.
-  Ties count against the ground truth (a constant scorer gets 0), and a candidate scored -inf is
+  Ranked by `vlp_train.evaluate.right_answer_ranks` (the one rule of recall@K): ties with a wrong
+  answer count against the ground truth (a constant scorer gets 0), and a candidate scored -inf is
   ranked last (a first-stage re-ranker leaves the rest at -inf).
 """
 from __future__ import annotations
@@ -179,16 +180,22 @@ def retrieval_recalls(scores: np.ndarray, text_image: Sequence[int], ks: Sequenc
     captions_of = np.bincount(text_image, minlength=n_images)
     if (captions_of == 0).any():
         raise ValueError(f"{int((captions_of == 0).sum())} image(s) have no caption among the texts")
-    gt_scores = scores[text_image, np.arange(n_texts)]
-    # Text retrieval: the image's best-scored caption; its rank = texts scored at least as high, minus itself.
-    best_gt = np.full(n_images, -np.inf)
-    np.maximum.at(best_gt, text_image, gt_scores)
-    text_ranks = np.concatenate([(scores[i:i + chunk] >= best_gt[i:i + chunk, None]).sum(1) - 1
-                                 for i in range(0, n_images, chunk)])
-    # Image retrieval: the caption's one image; rank = images scored at least as high, minus itself.
-    gt_image_scores = image_scores[text_image, np.arange(n_texts)]
-    image_ranks = np.concatenate([(image_scores[:, j:j + chunk] >= gt_image_scores[None, j:j + chunk]).sum(0) - 1
-                                  for j in range(0, n_texts, chunk)])
+    # the ranks by evaluate.right_answer_ranks, the one rule of recall (pre-training's held-out
+    # retrieval's too); this adds the Karpathy form: each caption's one image, percentages, rsum/rmean.
+    # The right answers are built a chunk of queries at a time (COCO 5K: [5,000 x 25,000] would be 125 MB)
+    import torch
+
+    from vlp_train.evaluate import right_answer_ranks
+
+    scores_t, image_scores_t = (torch.from_numpy(np.ascontiguousarray(a)) for a in (scores, image_scores))
+    text_image_t = torch.from_numpy(text_image)
+    # Text retrieval: image i's right answers are its captions
+    text_ranks = torch.cat([right_answer_ranks(scores_t[i:i + chunk], text_image_t[None, :] == torch.arange(
+        i, min(i + chunk, n_images))[:, None]) for i in range(0, n_images, chunk)]).numpy()
+    # Image retrieval: caption j's one right answer is its image
+    image_ranks = torch.cat([right_answer_ranks(image_scores_t[:, j:j + chunk].T, torch.arange(n_images)[None, :]
+                                                == text_image_t[j:j + chunk, None])
+                             for j in range(0, n_texts, chunk)]).numpy()
     out = {}
     for k in ks:
         out[f"tr@{k}"] = 100.0 * float((text_ranks < k).mean())
