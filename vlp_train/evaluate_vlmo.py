@@ -34,17 +34,45 @@ def rerank_scores(model, scores: torch.Tensor, k: int, pair_of, batch_size: int,
     """The dual encoder's scores [Q, C] with each query's top k re-scored by the fusion ITM (the match
     logit minus the mismatch logit, lifted above every score outside the top k, which keep the dual
     encoder's order: recall@K for K > k still counts them). `pair_of(queries, candidates)` -> the
-    model inputs of those (query, candidate) pairs."""
+    model inputs of those (query, candidate) pairs. Both directions of one score matrix:
+    rerank_both (a pair in both directions' top k scored once)."""
     top = scores.topk(k, dim=1).indices                       # [Q, k]
     queries = torch.arange(scores.shape[0]).repeat_interleave(k)
-    candidates = top.flatten()
+    return _lifted(scores, top, itm_scores(model, queries, top.flatten(), pair_of, batch_size, autocast).view(-1, k))
+
+
+def rerank_both(model, scores: torch.Tensor, k: int, pair_of, batch_size: int, autocast):
+    """rerank_scores both ways of scores [images, texts]: (image -> text [images, texts], text ->
+    image [texts, images]), each image's top k texts and each text's top k images re-scored by the
+    fusion ITM, every distinct (image, text) pair scored once: a pair in an image's top k and in its
+    text's top k serves both (the figures are rerank_scores' of each direction apart).
+    `pair_of(images, texts)` -> the model inputs of those pairs."""
+    n_images, n_texts = scores.shape
+    by_image = scores.topk(k, dim=1).indices                  # [images, k] texts
+    by_text = scores.T.topk(k, dim=1).indices                 # [texts, k] images
+    image_text = torch.cat([torch.arange(n_images).repeat_interleave(k) * n_texts + by_image.flatten(),
+                            by_text.flatten() * n_texts + torch.arange(n_texts).repeat_interleave(k)])
+    pairs, where = torch.unique(image_text, return_inverse=True)
+    itm = itm_scores(model, pairs // n_texts, pairs % n_texts, pair_of, batch_size, autocast)[where]
+    return (_lifted(scores, by_image, itm[:n_images * k].view(-1, k)),
+            _lifted(scores.T, by_text, itm[n_images * k:].view(-1, k)))
+
+
+def itm_scores(model, rows: torch.Tensor, columns: torch.Tensor, pair_of, batch_size: int, autocast) -> torch.Tensor:
+    """The fusion ITM's match logit minus its mismatch logit of each pair pair_of(rows, columns), in batches."""
     itm = []
-    for start in range(0, len(queries), batch_size):
+    for start in range(0, len(rows), batch_size):
         with autocast:
-            text, _ = model(*pair_of(queries[start:start + batch_size], candidates[start:start + batch_size]))
+            text, _ = model(*pair_of(rows[start:start + batch_size], columns[start:start + batch_size]))
             logits = model.itm_logits(text).float()
         itm.append((logits[:, 1] - logits[:, 0]).cpu())
-    itm = torch.cat(itm).view(-1, k).to(scores.dtype)
+    return torch.cat(itm)
+
+
+def _lifted(scores: torch.Tensor, top: torch.Tensor, itm: torch.Tensor) -> torch.Tensor:
+    """scores [Q, C] with each query's `top` [Q, k] candidates set to their ITM scores [Q, k], lifted
+    above every other score."""
+    itm = itm.to(scores.dtype)
     lift = scores.max() - itm.min() + 1                      # every re-scored pair above every other
     return scores.clone().scatter_(1, top, itm + lift)
 
@@ -131,8 +159,8 @@ def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> di
             return (ids[text_rows], text_mask[text_rows], features[image_rows], locations[image_rows],
                     region_mask[image_rows], pixels[image_rows] if pixels is not None else None)
         started = time.perf_counter()
-        reranked = {"i2t": rerank_scores(model, scores, k, lambda q, c: inputs(c, q), cfg.data.batch_size, autocast),
-                    "t2i": rerank_scores(model, scores.T, k, lambda q, c: inputs(q, c), cfg.data.batch_size, autocast)}
+        i2t, t2i = rerank_both(model, scores, k, lambda i, t: inputs(t, i), cfg.data.batch_size, autocast)
+        reranked = {"i2t": i2t, "t2i": t2i}
         rerank_s = time.perf_counter() - started
         for name, s in reranked.items():
             result.update({f"{name}_itm_r{r}": v for r, v in recall_at(s, directions[name][1]).items()})

@@ -311,7 +311,7 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
     embed_texts), ranked by the dot products of their features: R@1/5/10 both ways over the whole
     split. With task.rerank_k > 0 the fusion ITM re-scores each query's top k (evaluate_vlmo's
     re-ranking; VLMo's fine-tuned retrieval is the dual encoder alone, the default)."""
-    from vlp_train.evaluate_vlmo import _pad_cat, rerank_scores
+    from vlp_train.evaluate_vlmo import _pad_cat, rerank_both
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
     from vlp_train.step import to_device
 
@@ -355,8 +355,9 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
                                  "region_mask": region_mask[image_rows],
                                  "pixels": pixels[image_rows] if pixels is not None else None}}, device)["x"]
             return x["input_ids"], x["text_mask"], x["features"], x["locations"], x["region_mask"], x["pixels"]
-        image_to_text = rerank_scores(encoder, scores, k, lambda q, c: pair_of(c, q), size, autocast)
-        text_to_image = rerank_scores(encoder, scores.T, k, lambda q, c: pair_of(q, c), size, autocast).T
+        # each distinct (image, caption) pair of both directions' top k scored once
+        image_to_text, text_to_image = rerank_both(encoder, scores, k, lambda i, t: pair_of(t, i), size, autocast)
+        text_to_image = text_to_image.T
     metrics = retrieval_recalls(image_to_text.numpy(), text_image, image_scores=text_to_image.numpy())
     if k:
         metrics["rerank_k"] = k

@@ -228,3 +228,49 @@ def test_classification_tasks_read_the_fusion_t_cls(tmp_path):
         fused, _ = model(ids, text_mask, inputs["features"], inputs["locations"], inputs["region_mask"])
     assert modes[:2] == [PAIR, PAIR]
     torch.testing.assert_close(pooled, fused[:, 0])
+
+
+def test_itm_reranking_scores_each_distinct_pair_once(tmp_path):
+    """--rerank-k: each image's top k captions and each caption's top k images are re-scored by the
+    fusion ITM, a pair in both lists once (before: once per direction, 24 scorings here); the
+    recalls are those of each direction re-scored apart (evaluate_vlmo.rerank_scores)."""
+    from contextlib import nullcontext
+
+    from vlp_train.evaluate_vlmo import rerank_scores
+    from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
+    from vlp_train.finetune.train import build_finetune
+    from vlp_train.step import to_device
+
+    run = build_finetune(vlmo_retrieval(tmp_path))
+    run.model.eval()
+    encoder, data, k = run.model.model, run.val, 2
+    images, text_image = retrieval_index(data.examples)
+    with torch.no_grad():
+        x = to_device({"x": data.inputs(run.builder, None, images)}, run.device)["x"]
+        t = to_device({"x": data.inputs(run.builder, [e.text for e in data.examples], None)}, run.device)["x"]
+        scores = (encoder.embed_images(x["features"], x["locations"], x["region_mask"])
+                  @ encoder.embed_texts(t["input_ids"], t["text_mask"]).T).float()  # [images, texts]
+    distinct = ({(i, int(c)) for i in range(len(images)) for c in scores[i].topk(k).indices}
+                | {(int(i), c) for c in range(len(data.examples)) for i in scores[:, c].topk(k).indices})
+    assert len(distinct) < k * (len(images) + len(data.examples))  # the directions' lists overlap here
+
+    scored = []
+    itm_logits = encoder.itm_logits
+
+    def counting(states):  # the scorer, wrapped: rows scored
+        scored.append(states.shape[0])
+        return itm_logits(states)
+    encoder.itm_logits = counting
+    run.cfg.task.rerank_k = k
+    metrics, _ = run.task.predict(run.model, data, run.builder, run.cfg, run.device, nullcontext())
+    del encoder.itm_logits
+    assert sum(scored) == len(distinct)
+
+    def pair_of(image_rows, text_rows):
+        return (t["input_ids"][text_rows], t["text_mask"][text_rows], x["features"][image_rows],
+                x["locations"][image_rows], x["region_mask"][image_rows], None)
+    with torch.no_grad():
+        image_to_text = rerank_scores(encoder, scores, k, pair_of, 64, nullcontext())
+        text_to_image = rerank_scores(encoder, scores.T, k, lambda q, c: pair_of(c, q), 64, nullcontext())
+    apart = retrieval_recalls(image_to_text.numpy(), text_image, image_scores=text_to_image.T.numpy())
+    assert metrics == pytest.approx({**apart, "rerank_k": k})
