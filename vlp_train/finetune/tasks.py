@@ -300,7 +300,10 @@ def retrieval_predict(model, data, builder, cfg, device, autocast) -> tuple[dict
 
 
 def pair_key(image_key: str) -> int:
-    """An integer per image (ITC's positives in a batch: the captions of one image)."""
+    """An integer per image (ITC's positives in a batch: the captions of one image). By image, not by
+    text, as ALBEF's retrieval fine-tuning (positives by image id): the same caption written for two
+    different images is a negative of the other image: a fact of the data (a generic caption can
+    repeat across images), as in the reference, not a key collision."""
     from vlp_train.masking import text_key
     return text_key(image_key)
 
