@@ -224,6 +224,10 @@ def detector_options(grid: bool = False):
               help="ivf, ivfpq: sentences in the training sample.")
 @field_option("--corpus-shard-rows", owner=RetrieveOptions, field="corpus_shard_rows", type=click.IntRange(1),
               help="The corpus is written and searched in shards of about this many sentences; a worker maps one at a time.")
+@field_option("--corpus-cache-gb", owner=RetrieveOptions, field="corpus_cache_gb",
+              type=click.FloatRange(0, min_open=True), show_default="half the temp folder's disk",
+              help="Remote corpus shards (gs:// staging) are copied to each worker's disk and kept there up to this "
+                   "many GiB, least recently used evicted first (never one a process is using).")
 @click.option("--embeddings", "embeddings_dir",
               help="Embedding store (folder, local or gs://): corpus embeddings kept by model fingerprint and "
                    "sentence id, reused by later builds (only sentences it lacks are embedded, then added).")
@@ -253,7 +257,7 @@ def detector_options(grid: bool = False):
 @wait_option()
 @click.pass_context
 def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_model, sbert_backend, batch_size, device,
-                    index_type, nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, embeddings_dir,
+                    index_type, nlist, nprobe, pq_bytes, index_train_rows, corpus_shard_rows, corpus_cache_gb, embeddings_dir,
                     split_sentences, max_chars, detector, spacy_model, word_vectors, trust_pickled_vectors,
                     link_threshold, samples_per_shard, table_rows_per_file, no_shards, store_images, image_size,
                     image_root, wait):
@@ -277,7 +281,8 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         text_options=TextOptions(split_sentences=split_sentences, max_chars=max_chars, spacy_model=spacy_model),
         embed=embed,
         retrieve=RetrieveOptions(k=k, index=index_type, nlist=nlist, nprobe=nprobe, device=device, pq_bytes=pq_bytes,
-                                 train_rows=index_train_rows, corpus_shard_rows=corpus_shard_rows),
+                                 train_rows=index_train_rows, corpus_shard_rows=corpus_shard_rows,
+                                 corpus_cache_gb=corpus_cache_gb),
         detect=detector,
         phrases=PhraseOptions(spacy_model=spacy_model),
         link=LinkOptions(word_vectors=word_vectors, trust_pickle=trust_pickled_vectors, threshold=link_threshold),

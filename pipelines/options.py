@@ -58,6 +58,9 @@ class RetrieveOptions:
     pq_bytes: int = 48              # ivfpq: bytes per vector (sub-quantizers of 8 bits; must divide the width)
     train_rows: int = 65_536        # ivf, ivfpq: the training sample (sentences with the smallest id hashes)
     corpus_shard_rows: int = 2_000_000  # the corpus is written and searched in ceil(N / this) shards
+    # GiB of remote corpus shards a machine keeps copied on its disk (least recently used evicted);
+    # None = half the cache filesystem (corpus_cache.DEFAULT_DISK_SHARE: the boot disk on Dataflow)
+    corpus_cache_gb: float | None = None
     device: str = "cpu"             # cuda: exact search on the GPU (faiss-gpu or torch matmul + topk)
     batch_size: int = 1024          # queries per search call
 

@@ -6,7 +6,8 @@ the sentence id (`batching.group_of`, the same for any worker count); each shard
 one worker (CollectCorpus, per key), sorted by sentence id, and written under the staging folder
 as a float32 .npy and an Arrow file (ids, texts). The corpus as a whole is never on one worker.
 Only the shards' file names travel as a side input: workers memory-map a shard's files, from a
-copy on the machine's disk where the folder is remote (one per machine, not per process).
+copy on the machine's disk where the folder is remote (one per machine, not per process, in a
+cache bounded by --corpus-cache-gb that evicts the least recently used shard: corpus_cache.py).
 
 RetrieveTopK pairs every query batch with every shard (a cross product), searches each pair
 (a process maps one shard at a time), and merges the per-shard top-K of each query with a top-K
@@ -20,7 +21,7 @@ written, and memory-mapped by every search process (faiss.IO_FLAG_MMAP).
 """
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import io
 import logging
@@ -37,16 +38,16 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.utils.shared import Shared
 
 from pipelines.batching import group_of
+from pipelines.corpus_cache import CACHE_CHUNK_BYTES, Lease, cache_root, lease_copies
 from pipelines.files import is_local
 from pipelines.metrics import add_stage_time
 from pipelines.options import RetrieveOptions
 from pipelines.search import (Corpus, candidates_for, hit_dict, hit_order, make_searcher, rank_candidates,
                               train_index)
 from pipelines.shards import write_bytes, write_whole
-from pipelines.sharing import acquire_shared
+from pipelines.sharing import LatestShared
 from pipelines.stages import stage_output
 
 log = logging.getLogger(__name__)
@@ -130,77 +131,65 @@ def spill_corpus(corpus: Corpus, directory: str, order=None) -> CorpusFiles:
     return files
 
 
-CACHE_CHUNK_BYTES = 8 << 20  # a remote corpus file is copied this much at a time, never read whole
-
-
-def load_corpus(files: CorpusFiles) -> Corpus:
+def load_corpus(files: CorpusFiles, cache_gb: float | None = None) -> Corpus:
     """The spilled corpus, its vectors and rows memory-mapped (read-only). A remote folder (gs://)
-    is first copied to this machine once: Dataflow runs an SDK process per vCPU, and each would
-    otherwise hold its own copy of the vectors in memory."""
-    local = local_copy(files)
+    is first copied to this machine once (corpus_cache.py): Dataflow runs an SDK process per vCPU,
+    and each would otherwise hold its own copy of the vectors in memory. The returned corpus holds
+    the copy's cache lease (`holds`) while it lives: the copy is not evicted under it."""
+    local, lease = local_copy(files, cache_gb)
     vectors = np.load(local.vectors_path, mmap_mode="r", allow_pickle=False)
     rows = pa.ipc.open_file(pa.memory_map(local.rows_path)).read_all()
     if len(rows) != files.size or len(vectors) != files.size:
         raise ValueError(f"corpus files {files.vectors_path} / {files.rows_path} hold {len(vectors)} vectors and "
                          f"{len(rows)} rows, expected {files.size}: written by another run?")
     return Corpus(ArrowStrings(rows.column("sentence_id")), ArrowStrings(rows.column("text")), vectors,
-                  files.fingerprint)
+                  files.fingerprint, holds=lease)
 
 
-def load_index(files: CorpusFiles):
+def load_index(files: CorpusFiles, cache_gb: float | None = None):
     """The shard's IVF / IVF-PQ index, memory-mapped: its inverted lists stay in the file (in the
-    page cache, shared by the machine's processes), not in each process's memory."""
+    page cache, shared by the machine's processes), not in each process's memory. Where the shard
+    is remote, the index keeps its cache lease while it lives (in faiss's `referenced_objects`,
+    its way of tying Python objects to an index's lifetime)."""
     import faiss
-    return faiss.read_index(local_copy(files).index_path, faiss.IO_FLAG_MMAP)
+    local, lease = local_copy(files, cache_gb)
+    index = faiss.read_index(local.index_path, faiss.IO_FLAG_MMAP)
+    if lease is not None:
+        index.referenced_objects = [*getattr(index, "referenced_objects", []), lease]
+    return index
 
 
-def local_copy(files: CorpusFiles) -> CorpusFiles:
-    """The corpus files on this machine: `files` itself where its folder is local, else the same
-    files in this machine's cache (copied there once per machine). The one place a remote shard's
-    local paths are worked out: a reader of both the corpus and its index asks once and passes
-    the result on, so the remote folder is matched once."""
+def local_copy(files: CorpusFiles, cache_gb: float | None = None) -> tuple[CorpusFiles, Lease | None]:
+    """The corpus files on this machine and the lease that keeps them there: `files` itself (and
+    no lease) where its folder is local, else the same files in this machine's cache (copied there
+    once per machine, within `cache_gb` GiB, corpus_cache.py) and a lease on them, to be held for
+    as long as they are mapped. The one place a remote shard's local paths are worked out: a
+    reader of both the corpus and its index asks once and passes the result on, so the remote
+    folder is matched once."""
     if is_local(files.vectors_path):
-        return files
-    cache = cache_locally(files)
-    local_index = os.path.join(cache, posixpath.basename(files.index_path)) if files.index_path else None
-    return replace(files, directory=cache, index_path=local_index)
+        return files, None
+    found = {m.path: m for result in FileSystems.match(files.paths) for m in result.metadata_list}
+    missing = [path for path in files.paths if path not in found]
+    if missing:
+        raise FileNotFoundError(f"corpus shard files {', '.join(missing)} not found: deleted while the run used them?")
+    lease = lease_copies(corpus_cache_dir(files, found), {path: found[path].size_in_bytes for path in files.paths},
+                         cache_gb, name=files.vectors_path)
+    local_index = os.path.join(lease.folder, posixpath.basename(files.index_path)) if files.index_path else None
+    return replace(files, directory=lease.folder, index_path=local_index), lease
 
 
-def corpus_cache_dir(files: CorpusFiles) -> str:
+def corpus_cache_dir(files: CorpusFiles, found: dict | None = None) -> str:
     """This machine's cache folder for a remote corpus. The fingerprint covers only the sentence
     ids (another embedding model gives the same one), so the remote files' path, size and time
     are in the key too: a rewritten file is never served from a stale copy. The index file is
     not in the key (it is written after the vectors, from them), so the copy made where a shard
-    was indexed serves its search too."""
-    stamps = [(m.path, m.size_in_bytes, m.last_updated_in_seconds)
-              for result in FileSystems.match([files.vectors_path, files.rows_path]) for m in result.metadata_list]
+    was indexed serves its search too. `found`: the files' metadata by path, where matched already."""
+    keyed = [files.vectors_path, files.rows_path]
+    if found is None:
+        found = {m.path: m for result in FileSystems.match(keyed) for m in result.metadata_list}
+    stamps = [(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in (found[p] for p in keyed if p in found)]
     source = hashlib.sha1(repr(stamps).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "vlp-data-corpus", f"{files.fingerprint}-{source}")
-
-
-def cache_locally(files: CorpusFiles) -> str:
-    """The folder of this machine's copies of the corpus files (vectors, rows, index), each under
-    its own name, downloaded by one process of this machine while the others wait on the folder's
-    lock; a copy appears under its name only when complete."""
-    cache = corpus_cache_dir(files)
-    os.makedirs(cache, exist_ok=True)
-    with open(os.path.join(cache, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        for remote in files.paths:
-            path = os.path.join(cache, posixpath.basename(remote))
-            if not os.path.exists(path):
-                _download(remote, path)
-    return cache
-
-
-def _download(remote: str, path: str) -> None:
-    start = time.perf_counter()
-    partial = f"{path}.partial"  # one name will do: only the lock holder writes
-    with FileSystems.open(remote, compression_type=CompressionTypes.UNCOMPRESSED) as source, \
-            open(partial, "wb") as target:
-        shutil.copyfileobj(source, target, CACHE_CHUNK_BYTES)
-    os.replace(partial, path)
-    log.info("corpus file %s copied to %s in %.1fs", remote, path, time.perf_counter() - start)
+    return os.path.join(cache_root(), f"{files.fingerprint}-{source}")
 
 
 class CollectCorpus(beam.CombineFn):
@@ -314,14 +303,17 @@ def train_once(sample: list, directory: str, options: RetrieveOptions) -> str:
     return path
 
 
-def add_shard_to_index(files: CorpusFiles, trained_path: str) -> CorpusFiles:
+def add_shard_to_index(files: CorpusFiles, trained_path: str, cache_gb: float | None = None) -> CorpusFiles:
     """Fill a copy of the trained index with one shard's vectors (in id order, so index row i is
     the shard's row i) and write it beside the shard."""
     start = time.perf_counter()
     index = _read_index_bytes(trained_path)
-    vectors = load_corpus(files).vectors
-    for row in range(0, len(vectors), INDEX_CHUNK_ROWS):
-        index.add(np.ascontiguousarray(vectors[row:row + INDEX_CHUNK_ROWS], dtype=np.float32))
+    local, lease = local_copy(files, cache_gb)
+    with lease or contextlib.nullcontext():  # the cached copy is kept while its vectors are read
+        vectors = load_corpus(local).vectors
+        for row in range(0, len(vectors), INDEX_CHUNK_ROWS):
+            index.add(np.ascontiguousarray(vectors[row:row + INDEX_CHUNK_ROWS], dtype=np.float32))
+        del vectors  # unmapped before the lease ends
     trained = posixpath.basename(trained_path)[len("trained-"):-len(".faiss")]
     path = posixpath.join(files.directory, f"index-{files.fingerprint}-{trained}.faiss")
     _write_index(index, path)
@@ -370,7 +362,8 @@ class ShardCorpus(beam.PTransform):
                   | "ShardFiles" >> beam.Values())
         if self._options.index != "flat":
             trained = rows | "TrainIndexOnce" >> TrainIndexOnce(self._directory, self._options)
-            shards = shards | "IndexShard" >> beam.Map(add_shard_to_index, trained_path=beam.pvalue.AsSingleton(trained))
+            shards = shards | "IndexShard" >> beam.Map(add_shard_to_index, trained_path=beam.pvalue.AsSingleton(trained),
+                                                            cache_gb=self._options.corpus_cache_gb)
         return stage_output(shards)
 
 
@@ -380,29 +373,30 @@ class ShardCorpus(beam.PTransform):
 
 def _load_searcher(shard: CorpusFiles, options: RetrieveOptions):
     start = time.perf_counter()
-    shard = local_copy(shard)  # once for the corpus and its index
-    loaded = load_corpus(shard)
-    searcher = make_searcher(loaded, options, load_index(shard) if shard.index_path else None)
+    local, lease = local_copy(shard, options.corpus_cache_gb)  # once for the corpus and its index
+    loaded = replace(load_corpus(local), holds=lease)  # the lease lives as long as the searcher's corpus
+    searcher = make_searcher(loaded, options, load_index(local) if local.index_path else None)
     log.info("loaded a %s searcher over %d sentences in %.1fs", options.index, len(loaded), time.perf_counter() - start)
     return loaded, searcher
 
 
 class _SearchShard(beam.DoFn):
     """(corpus shard, (keys, queries)) -> (key, (score, sentence_id, text)) per candidate of the
-    shard's exact top-K. One shard per worker process at a time, shared by its threads."""
+    shard's exact top-K. One shard per worker process at a time, shared by its threads; the
+    previous one is let go before the next is loaded (LatestShared), so a process never holds
+    two shards' cache leases while it waits for room in the machine's corpus cache."""
 
     def __init__(self, options: RetrieveOptions):
         self._options = options
-        self._shared = Shared()
+        self._shared = LatestShared()
 
     def process(self, element):
         shard, (keys, queries) = element
         if len(shard) == 0:
             return
         start = time.perf_counter()
-        # a new tag drops the process's previous shard: one mapped at a time
-        corpus, searcher = acquire_shared(self._shared, lambda: _load_searcher(shard, self._options),
-                                          tag=f"{shard.fingerprint}:{shard.index_path}:{self._options}")
+        corpus, searcher = self._shared.acquire(lambda: _load_searcher(shard, self._options),
+                                                tag=f"{shard.fingerprint}:{shard.index_path}:{self._options}")
         if hasattr(searcher, "search_ranked"):
             indices, scores = searcher.search_ranked(queries, self._options.k)
         else:

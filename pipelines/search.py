@@ -8,7 +8,7 @@ depend on float rounding in the fast search, on batch shapes, or on the worker.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,9 @@ class Corpus:
     texts: list[str]
     vectors: np.ndarray  # float32 [n, dim], L2-normalised (may be a read-only memory map)
     fingerprint: str = ""
+    # what keeps the files behind a memory-mapped `vectors` in place (a corpus cache lease,
+    # retrieve.load_corpus): let go with the corpus
+    holds: object = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)

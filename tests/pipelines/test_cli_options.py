@@ -131,3 +131,15 @@ def test_no_inputs_build_the_bundled_sample_with_the_same_settings(tmp_path, mon
     assert options.text_options.split_sentences and options.retrieve.k == 4 and options.shard.samples_per_shard == 25
     assert options == BuildOptions(output=out, images=options.images, text=options.text,
                                    text_options=options.text_options, retrieve=options.retrieve, shard=options.shard)
+
+
+def test_corpus_cache_gb_reaches_the_search_options_and_refuses_zero(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(cli, "run_build", lambda options, beam_args, wait=True: built.append(options))
+    detections, text = _inputs(tmp_path)
+    args = ["build-retrieval", "--detections", detections, "--text", text, "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, [*args, "--corpus-cache-gb", "7.5"])
+    assert result.exit_code == 0, result.output
+    assert built[0].retrieve.corpus_cache_gb == 7.5
+    result = CliRunner().invoke(main, [*args, "--corpus-cache-gb", "0"])
+    assert result.exit_code == 2 and "--corpus-cache-gb" in result.output

@@ -11,7 +11,7 @@ import pytest
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from pipelines import retrieve
+from pipelines import corpus_cache, retrieve
 from pipelines.retrieve import load_corpus, spill_corpus
 from pipelines.search import Corpus
 
@@ -80,7 +80,7 @@ def remote(tmp_path, monkeypatch):
     monkeypatch.setattr(FakeRemoteFileSystem, "reads", [])
     (tmp_path / "machine-tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "machine-tmp"))
-    monkeypatch.setattr(retrieve, "CACHE_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(corpus_cache, "CACHE_CHUNK_BYTES", 1024)
     return f"{SCHEME}://staging"
 
 
@@ -96,7 +96,9 @@ def _assert_mapped_equal(loaded: Corpus, original: Corpus):
 
 
 def _cache_entries(tmp_path):
-    return sorted(os.listdir(tmp_path / "machine-tmp" / "vlp-data-corpus"))
+    """The cache's folders (one per copied shard), not its lock file."""
+    root = tmp_path / "machine-tmp" / "vlp-data-corpus"
+    return sorted(name for name in os.listdir(root) if (root / name).is_dir())
 
 
 def test_remote_corpus_is_copied_once_in_chunks_and_memory_mapped(remote, tmp_path):
@@ -185,8 +187,180 @@ def test_a_remote_shard_and_its_index_are_localised_once_for_a_search(remote, tm
                                                    remote, options))
     resolved = []
     cache_dir = retrieve.corpus_cache_dir
-    monkeypatch.setattr(retrieve, "corpus_cache_dir", lambda f: resolved.append(f) or cache_dir(f))
+    monkeypatch.setattr(retrieve, "corpus_cache_dir", lambda f, *found: resolved.append(f) or cache_dir(f, *found))
     loaded, searcher = _load_searcher(indexed, options)
     assert resolved == [indexed]
     _assert_mapped_equal(loaded, original)
     assert searcher is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The bounded cache: least recently used shards evicted, never one a process is using
+
+HOLD_SCRIPT = """
+import sys, tempfile
+import numpy as np
+sys.path.insert(0, {worktree!r})
+from tests.pipelines.test_corpus_cache import FakeRemoteFileSystem
+from pipelines.retrieve import CorpusFiles, load_corpus
+FakeRemoteFileSystem.root = {root!r}
+tempfile.tempdir = {machine_tmp!r}
+corpus = load_corpus(CorpusFiles({directory!r}, {fingerprint!r}, {size}), {cache_gb!r})
+print("held", flush=True)
+sys.stdin.readline()  # until the parent has evicted what it could
+print(float(np.asarray(corpus.vectors, dtype=np.float64).sum()), flush=True)
+"""
+
+
+def _other_process(tmp_path, files, cache_gb):
+    """A second process of this machine that loads `files` through the cache and keeps it mapped
+    until told to go on; it then prints the sum of the vectors it still maps."""
+    import subprocess
+    import sys
+    script = HOLD_SCRIPT.format(worktree=os.getcwd(), root=FakeRemoteFileSystem.root,
+                                machine_tmp=str(tmp_path / "machine-tmp"), directory=files.directory,
+                                fingerprint=files.fingerprint, size=files.size, cache_gb=cache_gb)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def _shards(remote, count=3, size=200):
+    corpora = [_corpus(f"fp{n}", seed=n, size=size) for n in range(count)]
+    return corpora, [spill_corpus(corpus, remote) for corpus in corpora]
+
+
+def _cap_gb_for(tmp_path, files, shards: float) -> float:
+    """A cap of `shards` times the cache folder of `files` (loaded once to measure it), in GiB."""
+    load_corpus(files)
+    (entry,) = _cache_entries(tmp_path)
+    folder = tmp_path / "machine-tmp" / "vlp-data-corpus" / entry
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return shards * size / corpus_cache.GIB
+
+
+def _cached(tmp_path) -> list[str]:
+    """The fingerprints of the shards in the cache."""
+    return sorted(entry.split("-")[0] for entry in _cache_entries(tmp_path))
+
+
+def test_a_full_cache_evicts_the_least_recently_used_shard(remote, tmp_path):
+    """Cap of 2 shards, 3 used in turn: each new one evicts the one used longest ago (a use
+    refreshes the stamp on disk, so another process's use counts too), not the one used last."""
+    corpora, (a, b, c) = _shards(remote)
+    cap = _cap_gb_for(tmp_path, a, 2.5)
+    load_corpus(b, cap)
+    load_corpus(a, cap)  # a used after b: b is now the least recently used
+    assert _cached(tmp_path) == ["fp0", "fp1"]
+    opened = len(FakeRemoteFileSystem.opened)
+    _assert_mapped_equal(load_corpus(c, cap), corpora[2])
+    assert _cached(tmp_path) == ["fp0", "fp2"]  # b evicted, a kept
+    assert len(FakeRemoteFileSystem.opened) == opened + 2  # c copied, nothing else
+
+    # another process (a rerun, say) uses a: its stamp on disk makes c the least recently used
+    child = _other_process(tmp_path, a, cap)
+    child.communicate("go\n")
+    assert child.returncode == 0
+    load_corpus(b, cap)
+    assert _cached(tmp_path) == ["fp0", "fp1"]
+
+
+def test_a_shard_in_use_by_another_process_is_never_evicted(remote, tmp_path):
+    corpora, (a, b, c) = _shards(remote)
+    cap = _cap_gb_for(tmp_path, a, 2.5)  # a copied, and unused since: the least recently used
+    child = _other_process(tmp_path, a, cap)  # ... but mapped by another process of the machine
+    try:
+        load_corpus(b, cap)
+        _assert_mapped_equal(load_corpus(c, cap), corpora[2])
+        assert _cached(tmp_path) == ["fp0", "fp2"]  # b evicted instead of a
+    finally:
+        out, _ = child.communicate("go\n")
+    assert child.returncode == 0 and float(out) == float(corpora[0].vectors.astype(np.float64).sum())
+
+
+def test_a_shard_evicted_and_copied_again_searches_the_same(remote, tmp_path):
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import _load_searcher
+    from pipelines.search import candidates_for, rank_candidates
+
+    corpora, shards = _shards(remote)
+    options = RetrieveOptions(k=5, corpus_cache_gb=_cap_gb_for(tmp_path, shards[0], 2.5))
+    queries = np.random.default_rng(9).random((7, 16), dtype=np.float32)
+
+    def search(files):
+        corpus, searcher = _load_searcher(files, options)
+        indices, scores = rank_candidates(queries, searcher.search(queries, candidates_for(options, len(corpus))),
+                                          corpus, options.k)
+        return [[(corpus.ids[i], float(s)) for i, s in zip(row, row_scores)] for row, row_scores in zip(indices, scores)]
+
+    first = [search(files) for files in shards]  # the third evicts the first
+    assert "fp0" not in _cached(tmp_path)
+    opened = len(FakeRemoteFileSystem.opened)
+    assert search(shards[0]) == first[0]  # copied again (evicting the second), the same hits
+    assert len(FakeRemoteFileSystem.opened) == opened + 2 and _cached(tmp_path) == ["fp0", "fp2"]
+
+
+def test_a_cache_held_by_other_users_fails_clearly_after_waiting(remote, tmp_path, monkeypatch):
+    corpora, (a, b, c) = _shards(remote)
+    cap = _cap_gb_for(tmp_path, a, 2.5)
+    monkeypatch.setattr(corpus_cache, "ROOM_WAIT_SECONDS", 0.0)
+    held = [load_corpus(a, cap), load_corpus(b, cap)]  # both mapped (each holds its lease)
+    with pytest.raises(corpus_cache.CorpusCacheFull) as failure:
+        load_corpus(c, cap)
+    message = str(failure.value)
+    assert c.vectors_path in message and "in use by other processes" in message and "--corpus-cache-gb" in message
+    assert f"{int(cap * corpus_cache.GIB):,} bytes" in message and os.path.join("machine-tmp", "vlp-data-corpus") in message
+    assert _cached(tmp_path) == ["fp0", "fp1", "fp2"]  # nothing evicted (c's folder: empty, evictable)
+    held.pop()  # b let go: its room is free again
+    _assert_mapped_equal(load_corpus(c, cap), corpora[2])
+    assert _cached(tmp_path) == ["fp0", "fp2"]
+
+
+def test_a_shard_bigger_than_the_cap_fails_at_once(remote, tmp_path, monkeypatch):
+    corpora, (a,) = _shards(remote, count=1)
+    monkeypatch.setattr(corpus_cache, "ROOM_WAIT_SECONDS", 3600.0)
+
+    def no_wait(seconds):
+        raise AssertionError("waited for room that could never be made")
+    monkeypatch.setattr(corpus_cache.time, "sleep", no_wait)
+    with pytest.raises(corpus_cache.CorpusCacheFull, match=r"is [\d,]+ bytes, more than the corpus cache's cap of 1,073 bytes"):
+        load_corpus(a, 1073 / corpus_cache.GIB)
+
+
+def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(remote, tmp_path):
+    """RetrieveTopK over 3 remote shards with room for one or two at a time: the shards are
+    evicted and copied again as the search moves between them (counted in the search stage's
+    Beam counters), and the hits are those of the whole corpus searched at once."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.cli import counter_totals
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import RetrieveTopK, ShardCorpus
+
+    from .conftest import RUNNER, whole_corpus_hits
+
+    rows, dim = 300, 64
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"s{i:04d}" for i in range(rows)]
+    queries = vectors[:40] + 0.3 * rng.standard_normal((40, dim)).astype(np.float32)
+    expected = [(f"q{j:03d}", hits) for j, hits in
+                enumerate(whole_corpus_hits(Corpus(ids, [f"text of {i}" for i in ids], vectors), queries, 5))]
+    # a little over half the corpus: more than any one shard, less than all three
+    options = RetrieveOptions(k=5, corpus_shard_rows=100, batch_size=8,
+                              corpus_cache_gb=0.6 * rows * dim * 4 / corpus_cache.GIB)
+    pipeline = TestPipeline(runner=RUNNER)
+    shards = (pipeline | "Corpus" >> beam.Create([((i, f"text of {i}"), v) for i, v in zip(ids, vectors)])
+              | ShardCorpus(f"{remote}/_corpus", options)).main
+    hits = (pipeline | "Queries" >> beam.Create([(f"q{j:03d}", q) for j, q in enumerate(queries)])
+            | RetrieveTopK(shards, options)).main
+    assert_that(hits, equal_to(expected))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = counter_totals(result, "retrieve")
+    assert counters["corpus_cache_evictions"] >= 1 and counters["corpus_cache_evicted_bytes"] > 0
+    assert counters["corpus_cache_downloads"] >= 3
+    assert len(_cache_entries(tmp_path)) <= 2
