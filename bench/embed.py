@@ -104,12 +104,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for backend in BACKENDS[1:]:  # onnx-int8 quantises the onnx export made just before
             start = time.perf_counter()
-            encoders[backend] = OnnxSentenceEncoder.from_model(model, bundled_minilm_path(), backend,
-                                                               threads=args.threads, cache_dir=cache)
+            encoders[backend] = OnnxSentenceEncoder.from_folder(bundled_minilm_path(), backend, threads=args.threads,
+                                                                cache_dir=cache, model=model)
             first_use_s[backend] = time.perf_counter() - start
         # the onnx backend as it was before its threads stopped spinning (timed only: the same vectors)
-        encoders[SPINNING] = OnnxSentenceEncoder.from_model(model, bundled_minilm_path(), "onnx", threads=args.threads,
-                                                            cache_dir=cache, spinning=True)
+        encoders[SPINNING] = OnnxSentenceEncoder.from_folder(bundled_minilm_path(), "onnx", threads=args.threads,
+                                                             cache_dir=cache, spinning=True, model=model)
         timed_rows = BACKENDS + (SPINNING,)
 
         corpus = template_sentences(args.sentences)

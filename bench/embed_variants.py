@@ -104,20 +104,21 @@ def main() -> None:
 
     import torch
 
-    from pipelines.encoding import encode, load_sentence_model, sentence_tokenizer
+    from pipelines.encoding import encode, load_sentence_model
     from pipelines.onnx_encoder import OnnxSentenceEncoder, cached_onnx_model
+    from pipelines.sentence_tokenizer import SentenceTokenizer
     from schemas.corpus import bundled_minilm_path
 
     logging.disable(logging.WARNING)  # the quantisers' per-node notes
     torch.set_num_threads(args.threads)
     model = load_sentence_model(None)
-    tokenizer, max_length = sentence_tokenizer(model)
+    tokenizer = SentenceTokenizer.from_model(model)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as cache:
         source = cached_onnx_model(model, bundled_minilm_path(), "onnx", cache)
 
         def variant(path=source, spinning=True):  # the pipeline's encoder (its tokenising and padding) on `path`
-            return OnnxSentenceEncoder(path, tokenizer, max_length, args.threads, spinning)
+            return OnnxSentenceEncoder(path, tokenizer, args.threads, spinning)
 
         fused_path, fused_stats = fused_export(model, cache)
         speed = {"torch fp32": (model, 256), "onnx fp32": (variant(), 256),

