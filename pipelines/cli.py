@@ -179,14 +179,10 @@ def detector_options(grid: bool = False):
         @functools.wraps(command)
         def with_detector(*args, **kwargs):
             values = {field: kwargs.pop(param) for param, field in names.items()}
-            try:
+            try:  # DetectOptions checks the combination (for every caller, not only this one)
                 detector = DetectOptions(**values)
             except ValueError as err:
                 raise click.UsageError(str(err)) from err
-            cells = detector.grid_size * detector.grid_size + 1
-            if detector.regions == "grid" and cells > detector.max_regions:
-                raise click.UsageError(f"--regions grid with --grid-size {detector.grid_size} makes {cells} regions "
-                                       f"an image, more than --max-regions {detector.max_regions}")
             return command(*args, detector=detector, **kwargs)
 
         for flag in reversed(flags):

@@ -231,9 +231,9 @@ class YoloDetector:
     def _grid(self, width, height, scale, dx, dy, feature_maps) -> dict:
         boxes = grid_boxes(width, height, self.options.grid_size)
         scores = [WHOLE_SCORE] + [CELL_SCORE] * (len(boxes) - 1)
-        # the corpus's region order (what readers of these detections put them in), then the cap:
-        # the whole image stays first, the cap drops cells
-        order = region_order(scores, [GRID_LABEL] * len(boxes), boxes)[:self.options.max_regions]
+        # the corpus's region order (what readers of these detections put them in); every cell is
+        # kept (DetectOptions refuses a grid larger than max_regions)
+        order = region_order(scores, [GRID_LABEL] * len(boxes), boxes)
         boxes, scores = np.asarray([boxes[j] for j in order]), [scores[j] for j in order]
         return {"width": int(width), "height": int(height),
                 "boxes": [[round(float(v), 2) for v in b] for b in boxes],

@@ -81,12 +81,26 @@ class DetectOptions:
     names: str | None = None
 
     def __post_init__(self):
+        """Every caller (the CLI, or code that builds the options) gets the same errors, each naming
+        the field and its `vlp-data` flag: `field=value (--flag value)`."""
         if self.regions not in REGION_MODES:
-            raise ValueError(f"--regions {self.regions!r}: one of {', '.join(REGION_MODES)}")
+            raise ValueError(f"regions={self.regions!r} (--regions {self.regions}): one of {', '.join(REGION_MODES)}")
+        for name in ("max_regions", "grid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_set(name, getattr(self, name))}: at least 1")
+        cells = self.grid_size * self.grid_size + 1
+        if self.regions == "grid" and cells > self.max_regions:  # the cap would drop cells, so part of the image
+            raise ValueError(f"regions='grid' (--regions grid) with {_set('grid_size', self.grid_size)} makes {cells} "
+                             f"regions an image, more than {_set('max_regions', self.max_regions)}")
         given = [name for name in ("cfg", "weights", "names") if getattr(self, name)]
         if given and len(given) < 3:  # else the bundled detector would run instead of the user's, silently
-            raise ValueError(f"a detector of your own needs its cfg, weights and names files; only "
-                             f"{', '.join(given)} given")
+            raise ValueError(f"a detector of your own needs its cfg, weights and names files (--detector-cfg, "
+                             f"--detector-weights, --detector-names); only {', '.join(given)} given")
+
+
+def _set(name: str, value) -> str:
+    """A setting as both a programmatic caller and a CLI user know it: `grid_size=6 (--grid-size 6)`."""
+    return f"{name}={value!r} (--{name.replace('_', '-')} {value})"
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,10 @@ def test_detector_flags_reach_the_detector_options(tmp_path, monkeypatch):
 
     # half a model of one's own would silently run the bundled detector: refused
     result = CliRunner().invoke(main, [*base, "--detector-cfg", files["cfg"]])
-    assert result.exit_code == 2 and "needs its cfg, weights and names files; only cfg given" in result.output
+    assert result.exit_code == 2 and ("needs its cfg, weights and names files (--detector-cfg, --detector-weights, "
+                                      "--detector-names); only cfg given") in result.output
     result = CliRunner().invoke(main, [*base, "--regions", "grid", "--grid-size", "6", "--max-regions", "36"])
-    assert result.exit_code == 2 and "makes 37 regions an image, more than --max-regions 36" in result.output
+    assert result.exit_code == 2 and "makes 37 regions an image, more than max_regions=36 (--max-regions 36)" in result.output
     assert len(calls) == 1
 
 

@@ -46,11 +46,22 @@ def test_grid_regions_tile_the_image_and_pool_its_content(grid_detector):
 
 def test_grid_boxes_and_the_region_cap():
     assert grid_boxes(90, 60, 2) == [[0, 0, 90, 60], [0, 0, 45, 30], [45, 0, 90, 30], [0, 30, 45, 60], [45, 30, 90, 60]]
-    capped = YoloDetector(DetectOptions(regions="grid", grid_size=3, max_regions=4)).detect(shape_image("top-left"))
-    assert len(capped["boxes"]) == 4 and capped["boxes"][0] == [0.0, 0.0, 64.0, 64.0]  # the cap drops cells only
+    exact = YoloDetector(DetectOptions(regions="grid", grid_size=3, max_regions=10)).detect(shape_image("top-left"))
+    assert len(exact["boxes"]) == 10 and exact["boxes"][0] == [0.0, 0.0, 64.0, 64.0]  # a grid that just fits
+    # a grid larger than the cap is refused where the options are made, for any caller (the CLI
+    # used to check it alone, and code that built the options got a grid with cells dropped)
+    with pytest.raises(ValueError, match=r"regions='grid' \(--regions grid\) with grid_size=3 \(--grid-size 3\) makes "
+                                         r"10 regions an image, more than max_regions=4 \(--max-regions 4\)"):
+        DetectOptions(regions="grid", grid_size=3, max_regions=4)
+    assert DetectOptions(grid_size=6, max_regions=4).grid_size == 6  # the grid size matters with regions grid only
+    for bad, message in (({"grid_size": 0}, r"grid_size=0 \(--grid-size 0\): at least 1"),
+                         ({"max_regions": 0}, r"max_regions=0 \(--max-regions 0\): at least 1"),
+                         ({"regions": "cells"}, r"regions='cells' \(--regions cells\): one of detected, grid")):
+        with pytest.raises(ValueError, match=message):
+            DetectOptions(**bad)
 
 
 def test_cli_refuses_a_grid_larger_than_max_regions(tmp_path):
     result = CliRunner().invoke(main, ["detect", "--images", str(tmp_path / "*.png"), "--output", str(tmp_path / "o"),
                                        "--regions", "grid", "--grid-size", "6", "--max-regions", "36"])
-    assert result.exit_code == 2 and "37 regions" in result.output
+    assert result.exit_code == 2 and "37 regions" in result.output and "(--max-regions 36)" in result.output
