@@ -248,12 +248,13 @@ def _make_room(root: str, folder: str, need: int, cap: int, name: str, deadline:
             break
     if time.monotonic() < deadline:
         return False
+    short = (f"the cap of {cap:,} bytes ({cap / GIB:.2f} GiB)" if sum(usage.values()) + need > cap
+             else f"the {max(0, free):,} bytes free on its disk")
     raise CorpusCacheFull(
-        f"no room to copy corpus shard {name} ({need:,} bytes) into the corpus cache {root}: it holds "
-        f"{sum(usage.values()):,} bytes in use by other processes against a cap of {cap:,} bytes "
-        f"({cap / GIB:.2f} GiB), {max(0, free):,} bytes are free on its disk, and nothing could be evicted "
-        f"for {ROOM_WAIT_SECONDS:.0f}s: raise --corpus-cache-gb (and the worker's --disk_size_gb) or lower "
-        f"--corpus-shard-rows")
+        f"no room to copy corpus shard {name} ({need:,} bytes) into the corpus cache {root}: with the "
+        f"{sum(usage.values()):,} bytes there that other processes are using it does not fit in {short}, and "
+        f"nothing could be evicted for {ROOM_WAIT_SECONDS:.0f}s: raise --corpus-cache-gb (and the worker's "
+        f"--disk_size_gb) or lower --corpus-shard-rows")
 
 
 def _evict(folder: str, size: int) -> bool:
@@ -267,6 +268,9 @@ def _evict(folder: str, size: int) -> bool:
             return False  # in use: skipped
         last_used = _last_used(folder)
         shutil.rmtree(folder, ignore_errors=True)
+    if os.path.exists(folder):  # not ours to delete (permissions): not counted as room, never retried in a loop
+        log.warning("corpus cache: could not delete %s", folder)
+        return False
     beam.metrics.Metrics.counter("retrieve", "corpus_cache_evictions").inc()
     beam.metrics.Metrics.counter("retrieve", "corpus_cache_evicted_bytes").inc(size)
     log.info("corpus cache: evicted %s (%d bytes freed; last used %s)", folder, size,

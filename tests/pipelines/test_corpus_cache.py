@@ -308,7 +308,7 @@ def test_a_cache_held_by_other_users_fails_clearly_after_waiting(remote, tmp_pat
     with pytest.raises(corpus_cache.CorpusCacheFull) as failure:
         load_corpus(c, cap)
     message = str(failure.value)
-    assert c.vectors_path in message and "in use by other processes" in message and "--corpus-cache-gb" in message
+    assert c.vectors_path in message and "other processes are using" in message and "--corpus-cache-gb" in message
     assert f"{int(cap * corpus_cache.GIB):,} bytes" in message and os.path.join("machine-tmp", "vlp-data-corpus") in message
     assert _cached(tmp_path) == ["fp0", "fp1", "fp2"]  # nothing evicted (c's folder: empty, evictable)
     held.pop()  # b let go: its room is free again
@@ -327,10 +327,11 @@ def test_a_shard_bigger_than_the_cap_fails_at_once(remote, tmp_path, monkeypatch
         load_corpus(a, 1073 / corpus_cache.GIB)
 
 
-def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(remote, tmp_path):
-    """RetrieveTopK over 3 remote shards with room for one or two at a time: the shards are
-    evicted and copied again as the search moves between them (counted in the search stage's
-    Beam counters), and the hits are those of the whole corpus searched at once."""
+def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(remote, tmp_path, monkeypatch):
+    """RetrieveTopK over 3 remote shards with room for one at a time: the shards are evicted and
+    copied again as the search moves between them (counted in the search stage's Beam counters),
+    and the hits are those of the whole corpus searched at once. The search lets its previous
+    shard go before it loads the next, so it never waits for room it holds itself."""
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
@@ -341,6 +342,7 @@ def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(re
 
     from .conftest import RUNNER, whole_corpus_hits
 
+    monkeypatch.setattr(corpus_cache, "ROOM_WAIT_SECONDS", 0.0)  # room is never held: no waiting
     rows, dim = 300, 64
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((rows, dim)).astype(np.float32)
@@ -349,7 +351,7 @@ def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(re
     queries = vectors[:40] + 0.3 * rng.standard_normal((40, dim)).astype(np.float32)
     expected = [(f"q{j:03d}", hits) for j, hits in
                 enumerate(whole_corpus_hits(Corpus(ids, [f"text of {i}" for i in ids], vectors), queries, 5))]
-    # a little over half the corpus: more than any one shard, less than all three
+    # a little over half the corpus: more than any one shard, less than two
     options = RetrieveOptions(k=5, corpus_shard_rows=100, batch_size=8,
                               corpus_cache_gb=0.6 * rows * dim * 4 / corpus_cache.GIB)
     pipeline = TestPipeline(runner=RUNNER)
@@ -363,4 +365,36 @@ def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(re
     counters = counter_totals(result, "retrieve")
     assert counters["corpus_cache_evictions"] >= 1 and counters["corpus_cache_evicted_bytes"] > 0
     assert counters["corpus_cache_downloads"] >= 3
+    assert len(_cache_entries(tmp_path)) <= 2
+
+
+def test_users_cycling_over_more_shards_than_fit_never_lose_a_file(remote, tmp_path, monkeypatch):
+    """Three users (threads: each opens its own lock files, so they contend as processes do) use
+    three shards in turn through a cache with room for two: a user waits for room rather than
+    evicting a shard another one maps, finds every file of its shard in place while it holds it,
+    and reads the right vectors."""
+    corpora, shards = _shards(remote)
+    cap = _cap_gb_for(tmp_path, shards[0], 2.5)
+    monkeypatch.setattr(corpus_cache, "ROOM_POLL_SECONDS", 0.001)
+    errors = []
+
+    def user(first):
+        try:
+            for step in range(6):
+                n = (first + step) % 3
+                corpus = load_corpus(shards[n], cap)
+                time.sleep(0.002)  # others run meanwhile
+                for path in (shards[n].vectors_path, shards[n].rows_path):  # still in place while held
+                    assert os.path.exists(os.path.join(corpus.holds.folder, os.path.basename(path))), path
+                _assert_mapped_equal(corpus, corpora[n])
+                del corpus
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
     assert len(_cache_entries(tmp_path)) <= 2
