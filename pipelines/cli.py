@@ -403,9 +403,23 @@ def _print_summary(stats: dict, result, elapsed: float, options: BuildOptions) -
         click.echo(f"  embedding store {options.embeddings}: {store.get('sentences_reused', 0)} sentences reused, "
                    f"{store.get('sentences_embedded', 0)} embedded and added"
                    + (f", {store['unreadable_files']} unreadable file(s) skipped" if store.get("unreadable_files") else ""))
+    cache = corpus_cache_line(result)
+    if cache:
+        click.echo(cache)
     stage_s = stage_times(result)
     if stage_s:
         click.echo("  time per stage (summed over workers): " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_s.items()))
+
+
+def corpus_cache_line(result) -> str | None:
+    """The summary line of the workers' corpus caches (a remote staging folder's shards copied to
+    workers and evicted, pipelines/corpus_cache.py); None where nothing was copied."""
+    counts = counter_totals(result, "retrieve")
+    if not counts.get("corpus_cache_downloads"):
+        return None
+    return (f"  corpus cache: {counts['corpus_cache_downloads']} shard copies to workers, "
+            f"{counts.get('corpus_cache_evictions', 0)} evicted ({counts.get('corpus_cache_evicted_bytes', 0) / 1e9:.2f} "
+            f"GB freed)")
 
 
 def counter_totals(result, namespace: str) -> dict[str, int]:

@@ -336,7 +336,7 @@ def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(re
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipelines.cli import counter_totals
+    from pipelines.cli import corpus_cache_line, counter_totals
     from pipelines.options import RetrieveOptions
     from pipelines.retrieve import RetrieveTopK, ShardCorpus
 
@@ -365,6 +365,9 @@ def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(re
     counters = counter_totals(result, "retrieve")
     assert counters["corpus_cache_evictions"] >= 1 and counters["corpus_cache_evicted_bytes"] > 0
     assert counters["corpus_cache_downloads"] >= 3
+    assert corpus_cache_line(result) == (f"  corpus cache: {counters['corpus_cache_downloads']} shard copies to "
+                                         f"workers, {counters['corpus_cache_evictions']} evicted "
+                                         f"({counters['corpus_cache_evicted_bytes'] / 1e9:.2f} GB freed)")
     assert len(_cache_entries(tmp_path)) <= 2
 
 
