@@ -80,6 +80,23 @@ def test_validate_sample_accepts_a_good_sample_and_names_problems():
         schemas.validate_sample(missing)
 
 
+def test_the_batch_type_check_finds_null_regions_by_arrow_null_counts():
+    """check_sample_types (what the loader runs once a batch) refuses a null box, coordinate, tag or
+    score anywhere in the batch, so validate_sample(types_checked=True) need not look for them."""
+    good = [_sample(), _sample()]
+    schemas.check_sample_types(good)
+    for field, value, held in (("boxes", [None], "boxes"), ("boxes", [[0.0, None, 5.0, 5.0]], "boxes"),
+                               ("tags", [None], "tags"), ("scores", [None], "scores")):
+        bad = _sample()
+        bad[field] = value
+        with pytest.raises(schemas.SchemaError, match=f"^batch: {held} hold a null$"):
+            schemas.check_sample_types([*good, bad], "batch")
+    nulls = _sample()
+    nulls["tags"], nulls["scores"] = [None], [None]
+    with pytest.raises(schemas.SchemaError, match="tags, scores hold a null"):
+        schemas.check_sample_types([nulls])
+
+
 def test_validate_sample_checks_version_nested_fields_and_finite_features():
     old = _sample()
     old["schema_version"] = 0

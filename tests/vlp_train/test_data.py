@@ -56,14 +56,20 @@ def test_decode_batch_keeps_the_good_samples_and_names_the_bad_ones(monkeypatch)
     wrong_type["width"] = "wide"  # caught by the Arrow type check only
     bad_span = copy.deepcopy(good[2][0])
     bad_span["sentences"][0]["phrases"][0]["start"] += 1  # caught by the invariants
+    null_tag, null_coordinate = copy.deepcopy(good[3][0]), copy.deepcopy(good[5][0])
+    null_tag["tags"][-1] = None  # nulls pass Arrow's conversion: caught by the batch's null counts
+    null_coordinate["boxes"][0][2] = None
     raws = [_raw(0, *good[0]), _raw(1, wrong_type, good[1][1]), _raw(2, bad_span, good[2][1]),
-            _raw(3, b"{not json", good[3][1]), _raw(4, *good[4]), _raw(5, json.dumps([1, 2]).encode(), good[5][1])]
+            _raw(3, b"{not json", good[3][1]), _raw(4, *good[4]), _raw(5, json.dumps([1, 2]).encode(), good[5][1]),
+            _raw(6, null_tag, good[3][1]), _raw(7, null_coordinate, good[5][1])]
     decoded, errors = decode_batch(raws)
     assert [d["key"] for d in decoded] == ["k0", "k4"]
     for d, raw in zip(decoded, [raws[0], raws[4]]):
         one = decode(raw)
         assert d["meta"] == one["meta"] and np.array_equal(d["feats"], one["feats"])
-    assert len(errors) == 4
+    assert len(errors) == 6
+    assert any("t.tar:k6" in e and "tags hold a null" in e for e in errors)
+    assert any("t.tar:k7" in e and "boxes hold a null" in e for e in errors)
     assert any("t.tar:k1" in e and "sample schema" in e for e in errors)
     assert any("t.tar:k2" in e and "does not match its span" in e for e in errors)
     assert any("t.tar:k3" in e and "undecodable" in e for e in errors)
