@@ -91,15 +91,24 @@ def right_answer_ranks(scores: torch.Tensor, positive: torch.Tensor, chunk: int 
     """Each query's rank (0-based) of its best-scored right answer: scores, positive [queries,
     candidates] (a query may have several right answers) -> [queries] the count of wrong answers
     scored at least as high as it. Ties count against the right answer (a constant scorer recalls
-    nothing), another right answer tied with it does not; a candidate scored -inf ranks last; a
-    query without a right answer gets the candidate count (never recalled). The one rule of recall
+    nothing), another right answer tied with it does not; a candidate scored -inf ranks last (a
+    re-ranker leaves the candidates it skipped there); a query without a right answer gets the
+    candidate count (never recalled). NaN or +inf scores (a diverged model) are refused: a NaN
+    compares False with everything, so it would rank its right answer first. The one rule of recall
     here: recall_at's, and finetune.metrics.retrieval_recalls' (Karpathy retrieval's R@K)."""
-    ranks = []
+    ranks, nan, pos_inf, broken_queries = [], 0, 0, 0
     for start in range(0, scores.shape[0], chunk):
         s, right = scores[start:start + chunk], positive[start:start + chunk]
+        is_nan, is_pos_inf = torch.isnan(s), torch.isposinf(s)
+        nan, pos_inf = nan + int(is_nan.sum()), pos_inf + int(is_pos_inf.sum())
+        broken_queries += int((is_nan | is_pos_inf).any(1).sum())
         best = s.masked_fill(~right, float("-inf")).max(1, keepdim=True).values
         rank = ((s >= best) & ~right).sum(1)
         ranks.append(rank.masked_fill(~right.any(1), scores.shape[1]))
+    if broken_queries:
+        raise ValueError(f"retrieval scores hold NaN or +inf in {broken_queries} of {scores.shape[0]} queries "
+                         f"({nan} NaN, {pos_inf} +inf scores): the model's outputs diverged, so recall "
+                         "would be meaningless")
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 

@@ -49,30 +49,53 @@ def test_itm_reranking_reorders_the_top_k_and_keeps_the_dual_encoders_order_belo
     assert recall_at(reranked, right, ks=(2, 3)) == {2: 0.0, 3: 1.0}
 
 
-def test_recall_has_one_rule_for_pre_training_and_the_downstream_retrieval_metric():
-    """evaluate.right_answer_ranks ranks for both recall_at (any right answers) and
-    finetune.metrics.retrieval_recalls (Karpathy: each caption's one image): on the same scores,
-    ties included, their figures agree. A tie with a wrong answer counts against the right one (a
-    constant scorer recalls nothing); a tie between two right answers does not. Before, recall_at
-    broke ties by argsort's order and retrieval_recalls counted a tied right answer against."""
+def test_right_answer_ranks_ties_count_against_the_right_answer_and_minus_inf_ranks_last():
+    """evaluate.right_answer_ranks, the one rule of recall for pre-training's held-out recall_at and
+    the downstream finetune.metrics.retrieval_recalls (which only builds each direction's right
+    answers and percentages on it). A tie with a wrong answer counts against the right one (a
+    constant scorer recalls nothing); a tie between two right answers does not; -inf ranks last."""
     import numpy as np
 
     from vlp_train.evaluate import right_answer_ranks
     from vlp_train.finetune.metrics import retrieval_recalls
 
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 3, (6, 12)).astype(np.float64)  # many ties
-    scores[2] = 0.0                                          # a constant row
-    text_image = np.repeat(np.arange(6), 2)                  # 2 captions an image
-    ours = retrieval_recalls(scores, text_image, ks=(1, 2, 5))
-    positive = torch.from_numpy(text_image[None, :] == np.arange(6)[:, None])
-    for k, share in recall_at(torch.from_numpy(scores), positive, ks=(1, 2, 5)).items():
-        assert ours[f"tr@{k}"] == pytest.approx(100 * share)
-    for k, share in recall_at(torch.from_numpy(scores).T, positive.T, ks=(1, 2, 5)).items():
-        assert ours[f"ir@{k}"] == pytest.approx(100 * share)
     assert recall_at(torch.zeros(3, 4), torch.eye(3, 4, dtype=torch.bool), ks=(1, 3, 4)) == {1: 0.0, 3: 0.0, 4: 1.0}
     # two right answers tied at the top: rank 0; a wrong one tied with them: rank 1; none right: never
     assert right_answer_ranks(torch.tensor([[0.9, 0.9, 0.1], [0.9, 0.9, 0.9], [0.5, 0.4, 0.3]]),
                               torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)).tolist() == [0, 1, 3]
+    # a re-ranker's skipped candidates at -inf: below every scored one, tied among themselves
+    inf = float("-inf")
+    assert right_answer_ranks(torch.tensor([[inf, 0.2, 0.1, inf], [inf, 0.2, 0.1, inf]]),
+                              torch.tensor([[0, 0, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)).tolist() == [1, 3]
+    # the ranks are taken over chunks of queries alike
+    scores = torch.rand(7, 5)
+    positive = torch.rand(7, 5) > 0.6
+    assert right_answer_ranks(scores, positive, chunk=2).tolist() == right_answer_ranks(scores, positive).tolist()
     two_right = retrieval_recalls(np.array([[0.9, 0.9, 0.1, 0.2], [0.1, 0.2, 0.8, 0.7]]), [0, 0, 1, 1], ks=(1,))
     assert two_right["tr@1"] == 100.0
+
+
+@pytest.mark.parametrize("broken", ["all_nan", "one_nan", "plus_inf"])
+def test_recall_refuses_nan_and_plus_inf_scores_instead_of_ranking_them_first(broken):
+    """A NaN compares False with everything, so it used to rank its right answer first: all-NaN
+    scores (a diverged model) gave recall 1.0 at every k. right_answer_ranks refuses them, for
+    pre-training's recall_at and the downstream retrieval_recalls alike, saying how many queries."""
+    import numpy as np
+
+    from vlp_train.finetune.metrics import retrieval_recalls
+
+    scores = torch.rand(4, 6)
+    if broken == "all_nan":
+        scores[:] = float("nan")
+    elif broken == "one_nan":
+        scores[2, 5] = float("nan")
+    else:
+        scores[1, 0] = float("inf")
+    queries = 4 if broken == "all_nan" else 1
+    positive = torch.eye(4, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=rf"NaN or \+inf in {queries} of 4 queries"):
+        recall_at(scores, positive)
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        retrieval_recalls(scores.numpy(), [0, 1, 2, 3, 0, 1])
+    with pytest.raises(ValueError, match="NaN or \\+inf"):  # image retrieval's own ranking too
+        retrieval_recalls(np.ones((4, 6)), [0, 1, 2, 3, 0, 1], image_scores=scores.numpy())

@@ -18,7 +18,7 @@ rounded to 2 decimals as the official evaluation prints them, the others are not
   retrieval R@K (text -> images: its one image in the top K), K = 1, 5, 10, their sum and mean.
   Ranked by `vlp_train.evaluate.right_answer_ranks` (the one rule of recall@K): ties with a wrong
   answer count against the ground truth (a constant scorer gets 0), and a candidate scored -inf is
-  ranked last (a first-stage re-ranker leaves the rest at -inf).
+  ranked last (a first-stage re-ranker leaves the rest at -inf); NaN or +inf scores are refused.
 """
 from __future__ import annotations
 
@@ -175,8 +175,6 @@ def retrieval_recalls(scores: np.ndarray, text_image: Sequence[int], ks: Sequenc
         raise ValueError(f"text_image must give one image per text ({n_texts}), got shape {text_image.shape}")
     if n_texts == 0 or text_image.min() < 0 or text_image.max() >= n_images:
         raise ValueError(f"text_image must index the {n_images} images")
-    if np.isnan(scores).any() or np.isnan(image_scores).any():
-        raise ValueError("retrieval scores contain NaN")
     captions_of = np.bincount(text_image, minlength=n_images)
     if (captions_of == 0).any():
         raise ValueError(f"{int((captions_of == 0).sum())} image(s) have no caption among the texts")
