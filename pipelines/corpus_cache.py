@@ -23,7 +23,10 @@ files, so they contend like processes):
 
 `<folder>/.used` is the last-use stamp (its mtime, set on every lease: access times are often
 not kept); `<folder>/.reserved` the folder's full size while a download fills it, so room
-reserved by one process is not handed out twice.
+reserved by one process is not handed out twice (removed when the download ends, copied or not).
+The fill lock's holder is the folder's only writer: on taking it, it deletes the `.partial`
+files and `.reserved` an earlier holder left (one killed mid-copy), so a retry counts the
+folder as its complete files only.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ ROOM_WAIT_SECONDS = 600.0
 ROOM_POLL_SECONDS = 2.0
 
 CACHE_LOCK, USE_LOCK, FILL_LOCK, USED_STAMP, RESERVED = ".cache.lock", ".use.lock", ".fill.lock", ".used", ".reserved"
+PARTIAL_SUFFIX = ".partial"  # a file being copied; renamed into place when complete
 
 
 class CorpusCacheFull(OSError):
@@ -148,6 +152,9 @@ def lease_copies(folder: str, remotes: Mapping[str, int], cap_gb: float | None =
                 room = True
                 if downloading:
                     try:
+                        # The fill lock's holder is the folder's only writer: what an earlier
+                        # holder left (a .partial of a killed copy, its .reserved) is stale.
+                        _clear_stale_fill(folder)
                         need = sum(missing.values())
                         room = _make_room(root, folder, need, cap, name, deadline)
                         if room:
@@ -168,6 +175,9 @@ def lease_copies(folder: str, remotes: Mapping[str, int], cap_gb: float | None =
                     _download(remote, os.path.join(folder, os.path.basename(remote)))
                 beam.metrics.Metrics.counter("retrieve", "corpus_cache_downloads").inc()
             finally:
+                # copied or not, the folder is now its files: a failed copy's room is not held
+                # for a download that no longer runs (the retry reserves again)
+                _remove(os.path.join(folder, RESERVED))
                 fill.close()
     finally:
         if use is not None:
@@ -192,6 +202,24 @@ def _last_used(folder: str) -> float:
         except FileNotFoundError:
             continue
     return 0.0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _clear_stale_fill(folder: str) -> None:
+    """Under the folder's fill lock: delete what an earlier holder that failed or was killed left
+    behind, so the folder counts as its complete files only (a .partial would count as bytes, and
+    only a download of that same file would ever overwrite it)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.endswith(PARTIAL_SUFFIX) and entry.is_file(follow_symlinks=False):
+                _remove(entry.path)
+    _remove(os.path.join(folder, RESERVED))
 
 
 def _folder_bytes(folder: str) -> int:
@@ -280,7 +308,7 @@ def _evict(folder: str, size: int) -> bool:
 
 def _download(remote: str, path: str) -> None:
     start = time.perf_counter()
-    partial = f"{path}.partial"  # one name will do: only the fill lock's holder writes
+    partial = path + PARTIAL_SUFFIX  # one name will do: only the fill lock's holder writes
     try:
         with FileSystems.open(remote, compression_type=CompressionTypes.UNCOMPRESSED) as source, \
                 open(partial, "wb") as target:

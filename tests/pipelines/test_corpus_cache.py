@@ -401,3 +401,64 @@ def test_users_cycling_over_more_shards_than_fit_never_lose_a_file(remote, tmp_p
         thread.join()
     assert not errors
     assert len(_cache_entries(tmp_path)) <= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed or killed copy: the retry counts the folder as its complete files only
+
+def _remote_files(tmp_path, names=("a.bin", "b.bin"), size=100_000) -> dict:
+    """Remote files of `size` bytes each, as lease_copies takes them (remote path -> size)."""
+    store = tmp_path / "store" / "staging"
+    store.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (store / name).write_bytes(os.urandom(size))
+    return {f"{SCHEME}://staging/{name}": size for name in names}
+
+
+def _cache_folder(tmp_path, name="shard") -> str:
+    return str(tmp_path / "machine-tmp" / "vlp-data-corpus" / name)
+
+
+def test_a_copy_that_failed_midway_is_retried_within_a_cap_of_one_and_a_quarter_shards(remote, tmp_path, monkeypatch):
+    """A download that fails on the shard's second file (the first one copied) leaves no room
+    reserved: the retry copies the missing file under a cap of 1.25 shards, and no other
+    process is waited for (there is none)."""
+    remotes = _remote_files(tmp_path)
+    cap_gb = 250_000 / corpus_cache.GIB
+    monkeypatch.setattr(corpus_cache, "ROOM_WAIT_SECONDS", 0.0)  # a wrongly held room fails now, not in 10 min
+    folder = _cache_folder(tmp_path)
+    download, calls = corpus_cache._download, []
+
+    def failing_second(source, path):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError("connection reset by the store")
+        download(source, path)
+
+    monkeypatch.setattr(corpus_cache, "_download", failing_second)
+    with pytest.raises(OSError, match="connection reset"):
+        corpus_cache.lease_copies(folder, remotes, cap_gb)
+    left = sorted(os.listdir(folder))
+    monkeypatch.setattr(corpus_cache, "_download", download)
+    with corpus_cache.lease_copies(folder, remotes, cap_gb) as lease:
+        assert sorted(n for n in os.listdir(lease.folder) if n.endswith(".bin")) == ["a.bin", "b.bin"]
+        assert os.path.getsize(os.path.join(folder, "b.bin")) == 100_000
+    assert FakeRemoteFileSystem.opened == [f"{SCHEME}://staging/a.bin", f"{SCHEME}://staging/b.bin"]
+    assert left == [".fill.lock", ".use.lock", "a.bin"]  # the failed copy left no room reserved
+    assert not os.path.exists(os.path.join(folder, corpus_cache.RESERVED))
+
+
+def test_a_partial_file_left_by_a_killed_copy_is_not_counted(remote, tmp_path, monkeypatch):
+    """A process killed mid-copy (SIGKILL: no clean-up) leaves `a.bin.partial` and `.reserved`:
+    the next filler deletes both and copies the shard under a cap of 1.25 shards."""
+    remotes = _remote_files(tmp_path)
+    monkeypatch.setattr(corpus_cache, "ROOM_WAIT_SECONDS", 0.0)
+    folder = _cache_folder(tmp_path)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "a.bin.partial"), "wb") as f:
+        f.write(b"\0" * 90_000)
+    with open(os.path.join(folder, corpus_cache.RESERVED), "w") as f:
+        f.write("200000")
+    with corpus_cache.lease_copies(folder, remotes, 250_000 / corpus_cache.GIB):
+        assert sorted(n for n in os.listdir(folder) if not n.startswith(".")) == ["a.bin", "b.bin"]
+    assert os.path.getsize(os.path.join(folder, "a.bin")) == 100_000
