@@ -22,6 +22,7 @@ class Distributed:
     local_rank: int = 0
     control_group: object = None  # a gloo group: host-side agreement without a device sync
     timeout_s: int = 1800
+    end_group: object = None  # a gloo group with END_OF_RUN_WAIT_S as its timeout: see leave_together
 
     @property
     def main(self) -> bool:
@@ -42,8 +43,10 @@ def setup_distributed(device_type: str, timeout_s: int = 1800) -> Distributed:
     if not dist.is_initialized():  # else a second train() in this process (tests, notebooks): the same group
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if device_type == "cuda" else None  # None: the default (gloo) group
+    # a group's timeout bounds every wait on it, a barrier's sends too: the end of a run gets its own
+    end = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, END_OF_RUN_WAIT_S)))
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control,
-                       timeout_s)
+                       timeout_s, end)
 
 
 def all_arrive(dist_info: Distributed, at: str) -> None:
@@ -60,13 +63,25 @@ def all_arrive(dist_info: Distributed, at: str) -> None:
         raise RuntimeError(f"rank {dist_info.rank}, {at}: {str(err).splitlines()[0]}") from err
 
 
+END_OF_RUN_WAIT_S = 24 * 3600
+
+
 def leave_together(dist_info: Distributed) -> None:
     """Every rank leaves a run when the main rank has done its last evaluation and writes: a rank
     that finished its steps waits here instead of tearing down its side of the group while the
-    main rank still works (the ranks then exit, and report success, together). Waiting here is no
-    longer than the other ranks already wait at the next step while the main rank evaluates."""
-    if dist_info.world > 1:
-        all_arrive(dist_info, "at the end of the run")
+    main rank still works (the ranks then exit, and report success, together). The wait is on the
+    end group, bounded by END_OF_RUN_WAIT_S rather than run.dist_timeout_s: the main rank's last
+    evaluation (a whole held-out split, with ITM re-ranking) and export may take longer than a
+    step's collectives ever should, and a rank that fails meanwhile is one torchrun stops the
+    others for anyway."""
+    if dist_info.world == 1:
+        return
+    import torch.distributed as dist
+    try:
+        dist.barrier(group=dist_info.end_group)
+    except RuntimeError as err:
+        raise RuntimeError(f"rank {dist_info.rank}, waiting for the main rank's last evaluation and export: "
+                           f"{str(err).splitlines()[0]}") from err
 
 
 def shut_down() -> None:

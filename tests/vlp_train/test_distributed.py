@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlp_train.config import load_config
-from vlp_train.distributed import Distributed, synchronised
+from vlp_train.distributed import Distributed, leave_together, setup_distributed, synchronised
 from vlp_train.pretrained import EXPORT_FOLDER
 
 from .conftest import TINY_MODEL, write_shards
@@ -198,3 +198,23 @@ def test_a_rank_that_does_not_arrive_is_named_by_the_others(tmp_path):
     _run_ranks(_one_rank_hangs, str(tmp_path), timeout=60)
     message = (tmp_path / "rank-0.txt").read_text()
     assert message.startswith("rank 0, before the next batch") and "Ranks 1 failed" in message, message
+
+
+def _main_rank_evaluates_long(rank: int, port: int, folder: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    dist_info = setup_distributed("cpu", timeout_s=1)  # run.dist_timeout_s=1
+    try:
+        if rank == 0:
+            time.sleep(4)  # the main rank's last evaluation and export, past run.dist_timeout_s
+        leave_together(dist_info)
+        with open(os.path.join(folder, f"rank-{rank}.txt"), "w") as f:
+            f.write("left")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_wait_for_the_main_ranks_last_evaluation_past_the_step_timeout(tmp_path):
+    """A final evaluation longer than run.dist_timeout_s (1 s here) does not fail the other ranks."""
+    _run_ranks(_main_rank_evaluates_long, str(tmp_path), timeout=60)
+    assert [(tmp_path / f"rank-{rank}.txt").read_text() for rank in range(2)] == ["left", "left"]
