@@ -75,11 +75,12 @@ class SplitData:
     (`index`: detections) and/or pixels (`images`: the dataset's image files, for a model on
     patches, decoded at `image_size` as pre-training does). An example whose image lacks either, or
     whose image file cannot be decoded (pixels.image_problem, checked here once), is left out and
-    counted (the images reported with examples): decided from the files alone, before the examples
-    are shared out, so every rank of a DDP run keeps the same ones (batches_per_epoch)."""
+    counted (the images reported with examples): decided before the examples are shared out, the
+    image files' check on the main rank of a DDP run (`dist_info`) for every rank, so every rank
+    keeps the same ones (batches_per_epoch)."""
 
     def __init__(self, task, read, index: DetectionIndex | None, max_regions: int, max_examples: int = 0,
-                 images=None, image_size: int | None = None):
+                 images=None, image_size: int | None = None, dist_info=None):
         self.task = task
         self.split = read.split
         examples = first_examples(read, max_examples)
@@ -102,7 +103,7 @@ class SplitData:
         self.damaged: dict[str, tuple[str, list[str]]] = {}
         if images is not None:
             self.image_files = images.match(image_keys(examples_with), what)
-            self.damaged = leave_out_damaged(self.image_files, images.damaged(self.image_files, what),
+            self.damaged = leave_out_damaged(self.image_files, images.damaged(self.image_files, what, dist_info),
                                              examples_with, what)
             examples_with = covered_examples(examples_with, self.image_files, what, "an image file",
                                              "a file under --images that can be decoded")

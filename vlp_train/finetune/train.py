@@ -215,8 +215,10 @@ def build_finetune(cfg: FinetuneConfig) -> FinetuneRun:
     if index is not None:
         read_regions_once(index, [(train_read, cfg.data.max_examples), (val_read, cfg.data.max_eval_examples)],
                           cfg.model.max_regions)
-    train = SplitData(task, train_read, index, cfg.model.max_regions, cfg.data.max_examples, images, seen.image_size)
-    val = SplitData(task, val_read, index, cfg.model.max_regions, cfg.data.max_eval_examples, images, seen.image_size)
+    train = SplitData(task, train_read, index, cfg.model.max_regions, cfg.data.max_examples, images, seen.image_size,
+                      dist_info)
+    val = SplitData(task, val_read, index, cfg.model.max_regions, cfg.data.max_eval_examples, images, seen.image_size,
+                    dist_info)
     tokenizer = BertTokenizerFast.from_pretrained(tokenizer_in(init.folder))
     builder = make_builder(tokenizer, cfg, train.feature_dim, seen.image_size)
     batch_size, grad_accum = per_rank_batch(cfg.data, cfg.optim, dist_info.world)

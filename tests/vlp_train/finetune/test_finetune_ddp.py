@@ -47,6 +47,61 @@ def _finetune_rank(rank: int, port: int, folder: str, detections: str):
             dist.destroy_process_group()
 
 
+def _image_check_rank(rank: int, port: int, folder: str):
+    """Rank 1's own check would find every file damaged (as a transient read error on one rank
+    made it before); the ranks still agree, on rank 0's answer, and rank 1 reads no file. Then
+    rank 0 cannot read a file: both ranks stop, rank 1 with rank 0's message (no wait for a result)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    from vlp_train.distributed import setup_distributed
+    from vlp_train.finetune import pixels
+
+    dist_info = setup_distributed("cpu", timeout_s=30)
+    checked = []
+    real_check = pixels.image_problem
+
+    def check(path):
+        checked.append(os.path.basename(path))
+        return "rank 1's own answer" if rank == 1 else real_check(path)
+    pixels.image_problem = check
+    outcome = {}
+    try:
+        images = pixels.ImageFolder(os.path.join(folder, "images"))
+        outcome["damaged"] = images.damaged(images.files, "test", dist_info)
+        outcome["checked"] = sorted(checked)
+        if rank == 0:
+            pixels.open = lambda path, *args: (_ for _ in ()).throw(OSError(5, "Input/output error", path))
+        try:
+            images.damaged(images.files, "test", dist_info)
+        except (OSError, RuntimeError) as err:
+            outcome["error"] = f"{type(err).__name__}: {err}"
+    finally:
+        with open(os.path.join(folder, f"rank-{rank}.json"), "w") as f:
+            json.dump(outcome, f)
+        dist.destroy_process_group()
+
+
+def test_the_ranks_take_the_main_ranks_image_check(tmp_path):
+    """SplitData's image check runs on rank 0 and its answer goes to every rank: before, each rank
+    checked every file itself, and a rank-local difference (a read error on one rank) made the
+    ranks keep different examples and hang at their first collective of different step counts."""
+    (tmp_path / "images").mkdir()
+    good, cut = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(good, "PNG")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(cut, "JPEG")
+    (tmp_path / "images" / "a.png").write_bytes(good.getvalue())
+    (tmp_path / "images" / "b.jpg").write_bytes(cut.getvalue()[:-10])
+    _run_ranks(_image_check_rank, str(tmp_path), timeout=120)
+    results = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert list(results[0]["damaged"]) == ["b.jpg"] and results[1]["damaged"] == results[0]["damaged"]
+    assert results[0]["checked"] == ["a.png", "b.jpg"] and results[1]["checked"] == []  # each file read once
+    path = re.escape(os.path.join(str(tmp_path), "images")) + r"/(a\.png|b\.jpg)"  # the first file walked
+    assert re.fullmatch(f"OSError: --images {path}: the image file cannot be read \\(Input/output error\\): "
+                        "not a damaged image, so the run stops rather than leave it out", results[0]["error"])
+    assert re.match(f"RuntimeError: rank 1, test: checking image files: the main rank failed: OSError: --images "
+                    f"{path}: the image file cannot be read", results[1]["error"])
+
+
 @pytest.mark.slow
 def test_uneven_split_gives_every_rank_the_same_steps(tmp_path):
     """Before: each rank counted its own share's batches (2 and 1 an epoch here), so the ranks'

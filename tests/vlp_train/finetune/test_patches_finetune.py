@@ -218,22 +218,56 @@ def test_missing_and_undecodable_images_are_left_out_and_reported(tmp_path, capl
     assert all(split.pixels(e.image_ids[0], e.example_id).shape == (32, 32, 3) for e in split.examples)  # kept: decodes
 
 
+def exif_with_thumbnail(rng) -> bytes:
+    """An APP1 EXIF payload whose IFD1 holds a JPEG thumbnail, as a camera writes it: a second FFD8
+    ... FFD9 inside the header, before the image's own scan."""
+    import struct
+
+    thumbnail = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(thumbnail, "JPEG")
+    thumbnail = thumbnail.getvalue()
+    ifd1 = 14  # after the TIFF header (8) and an empty IFD0 (2 + next-IFD offset 4)
+    tiff = b"II*\x00" + struct.pack("<IHI", 8, 0, ifd1) + struct.pack("<H", 2)
+    tiff += struct.pack("<HHII", 0x0201, 4, 1, ifd1 + 2 + 2 * 12 + 4)  # JPEGInterchangeFormat: its offset
+    tiff += struct.pack("<HHII", 0x0202, 4, 1, len(thumbnail)) + struct.pack("<I", 0)  # ...Length
+    return b"Exif\x00\x00" + tiff + thumbnail
+
+
 def test_the_image_check_passes_whole_images_and_finds_damaged_ones(tmp_path):
-    """pixels.image_problem without a decode: whole PNG / JPEG files pass (a JPEG with bytes after
-    its end marker too: libjpeg-turbo ignores them); a JPEG cut anywhere after its header, a PNG cut
-    short, bytes that are no image fail, each as load_pixels would."""
-    from vlp_train.finetune.pixels import image_problem
+    """pixels.image_problem without a decode: whole PNG / JPEG / MPO files pass (a JPEG with bytes
+    after its end marker too: libjpeg-turbo ignores them; fill bytes before a marker too); a JPEG
+    cut anywhere after its header, a PNG cut short, bytes that are no image, bytes that are no
+    marker in a JPEG's header fail, each as load_pixels would. A camera's JPEG / MPO carries an EXIF
+    thumbnail (an FFD9 in its header): cut short inside its first scan, it still fails. Before, an
+    MPO passed: Pillow's MPO plugin seeks back to 0 after open, so the FFD9 search started at the
+    file's start and found the thumbnail's."""
+    from vlp_train.finetune.pixels import first_scan_data, image_problem
     from vlp_train.visual import load_pixels
 
-    array = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    exif = exif_with_thumbnail(rng)
     files = {}
-    for kind in ("PNG", "JPEG"):
+    for kind in ("PNG", "JPEG", "MPO"):
         encoded = io.BytesIO()
-        Image.fromarray(array).save(encoded, kind, **({"exif": Image.Exif()} if kind == "JPEG" else {}))
+        extra = {"JPEG": {"exif": exif}, "MPO": {"exif": exif, "save_all": True,
+                                                  "append_images": [Image.fromarray(array[::-1])]}}.get(kind, {})
+        Image.fromarray(array).save(encoded, kind, **extra)
         files[kind] = encoded.getvalue()
+    plain = io.BytesIO()
+    Image.fromarray(array).save(plain, "JPEG")
+    plain = plain.getvalue()
+    for kind in ("JPEG", "MPO"):  # the thumbnail's end marker lies before the image's first scan data
+        assert 0 <= files[kind].find(b"\xff\xd9") < first_scan_data(files[kind])
+    dqt = plain.find(b"\xff\xdb")
     cases = {"whole.png": files["PNG"], "whole.jpg": files["JPEG"], "trailing.jpg": files["JPEG"] + b"\x00" * 64,
-             "jpeg-named.png": files["JPEG"], "cut.png": files["PNG"][:len(files["PNG"]) // 2],
+             "jpeg-named.png": files["JPEG"], "camera.mpo": files["MPO"],
+             "fill-bytes.jpg": plain[:dqt] + b"\xff\xff" + plain[dqt:],
+             "cut.png": files["PNG"][:len(files["PNG"]) // 2],
              "cut-late.jpg": files["JPEG"][:-2], "cut-early.jpg": files["JPEG"][:len(files["JPEG"]) // 3],
+             "cut-in-scan.jpg": files["JPEG"][:first_scan_data(files["JPEG"]) + 500],
+             "cut-in-scan.mpo": files["MPO"][:first_scan_data(files["MPO"]) + 500],
+             "not-a-marker.jpg": plain[:dqt] + b"\x12\x34" + plain[dqt:],
              "empty.jpg": b"", "text.jpg": b"not an image"}
     found = {}
     for name, content in cases.items():
@@ -241,8 +275,31 @@ def test_the_image_check_passes_whole_images_and_finds_damaged_ones(tmp_path):
         found[name] = image_problem(str(tmp_path / name))
         with pytest.raises(ValueError) if found[name] else nullcontext():
             load_pixels(content, 32)  # agrees with the decode
-    assert [name for name, problem in found.items() if problem is None] == ["whole.png", "whole.jpg", "trailing.jpg",
-                                                                             "jpeg-named.png"]
+    assert [name for name, problem in found.items() if problem is None] == [
+        "whole.png", "whole.jpg", "trailing.jpg", "jpeg-named.png", "camera.mpo", "fill-bytes.jpg"]
+    assert found["cut-in-scan.mpo"] == found["cut-in-scan.jpg"] == (
+        "a JPEG without its end-of-image marker (the file is cut short)")
+
+
+def test_a_file_that_cannot_be_read_stops_the_run_with_its_path_not_counted_as_damaged(tmp_path, monkeypatch):
+    """An OSError opening or reading an image file (permissions, EIO, a stale NFS handle, too many
+    open files) is the machine's, not the image's, and may be one rank's alone: before, it was
+    reported as "cannot be decoded" and the examples left out. Now it stops with the path."""
+    from vlp_train.finetune import pixels
+    from vlp_train.finetune.pixels import ImageFolder, image_problem
+
+    (tmp_path / "a.png").write_bytes(b"\x89PNG not read")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG not read")
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(pixels, "open", unreadable, raising=False)  # tests run as root: no chmod
+    with pytest.raises(OSError, match=rf"--images {re.escape(str(tmp_path / 'a.png'))}: the image file cannot be "
+                                      r"read \(Permission denied\)"):
+        image_problem(str(tmp_path / "a.png"))
+    folder = ImageFolder(str(tmp_path))
+    with pytest.raises(OSError, match="cannot be read"):
+        folder.damaged(folder.files, "test")
 
 
 def test_what_a_model_sees_decides_what_the_run_needs():
