@@ -241,6 +241,28 @@ def config(shards, out, *overrides):
 
 
 @pytest.mark.slow
+def test_held_out_in_batch_recall_ranks_fp32_similarities_under_autocast(builder, monkeypatch):
+    """The evaluation's ITC similarity is computed outside autocast: in bf16 (CUDA's autocast, here
+    CPU's) near scores tie, and a tie counts against the right answer."""
+    from types import SimpleNamespace
+
+    import vlp_train.evaluate
+    from vlp_train.families.vlmae import _evaluate
+
+    ranked = []
+    real_recall_at = vlp_train.evaluate.recall_at
+
+    def recall_at(scores, positive, ks):
+        ranked.append(scores.dtype)
+        return real_recall_at(scores, positive, ks)
+    monkeypatch.setattr(vlp_train.evaluate, "recall_at", recall_at)
+    view = view_of(builder, [grid_sample(i, [(i % 8, 0.9)]) for i in range(4)])
+    cfg = SimpleNamespace(run=SimpleNamespace(eval_batches=1))
+    result = _evaluate(tiny_model(), [{"views": {PAIR_TASK: view}}], cfg, torch.device("cpu"),
+                       torch.autocast("cpu", dtype=torch.bfloat16))
+    assert ranked == [torch.float32, torch.float32] and 0 <= result["itc_i2t_r1"] <= 1
+
+
 def test_killed_and_resumed_vlmae_run_matches_an_uninterrupted_one(tmp_path):
     """The momentum encoders are in the checkpoint: a resumed run's losses (whose IFR and ITC
     targets come from them) equal the uninterrupted run's, and they end equal."""

@@ -655,7 +655,8 @@ def _evaluate(model, stream, cfg, device, autocast) -> dict:
             full, full_mask = model.encode_image(view)
             image_feat = contrast_feature(model.vision_proj, full)
             text_feat = contrast_feature(model.text_proj, text)
-            similarity = image_feat @ text_feat.T
+            with torch.autocast(device.type, enabled=False):  # fp32: bf16 ties would count against recall
+                similarity = image_feat @ text_feat.T
             same = view["text_keys"][:, None] == view["text_keys"][None, :]  # a text of the same key is right
             for direction, (by, right) in (("i2t", (similarity, same)), ("t2i", (similarity.T, same.T))):
                 recalled[direction] += recall_at(by, right, ks=(1,))[1] * len(same)
