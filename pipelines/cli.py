@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # TOKENIZERS_PARALLELISM is left to encoding.load_sentence_model, which knows the device (on for cuda)
 
+from pipelines.corpus_cache import GIB  # noqa: E402
 from pipelines.files import check_patterns_match, is_local  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.fingerprint import CACHE_ENV  # noqa: E402
@@ -418,8 +419,8 @@ def corpus_cache_line(result) -> str | None:
     if not counts.get("corpus_cache_downloads"):
         return None
     return (f"  corpus cache: {counts['corpus_cache_downloads']} shard copies to workers, "
-            f"{counts.get('corpus_cache_evictions', 0)} evicted ({counts.get('corpus_cache_evicted_bytes', 0) / 1e9:.2f} "
-            f"GB freed)")
+            f"{counts.get('corpus_cache_evictions', 0)} evicted ({counts.get('corpus_cache_evicted_bytes', 0) / GIB:.2f} "
+            f"GiB freed)")
 
 
 def counter_totals(result, namespace: str) -> dict[str, int]:

@@ -367,7 +367,7 @@ def test_a_sharded_search_over_a_small_cache_evicts_counts_and_finds_the_same(re
     assert counters["corpus_cache_downloads"] >= 3
     assert corpus_cache_line(result) == (f"  corpus cache: {counters['corpus_cache_downloads']} shard copies to "
                                          f"workers, {counters['corpus_cache_evictions']} evicted "
-                                         f"({counters['corpus_cache_evicted_bytes'] / 1e9:.2f} GB freed)")
+                                         f"({counters['corpus_cache_evicted_bytes'] / 2 ** 30:.2f} GiB freed)")
     assert len(_cache_entries(tmp_path)) <= 2
 
 
@@ -462,3 +462,81 @@ def test_a_partial_file_left_by_a_killed_copy_is_not_counted(remote, tmp_path, m
     with corpus_cache.lease_copies(folder, remotes, 250_000 / corpus_cache.GIB):
         assert sorted(n for n in os.listdir(folder) if not n.startswith(".")) == ["a.bin", "b.bin"]
     assert os.path.getsize(os.path.join(folder, "a.bin")) == 100_000
+
+
+# ---------------------------------------------------------------------------------------------
+# An idle search process holds no shard
+
+IDLE_SEARCH_SCRIPT = """
+import sys, tempfile
+import numpy as np
+sys.path.insert(0, {worktree!r})
+from tests.pipelines.test_corpus_cache import FakeRemoteFileSystem
+from pipelines.options import RetrieveOptions
+from pipelines.retrieve import CorpusFiles, _SearchShard
+FakeRemoteFileSystem.root = {root!r}
+tempfile.tempdir = {machine_tmp!r}
+search = _SearchShard(RetrieveOptions(k=3, corpus_cache_gb={cache_gb!r}))
+search.setup()
+search.start_bundle()
+queries = np.random.default_rng(5).random((4, 16), dtype=np.float32)
+hits = list(search.process((CorpusFiles({directory!r}, {fingerprint!r}, {size}), (["q0", "q1", "q2", "q3"], queries))))
+assert len(hits) == 12, hits
+search.finish_bundle()  # the bundle is over; no more elements come to this process
+print("idle", flush=True)
+sys.stdin.readline()
+search.teardown()
+"""
+
+
+def test_an_idle_search_process_holds_no_shard(remote, tmp_path, monkeypatch):
+    """Another process searched shard X through _SearchShard and its bundle ended: it gets no
+    more elements but lives on. With room for 1.5 shards, this process copies Y at once (X is
+    evicted), without waiting for that process to exit."""
+    import subprocess
+    import sys
+
+    corpora, (x, y) = _shards(remote, count=2)
+    cap = _cap_gb_for(tmp_path, x, 1.5)
+    monkeypatch.setattr(corpus_cache, "ROOM_WAIT_SECONDS", 0.0)  # room held by the idle process: fail now
+    script = IDLE_SEARCH_SCRIPT.format(worktree=os.getcwd(), root=FakeRemoteFileSystem.root,
+                                       machine_tmp=str(tmp_path / "machine-tmp"), directory=x.directory,
+                                       fingerprint=x.fingerprint, size=x.size, cache_gb=cap)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "idle"
+        _assert_mapped_equal(load_corpus(y, cap), corpora[1])
+        assert _cached(tmp_path) == ["fp1"]  # X evicted: nobody held it
+    finally:
+        child.communicate("go\n")
+    assert child.returncode == 0
+
+
+def test_a_latest_shared_object_lives_while_a_handle_of_the_process_uses_it():
+    """Two copies of one handle (two DoFn instances of a process): the object is dropped when
+    the last of them releases it, and made again by the next acquire; a new tag replaces it."""
+    import pickle
+
+    from pipelines.sharing import LatestShared
+
+    first = LatestShared()
+    second = pickle.loads(pickle.dumps(first))
+    made = []
+
+    def make(name):
+        made.append(name)
+        return [name]
+
+    value = first.acquire(lambda: make("x"), tag="x")
+    assert second.acquire(lambda: make("x"), tag="x") is value and made == ["x"]
+    first.release()
+    assert second.held  # still used by the second
+    second.release()
+    assert not first.held and not second.held
+    first.acquire(lambda: make("x"), tag="x")
+    assert made == ["x", "x"]
+    second.acquire(lambda: make("y"), tag="y")  # another shard: the first's x is let go
+    first.release()
+    assert second.held and made == ["x", "x", "y"]  # the first was no user of y
+    second.release()
+    assert not second.held
