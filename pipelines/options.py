@@ -64,6 +64,15 @@ class RetrieveOptions:
     device: str = "cpu"             # cuda: exact search on the GPU (faiss-gpu or torch matmul + topk)
     batch_size: int = 1024          # queries per search call
 
+    def __post_init__(self):
+        """The CLI's range for the cache cap, for code that builds the options too (a cap of 0
+        would fail every copy with "more than the cap of 0 bytes")."""
+        cap = self.corpus_cache_gb
+        if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                                    and 0 < cap < float("inf")):
+            raise ValueError(f"{_set('corpus_cache_gb', cap)}: GiB of the worker's disk, more than 0 "
+                             f"(or None: half the temp folder's disk)")
+
 
 REGION_MODES = ("detected", "grid")
 

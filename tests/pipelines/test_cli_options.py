@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from pipelines import build, cli
 from pipelines.cli import FieldOption, main
-from pipelines.options import INDEX_TYPES, BuildOptions, DetectOptions, ShardOptions, field_default
+from pipelines.options import INDEX_TYPES, BuildOptions, DetectOptions, RetrieveOptions, ShardOptions, field_default
 
 from .conftest import write_jsonl
 
@@ -144,3 +144,12 @@ def test_corpus_cache_gb_reaches_the_search_options_and_refuses_zero(tmp_path, m
     assert built[0].retrieve.corpus_cache_gb == 7.5
     result = CliRunner().invoke(main, [*args, "--corpus-cache-gb", "0"])
     assert result.exit_code == 2 and "--corpus-cache-gb" in result.output
+
+
+@pytest.mark.parametrize("cap", [0, -1.5, float("nan"), float("inf"), "10"])
+def test_a_corpus_cache_cap_out_of_range_from_code_is_refused_naming_the_field_and_the_flag(cap):
+    """RetrieveOptions owns the cap's range: code that builds the options gets the CLI's error,
+    not "more than the cap of 0 bytes" from every worker's first copy."""
+    with pytest.raises(ValueError, match=r"corpus_cache_gb=.* \(--corpus-cache-gb .*\): GiB .* more than 0"):
+        RetrieveOptions(corpus_cache_gb=cap)
+    assert RetrieveOptions(corpus_cache_gb=0.25).corpus_cache_gb == 0.25 and RetrieveOptions().corpus_cache_gb is None
