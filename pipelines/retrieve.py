@@ -388,14 +388,18 @@ class _SearchShard(beam.DoFn):
     when the bundle ends, too (and on teardown): a process that gets no more search elements
     holds no shard, so the cache must hold one shard per search running, not one per process.
     The next bundle maps the shard again from the machine's copy (0.13 s for a flat 2M-row shard,
-    docs/benchmarks.md: against about a minute to search one query batch in it)."""
+    docs/benchmarks.md: against about a minute to search one query batch in it). A GPU searcher
+    keeps its shard between bundles: it copies the whole shard to the device, which costs more
+    than a batch's search there, and a GPU worker runs one process per GPU (so the cache holds
+    one shard per GPU)."""
 
     def __init__(self, options: RetrieveOptions):
         self._options = options
         self._shared = LatestShared()
 
     def finish_bundle(self):
-        self._shared.release()
+        if not self._options.device.startswith("cuda"):
+            self._shared.release()
 
     def teardown(self):
         self._shared.release()

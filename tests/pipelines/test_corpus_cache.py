@@ -540,3 +540,17 @@ def test_a_latest_shared_object_lives_while_a_handle_of_the_process_uses_it():
     assert second.held and made == ["x", "x", "y"]  # the first was no user of y
     second.release()
     assert not second.held
+
+
+def test_a_cpu_search_lets_its_shard_go_at_the_bundle_end_and_a_gpu_search_keeps_it():
+    """Mapping a shard again is cheap on the CPU; a GPU searcher would copy it to the device again."""
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import _SearchShard
+
+    for device, kept in (("cpu", False), ("cuda", True)):
+        search = _SearchShard(RetrieveOptions(device=device))
+        search._shared.acquire(lambda: ["searcher"], tag=device)
+        search.finish_bundle()
+        assert search._shared.held is kept, device
+        search.teardown()  # the process ends: let go either way
+        assert not search._shared.held
