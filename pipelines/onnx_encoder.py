@@ -1,11 +1,15 @@
-"""Sentence-BERT on ONNX Runtime for CPU embedding (`--sbert-backend onnx | onnx-int8`).
+"""Sentence-BERT on ONNX Runtime for CPU embedding (`--sbert-backend onnx | onnx-int8 | onnx-smoothquant`).
 
 The ONNX model is exported from the user's own sentence-transformers folder on first use
 (`torch.onnx.export` of the model's modules as one graph: (input_ids, attention_mask) -> sentence
 embedding) and cached; `onnx-int8` is that export with the weights of its MatMuls quantised to
 int8 per output channel (`onnxruntime.quantization.quantize_dynamic`; activations stay float and
-are quantised on the fly). Quantising every MatMul per tensor is as fast but moves the vectors
-much further (cosine 0.96 to fp32 against 0.99, see docs/benchmarks.md).
+are quantised on the fly, one scale per tensor). Quantising every MatMul per tensor is as fast but
+moves the vectors much further (cosine 0.96 to fp32 against 0.99, see docs/benchmarks.md).
+`onnx-smoothquant` is the export smoothed first (pipelines/smoothquant.py: activation outlier
+channels moved into the weights) and then quantised the same way, except the FFN output
+projections, which stay fp32: slower than `onnx-int8`, and it keeps >= 0.95 of fp32's top-5
+(docs/benchmarks.md).
 
 Texts are tokenised exactly as the torch path does (`sentence_tokenizer.SentenceTokenizer`: the
 model's own tokenizer and max_seq_length), so the backends differ only in the arithmetic. That
@@ -35,10 +39,13 @@ from pipelines.sentence_tokenizer import TOKENIZER_DIR, BatchTokenizer, Sentence
 
 log = logging.getLogger(__name__)
 
-ONNX_BACKENDS = ("onnx", "onnx-int8")
+SMOOTHQUANT = "onnx-smoothquant"
+ONNX_BACKENDS = ("onnx", "onnx-int8", SMOOTHQUANT)
+QUANTISED_BACKENDS = ("onnx-int8", SMOOTHQUANT)  # made from the fp32 ("onnx") export
 # Part of every cache key: raise it when the export or the quantisation changes, so that files
-# made by an older version are not reused. 2: the saved tokenizer beside model.onnx.
-EXPORT_FORMAT = 2
+# made by an older version are not reused. 2: the saved tokenizer beside model.onnx. 3: the
+# onnx-smoothquant backend (whose smoothing settings are in its key too).
+EXPORT_FORMAT = 3
 OPSET = 17
 MODEL_FILE = "model.onnx"
 
@@ -53,6 +60,9 @@ def cache_key(folder: str, backend: str, cache_dir: str | None = None) -> str:
     import onnxruntime
 
     versions = f"{EXPORT_FORMAT}|{OPSET}|{importlib.metadata.version('torch')}|{onnxruntime.__version__}"
+    if backend == SMOOTHQUANT:
+        from pipelines.smoothquant import settings_tag
+        versions += "|" + settings_tag()  # the alpha and the calibration text
     tag = hashlib.sha256(versions.encode("utf-8")).hexdigest()[:8]
     return f"{folder_digest(folder, cache_dir)[:32]}-{backend}-{tag}"
 
@@ -88,9 +98,9 @@ def export_onnx(model, path: str) -> None:
                           "sentence_embedding": {0: "batch"}})
 
 
-def quantize_int8(source: str, path: str) -> None:
-    """fp32 ONNX -> int8 weights of the MatMuls with a constant (weight) operand, per output channel;
-    attention's activation x activation MatMuls stay float."""
+def quantize_int8(source: str, path: str, exclude: Sequence[str] = ()) -> None:
+    """fp32 ONNX -> int8 weights of the MatMuls with a constant (weight) operand, per output channel
+    (but the nodes named in `exclude`); attention's activation x activation MatMuls stay float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     def not_the_preprocessing_hint(record):  # logged on the root logger at every call; it does not apply here
@@ -100,7 +110,7 @@ def quantize_int8(source: str, path: str) -> None:
     root.addFilter(not_the_preprocessing_hint)
     try:
         quantize_dynamic(source, path, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
+                         nodes_to_exclude=list(exclude), extra_options={"MatMulConstBOnly": True})
     finally:
         root.removeFilter(not_the_preprocessing_hint)
 
@@ -139,7 +149,7 @@ def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = 
     final = os.path.join(entry, MODEL_FILE)
     if _complete(entry):
         return final
-    source = cached_onnx_model(model, folder, "onnx", root) if backend == "onnx-int8" else None
+    source = cached_onnx_model(model, folder, "onnx", root) if backend in QUANTISED_BACKENDS else None
     with _locked(os.path.join(root, key + ".lock")):
         if _complete(entry):  # another process made it while this one waited
             return final
@@ -158,9 +168,15 @@ def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = 
                                      f"torch") from err
                 export_onnx(model, made)
                 tokenizer.save(work)
-            else:  # int8 is quantised from the fp32 export and tokenises as it does
-                quantize_int8(source, made)
-                shutil.copytree(os.path.join(os.path.dirname(source), TOKENIZER_DIR), os.path.join(work, TOKENIZER_DIR))
+            else:  # the int8 backends are quantised from the fp32 export and tokenise as it does
+                source_tokenizer = os.path.join(os.path.dirname(source), TOKENIZER_DIR)
+                if backend == SMOOTHQUANT:
+                    from pipelines.smoothquant import smoothquant_int8
+                    tokens = BatchTokenizer(SentenceTokenizer.load(os.path.dirname(source)))
+                    smoothquant_int8(source, made, tokens, quantize_int8)
+                else:
+                    quantize_int8(source, made)
+                shutil.copytree(source_tokenizer, os.path.join(work, TOKENIZER_DIR))
             if os.path.isdir(entry):  # an incomplete folder (files removed by hand): replaced
                 shutil.rmtree(entry)
             os.chmod(work, 0o755)  # mkdtemp's folder is private; the cache folder is read by every user's workers

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipelines.onnx_encoder import ONNX_BACKENDS
+from pipelines.onnx_encoder import ONNX_BACKENDS, SMOOTHQUANT
 from schemas.corpus import IMAGE_SIZE, SPACY_MODEL
 
 
@@ -19,9 +19,11 @@ class TextOptions:
     spacy_model: str = SPACY_MODEL
 
 
-# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md): ONNX Runtime fp32 gives
-# torch's vectors (the same top-5) faster; int8 is faster still but changes a share of the top-5.
-CPU_SBERT_BACKEND = "onnx"
+# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md): SmoothQuant-smoothed int8
+# with the FFN output projections fp32 keeps >= 0.95 of fp32's top-5 at ~3x torch fp32; `onnx` (fp32)
+# gives torch's vectors at ~2.2x; `onnx-int8` (every weight MatMul) is faster still but changes
+# a share of the top-5 (0.85-0.89 agreement).
+CPU_SBERT_BACKEND = SMOOTHQUANT
 SBERT_BACKENDS = ("torch", *ONNX_BACKENDS)
 DEVICES = ("cpu", "cuda")
 CUDA_EMBED_BATCH_SIZE = 1024        # sentences per embedding batch on cuda when none is given
@@ -33,7 +35,7 @@ class EmbedOptions:
     batch_size: int = 256
     device: str = "cpu"             # cpu | cuda
     fp16: bool = True               # only on cuda
-    backend: str | None = None      # torch | onnx | onnx-int8 (CPU only); None = CPU_SBERT_BACKEND on cpu, torch on cuda
+    backend: str | None = None      # torch | onnx | onnx-int8 | onnx-smoothquant (CPU only); None = CPU_SBERT_BACKEND on cpu, torch on cuda
 
     def resolved_backend(self) -> str:
         if self.backend is None:

@@ -39,7 +39,7 @@ NAMESPACE = "embedding_store"  # Beam counters: sentences_reused, sentences_embe
 
 def model_fingerprint(options: EmbedOptions) -> str:
     """What a stored vector depends on: the model's files, and how it runs (CPU float32, or CUDA
-    in float16 / float32; the encoder backend: torch, onnx or onnx-int8)."""
+    in float16 / float32; the encoder backend: torch, onnx, onnx-int8 or onnx-smoothquant)."""
     from pipelines.encoding import default_sbert_path
     folder = options.model or default_sbert_path()
     cuda = options.device.startswith("cuda")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import schemas
 from pipelines import store
 from pipelines.files import stable_id
-from pipelines.options import EmbedOptions
+from pipelines.options import SBERT_BACKENDS, EmbedOptions
 from pipelines.store import EmbedCorpus, folder_digest, model_fingerprint
 
 from .conftest import RUNNER, SOFA_SENTENCES
@@ -104,8 +104,8 @@ def test_the_fingerprint_follows_the_model_files_and_how_it_runs(tmp_path):
     assert model_fingerprint(EmbedOptions(model=str(model), device="cuda")) != \
         model_fingerprint(EmbedOptions(model=str(model), device="cuda", fp16=False))
     # each --sbert-backend gives other vectors; the CPU default is named as what it resolves to
-    backends = {b: model_fingerprint(EmbedOptions(model=str(model), backend=b)) for b in ("torch", "onnx", "onnx-int8")}
-    assert len(set(backends.values())) == 3 and cpu == backends[EmbedOptions().resolved_backend()]
+    backends = {b: model_fingerprint(EmbedOptions(model=str(model), backend=b)) for b in SBERT_BACKENDS}
+    assert len(set(backends.values())) == len(SBERT_BACKENDS) == 4 and cpu == backends[EmbedOptions().resolved_backend()]
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""--sbert-backend onnx / onnx-int8: vectors against torch's, retrieval agreement on real text, and
-the export cache (reused, invalidated by a changed model folder, never left half-written)."""
+"""--sbert-backend onnx / onnx-int8 / onnx-smoothquant: vectors against torch's, retrieval agreement on
+real text, the SmoothQuant transform, and the export cache (reused, invalidated by a changed model
+folder or smoothing setting, never left half-written)."""
 import os
 import re
 import shutil
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that
 
-from pipelines import fingerprint, onnx_encoder
+from pipelines import fingerprint, onnx_encoder, smoothquant
 from pipelines.embed import EmbedSentences
 from pipelines.encoding import encode, load_sentence_model
 from pipelines.onnx_encoder import OnnxSentenceEncoder, cached_onnx_model
@@ -65,16 +66,84 @@ def test_onnx_keeps_every_top5_and_int8_most_of_fp32s_on_real_text(minilm, cache
     corpus_texts, query_texts = lee_sentences[:250], lee_sentences[400:450]
     assert len(query_texts) == 50
     fp32 = _top5(encode(minilm, corpus_texts, 64), encode(minilm, query_texts, 64))
-    default = _onnx(minilm, "onnx", cache)  # the CPU default: the same retrievals, every one
-    same = _top5(encode(default, corpus_texts, 64), encode(default, query_texts, 64))
+    same_vectors = _onnx(minilm, "onnx", cache)  # fp32: the same retrievals, every one
+    same = _top5(encode(same_vectors, corpus_texts, 64), encode(same_vectors, query_texts, 64))
     assert all(set(a) == set(b) for a, b in zip(same, fp32)) and (same[:, 0] == fp32[:, 0]).all()
-    int8 = _onnx(minilm, "onnx-int8", cache)
-    quantised = _top5(encode(int8, corpus_texts, 64), encode(int8, query_texts, 64))
-    agreement = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(fp32, quantised)])
+
+    def agreement(backend):
+        encoder = _onnx(minilm, backend, cache)
+        quantised = _top5(encode(encoder, corpus_texts, 64), encode(encoder, query_texts, 64))
+        return (np.mean([len(set(a) & set(b)) / 5 for a, b in zip(fp32, quantised)]),
+                (quantised[:, 0] == fp32[:, 0]).mean())
+
     # measured here: 0.88 and 0.82 (news sentences as queries have many near-ties); quantising every
     # MatMul per tensor instead gave 0.77 and 0.64
-    assert agreement >= 0.8, agreement
-    assert (quantised[:, 0] == fp32[:, 0]).mean() >= 0.7
+    int8_top5, int8_top1 = agreement("onnx-int8")
+    assert int8_top5 >= 0.8 and int8_top1 >= 0.7, (int8_top5, int8_top1)
+    # the CPU default, smoothed: measured 0.96 and 0.94; the target is >= 0.95 of the top-5
+    smooth_top5, smooth_top1 = agreement("onnx-smoothquant")
+    assert smooth_top5 >= 0.95 and smooth_top1 >= 0.9 and smooth_top5 > int8_top5 + 0.05, (smooth_top5, smooth_top1)
+
+
+def _fp32_outputs(path, feeds):
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return [session.run(None, feed)[0] for feed in feeds]
+
+
+def test_smoothing_keeps_the_fp32_function_and_shrinks_the_outlier_channels(minilm, cache, lee_sentences, tmp_path):
+    import onnx
+
+    source = cached_onnx_model(minilm, bundled_minilm_path(), "onnx", cache)
+    tokens = BatchTokenizer(SentenceTokenizer.load(os.path.dirname(source)))
+    model = onnx.load(source)
+    groups = smoothquant.weight_matmuls(model)
+    # per layer: query+key+value share an input, then attention output, FFN in, FFN out
+    assert len(groups) == 4 * 6 and sorted(len(nodes) for nodes in groups.values()) == [1] * 18 + [3] * 6
+    maxima = smoothquant.activation_maxima(source, smoothquant.calibration_feeds(tokens), groups)
+    assert smoothquant.smooth(model, maxima) == 24
+    smoothed = str(tmp_path / "smoothed.onnx")
+    onnx.save(model, smoothed)
+
+    feeds = smoothquant.calibration_feeds(tokens, 64)
+    ids, lengths = tokens.tokenize(lee_sentences[:40])  # other text than the calibration's
+    feeds.append(dict(zip(("input_ids", "attention_mask"), tokens.pad(ids, np.arange(40), lengths))))
+    for before, after in zip(_fp32_outputs(source, feeds), _fp32_outputs(smoothed, feeds)):
+        np.testing.assert_allclose(after, before, atol=1e-5)  # X/s times diag(s)W = XW
+    # what the int8 quantiser now sees (the MatMuls it quantises): the largest channel nearer the median one
+    kept = smoothquant.down_projections(model)
+    quantised = [x for x, nodes in groups.items() if nodes[0].name not in kept]
+    before = smoothquant.activation_maxima(source, feeds[-1:], quantised)
+    after = smoothquant.activation_maxima(smoothed, feeds[-1:], [x + "/smoothquant" for x in quantised])
+    spread = [m.max() / np.median(m) for m in before.values()]
+    spread_after = [m.max() / np.median(m) for m in after.values()]
+    # measured on these 40 sentences: largest / median channel up to 17.5 before, at most 4.1 after
+    assert max(spread) > 10 and max(spread_after) < 5, (spread, spread_after)
+    # the FFN output projections (1536 -> 384) are the ones kept fp32
+    assert len(kept) == 6 and all("/output/dense/" in name and "attention" not in name for name in kept)
+
+
+def test_a_graph_without_weight_matmuls_is_refused():
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "no-matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    with pytest.raises(ValueError, match="no MatMul with a 2-D weight"):
+        smoothquant.weight_matmuls(helper.make_model(graph))
+
+
+def test_the_smoothing_settings_are_part_of_the_cache_key(tiny_model_folder, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    key = onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache)
+    assert key != onnx_encoder.cache_key(tiny_model_folder, "onnx-int8", cache)
+    monkeypatch.setattr(smoothquant, "SMOOTHING_ALPHA", 0.5)
+    assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) != key
+    monkeypatch.setattr(smoothquant, "SMOOTHING_ALPHA", 0.8)
+    assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) == key
+    other_text = tmp_path / "scenes.txt"
+    other_text.write_text("A dog runs on the beach.\n", encoding="utf-8")
+    monkeypatch.setattr(smoothquant, "CALIBRATION_TEXT", str(other_text))
+    assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) != key
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +184,8 @@ def test_the_cache_is_reused_and_a_changed_model_folder_is_exported_again(tiny_m
 
     quantised = cached_onnx_model(model, tiny_model_folder, "onnx-int8", cache)  # made from the fp32 export
     assert quantised != first and len(export_count) == 1
+    smoothed = cached_onnx_model(model, tiny_model_folder, "onnx-smoothquant", cache)  # so is this one
+    assert smoothed not in (first, quantised) and len(export_count) == 1
 
     changed = str(tmp_path / "changed")
     shutil.copytree(tiny_model_folder, changed)
@@ -158,14 +229,15 @@ def test_a_killed_export_leaves_no_file_and_the_next_use_exports(tiny_model_fold
 
 @pytest.mark.parametrize("backend", [None, "onnx-int8"])
 def test_the_embed_transform_runs_the_onnx_backends(pipeline, minilm, monkeypatch, tmp_path, backend):
-    """EmbedOptions() on cpu embeds with ONNX Runtime fp32 (the CPU default): torch's vectors;
-    onnx-int8 gives the quantised model's, close to torch's."""
+    """EmbedOptions() on cpu embeds with the smoothed int8 model (the CPU default): near torch's
+    vectors (measured cosine >= 0.9993); onnx-int8 gives the quantised model's, further off."""
     import pipelines.embed as embed
     monkeypatch.setattr(embed, "_MODELS", {})  # not an encoder an earlier test loaded in this process
     monkeypatch.setenv(fingerprint.CACHE_ENV, str(tmp_path))
     texts = SOFA_SENTENCES + ["sofa woman"]
     options = EmbedOptions(batch_size=4, backend=backend)
-    assert options.resolved_backend() == backend or (backend is None and options.resolved_backend() == "onnx")
+    expected_backend = backend or "onnx-smoothquant"
+    assert options.resolved_backend() == expected_backend
     out = (pipeline | beam.Create(list(enumerate(texts))) | EmbedSentences(options) | beam.combiners.ToList())
     expected = encode(minilm, texts, 32)
 
@@ -175,13 +247,14 @@ def test_the_embed_transform_runs_the_onnx_backends(pipeline, minilm, monkeypatc
         for key, vector in pairs:
             assert vector.dtype == np.float32 and abs(np.linalg.norm(vector) - 1) < 1e-5
             cosine = float(vector @ expected[key])
-            assert cosine > 0.99999 if backend is None else 0.97 < cosine < 0.9999  # int8: not the torch vector
+            # neither is the torch vector; int8 moves it ~10x further (measured 0.990-0.995 against 0.9993-0.9997)
+            assert 0.998 < cosine < 0.99995 if backend is None else 0.97 < cosine < 0.998
 
     assert_that(out, check)
     pipeline.run()
     made = {name.split("-", 1)[1].rsplit("-", 1)[0] for name in os.listdir(tmp_path)
             if not name.endswith(".lock") and name != "digests"}
-    assert made == ({"onnx"} if backend is None else {"onnx", "onnx-int8"})  # int8 is quantised from the fp32 export
+    assert made == {"onnx", expected_backend}  # both quantised from the fp32 export
 
 
 def test_onnx_backends_are_refused_on_cuda():

@@ -1,0 +1,169 @@
+"""SmoothQuant (Xiao et al., 2023) on an fp32 ONNX graph, then int8 dynamic quantisation: the
+`--sbert-backend onnx-smoothquant` file.
+
+Why: `onnx-int8` (ONNX Runtime's `quantize_dynamic`) quantises each MatMul's activations with ONE
+scale per tensor, and a few input channels of a sentence-BERT's MatMuls are 4-20x larger than the
+rest (channel 99 of most LayerNorm outputs in MiniLM), so that scale is coarse for every other
+channel and a share of the top-5 retrievals changes (docs/benchmarks.md). SmoothQuant moves the
+range from the activations into the weights, which are quantised per output channel: for each
+input channel j of a weight MatMul, s_j = max|X_j|^alpha / max|W_j|^(1-alpha), X' = X / s (an
+inserted Mul) and W' = diag(s) W, so X' W' = X W exactly in fp32 and X' has far smaller outliers.
+
+How, and why this way:
+- On the ONNX graph, for every MatMul whose weight is a 2-D initializer (whatever the model's
+  names); MatMuls sharing an input (a layer's query, key and value) share one Mul and one s (the
+  max of their weights' rows). Any such graph keeps its function; nothing BERT-specific is matched.
+- The 1/s is an explicit Mul, not folded into the LayerNorm before it: in BERT's post-norm layers
+  the LayerNorm's output also feeds the residual Add, which a scaled gamma/beta would change. The
+  Mul is one elementwise pass next to a MatMul (no slower in bench/embed_variants.py's runs).
+- Calibration maxima come from the fp32 graph run over fixed built-in English text (the project's
+  own scene descriptions, pipelines/sample/scenes.txt), batched as the encoder batches, never the
+  user's corpus: the file is cached by model folder only, and must not depend on the data.
+- The down-projections (a weight with more rows than columns: BERT's FFN output, fed by the GELU)
+  stay fp32. Measured on MiniLM, int8 there costs the most agreement with or without smoothing
+  (its input has outlier channels that neither smoothing nor keeping the largest 128 channels in
+  fp32 brought back to 0.95 top-5 agreement), and it is a third of the weight FLOPs.
+- onnxruntime's own SmoothQuant (`quantize_static(extra_options={"SmoothQuant": True})`) is for
+  static quantisation and needs neural-compressor; ORT's dynamic quantiser has none.
+
+No torch and no Beam here.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+
+import numpy as np
+
+# alpha: the share of each channel's range moved into the weights. 0.65-0.8 kept >= 0.95 top-5
+# agreement on MiniLM (0.5: 0.951 bench with the down-projection fp32, 0.844 with it int8).
+SMOOTHING_ALPHA = 0.8
+CALIBRATION_TEXT = os.path.join(os.path.dirname(__file__), "sample", "scenes.txt")
+CALIBRATION_BATCH = 256  # the encoder's default batch: calibration tensors look like the ones quantised
+
+
+def calibration_texts() -> list[str]:
+    with open(CALIBRATION_TEXT, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def settings_tag() -> str:
+    """What the smoothed file depends on besides the fp32 export (part of its cache key)."""
+    digest = hashlib.sha256("\n".join(calibration_texts()).encode("utf-8")).hexdigest()[:12]
+    return f"sq|{SMOOTHING_ALPHA}|{digest}"
+
+
+def weight_matmuls(model) -> dict[str, list]:
+    """The graph's MatMul nodes whose second input is a 2-D initializer (a weight), grouped by
+    their activation input (in graph order). A graph without one is not a model to quantise."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    groups: dict[str, list] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    if not groups:
+        raise ValueError(f"{model.graph.name or 'the ONNX graph'}: no MatMul with a 2-D weight initializer; "
+                         f"not a transformer export that SmoothQuant applies to")
+    return groups
+
+
+def down_projections(model) -> list[str]:
+    """Names of the weight MatMuls whose weight has more rows (inputs) than columns (outputs): the
+    FFN output projections of a BERT-like encoder, kept fp32."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    return [node.name for nodes in weight_matmuls(model).values() for node in nodes
+            if initializers[node.input[1]].dims[0] > initializers[node.input[1]].dims[1]]
+
+
+def activation_maxima(path: str, feeds: Iterable[dict], tensors: Iterable[str]) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each named tensor of the fp32 graph at `path` over `feeds`."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(path)
+    wanted = list(tensors)
+    graph_outputs = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name not in graph_outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    maxima: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(wanted, session.run(wanted, feed)):
+            channel_max = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], channel_max) if name in maxima else channel_max
+    missing = [name for name in wanted if name not in maxima]
+    if missing:
+        raise ValueError(f"no calibration batches reached {missing[:3]}")
+    return maxima
+
+
+def smoothing_factors(activation_max: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha) over the weights sharing the input (rows = inputs)."""
+    weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    s = np.maximum(activation_max, 1e-5) ** alpha / np.maximum(weight_max, 1e-5) ** (1 - alpha)
+    return np.clip(s, 1e-5, None).astype(np.float32)
+
+
+def smooth(model, maxima: dict[str, np.ndarray], alpha: float = SMOOTHING_ALPHA) -> int:
+    """Rewrite `model` (an onnx ModelProto, in place): each weight-MatMul input X gets a Mul by 1/s
+    shared by its MatMuls, whose weights' rows are multiplied by s. The fp32 function is unchanged.
+    Returns the number of Muls inserted."""
+    from onnx import helper, numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    inserted: dict[str, object] = {}  # first consumer's name -> its Mul
+    for x, nodes in weight_matmuls(model).items():
+        if x not in maxima:
+            raise ValueError(f"no calibration maximum for the MatMul input {x!r}")
+        weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
+        if maxima[x].shape != (weights[0].shape[0],):
+            raise ValueError(f"{x!r}: {maxima[x].shape[0]} calibration channels for a weight of "
+                             f"{weights[0].shape[0]} input rows")
+        s = smoothing_factors(maxima[x], weights, alpha)
+        inverse = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}/smoothquant_inverse_scale")
+        model.graph.initializer.append(inverse)
+        smoothed = f"{x}/smoothquant"
+        inserted[nodes[0].name] = helper.make_node("Mul", [x, inverse.name], [smoothed], name=f"{x}/smoothquant_mul")
+        for node, weight in zip(nodes, weights):
+            node.input[0] = smoothed
+            initializers[node.input[1]].CopyFrom(numpy_helper.from_array((weight * s[:, None]).astype(np.float32),
+                                                                         node.input[1]))
+    ordered = []  # each Mul right before its first consumer: the node list stays topologically sorted
+    for node in model.graph.node:
+        if node.name in inserted:
+            ordered.append(inserted[node.name])
+        ordered.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return len(inserted)
+
+
+def calibration_feeds(tokens, batch_size: int = CALIBRATION_BATCH) -> list[dict]:
+    """The calibration texts as the encoder feeds them: sorted by token length, padded per batch.
+    `tokens` is the model's `sentence_tokenizer.BatchTokenizer`."""
+    ids, lengths = tokens.tokenize(calibration_texts())
+    order = np.argsort(-lengths, kind="stable")
+    feeds = []
+    for start in range(0, len(ids), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, attention = tokens.pad(ids, rows, lengths[rows])
+        feeds.append({"input_ids": input_ids, "attention_mask": attention})
+    return feeds
+
+
+def smoothquant_int8(source: str, path: str, tokens, quantize, alpha: float = SMOOTHING_ALPHA) -> None:
+    """fp32 ONNX at `source` -> smoothed, int8 (all weight MatMuls but the down-projections) at
+    `path`. `quantize(src, dst, exclude)` is the dynamic quantiser (onnx_encoder's, per channel)."""
+    import onnx
+
+    model = onnx.load(source)
+    maxima = activation_maxima(source, calibration_feeds(tokens), weight_matmuls(model))
+    smooth(model, maxima, alpha)
+    keep_fp32 = down_projections(model)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or None) as work:
+        smoothed = os.path.join(work, "smoothed.onnx")
+        onnx.save(model, smoothed)
+        quantize(smoothed, path, keep_fp32)
