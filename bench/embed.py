@@ -6,7 +6,8 @@ with PyTorch fp32 (today's path), all measured in one run with a fixed thread co
 
 Backends: torch (fp32, `encoding.encode`'s direct mean-pooling path), onnx (ONNX Runtime fp32 of a
 `torch.onnx.export`, intra-op threads that sleep when idle), onnx-int8 (the same with int8 MatMul
-weights, per channel); timed too: onnx-spinning (onnx with ONNX Runtime's default spinning threads,
+weights, per channel), onnx-smoothquant (the export smoothed by SmoothQuant, then int8 but the FFN
+output projections: pipelines/smoothquant.py; the CPU default); timed too: onnx-spinning (onnx with ONNX Runtime's default spinning threads,
 the setting before). Each gets the same texts with the same batch size; torch and ONNX Runtime both
 get --threads intra-op threads. The load average is recorded around every repeat.
 
@@ -45,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.data import OBJECTS, SUBJECTS, template_sentences  # noqa: E402
 from bench.env import device_name, write_result  # noqa: E402
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-smoothquant")
 SPINNING = "onnx-spinning"  # timed only: the onnx backend with ORT's spinning threads (its setting before)
 
 
@@ -102,7 +103,7 @@ def main() -> None:
     model = load_sentence_model(None)
     encoders, first_use_s = {"torch": model}, {}
     with tempfile.TemporaryDirectory() as cache:
-        for backend in BACKENDS[1:]:  # onnx-int8 quantises the onnx export made just before
+        for backend in BACKENDS[1:]:  # the int8 ones quantise the onnx export made just before
             start = time.perf_counter()
             encoders[backend] = OnnxSentenceEncoder.from_folder(bundled_minilm_path(), backend, threads=args.threads,
                                                                 cache_dir=cache, model=model)
