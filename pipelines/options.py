@@ -19,10 +19,10 @@ class TextOptions:
     spacy_model: str = SPACY_MODEL
 
 
-# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md): SmoothQuant-smoothed int8
-# with the FFN output projections fp32 keeps >= 0.95 of fp32's top-5 at ~3x torch fp32; `onnx` (fp32)
-# gives torch's vectors at ~2.2x; `onnx-int8` (every weight MatMul) is faster still but changes
-# a share of the top-5 (0.85-0.89 agreement).
+# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md runs E, F): SmoothQuant-
+# smoothed int8 with the FFN output projections fp32, 1.5x `onnx` (fp32: torch's vectors, 2.2x torch
+# idle), keeping 0.96-0.97 of fp32's top-5 (0.945 on the denser 10,000-sentence bench set);
+# `onnx-int8` (every weight MatMul, unsmoothed) is faster still but keeps only 0.80-0.89.
 CPU_SBERT_BACKEND = SMOOTHQUANT
 SBERT_BACKENDS = ("torch", *ONNX_BACKENDS)
 DEVICES = ("cpu", "cuda")
