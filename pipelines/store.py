@@ -3,10 +3,11 @@ sentence_id) in Parquet files, reused by later builds.
 
 DIR/<fingerprint>/embeddings-<digest>.parquet (schemas.EMBEDDINGS: sentence_id, vector). The
 fingerprint covers the model folder's files and what else changes a vector (device kind, fp16 on
-CUDA, the encoder backend), so another model never reads this one's vectors; sentence ids are
-content hashes of the text (io.stable_id), so an id always means the same text. A build reads the
-store, embeds only the sentences it lacks, and adds those as new files (named by their ids'
-digest: a retried or repeated write gives the same file). A stored vector is the one the first
+CUDA, the encoder backend and, for an ONNX one, its file's versions and settings), so another model
+never reads this one's vectors; sentence ids are content hashes of the text (io.stable_id), so an
+id always means the same text. A build reads the store, embeds only the sentences it lacks, and
+adds those as new files (named by their ids' digest: a retried or repeated write gives the same
+file). A stored vector is the one the first
 build computed: a later build with the same corpus and settings writes the same outputs.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipelines.batching import group_of
 from pipelines.embed import EmbedSentences
 from pipelines.files import open_file
 from pipelines.fingerprint import folder_digest
+from pipelines.onnx_encoder import ONNX_BACKENDS, cache_key
 from pipelines.options import EmbedOptions
 from pipelines.shards import write_bytes
 from pipelines.stages import stage_output
@@ -39,13 +41,24 @@ NAMESPACE = "embedding_store"  # Beam counters: sentences_reused, sentences_embe
 
 def model_fingerprint(options: EmbedOptions) -> str:
     """What a stored vector depends on: the model's files, and how it runs (CPU float32, or CUDA
-    in float16 / float32; the encoder backend: torch, onnx, onnx-int8 or onnx-smoothquant)."""
+    in float16 / float32; the encoder backend: torch, onnx, onnx-int8 or onnx-smoothquant). For an
+    ONNX backend also what its ONNX file depends on (the exporter's format and versions,
+    onnxruntime's, SmoothQuant's alpha and calibration text): the tag its cache key carries, so a
+    new ONNX file never mixes its vectors with the old one's."""
     from pipelines.encoding import default_sbert_path
     folder = options.model or default_sbert_path()
     cuda = options.device.startswith("cuda")
-    runs = {"device": "cuda" if cuda else "cpu", "fp16": bool(options.fp16 and cuda),
-            "backend": options.resolved_backend()}
+    backend = options.resolved_backend()
+    runs = {"device": "cuda" if cuda else "cpu", "fp16": bool(options.fp16 and cuda), "backend": backend}
+    if backend in ONNX_BACKENDS:
+        runs["onnx_file"] = onnx_settings_tag(folder, backend)
     return hashlib.sha256(f"{folder_digest(folder)}|{sorted(runs.items())}".encode()).hexdigest()[:32]
+
+
+def onnx_settings_tag(folder: str, backend: str) -> str:
+    """The part of onnx_encoder.cache_key after the model folder's digest and the backend: the
+    versions and settings tag (one owner: the ONNX cache key; the digest is the store's own)."""
+    return cache_key(folder, backend).rsplit("-", 1)[1]
 
 
 def _store_rows(readable):

@@ -108,6 +108,45 @@ def test_the_fingerprint_follows_the_model_files_and_how_it_runs(tmp_path):
     assert len(set(backends.values())) == len(SBERT_BACKENDS) == 4 and cpu == backends[EmbedOptions().resolved_backend()]
 
 
+def test_the_fingerprint_follows_what_the_onnx_file_depends_on(tmp_path, monkeypatch):
+    """A changed SmoothQuant alpha or calibration text, export format or onnxruntime makes a new
+    ONNX file (cache_key): its vectors must not be mixed with the old file's in the store."""
+    import onnxruntime
+
+    from pipelines import onnx_encoder, smoothquant
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    options = {b: EmbedOptions(model=str(model), backend=b) for b in SBERT_BACKENDS}
+    before = {b: model_fingerprint(o) for b, o in options.items()}
+    assert before == {b: model_fingerprint(o) for b, o in options.items()}  # the same settings: the same store
+    assert store.onnx_settings_tag(str(model), "onnx-smoothquant") == \
+        onnx_encoder.cache_key(str(model), "onnx-smoothquant").split("-")[-1]
+
+    monkeypatch.setattr(smoothquant, "SMOOTHING_ALPHA", smoothquant.SMOOTHING_ALPHA - 0.1)
+    alpha = {b: model_fingerprint(o) for b, o in options.items()}
+    assert alpha["onnx-smoothquant"] != before["onnx-smoothquant"]
+    assert {b: v for b, v in alpha.items() if b != "onnx-smoothquant"} == \
+        {b: v for b, v in before.items() if b != "onnx-smoothquant"}  # the others' files are unchanged
+    monkeypatch.undo()
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("another calibration sentence\n")
+    monkeypatch.setattr(smoothquant, "CALIBRATION_TEXT", str(calibration))
+    assert model_fingerprint(options["onnx-smoothquant"]) != before["onnx-smoothquant"]
+    monkeypatch.undo()
+
+    monkeypatch.setattr(onnx_encoder, "EXPORT_FORMAT", onnx_encoder.EXPORT_FORMAT + 1)
+    export = {b: model_fingerprint(o) for b, o in options.items()}
+    assert all(export[b] != before[b] for b in onnx_encoder.ONNX_BACKENDS) and export["torch"] == before["torch"]
+    monkeypatch.undo()
+
+    monkeypatch.setattr(onnxruntime, "__version__", onnxruntime.__version__ + ".other")
+    assert all(model_fingerprint(options[b]) != before[b] for b in onnx_encoder.ONNX_BACKENDS)
+    monkeypatch.undo()
+    assert {b: model_fingerprint(o) for b, o in options.items()} == before
+
+
 @pytest.mark.slow
 def test_a_build_with_another_k_reuses_the_store_and_writes_what_a_build_without_it_writes(tmp_path):
     from pipelines.cli import main
