@@ -7,8 +7,8 @@ CUDA, the encoder backend and, for an ONNX one, its file's versions and settings
 never reads this one's vectors; sentence ids are content hashes of the text (io.stable_id), so an
 id always means the same text. A build reads the store, embeds only the sentences it lacks, and
 adds those as new files (named by their ids' digest: a retried or repeated write gives the same
-file). A stored vector is the one the first
-build computed: a later build with the same corpus and settings writes the same outputs.
+file). A stored vector is the one the first build computed: a later build with the same corpus
+and settings writes the same outputs.
 """
 from __future__ import annotations
 
