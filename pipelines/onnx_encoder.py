@@ -173,7 +173,7 @@ def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = 
                 if backend == SMOOTHQUANT:
                     from pipelines.smoothquant import smoothquant_int8
                     tokens = BatchTokenizer(SentenceTokenizer.load(os.path.dirname(source)))
-                    smoothquant_int8(source, made, tokens, quantize_int8)
+                    smoothquant_int8(source, made, tokens, quantize_int8, model_name=folder)
                 else:
                     quantize_int8(source, made)
                 shutil.copytree(source_tokenizer, os.path.join(work, TOKENIZER_DIR))

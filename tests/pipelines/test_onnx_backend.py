@@ -354,3 +354,51 @@ def test_an_incomplete_cache_folder_is_made_again(tiny_model_folder, tmp_path, e
     shutil.rmtree(os.path.join(os.path.dirname(path), "tokenizer"))
     assert cached_onnx_model(None, tiny_model_folder, "onnx", cache) == path and len(export_count) == 2
     assert SentenceTokenizer.load(os.path.dirname(path)).max_length == 64
+
+
+def _shared_weight_graph():
+    """Two MatMuls with different inputs reading ONE weight initializer (ALBERT's shared layers;
+    torch's exporter merges identical initializers the same way), plus a third group."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "shared_w")
+    other = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "other_w")
+    nodes = [helper.make_node("MatMul", ["a", "shared_w"], ["ya"], name="mm_a"),
+             helper.make_node("MatMul", ["b", "shared_w"], ["yb"], name="mm_b"),
+             helper.make_node("MatMul", ["yb", "other_w"], ["yc"], name="mm_c")]
+    value = lambda name, width: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", width])  # noqa: E731
+    graph = helper.make_graph(nodes, "shared-weight", [value("a", 4), value("b", 4)],
+                              [value("ya", 4), value("yc", 3)], [weight, other])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_encoder.OPSET)])
+
+
+
+def test_a_weight_shared_by_two_input_groups_keeps_the_function_after_smoothing():
+    rng = np.random.default_rng(1)
+    feeds = [{"a": (rng.normal(size=(5, 4)) * [1, 20, 1, 1]).astype(np.float32),
+              "b": (rng.normal(size=(5, 4)) * [1, 1, 1, 9]).astype(np.float32)}]
+    model = _shared_weight_graph()
+    before = smoothquant.graph_outputs(model, feeds)
+    maxima = {"a": np.abs(feeds[0]["a"]).max(0), "b": np.abs(feeds[0]["b"]).max(0), "yb": np.full(4, 3.0)}
+    assert smoothquant.smooth(model, maxima) == 3
+    for expected, got in zip(before[0], smoothquant.graph_outputs(model, feeds)[0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    weights = {node.name: node.input[1] for node in model.graph.node if node.op_type == "MatMul"}
+    assert weights["mm_a"] != weights["mm_b"]  # each group scales its own copy
+
+
+def test_a_smoothed_graph_that_lost_its_function_is_refused(tiny_model_folder, tmp_path, monkeypatch):
+    """The fp32 check in the making of the file: a wrong rewrite (here a weight scaled twice, as
+    a shared weight once was) raises an error naming the folder and the exact backend."""
+    from onnx import numpy_helper
+    real = smoothquant.smooth
+
+    def scales_one_weight_twice(model, maxima, alpha=smoothquant.SMOOTHING_ALPHA):
+        inserted = real(model, maxima, alpha)
+        weight = model.graph.initializer[0]
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+        return inserted
+
+    monkeypatch.setattr(smoothquant, "smooth", scales_one_weight_twice)
+    with pytest.raises(ValueError, match=re.escape(tiny_model_folder) + ".*--sbert-backend onnx "):
+        cached_onnx_model(None, tiny_model_folder, "onnx-smoothquant", str(tmp_path))
