@@ -22,9 +22,9 @@ from pipelines.corpus_cache import GIB  # noqa: E402
 from pipelines.files import check_patterns_match, is_local  # noqa: E402
 from pipelines.metrics import STAGE_TIME  # noqa: E402
 from pipelines.fingerprint import CACHE_ENV  # noqa: E402
-from pipelines.options import (CPU_SBERT_BACKEND, CUDA_EMBED_BATCH_SIZE, DEVICES, INDEX_TYPES, REGION_MODES,  # noqa: E402
-                               SBERT_BACKENDS, BuildOptions, DetectOptions, EmbedOptions, LinkOptions, PhraseOptions,
-                               RetrieveOptions, ShardOptions, TextOptions, field_default)
+from pipelines.options import (CPU_SBERT_BACKEND, CPU_SBERT_BACKEND_WITHOUT_VNNI, CUDA_EMBED_BATCH_SIZE,  # noqa: E402
+                               DEVICES, INDEX_TYPES, REGION_MODES, SBERT_BACKENDS, BuildOptions, DetectOptions,
+                               EmbedOptions, LinkOptions, PhraseOptions, RetrieveOptions, ShardOptions, TextOptions, field_default)
 
 BEAM_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -204,7 +204,8 @@ def detector_options(grid: bool = False):
               help=f"How sentences are embedded: torch, or ONNX Runtime fp32 / int8 weights / SmoothQuant int8 with fp32 "
                    f"FFN outputs (cpu only; exported from the model folder on first use and cached under ${CACHE_ENV} "
                    f"or ~/.cache/vlp-data) "
-                   f"[default: {CPU_SBERT_BACKEND} on cpu, torch on cuda].")
+                   f"[default: {CPU_SBERT_BACKEND} on a cpu with VNNI, {CPU_SBERT_BACKEND_WITHOUT_VNNI} on other cpus, torch "
+                   f"on cuda].")
 @click.option("--batch-size", type=click.IntRange(1),
               help=f"Sentences per embedding batch [default: {EmbedOptions.batch_size} on cpu, {CUDA_EMBED_BATCH_SIZE} "
                    f"on cuda].")

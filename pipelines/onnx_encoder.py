@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -48,6 +49,44 @@ QUANTISED_BACKENDS = ("onnx-int8", SMOOTHQUANT)  # made from the fp32 ("onnx") e
 EXPORT_FORMAT = 3
 OPSET = 17
 MODEL_FILE = "model.onnx"
+
+
+# The x86 flags of an int8 dot product instruction (AVX512-VNNI, AVX-VNNI).
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (Linux: /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has an int8 dot product instruction (VNNI). ONNX Runtime's dynamic int8
+    MatMul multiplies u8 activations by s8 weights (reduce_range off); without VNNI its x86 kernel
+    sums pairs of those products in int16 (vpmaddubsw), which can saturate, as ORT's quantiser warns.
+    Every agreement figure of onnx-int8 and onnx-smoothquant (docs/benchmarks.md) was measured on a
+    VNNI CPU."""
+    return any(flag in cpu_flags() for flag in VNNI_FLAGS)
+
+
+_WARNED_WITHOUT_VNNI: set[str] = set()
+
+
+def warn_without_vnni(backend: str) -> None:
+    """Log once per process and backend that an int8 backend runs on a CPU without VNNI."""
+    if backend in QUANTISED_BACKENDS and backend not in _WARNED_WITHOUT_VNNI and not has_vnni():
+        _WARNED_WITHOUT_VNNI.add(backend)
+        log.warning("--sbert-backend %s on a CPU without VNNI (%s): ONNX Runtime's int8 MatMul may saturate "
+                    "here, and its agreement with fp32 was measured on VNNI CPUs only; --sbert-backend onnx "
+                    "gives the exact fp32 vectors", backend, " / ".join(VNNI_FLAGS))
 
 
 def cache_key(folder: str, backend: str, cache_dir: str | None = None) -> str:
@@ -214,6 +253,7 @@ class OnnxSentenceEncoder:
         """The encoder of the sentence-transformers model in `folder` on `backend`: its cached export
         and the tokenizer saved with it. The model (`model`, or loaded from `folder`) is needed only
         when the export is not cached yet."""
+        warn_without_vnni(backend)
         path = cached_onnx_model(model, folder, backend, cache_dir)
         return cls(path, SentenceTokenizer.load(os.path.dirname(path)), threads, spinning)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from pipelines import onnx_encoder
 from pipelines.onnx_encoder import ONNX_BACKENDS, SMOOTHQUANT
 from schemas.corpus import IMAGE_SIZE, SPACY_MODEL
 
@@ -23,7 +24,19 @@ class TextOptions:
 # smoothed int8 with the FFN output projections fp32, 1.5x `onnx` (fp32: torch's vectors, 2.2x torch
 # idle), keeping 0.96-0.97 of fp32's top-5 (0.945 on the denser 10,000-sentence bench set);
 # `onnx-int8` (every weight MatMul, unsmoothed) is faster still but keeps only 0.80-0.89.
+# That default holds on a CPU with VNNI only (where it was measured); elsewhere it is `onnx`.
 CPU_SBERT_BACKEND = SMOOTHQUANT
+CPU_SBERT_BACKEND_WITHOUT_VNNI = "onnx"
+
+
+def default_cpu_backend() -> str:
+    """The CPU embedding default on this machine: CPU_SBERT_BACKEND where the CPU has VNNI, else
+    `onnx` (fp32, torch's vectors). Why: ONNX Runtime's dynamic int8 MatMul (u8 activations x s8
+    weights) sums products in int16 on x86 CPUs without VNNI and can saturate there, and every
+    agreement figure of onnx-smoothquant was measured on a VNNI CPU (onnx_encoder.has_vnni)."""
+    return CPU_SBERT_BACKEND if onnx_encoder.has_vnni() else CPU_SBERT_BACKEND_WITHOUT_VNNI
+
+
 SBERT_BACKENDS = ("torch", *ONNX_BACKENDS)
 DEVICES = ("cpu", "cuda")
 CUDA_EMBED_BATCH_SIZE = 1024        # sentences per embedding batch on cuda when none is given
@@ -35,11 +48,16 @@ class EmbedOptions:
     batch_size: int = 256
     device: str = "cpu"             # cpu | cuda
     fp16: bool = True               # only on cuda
-    backend: str | None = None      # torch | onnx | onnx-int8 | onnx-smoothquant (CPU only); None = CPU_SBERT_BACKEND on cpu, torch on cuda
+    backend: str | None = None      # torch | onnx | onnx-int8 | onnx-smoothquant (CPU only); None = default_cpu_backend() on cpu, torch on cuda
+
+    def __post_init__(self):
+        """None becomes the concrete backend here, once, on the machine that builds the options (the
+        launcher): the workers get the options pickled, so every worker of a job runs the backend
+        the launcher chose, whatever CPU each runs on."""
+        if self.backend is None:
+            object.__setattr__(self, "backend", default_cpu_backend() if self.device == "cpu" else "torch")
 
     def resolved_backend(self) -> str:
-        if self.backend is None:
-            return CPU_SBERT_BACKEND if self.device == "cpu" else "torch"
         if self.backend not in SBERT_BACKENDS:
             raise ValueError(f"--sbert-backend {self.backend!r}: one of {', '.join(SBERT_BACKENDS)}")
         if self.backend != "torch" and self.device != "cpu":

@@ -227,13 +227,15 @@ def test_a_killed_export_leaves_no_file_and_the_next_use_exports(tiny_model_fold
     assert (vectors * encode(model, SOFA_SENTENCES, 4)).sum(1).min() > 0.99999
 
 
-@pytest.mark.parametrize("backend", [None, "onnx-int8"])
+@pytest.mark.parametrize("backend", [None, "onnx", "onnx-int8"])
 def test_the_embed_transform_runs_the_onnx_backends(pipeline, minilm, monkeypatch, tmp_path, backend):
-    """EmbedOptions() on cpu embeds with the smoothed int8 model (the CPU default): near torch's
-    vectors (measured cosine >= 0.9993); onnx-int8 gives the quantised model's, further off."""
+    """EmbedOptions() on a cpu with VNNI embeds with the smoothed int8 model (the CPU default): near
+    torch's vectors (measured cosine >= 0.9993); onnx gives torch's; onnx-int8 the quantised
+    model's, further off."""
     import pipelines.embed as embed
     monkeypatch.setattr(embed, "_MODELS", {})  # not an encoder an earlier test loaded in this process
     monkeypatch.setenv(fingerprint.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(onnx_encoder, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     texts = SOFA_SENTENCES + ["sofa woman"]
     options = EmbedOptions(batch_size=4, backend=backend)
     expected_backend = backend or "onnx-smoothquant"
@@ -247,14 +249,57 @@ def test_the_embed_transform_runs_the_onnx_backends(pipeline, minilm, monkeypatc
         for key, vector in pairs:
             assert vector.dtype == np.float32 and abs(np.linalg.norm(vector) - 1) < 1e-5
             cosine = float(vector @ expected[key])
-            # neither is the torch vector; int8 moves it ~10x further (measured 0.990-0.995 against 0.9993-0.9997)
-            assert 0.998 < cosine < 0.99995 if backend is None else 0.97 < cosine < 0.998
+            if backend == "onnx":
+                assert cosine > 0.99999
+            else:  # neither is the torch vector; int8 moves it ~10x further (measured 0.990-0.995 against 0.9993-0.9997)
+                assert 0.998 < cosine < 0.99995 if backend is None else 0.97 < cosine < 0.998
 
     assert_that(out, check)
     pipeline.run()
     made = {name.split("-", 1)[1].rsplit("-", 1)[0] for name in os.listdir(tmp_path)
             if not name.endswith(".lock") and name != "digests"}
-    assert made == {"onnx", expected_backend}  # both quantised from the fp32 export
+    assert made == {"onnx", expected_backend}  # the quantised ones are made from the fp32 export
+
+
+def _cpu(monkeypatch, *flags):
+    monkeypatch.setattr(onnx_encoder, "cpu_flags", lambda: frozenset({"sse4_2", "avx2", *flags}))
+
+
+@pytest.mark.parametrize("flag", ["avx512_vnni", "avx_vnni"])
+def test_the_cpu_default_is_smoothquant_only_with_vnni_and_workers_get_the_launchers_choice(monkeypatch, flag):
+    import pickle
+
+    from pipelines.embed import EmbedSentences
+    from pipelines.options import BuildOptions
+    _cpu(monkeypatch, flag)
+    launched = BuildOptions()
+    assert launched.embed.backend == EmbedOptions().resolved_backend() == "onnx-smoothquant"
+    assert EmbedOptions(device="cuda").backend == "torch"
+    transform = EmbedSentences(launched.embed)
+    _cpu(monkeypatch)  # a worker on a CPU without VNNI: the pickled options keep the launcher's backend
+    assert EmbedOptions().resolved_backend() == "onnx"
+    assert pickle.loads(pickle.dumps(launched)).embed.resolved_backend() == "onnx-smoothquant"
+    shipped = pickle.loads(pickle.dumps(transform))
+    assert shipped._options.resolved_backend() == "onnx-smoothquant"
+    assert EmbedOptions(backend="onnx-int8").resolved_backend() == "onnx-int8"  # a chosen backend stays
+
+
+def test_int8_on_a_cpu_without_vnni_warns_once(tiny_model_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(onnx_encoder, "_WARNED_WITHOUT_VNNI", set())
+    _cpu(monkeypatch)
+    cache = str(tmp_path)
+    with caplog.at_level("WARNING", logger=onnx_encoder.__name__):
+        OnnxSentenceEncoder.from_folder(tiny_model_folder, "onnx", cache_dir=cache)
+        assert not caplog.records  # fp32 is exact on any CPU
+        for _ in range(2):
+            OnnxSentenceEncoder.from_folder(tiny_model_folder, "onnx-int8", cache_dir=cache)
+    assert len(caplog.records) == 1 and "without VNNI" in caplog.text and "onnx-int8" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(onnx_encoder, "_WARNED_WITHOUT_VNNI", set())
+    _cpu(monkeypatch, "avx512_vnni")
+    with caplog.at_level("WARNING", logger=onnx_encoder.__name__):
+        OnnxSentenceEncoder.from_folder(tiny_model_folder, "onnx-int8", cache_dir=cache)
+    assert not caplog.records
 
 
 def test_onnx_backends_are_refused_on_cuda():
