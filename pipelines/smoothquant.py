@@ -20,7 +20,7 @@ How, and why this way:
   own scene descriptions, pipelines/sample/scenes.txt), batched as the encoder batches, never the
   user's corpus: the file is cached by model folder only, and must not depend on the data.
 - The down-projections (a weight with more rows than columns: BERT's FFN output, fed by the GELU)
-  stay fp32. Measured on MiniLM, int8 there costs the most agreement with or without smoothing
+  stay fp32, and their input is not smoothed (nothing to gain for a fp32 MatMul). Measured on MiniLM, int8 there costs the most agreement with or without smoothing
   (its input has outlier channels that neither smoothing nor keeping the largest 128 channels in
   fp32 brought back to 0.95 top-5 agreement), and it is a third of the weight FLOPs.
 - onnxruntime's own SmoothQuant (`quantize_static(extra_options={"SmoothQuant": True})`) is for
@@ -49,10 +49,18 @@ def calibration_texts() -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
+# Which weight MatMuls stay fp32 (`keeps_fp32`), by name: part of the cache key, so changing the
+# rule must change this name.
+KEEP_FP32_RULE = "rows>columns"
+# The rewrite's own version, in the cache key: raise it when `smooth` changes the file it makes.
+# 2: inputs of MatMuls that all stay fp32 are no longer smoothed; shared weights copied per group.
+SMOOTHING_FORMAT = 2
+
+
 def settings_tag() -> str:
     """What the smoothed file depends on besides the fp32 export (part of its cache key)."""
     digest = hashlib.sha256("\n".join(calibration_texts()).encode("utf-8")).hexdigest()[:12]
-    return f"sq|{SMOOTHING_ALPHA}|{digest}"
+    return f"sq{SMOOTHING_FORMAT}|{SMOOTHING_ALPHA}|{CALIBRATION_BATCH}|{KEEP_FP32_RULE}|{digest}"
 
 
 def weight_matmuls(model) -> dict[str, list]:
@@ -69,12 +77,18 @@ def weight_matmuls(model) -> dict[str, list]:
     return groups
 
 
+def keeps_fp32(weight) -> bool:
+    """KEEP_FP32_RULE: a weight (initializer) with more rows (inputs) than columns (outputs), a
+    down-projection (a BERT-like encoder's FFN output), stays fp32."""
+    return weight.dims[0] > weight.dims[1]
+
+
 def down_projections(model) -> list[str]:
-    """Names of the weight MatMuls whose weight has more rows (inputs) than columns (outputs): the
-    FFN output projections of a BERT-like encoder, kept fp32."""
+    """Names of the weight MatMuls kept fp32 (`keeps_fp32`): the FFN output projections of a
+    BERT-like encoder."""
     initializers = {i.name: i for i in model.graph.initializer}
     return [node.name for nodes in weight_matmuls(model).values() for node in nodes
-            if initializers[node.input[1]].dims[0] > initializers[node.input[1]].dims[1]]
+            if keeps_fp32(initializers[node.input[1]])]
 
 
 def activation_maxima(path: str, feeds: Iterable[dict], tensors: Iterable[str]) -> dict[str, np.ndarray]:
@@ -110,7 +124,9 @@ def smoothing_factors(activation_max: np.ndarray, weights: list[np.ndarray], alp
 def smooth(model, maxima: dict[str, np.ndarray], alpha: float = SMOOTHING_ALPHA) -> int:
     """Rewrite `model` (an onnx ModelProto, in place): each weight-MatMul input X gets a Mul by 1/s
     shared by its MatMuls, whose weights' rows are multiplied by s. The fp32 function is unchanged.
-    Returns the number of Muls inserted."""
+    An input whose MatMuls all stay fp32 (`keeps_fp32`) is left as it is: smoothing gains nothing
+    there and costs an elementwise pass over the FFN's widest tensor. Returns the number of Muls
+    inserted."""
     from onnx import helper, numpy_helper
 
     initializers = {i.name: i for i in model.graph.initializer}
@@ -123,6 +139,8 @@ def smooth(model, maxima: dict[str, np.ndarray], alpha: float = SMOOTHING_ALPHA)
         readers[output.name] = readers.get(output.name, 0) + 1
     inserted: dict[str, object] = {}  # first consumer's name -> its Mul
     for x, nodes in groups.items():
+        if all(keeps_fp32(initializers[n.input[1]]) for n in nodes):
+            continue
         # A weight read by anything besides this group's MatMuls (ALBERT's shared layers, or torch's
         # exporter merging identical initializers) gets this group's own copy: scaled in place, it
         # would be scaled again by the next group (or change the other reader).

@@ -101,7 +101,12 @@ def test_smoothing_keeps_the_fp32_function_and_shrinks_the_outlier_channels(mini
     # per layer: query+key+value share an input, then attention output, FFN in, FFN out
     assert len(groups) == 4 * 6 and sorted(len(nodes) for nodes in groups.values()) == [1] * 18 + [3] * 6
     maxima = smoothquant.activation_maxima(source, smoothquant.calibration_feeds(tokens), groups)
-    assert smoothquant.smooth(model, maxima) == 24
+    # the FFN output projections' inputs are not: those MatMuls stay fp32
+    assert smoothquant.smooth(model, maxima) == 18
+    kept = smoothquant.down_projections(model)
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in
+               {i.name for i in model.graph.initializer}]
+    assert all(node.input[0].endswith("/smoothquant") == (node.name not in kept) for node in matmuls)
     smoothed = str(tmp_path / "smoothed.onnx")
     onnx.save(model, smoothed)
 
@@ -111,7 +116,6 @@ def test_smoothing_keeps_the_fp32_function_and_shrinks_the_outlier_channels(mini
     for before, after in zip(_fp32_outputs(source, feeds), _fp32_outputs(smoothed, feeds)):
         np.testing.assert_allclose(after, before, atol=1e-5)  # X/s times diag(s)W = XW
     # what the int8 quantiser now sees (the MatMuls it quantises): the largest channel nearer the median one
-    kept = smoothquant.down_projections(model)
     quantised = [x for x, nodes in groups.items() if nodes[0].name not in kept]
     before = smoothquant.activation_maxima(source, feeds[-1:], quantised)
     after = smoothquant.activation_maxima(smoothed, feeds[-1:], [x + "/smoothquant" for x in quantised])
@@ -144,6 +148,12 @@ def test_the_smoothing_settings_are_part_of_the_cache_key(tiny_model_folder, tmp
     other_text.write_text("A dog runs on the beach.\n", encoding="utf-8")
     monkeypatch.setattr(smoothquant, "CALIBRATION_TEXT", str(other_text))
     assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) != key
+    monkeypatch.undo()
+    assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) == key
+    for setting, value in (("CALIBRATION_BATCH", 64), ("KEEP_FP32_RULE", "rows>=columns"), ("SMOOTHING_FORMAT", 1)):
+        with monkeypatch.context() as patched:
+            patched.setattr(smoothquant, setting, value)
+            assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) != key, setting
 
 
 @pytest.fixture(scope="module")
@@ -407,13 +417,13 @@ def _shared_weight_graph():
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "shared_w")
-    other = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "other_w")
+    other = numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "other_w")
     nodes = [helper.make_node("MatMul", ["a", "shared_w"], ["ya"], name="mm_a"),
              helper.make_node("MatMul", ["b", "shared_w"], ["yb"], name="mm_b"),
              helper.make_node("MatMul", ["yb", "other_w"], ["yc"], name="mm_c")]
     value = lambda name, width: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", width])  # noqa: E731
     graph = helper.make_graph(nodes, "shared-weight", [value("a", 4), value("b", 4)],
-                              [value("ya", 4), value("yc", 3)], [weight, other])
+                              [value("ya", 4), value("yc", 5)], [weight, other])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_encoder.OPSET)])
 
 
