@@ -36,7 +36,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.fingerprint import cache_root, folder_digest
-from pipelines.sentence_tokenizer import TOKENIZER_DIR, BatchTokenizer, SentenceTokenizer
+from pipelines.sentence_tokenizer import (RUST_FILE, SETTINGS_FILE, TOKENIZER_DIR, BatchTokenizer,
+                                         SentenceTokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,10 @@ def _locked(path: str):
 
 def _complete(entry: str) -> bool:
     """Whether a cache folder holds what an encoder reads (it is renamed into place whole, so a
-    folder that exists is complete unless someone removed files from it)."""
-    return os.path.isfile(os.path.join(entry, MODEL_FILE)) and os.path.isdir(os.path.join(entry, TOKENIZER_DIR))
+    folder that exists is complete unless someone removed files from it): the model and the two
+    files `SentenceTokenizer.load` reads."""
+    return all(os.path.isfile(os.path.join(entry, *parts))
+               for parts in ((MODEL_FILE,), (TOKENIZER_DIR, RUST_FILE), (TOKENIZER_DIR, SETTINGS_FILE)))
 
 
 def cached_onnx_model(model, folder: str, backend: str, cache_dir: str | None = None) -> str:
