@@ -62,6 +62,7 @@ def _top5(corpus, queries):
     return np.argsort(-(queries @ corpus.T), axis=1, kind="stable")[:, :5]
 
 
+@pytest.mark.slow  # ~8 s: torch, onnx, onnx-int8 and onnx-smoothquant over 300 sentences, two exports made
 def test_onnx_keeps_every_top5_and_int8_most_of_fp32s_on_real_text(minilm, cache, lee_sentences):
     corpus_texts, query_texts = lee_sentences[:250], lee_sentences[400:450]
     assert len(query_texts) == 50
@@ -83,7 +84,9 @@ def test_onnx_keeps_every_top5_and_int8_most_of_fp32s_on_real_text(minilm, cache
     # MatMul per tensor instead gave 0.77 and 0.64
     int8_top5, int8_top1 = agreement("onnx-int8")
     assert int8_top5 >= 0.8 and int8_top1 >= 0.7, (int8_top5, int8_top1)
-    # the CPU default, smoothed: measured 0.96 and 0.94; the target is >= 0.95 of the top-5
+    # the CPU default, smoothed: measured 0.972 and 0.92 (0.96 and 0.94 while the FFN-out inputs were
+    # smoothed too: exact in fp32 up to rounding, whose last bits move later int8 roundings); the
+    # target is >= 0.95 of the top-5
     smooth_top5, smooth_top1 = agreement("onnx-smoothquant")
     assert smooth_top5 >= 0.95 and smooth_top1 >= 0.9 and smooth_top5 > int8_top5 + 0.05, (smooth_top5, smooth_top1)
 
