@@ -20,11 +20,12 @@ class TextOptions:
     spacy_model: str = SPACY_MODEL
 
 
-# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md runs E, F): SmoothQuant-
-# smoothed int8 with the FFN output projections fp32, 1.5x `onnx` (fp32: torch's vectors, 2.2x torch
-# idle), keeping 0.96-0.97 of fp32's top-5 (0.945 on the denser 10,000-sentence bench set);
-# `onnx-int8` (every weight MatMul, unsmoothed) is faster still but keeps only 0.80-0.89.
-# That default holds on a CPU with VNNI only (where it was measured); elsewhere it is `onnx`.
+# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md runs I, J): SmoothQuant-
+# smoothed int8 with the FFN output projections fp32, 3.04x torch idle (`onnx`, fp32 with torch's
+# vectors: 2.11x), keeping 0.959 / 0.973 of fp32's top-5 on the 3,000 bench and real sets (0.934 on
+# the denser 20,000-sentence bench set); `onnx-int8` (every weight MatMul, unsmoothed) is faster
+# still but keeps only 0.78-0.89. That default holds on a CPU with VNNI only (where it was
+# measured); elsewhere it is `onnx`.
 CPU_SBERT_BACKEND = SMOOTHQUANT
 CPU_SBERT_BACKEND_WITHOUT_VNNI = "onnx"
 
