@@ -272,6 +272,13 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         raise click.UsageError("--text is required when --detections or --images is given")
     if not sample and not (detections or images):
         raise click.UsageError("give --detections or --images with --text")
+    if sbert_backend is None and device == "cpu" and is_remote_runner(ctx.args):
+        # the default is chosen by the CPU of the machine that builds the options (VNNI or not); a
+        # remote runner's workers run on other CPUs, unknown here: the exact backend, unless asked
+        sbert_backend = CPU_SBERT_BACKEND_WITHOUT_VNNI
+        click.echo(f"remote runner: embedding with --sbert-backend {sbert_backend} (exact); on workers whose CPU "
+                   f"has VNNI (e.g. n2, c2, c3 machine types) --sbert-backend {CPU_SBERT_BACKEND} is ~1.4x faster "
+                   "(docs/benchmarks.md)", err=True)
     embed = EmbedOptions(model=sbert_model, device=device, backend=sbert_backend,
                          batch_size=batch_size or (CUDA_EMBED_BATCH_SIZE if device == "cuda" else EmbedOptions.batch_size))
     options = BuildOptions(

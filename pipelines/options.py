@@ -50,21 +50,24 @@ class EmbedOptions:
     device: str = "cpu"             # cpu | cuda
     fp16: bool = True               # only on cuda
     backend: str | None = None      # torch | onnx | onnx-int8 | onnx-smoothquant (CPU only); None = default_cpu_backend() on cpu, torch on cuda
+    # the backend the workers run: `backend`, or for None the default chosen here (see __post_init__)
+    chosen_backend: str = field(init=False, default="", compare=False)
 
     def __post_init__(self):
-        """None becomes the concrete backend here, once, on the machine that builds the options (the
-        launcher): the workers get the options pickled, so every worker of a job runs the backend
-        the launcher chose, whatever CPU each runs on."""
-        if self.backend is None:
-            object.__setattr__(self, "backend", default_cpu_backend() if self.device == "cpu" else "torch")
+        """None's default is chosen here, once, on the machine that builds the options (the
+        launcher), into `chosen_backend`: the workers get the options pickled, so every worker of
+        a job runs the backend the launcher chose, whatever CPU each runs on. `backend` keeps what
+        was given, so `dataclasses.replace(options, device=...)` chooses again for the new device."""
+        chosen = self.backend or (default_cpu_backend() if self.device == "cpu" else "torch")
+        object.__setattr__(self, "chosen_backend", chosen)
 
     def resolved_backend(self) -> str:
-        if self.backend not in SBERT_BACKENDS:
-            raise ValueError(f"--sbert-backend {self.backend!r}: one of {', '.join(SBERT_BACKENDS)}")
-        if self.backend != "torch" and self.device != "cpu":
-            raise ValueError(f"--sbert-backend {self.backend} runs on the CPU; with --device {self.device} "
+        if self.chosen_backend not in SBERT_BACKENDS:
+            raise ValueError(f"--sbert-backend {self.chosen_backend!r}: one of {', '.join(SBERT_BACKENDS)}")
+        if self.chosen_backend != "torch" and self.device != "cpu":
+            raise ValueError(f"--sbert-backend {self.chosen_backend} runs on the CPU; with --device {self.device} "
                              f"use --sbert-backend torch")
-        return self.backend
+        return self.chosen_backend
 
 
 INDEX_TYPES = ("flat", "ivf", "ivfpq")

@@ -43,10 +43,29 @@ def setup_distributed(device_type: str, timeout_s: int = 1800) -> Distributed:
     if not dist.is_initialized():  # else a second train() in this process (tests, notebooks): the same group
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if device_type == "cuda" else None  # None: the default (gloo) group
-    # a group's timeout bounds every wait on it, a barrier's sends too: the end of a run gets its own
-    end = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, END_OF_RUN_WAIT_S)))
+    end = end_group(timeout_s)
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control,
                        timeout_s, end)
+
+
+_end_groups: dict = {}  # the default group -> its end group: one per process and default group
+
+
+def end_group(timeout_s: int):
+    """The gloo group `leave_together` waits on: a group's timeout bounds every wait on it, a
+    barrier's sends too, so the end of a run gets a group of its own (END_OF_RUN_WAIT_S). Made once
+    per default group, right after it: a process that trains several times (VLMo's stages) reuses
+    it, so only the first `setup_distributed` makes a group (whose creation waits for every rank
+    with this long timeout only then, when the default group's creation just met them all)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    world = dist.group.WORLD
+    if world not in _end_groups:
+        _end_groups.clear()  # a destroyed default group's end group is gone with it
+        _end_groups[world] = dist.new_group(backend="gloo",
+                                            timeout=timedelta(seconds=max(timeout_s, END_OF_RUN_WAIT_S)))
+    return _end_groups[world]
 
 
 def all_arrive(dist_info: Distributed, at: str) -> None:
@@ -121,6 +140,7 @@ def shut_down() -> None:
     dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for this)
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _end_groups.clear()
 
 
 def wrap(step_module: nn.Module, dist_info: Distributed, device: torch.device) -> nn.Module:

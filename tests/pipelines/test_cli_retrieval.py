@@ -152,6 +152,8 @@ def test_dataflow_dry_run_builds_offline():
                    *DATAFLOW, "--dry_run=True")
     assert result.exit_code == 0, result.output
     assert "dry run" in result.output
+    # the default backend follows the CPU that builds the options; the workers' CPUs are unknown here
+    assert "remote runner: embedding with --sbert-backend onnx (exact)" in result.output
 
 
 def test_the_flex_template_entry_point_builds_its_job_in_a_dry_run():

@@ -283,14 +283,18 @@ def _cpu(monkeypatch, *flags):
 
 @pytest.mark.parametrize("flag", ["avx512_vnni", "avx_vnni"])
 def test_the_cpu_default_is_smoothquant_only_with_vnni_and_workers_get_the_launchers_choice(monkeypatch, flag):
+    import dataclasses
     import pickle
 
     from pipelines.embed import EmbedSentences
     from pipelines.options import BuildOptions
     _cpu(monkeypatch, flag)
     launched = BuildOptions()
-    assert launched.embed.backend == EmbedOptions().resolved_backend() == "onnx-smoothquant"
-    assert EmbedOptions(device="cuda").backend == "torch"
+    assert launched.embed.chosen_backend == EmbedOptions().resolved_backend() == "onnx-smoothquant"
+    assert EmbedOptions(device="cuda").resolved_backend() == "torch"
+    # the default is chosen again for another device (`backend` keeps what was given: None)
+    assert dataclasses.replace(EmbedOptions(), device="cuda").resolved_backend() == "torch"
+    assert EmbedOptions() == EmbedOptions(backend=None) and EmbedOptions().backend is None
     transform = EmbedSentences(launched.embed)
     _cpu(monkeypatch)  # a worker on a CPU without VNNI: the pickled options keep the launcher's backend
     assert EmbedOptions().resolved_backend() == "onnx"

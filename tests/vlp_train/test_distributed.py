@@ -205,6 +205,8 @@ def _main_rank_evaluates_long(rank: int, port: int, folder: str):
                       LOCAL_RANK=str(rank))
     dist_info = setup_distributed("cpu", timeout_s=1)  # run.dist_timeout_s=1
     try:
+        # a second run in the process (VLMo's stages) reuses the end group: no second day-long wait to make one
+        assert setup_distributed("cpu", timeout_s=1).end_group is dist_info.end_group
         if rank == 0:
             time.sleep(4)  # the main rank's last evaluation and export, past run.dist_timeout_s
         leave_together(dist_info)
