@@ -272,13 +272,11 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
         raise click.UsageError("--text is required when --detections or --images is given")
     if not sample and not (detections or images):
         raise click.UsageError("give --detections or --images with --text")
-    if sbert_backend is None and device == "cpu" and is_remote_runner(ctx.args):
+    remote_default = sbert_backend is None and device == "cpu" and is_remote_runner(ctx.args)
+    if remote_default:
         # the default is chosen by the CPU of the machine that builds the options (VNNI or not); a
         # remote runner's workers run on other CPUs, unknown here: the exact backend, unless asked
         sbert_backend = CPU_SBERT_BACKEND_WITHOUT_VNNI
-        click.echo(f"remote runner: embedding with --sbert-backend {sbert_backend} (exact); on workers whose CPU "
-                   f"has VNNI (e.g. n2, c2, c3 machine types) --sbert-backend {CPU_SBERT_BACKEND} is ~1.4x faster "
-                   "(docs/benchmarks.md)", err=True)
     embed = EmbedOptions(model=sbert_model, device=device, backend=sbert_backend,
                          batch_size=batch_size or (CUDA_EMBED_BATCH_SIZE if device == "cuda" else EmbedOptions.batch_size))
     options = BuildOptions(
@@ -300,6 +298,10 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     check_paths_reachable(ctx.args, {"--output": output, "--detections": detections, "--images": images, "--text": text})
+    if remote_default:  # said once the arguments are known to be good (an error stays one line)
+        click.echo(f"remote runner: embedding with --sbert-backend {sbert_backend} (exact); on workers whose CPU "
+                   f"has VNNI (e.g. n2, c2, c3 machine types) --sbert-backend {CPU_SBERT_BACKEND} is ~1.4x faster "
+                   "(docs/benchmarks.md)", err=True)
     if not is_dry_run_args(ctx.args):
         check_inputs({"--detections": detections, "--images": images, "--text": text})
         claim_output(output, overwrite)  # before the sample is written into it
