@@ -129,8 +129,12 @@ class SplitData:
         if keys is not None:
             if self.regions:
                 regions = [self.regions[k] for k in keys]
-            if self.image_files:
-                pixels = [self.pixels(k, e) for k, e in zip(keys, examples or [f"image {k}" for k in keys])]
+            if self.image_files:  # an image in several pairs of the call (ITM's pairs) is decoded once
+                decoded = {}
+                for k, e in zip(keys, examples or [f"image {k}" for k in keys]):
+                    if k not in decoded:
+                        decoded[k] = self.pixels(k, e)
+                pixels = [decoded[k] for k in keys]
         return model_inputs(builder, texts, regions, pixels)
 
     def __len__(self) -> int:
