@@ -178,15 +178,13 @@ def local_copy(files: CorpusFiles, cache_gb: float | None = None) -> tuple[Corpu
     return replace(files, directory=lease.folder, index_path=local_index), lease
 
 
-def corpus_cache_dir(files: CorpusFiles, found: dict | None = None) -> str:
+def corpus_cache_dir(files: CorpusFiles, found: dict) -> str:
     """This machine's cache folder for a remote corpus. The fingerprint covers only the sentence
     ids (another embedding model gives the same one), so the remote files' path, size and time
     are in the key too: a rewritten file is never served from a stale copy. The index file is
     not in the key (it is written after the vectors, from them), so the copy made where a shard
-    was indexed serves its search too. `found`: the files' metadata by path, where matched already."""
+    was indexed serves its search too. `found`: the files' metadata by path (local_copy's match)."""
     keyed = [files.vectors_path, files.rows_path]
-    if found is None:
-        found = {m.path: m for result in FileSystems.match(keyed) for m in result.metadata_list}
     stamps = [(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in (found[p] for p in keyed if p in found)]
     source = hashlib.sha1(repr(stamps).encode()).hexdigest()[:16]
     return os.path.join(cache_root(), f"{files.fingerprint}-{source}")
