@@ -97,14 +97,19 @@ def cache_key(folder: str, backend: str, cache_dir: str | None = None) -> str:
     the file depends on (the exporter's, and onnxruntime's: its quantiser writes the int8 file, and
     a new runtime is a reason to make the file again). torch's version is read from its package
     metadata: a process that only reads the cache does not import torch."""
+    return f"{folder_digest(folder, cache_dir)[:32]}-{backend}-{export_tag(backend)}"
+
+
+def export_tag(backend: str) -> str:
+    """The versions and settings `backend`'s file depends on, as a short digest: the cache key's
+    last part, and part of the embedding store's fingerprint."""
     import onnxruntime
 
     versions = f"{EXPORT_FORMAT}|{OPSET}|{importlib.metadata.version('torch')}|{onnxruntime.__version__}"
     if backend == SMOOTHQUANT:
         from pipelines.smoothquant import settings_tag
         versions += "|" + settings_tag()  # the alpha and the calibration text
-    tag = hashlib.sha256(versions.encode("utf-8")).hexdigest()[:8]
-    return f"{folder_digest(folder, cache_dir)[:32]}-{backend}-{tag}"
+    return hashlib.sha256(versions.encode("utf-8")).hexdigest()[:8]
 
 
 def sentence_graph(model):

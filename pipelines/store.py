@@ -28,7 +28,7 @@ from pipelines.batching import group_of
 from pipelines.embed import EmbedSentences
 from pipelines.files import open_file
 from pipelines.fingerprint import folder_digest
-from pipelines.onnx_encoder import ONNX_BACKENDS, cache_key
+from pipelines.onnx_encoder import ONNX_BACKENDS, export_tag
 from pipelines.options import EmbedOptions
 from pipelines.shards import write_bytes
 from pipelines.stages import stage_output
@@ -51,14 +51,8 @@ def model_fingerprint(options: EmbedOptions) -> str:
     backend = options.resolved_backend()
     runs = {"device": "cuda" if cuda else "cpu", "fp16": bool(options.fp16 and cuda), "backend": backend}
     if backend in ONNX_BACKENDS:
-        runs["onnx_file"] = onnx_settings_tag(folder, backend)
+        runs["onnx_file"] = export_tag(backend)  # what the ONNX file depends on: a new file, new vectors
     return hashlib.sha256(f"{folder_digest(folder)}|{sorted(runs.items())}".encode()).hexdigest()[:32]
-
-
-def onnx_settings_tag(folder: str, backend: str) -> str:
-    """The part of onnx_encoder.cache_key after the model folder's digest and the backend: the
-    versions and settings tag (one owner: the ONNX cache key; the digest is the store's own)."""
-    return cache_key(folder, backend).rsplit("-", 1)[1]
 
 
 def _store_rows(readable):

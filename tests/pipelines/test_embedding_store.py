@@ -120,7 +120,7 @@ def test_the_fingerprint_follows_what_the_onnx_file_depends_on(tmp_path, monkeyp
     options = {b: EmbedOptions(model=str(model), backend=b) for b in SBERT_BACKENDS}
     before = {b: model_fingerprint(o) for b, o in options.items()}
     assert before == {b: model_fingerprint(o) for b, o in options.items()}  # the same settings: the same store
-    assert store.onnx_settings_tag(str(model), "onnx-smoothquant") == \
+    assert onnx_encoder.export_tag("onnx-smoothquant") == \
         onnx_encoder.cache_key(str(model), "onnx-smoothquant").split("-")[-1]
 
     monkeypatch.setattr(smoothquant, "SMOOTHING_ALPHA", smoothquant.SMOOTHING_ALPHA - 0.1)
