@@ -105,7 +105,6 @@ def read_split(task: FinetuneTask, cfg: FinetuneConfig, split: str):
 @dataclass(frozen=True)
 class InitModel:
     """model.init resolved once (pretrained.resolve_init), with a saved model's config read once."""
-    kind: str                     # "vlp" (a saved model or run), "bert", "random"
     folder: str | None
     config: tuple | None          # a saved model's read_config(folder): (BertConfig, vlp section); else None
 
@@ -120,7 +119,7 @@ def resolve_model_init(cfg: FinetuneConfig) -> InitModel:
     from vlp_train.pretrained import read_config, resolve_init
 
     kind, folder = resolve_init(cfg.model.init)
-    init = InitModel(kind, folder, read_config(folder) if kind == "vlp" else None)
+    init = InitModel(folder, read_config(folder) if kind == "vlp" else None)
     if init.section is not None:
         cfg.model.arch = init.section["arch"]
     return init
@@ -138,7 +137,8 @@ class VisualInput:
 def saved_visual_input(section: dict, source: str) -> VisualInput:
     """A saved model's visual input, from its config's vlp section (`source`: "model.init FOLDER")."""
     visual = section.get("visual", "regions")
-    return VisualInput(visual, section.get("image_size", 384) if visual != "regions" else None,
+    from vlp_train.visual import patch_settings
+    return VisualInput(visual, patch_settings(section)[0] if visual != "regions" else None,
                        section.get("feature_dim"), source)
 
 
