@@ -264,9 +264,10 @@ def _make_room(root: str, folder: str, need: int, cap: int, name: str, deadline:
             f"({cap / GIB:.2f} GiB, cache folder {root}): raise --corpus-cache-gb (and the worker's "
             f"--disk_size_gb) or lower --corpus-shard-rows")
     while True:
-        usage = {path: max(_folder_bytes(path), _read_reserved(path)) for path in _folders(root)}
+        sizes = {path: (_folder_bytes(path), _read_reserved(path)) for path in _folders(root)}  # one scan a pass
+        usage = {path: max(written, reserved) for path, (written, reserved) in sizes.items()}
         # bytes other downloads have reserved but not written yet: not free on the disk either
-        pending = sum(max(0, _read_reserved(path) - _folder_bytes(path)) for path in usage if path != folder)
+        pending = sum(max(0, reserved - written) for path, (written, reserved) in sizes.items() if path != folder)
         disk = os.statvfs(root)
         free = disk.f_bavail * disk.f_frsize - pending
         if sum(usage.values()) + need <= cap and need <= free:
