@@ -29,7 +29,10 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -159,23 +162,57 @@ def load_index(files: CorpusFiles, cache_gb: float | None = None):
     return index
 
 
-def local_copy(files: CorpusFiles, cache_gb: float | None = None) -> tuple[CorpusFiles, Lease | None]:
+def local_copy(files: CorpusFiles, cache_gb: float | None = None,
+               run: str | None = None) -> tuple[CorpusFiles, Lease | None]:
     """The corpus files on this machine and the lease that keeps them there: `files` itself (and
     no lease) where its folder is local, else the same files in this machine's cache (copied there
     once per machine, within `cache_gb` GiB, corpus_cache.py) and a lease on them, to be held for
     as long as they are mapped. The one place a remote shard's local paths are worked out: a
     reader of both the corpus and its index asks once and passes the result on, so the remote
-    folder is matched once."""
+    folder is matched once. `run`: see match_shard_files."""
     if is_local(files.vectors_path):
         return files, None
-    found = {m.path: m for result in FileSystems.match(files.paths) for m in result.metadata_list}
-    missing = [path for path in files.paths if path not in found]
-    if missing:
-        raise FileNotFoundError(f"corpus shard files {', '.join(missing)} not found: deleted while the run used them?")
+    found = match_shard_files(files, run)
     lease = lease_copies(corpus_cache_dir(files, found), {path: found[path].size_in_bytes for path in files.paths},
                          cache_gb, name=files.vectors_path)
     local_index = os.path.join(lease.folder, posixpath.basename(files.index_path)) if files.index_path else None
     return replace(files, directory=lease.folder, index_path=local_index), lease
+
+
+MATCHES_KEPT = 4096  # a process's kept shard matches (each a few paths, sizes and times), oldest dropped
+_matches: OrderedDict = OrderedDict()  # (run, shard paths) -> {path: FileMetadata}, per process
+_matches_lock = threading.Lock()
+
+
+def match_shard_files(files: CorpusFiles, run: str | None = None) -> dict:
+    """The shard's remote files' metadata by path (FileSystems.match: a round trip to gs://).
+
+    With `run` (the token of one pipeline run: _SearchShard's), the answer is kept per process,
+    so a search process pays the round trip in its first bundle of a shard only, not in every
+    bundle that maps the shard again (each bundle's end lets it go, for the cache's eviction).
+    What a staged shard's paths match does not change within a run: its vectors and rows are
+    written (renamed into place, shards.write_whole) before its CorpusFiles exists, a search
+    element is made from that CorpusFiles, the staging folder is cleared before the run (not
+    during it), and the index file, written after the vectors, has its own path in another key.
+    Per run, not per path alone: a later run in the same process (DirectRunner, a worker pool)
+    may rewrite the same names (same ids, another model), and the cache folder's key
+    (corpus_cache_dir) must see the new sizes and times. Missing files raise and are not kept."""
+    key = (run, tuple(files.paths))
+    if run is not None:
+        with _matches_lock:
+            if key in _matches:
+                _matches.move_to_end(key)
+                return _matches[key]
+    found = {m.path: m for result in FileSystems.match(files.paths) for m in result.metadata_list}
+    missing = [path for path in files.paths if path not in found]
+    if missing:
+        raise FileNotFoundError(f"corpus shard files {', '.join(missing)} not found: deleted while the run used them?")
+    if run is not None:
+        with _matches_lock:
+            _matches[key] = found
+            while len(_matches) > MATCHES_KEPT:
+                _matches.popitem(last=False)
+    return found
 
 
 def corpus_cache_dir(files: CorpusFiles, found: dict) -> str:
@@ -369,12 +406,13 @@ class ShardCorpus(beam.PTransform):
 # Search: query batches x corpus shards, merged per query
 
 
-def _load_searcher(shard: CorpusFiles, options: RetrieveOptions):
+def _load_searcher(shard: CorpusFiles, options: RetrieveOptions, run: str | None = None):
     start = time.perf_counter()
-    local, lease = local_copy(shard, options.corpus_cache_gb)  # once for the corpus and its index
+    local, lease = local_copy(shard, options.corpus_cache_gb, run)  # once for the corpus and its index
     loaded = replace(load_corpus(local), holds=lease)  # the lease lives as long as the searcher's corpus
     searcher = make_searcher(loaded, options, load_index(local) if local.index_path else None)
-    log.info("loaded a %s searcher over %d sentences in %.1fs", options.index, len(loaded), time.perf_counter() - start)
+    log.info("loaded a %s searcher over %d sentences on %s in %.1fs", options.index, len(loaded), searcher.device,
+             time.perf_counter() - start)
     return loaded, searcher
 
 
@@ -386,17 +424,29 @@ class _SearchShard(beam.DoFn):
     when the bundle ends, too (and on teardown): a process that gets no more search elements
     holds no shard, so the cache must hold one shard per search running, not one per process.
     The next bundle maps the shard again from the machine's copy (0.13 s for a flat 2M-row shard,
-    docs/benchmarks.md: against about a minute to search one query batch in it). A GPU searcher
-    keeps its shard between bundles: it copies the whole shard to the device, which costs more
-    than a batch's search there, and a GPU worker runs one process per GPU (so the cache holds
-    one shard per GPU)."""
+    docs/benchmarks.md: against about a minute to search one query batch in it), without matching
+    its remote files again (kept per process for the run: match_shard_files).
+
+    A searcher on the GPU (its `device`, where it really runs: --device cuda with ivf/ivfpq and
+    no usable faiss-gpu searches on the CPU) keeps its shard between bundles: it copies the whole
+    shard to the device, which costs more than a batch's search there, and a GPU worker runs one
+    process per GPU (so the cache holds one shard per GPU)."""
 
     def __init__(self, options: RetrieveOptions):
         self._options = options
         self._shared = LatestShared()
+        # this run's token (pickled with the DoFn, so the same in every process): the key under
+        # which a process keeps the shards' remote matches (match_shard_files)
+        self._run = uuid.uuid4().hex
+        self._keeps_shard = False  # whether the searcher last used runs on the GPU (_keeps_shard_between_bundles)
+
+    @staticmethod
+    def _keeps_shard_between_bundles(searcher) -> bool:
+        """The one rule: keep a shard between bundles where its searcher runs on the GPU."""
+        return searcher.device.startswith("cuda")
 
     def finish_bundle(self):
-        if not self._options.device.startswith("cuda"):
+        if not self._keeps_shard:
             self._shared.release()
 
     def teardown(self):
@@ -407,8 +457,9 @@ class _SearchShard(beam.DoFn):
         if len(shard) == 0:
             return
         start = time.perf_counter()
-        corpus, searcher = self._shared.acquire(lambda: _load_searcher(shard, self._options),
+        corpus, searcher = self._shared.acquire(lambda: _load_searcher(shard, self._options, self._run),
                                                 tag=f"{shard.fingerprint}:{shard.index_path}:{self._options}")
+        self._keeps_shard = self._keeps_shard_between_bundles(searcher)
         if hasattr(searcher, "search_ranked"):
             indices, scores = searcher.search_ranked(queries, self._options.k)
         else:

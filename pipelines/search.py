@@ -93,7 +93,8 @@ class FaissSearcher:
     """Exact search (faiss.knn over the vectors in place), or an IVF / IVF-PQ index: the one
     given (trained once per run and memory-mapped from its file, see retrieve.py), else one
     trained here on the vectors themselves (direct use, outside the pipeline). On the GPU when
-    faiss-gpu is importable and --device cuda."""
+    --device cuda and faiss-gpu is importable and sees a GPU, else on the CPU: `device` says which
+    (what the search stage keeps between bundles depends on it, retrieve._SearchShard)."""
 
     def __init__(self, vectors: np.ndarray, options: RetrieveOptions, index=None):
         import faiss
@@ -101,7 +102,10 @@ class FaissSearcher:
         dim = vectors.shape[1]
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # no copy of a float32 memory map
         self._faiss, self._vectors, self._index = faiss, None, None
-        on_gpu = faiss_gpu_available() and options.device.startswith("cuda")
+        on_gpu = options.device.startswith("cuda") and faiss_gpu_available()
+        if options.device.startswith("cuda") and not on_gpu:
+            _warn_cpu_fallback(options.index)
+        self.device = "cuda" if on_gpu else "cpu"  # faiss-gpu puts the index on GPU 0 (below)
         if options.index == "flat" and not on_gpu:
             # faiss.knn is IndexFlatIP's search without the index's private copy of the corpus:
             # the (memory-mapped) matrix is searched in place, so the worker neither copies it
@@ -155,6 +159,10 @@ class TorchExactSearcher:
         self._torch = torch
         self._device = torch.device(device)
         on_gpu = self._device.type == "cuda"
+        if on_gpu and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} was given but torch sees no CUDA device (the flat search "
+                               f"without faiss-gpu runs on torch): use --device cpu, or a machine with a GPU")
+        self.device = str(self._device)  # where it searches (retrieve._SearchShard keeps a GPU searcher's shard)
         self._dtype = dtype or (torch.float16 if on_gpu else torch.float32)
         host = torch.from_numpy(np.require(vectors, np.float32, ["C", "W"]))  # a read-only memory map is copied
         self._size, dim = host.shape
@@ -283,6 +291,17 @@ class TorchExactSearcher:
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = allowed
 
 
+_cpu_fallback_warned: set = set()
+
+
+def _warn_cpu_fallback(index: str) -> None:
+    """Once per process and index type: --device cuda asked for, the CPU used."""
+    if index not in _cpu_fallback_warned:
+        _cpu_fallback_warned.add(index)
+        log.warning("--device cuda: faiss-gpu is not installed or sees no GPU, so the %s index is searched on the CPU",
+                    index)
+
+
 def faiss_gpu_available() -> bool:
     try:
         import faiss
@@ -292,6 +311,7 @@ def faiss_gpu_available() -> bool:
 
 
 def make_searcher(corpus: Corpus, options: RetrieveOptions, index=None):
+    """The corpus's searcher; its `device` says where it really runs (--device cuda may end on the CPU)."""
     if options.device.startswith("cuda") and options.index == "flat" and not faiss_gpu_available():
         return TorchExactSearcher(corpus.vectors, options.device)
     return FaissSearcher(corpus.vectors, options, index)

@@ -542,15 +542,155 @@ def test_a_latest_shared_object_lives_while_a_handle_of_the_process_uses_it():
     assert not second.held
 
 
-def test_a_cpu_search_lets_its_shard_go_at_the_bundle_end_and_a_gpu_search_keeps_it():
-    """Mapping a shard again is cheap on the CPU; a GPU searcher would copy it to the device again."""
+# ---------------------------------------------------------------------------------------------
+# Between bundles: what a search keeps (a GPU searcher's shard, the remote files' match) and
+# what it lets go (a CPU searcher's shard, for the cache's eviction)
+
+
+def _bundle(search, shard, queries) -> list:
+    """One bundle of _SearchShard with one element: its hits, best first per query."""
+    search.start_bundle()
+    hits = list(search.process((shard, ([f"q{i}" for i in range(len(queries))], queries))))
+    search.finish_bundle()
+    return sorted(hits, key=lambda hit: (hit[0], -hit[1][0], hit[1][1]))
+
+
+def _expected(corpus: Corpus, queries, k: int) -> list:
+    """The exact top-k of `corpus`, in _bundle's order (scores as the search rounds them)."""
+    from pipelines.options import RetrieveOptions
+    from pipelines.search import FaissSearcher, candidate_count, rank_candidates
+
+    found = FaissSearcher(corpus.vectors, RetrieveOptions()).search(queries, candidate_count(k, len(corpus)))
+    indices, scores = rank_candidates(queries, found, corpus, k)
+    hits = [(f"q{q}", (float(score), corpus.ids[i], corpus.texts[i]))
+            for q, (row, row_scores) in enumerate(zip(indices, scores)) for i, score in zip(row, row_scores)]
+    return sorted(hits, key=lambda hit: (hit[0], -hit[1][0], hit[1][1]))
+
+
+@pytest.fixture
+def matches(monkeypatch):
+    """The remote paths of each FileSystems.match call of the search (a gs:// round trip each)."""
+    calls = []
+    real = retrieve.FileSystems.match
+    monkeypatch.setattr(retrieve.FileSystems, "match",
+                        lambda paths, *a, **kw: calls.append(tuple(paths)) or real(paths, *a, **kw))
+    return calls
+
+
+def test_a_search_process_matches_a_remote_shard_once_per_run_yet_lets_it_go_each_bundle(remote, tmp_path, matches):
+    """Each bundle's end lets the shard go (so the cache may evict it) and the next bundle maps
+    it again, but its remote files are matched in the process's first bundle only; a shard
+    evicted meanwhile is copied again from what was matched, and searches the same."""
     from pipelines.options import RetrieveOptions
     from pipelines.retrieve import _SearchShard
 
-    for device, kept in (("cpu", False), ("cuda", True)):
-        search = _SearchShard(RetrieveOptions(device=device))
-        search._shared.acquire(lambda: ["searcher"], tag=device)
-        search.finish_bundle()
+    corpora, (x, y) = _shards(remote, count=2)
+    options = RetrieveOptions(k=3, corpus_cache_gb=_cap_gb_for(tmp_path, x, 1.5))  # room for one shard
+    queries = np.random.default_rng(5).random((4, 16), dtype=np.float32)
+    search = _SearchShard(options)
+    search.setup()
+    matches.clear()
+    opened = len(FakeRemoteFileSystem.opened)
+    for _ in range(3):
+        assert _bundle(search, x, queries) == _expected(corpora[0], queries, 3)
+        assert not search._shared.held  # let go at the bundle's end, as before
+    assert matches == [tuple(x.paths)]  # one round trip, not one per bundle
+    assert len(FakeRemoteFileSystem.opened) == opened  # copied by _cap_gb_for already: not again
+
+    assert _bundle(search, y, queries) == _expected(corpora[1], queries, 3)  # evicts x
+    assert _cached(tmp_path) == ["fp1"]
+    assert _bundle(search, x, queries) == _expected(corpora[0], queries, 3)  # copied again (evicts y)
+    assert _cached(tmp_path) == ["fp0"] and len(FakeRemoteFileSystem.opened) == opened + 4
+    assert matches == [tuple(x.paths), tuple(y.paths)]  # the copy again needed no new match
+    search.teardown()
+
+    another_run = _SearchShard(options)  # a new pipeline: its own matches
+    assert _bundle(another_run, x, queries) == _expected(corpora[0], queries, 3)
+    assert matches == [tuple(x.paths), tuple(y.paths), tuple(x.paths)]
+
+
+def test_a_later_run_in_the_same_process_searches_a_rewritten_shard_not_its_earlier_copy(remote, tmp_path, matches):
+    """Two runs in one process (DirectRunner, a worker pool) into the same staging folder: the
+    second wrote the same shard names (same ids, another embedding model). Its search matches
+    them again, so the cache folder's key sees the new files and the new vectors are searched."""
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import _SearchShard
+
+    queries = np.random.default_rng(5).random((4, 16), dtype=np.float32)
+    first = _corpus("fp0", seed=0, size=200)
+    files = spill_corpus(first, remote)
+    assert _bundle(_SearchShard(RetrieveOptions(k=3)), files, queries) == _expected(first, queries, 3)
+
+    second = _corpus("fp0", seed=1, size=200)
+    rewritten = spill_corpus(second, remote)
+    assert rewritten == files  # the same names: only the files' times and contents tell them apart
+    stored = os.path.join(FakeRemoteFileSystem.root, "staging", os.path.basename(files.vectors_path))
+    os.utime(stored, (time.time() + 10, time.time() + 10))  # a later write, whatever the clock's resolution
+    hits = _bundle(_SearchShard(RetrieveOptions(k=3)), rewritten, queries)
+    assert hits == _expected(second, queries, 3) != _expected(first, queries, 3)
+    assert len(_cache_entries(tmp_path)) == 2
+
+
+def test_a_cuda_search_that_falls_back_to_the_cpu_lets_its_shard_go_like_a_cpu_search(tmp_path, monkeypatch):
+    """--device cuda --index ivf without a usable faiss-gpu searches on the CPU: the shard is
+    mapped again cheaply, so the bundle's end lets it go (the cache may evict it), as on --device cpu."""
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import _SearchShard, add_shard_to_index, train_once
+    from pipelines.search import faiss_gpu_available
+
+    if faiss_gpu_available():
+        pytest.skip("faiss-gpu sees a GPU here: the ivf search does not fall back")
+    corpus = _corpus("f1", size=200)
+    options = RetrieveOptions(k=3, device="cuda", index="ivf", nlist=4, nprobe=4)  # every list probed: exact
+    sample = [(f"r{i:03d}", v) for i, v in enumerate(corpus.vectors)]
+    shard = add_shard_to_index(spill_corpus(corpus, str(tmp_path)), train_once(sample, str(tmp_path), options))
+    queries = np.random.default_rng(5).random((4, 16), dtype=np.float32)
+    loaded = []
+    load = retrieve._load_searcher
+    monkeypatch.setattr(retrieve, "_load_searcher", lambda *args: loaded.append(load(*args)) or loaded[-1])
+    search = _SearchShard(options)
+    search.setup()
+    assert _bundle(search, shard, queries) == _expected(corpus, queries, 3)
+    (_, searcher), = loaded
+    assert searcher.device == "cpu"  # what the search really ran on
+    assert not search._shared.held  # let go at the bundle's end, as a CPU search
+    search.teardown()
+
+
+def test_a_flat_cuda_search_without_a_cuda_device_fails_in_one_line():
+    import torch
+
+    from pipelines.options import RetrieveOptions
+    from pipelines.search import faiss_gpu_available, make_searcher
+
+    if torch.cuda.is_available() or faiss_gpu_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(RuntimeError, match="--device cuda was given but torch sees no CUDA device"):
+        make_searcher(_corpus("f1"), RetrieveOptions(device="cuda"))
+
+
+def test_a_searcher_on_the_gpu_keeps_its_shard_between_bundles_and_one_on_the_cpu_does_not(tmp_path, monkeypatch):
+    """The rule reads the searcher's own device: a GPU searcher copied the whole shard to the
+    device, which costs more than searching a batch there. (No GPU here: a stand-in searcher
+    that says it runs on cuda, beside the real CPU one.)"""
+    from pipelines.options import RetrieveOptions
+    from pipelines.retrieve import _SearchShard
+    from pipelines.search import FaissSearcher
+
+    corpus = _corpus("f1")
+    files = spill_corpus(corpus, str(tmp_path))
+    queries = np.random.default_rng(5).random((2, 16), dtype=np.float32)
+
+    class OnTheGpu(FaissSearcher):
+        def __init__(self, vectors, options):
+            super().__init__(vectors, options)
+            self.device = "cuda"
+
+    for make, device, kept in ((FaissSearcher, "cpu", False), (OnTheGpu, "cuda", True)):
+        monkeypatch.setattr(retrieve, "make_searcher",
+                            lambda loaded, options, index=None, make=make: make(loaded.vectors, options))
+        search = _SearchShard(RetrieveOptions(k=3, device=device))
+        assert _bundle(search, files, queries) == _expected(corpus, queries, 3)
         assert search._shared.held is kept, device
         search.teardown()  # the process ends: let go either way
         assert not search._shared.held
