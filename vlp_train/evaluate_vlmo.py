@@ -58,6 +58,30 @@ def rerank_both(model, scores: torch.Tensor, k: int, pair_of, batch_size: int, a
             _lifted(scores.T, by_text, itm[n_images * k:].view(-1, k)))
 
 
+@torch.no_grad()
+def rerank_retrieval(model, scores: torch.Tensor, k: int, texts: list[dict], images: list[dict], batch_size: int,
+                     autocast, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dual encoder's retrieval re-ranked by the fusion ITM from the inputs it scored (held-out
+    evaluation's and fine-tuned retrieval's --rerank-k, one path): scores [images, texts]; `texts`
+    the texts' batches ({input_ids, text_mask}) in the scores' column order, `images` the images'
+    ({features, locations, region_mask}, + pixels for a model on patches) in its row order, on the
+    host or on `device`. The batches are padded into one tensor a field and each scored pair's rows
+    sent to `device`. -> rerank_both's (image -> text [images, texts], text -> image [texts, images])."""
+    ids, text_mask = _pad_cat([x["input_ids"] for x in texts]), _pad_cat([x["text_mask"] for x in texts], False)
+    features, locations = _pad_cat([x["features"] for x in images]), _pad_cat([x["locations"] for x in images])
+    region_mask = _pad_cat([x["region_mask"] for x in images], False)
+    pixels = torch.cat([x["pixels"] for x in images]) if images[0].get("pixels") is not None else None
+
+    def pair_of(image_rows, text_rows):
+        text_rows, image_rows = text_rows.to(ids.device), image_rows.to(features.device)
+        x = to_device({"x": {"input_ids": ids[text_rows], "text_mask": text_mask[text_rows],
+                             "features": features[image_rows], "locations": locations[image_rows],
+                             "region_mask": region_mask[image_rows],
+                             "pixels": pixels[image_rows] if pixels is not None else None}}, device)["x"]
+        return x["input_ids"], x["text_mask"], x["features"], x["locations"], x["region_mask"], x["pixels"]
+    return rerank_both(model, scores, k, pair_of, batch_size, autocast)
+
+
 def itm_scores(model, rows: torch.Tensor, columns: torch.Tensor, pair_of, batch_size: int, autocast) -> torch.Tensor:
     """The fusion ITM's match logit minus its mismatch logit of each pair pair_of(rows, columns), in batches."""
     itm = []
@@ -85,7 +109,8 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
     stream = held_out_stream(urls, builder, eval_tasks, cfg)
     was_training = model.training
     model.eval()
-    pairs = {name: [] for name in ("ids", "text_mask", "features", "locations", "region_mask", "keys")}  # + pixels
+    # each batch's text keys (and retrieved keys), and its inputs for ITM re-ranking (rerank_retrieval's)
+    pairs = {"keys": [], "retrieved": [], "texts": [], "images": []}
     image_features, text_features, hits, regression = [], [], {"sentence_mlm": [0, 0], "text_mlm": [0, 0]}, [0.0, 0]
     dual_s = 0.0
     for n, batch in enumerate(stream):
@@ -99,11 +124,12 @@ def evaluate_vlmo(model, builder, urls: list[str], tasks: list[Task], cfg, devic
                                                      view.get("pixels")).cpu())
             text_features.append(model.embed_texts(view["clean_ids"], view["text_mask"]).cpu())
         dual_s += time.perf_counter() - started
-        for name, field in (("ids", "clean_ids"), ("text_mask", "text_mask"), ("features", "features"),
-                            ("locations", "locations"), ("region_mask", "region_mask"), ("keys", "text_keys"),
-                            ("retrieved", "retrieved_keys"), ("pixels", "pixels")):
+        for name, field in (("keys", "text_keys"), ("retrieved", "retrieved_keys")):
             if field in view:
-                pairs.setdefault(name, []).append(view[field])
+                pairs[name].append(view[field])
+        pairs["texts"].append({"input_ids": view["clean_ids"], "text_mask": view["text_mask"]})
+        pairs["images"].append({name: view[name] for name in ("features", "locations", "region_mask", "pixels")
+                                if name in view})
         with autocast:
             text, _ = model(view["input_ids"], view["text_mask"], view["features"], view["locations"],
                             view["region_mask"], view.get("pixels"))
@@ -136,7 +162,7 @@ def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> di
     count = images.shape[0]
     keys = torch.cat(pairs["keys"]).cpu()
     positive = keys[:, None] == keys[None, :]      # image i x text j: j is (a copy of) i's sentence
-    if pairs.get("retrieved"):                     # ... or another of the sentences i retrieved
+    if pairs["retrieved"]:                         # ... or another of the sentences i retrieved
         positive |= in_sets(keys, _pad_cat(pairs["retrieved"], NO_KEY).cpu())
     started = time.perf_counter()
     scores = images @ texts.T                       # [images, texts]
@@ -149,17 +175,9 @@ def _retrieval(model, images, texts, pairs, dual_s, cfg, device, autocast) -> di
     result["dual_s_per_1k_queries"] = per_1k_queries(dual_s, 2 * count)
     k = min(cfg.run.rerank_k, count)
     if k:
-        ids, text_mask = _pad_cat(pairs["ids"]), _pad_cat(pairs["text_mask"], False)
-        features, locations = _pad_cat(pairs["features"]), _pad_cat(pairs["locations"])
-        region_mask = _pad_cat(pairs["region_mask"], False)
-        pixels = torch.cat(pairs["pixels"]) if pairs.get("pixels") else None
-
-        def inputs(text_rows, image_rows):
-            text_rows, image_rows = text_rows.to(device), image_rows.to(device)
-            return (ids[text_rows], text_mask[text_rows], features[image_rows], locations[image_rows],
-                    region_mask[image_rows], pixels[image_rows] if pixels is not None else None)
         started = time.perf_counter()
-        i2t, t2i = rerank_both(model, scores, k, lambda i, t: inputs(t, i), cfg.data.batch_size, autocast)
+        i2t, t2i = rerank_retrieval(model, scores, k, pairs["texts"], pairs["images"], cfg.data.batch_size,
+                                    autocast, device)
         reranked = {"i2t": i2t, "t2i": t2i}
         rerank_s = time.perf_counter() - started
         for name, s in reranked.items():

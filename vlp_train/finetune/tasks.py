@@ -312,9 +312,10 @@ def pair_key(image_key: str) -> int:
 def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[dict, dict]:
     """Every image of the split and every caption through the dual encoder (embed_images,
     embed_texts), ranked by the dot products of their features: R@1/5/10 both ways over the whole
-    split. With task.rerank_k > 0 the fusion ITM re-scores each query's top k (evaluate_vlmo's
-    re-ranking; VLMo's fine-tuned retrieval is the dual encoder alone, the default)."""
-    from vlp_train.evaluate_vlmo import _pad_cat, rerank_both
+    split. With task.rerank_k > 0 the fusion ITM re-scores each query's top k (the held-out
+    evaluation's re-ranking, evaluate_vlmo.rerank_retrieval; VLMo's fine-tuned retrieval is the
+    dual encoder alone, the default)."""
+    from vlp_train.evaluate_vlmo import rerank_retrieval
     from vlp_train.finetune.metrics import retrieval_index, retrieval_recalls
     from vlp_train.step import to_device
 
@@ -344,22 +345,9 @@ def dual_encoder_predict(model, data, builder, cfg, device, autocast) -> tuple[d
             text_features.append(encoder.embed_texts(x["input_ids"], x["text_mask"]).float().cpu())
     scores = torch.cat(image_features) @ torch.cat(text_features).T  # [images, texts]
     image_to_text = text_to_image = scores
-    if k:
-        ids, text_mask = (_pad_cat([x["input_ids"] for x in text_chunks]),
-                          _pad_cat([x["text_mask"] for x in text_chunks], False))
-        features, locations = (_pad_cat([x["features"] for x in image_chunks]),
-                               _pad_cat([x["locations"] for x in image_chunks]))
-        region_mask = _pad_cat([x["region_mask"] for x in image_chunks], False)
-        pixels = torch.cat([x["pixels"] for x in image_chunks]) if image_chunks[0].get("pixels") is not None else None
-
-        def pair_of(text_rows, image_rows):
-            x = to_device({"x": {"input_ids": ids[text_rows], "text_mask": text_mask[text_rows],
-                                 "features": features[image_rows], "locations": locations[image_rows],
-                                 "region_mask": region_mask[image_rows],
-                                 "pixels": pixels[image_rows] if pixels is not None else None}}, device)["x"]
-            return x["input_ids"], x["text_mask"], x["features"], x["locations"], x["region_mask"], x["pixels"]
-        # each distinct (image, caption) pair of both directions' top k scored once
-        image_to_text, text_to_image = rerank_both(encoder, scores, k, lambda i, t: pair_of(t, i), size, autocast)
+    if k:  # each distinct (image, caption) pair of both directions' top k scored once
+        image_to_text, text_to_image = rerank_retrieval(encoder, scores, k, text_chunks, image_chunks, size, autocast,
+                                                        device)
         text_to_image = text_to_image.T
     metrics = retrieval_recalls(image_to_text.numpy(), text_image, image_scores=text_to_image.numpy())
     if k:

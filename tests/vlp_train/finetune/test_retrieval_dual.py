@@ -274,3 +274,39 @@ def test_itm_reranking_scores_each_distinct_pair_once(tmp_path):
         text_to_image = rerank_scores(encoder, scores.T, k, lambda q, c: pair_of(c, q), 64, nullcontext())
     apart = retrieval_recalls(image_to_text.numpy(), text_image, image_scores=text_to_image.T.numpy())
     assert metrics == pytest.approx({**apart, "rerank_k": k})
+
+
+def test_rerank_retrieval_pads_batches_of_different_widths_and_scores_each_pair_as_alone():
+    """evaluate_vlmo.rerank_retrieval, the one re-ranking of held-out evaluation and of fine-tuned
+    retrieval (--rerank-k): texts and images come in batches of different widths (fine-tuning's
+    host batches, float16 region features as they travel); each re-scored pair's ITM score is that
+    of the pair alone, unpadded, and the other scores keep the dual encoder's."""
+    from contextlib import nullcontext
+
+    from vlp_train.evaluate_vlmo import rerank_both, rerank_retrieval
+
+    model = small_vlmo()
+    torch.manual_seed(1)
+    text_mask = torch.ones(3, 6, dtype=torch.bool)
+    text_mask[2, 4:] = False                      # padded inside its own batch too
+    texts = [{"input_ids": torch.randint(5, 100, (2, 4)), "text_mask": torch.ones(2, 4, dtype=torch.bool)},
+             {"input_ids": torch.randint(5, 100, (3, 6)), "text_mask": text_mask}]
+    images = [{"features": torch.randn(3, 2, 6).half(), "locations": torch.rand(3, 2, 5),
+               "region_mask": torch.ones(3, 2, dtype=torch.bool)},
+              {"features": torch.randn(1, 4, 6).half(), "locations": torch.rand(1, 4, 5),
+               "region_mask": torch.ones(1, 4, dtype=torch.bool)}]
+    scores = torch.randn(4, 5)                      # [images, texts]
+    reranked = rerank_retrieval(model, scores, 2, texts, images, 3, nullcontext(), torch.device("cpu"))
+
+    text_rows = [(b["input_ids"][i], b["text_mask"][i]) for b in texts for i in range(len(b["input_ids"]))]
+    image_rows = [(b["features"][i].float(), b["locations"][i], b["region_mask"][i])
+                  for b in images for i in range(len(b["features"]))]
+
+    def alone(image_row, text_row):                 # one pair a call (batch size 1): no padding at all
+        ids, mask = text_rows[int(text_row)]
+        features, locations, region_mask = image_rows[int(image_row)]
+        return ids[None], mask[None], features[None], locations[None], region_mask[None], None
+    expected = rerank_both(model, scores, 2, alone, 1, nullcontext())
+    for got, want in zip(reranked, expected):
+        torch.testing.assert_close(got, want)
+    assert (reranked[0] != scores).sum() == 2 * 4 and (reranked[1] != scores.T).sum() == 2 * 5
