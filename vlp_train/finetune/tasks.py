@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlp_train.config import RETRIEVAL_OBJECTIVES
 from vlp_train.finetune.heads import ClassifierHead, RegionScoreHead
 
 
@@ -94,13 +93,13 @@ def task_of(name: str) -> FinetuneTask:
 
 def task_for(name: str, objective: str = "auto", dual_encoder: bool = False) -> FinetuneTask:
     """The task `name` as a model trains it: a task with a dual-encoder form (retrieval) takes it when
-    the model's family has a dual encoder and `objective` (task.retrieval_objective) is auto or itc,
-    as VLMo fine-tunes retrieval; itm keeps the fusion ITM; itc on a family without one is refused."""
+    the model's family has a dual encoder and `objective` (task.retrieval_objective, one of
+    config.RETRIEVAL_OBJECTIVES: the config's validation checks it) is auto or itc, as VLMo
+    fine-tunes retrieval; itm keeps the fusion ITM; itc on a family without one is refused (the
+    family is known only once model.init is read)."""
     task = task_of(name)
     if task.dual_form is None:
         return task
-    if objective not in RETRIEVAL_OBJECTIVES:
-        raise ValueError(f"task.retrieval_objective={objective!r}: choose from {', '.join(RETRIEVAL_OBJECTIVES)}")
     if objective == "itc" and not dual_encoder:
         raise ValueError("task.retrieval_objective=itc: this model's family has no dual encoder (its image and text "
                          "alone, projected: vlmo, vlmae); use itm (or auto)")
