@@ -341,7 +341,9 @@ class Retrieve(beam.PTransform):
 
     Sentences are embedded (with --embeddings, only those the store lacks) and written in corpus
     shards under `spill_dir`; only their file names travel to the workers. Each image's tag
-    string is embedded once per distinct string and searched against every shard."""
+    string is embedded once per distinct string and searched against every shard (with
+    --embeddings, by workers whose encoder is the store folder's: stored and query vectors must
+    come from one encoder)."""
 
     def __init__(self, options: BuildOptions, spill_dir: str):
         super().__init__()
@@ -349,7 +351,8 @@ class Retrieve(beam.PTransform):
 
     def expand(self, inputs):
         options, sentences = self._options, inputs["sentences"]
-        embedded = sentences | "EmbedCorpus" >> EmbedCorpus(options.embed, options.embeddings)
+        embed_corpus = EmbedCorpus(options.embed, options.embeddings)
+        embedded = sentences | "EmbedCorpus" >> embed_corpus
         sentence_count = sentences | "CountSentences" >> beam.combiners.Count.Globally()
         corpus = embedded.main | "ShardCorpus" >> ShardCorpus(self._spill_dir, options.retrieve, row_count=sentence_count)
         queries = inputs["detections"] | "Queries" >> beam.Map(_query_of)
@@ -357,7 +360,7 @@ class Retrieve(beam.PTransform):
                 | "QueryStrings" >> beam.Keys()
                 | "DistinctQueries" >> beam.Distinct()
                 | "KeyQuery" >> beam.Map(lambda q: (q, q))
-                | "EmbedQueries" >> EmbedSentences(options.embed)
+                | "EmbedQueries" >> EmbedSentences(options.embed, expect_encoder=embed_corpus.store_encoder)
                 | "RetrieveTopK" >> RetrieveTopK(corpus.main, options.retrieve))
         image_hits, no_hits = split_rejected({"images": queries, "hits": hits.main} | "JoinQueries" >> beam.CoGroupByKey(),
                                              "HitsPerImage", _hits_per_image)

@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines.batching import StableBatches
-from pipelines.encoding import encode, load_sentence_encoder
+from pipelines.encoding import check_same_encoder, encode, encoder_parts, load_sentence_encoder
 from pipelines.metrics import add_stage_time
 from pipelines.options import EmbedOptions
 
@@ -43,13 +43,25 @@ def process_model(options: EmbedOptions):
 class SentenceTransformerHandler(ModelHandler[list, PredictionResult, object]):
     """RunInference handler: one model per worker process (`process_model`). Each example is a whole group of
     (key, text) pairs, encoded in one call, so an embedding depends only on its group, never on
-    how Beam happened to batch elements (padding and matrix shapes change the last bits)."""
+    how Beam happened to batch elements (padding and matrix shapes change the last bits).
 
-    def __init__(self, options: EmbedOptions = EmbedOptions()):
+    `expect_encoder`: the launcher's `encoder_parts`, where vectors are kept by its fingerprint
+    (the embedding store). `load_model` (RunInference's DoFn.setup) then computes the parts of the
+    encoder this worker loads (the functions its load uses: the same cache key, the same model
+    folder digest) and refuses, before loading or embedding anything, where they differ: a worker
+    image with other versions would otherwise put its vectors under a fingerprint that does not
+    describe them."""
+
+    def __init__(self, options: EmbedOptions = EmbedOptions(), expect_encoder: dict[str, str] | None = None):
         super().__init__()
-        self._options = options
+        self._options, self._expect_encoder = options, expect_encoder
 
     def load_model(self):
+        if self._expect_encoder is not None:  # before the load: a mismatched worker must not export a file first
+            check_same_encoder(self._expect_encoder, encoder_parts(self._options),
+                               "--embeddings: vectors are kept under the launcher's encoder",
+                               "launch where the workers' versions are (the flex template launches in the worker "
+                               "image), or build without --embeddings")
         return process_model(self._options)
 
     def run_inference(self, batch: Sequence[list], model, inference_args=None) -> Iterable[PredictionResult]:
@@ -76,16 +88,18 @@ class EmbedSentences(beam.PTransform):
     """(key, text) -> (key, normalised float32 embedding). The key passes through untouched.
 
     Texts go in StableBatches of about `group_batches * batch_size`, each encoded whole: the
-    same text gets bit-identical embeddings with any number of workers."""
+    same text gets bit-identical embeddings with any number of workers. `expect_encoder`: see
+    SentenceTransformerHandler."""
 
-    def __init__(self, options: EmbedOptions = EmbedOptions(), group_batches: int = 4):
+    def __init__(self, options: EmbedOptions = EmbedOptions(), group_batches: int = 4,
+                 expect_encoder: dict[str, str] | None = None):
         super().__init__()
-        self._options = options
+        self._options, self._expect_encoder = options, expect_encoder
         self._group_size = max(1, options.batch_size * group_batches)
 
     def expand(self, keyed_texts):
         return (keyed_texts
                 | "StableBatches" >> StableBatches(self._group_size)
-                | "RunInference" >> RunInference(SentenceTransformerHandler(self._options))
+                | "RunInference" >> RunInference(SentenceTransformerHandler(self._options, self._expect_encoder))
                 | "Unwrap" >> beam.FlatMap(lambda result: [(key, vector) for (key, _), vector
                                                            in zip(result.example, result.inference)]))

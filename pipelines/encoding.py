@@ -4,13 +4,17 @@
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipelines.onnx_encoder import ONNX_BACKENDS, OnnxSentenceEncoder
+from pipelines.fingerprint import folder_digest
+from pipelines.onnx_encoder import ONNX_BACKENDS, OnnxSentenceEncoder, export_parts
 from pipelines.sentence_tokenizer import BatchTokenizer, SentenceTokenizer
 from schemas.corpus import bundled_minilm_path
 
@@ -59,6 +63,48 @@ def load_sentence_encoder(path: str | None, device: str = "cpu", fp16: bool = Tr
     if backend not in ONNX_BACKENDS:
         return load_sentence_model(path, device, fp16)
     return OnnxSentenceEncoder.from_folder(sentence_model_folder(path, "cpu"), backend)
+
+
+def encoder_parts(options) -> dict[str, str]:
+    """What the vectors of `load_sentence_encoder(options.model, options.device, options.fp16,
+    options.resolved_backend())` depend on, by name, as computed in this process: the model
+    folder's files, how it runs (CPU, or CUDA in fp16 / fp32; the backend) and the library versions
+    that compute them (tokenizers for every backend; torch, transformers and sentence-transformers
+    for torch; for an ONNX backend what its cached file depends on, `export_parts`, which also
+    names that file). The CPU itself is not a part (see docs/reliability.md). A launcher and a
+    worker with other versions compute other parts: the embedding store compares them."""
+    folder = sentence_model_folder(options.model, options.device)  # a missing folder: its own error
+    cuda = options.device.startswith("cuda")
+    backend = options.resolved_backend()
+    parts = {"model files": folder_digest(folder)[:32], "device": "cuda" if cuda else "cpu",
+             "fp16": str(bool(options.fp16 and cuda)), "backend": backend,
+             "tokenizers": importlib.metadata.version("tokenizers")}
+    if backend in ONNX_BACKENDS:
+        parts.update(export_parts(backend))
+    else:
+        parts.update({name: importlib.metadata.version(name) for name in ("torch", "transformers", "sentence-transformers")})
+    return parts
+
+
+def encoder_fingerprint(parts: dict[str, str]) -> str:
+    """`encoder_parts` as a short digest (the embedding store's folder name)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+
+class EncoderMismatchError(RuntimeError):
+    """This process's encoder is not the one its vectors are expected to come from."""
+
+
+def check_same_encoder(expected: dict[str, str], here: dict[str, str], what: str, advice: str) -> None:
+    """Raise EncoderMismatchError where `here` (this worker's encoder_parts) differs from
+    `expected` (the launcher's), in one line: `what`, both fingerprints, each differing part with
+    the launcher's and this worker's value, then `advice`."""
+    if here == expected:
+        return
+    differing = "; ".join(f"{name} {expected.get(name, '(none)')} on the launcher, {here.get(name, '(none)')} here"
+                          for name in sorted(expected.keys() | here.keys()) if expected.get(name) != here.get(name))
+    raise EncoderMismatchError(f"{what}: this worker's sentence encoder is {encoder_fingerprint(here)}, the launcher's "
+                               f"{encoder_fingerprint(expected)} ({differing}); {advice}")
 
 
 def one_ahead(fn: Callable, items: Iterable) -> Iterator:

@@ -94,22 +94,30 @@ def cache_key(folder: str, backend: str, cache_dir: str | None = None) -> str:
     """The cache folder's name: the model folder's content digest (a changed weight, tokenizer or
     config file gives another; a copy of the folder elsewhere the same; remembered by the folder's
     file stats, so a worker process does not hash the folder again), the backend, and the versions
-    the file depends on (the exporter's, and onnxruntime's: its quantiser writes the int8 file, and
-    a new runtime is a reason to make the file again). torch's version is read from its package
-    metadata: a process that only reads the cache does not import torch."""
+    and settings the file depends on (`export_tag`)."""
     return f"{folder_digest(folder, cache_dir)[:32]}-{backend}-{export_tag(backend)}"
 
 
-def export_tag(backend: str) -> str:
-    """The versions and settings `backend`'s file depends on, as a short digest: the cache key's
-    last part, and part of the embedding store's fingerprint."""
+def export_parts(backend: str) -> dict[str, str]:
+    """What `backend`'s ONNX file depends on besides the model folder, by name: the export format,
+    the opset, the exporter (torch, and transformers, whose model code torch traces), onnxruntime
+    (its quantiser writes the int8 file; it runs every file) and, for onnx-smoothquant, the
+    smoothing settings. Read from package metadata: a process that only reads the cache imports
+    neither torch nor transformers."""
     import onnxruntime
 
-    versions = f"{EXPORT_FORMAT}|{OPSET}|{importlib.metadata.version('torch')}|{onnxruntime.__version__}"
+    parts = {"export format": str(EXPORT_FORMAT), "opset": str(OPSET),
+             "torch": importlib.metadata.version("torch"), "transformers": importlib.metadata.version("transformers"),
+             "onnxruntime": onnxruntime.__version__}
     if backend == SMOOTHQUANT:
         from pipelines.smoothquant import settings_tag
-        versions += "|" + settings_tag()  # the alpha and the calibration text
-    return hashlib.sha256(versions.encode("utf-8")).hexdigest()[:8]
+        parts["smoothquant"] = settings_tag()  # the alpha and the calibration text
+    return parts
+
+
+def export_tag(backend: str) -> str:
+    """`export_parts` as a short digest: the cache key's last part."""
+    return hashlib.sha256("|".join(export_parts(backend).values()).encode("utf-8")).hexdigest()[:8]
 
 
 def sentence_graph(model):
