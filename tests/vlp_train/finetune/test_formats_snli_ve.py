@@ -31,7 +31,8 @@ def test_reads_the_release_and_skips_bad_lines(tmp_path):
         ("123456.jpg#2r1e", ("flickr30k-images/123456",), "A boy moves.", "entailment"),
         ("77.jpg#0r1c", ("flickr30k-images/77",), "The boy sleeps.", "contradiction")]
     assert result.skipped == 4
-    assert [p.position for p in result.problems] == ["line 4", "line 5", "line 6", "line 7"]
+    assert [p.position for p in result.problems] == ["line 4 (123456.jpg#2r2n)", "line 5 (x)",  # named by pairID
+                                                     "line 6 (123456.jpg#2r3n)", "line 7"]
     assert "gold_label" in result.problems[0].reason and "Flikr30kID" in result.problems[1].reason
     assert snli_ve.LABELS.index("contradiction") == 2
     assert metrics.accuracy({"123456.jpg#2r1n": "neutral", "123456.jpg#2r1e": "neutral",

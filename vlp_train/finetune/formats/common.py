@@ -41,7 +41,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("vlp_train.finetune.formats")
 
@@ -172,6 +172,32 @@ def json_lines(path: str, skips: Skips) -> Iterator[tuple[int, dict]]:
                 skips.skip(path, f"line {line_no}", f"expected a JSON object, got {type(record).__name__}")
                 continue
             yield line_no, record
+
+
+def json_line_examples(path: str, skips: Skips, example_of: Callable[[dict, int], Example],
+                       id_field: str) -> list[Example]:
+    """One Example per line of a JSON Lines release file (NLVR2's, SNLI-VE's), in order:
+    example_of(record, line number) makes it, raising KeyError/TypeError/ValueError for a record it
+    refuses; such a line is skipped with the reason, and so is a line whose example_id an earlier
+    line gave. A skipped line's position is "line N", with the record's `id_field` (the release's id
+    of it) in brackets when that is a non-empty string."""
+    examples, seen = [], set()
+    for line_no, record in json_lines(path, skips):
+        position = f"line {line_no}"
+        named = record.get(id_field)
+        if isinstance(named, str) and named.strip():
+            position += f" ({named})"
+        try:
+            example = example_of(record, line_no)
+        except (KeyError, TypeError, ValueError) as err:
+            skips.skip(path, position, record_error(err))
+            continue
+        if example.example_id in seen:
+            skips.skip(path, position, f"{id_field} {example.example_id} repeated")
+            continue
+        seen.add(example.example_id)
+        examples.append(example)
+    return examples
 
 
 def expect_list(value: Any, path: str, what: str) -> list:

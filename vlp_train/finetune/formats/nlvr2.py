@@ -10,7 +10,7 @@ example_id = identifier, image_ids = the left and right image keys ('{split}-{se
 from __future__ import annotations
 
 from vlp_train.finetune.formats.common import (
-    Example, FormatError, ReadResult, Skips, find_file, json_lines, nonempty_text, record_error)
+    Example, FormatError, ReadResult, Skips, find_file, json_line_examples, nonempty_text)
 from vlp_train.finetune.formats.images import nlvr2_keys
 
 TASK = "nlvr2"
@@ -23,23 +23,14 @@ def read(data_dir: str, split: str) -> ReadResult:
         raise FormatError(f"NLVR2 split {split!r}: expected a file name such as train, dev, test1, test2")
     path = find_file(data_dir, f"{split}.json")
     skips = Skips(TASK)
-    examples, seen = [], set()
-    for line_no, record in json_lines(path, skips):
-        position = f"line {line_no}"
-        try:
-            identifier = nonempty_text(record, "identifier")
-            position += f" ({identifier})"
-            keys = nlvr2_keys(identifier)
-            sentence = nonempty_text(record, "sentence")
-            label = record.get("label")
-            if not isinstance(label, str) or label.lower() not in LABELS:  # strings, not JSON booleans
-                raise ValueError(f"field 'label' must be the string \"True\" or \"False\", got {label!r:.40}")
-        except (KeyError, TypeError, ValueError) as err:
-            skips.skip(path, position, record_error(err))
-            continue
-        if identifier in seen:
-            skips.skip(path, position, "identifier repeated")
-            continue
-        seen.add(identifier)
-        examples.append(Example(identifier, keys, sentence, LABELS[label.lower()]))
-    return skips.result(split, examples, [path])
+    return skips.result(split, json_line_examples(path, skips, _example, "identifier"), [path])
+
+
+def _example(record: dict, line_no: int) -> Example:
+    identifier = nonempty_text(record, "identifier")
+    keys = nlvr2_keys(identifier)
+    sentence = nonempty_text(record, "sentence")
+    label = record.get("label")
+    if not isinstance(label, str) or label.lower() not in LABELS:  # strings, not JSON booleans
+        raise ValueError(f"field 'label' must be the string \"True\" or \"False\", got {label!r:.40}")
+    return Example(identifier, keys, sentence, LABELS[label.lower()])

@@ -8,7 +8,7 @@ target = gold_label, one of LABELS (index = the class). Metric: metrics.accuracy
 from __future__ import annotations
 
 from vlp_train.finetune.formats.common import (
-    Example, FormatError, ReadResult, Skips, find_file, json_lines, nonempty_text, record_error)
+    Example, FormatError, ReadResult, Skips, find_file, json_line_examples, nonempty_text)
 from vlp_train.finetune.formats.images import flickr30k_key
 
 TASK = "snli-ve"
@@ -21,25 +21,17 @@ def read(data_dir: str, split: str) -> ReadResult:
         raise FormatError(f"SNLI-VE split {split!r} is not one of {', '.join(SPLITS)}")
     path = find_file(data_dir, f"snli_ve_{split}.jsonl")
     skips = Skips(TASK)
-    examples, seen = [], set()
-    for line_no, record in json_lines(path, skips):
-        position = f"line {line_no}"
-        try:
-            example_id = str(record.get("pairID") or f"line {line_no}")
-            image = record.get("Flikr30kID")
-            if not isinstance(image, (str, int)) or isinstance(image, bool):
-                raise KeyError("missing field 'Flikr30kID' (the Flickr30K file name)")
-            key = flickr30k_key(image)
-            hypothesis = nonempty_text(record, "sentence2")
-            label = record.get("gold_label")
-            if label not in LABELS:  # "-" (no majority) rows are not in the release
-                raise ValueError(f"field 'gold_label' must be one of {', '.join(LABELS)}, got {label!r:.40}")
-        except (KeyError, TypeError, ValueError) as err:
-            skips.skip(path, position, record_error(err))
-            continue
-        if example_id in seen:
-            skips.skip(path, position, f"pairID {example_id} repeated")
-            continue
-        seen.add(example_id)
-        examples.append(Example(example_id, (key,), hypothesis, label))
-    return skips.result(split, examples, [path])
+    return skips.result(split, json_line_examples(path, skips, _example, "pairID"), [path])
+
+
+def _example(record: dict, line_no: int) -> Example:
+    example_id = str(record.get("pairID") or f"line {line_no}")
+    image = record.get("Flikr30kID")
+    if not isinstance(image, (str, int)) or isinstance(image, bool):
+        raise KeyError("missing field 'Flikr30kID' (the Flickr30K file name)")
+    key = flickr30k_key(image)
+    hypothesis = nonempty_text(record, "sentence2")
+    label = record.get("gold_label")
+    if label not in LABELS:  # "-" (no majority) rows are not in the release
+        raise ValueError(f"field 'gold_label' must be one of {', '.join(LABELS)}, got {label!r:.40}")
+    return Example(example_id, (key,), hypothesis, label)
