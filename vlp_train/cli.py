@@ -9,6 +9,7 @@ import sys
 import click
 
 from vlp_train.config import PRESETS
+from vlp_train.finetune.config import PRESETS as FINETUNE_PRESETS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -97,7 +98,7 @@ def report(run_dir, out_dir, overwrite):
         raise click.ClickException(str(err)) from err
 
 
-FINETUNE_TASKS = ["vqa", "nlvr2", "snli-ve", "refcoco+", "retrieval", "easy-vqa"]
+FINETUNE_TASKS = list(FINETUNE_PRESETS)  # each task has its preset (finetune/config.py)
 
 
 @main.command("finetune")

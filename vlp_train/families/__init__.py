@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from vlp_train.registry import Registry
 from vlp_train.tasks import Task
 
 
@@ -61,20 +62,8 @@ def clean_pair_match_probability(model, view: dict):
         return F.softmax(model.itm_logits(text).float(), dim=-1)[:, 1]
 
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    if family.name in FAMILIES:
-        raise ValueError(f"model family {family.name!r} registered twice")
-    FAMILIES[family.name] = family
-    return family
-
-
-def family_of(name: str) -> Family:
-    if name not in FAMILIES:
-        raise ValueError(f"model.arch={name!r}: unknown model family (choose from {sorted(FAMILIES)})")
-    return FAMILIES[name]
+FAMILIES: Registry[Family] = Registry("model family", "model.arch")
+register, family_of = FAMILIES.register, FAMILIES.of
 
 
 from vlp_train.families import single_stream  # noqa: E402,F401  (registers itself)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp_train.finetune.heads import ClassifierHead, RegionScoreHead
+from vlp_train.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -75,20 +76,8 @@ class FinetuneTask:
         return F.cross_entropy(logits.float(), targets.argmax(-1), reduction="none")
 
 
-TASKS: dict[str, FinetuneTask] = {}
-
-
-def register(task: FinetuneTask) -> FinetuneTask:
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} registered twice")
-    TASKS[task.name] = task
-    return task
-
-
-def task_of(name: str) -> FinetuneTask:
-    if name not in TASKS:
-        raise ValueError(f"--task {name!r}: not available (choose from {sorted(TASKS)})")
-    return TASKS[name]
+TASKS: Registry[FinetuneTask] = Registry("task", "task.name")
+register, task_of = TASKS.register, TASKS.of
 
 
 def task_for(name: str, objective: str = "auto", dual_encoder: bool = False) -> FinetuneTask:
