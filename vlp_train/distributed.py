@@ -2,8 +2,10 @@
 all-reduce once a step, and every rank's RNG state in the checkpoint."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -44,11 +46,18 @@ def setup_distributed(device_type: str, timeout_s: int = 1800) -> Distributed:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout) if device_type == "cuda" else None  # None: the default (gloo) group
     end = end_group(timeout_s)
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control,
-                       timeout_s, end)
+    dist_info = Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), control,
+                            timeout_s, end)
+    _handed_out[:] = [ref for ref in _handed_out if ref() is not None] + [weakref.ref(dist_info)]
+    return dist_info
 
 
-_end_groups: dict = {}  # the default group -> its end group: one per process and default group
+# What this module holds must never keep a process group alive past its destruction: a group's gloo
+# worker threads stop only when its last reference goes (torch's destroy_process_group unregisters it,
+# it does not stop them), and a thread still finishing a collective (releasing the Python tensors it
+# held, under the GIL) once the interpreter exits aborts the process (see shut_down).
+_end_group: tuple | None = None  # (a weak reference to the default group, its end group)
+_handed_out: list = []  # weak references to the Distributed objects setup_distributed made: shut_down takes their groups
 
 
 def end_group(timeout_s: int):
@@ -60,12 +69,12 @@ def end_group(timeout_s: int):
     from datetime import timedelta
 
     import torch.distributed as dist
+    global _end_group
     world = dist.group.WORLD
-    if world not in _end_groups:
-        _end_groups.clear()  # a destroyed default group's end group is gone with it
-        _end_groups[world] = dist.new_group(backend="gloo",
-                                            timeout=timedelta(seconds=max(timeout_s, END_OF_RUN_WAIT_S)))
-    return _end_groups[world]
+    if _end_group is None or _end_group[0]() is not world:  # (a destroyed default group's end group is gone with it)
+        _end_group = (weakref.ref(world), dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=max(timeout_s, END_OF_RUN_WAIT_S))))
+    return _end_group[1]
 
 
 def all_arrive(dist_info: Distributed, at: str) -> None:
@@ -132,15 +141,32 @@ def leave_together(dist_info: Distributed) -> None:
 
 
 def shut_down() -> None:
-    """Destroy the process group once a process's runs are done (the CLI's last act, after every
-    stage): gloo's worker threads are stopped while the interpreter is whole. Left to the
-    interpreter's exit, their teardown can abort the process (SIGABRT, "terminate called without
-    an active exception"), and torchrun then reports a rank that failed after a run that did not."""
+    """End the process group once a process's runs are done (the CLI's last act, after every stage,
+    on success and on error alike): destroy it and let go of every group this module handed out,
+    so that their gloo worker threads are joined now, while the interpreter is whole. A worker may
+    still be releasing the tensors of a collective that just completed (the broadcast of the main
+    rank's decision, say), which takes the GIL: past the start of the interpreter's exit that
+    thread is ended inside a C++ destructor and the process aborts (SIGABRT, "terminate called
+    without an active exception"), and torchrun reports a failed rank, on a run that succeeded or
+    after the error it should have reported alone. The Distributed objects made by
+    setup_distributed drop their groups here: one still referenced (by a failed command's
+    traceback) would otherwise keep its groups, and their threads, alive into the exit. (A
+    DistributedDataParallel model leaves references to the default group that torch never
+    releases: that group's threads live on into the exit, which is safe once they are idle; on a
+    run's success path its last collective precedes `leave_together`'s wait for the main rank's
+    last evaluation and export, so they are long idle by then.)"""
+    global _end_group
     import sys
     dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for this)
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _end_groups.clear()
+    _end_group = None
+    for ref in _handed_out:
+        dist_info = ref()
+        if dist_info is not None:
+            dist_info.control_group = dist_info.end_group = None
+    _handed_out.clear()
+    gc.collect()  # a group held in a reference cycle goes now too, not at the interpreter's exit
 
 
 def wrap(step_module: nn.Module, dist_info: Distributed, device: torch.device) -> nn.Module:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -50,10 +51,11 @@ def _finetune_rank(rank: int, port: int, folder: str, detections: str):
 def _image_check_rank(rank: int, port: int, folder: str):
     """Rank 1's own check would find every file damaged (as a transient read error on one rank
     made it before); the ranks still agree, on rank 0's answer, and rank 1 reads no file. Then
-    rank 0 cannot read a file: both ranks stop, rank 1 with rank 0's message (no wait for a result)."""
+    rank 0 cannot read a file: both ranks stop, rank 1 with rank 0's message (no wait for a result).
+    Then every rank ends the process group as the CLI ends a command, on error too (shut_down)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    from vlp_train.distributed import setup_distributed
+    from vlp_train.distributed import setup_distributed, shut_down
     from vlp_train.finetune import pixels
 
     dist_info = setup_distributed("cpu", timeout_s=30)
@@ -76,9 +78,11 @@ def _image_check_rank(rank: int, port: int, folder: str):
         except (OSError, RuntimeError) as err:
             outcome["error"] = f"{type(err).__name__}: {err}"
     finally:
+        groups = [weakref.ref(group) for group in (dist.group.WORLD, dist_info.end_group)]
+        shut_down()
+        outcome["groups_left"] = sum(group() is not None for group in groups)
         with open(os.path.join(folder, f"rank-{rank}.json"), "w") as f:
             json.dump(outcome, f)
-        dist.destroy_process_group()
 
 
 def test_the_ranks_take_the_main_ranks_image_check(tmp_path):
@@ -100,6 +104,11 @@ def test_the_ranks_take_the_main_ranks_image_check(tmp_path):
                         "not a damaged image, so the run stops rather than leave it out", results[0]["error"])
     assert re.match(f"RuntimeError: rank 1, test: checking image files: the main rank failed: OSError: --images "
                     f"{path}: the image file cannot be read", results[1]["error"])
+    # every group gone with its gloo threads before the interpreter's exit: a group left alive (held by
+    # vlp_train.distributed, or by the ranks' Distributed) kept its threads into the exit, where one still
+    # releasing the broadcast's tensors aborted the rank (SIGABRT, "terminate called without an active
+    # exception": this test failed so, about 1 run in 10 on a busy machine)
+    assert [r["groups_left"] for r in results] == [0, 0]
 
 
 @pytest.mark.slow
