@@ -158,15 +158,18 @@ def shut_down() -> None:
     global _end_group
     import sys
     dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import for this)
+    had_groups = _end_group is not None or bool(_handed_out)  # none in one process (world 1): nothing to end
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        had_groups = True
     _end_group = None
     for ref in _handed_out:
         dist_info = ref()
         if dist_info is not None:
             dist_info.control_group = dist_info.end_group = None
     _handed_out.clear()
-    gc.collect()  # a group held in a reference cycle goes now too, not at the interpreter's exit
+    if had_groups:
+        gc.collect()  # a group held in a reference cycle goes now too, not at the interpreter's exit
 
 
 def wrap(step_module: nn.Module, dist_info: Distributed, device: torch.device) -> nn.Module:
