@@ -3,6 +3,7 @@ train() itself, mixed schedule, resumed exactly; gradient accumulation with one 
 import json
 import os
 import socket
+import sys
 import time
 import weakref
 
@@ -39,12 +40,26 @@ def test_ranks_stop_together_when_one_runs_out():
         assert dict(results) == {0: ["r0b0", "r0b1"], 1: ["r1b0", "r1b1"]}
 
 
+def _rank_then_exit(rank: int, fn, *args):
+    """fn(rank, *args), then the rank's process ends without the interpreter's exit. torch itself keeps
+    references to the default group once a DistributedDataParallel model or torch.distributed.nn's
+    all_gather used it (destroy_process_group does not release them), so that group's gloo threads
+    outlive every teardown, and one still releasing a collective's tensors (under the GIL) once the
+    interpreter exits aborts the rank (SIGABRT) after its work was done and written. The product's
+    own groups are asserted gone by its tests (distributed.shut_down); an error in fn still fails the
+    rank as before (torch's spawn reports it)."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _run_ranks(fn, *args, timeout: float = 150):
     """fn(rank, port, *args) in two processes; fails (rather than hangs) past `timeout` seconds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = mp.spawn(fn, args=(port, *args), nprocs=2, join=False)
+    context = mp.spawn(_rank_then_exit, args=(fn, port, *args), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
