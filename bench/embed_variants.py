@@ -21,8 +21,9 @@ Variants, all from the bundled MiniLM's fp32 export (pipelines.onnx_encoder.expo
   top-5 agreement each group alone costs.
 - torch bf16: the torch path under `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has
   avx512_bf16).
-- SmoothQuant (pipelines/smoothquant.py; timed: the `onnx-smoothquant` backend, alpha 0.8 with the
-  FFN output projections fp32, and the same with every MatMul int8; then, unless --skip-smoothquant-sweep,
+- SmoothQuant (pipelines/smoothquant.py; timed: the `onnx-smoothquant` backend as it is now, and
+  its first design, alpha 0.8 with only the FFN output projections fp32 and weights rounded to
+  nearest (bench/smoothquant_choices.py measures what came after), and that with every MatMul int8; then, unless --skip-smoothquant-sweep,
   agreement only): alpha 0.5 / 0.65 / 0.8 with the FFN outputs fp32, int8 smoothed, or int8 not
   smoothed; and an LLM.int8()-like split on top of smoothing (`--outlier-channels` K: the K
   largest input channels of each int8 MatMul computed in fp32 by a small one-hot MatMul + MatMul +
@@ -104,7 +105,8 @@ def int8_groups(source: str, folder: str, name: str, groups: list[str]) -> str:
 
 def smoothquant_variant(source: str, folder: str, tokens, name: str, alpha: float, ffn_out: str,
                         outlier_groups: str = "", outliers: int = 0) -> str:
-    """The export smoothed (alpha) and quantised like `onnx-smoothquant`, the FFN output projections
+    """The export smoothed (alpha) and quantised like `onnx-smoothquant`'s first design (weights
+    rounded to nearest, no layer kept fp32 for its position), the FFN output projections
     (down-projections) `fp32`, `int8` (smoothed) or `int8-unsmoothed`; with `outliers`, the K
     largest input channels of the int8 MatMuls of `outlier_groups` ("ffn-out" or "others") in fp32."""
     import onnx
@@ -123,7 +125,8 @@ def smoothquant_variant(source: str, folder: str, tokens, name: str, alpha: floa
         for x in down_inputs:
             weight_max = np.max([np.abs(initializers[n.input[1]]).max(1) for n in groups[x]], axis=0)
             smoothing_maxima[x] = np.maximum(weight_max, 1e-5) ** ((1 - alpha) / alpha)
-    sq.smooth(model, smoothing_maxima, alpha)
+    # the variants predate the last-third rule: only the FFN outputs (when fp32) are left unsmoothed
+    sq.smooth(model, smoothing_maxima, alpha, keep_fp32=down if ffn_out == "fp32" else ())
     split = {x for x in groups if (x in down_inputs) == (outlier_groups == "ffn-out")} if outliers else set()
     fp32_nodes = (list(down) if ffn_out == "fp32" else []) + outlier_split(model, maxima, split, outliers)
     path = os.path.join(folder, f"{name}.onnx")
@@ -238,8 +241,9 @@ def main() -> None:
                  "onnx fp32 batch 64": (variant(), 64), "onnx fp32 batch 32": (variant(), 32),
                  "nbits8": (variant(nbits8(source, cache)), 256),
                  "onnx-int8 (all groups)": (variant(int8_groups(source, cache, "all", list(GROUPS))), 256),
-                 "onnx-smoothquant (alpha 0.8, FFN out fp32)": (
+                 "onnx-smoothquant (the CPU default)": (
                      variant(cached_onnx_model(model, bundled_minilm_path(), "onnx-smoothquant", cache)), 256),
+                 "smoothquant 0.8, FFN out fp32 (its first design)": (smoothed("sq-first", ffn_out="fp32"), 256),
                  "smoothquant 0.8, all int8": (smoothed("sq-all-int8", ffn_out="int8"), 256),
                  f"smoothquant 0.8, FFN out fp32, {k} outlier channels of the others fp32": (
                      smoothed("sq-split-others", outlier_groups="others", outliers=k), 256)}

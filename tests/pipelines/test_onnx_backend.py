@@ -107,9 +107,14 @@ def test_smoothing_keeps_the_fp32_function_and_shrinks_the_outlier_channels(mini
     # per layer: query+key+value share an input, then attention output, FFN in, FFN out
     assert len(groups) == 4 * 6 and sorted(len(nodes) for nodes in groups.values()) == [1] * 18 + [3] * 6
     maxima = smoothquant.activation_maxima(source, smoothquant.calibration_feeds(tokens), groups)
-    # the FFN output projections' inputs are not: those MatMuls stay fp32
-    assert smoothquant.smooth(model, maxima) == 18
-    kept = smoothquant.down_projections(model)
+    kept = smoothquant.fp32_matmuls(model)
+    down = smoothquant.down_projections(model)
+    # the FFN output projections (1536 -> 384), and every weight MatMul of the last 2 of 6 layers
+    assert len(down) == 6 and all("/output/dense/" in name and "attention" not in name for name in down)
+    last_layers = {n.name for nodes in groups.values() for n in nodes if re.search(r"/layer\.[45]/", n.name)}
+    assert len(kept) == 16 and set(kept) == set(down) | last_layers
+    # inputs read only by fp32 MatMuls are not smoothed: 3 inputs in each of the first 4 layers are
+    assert smoothquant.smooth(model, maxima) == 12
     matmuls = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in
                {i.name for i in model.graph.initializer}]
     assert all(node.input[0].endswith("/smoothquant") == (node.name not in kept) for node in matmuls)
@@ -129,8 +134,76 @@ def test_smoothing_keeps_the_fp32_function_and_shrinks_the_outlier_channels(mini
     spread_after = [m.max() / np.median(m) for m in after.values()]
     # measured on these 40 sentences: largest / median channel up to 17.5 before, at most 4.1 after
     assert max(spread) > 10 and max(spread_after) < 5, (spread, spread_after)
-    # the FFN output projections (1536 -> 384) are the ones kept fp32
-    assert len(kept) == 6 and all("/output/dense/" in name and "attention" not in name for name in kept)
+
+
+def _nearest(weight, scale):
+    return np.clip(np.round(weight / scale), -127, 127)
+
+
+def test_gptq_rounding_lowers_the_error_of_x_w_not_of_w():
+    """GPTQ's int8 weights on the quantiser's own grid: each value within one step of nearest
+    rounding, and X q*scale nearer X W than nearest rounding gets, on inputs with correlated
+    channels (as a transformer's are); an input never active is rounded to nearest."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(48, 48)) + 3 * np.eye(48)
+    x = rng.normal(size=(2000, 48)) @ mixing
+    x[:, 7] = 0  # never active in the calibration
+    weight = rng.normal(size=(48, 24)).astype(np.float32)
+    scale = np.abs(weight).max(axis=0) / 127
+    rounded = smoothquant.gptq_round(weight, scale, x.T @ x)
+    nearest = _nearest(weight, scale)
+    assert rounded.dtype == np.int8 and rounded.shape == weight.shape
+    assert np.abs(rounded - nearest).max() <= 1 and (rounded != nearest).mean() > 0.05
+    np.testing.assert_array_equal(rounded[7], nearest[7])
+    held_out = rng.normal(size=(500, 48)) @ mixing  # other inputs of the same layer
+    error = {name: np.square(held_out @ (weight - q * scale)).sum() for name, q in (("gptq", rounded), ("nearest", nearest))}
+    assert error["gptq"] < 0.8 * error["nearest"], error
+
+
+def test_gptq_with_uncorrelated_inputs_is_nearest_rounding():
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(16, 8)).astype(np.float32)
+    scale = np.abs(weight).max(axis=0) / 127
+    np.testing.assert_array_equal(smoothquant.gptq_round(weight, scale, np.diag(rng.uniform(1, 5, 16))),
+                                  _nearest(weight, scale))
+
+
+def test_the_smoothquant_file_keeps_fp32_matmuls_float_and_the_rest_int8(minilm, cache):
+    import onnx
+
+    model = onnx.load(cached_onnx_model(minilm, bundled_minilm_path(), "onnx-smoothquant", cache))
+    weights = {i.name for i in model.graph.initializer}
+    assert [node.op_type for node in model.graph.node].count("MatMulInteger") == 30 - 10
+    assert sum(1 for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights) == 6 + 10
+
+
+def test_the_int8_weights_in_the_file_are_gptqs(tiny_model_folder, tmp_path, monkeypatch):
+    """Every int8 weight the quantiser wrote is replaced by gptq_round's values for that weight (on
+    the quantiser's scale, with the Gram matrix of its smoothed input), and nothing else is."""
+    import onnx
+    from onnx import numpy_helper
+
+    real, calls = smoothquant.gptq_round, []
+
+    def recorded(weight, scale, gram, damping=smoothquant.GPTQ_DAMPING):
+        assert gram.shape == (weight.shape[0],) * 2 and scale.shape == (weight.shape[1],)
+        calls.append(real(weight, scale, gram, damping))
+        return calls[-1]
+
+    monkeypatch.setattr(smoothquant, "gptq_round", recorded)
+    model = onnx.load(cached_onnx_model(None, tiny_model_folder, "onnx-smoothquant", str(tmp_path)))
+    stored = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_quantized")]
+    # 2 layers: of the 10 weight MatMuls not down-projections, the last 4 stay fp32
+    assert [node.op_type for node in model.graph.node].count("MatMulInteger") == len(stored) == len(calls) == 6
+    assert sorted(a.tobytes() for a in stored) == sorted(a.tobytes() for a in calls)
+
+
+def test_a_quantiser_layout_the_rewrite_does_not_know_is_refused(tiny_model_folder, tmp_path, monkeypatch):
+    """GPTQ replaces the int8 values ONNX Runtime's quantiser wrote, by their names: a quantiser that
+    writes them otherwise (here: not at all) stops the making of the file with a clear error."""
+    monkeypatch.setattr(onnx_encoder, "quantize_int8", lambda source, path, exclude=(): shutil.copy(source, path))
+    with pytest.raises(ValueError, match="onnxruntime's quantiser wrote .* in a layout this rewrite does not know"):
+        cached_onnx_model(None, tiny_model_folder, "onnx-smoothquant", str(tmp_path))
 
 
 def test_a_graph_without_weight_matmuls_is_refused():
@@ -156,7 +229,8 @@ def test_the_smoothing_settings_are_part_of_the_cache_key(tiny_model_folder, tmp
     assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) != key
     monkeypatch.undo()
     assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) == key
-    for setting, value in (("CALIBRATION_BATCH", 64), ("KEEP_FP32_RULE", "rows>=columns"), ("SMOOTHING_FORMAT", 1)):
+    for setting, value in (("CALIBRATION_BATCH", 64), ("KEEP_FP32_RULE", "rows>=columns"), ("SMOOTHING_FORMAT", 1),
+                           ("GPTQ_DAMPING", 0.3)):
         with monkeypatch.context() as patched:
             patched.setattr(smoothquant, setting, value)
             assert onnx_encoder.cache_key(tiny_model_folder, "onnx-smoothquant", cache) != key, setting
@@ -505,7 +579,7 @@ def test_a_weight_shared_by_two_input_groups_keeps_the_function_after_smoothing(
     model = _shared_weight_graph()
     before = smoothquant.graph_outputs(model, feeds)
     maxima = {"a": np.abs(feeds[0]["a"]).max(0), "b": np.abs(feeds[0]["b"]).max(0), "yb": np.full(4, 3.0)}
-    assert smoothquant.smooth(model, maxima) == 3
+    assert smoothquant.smooth(model, maxima, keep_fp32=()) == 3  # every MatMul int8: each input smoothed
     for expected, got in zip(before[0], smoothquant.graph_outputs(model, feeds)[0]):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     weights = {node.name: node.input[1] for node in model.graph.node if node.op_type == "MatMul"}
