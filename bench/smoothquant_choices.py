@@ -1,7 +1,7 @@
 """Why `--sbert-backend onnx-smoothquant` is made as it is: the top-5 retrieval agreement with torch
 fp32 of its first design and of each change to it, on the bench's default set and a held-out one.
 
-    python bench/smoothquant_choices.py          # ~10 minutes on 2 cores
+    python bench/smoothquant_choices.py          # ~20 minutes on 2 busy cores
 
 Sets (bench/embed.py's measure, `agreement`):
 - dev: 20,000 template sentences x 500 tag strings drawn with seed 1, the set the choices were made on;
@@ -15,7 +15,8 @@ Rows, all from the bundled MiniLM's fp32 export, smoothed at alpha 0.8 on the ca
 - layer L fp32: the first design with layer L's query, key, value, attention output and FFN input
   MatMuls fp32 too (L = 0..5): what each layer's int8 costs;
 - GPTQ damping d: the first design with its int8 weights rounded by GPTQ at damping d;
-- last third fp32: the first design with layers 4 and 5 fp32 (smoothquant.fp32_matmuls's rule);
+- last third fp32: the first design with layers 4 and 5 fp32 (smoothquant.fp32_matmuls's rule),
+  weights rounded to nearest, then by GPTQ at each damping but the backend's;
 - the backend: `onnx-smoothquant` as the CLI makes it (last third fp32, GPTQ at GPTQ_DAMPING).
 Agreement only: speeds are bench/embed.py's. Writes bench/results/smoothquant_choices.json.
 """
@@ -123,6 +124,9 @@ def main() -> None:
         files.update({f"GPTQ damping {d}": variant(source, cache, f"g{d}", calibration, down, damping=d)
                       for d in DAMPINGS})
         files["last third fp32"] = variant(source, cache, "third", calibration, last_third)
+        files.update({f"last third fp32, GPTQ damping {d}": variant(source, cache, f"t{d}", calibration, last_third,
+                                                                    damping=d)
+                      for d in DAMPINGS if d != sq.GPTQ_DAMPING})
         files["onnx-smoothquant (last third fp32, GPTQ 0.1)"] = cached_onnx_model(
             model, bundled_minilm_path(), "onnx-smoothquant", cache)
         for row, path in files.items():

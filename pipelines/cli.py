@@ -201,9 +201,9 @@ def detector_options(grid: bool = False):
 @field_option("--k", owner=RetrieveOptions, field="k", type=click.IntRange(1), help="Sentences retrieved per image.")
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
 @click.option("--sbert-backend", type=click.Choice(SBERT_BACKENDS),
-              help=f"How sentences are embedded: torch, or ONNX Runtime fp32 / int8 weights / SmoothQuant int8 with fp32 "
-                   f"FFN outputs (cpu only; exported from the model folder on first use and cached under ${CACHE_ENV} "
-                   f"or ~/.cache/vlp-data) "
+              help=f"How sentences are embedded: torch, or ONNX Runtime fp32 / int8 weights / SmoothQuant int8 with "
+                   f"GPTQ-rounded weights, the FFN outputs and last third of the layers fp32 (cpu only; exported from "
+                   f"the model folder on first use and cached under ${CACHE_ENV} or ~/.cache/vlp-data) "
                    f"[default: {CPU_SBERT_BACKEND} on a cpu with VNNI, {CPU_SBERT_BACKEND_WITHOUT_VNNI} on other cpus, torch "
                    f"on cuda].")
 @click.option("--batch-size", type=click.IntRange(1),
