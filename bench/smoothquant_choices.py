@@ -15,9 +15,11 @@ Rows, all from the bundled MiniLM's fp32 export, smoothed at alpha 0.8 on the ca
 - layer L fp32: the first design with layer L's query, key, value, attention output and FFN input
   MatMuls fp32 too (L = 0..5): what each layer's int8 costs;
 - GPTQ damping d: the first design with its int8 weights rounded by GPTQ at damping d;
-- last third fp32: the first design with layers 4 and 5 fp32 (smoothquant.fp32_matmuls's rule),
-  weights rounded to nearest, then by GPTQ at each damping but the backend's;
-- the backend: `onnx-smoothquant` as the CLI makes it (last third fp32, GPTQ at GPTQ_DAMPING).
+- last two layers fp32: the first design with layers 4 and 5 fp32, weights rounded to nearest, then
+  by GPTQ at GPTQ_DAMPING (more agreement than the backend, but under 2.5x torch: bench/embed.py);
+- last layer fp32: the first design with layer 5 fp32 (smoothquant.fp32_matmuls's rule), weights
+  rounded to nearest, then by GPTQ at each damping but the backend's;
+- the backend: `onnx-smoothquant` as the CLI makes it (last layer fp32, GPTQ at GPTQ_DAMPING).
 Agreement only: speeds are bench/embed.py's. Writes bench/results/smoothquant_choices.json.
 """
 from __future__ import annotations
@@ -111,7 +113,7 @@ def main() -> None:
         down = set(sq.down_projections(graph))
         calibration = sq.calibrate(source, sq.calibration_feeds(BatchTokenizer(tokenizer)), groups,
                                    grams_of=[x for x, nodes in groups.items() if nodes[0].name not in down])
-        last_third = set(sq.fp32_matmuls(graph))
+        last_layer = set(sq.fp32_matmuls(graph))
 
         def layer(index):
             return {n.name for nodes in groups.values() for n in nodes if f"/layer.{index}/" in n.name}
@@ -123,11 +125,15 @@ def main() -> None:
                       for i in range(LAYERS)})
         files.update({f"GPTQ damping {d}": variant(source, cache, f"g{d}", calibration, down, damping=d)
                       for d in DAMPINGS})
-        files["last third fp32"] = variant(source, cache, "third", calibration, last_third)
-        files.update({f"last third fp32, GPTQ damping {d}": variant(source, cache, f"t{d}", calibration, last_third,
+        last_two = down | layer(LAYERS - 2) | layer(LAYERS - 1)
+        files["last two layers fp32"] = variant(source, cache, "two", calibration, last_two)
+        files[f"last two layers fp32, GPTQ damping {sq.GPTQ_DAMPING}"] = variant(
+            source, cache, "two-gptq", calibration, last_two, damping=sq.GPTQ_DAMPING)
+        files["last layer fp32"] = variant(source, cache, "last", calibration, last_layer)
+        files.update({f"last layer fp32, GPTQ damping {d}": variant(source, cache, f"t{d}", calibration, last_layer,
                                                                     damping=d)
                       for d in DAMPINGS if d != sq.GPTQ_DAMPING})
-        files["onnx-smoothquant (last third fp32, GPTQ 0.1)"] = cached_onnx_model(
+        files[f"onnx-smoothquant (last layer fp32, GPTQ {sq.GPTQ_DAMPING})"] = cached_onnx_model(
             model, bundled_minilm_path(), "onnx-smoothquant", cache)
         for row, path in files.items():
             encoder = OnnxSentenceEncoder(path, tokenizer, args.threads)

@@ -109,12 +109,12 @@ def test_smoothing_keeps_the_fp32_function_and_shrinks_the_outlier_channels(mini
     maxima = smoothquant.activation_maxima(source, smoothquant.calibration_feeds(tokens), groups)
     kept = smoothquant.fp32_matmuls(model)
     down = smoothquant.down_projections(model)
-    # the FFN output projections (1536 -> 384), and every weight MatMul of the last 2 of 6 layers
+    # the FFN output projections (1536 -> 384), and every weight MatMul of the last of 6 layers
     assert len(down) == 6 and all("/output/dense/" in name and "attention" not in name for name in down)
-    last_layers = {n.name for nodes in groups.values() for n in nodes if re.search(r"/layer\.[45]/", n.name)}
-    assert len(kept) == 16 and set(kept) == set(down) | last_layers
-    # inputs read only by fp32 MatMuls are not smoothed: 3 inputs in each of the first 4 layers are
-    assert smoothquant.smooth(model, maxima) == 12
+    last_layer = {n.name for nodes in groups.values() for n in nodes if "/layer.5/" in n.name}
+    assert len(kept) == 11 and set(kept) == set(down) | last_layer
+    # inputs read only by fp32 MatMuls are not smoothed: 3 inputs in each of the first 5 layers are
+    assert smoothquant.smooth(model, maxima) == 15
     matmuls = [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in
                {i.name for i in model.graph.initializer}]
     assert all(node.input[0].endswith("/smoothquant") == (node.name not in kept) for node in matmuls)
@@ -173,8 +173,8 @@ def test_the_smoothquant_file_keeps_fp32_matmuls_float_and_the_rest_int8(minilm,
 
     model = onnx.load(cached_onnx_model(minilm, bundled_minilm_path(), "onnx-smoothquant", cache))
     weights = {i.name for i in model.graph.initializer}
-    assert [node.op_type for node in model.graph.node].count("MatMulInteger") == 30 - 10
-    assert sum(1 for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights) == 6 + 10
+    assert [node.op_type for node in model.graph.node].count("MatMulInteger") == 30 - 5
+    assert sum(1 for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights) == 6 + 5
 
 
 def test_the_int8_weights_in_the_file_are_gptqs(tiny_model_folder, tmp_path, monkeypatch):
@@ -193,8 +193,8 @@ def test_the_int8_weights_in_the_file_are_gptqs(tiny_model_folder, tmp_path, mon
     monkeypatch.setattr(smoothquant, "gptq_round", recorded)
     model = onnx.load(cached_onnx_model(None, tiny_model_folder, "onnx-smoothquant", str(tmp_path)))
     stored = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_quantized")]
-    # 2 layers: of the 10 weight MatMuls not down-projections, the last 4 stay fp32
-    assert [node.op_type for node in model.graph.node].count("MatMulInteger") == len(stored) == len(calls) == 6
+    # 2 layers: the first layer's 5 weight MatMuls but its down-projection are int8 (the last layer's stay fp32)
+    assert [node.op_type for node in model.graph.node].count("MatMulInteger") == len(stored) == len(calls) == 5
     assert sorted(a.tobytes() for a in stored) == sorted(a.tobytes() for a in calls)
 
 
@@ -204,6 +204,24 @@ def test_a_quantiser_layout_the_rewrite_does_not_know_is_refused(tiny_model_fold
     monkeypatch.setattr(onnx_encoder, "quantize_int8", lambda source, path, exclude=(): shutil.copy(source, path))
     with pytest.raises(ValueError, match="onnxruntime's quantiser wrote .* in a layout this rewrite does not know"):
         cached_onnx_model(None, tiny_model_folder, "onnx-smoothquant", str(tmp_path))
+
+
+def test_the_last_layer_is_found_by_the_down_projections_whatever_the_names():
+    """fp32_matmuls on a graph of made-up names: 3 'layers' of an up- and a down-projection, then a
+    head; the last layer is what follows the last-but-one down-projection. With one
+    down-projection there is no layer to find."""
+    from onnx import TensorProto, helper, numpy_helper
+    shapes = [("a", 4, 8), ("b", 8, 4), ("c", 4, 8), ("d", 8, 4), ("e", 4, 8), ("f", 8, 4), ("g", 4, 4)]
+    nodes, weights, x = [], [], "x"
+    for name, rows, columns in shapes:
+        weights.append(numpy_helper.from_array(np.ones((rows, columns), np.float32), f"w_{name}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w_{name}"], [f"y_{name}"], name=name))
+        x = f"y_{name}"
+    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])], weights)
+    assert smoothquant.fp32_matmuls(helper.make_model(graph)) == ["b", "d", "f", "e", "g"]
+    del graph.node[:4]  # e, f, g left: one down-projection, no layer to find
+    assert smoothquant.fp32_matmuls(helper.make_model(graph)) == ["f"]
 
 
 def test_a_graph_without_weight_matmuls_is_refused():
