@@ -125,7 +125,7 @@ def smoothquant_variant(source: str, folder: str, tokens, name: str, alpha: floa
         for x in down_inputs:
             weight_max = np.max([np.abs(initializers[n.input[1]]).max(1) for n in groups[x]], axis=0)
             smoothing_maxima[x] = np.maximum(weight_max, 1e-5) ** ((1 - alpha) / alpha)
-    # the variants predate the last-third rule: only the FFN outputs (when fp32) are left unsmoothed
+    # the variants predate the last-layer rule: only the FFN outputs (when fp32) are left unsmoothed
     sq.smooth(model, smoothing_maxima, alpha, keep_fp32=down if ffn_out == "fp32" else ())
     split = {x for x in groups if (x in down_inputs) == (outlier_groups == "ffn-out")} if outliers else set()
     fp32_nodes = (list(down) if ffn_out == "fp32" else []) + outlier_split(model, maxima, split, outliers)

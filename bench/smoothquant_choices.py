@@ -64,9 +64,10 @@ def variant(source: str, folder: str, name: str, calibration, keep: set[str], da
             for node in nodes:
                 if node.name not in keep:
                     w = numpy_helper.to_array(weights[node.input[1]])
-                    scale = np.abs(w).max(axis=0) / 127
+                    scale = np.abs(w).max(axis=0) / sq.INT8_MAX
                     weights[node.input[1]].CopyFrom(numpy_helper.from_array(
-                        (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32), node.input[1]))
+                        (np.clip(np.round(w / scale), -sq.INT8_MAX, sq.INT8_MAX) * scale).astype(np.float32),
+                        node.input[1]))
         onnx.save(model, path)
         return path
     onnx.save(model, smoothed)

@@ -202,7 +202,7 @@ def detector_options(grid: bool = False):
 @click.option("--sbert-model", type=click.Path(exists=True, file_okay=False), help="A sentence-transformers folder [default: bundled all-MiniLM-L6-v2].")
 @click.option("--sbert-backend", type=click.Choice(SBERT_BACKENDS),
               help=f"How sentences are embedded: torch, or ONNX Runtime fp32 / int8 weights / SmoothQuant int8 with "
-                   f"GPTQ-rounded weights, the FFN outputs and last third of the layers fp32 (cpu only; exported from "
+                   f"GPTQ-rounded weights, the FFN outputs and the last layer fp32 (cpu only; exported from "
                    f"the model folder on first use and cached under ${CACHE_ENV} or ~/.cache/vlp-data) "
                    f"[default: {CPU_SBERT_BACKEND} on a cpu with VNNI, {CPU_SBERT_BACKEND_WITHOUT_VNNI} on other cpus, torch "
                    f"on cuda].")

@@ -8,7 +8,7 @@ are quantised on the fly, one scale per tensor). Quantising every MatMul per ten
 moves the vectors much further (cosine 0.96 to fp32 against 0.99, see docs/benchmarks.md).
 `onnx-smoothquant` is the export smoothed first (pipelines/smoothquant.py: activation outlier
 channels moved into the weights) and then quantised the same way, except the FFN output
-projections and the last third of the layers, which stay fp32, with its int8 weights rounded by
+projections and the last layer, which stay fp32, with its int8 weights rounded by
 GPTQ: slower than `onnx-int8`, and it keeps >= 0.95 of fp32's top-5 (docs/benchmarks.md, run K).
 
 Texts are tokenised exactly as the torch path does (`sentence_tokenizer.SentenceTokenizer`: the

@@ -20,11 +20,11 @@ class TextOptions:
     spacy_model: str = SPACY_MODEL
 
 
-# The CPU embedding default, chosen by bench/embed.py (docs/benchmarks.md runs I, J): SmoothQuant-
-# smoothed int8 with the FFN output projections fp32, 3.04x torch idle (`onnx`, fp32 with torch's
-# vectors: 2.11x), keeping 0.959 / 0.973 of fp32's top-5 on the 3,000 bench and real sets (0.934 on
-# the denser 20,000-sentence bench set); `onnx-int8` (every weight MatMul, unsmoothed) is faster
-# still but keeps only 0.78-0.89. That default holds on a CPU with VNNI only (where it was
+# The CPU embedding default, chosen by bench/embed.py and bench/smoothquant_choices.py
+# (docs/benchmarks.md run K): SmoothQuant-smoothed int8 with GPTQ-rounded weights, the FFN output
+# projections and the last layer fp32, 2.60x torch idle (`onnx`, fp32 with torch's vectors: 1.94x),
+# keeping 0.954 / 0.963 of fp32's top-5 on the 20,000-sentence bench set and real text;
+# `onnx-int8` (every weight MatMul, unsmoothed) is faster still but keeps only 0.78-0.89. That default holds on a CPU with VNNI only (where it was
 # measured); elsewhere it is `onnx`.
 CPU_SBERT_BACKEND = SMOOTHQUANT
 CPU_SBERT_BACKEND_WITHOUT_VNNI = "onnx"

@@ -24,9 +24,9 @@ How, and why this way:
   (its input has outlier channels that neither smoothing nor keeping the largest 128 channels in
   fp32 brought back to 0.95 top-5 agreement), and it is a third of the weight FLOPs.
 - The last layer's MatMuls (after the last-but-one down-projection) stay fp32 too: measured on
-  MiniLM, each of its last two layers kept fp32 recovers two to three times the top-5 agreement
-  that any of its first four does; keeping both cost too much speed (2.40x torch idle, under the
-  2.5x target), keeping the last one keeps 2.67x (docs/benchmarks.md, run K).
+  MiniLM, each of its last two layers kept fp32 recovers more top-5 agreement than any of its first
+  four does; keeping both fp32 cost too much speed (2.42x torch idle, under the 2.5x target), the
+  last one alone keeps more than 2.5x (docs/benchmarks.md, run K).
 - The int8 weights are rounded by GPTQ (Frantar et al., 2023), not to nearest: row by row (input
   channels, the most active first), each rounding error is compensated in the rows not yet rounded
   through the inverse Hessian of the layer's calibration inputs (H = X^T X, damped), which minimises
@@ -43,7 +43,6 @@ No torch and no Beam here.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -65,11 +64,16 @@ def calibration_texts() -> list[str]:
 # Which weight MatMuls stay fp32 (`fp32_matmuls`), by name: part of the cache key, so changing the
 # rule must change this name.
 KEEP_FP32_RULE = "rows>columns|last-layer"
-# GPTQ's damping: this share of the Hessian's mean diagonal is added to it. Chosen on a held-out
-# template set (0.01, 0.1, 0.3, 1.0 tried): the calibration text has ~1,300 tokens for 384 channels,
-# and less damping fits it too closely.
+# GPTQ's damping: this share of the Hessian's mean diagonal is added to it. Chosen on the dev set
+# of bench/smoothquant_choices.py (template sentences drawn with another seed than the bench's
+# default set; 0.01, 0.1, 0.3, 1.0 tried with the last layer, and with the last two, fp32): the
+# calibration text has ~1,300 tokens for 384 channels, and less damping fits it too closely.
 GPTQ_DAMPING = 0.1
-# The rewrite's own version, in the cache key: raise it when `smooth` changes the file it makes.
+# ONNX Runtime's symmetric int8 weights use -127..127 (quantize_dynamic, reduce_range off).
+INT8_MAX = 127
+# The rewrite's own version, in the cache key: raise it when `smooth`, `fp32_matmuls`, `gptq_round`
+# or `round_weights_by_gptq` change the file it makes (GPTQ's float64 linear algebra may differ in
+# the last bits with another numpy/LAPACK, which the key does not hold).
 # 2: inputs of MatMuls that all stay fp32 are no longer smoothed; shared weights copied per group.
 # 3: the last layer's MatMuls fp32 (and their inputs not smoothed); int8 weights rounded by GPTQ.
 SMOOTHING_FORMAT = 3
@@ -97,8 +101,8 @@ def weight_matmuls(model) -> dict[str, list]:
 
 
 def keeps_fp32(weight) -> bool:
-    """KEEP_FP32_RULE: a weight (initializer) with more rows (inputs) than columns (outputs), a
-    down-projection (a BERT-like encoder's FFN output), stays fp32."""
+    """The down-projection half of KEEP_FP32_RULE: a weight (initializer) with more rows (inputs)
+    than columns (outputs), a BERT-like encoder's FFN output, stays fp32."""
     return weight.dims[0] > weight.dims[1]
 
 
@@ -116,12 +120,30 @@ def fp32_matmuls(model) -> list[str]:
     (MiniLM's layer 5: query, key, value, attention output and FFN input). A graph with fewer than
     two down-projections has no layer this can find: only its down-projections stay fp32."""
     down = down_projections(model)
+    is_down = set(down)
     weighted = {node.name for nodes in weight_matmuls(model).values() for node in nodes}
     order = [node.name for node in model.graph.node if node.name in weighted]
-    down_positions = [i for i, name in enumerate(order) if name in set(down)]
+    down_positions = [i for i, name in enumerate(order) if name in is_down]
     if len(down_positions) < 2:
         return down
-    return down + [name for name in order[down_positions[-2] + 1:] if name not in set(down)]
+    return down + [name for name in order[down_positions[-2] + 1:] if name not in is_down]
+
+
+def quantised_inputs(model, keep_fp32: Iterable[str]) -> list[str]:
+    """The weight-MatMul inputs read by at least one MatMul outside `keep_fp32`: the ones `smooth`
+    smooths and GPTQ needs the Gram matrices of."""
+    fp32 = set(keep_fp32)
+    return [x for x, nodes in weight_matmuls(model).items() if any(n.name not in fp32 for n in nodes)]
+
+
+def check_names(model, model_name: str) -> None:
+    """The fp32 rule, the smoothing and ONNX Runtime's exclusion list name MatMuls by node name: an
+    export whose weight MatMuls lack distinct names is refused rather than quantised wrongly."""
+    names = [node.name for nodes in weight_matmuls(model).values() for node in nodes]
+    if "" in names or len(set(names)) != len(names):
+        raise ValueError(f"--sbert-backend onnx-smoothquant: {model_name}'s ONNX export has weight MatMuls "
+                         f"without distinct node names, which this rewrite needs. Use --sbert-backend onnx "
+                         f"(the exact fp32 export) or onnx-int8.")
 
 
 class Calibration:
@@ -202,6 +224,7 @@ def smooth(model, maxima: dict[str, np.ndarray], alpha: float = SMOOTHING_ALPHA,
     initializers = {i.name: i for i in model.graph.initializer}
     groups = weight_matmuls(model)
     fp32 = set(fp32_matmuls(model) if keep_fp32 is None else keep_fp32)
+    smoothed_inputs = set(quantised_inputs(model, fp32))
     readers: dict[str, int] = {}  # initializer name -> nodes (and graph outputs) reading it
     for node in model.graph.node:
         for name in node.input:
@@ -210,7 +233,7 @@ def smooth(model, maxima: dict[str, np.ndarray], alpha: float = SMOOTHING_ALPHA,
         readers[output.name] = readers.get(output.name, 0) + 1
     inserted: dict[str, object] = {}  # first consumer's name -> its Mul
     for x, nodes in groups.items():
-        if all(n.name in fp32 for n in nodes):
+        if x not in smoothed_inputs:
             continue
         # A weight read by anything besides this group's MatMuls (ALBERT's shared layers, or torch's
         # exporter merging identical initializers) gets this group's own copy: scaled in place, it
@@ -301,7 +324,7 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, gram: np.ndarray, damping:
     w = weight.astype(np.float64)
     h = gram.astype(np.float64)
     dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    h[dead, dead] = np.mean(np.diag(h)[~dead]) if (~dead).any() else 1.0  # a live channel's scale: damping unchanged
     order = np.argsort(-np.diag(h), kind="stable")
     h = h[np.ix_(order, order)]
     h += damping * np.mean(np.diag(h)) * np.eye(len(h))
@@ -310,7 +333,7 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, gram: np.ndarray, damping:
     grid = np.where(scale > 0, scale, 1.0).astype(np.float64)
     rounded = np.empty(w.shape, dtype=np.int8)
     for k in range(len(w)):
-        row = np.clip(np.round(w[k] / grid), -127, 127)
+        row = np.clip(np.round(w[k] / grid), -INT8_MAX, INT8_MAX)
         rounded[k] = row
         w[k + 1:] -= np.outer(upper[k, k + 1:], (w[k] - row * grid) / upper[k, k])
     out = np.empty_like(rounded)
@@ -347,13 +370,19 @@ def round_weights_by_gptq(quantized, smoothed, grams: dict[str, np.ndarray], mod
                                  f"weight {name!r} in a layout this rewrite does not know (symmetric int8 as "
                                  f"{name}_quantized and {name}_scale expected). Use --sbert-backend onnx-int8 or onnx.")
             scale = numpy_helper.to_array(scale).astype(np.float64)
-            nearest = np.clip(np.round(weight / np.where(scale > 0, scale, 1.0)), -127, 127)
-            if scale.shape != (weight.shape[1],) or np.mean(nearest == numpy_helper.to_array(values)) < 0.99:
+            written = numpy_helper.to_array(values)
+            nearest = np.clip(np.round(weight / np.where(scale > 0, scale, 1.0)), -INT8_MAX, INT8_MAX)
+            if (written.dtype != np.int8 or written.shape != weight.shape or scale.shape != (weight.shape[1],)
+                    or np.mean(nearest == written) < 0.99):
                 raise ValueError(f"--sbert-backend onnx-smoothquant: onnxruntime's quantiser's int8 {name!r} of "
                                  f"{model_name} is not its weight on a per-output-channel grid as expected. "
                                  f"Use --sbert-backend onnx-int8 or onnx.")
             values.CopyFrom(numpy_helper.from_array(gptq_round(weight, scale, hessian, damping), values.name))
             rounded += 1
+    written = sum(1 for node in quantized.graph.node if node.op_type == "MatMulInteger")
+    if rounded != written:
+        raise ValueError(f"--sbert-backend onnx-smoothquant: onnxruntime's quantiser made {written} int8 MatMuls "
+                         f"of {model_name} where {rounded} were expected. Use --sbert-backend onnx-int8 or onnx.")
     return rounded
 
 
@@ -366,12 +395,12 @@ def smoothquant_int8(source: str, path: str, tokens, quantize, alpha: float = SM
     import onnx
 
     model = onnx.load(source)
+    check_names(model, model_name)
     feeds = calibration_feeds(tokens)
     fp32 = set(fp32_matmuls(model))
     groups = weight_matmuls(model)
-    quantised_inputs = [x for x, nodes in groups.items() if any(n.name not in fp32 for n in nodes)]
-    calibration = calibrate(source, feeds, groups, grams_of=quantised_inputs)
-    smooth(model, calibration.maxima, alpha)
+    calibration = calibrate(source, feeds, groups, grams_of=quantised_inputs(model, fp32))
+    smooth(model, calibration.maxima, alpha, keep_fp32=fp32)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or None) as work:
         smoothed = os.path.join(work, "smoothed.onnx")
         onnx.save(model, smoothed)
@@ -379,5 +408,5 @@ def smoothquant_int8(source: str, path: str, tokens, quantize, alpha: float = SM
         quantized = os.path.join(work, "int8.onnx")
         quantize(smoothed, quantized, sorted(fp32))
         int8 = onnx.load(quantized)
-        round_weights_by_gptq(int8, model, calibration.grams, model_name)
+        round_weights_by_gptq(int8, model, calibration.grams, model_name, keep_fp32=fp32)
         onnx.save(int8, path)

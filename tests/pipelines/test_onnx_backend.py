@@ -183,11 +183,12 @@ def test_the_int8_weights_in_the_file_are_gptqs(tiny_model_folder, tmp_path, mon
     import onnx
     from onnx import numpy_helper
 
-    real, calls = smoothquant.gptq_round, []
+    real, calls, moved = smoothquant.gptq_round, [], []
 
     def recorded(weight, scale, gram, damping=smoothquant.GPTQ_DAMPING):
         assert gram.shape == (weight.shape[0],) * 2 and scale.shape == (weight.shape[1],)
         calls.append(real(weight, scale, gram, damping))
+        moved.append((calls[-1] != _nearest(weight, scale)).mean())
         return calls[-1]
 
     monkeypatch.setattr(smoothquant, "gptq_round", recorded)
@@ -196,6 +197,21 @@ def test_the_int8_weights_in_the_file_are_gptqs(tiny_model_folder, tmp_path, mon
     # 2 layers: the first layer's 5 weight MatMuls but its down-projection are int8 (the last layer's stay fp32)
     assert [node.op_type for node in model.graph.node].count("MatMulInteger") == len(stored) == len(calls) == 5
     assert sorted(a.tobytes() for a in stored) == sorted(a.tobytes() for a in calls)
+    assert max(moved) > 0  # not nearest rounding under another name
+
+
+def test_an_export_without_distinct_matmul_names_is_refused(tiny_model_folder, tmp_path, monkeypatch):
+    """The fp32 rule and ONNX Runtime's exclusion list name MatMuls: unnamed ones would all match
+    "" and the file would silently stay fp32, so such an export is refused, naming the way out."""
+    import onnx
+    source = cached_onnx_model(None, tiny_model_folder, "onnx", str(tmp_path))
+    model = onnx.load(source)
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            node.name = ""
+    onnx.save(model, source)
+    with pytest.raises(ValueError, match="without distinct node names.*--sbert-backend onnx "):
+        cached_onnx_model(None, tiny_model_folder, "onnx-smoothquant", str(tmp_path))
 
 
 def test_a_quantiser_layout_the_rewrite_does_not_know_is_refused(tiny_model_folder, tmp_path, monkeypatch):
@@ -610,8 +626,8 @@ def test_a_smoothed_graph_that_lost_its_function_is_refused(tiny_model_folder, t
     from onnx import numpy_helper
     real = smoothquant.smooth
 
-    def scales_one_weight_twice(model, maxima, alpha=smoothquant.SMOOTHING_ALPHA):
-        inserted = real(model, maxima, alpha)
+    def scales_one_weight_twice(model, maxima, alpha=smoothquant.SMOOTHING_ALPHA, **kwargs):
+        inserted = real(model, maxima, alpha, **kwargs)
         weight = model.graph.initializer[0]
         weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
         return inserted
