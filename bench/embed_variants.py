@@ -23,8 +23,8 @@ Variants, all from the bundled MiniLM's fp32 export (pipelines.onnx_encoder.expo
   avx512_bf16).
 - SmoothQuant (pipelines/smoothquant.py; timed: the `onnx-smoothquant` backend as it is now, and
   its first design, alpha 0.8 with only the FFN output projections fp32 and weights rounded to
-  nearest (bench/smoothquant_choices.py measures what came after), and that with every MatMul int8; then, unless --skip-smoothquant-sweep,
-  agreement only): alpha 0.5 / 0.65 / 0.8 with the FFN outputs fp32, int8 smoothed, or int8 not
+  nearest (bench/smoothquant_choices.py measures what came after), and that with every MatMul
+  int8; then, unless --skip-smoothquant-sweep, agreement only): alpha 0.5 / 0.65 / 0.8 with the FFN outputs fp32, int8 smoothed, or int8 not
   smoothed; and an LLM.int8()-like split on top of smoothing (`--outlier-channels` K: the K
   largest input channels of each int8 MatMul computed in fp32 by a small one-hot MatMul + MatMul +
   Add, the rest int8), on the FFN outputs, or on every other MatMul with the FFN outputs fp32

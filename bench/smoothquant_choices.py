@@ -44,40 +44,34 @@ LAYERS = 6
 DAMPINGS = (0.01, 0.1, 0.3, 1.0)
 
 
-def variant(source: str, folder: str, name: str, calibration, keep: set[str], damping: float | None = None,
+def variant(source: str, folder: str, name: str, tokens, calibration, keep: set[str], damping: float | None = None,
             weights_only: bool = False) -> str:
     """The export smoothed (alpha 0.8) with `keep`'s MatMuls fp32 (and their inputs not smoothed),
-    the rest int8 (rounded to nearest, or by GPTQ at `damping`), or, `weights_only`, the int8 weights
-    dequantised back into an fp32 graph."""
+    the rest int8 (rounded to nearest, or by GPTQ at `damping`: the backend's own making,
+    smoothquant_int8), or, `weights_only`, the int8 weights dequantised back into an fp32 graph."""
     import onnx
     from onnx import numpy_helper
 
     from pipelines import smoothquant as sq
     from pipelines.onnx_encoder import quantize_int8
 
+    path = os.path.join(folder, f"{name}.onnx")
+    if not weights_only:
+        sq.smoothquant_int8(source, path, tokens, quantize_int8, model_name="MiniLM", keep_fp32=keep, damping=damping,
+                            calibration=calibration)
+        return path
     model = onnx.load(source)
     sq.smooth(model, calibration.maxima, keep_fp32=keep)
-    path, smoothed = os.path.join(folder, f"{name}.onnx"), os.path.join(folder, f"{name}-fp32.onnx")
-    if weights_only:
-        weights = {i.name: i for i in model.graph.initializer}
-        for nodes in sq.weight_matmuls(model).values():
-            for node in nodes:
-                if node.name not in keep:
-                    w = numpy_helper.to_array(weights[node.input[1]])
-                    scale = np.abs(w).max(axis=0) / sq.INT8_MAX
-                    weights[node.input[1]].CopyFrom(numpy_helper.from_array(
-                        (np.clip(np.round(w / scale), -sq.INT8_MAX, sq.INT8_MAX) * scale).astype(np.float32),
-                        node.input[1]))
-        onnx.save(model, path)
-        return path
-    onnx.save(model, smoothed)
-    quantize_int8(smoothed, path, sorted(keep))
-    if damping is not None:
-        int8 = onnx.load(path)
-        grams = {x: g for x, g in calibration.grams.items() if sq.inverse_scale_name(x) in
-                 {i.name for i in model.graph.initializer}}
-        sq.round_weights_by_gptq(int8, model, grams, "MiniLM", keep_fp32=keep, damping=damping)
-        onnx.save(int8, path)
+    weights = {i.name: i for i in model.graph.initializer}
+    for nodes in sq.weight_matmuls(model).values():
+        for node in nodes:
+            if node.name not in keep:
+                w = numpy_helper.to_array(weights[node.input[1]])
+                scale = np.abs(w).max(axis=0) / sq.INT8_MAX
+                weights[node.input[1]].CopyFrom(numpy_helper.from_array(
+                    (np.clip(np.round(w / scale), -sq.INT8_MAX, sq.INT8_MAX) * scale).astype(np.float32),
+                    node.input[1]))
+    onnx.save(model, path)
     return path
 
 
@@ -112,27 +106,28 @@ def main() -> None:
         graph = onnx.load(source)
         groups = sq.weight_matmuls(graph)
         down = set(sq.down_projections(graph))
-        calibration = sq.calibrate(source, sq.calibration_feeds(BatchTokenizer(tokenizer)), groups,
-                                   grams_of=[x for x, nodes in groups.items() if nodes[0].name not in down])
+        tokens = BatchTokenizer(tokenizer)
+        calibration = sq.calibrate(source, sq.calibration_feeds(tokens), groups,
+                                   grams_of=sq.quantised_inputs(graph, down))
         last_layer = set(sq.fp32_matmuls(graph))
 
         def layer(index):
             return {n.name for nodes in groups.values() for n in nodes if f"/layer.{index}/" in n.name}
 
-        files = {"first design": variant(source, cache, "first", calibration, down),
-                 "weights only (int8 weights, fp32 compute)": variant(source, cache, "w", calibration, down,
+        files = {"first design": variant(source, cache, "first", tokens, calibration, down),
+                 "weights only (int8 weights, fp32 compute)": variant(source, cache, "w", tokens, calibration, down,
                                                                       weights_only=True)}
-        files.update({f"layer {i} fp32": variant(source, cache, f"l{i}", calibration, down | layer(i))
+        files.update({f"layer {i} fp32": variant(source, cache, f"l{i}", tokens, calibration, down | layer(i))
                       for i in range(LAYERS)})
-        files.update({f"GPTQ damping {d}": variant(source, cache, f"g{d}", calibration, down, damping=d)
+        files.update({f"GPTQ damping {d}": variant(source, cache, f"g{d}", tokens, calibration, down, damping=d)
                       for d in DAMPINGS})
         last_two = down | layer(LAYERS - 2) | layer(LAYERS - 1)
-        files["last two layers fp32"] = variant(source, cache, "two", calibration, last_two)
+        files["last two layers fp32"] = variant(source, cache, "two", tokens, calibration, last_two)
         files[f"last two layers fp32, GPTQ damping {sq.GPTQ_DAMPING}"] = variant(
-            source, cache, "two-gptq", calibration, last_two, damping=sq.GPTQ_DAMPING)
-        files["last layer fp32"] = variant(source, cache, "last", calibration, last_layer)
-        files.update({f"last layer fp32, GPTQ damping {d}": variant(source, cache, f"t{d}", calibration, last_layer,
-                                                                    damping=d)
+            source, cache, "two-gptq", tokens, calibration, last_two, damping=sq.GPTQ_DAMPING)
+        files["last layer fp32"] = variant(source, cache, "last", tokens, calibration, last_layer)
+        files.update({f"last layer fp32, GPTQ damping {d}": variant(source, cache, f"t{d}", tokens, calibration,
+                                                                    last_layer, damping=d)
                       for d in DAMPINGS if d != sq.GPTQ_DAMPING})
         files[f"onnx-smoothquant (last layer fp32, GPTQ {sq.GPTQ_DAMPING})"] = cached_onnx_model(
             model, bundled_minilm_path(), "onnx-smoothquant", cache)

@@ -300,7 +300,7 @@ def build_retrieval(ctx, detections, images, text, output, overwrite, k, sbert_m
     check_paths_reachable(ctx.args, {"--output": output, "--detections": detections, "--images": images, "--text": text})
     if remote_default:  # said once the arguments are known to be good (an error stays one line)
         click.echo(f"remote runner: embedding with --sbert-backend {sbert_backend} (exact); on workers whose CPU "
-                   f"has VNNI (e.g. n2, c2, c3 machine types) --sbert-backend {CPU_SBERT_BACKEND} is ~1.4x faster "
+                   f"has VNNI (e.g. n2, c2, c3 machine types) --sbert-backend {CPU_SBERT_BACKEND} is ~1.3x faster "
                    "(docs/benchmarks.md)", err=True)
     if not is_dry_run_args(ctx.args):
         check_inputs({"--detections": detections, "--images": images, "--text": text})

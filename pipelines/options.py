@@ -24,8 +24,8 @@ class TextOptions:
 # (docs/benchmarks.md run K): SmoothQuant-smoothed int8 with GPTQ-rounded weights, the FFN output
 # projections and the last layer fp32, 2.60x torch idle (`onnx`, fp32 with torch's vectors: 1.94x),
 # keeping 0.954 / 0.963 of fp32's top-5 on the 20,000-sentence bench set and real text;
-# `onnx-int8` (every weight MatMul, unsmoothed) is faster still but keeps only 0.78-0.89. That default holds on a CPU with VNNI only (where it was
-# measured); elsewhere it is `onnx`.
+# `onnx-int8` (every weight MatMul, unsmoothed) is faster still but keeps only 0.78-0.89. That
+# default holds on a CPU with VNNI only (where it was measured); elsewhere it is `onnx`.
 CPU_SBERT_BACKEND = SMOOTHQUANT
 CPU_SBERT_BACKEND_WITHOUT_VNNI = "onnx"
 

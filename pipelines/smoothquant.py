@@ -20,8 +20,8 @@ How, and why this way:
   own scene descriptions, pipelines/sample/scenes.txt), batched as the encoder batches, never the
   user's corpus: the file is cached by model folder only, and must not depend on the data.
 - The down-projections (a weight with more rows than columns: BERT's FFN output, fed by the GELU)
-  stay fp32, and their input is not smoothed (nothing to gain for a fp32 MatMul). Measured on MiniLM, int8 there costs the most agreement with or without smoothing
-  (its input has outlier channels that neither smoothing nor keeping the largest 128 channels in
+  stay fp32, and their input is not smoothed (nothing to gain for a fp32 MatMul). Measured on
+  MiniLM, int8 there costs the most agreement with or without smoothing (its input has outlier channels that neither smoothing nor keeping the largest 128 channels in
   fp32 brought back to 0.95 top-5 agreement), and it is a third of the weight FLOPs.
 - The last layer's MatMuls (after the last-but-one down-projection) stay fp32 too: measured on
   MiniLM, each of its last two layers kept fp32 recovers more top-5 agreement than any of its first
@@ -387,26 +387,36 @@ def round_weights_by_gptq(quantized, smoothed, grams: dict[str, np.ndarray], mod
 
 
 def smoothquant_int8(source: str, path: str, tokens, quantize, alpha: float = SMOOTHING_ALPHA,
-                     model_name: str = "the model") -> None:
-    """fp32 ONNX at `source` -> smoothed, int8 (all weight MatMuls but `fp32_matmuls`), weights
-    rounded by GPTQ, at `path`. `quantize(src, dst, exclude)` is the dynamic quantiser
-    (onnx_encoder's, per channel). The smoothed fp32 graph is checked against the source on the
-    calibration feeds first. The source graph runs once over the calibration text."""
+                     model_name: str = "the model", keep_fp32: Iterable[str] | None = None,
+                     damping: float | None = GPTQ_DAMPING, calibration: Calibration | None = None) -> None:
+    """fp32 ONNX at `source` -> smoothed, int8 (all weight MatMuls but `keep_fp32`, default
+    `fp32_matmuls`), weights rounded by GPTQ at `damping` (None: to nearest, as the quantiser wrote
+    them), at `path`. `quantize(src, dst, exclude)` is the dynamic quantiser (onnx_encoder's, per
+    channel). The smoothed fp32 graph is checked against the source on the calibration feeds first.
+    The source graph runs once over the calibration text, or not at all when `calibration` (this
+    source's, over `calibration_feeds(tokens)`, with the Gram matrices GPTQ needs) is given:
+    bench/smoothquant_choices.py makes its variants from one."""
     import onnx
 
     model = onnx.load(source)
     check_names(model, model_name)
     feeds = calibration_feeds(tokens)
-    fp32 = set(fp32_matmuls(model))
-    groups = weight_matmuls(model)
-    calibration = calibrate(source, feeds, groups, grams_of=quantised_inputs(model, fp32))
+    fp32 = set(fp32_matmuls(model) if keep_fp32 is None else keep_fp32)
+    smoothed_inputs = quantised_inputs(model, fp32)
+    if calibration is None:
+        calibration = calibrate(source, feeds, weight_matmuls(model),
+                                grams_of=smoothed_inputs if damping is not None else ())
     smooth(model, calibration.maxima, alpha, keep_fp32=fp32)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or None) as work:
         smoothed = os.path.join(work, "smoothed.onnx")
         onnx.save(model, smoothed)
         check_function_kept(calibration.outputs, smoothed, feeds, model_name)
+        if damping is None:
+            quantize(smoothed, path, sorted(fp32))
+            return
         quantized = os.path.join(work, "int8.onnx")
         quantize(smoothed, quantized, sorted(fp32))
         int8 = onnx.load(quantized)
-        round_weights_by_gptq(int8, model, calibration.grams, model_name, keep_fp32=fp32)
+        round_weights_by_gptq(int8, model, {x: calibration.grams[x] for x in smoothed_inputs}, model_name,
+                              keep_fp32=fp32, damping=damping)
         onnx.save(int8, path)
